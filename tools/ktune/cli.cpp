@@ -1,0 +1,89 @@
+#include "cli.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <new>
+
+#include "ktune/engine/build_info.h"
+#include "ktune/engine/error.h"
+
+namespace ktune::cli {
+
+double now_seconds() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+Progress::Progress(std::string label, bool enabled)
+    : label_(std::move(label)), enabled_(enabled), tty_(isatty(STDERR_FILENO) != 0),
+      start_s_(now_seconds()) {}
+
+void Progress::update(uint64_t done, uint64_t total) {
+  if (!enabled_ || total == 0) return;
+  const int pct = static_cast<int>(100.0 * static_cast<double>(done) / static_cast<double>(total));
+  if (tty_) {
+    if (pct == last_shown_) return;
+    const int width = 30;
+    const int filled = pct * width / 100;
+    std::fprintf(stderr, "\r%s [%.*s%*s] %3d%%  %.1f/%.1f MB", label_.c_str(), filled,
+                 "##############################", width - filled, "", pct, done / 1e6,
+                 total / 1e6);
+    std::fflush(stderr);
+  } else {
+    if (pct / 10 == last_shown_ / 10 && last_shown_ >= 0) return;
+    std::fprintf(stderr, "%s: %d%% (%.1f/%.1f MB)\n", label_.c_str(), pct, done / 1e6,
+                 total / 1e6);
+  }
+  last_shown_ = pct;
+}
+
+void Progress::finish() {
+  if (!enabled_) return;
+  if (tty_) std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "%s: done in %.1f s\n", label_.c_str(), now_seconds() - start_s_);
+}
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{
+      "ktune: profile, place and run Mixture-of-Experts models on CPU + GPU.\n"
+      "Start with `ktune run --model synth:tiny` (no download needed), then see each\n"
+      "subcommand's --help."};
+  app.set_version_flag("--version",
+                       std::string("ktune ") + build_version() + " (" + build_commit() + ")");
+  app.require_subcommand(1);
+  app.fallthrough(false);
+  add_run_command(app);
+  add_logits_command(app);
+  add_gen_model_command(app);
+  add_convert_command(app);
+  add_probe_command(app);
+  add_info_command(app);
+
+  try {
+    app.parse(argc, argv);
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    std::string msg = e.what();
+    std::cerr << "ktune: error: command line: " << msg << "; run 'ktune --help' or 'ktune "
+              << "<command> --help' for usage\n";
+    return 2;
+  } catch (const ktune::Error& e) {
+    std::cerr << "ktune: error: " << e.what() << "\n";
+    return e.exit_code();
+  } catch (const std::bad_alloc&) {
+    std::cerr << "ktune: error: memory: out of host memory; use a smaller model or context, or "
+                 "free memory\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "ktune: error: internal: " << e.what()
+              << "; this is a bug in ktune, please report it with the command line\n";
+    return 1;
+  }
+}
+
+}  // namespace ktune::cli
