@@ -4,6 +4,12 @@
 // Weights stay in their storage type. Activations are converted once per matrix-vector product
 // into the type the weight's kernel multiplies with (activation_type): Q8_0 blocks for Q4_0 and
 // Q8_0 weights (integer dot products, as ggml does), F32 for F32/F16/BF16 weights.
+//
+// Every entry point taking an Isa clamps it to what this CPU has, so no call can fault with an
+// illegal instruction. For a given Isa, matvec_rows and matmul_rows give bit-identical results to
+// vec_dot (tiling never changes one row's order of operations), so splitting rows across threads
+// or tokens across calls never changes the numbers. Use matvec_rows for decode: it reads the
+// activation once per 4 rows and prefetches the next rows, about 1.5-2x vec_dot in a loop.
 #pragma once
 
 #include <cstdint>

@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -110,6 +111,7 @@ class File {
   uint64_t data_offset_ = 0;
   std::vector<std::pair<std::string, Value>> kv_;
   std::vector<TensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> tensor_index_;  // name -> index, for find_tensor
 };
 
 // Sink handed to the writer's tensor callback; the callback must write exactly nbytes.
@@ -141,6 +143,8 @@ class Writer {
   std::string header_bytes() const;
 
  private:
+  void assign_offsets();        // lays tensors out back to back, each aligned
+  uint64_t data_bytes() const;  // size of the data section including the final padding
   std::vector<std::pair<std::string, Value>> kv_;
   std::vector<TensorInfo> tensors_;
   uint64_t alignment_ = kDefaultAlignment;

@@ -17,6 +17,10 @@
 
 namespace ktune {
 
+namespace gguf {
+class Writer;
+}
+
 struct ModelConfig {
   std::string arch = "qwen3moe";
   std::string name;             // preset or file name, for reports
@@ -89,7 +93,31 @@ struct ModelWeights {
 
   int64_t weight_bytes() const;           // all tensors
   int64_t bytes_per_token_decode() const; // bytes a decode step reads (active experts only)
+
+  // Resizes `layers` to cfg.n_layers and returns the field of every tensor of
+  // model_tensor_specs(cfg), in that order, so loaders fill a model by walking both lists.
+  std::vector<TensorView*> tensor_slots();
+  std::vector<const TensorView*> tensor_list() const;  // same order, read-only
 };
+
+// What a tensor is for; decides its storage type (norms and the router stay F32) and, in
+// synthetic models, its statistics.
+enum class TensorRole { Embedding, Norm, Matrix, Router, Experts };
+
+// One tensor of a qwen3moe model: llama.cpp name, ggml shape (ne[0] = row length; 1-D tensors
+// have n_dims 1), role, and the layer it belongs to (-1 for global tensors).
+struct TensorSpec {
+  std::string name;
+  std::array<int64_t, 3> ne{1, 1, 1};
+  int n_dims = 1;
+  TensorRole role = TensorRole::Matrix;
+  int64_t layer = -1;
+  std::string base;  // "attn_q", "token_embd", ...
+};
+
+// Every tensor of a model of `cfg`, in llama.cpp file order: token_embd, blk.0.* ... blk.N-1.*,
+// output_norm, output.
+std::vector<TensorSpec> model_tensor_specs(const ModelConfig& cfg);
 
 // llama.cpp's tensor names for qwen3moe ("blk.3.ffn_gate_exps.weight", ...).
 std::string tensor_name_global(const std::string& base);       // "token_embd" -> "token_embd.weight"
@@ -98,5 +126,11 @@ std::string tensor_name_layer(int64_t layer, const std::string& base);  // "blk.
 // Loads any model spec (see the top of this file). Throws ktune::Error on bad input.
 ModelWeights load_model(const std::string& spec);
 ModelWeights load_gguf_model(const std::string& path);
+
+// llama.cpp's general.file_type (LLAMA_FTYPE) for a model whose matrices are `quant`.
+uint32_t llama_file_type(QuantType quant);
+// Sets the metadata llama.cpp writes for a qwen3moe model of `cfg` (general.*, qwen3moe.*,
+// tokenizer.ggml.model = "no_vocab"), so GGUF writers of ktune agree on it.
+void set_gguf_model_metadata(gguf::Writer& w, const ModelConfig& cfg, QuantType quant);
 
 }  // namespace ktune

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace ktune::safetensors {
@@ -43,6 +44,7 @@ class File {
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
   std::vector<Tensor> tensors_;
+  std::unordered_map<std::string, size_t> index_;  // name -> index, for find
 };
 
 }  // namespace ktune::safetensors

@@ -1,11 +1,17 @@
 // A pinned thread pool for the CPU engine. run() executes a task on every worker and the caller
 // (thread 0) and returns when all are done. Workers spin briefly waiting for work, then sleep
 // on a futex-like condition, so an oversubscribed machine does not stall.
+//
+// Inside one run(), barrier() synchronizes all n threads of the pool, so a whole layer (or a whole
+// decode step) can be one parallel region with a few barriers instead of many run() calls.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace ktune {
@@ -22,28 +28,64 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // Calls fn(thread_index, n_threads) on every thread (the caller is index 0).
+  // Calls fn(thread_index, n_threads) on every thread (the caller is index 0). The first exception
+  // a task throws is rethrown here once every thread has finished. Not reentrant: a task must not
+  // call run() on the same pool.
   template <class F>
   void run(F&& fn) {
-    auto thunk = [](void* ctx, int ith, int nth) { (*static_cast<F*>(ctx))(ith, nth); };
-    run_raw(thunk, &fn);
+    using Fn = std::remove_reference_t<F>;
+    auto thunk = [](void* ctx, int ith, int nth) { (*static_cast<Fn*>(ctx))(ith, nth); };
+    run_raw(thunk, const_cast<void*>(static_cast<const void*>(&fn)));
   }
 
   using RawFn = void (*)(void* ctx, int ith, int nth);
   void run_raw(RawFn fn, void* ctx);
 
+  // Waits until all n threads of the pool have called barrier() (only valid inside run(); every
+  // thread must call it the same number of times). Spins briefly, then sleeps. When another
+  // thread's task has thrown, barrier() throws too so that no thread waits forever for it.
+  void barrier();
+  // Index of the calling thread within the run() it executes (0 outside any run).
+  static int current_thread_index();
+
+  // Logical CPUs the workers are pinned to (-1: not pinned), for reports and tests.
+  const std::vector<int>& pinned_cpus() const { return pinned_cpus_; }
+
  private:
   void worker_loop(int index);
+  void run_task(int ith);
   int n_threads_ = 1;
   std::vector<std::thread> workers_;
+  std::vector<int> pinned_cpus_;
+  // Fields the caller writes and workers read, apart from the completion and barrier counters
+  // (which every thread writes) so that spinning readers do not bounce the writers' lines.
   struct alignas(64) Shared {
-    std::atomic<uint64_t> generation{0};
-    std::atomic<int> remaining{0};
+    std::atomic<uint32_t> generation{0};  // 32-bit: it is also a futex word
     std::atomic<bool> stop{false};
     std::atomic<int> sleepers{0};
   } shared_;
+  struct alignas(64) Done {
+    std::atomic<uint32_t> remaining{0};  // futex word the caller sleeps on
+    std::atomic<int> sleepers{0};
+  } done_;
+  // Two-level barrier: threads arrive on their group's counter (kBarrierGroup threads each, own
+  // cache line), the last of a group on the top counter, so at most a few RMWs serialize on any
+  // one line instead of n.
+  static constexpr int kBarrierGroup = 4;
+  struct alignas(64) Counter {
+    std::atomic<int> arrived{0};
+  };
+  std::vector<Counter> group_arrived_;
+  struct alignas(64) Barrier {
+    std::atomic<int> arrived{0};     // groups complete
+    std::atomic<uint32_t> phase{0};  // futex word
+    std::atomic<int> sleepers{0};
+  } barrier_;
+  alignas(64) std::atomic<bool> failed_{false};
   RawFn fn_ = nullptr;
   void* ctx_ = nullptr;
+  std::mutex error_mu_;
+  std::exception_ptr error_;
 };
 
 }  // namespace ktune

@@ -1,0 +1,115 @@
+// The memory planner: bytes per device of a placement (weights, KV cache, workspace, CUDA Graph
+// pool), computed before anything is loaded, and the check that refuses a plan that does not
+// fit its budgets, naming the device, the need and the budget. The formulas are in
+// docs/placement.md; the engine allocates by the same numbers.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ktune/engine/model.h"
+#include "ktune/engine/placement.h"
+#include "ktune/engine/quant.h"
+
+namespace ktune {
+
+constexpr int64_t kMiB = int64_t{1} << 20;
+constexpr int64_t kGiB = int64_t{1} << 30;
+
+// Fixed terms of the plan (docs/placement.md explains each).
+constexpr int64_t kGpuContextReserve = 512 * kMiB;  // CUDA context, kernel images, libraries
+constexpr int64_t kGpuGraphPool = 64 * kMiB;        // captured graphs, per GPU, when cuda_graph
+constexpr int64_t kGpuCommReserve = 128 * kMiB;     // NCCL buffers, per GPU, when >1 GPU
+constexpr int64_t kGpuBudgetHeadroom = 256 * kMiB;  // default budget = total - this
+constexpr int64_t kHostBudgetHeadroom = 1 * kGiB;   // default budget = MemAvailable - this
+constexpr int64_t kPrefillChunkTokens = 512;        // prefill runs in chunks of at most this
+
+// Orders device names as devices (cpu < cuda:0 < cuda:2 < cuda:10); unknown names last, by text.
+struct DeviceNameLess {
+  bool operator()(const std::string& a, const std::string& b) const;
+};
+
+// Bytes of the parts of a model that a placement puts somewhere.
+struct WeightBytes {
+  std::vector<int64_t> attention;  // per layer: norms, q/k/v/o, q/k norms, router
+  std::vector<int64_t> expert;     // per layer: one expert's gate + up + down
+  int64_t embedding = 0;           // token_embd
+  int64_t head = 0;                // output_norm + output
+  int64_t head_shared = 0;         // bytes of `head` that are token_embd's (tied embeddings)
+};
+// A model whose experts are `expert_type` and other matrices (embedding, attention, output)
+// `dense_type`; norms and the router F32. This is what synthetic models and gen-model write.
+WeightBytes weight_bytes(const ModelConfig& cfg, QuantType expert_type, QuantType dense_type);
+// The actual types of a loaded model's tensors (mixed-type GGUFs included).
+WeightBytes weight_bytes(const ModelWeights& w);
+
+struct DeviceUse {
+  int64_t weights = 0;
+  int64_t kv_cache = 0;
+  int64_t workspace = 0;  // activations, staging, fixed reserves
+  int64_t staging = 0;    // part of workspace: buffers that stream CPU experts in for prefill
+  int64_t graph_pool = 0;
+  int64_t total = 0;
+  int64_t budget = -1;     // -1: no budget known (not checked)
+  int64_t experts = 0;     // experts held (all layers)
+  bool attention = false;  // runs some layer's attention
+
+  // "17.3 GiB (weights 15.2, KV cache 0.4, workspace 0.6, graph 0.1) of 79.4 GiB"
+  std::string breakdown() const;
+};
+
+// Per-device budgets in bytes, keyed "cpu", "cuda:0", ...
+struct Budgets {
+  std::map<std::string, int64_t, DeviceNameLess> bytes;
+  std::string gpu_note;  // why there are no GPU budgets (no GPU here), for messages
+};
+
+struct MemoryPlan {
+  // Devices the placement uses; every CPU device (cpu, cpu:N) is counted under "cpu", since they
+  // share the host's memory.
+  std::map<std::string, DeviceUse, DeviceNameLess> per_device;
+  Budgets budgets;              // what the plan was checked against (for check_fits' messages)
+  std::string summary() const;  // one line per device
+};
+
+// GPUs: total memory - kGpuBudgetHeadroom; host: MemAvailable - kHostBudgetHeadroom (absent
+// when unknown).
+Budgets default_budgets();
+// Parses "cuda:0=70GiB,cuda:1=20000MiB" / "cpu=100GiB" / "70GiB" (a bare size: every device of
+// `bare_kind` in `b`; the cpu for Cpu). Units: B, KiB/MiB/GiB/TiB (also K/M/G/T), KB/MB/GB/TB
+// (powers of 1000), case-insensitive; decimals allowed. Throws a usage error naming `flag` on a
+// malformed, negative or absurd (> 1 PiB) value or a bad device.
+std::vector<std::pair<std::string, int64_t>> parse_budget_overrides(const std::string& text,
+                                                                    const std::string& flag);
+void apply_budget_overrides(Budgets& b, const std::string& text, const std::string& flag,
+                            Device::Kind bare_kind);
+// "12GiB" -> bytes; throws a usage error naming `where`.
+int64_t parse_byte_size(const std::string& text, const std::string& where);
+// One decimal: "83.2 GiB".
+std::string format_gib(int64_t bytes);
+
+struct PlanOptions {
+  // Reserve, on each GPU that runs attention, two buffers of the largest set of CPU-resident
+  // experts of one of its layers, so prefill can stream them in (issue 4: "large batches may
+  // copy CPU-resident experts to the GPU").
+  bool stage_cpu_experts_for_prefill = true;
+  int64_t prefill_chunk = kPrefillChunkTokens;
+};
+
+// The plan for a resolved placement; budgets are copied into DeviceUse::budget.
+MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
+                       const Budgets& budgets, const PlanOptions& opt = {});
+MemoryPlan plan_memory(const ModelConfig& cfg, QuantType expert_type, QuantType dense_type,
+                       const Placement& p, const Budgets& budgets, const PlanOptions& opt = {});
+MemoryPlan plan_memory(const ModelWeights& w, const Placement& p, const Budgets& budgets,
+                       const PlanOptions& opt = {});
+
+// Throws ktune::Error (runtime) for the first device, in device order, that needs more than its
+// budget, or a GPU with no budget ("no such device here"). A CPU without a known budget is not
+// checked.
+void check_fits(const MemoryPlan& plan);
+
+}  // namespace ktune

@@ -1,0 +1,925 @@
+// The CPU engine for qwen3moe (semantics of Hugging Face's Qwen3MoeForCausalLM).
+//
+// Decode (one token) runs as ONE parallel region per step; inside it each layer needs six
+// barriers:
+//   1. every thread: RMSNorm(x) and the activation quantization (redundantly, each its own copy:
+//      cheaper than a barrier); QKV rows of the three matrices as one work list      -> barrier
+//   2. per kv group of q heads: q/k norm, RoPE, attention reading each cache row once for the
+//      group (the current token's k/v are recomputed locally; the kv head's owner writes them to
+//      the cache); Wo's activation quantized per head                                -> barrier
+//   3. Wo rows, each thread adding its rows into x                                   -> barrier
+//   4. every thread: RMSNorm + quantization; router rows                             -> barrier
+//   5. every thread: softmax/top-k (redundant, tiny); gate+up over (expert, 32-row unit) work,
+//      SwiGLU and the down activation's quantization of the same unit                 -> barrier
+//   6. down rows over all selected experts, each thread summing its rows into x       -> barrier
+// (plus one more after attention only when head_dim is not a whole number of Q8_0 blocks).
+// Every output element is computed by exactly one thread in a fixed order, so logits are
+// bit-identical whatever the thread count. Nothing is allocated after construction.
+//
+// Prefill (T tokens) uses the same structure with matmul_rows (weights read once per tile of
+// tokens) and groups tokens by expert for the MoE layer (about ten barriers per layer).
+//
+// KTUNE_CPU_PHASES=1 prints where decode time goes (per phase, at engine destruction).
+#include "ktune/engine/cpu_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "ktune/engine/error.h"
+#include "ktune/engine/thread_pool.h"
+#include "runtime/cpu_ops.h"
+
+namespace ktune {
+namespace {
+
+constexpr int64_t kRowAlign = 16;  // rows per work unit of a matrix-vector product
+constexpr int64_t kCacheLine = 64;
+
+// A float or byte buffer aligned to a cache line and padded to whole lines, so buffers that
+// different threads write never share a line.
+template <class T>
+class Buf {
+ public:
+  void resize(int64_t n) {
+    n_ = n;
+    const size_t bytes = ((std::max<int64_t>(n, 1) * sizeof(T) + kCacheLine - 1) / kCacheLine) *
+                         kCacheLine;
+    data_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t(kCacheLine))));
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_.get()[i]; }
+  int64_t size() const { return n_; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(kCacheLine)); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t n_ = 0;
+};
+
+// The activation forms of one input (rows of n floats) for the weights that consume it: one
+// buffer per distinct quantized activation type; F32 activations are the floats themselves.
+class ActBuffers {
+ public:
+  void init(const std::vector<QuantType>& weight_types, int64_t n, int64_t rows) {
+    n_ = n;
+    for (QuantType w : weight_types) {
+      const QuantType a = cpu::activation_type(w);
+      if (a == QuantType::F32) continue;
+      bool have = false;
+      for (const Entry& e : entries_) have = have || e.act == a;
+      if (have) continue;
+      Entry e;
+      e.act = a;
+      e.weight = w;
+      e.row_bytes = row_bytes(a, n);
+      e.block = block_elems(a);
+      e.buf.resize(e.row_bytes * rows);
+      entries_.push_back(std::move(e));
+    }
+  }
+  // Converts elements [c0, c1) of row r (x points at element c0); c0 and c1 are multiples of
+  // every block size (or c1 == n).
+  void quantize(const float* x, int64_t r, int64_t c0, int64_t c1, cpu::Isa isa) {
+    for (Entry& e : entries_) {
+      uint8_t* dst = e.buf.data() + r * e.row_bytes + row_bytes(e.act, c0);
+      cpu::quantize_activation(e.weight, x, dst, c1 - c0, isa);
+    }
+  }
+  void quantize_row(const float* x, int64_t r, cpu::Isa isa) { quantize(x, r, 0, n_, isa); }
+  // Largest block size among the quantized forms (1 when all are F32).
+  int64_t block() const {
+    int64_t b = 1;
+    for (const Entry& e : entries_) b = std::max(b, e.block);
+    return b;
+  }
+  // Rows for weight type w: base pointer and stride in bytes. floats/float_stride describe the
+  // float rows used when w multiplies with F32 activations.
+  const uint8_t* rows(QuantType w, const float* floats) const {
+    const QuantType a = cpu::activation_type(w);
+    if (a == QuantType::F32) return reinterpret_cast<const uint8_t*>(floats);
+    for (const Entry& e : entries_) {
+      if (e.act == a) return e.buf.data();
+    }
+    return nullptr;  // unreachable: init saw every weight type
+  }
+  int64_t stride(QuantType w) const {
+    const QuantType a = cpu::activation_type(w);
+    if (a == QuantType::F32) return n_ * static_cast<int64_t>(sizeof(float));
+    for (const Entry& e : entries_) {
+      if (e.act == a) return e.row_bytes;
+    }
+    return 0;
+  }
+
+ private:
+  struct Entry {
+    QuantType act = QuantType::F32;
+    QuantType weight = QuantType::F32;
+    int64_t row_bytes = 0;
+    int64_t block = 1;
+    Buf<uint8_t> buf;
+  };
+  std::vector<Entry> entries_;
+  int64_t n_ = 0;
+};
+
+// One matrix of a concatenated work list (Wq|Wk|Wv): rows [row0, row0 + rows) of the list.
+struct Segment {
+  const TensorView* w = nullptr;
+  int64_t row0 = 0;
+};
+
+std::vector<float> norm_weights(const TensorView& t, int64_t n, const std::string& what) {
+  if (t.data == nullptr || t.row_len() != n) {
+    throw Error(t.name.empty() ? what : t.name,
+                "missing or has " + std::to_string(t.row_len()) + " elements, expected " +
+                    std::to_string(n),
+                "use a qwen3moe model whose norm weights match its hidden/head dimensions");
+  }
+  std::vector<float> v(n);
+  dequantize_row(t.type, t.data, v.data(), n);
+  return v;
+}
+
+void check_matrix(const TensorView& t, int64_t row_len, int64_t rows, const std::string& what,
+                  cpu::Isa isa) {
+  if (t.data == nullptr || t.row_len() != row_len || t.n_rows() != rows) {
+    throw Error(t.name.empty() ? what : t.name,
+                "missing or shaped [" + std::to_string(t.ne[0]) + ", " + std::to_string(t.ne[1]) +
+                    ", " + std::to_string(t.ne[2]) + "], expected " + std::to_string(row_len) +
+                    " x " + std::to_string(rows),
+                "use a qwen3moe model whose tensors match its configuration");
+  }
+  cpu::vec_dot(t.type, isa);  // throws for a type the CPU kernels cannot multiply
+}
+
+}  // namespace
+
+struct CpuEngine::Impl {
+  const ModelWeights& w;
+  const ModelConfig& cfg;
+  CpuEngineOptions opt;
+  cpu::Isa isa;
+  cpu_ops::VecOps ops;
+  std::unique_ptr<ThreadPool> pool;
+  int nth = 1;
+
+  // Dimensions.
+  int64_t hidden, n_heads, n_kv, hd, nq, nkv_rows, nqkv, n_exp, top_k, ffn, vocab, layers;
+  int64_t group;  // q heads per kv head
+  float scale;
+  int64_t max_ctx, max_batch;
+  int64_t pos = 0;
+
+  const TensorView* out_w = nullptr;  // output, or token_embd when tied
+
+  std::vector<float> inv_freq;
+  std::vector<float> out_norm;
+  struct LayerNorms {
+    std::vector<float> attn, q, k, ffn;
+  };
+  std::vector<LayerNorms> norms;
+
+  // [layer][n_kv][max_ctx][hd]: head-major, so attention streams one kv head's rows
+  // contiguously (the prefetchers' best case) instead of hopping n_kv * hd floats per position.
+  std::vector<std::unique_ptr<float[]>> k_cache, v_cache;
+  std::vector<std::vector<uint64_t>> counts;
+
+  // Work units for gate/up: `unit` ffn rows (a multiple of the down activation's block, so each
+  // unit quantizes its own blocks).
+  int64_t unit = 32, units_per_expert = 1;
+  bool attn_q_by_head = true;  // Wo's activation blocks never straddle two heads
+
+  // ---- decode scratch (shared; each element written by one thread) ----
+  Buf<float> x, qkv, attn, rlog, g, u, y, rope_cs;
+  ActBuffers attn_act;  // Wo input
+  ActBuffers act_d;     // down input, k rows of ffn
+  // ---- decode scratch, per thread ----
+  struct Local {
+    Buf<float> h, h2, q, k, scores, probs, wsel, hf;
+    Buf<int32_t> sel;
+    std::vector<const float*> qp;  // query heads of one kv group
+    std::vector<float*> op;        // their outputs
+    ActBuffers h_act, h2_act, hf_act;
+  };
+  std::vector<Local> local;
+
+  // ---- prefill scratch ----
+  Buf<float> PX, PH, PQKV, PATT, PRL, PG, PU, PY, PCS, PW;
+  Buf<int32_t> PSEL, PSLOT, PTOK, PBEGIN, PUNIT;  // PUNIT: unit-range start per thread
+  ActBuffers p_h_act, p_att_act, p_h2_act, p_gh_act, p_a_act, p_out_act;
+  Buf<float> PGH;  // gathered float rows, only when gate/up multiply F32 activations
+  std::vector<int32_t> cursor_;
+  int64_t p_n_active = 0;
+  Buf<int32_t> PACTIVE;  // active experts of the layer, ascending
+
+  Impl(const ModelWeights& weights, const CpuEngineOptions& o)
+      : w(weights), cfg(weights.cfg), opt(o), isa(o.isa), ops(cpu_ops::vec_ops(o.isa)) {
+    cfg.validate("model " + w.source);
+    hidden = cfg.hidden;
+    n_heads = cfg.n_heads;
+    n_kv = cfg.n_kv_heads;
+    hd = cfg.head_dim;
+    nq = n_heads * hd;
+    nkv_rows = n_kv * hd;
+    nqkv = nq + 2 * nkv_rows;
+    n_exp = cfg.n_experts;
+    top_k = cfg.n_experts_used;
+    ffn = cfg.expert_ffn;
+    vocab = cfg.vocab;
+    layers = cfg.n_layers;
+    if (n_heads % n_kv != 0 || hd % 2 != 0 || top_k > n_exp) {
+      throw Error("model " + w.source,
+                  "unsupported attention/router shape (heads " + std::to_string(n_heads) +
+                      ", kv heads " + std::to_string(n_kv) + ", head_dim " + std::to_string(hd) +
+                      ", top-k " + std::to_string(top_k) + " of " + std::to_string(n_exp) + ")",
+                  "use a qwen3moe model with heads divisible by kv heads and an even head_dim");
+    }
+    group = n_heads / n_kv;
+    scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    max_ctx = std::max<int64_t>(1, opt.max_context);
+    max_batch = std::max<int64_t>(1, std::min(opt.max_batch, max_ctx));
+    if (static_cast<int64_t>(w.layers.size()) != layers) {
+      throw Error("model " + w.source, "has " + std::to_string(w.layers.size()) + " layers, "
+                  "config says " + std::to_string(layers), "use a complete model");
+    }
+
+    // Shapes and kernel support are checked once here, so the hot loops cannot throw.
+    if (w.tok_embd.data == nullptr || w.tok_embd.row_len() != hidden ||
+        w.tok_embd.n_rows() != vocab) {
+      throw Error("token_embd", "missing or not [hidden, vocab]",
+                  "use a qwen3moe model whose tensors match its configuration");
+    }
+    out_w = w.output.data ? &w.output : &w.tok_embd;
+    check_matrix(*out_w, hidden, vocab, "output", isa);
+    out_norm = norm_weights(w.output_norm, hidden, "output_norm");
+    norms.resize(layers);
+    for (int64_t l = 0; l < layers; ++l) {
+      const LayerWeights& L = w.layers[l];
+      const std::string blk = "blk." + std::to_string(l) + ".";
+      norms[l].attn = norm_weights(L.attn_norm, hidden, blk + "attn_norm");
+      norms[l].q = norm_weights(L.q_norm, hd, blk + "attn_q_norm");
+      norms[l].k = norm_weights(L.k_norm, hd, blk + "attn_k_norm");
+      norms[l].ffn = norm_weights(L.ffn_norm, hidden, blk + "ffn_norm");
+      check_matrix(L.wq, hidden, nq, blk + "attn_q", isa);
+      check_matrix(L.wk, hidden, nkv_rows, blk + "attn_k", isa);
+      check_matrix(L.wv, hidden, nkv_rows, blk + "attn_v", isa);
+      check_matrix(L.wo, nq, hidden, blk + "attn_output", isa);
+      check_matrix(L.router, hidden, n_exp, blk + "ffn_gate_inp", isa);
+      check_matrix(L.gate_exps, hidden, ffn * n_exp, blk + "ffn_gate_exps", isa);
+      check_matrix(L.up_exps, hidden, ffn * n_exp, blk + "ffn_up_exps", isa);
+      check_matrix(L.down_exps, ffn, hidden * n_exp, blk + "ffn_down_exps", isa);
+    }
+
+    inv_freq.resize(hd / 2);
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      // As Hugging Face: 1 / theta^(2i/d) with the exponent and power in float32.
+      const float e = static_cast<float>(2 * i) / static_cast<float>(hd);
+      inv_freq[i] = 1.0f / std::pow(cfg.rope_theta, e);
+    }
+
+    // Allocated, not zeroed: the cache pages are touched only as positions are filled.
+    const int64_t cache_elems = max_ctx * nkv_rows;
+    for (int64_t l = 0; l < layers; ++l) {
+      k_cache.emplace_back(new float[cache_elems]);
+      v_cache.emplace_back(new float[cache_elems]);
+    }
+    counts.assign(layers, std::vector<uint64_t>(n_exp, 0));
+
+    const char* phases = std::getenv("KTUNE_CPU_PHASES");
+    profile = phases != nullptr && phases[0] == '1';
+    pool = std::make_unique<ThreadPool>(opt.threads, opt.pin_threads);
+    nth = pool->size();
+    allocate_scratch();
+  }
+
+  // Types of the weights consuming each input, over all layers (types may differ per layer).
+  std::vector<QuantType> types_of(std::initializer_list<TensorView LayerWeights::*> members) {
+    std::vector<QuantType> t;
+    for (const LayerWeights& L : w.layers) {
+      for (auto m : members) t.push_back((L.*m).type);
+    }
+    return t;
+  }
+
+  void allocate_scratch() {
+    const auto qkv_types = types_of({&LayerWeights::wq, &LayerWeights::wk, &LayerWeights::wv});
+    const auto wo_types = types_of({&LayerWeights::wo});
+    const auto ffn_in_types =
+        types_of({&LayerWeights::router, &LayerWeights::gate_exps, &LayerWeights::up_exps});
+    const auto gu_types = types_of({&LayerWeights::gate_exps, &LayerWeights::up_exps});
+    const auto down_types = types_of({&LayerWeights::down_exps});
+
+    attn_act.init(wo_types, nq, 1);
+    attn_q_by_head = hd % std::max<int64_t>(attn_act.block(), 1) == 0;
+    act_d.init(down_types, ffn, top_k);
+    // A unit of gate/up rows covers whole blocks of the down activation.
+    const int64_t blk = act_d.block();
+    unit = std::max<int64_t>(32, blk);
+    unit = (unit / blk) * blk;
+    units_per_expert = (ffn + unit - 1) / unit;
+
+    x.resize(hidden);
+    qkv.resize(nqkv);
+    attn.resize(nq);
+    rlog.resize(n_exp);
+    g.resize(top_k * ffn);
+    u.resize(top_k * ffn);
+    y.resize(top_k * hidden);
+    rope_cs.resize(hd);
+
+    local.resize(nth);
+    for (Local& t : local) {
+      t.h.resize(hidden);
+      t.h2.resize(hidden);
+      t.hf.resize(hidden);
+      t.q.resize(group * hd);
+      t.k.resize(hd);
+      t.scores.resize(group * (max_ctx + 1));
+      t.qp.resize(group);
+      t.op.resize(group);
+      t.probs.resize(n_exp);
+      t.wsel.resize(top_k);
+      t.sel.resize(top_k);
+      t.h_act.init(qkv_types, hidden, 1);
+      t.h2_act.init(ffn_in_types, hidden, 1);
+      t.hf_act.init({out_w->type}, hidden, 1);
+    }
+
+    const int64_t B = max_batch;
+    const int64_t S = B * top_k;  // (token, expert) slots
+    PX.resize(B * hidden);
+    PH.resize(B * hidden);
+    PQKV.resize(B * nqkv);
+    PATT.resize(B * nq);
+    PRL.resize(B * n_exp);
+    PG.resize(S * ffn);
+    PU.resize(S * ffn);
+    PY.resize(S * hidden);
+    PCS.resize(B * hd);
+    PW.resize(S);
+    PSEL.resize(S);
+    PSLOT.resize(S);
+    PTOK.resize(S);
+    PBEGIN.resize(n_exp + 1);
+    PACTIVE.resize(n_exp);
+    PUNIT.resize(nth + 1);
+    p_h_act.init(qkv_types, hidden, B);
+    p_att_act.init(wo_types, nq, B);
+    p_h2_act.init(ffn_in_types, hidden, B);
+    p_gh_act.init(gu_types, hidden, S);
+    p_a_act.init(down_types, ffn, S);
+    p_out_act.init({out_w->type}, hidden, B);
+    bool gu_f32 = false;
+    for (QuantType t : gu_types) gu_f32 = gu_f32 || cpu::activation_type(t) == QuantType::F32;
+    if (gu_f32) PGH.resize(S * hidden);
+    cursor_.assign(n_exp, 0);
+  }
+
+  void embed(int32_t token, float* dst) const {
+    if (token < 0 || token >= vocab) {
+      throw Error("token " + std::to_string(token), "outside the vocabulary [0, " +
+                  std::to_string(vocab) + ")", "pass token ids the model knows");
+    }
+    dequantize_row(w.tok_embd.type, w.tok_embd.row(token), dst, hidden);
+  }
+
+  void matvec(const TensorView& t, const uint8_t* W, int64_t r0, int64_t r1, const void* act,
+              float* yout) const {
+    if (r1 > r0) cpu::matvec_rows(t.type, isa, W, t.row_len(), r0, r1, act, yout);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Decode: one parallel region for the whole step.
+  // ------------------------------------------------------------------------------------------
+  void decode(int32_t token, float* logits) {
+    if (pos >= max_ctx) {
+      throw Error("decode", "position " + std::to_string(pos) + " is past the KV cache (" +
+                  std::to_string(max_ctx) + " positions)", "raise max_context or call reset()");
+    }
+    embed(token, x.data());
+    cpu_ops::rope_table(pos, inv_freq.data(), hd, rope_cs.data());
+    pool->run([&](int ith, int n) { decode_region(ith, n, logits); });
+    profiled_steps += profile ? 1 : 0;
+    ++pos;
+  }
+
+  // Phase timing of decode (KTUNE_CPU_PHASES=1): thread 0 stamps the clock after each barrier,
+  // so a phase's time includes waiting for its slowest thread. Printed when the engine is
+  // destroyed. Off by default: the clock read costs ~20 ns per barrier.
+  static constexpr int kPhases = 8;
+  static constexpr const char* kPhaseNames[kPhases] = {
+      "qkv", "attention", "attn-quant", "wo", "router", "gate-up+swiglu", "down+sum", "output"};
+  bool profile = false;
+  int64_t phase_ns[kPhases] = {};
+  int64_t profiled_steps = 0;
+  std::chrono::steady_clock::time_point phase_t0;
+
+  void sync(int ith, int phase) {
+    pool->barrier();
+    if (profile && ith == 0) stamp(phase);
+  }
+  void stamp(int phase) {
+    const auto now = std::chrono::steady_clock::now();
+    phase_ns[phase] +=
+        std::chrono::duration_cast<std::chrono::nanoseconds>(now - phase_t0).count();
+    phase_t0 = now;
+  }
+  void print_phases() const {
+    if (!profile || profiled_steps == 0) return;
+    int64_t total = 0;
+    for (int64_t v : phase_ns) total += v;
+    std::fprintf(stderr, "cpu engine decode phases over %ld steps (%.3f ms/step):\n",
+                 static_cast<long>(profiled_steps), total / 1e6 / profiled_steps);
+    for (int i = 0; i < kPhases; ++i) {
+      std::fprintf(stderr, "  %-16s %8.3f ms/step %5.1f %%\n", kPhaseNames[i],
+                   phase_ns[i] / 1e6 / profiled_steps, 100.0 * phase_ns[i] / total);
+    }
+  }
+  ~Impl() { print_phases(); }
+
+  void decode_region(int ith, int n, float* logits) {
+    Local& me = local[ith];
+    if (profile && ith == 0) phase_t0 = std::chrono::steady_clock::now();
+    for (int64_t l = 0; l < layers; ++l) {
+      decode_attention(l, ith, n, me);
+      decode_moe(l, ith, n, me);
+    }
+    if (logits == nullptr) return;
+    cpu_ops::rmsnorm(x.data(), out_norm.data(), cfg.rms_eps, hidden, me.hf.data());
+    me.hf_act.quantize_row(me.hf.data(), 0, isa);
+    int64_t r0, r1;
+    cpu_ops::split(vocab, ith, n, kRowAlign, &r0, &r1);
+    matvec(*out_w, out_w->data, r0, r1, me.hf_act.rows(out_w->type, me.hf.data()), logits + r0);
+    if (profile) sync(ith, 7);
+  }
+
+  void decode_attention(int64_t l, int ith, int n, Local& me) {
+    const LayerWeights& L = w.layers[l];
+    // 1. Norm + quantization, redundantly per thread; then Wq|Wk|Wv as one row list.
+    cpu_ops::rmsnorm(x.data(), norms[l].attn.data(), cfg.rms_eps, hidden, me.h.data());
+    me.h_act.quantize_row(me.h.data(), 0, isa);
+    int64_t r0, r1;
+    cpu_ops::split(nqkv, ith, n, kRowAlign, &r0, &r1);
+    const Segment segs[3] = {{&L.wq, 0}, {&L.wk, nq}, {&L.wv, nq + nkv_rows}};
+    for (const Segment& s : segs) {
+      const int64_t a = std::max(r0, s.row0) - s.row0;
+      const int64_t b = std::min(r1, s.row0 + s.w->n_rows()) - s.row0;
+      if (b > a) {
+        matvec(*s.w, s.w->data, a, b, me.h_act.rows(s.w->type, me.h.data()),
+               qkv.data() + s.row0 + a);
+      }
+    }
+    sync(ith, 0);  // qkv
+
+    // 2. Heads. The current token's k (normed, roped) and v are needed by every q head of the
+    // group: each head's thread recomputes k locally (hd elements), and the thread that owns
+    // the kv head by index stores k and v into the cache for the next steps.
+    float* kc = k_cache[l].get();
+    float* vc = v_cache[l].get();
+    int64_t h0, h1;
+    cpu_ops::split(n_heads, ith, n, 1, &h0, &h1);
+    // This thread's heads, one kv group at a time so each cache row is read once per group.
+    for (int64_t h = h0; h < h1;) {
+      const int64_t kvh = h / group;
+      const int64_t he = std::min(h1, (kvh + 1) * group);
+      const int m = static_cast<int>(he - h);
+      float* k = me.k.data();
+      cpu_ops::rmsnorm(qkv.data() + nq + kvh * hd, norms[l].k.data(), cfg.rms_eps, hd, k);
+      cpu_ops::rope_neox(k, rope_cs.data(), hd);
+      for (int j = 0; j < m; ++j) {
+        float* q = me.q.data() + j * hd;
+        cpu_ops::rmsnorm(qkv.data() + (h + j) * hd, norms[l].q.data(), cfg.rms_eps, hd, q);
+        cpu_ops::rope_neox(q, rope_cs.data(), hd);
+        me.qp[j] = q;
+        me.op[j] = attn.data() + (h + j) * hd;
+      }
+      const float* v = qkv.data() + nq + nkv_rows + kvh * hd;
+      cpu_ops::attend_group(ops, me.qp.data(), m, kc + kvh * max_ctx * hd,
+                            vc + kvh * max_ctx * hd, hd, pos, k, v, hd, scale, me.scores.data(),
+                            me.op.data());
+      if (attn_q_by_head) attn_act.quantize(attn.data() + h * hd, 0, h * hd, he * hd, isa);
+      h = he;
+    }
+    int64_t g0, g1;
+    cpu_ops::split(n_kv, ith, n, 1, &g0, &g1);
+    for (int64_t kvh = g0; kvh < g1; ++kvh) {
+      float* kdst = kc + (kvh * max_ctx + pos) * hd;
+      cpu_ops::rmsnorm(qkv.data() + nq + kvh * hd, norms[l].k.data(), cfg.rms_eps, hd, kdst);
+      cpu_ops::rope_neox(kdst, rope_cs.data(), hd);
+      std::memcpy(vc + (kvh * max_ctx + pos) * hd, qkv.data() + nq + nkv_rows + kvh * hd,
+                  hd * sizeof(float));
+    }
+    sync(ith, 1);  // attention
+    if (!attn_q_by_head) {
+      // Head dims that are not whole blocks: quantize by block ranges after all heads are done.
+      const int64_t blk = attn_act.block();
+      int64_t c0, c1;
+      cpu_ops::split(nq, ith, n, blk, &c0, &c1);
+      if (c1 > c0) attn_act.quantize(attn.data() + c0, 0, c0, c1, isa);
+      sync(ith, 2);  // attn-quant
+    }
+
+    // 3. Wo; each thread adds its own rows into the residual.
+    cpu_ops::split(hidden, ith, n, kRowAlign, &r0, &r1);
+    if (r1 > r0) {
+      float* o = y.data();  // y is free until the MoE's down projection
+      matvec(L.wo, L.wo.data, r0, r1, attn_act.rows(L.wo.type, attn.data()), o + r0);
+      for (int64_t r = r0; r < r1; ++r) x[r] += o[r];
+    }
+    sync(ith, 3);  // wo
+  }
+
+  void decode_moe(int64_t l, int ith, int n, Local& me) {
+    const LayerWeights& L = w.layers[l];
+    // 4. Norm + quantization (router and experts' forms) per thread; router rows.
+    cpu_ops::rmsnorm(x.data(), norms[l].ffn.data(), cfg.rms_eps, hidden, me.h2.data());
+    me.h2_act.quantize_row(me.h2.data(), 0, isa);
+    int64_t r0, r1;
+    cpu_ops::split(n_exp, ith, n, 1, &r0, &r1);
+    matvec(L.router, L.router.data, r0, r1, me.h2_act.rows(L.router.type, me.h2.data()),
+           rlog.data() + r0);
+    sync(ith, 4);  // router
+
+    // 5. Top-k (each thread its own identical copy), then gate+up+SwiGLU over (expert, unit).
+    int32_t* sel = me.sel.data();
+    float* wsel = me.wsel.data();
+    cpu_ops::route_topk(rlog.data(), n_exp, top_k, cfg.norm_topk_prob, me.probs.data(), sel,
+                        wsel);
+    if (ith == 0) {
+      for (int64_t j = 0; j < top_k; ++j) ++counts[l][sel[j]];
+    }
+    const uint8_t* gate_act = me.h2_act.rows(L.gate_exps.type, me.h2.data());
+    const uint8_t* up_act = me.h2_act.rows(L.up_exps.type, me.h2.data());
+    int64_t u0, u1;
+    cpu_ops::split(top_k * units_per_expert, ith, n, 1, &u0, &u1);
+    while (u0 < u1) {
+      // The units of one expert in this thread's range, as one row range.
+      const int64_t j = u0 / units_per_expert;
+      const int64_t ue = std::min(u1, (j + 1) * units_per_expert);
+      const int64_t a = (u0 - j * units_per_expert) * unit;
+      const int64_t b = std::min(ffn, (ue - j * units_per_expert) * unit);
+      float* gj = g.data() + j * ffn;
+      float* uj = u.data() + j * ffn;
+      matvec(L.gate_exps, L.gate_exps.matrix(sel[j]), a, b, gate_act, gj + a);
+      matvec(L.up_exps, L.up_exps.matrix(sel[j]), a, b, up_act, uj + a);
+      for (int64_t i = a; i < b; ++i) gj[i] = cpu_ops::silu(gj[i]) * uj[i];
+      act_d.quantize(gj + a, j, a, b, isa);
+      u0 = ue;
+    }
+    sync(ith, 5);  // gate-up
+
+    // 6. Down rows of every selected expert; each thread sums its rows into x in expert order.
+    cpu_ops::split(hidden, ith, n, kRowAlign, &r0, &r1);
+    if (r1 > r0) {
+      for (int64_t j = 0; j < top_k; ++j) {
+        const uint8_t* a = act_d.rows(L.down_exps.type, g.data());
+        a += j * act_d.stride(L.down_exps.type);
+        matvec(L.down_exps, L.down_exps.matrix(sel[j]), r0, r1, a, y.data() + j * hidden + r0);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < top_k; ++j) s += wsel[j] * y[j * hidden + r];
+        x[r] += s;
+      }
+    }
+    sync(ith, 6);  // down
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Prefill: T <= max_batch tokens at positions pos..pos+T-1, one parallel region.
+  // ------------------------------------------------------------------------------------------
+  void prefill_chunk(const int32_t* tokens, int64_t T, float* logits, bool all_positions) {
+    for (int64_t t = 0; t < T; ++t) embed(tokens[t], PX.data() + t * hidden);
+    for (int64_t t = 0; t < T; ++t) {
+      cpu_ops::rope_table(pos + t, inv_freq.data(), hd, PCS.data() + t * hd);
+    }
+    pool->run([&](int ith, int n) { prefill_region(T, logits, all_positions, ith, n); });
+    pos += T;
+  }
+
+  // Matrix rows [r0, r1) of t for T activation rows; Y rows ldy floats apart.
+  void matmul(const TensorView& t, const uint8_t* W, int64_t r0, int64_t r1,
+              const uint8_t* act, int64_t act_stride, int64_t T, float* Y, int64_t ldy) const {
+    if (r1 > r0 && T > 0) {
+      cpu::matmul_rows(t.type, isa, W, t.row_len(), r0, r1, act, act_stride, T, Y, ldy);
+    }
+  }
+
+  void prefill_region(int64_t T, float* logits, bool all_positions, int ith, int n) {
+    for (int64_t l = 0; l < layers; ++l) {
+      prefill_attention(l, T, ith, n);
+      prefill_moe(l, T, ith, n);
+    }
+    if (logits == nullptr) return;
+    const int64_t first = all_positions ? 0 : T - 1;
+    const int64_t rows = T - first;
+    int64_t t0, t1;
+    cpu_ops::split(rows, ith, n, 1, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* h = PH.data() + t * hidden;
+      cpu_ops::rmsnorm(PX.data() + (first + t) * hidden, out_norm.data(), cfg.rms_eps, hidden, h);
+      p_out_act.quantize_row(h, t, isa);
+    }
+    pool->barrier();
+    int64_t r0, r1;
+    cpu_ops::split(vocab, ith, n, kRowAlign, &r0, &r1);
+    matmul(*out_w, out_w->data, r0, r1, p_out_act.rows(out_w->type, PH.data()),
+           p_out_act.stride(out_w->type), rows, logits, vocab);
+  }
+
+
+  void prefill_attention(int64_t l, int64_t T, int ith, int n) {
+    const LayerWeights& L = w.layers[l];
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* h = PH.data() + t * hidden;
+      cpu_ops::rmsnorm(PX.data() + t * hidden, norms[l].attn.data(), cfg.rms_eps, hidden, h);
+      p_h_act.quantize_row(h, t, isa);
+    }
+    pool->barrier();
+
+    int64_t r0, r1;
+    cpu_ops::split(nqkv, ith, n, kRowAlign, &r0, &r1);
+    const Segment segs[3] = {{&L.wq, 0}, {&L.wk, nq}, {&L.wv, nq + nkv_rows}};
+    for (const Segment& s : segs) {
+      const int64_t a = std::max(r0, s.row0) - s.row0;
+      const int64_t b = std::min(r1, s.row0 + s.w->n_rows()) - s.row0;
+      matmul(*s.w, s.w->data, a, b, p_h_act.rows(s.w->type, PH.data()),
+             p_h_act.stride(s.w->type), T, PQKV.data() + s.row0, nqkv);
+    }
+    pool->barrier();
+
+    // q/k norms and RoPE over (token, head) items; k and v go to the cache.
+    float* kc = k_cache[l].get();
+    float* vc = v_cache[l].get();
+    const int64_t heads_all = n_heads + n_kv;
+    int64_t i0, i1;
+    cpu_ops::split(T * heads_all, ith, n, 1, &i0, &i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / heads_all;
+      const int64_t h = i % heads_all;
+      float* row = PQKV.data() + t * nqkv;
+      const float* cs = PCS.data() + t * hd;
+      if (h < n_heads) {
+        float* q = row + h * hd;
+        cpu_ops::rmsnorm(q, norms[l].q.data(), cfg.rms_eps, hd, q);
+        cpu_ops::rope_neox(q, cs, hd);
+      } else {
+        const int64_t kvh = h - n_heads;
+        float* kdst = kc + (kvh * max_ctx + pos + t) * hd;
+        cpu_ops::rmsnorm(row + nq + kvh * hd, norms[l].k.data(), cfg.rms_eps, hd, kdst);
+        cpu_ops::rope_neox(kdst, cs, hd);
+        std::memcpy(vc + (kvh * max_ctx + pos + t) * hd, row + nq + nkv_rows + kvh * hd,
+                    hd * sizeof(float));
+      }
+    }
+    pool->barrier();
+
+    // Attention over (token, kv group) items, interleaved across threads so that long (late)
+    // and short (early) tokens mix.
+    Local& me = local[ith];
+    for (int64_t i = ith; i < T * n_kv; i += n) {
+      const int64_t t = i / n_kv;
+      const int64_t kvh = i % n_kv;
+      const int64_t h = kvh * group;
+      for (int64_t j = 0; j < group; ++j) {
+        me.qp[j] = PQKV.data() + t * nqkv + (h + j) * hd;
+        me.op[j] = PATT.data() + t * nq + (h + j) * hd;
+      }
+      cpu_ops::attend_group(ops, me.qp.data(), static_cast<int>(group), kc + kvh * max_ctx * hd,
+                            vc + kvh * max_ctx * hd, hd, pos + t + 1, nullptr, nullptr, hd, scale,
+                            me.scores.data(), me.op.data());
+      if (attn_q_by_head) {
+        p_att_act.quantize(PATT.data() + t * nq + h * hd, t, h * hd, (h + group) * hd, isa);
+      }
+    }
+    pool->barrier();
+    if (!attn_q_by_head) {
+      for (int64_t t = t0; t < t1; ++t) p_att_act.quantize_row(PATT.data() + t * nq, t, isa);
+      pool->barrier();
+    }
+
+    // Wo; each thread adds its rows into the residual of every token.
+    cpu_ops::split(hidden, ith, n, kRowAlign, &r0, &r1);
+    matmul(L.wo, L.wo.data, r0, r1, p_att_act.rows(L.wo.type, PATT.data()),
+           p_att_act.stride(L.wo.type), T, PH.data(), hidden);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t r = r0; r < r1; ++r) PX[t * hidden + r] += PH[t * hidden + r];
+    }
+    pool->barrier();
+  }
+
+  void prefill_moe(int64_t l, int64_t T, int ith, int n) {
+    const LayerWeights& L = w.layers[l];
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* h = PH.data() + t * hidden;
+      cpu_ops::rmsnorm(PX.data() + t * hidden, norms[l].ffn.data(), cfg.rms_eps, hidden, h);
+      p_h2_act.quantize_row(h, t, isa);
+    }
+    pool->barrier();
+
+    int64_t r0, r1;
+    cpu_ops::split(n_exp, ith, n, 1, &r0, &r1);
+    matmul(L.router, L.router.data, r0, r1, p_h2_act.rows(L.router.type, PH.data()),
+           p_h2_act.stride(L.router.type), T, PRL.data(), n_exp);
+    pool->barrier();
+
+    for (int64_t t = t0; t < t1; ++t) {
+      cpu_ops::route_topk(PRL.data() + t * n_exp, n_exp, top_k, cfg.norm_topk_prob,
+                          local[ith].probs.data(), PSEL.data() + t * top_k,
+                          PW.data() + t * top_k);
+    }
+    pool->barrier();
+
+    // Group (token, expert) pairs by expert: slots of expert e are PBEGIN[e]..PBEGIN[e+1),
+    // tokens in ascending order. Serial, O(T * k).
+    if (ith == 0) group_by_expert(l, T, n);
+    pool->barrier();
+
+    // Gather each slot's activation rows (gate/up forms) so an expert's tokens are contiguous.
+    const int64_t S = T * top_k;
+    int64_t s0, s1;
+    cpu_ops::split(S, ith, n, 1, &s0, &s1);
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* h = PH.data() + PTOK[s] * hidden;
+      p_gh_act.quantize_row(h, s, isa);
+      if (PGH.size() > 0) std::memcpy(PGH.data() + s * hidden, h, hidden * sizeof(float));
+    }
+    pool->barrier();
+
+    // Gate+up over (active expert, unit) items, ranges weighted by the expert's token count.
+    const uint8_t* gbase = p_gh_act.rows(L.gate_exps.type, PGH.data());
+    const uint8_t* ubase = p_gh_act.rows(L.up_exps.type, PGH.data());
+    const int64_t gstride = p_gh_act.stride(L.gate_exps.type);
+    const int64_t ustride = p_gh_act.stride(L.up_exps.type);
+    for (int64_t it = PUNIT[ith]; it < PUNIT[ith + 1]; ++it) {
+      const int64_t e = PACTIVE[it / units_per_expert];
+      const int64_t a = (it % units_per_expert) * unit;
+      const int64_t b = std::min(ffn, a + unit);
+      const int64_t sb = PBEGIN[e];
+      const int64_t ne = PBEGIN[e + 1] - sb;
+      float* G = PG.data() + sb * ffn;
+      float* U = PU.data() + sb * ffn;
+      matmul(L.gate_exps, L.gate_exps.matrix(e), a, b, gbase + sb * gstride, gstride, ne, G, ffn);
+      matmul(L.up_exps, L.up_exps.matrix(e), a, b, ubase + sb * ustride, ustride, ne, U, ffn);
+      for (int64_t s = 0; s < ne; ++s) {
+        float* gs = G + s * ffn;
+        const float* us = U + s * ffn;
+        for (int64_t i = a; i < b; ++i) gs[i] = cpu_ops::silu(gs[i]) * us[i];
+        p_a_act.quantize(gs + a, sb + s, a, b, isa);
+      }
+    }
+    pool->barrier();
+
+    // Down over hidden rows for every active expert; then each thread combines its rows.
+    cpu_ops::split(hidden, ith, n, kRowAlign, &r0, &r1);
+    if (r1 > r0) {
+      const int64_t astride = p_a_act.stride(L.down_exps.type);
+      const uint8_t* abase = p_a_act.rows(L.down_exps.type, PG.data());
+      for (int64_t i = 0; i < p_n_active; ++i) {
+        const int64_t e = PACTIVE[i];
+        const int64_t sb = PBEGIN[e];
+        matmul(L.down_exps, L.down_exps.matrix(e), r0, r1, abase + sb * astride, astride,
+               PBEGIN[e + 1] - sb, PY.data() + sb * hidden, hidden);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* wt = PW.data() + t * top_k;
+        const int32_t* slot = PSLOT.data() + t * top_k;
+        float* xt = PX.data() + t * hidden;
+        for (int64_t r = r0; r < r1; ++r) {
+          float s = 0.0f;
+          for (int64_t j = 0; j < top_k; ++j) s += wt[j] * PY[slot[j] * hidden + r];
+          xt[r] += s;
+        }
+      }
+    }
+    pool->barrier();
+  }
+
+  void group_by_expert(int64_t l, int64_t T, int n) {
+    std::vector<uint64_t>& cnt = counts[l];
+    int32_t* begin = PBEGIN.data();
+    for (int64_t e = 0; e <= n_exp; ++e) begin[e] = 0;
+    for (int64_t i = 0; i < T * top_k; ++i) ++begin[PSEL[i] + 1];
+    p_n_active = 0;
+    for (int64_t e = 0; e < n_exp; ++e) {
+      cnt[e] += begin[e + 1];
+      if (begin[e + 1] > 0) PACTIVE[p_n_active++] = static_cast<int32_t>(e);
+      begin[e + 1] += begin[e];
+    }
+    // Fill slots in token order; PSLOT[t*k + j] is where token t's j-th expert output lands.
+    for (int64_t e = 0; e < n_exp; ++e) cursor_[e] = begin[e];
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int32_t e = PSEL[t * top_k + j];
+        const int32_t s = cursor_[e]++;
+        PSLOT[t * top_k + j] = s;
+        PTOK[s] = static_cast<int32_t>(t);
+      }
+    }
+    // Thread ranges over (active expert, unit) items, balanced by token count.
+    const int64_t items = p_n_active * units_per_expert;
+    int64_t total = 0;
+    for (int64_t i = 0; i < p_n_active; ++i) {
+      const int64_t e = PACTIVE[i];
+      total += (begin[e + 1] - begin[e]) * units_per_expert;
+    }
+    int64_t acc = 0;
+    int th = 0;
+    PUNIT[0] = 0;
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t e = PACTIVE[it / units_per_expert];
+      // Item `it` goes to the thread whose share contains the midpoint of its cost.
+      const int64_t cost = begin[e + 1] - begin[e];
+      const int64_t mid2 = 2 * acc + cost;  // 2 * midpoint
+      while (th + 1 < n && mid2 * n >= 2 * total * (th + 1)) PUNIT[++th] = static_cast<int32_t>(it);
+      acc += cost;
+    }
+    while (th < n) PUNIT[++th] = static_cast<int32_t>(items);
+  }
+  void prefill(const int32_t* tokens, int64_t n_tok, std::vector<float>* logits,
+               bool all_positions) {
+    if (n_tok <= 0) {
+      if (logits) logits->clear();
+      return;
+    }
+    if (pos + n_tok > max_ctx) {
+      throw Error("prefill", std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
+                  " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
+                  "raise max_context or call reset()");
+    }
+    for (int64_t t = 0; t < n_tok; ++t) {
+      if (tokens[t] < 0 || tokens[t] >= vocab) embed(tokens[t], PX.data());  // throws
+    }
+    if (logits) logits->assign((all_positions ? n_tok : 1) * vocab, 0.0f);
+    for (int64_t c0 = 0; c0 < n_tok; c0 += max_batch) {
+      const int64_t T = std::min(max_batch, n_tok - c0);
+      float* out = nullptr;
+      bool all = all_positions;
+      if (logits) {
+        if (all_positions) {
+          out = logits->data() + c0 * vocab;
+        } else if (c0 + T == n_tok) {
+          out = logits->data();
+          all = false;
+        }
+      }
+      prefill_chunk(tokens + c0, T, out, all);
+    }
+  }
+};
+
+CpuEngine::CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt)
+    : impl_(std::make_unique<Impl>(weights, opt)) {
+}
+
+CpuEngine::~CpuEngine() = default;
+
+void CpuEngine::reset() { impl_->pos = 0; }
+int64_t CpuEngine::position() const { return impl_->pos; }
+
+void CpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits,
+                        bool all_positions) {
+  impl_->prefill(tokens, n, logits, all_positions);
+}
+
+void CpuEngine::decode(int32_t token, std::vector<float>* logits) {
+  float* out = nullptr;
+  if (logits) {
+    logits->resize(impl_->vocab);  // no allocation once the caller's vector has the capacity
+    out = logits->data();
+  }
+  impl_->decode(token, out);
+}
+
+int32_t CpuEngine::argmax(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (logits[i] > logits[best]) best = i;  // strict: ties keep the lowest index
+  }
+  return static_cast<int32_t>(best);
+}
+
+int CpuEngine::threads() const { return impl_->nth; }
+cpu::Isa CpuEngine::isa() const { return impl_->isa; }
+const ModelWeights& CpuEngine::weights() const { return impl_->w; }
+const std::vector<std::vector<uint64_t>>& CpuEngine::expert_counts() const {
+  return impl_->counts;
+}
+
+}  // namespace ktune

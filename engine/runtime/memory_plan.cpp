@@ -1,0 +1,355 @@
+// The memory planner (formulas documented in docs/placement.md, "Memory planner").
+#include "ktune/engine/memory_plan.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <set>
+
+#include "ktune/engine/error.h"
+#include "ktune/engine/gpu_info.h"
+#include "ktune/engine/host_info.h"
+
+namespace ktune {
+
+bool DeviceNameLess::operator()(const std::string& a, const std::string& b) const {
+  const std::optional<Device> da = Device::try_parse(a), db = Device::try_parse(b);
+  if (da && db) return *da < *db;
+  if (da || db) return da.has_value();  // devices first
+  return a < b;
+}
+
+// ----------------------------------------------------------------------------- weight bytes --
+
+WeightBytes weight_bytes(const ModelConfig& cfg, QuantType et, QuantType dt) {
+  const int64_t q = cfg.n_heads * cfg.head_dim, kv = cfg.n_kv_heads * cfg.head_dim;
+  const int64_t f32_hidden = row_bytes(QuantType::F32, cfg.hidden);
+  const int64_t norms = 2 * f32_hidden + 2 * row_bytes(QuantType::F32, cfg.head_dim);
+  const int64_t router = f32_hidden * cfg.n_experts;
+  const int64_t matrices = row_bytes(dt, cfg.hidden) * (q + 2 * kv) + row_bytes(dt, q) * cfg.hidden;
+  const int64_t expert =
+      2 * row_bytes(et, cfg.hidden) * cfg.expert_ffn + row_bytes(et, cfg.expert_ffn) * cfg.hidden;
+  WeightBytes b;
+  b.attention.assign(static_cast<size_t>(cfg.n_layers), norms + router + matrices);
+  b.expert.assign(static_cast<size_t>(cfg.n_layers), expert);
+  b.embedding = row_bytes(dt, cfg.hidden) * cfg.vocab;
+  b.head = f32_hidden + row_bytes(dt, cfg.hidden) * cfg.vocab;
+  return b;
+}
+
+WeightBytes weight_bytes(const ModelWeights& w) {
+  WeightBytes b;
+  const int64_t ne = std::max<int64_t>(1, w.cfg.n_experts);
+  for (const LayerWeights& l : w.layers) {
+    int64_t att = 0;
+    for (const TensorView* t :
+         {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.q_norm, &l.k_norm, &l.ffn_norm, &l.router}) {
+      att += t->nbytes();
+    }
+    b.attention.push_back(att);
+    b.expert.push_back((l.gate_exps.nbytes() + l.up_exps.nbytes() + l.down_exps.nbytes()) / ne);
+  }
+  b.embedding = w.tok_embd.nbytes();
+  b.head = w.output_norm.nbytes() + w.output.nbytes();
+  if (w.output.data != nullptr && w.output.data == w.tok_embd.data) {
+    b.head_shared = w.output.nbytes();  // tied embeddings: one copy serves both on one device
+  }
+  return b;
+}
+
+// ----------------------------------------------------------------------------------- plan -----
+
+namespace {
+
+// Bytes of activations for `tokens` tokens on a device that runs attention (and the router).
+int64_t attention_activation_bytes(const ModelConfig& c, int64_t tokens) {
+  const int64_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  // f32: residual, normed input, layer output; q, k, v; attention output; router logits; top-k
+  // ids and weights. Q8 copies (34 bytes per 32 values) of the inputs of the q/k/v and o
+  // matrices.
+  const int64_t floats = 3 * c.hidden + q + 2 * kv + q + c.n_experts + 2 * c.n_experts_used;
+  const int64_t q8 = (c.hidden + q) * 34 / 32;
+  return tokens * (4 * floats + q8);
+}
+
+// Bytes of activations for `tokens` tokens on a device holding experts: per selected expert, gate
+// and up outputs and its own down output (kept apart so the weighted sum runs in a fixed order:
+// no float atomics), and Q8 copies of the expert inputs.
+int64_t expert_activation_bytes(const ModelConfig& c, int64_t tokens) {
+  const int64_t k = c.n_experts_used;
+  const int64_t floats = k * (2 * c.expert_ffn + c.hidden);
+  const int64_t q8 = (c.hidden + k * c.expert_ffn) * 34 / 32;
+  return tokens * (4 * floats + q8);
+}
+
+}  // namespace
+
+MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
+                       const Budgets& budgets, const PlanOptions& opt) {
+  if (!p.resolved() || p.n_layers() != cfg.n_layers || p.n_experts() != cfg.n_experts ||
+      int64_t(bytes.attention.size()) != cfg.n_layers ||
+      int64_t(bytes.expert.size()) != cfg.n_layers) {
+    throw Error(p.file.empty() ? "placement" : p.file,
+                "does not match the model (" + std::to_string(cfg.n_layers) + " layers of " +
+                    std::to_string(cfg.n_experts) + " experts)",
+                "resolve the placement against this model before planning memory");
+  }
+  MemoryPlan plan;
+  plan.budgets = budgets;
+  auto use = [&](const Device& d) -> DeviceUse& { return plan.per_device[d.memory_pool()]; };
+  const RuntimeOptions& rt = p.runtime;
+  const int64_t kv_row = cfg.n_kv_heads * cfg.head_dim;
+  std::set<Device> gpus;
+
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    const LayerPlacement& lp = p.layers[size_t(l)];
+    DeviceUse& a = use(lp.attention);
+    a.attention = true;
+    a.weights += bytes.attention[size_t(l)];
+    // K and V for every position of every sequence: f16 on GPUs, f32 on the CPU (the CPU
+    // engine's cache).
+    const int64_t elem = lp.attention.is_gpu() ? 2 : 4;
+    a.kv_cache += 2 * rt.context * rt.batch * kv_row * elem;
+    if (lp.attention.is_gpu()) gpus.insert(lp.attention);
+    for (const Device& d : lp.experts) {
+      DeviceUse& u = use(d);
+      u.weights += bytes.expert[size_t(l)];
+      u.experts += 1;
+      if (d.is_gpu()) gpus.insert(d);
+    }
+  }
+  // The hidden state starts where layer 0's attention runs and the head sits with the last
+  // layer's attention: the token lookup and sampling stay on that device (inside the graph).
+  const Device first = p.layers.front().attention, last = p.layers.back().attention;
+  use(first).weights += bytes.embedding;
+  use(last).weights +=
+      bytes.head - (first.memory_pool() == last.memory_pool() ? bytes.head_shared : 0);
+
+  const int64_t tokens = std::max(rt.batch, opt.prefill_chunk);
+  for (auto& [name, u] : plan.per_device) {
+    const std::optional<Device> dev = Device::try_parse(name);
+    const bool gpu = dev && dev->is_gpu();
+    int64_t ws = 0;
+    if (u.attention) {
+      ws += attention_activation_bytes(cfg, tokens);
+      ws += 4 * cfg.n_heads * rt.context * rt.batch;  // one row of scores per head per sequence
+    }
+    if (u.experts > 0) ws += expert_activation_bytes(cfg, tokens);
+    if (name == last.memory_pool()) ws += 4 * cfg.vocab * rt.batch;  // logits
+    if (gpu) {
+      ws += kGpuContextReserve;
+      if (gpus.size() > 1) ws += kGpuCommReserve;
+      if (u.attention && opt.stage_cpu_experts_for_prefill) {
+        int64_t largest = 0;
+        for (int64_t l = 0; l < cfg.n_layers; ++l) {
+          const LayerPlacement& lp = p.layers[size_t(l)];
+          if (lp.attention.memory_pool() != name) continue;
+          const int64_t on_cpu = std::count_if(lp.experts.begin(), lp.experts.end(),
+                                               [](const Device& d) { return d.is_cpu(); });
+          largest = std::max(largest, on_cpu * bytes.expert[size_t(l)]);
+        }
+        u.staging = 2 * largest;  // double-buffered: copy layer l+1 while layer l computes
+        ws += u.staging;
+      }
+      if (rt.cuda_graph) u.graph_pool = kGpuGraphPool;
+    }
+    u.workspace = ws;
+    u.total = u.weights + u.kv_cache + u.workspace + u.graph_pool;
+    auto b = budgets.bytes.find(name);
+    u.budget = b == budgets.bytes.end() ? -1 : b->second;
+  }
+  return plan;
+}
+
+MemoryPlan plan_memory(const ModelConfig& cfg, QuantType expert_type, QuantType dense_type,
+                       const Placement& p, const Budgets& budgets, const PlanOptions& opt) {
+  return plan_memory(cfg, weight_bytes(cfg, expert_type, dense_type), p, budgets, opt);
+}
+
+MemoryPlan plan_memory(const ModelWeights& w, const Placement& p, const Budgets& budgets,
+                       const PlanOptions& opt) {
+  return plan_memory(w.cfg, weight_bytes(w), p, budgets, opt);
+}
+
+// --------------------------------------------------------------------------------- output -----
+
+namespace {
+
+std::string gib(int64_t bytes, int decimals) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.*f", decimals, double(bytes) / double(kGiB));
+  return buf;
+}
+
+}  // namespace
+
+std::string format_gib(int64_t bytes) { return gib(bytes, 1) + " GiB"; }
+
+std::string DeviceUse::breakdown() const {
+  std::string s = format_gib(total) + " (weights " + gib(weights, 1) + ", KV cache " +
+                  gib(kv_cache, 1) + ", workspace " + gib(workspace, 1);
+  if (graph_pool > 0) s += ", graph " + gib(graph_pool, 1);
+  s += ")";
+  if (budget >= 0) s += " of " + format_gib(budget);
+  return s;
+}
+
+std::string MemoryPlan::summary() const {
+  std::string s;
+  for (const auto& [name, u] : per_device) {
+    s += name + ": " + u.breakdown() + ", " + std::to_string(u.experts) + " experts" +
+         (u.attention ? ", attention" : "") + "\n";
+  }
+  return s;
+}
+
+void check_fits(const MemoryPlan& plan) {
+  for (const auto& [name, u] : plan.per_device) {
+    const std::optional<Device> dev = Device::try_parse(name);
+    const bool gpu = dev && dev->is_gpu();
+    if (u.budget < 0) {
+      if (!gpu) continue;  // host memory unknown here: nothing to check against
+      std::string have;
+      for (const auto& [b, bytes] : plan.budgets.bytes) {
+        const std::optional<Device> d = Device::try_parse(b);
+        if (d && d->is_gpu()) have += (have.empty() ? "" : ", ") + b;
+      }
+      if (have.empty()) {
+        have = plan.budgets.gpu_note.empty() ? "no GPU" : "no GPU: " + plan.budgets.gpu_note;
+      } else {
+        have = "GPUs: " + have;
+      }
+      throw Error(name, "no such device here (" + have + ")",
+                  "use the devices this machine has in the placement, or give " + name +
+                      " a budget (--gpu-mem " + name + "=SIZE) to plan for another machine");
+    }
+    if (u.total <= u.budget) continue;
+    // One decimal unless need and budget would print the same.
+    const int dec = gib(u.total, 1) == gib(u.budget, 1) ? 3 : 1;
+    std::string parts = "weights " + gib(u.weights, dec) + ", KV cache " + gib(u.kv_cache, dec) +
+                        ", workspace " + gib(u.workspace, dec);
+    if (gpu) parts += ", graph " + gib(u.graph_pool, dec);
+    throw Error(name,
+                "the plan needs " + gib(u.total, dec) + " GiB (" + parts + ") but the budget is " +
+                    gib(u.budget, dec) + " GiB",
+                "put fewer experts on " + name + ", lower runtime.context, or raise " +
+                    (gpu ? "--gpu-mem" : "--cpu-mem"));
+  }
+}
+
+// -------------------------------------------------------------------------------- budgets -----
+
+Budgets default_budgets() {
+  Budgets b;
+  const GpuInfo info = query_gpus();
+  for (const GpuDevice& g : info.devices) {
+    b.bytes[Device::cuda(g.index).to_string()] =
+        std::max<int64_t>(0, g.total_bytes - kGpuBudgetHeadroom);
+  }
+  if (info.devices.empty()) b.gpu_note = info.unavailable_reason;
+  const int64_t host = host_available_bytes();
+  if (host > 0) b.bytes["cpu"] = std::max<int64_t>(0, host - kHostBudgetHeadroom);
+  return b;
+}
+
+int64_t parse_byte_size(const std::string& text, const std::string& where) {
+  const std::string fix = "write a size with a unit, e.g. 70GiB, 20000MiB or 1.5TB";
+  size_t i = 0;
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+  if (i < text.size() && text[i] == '-') {
+    throw_usage(where, "`" + text + "` is negative", fix);
+  }
+  const size_t num_begin = i;
+  bool dot = false, digit = false;
+  while (i < text.size() &&
+         (std::isdigit(static_cast<unsigned char>(text[i])) || (text[i] == '.' && !dot))) {
+    dot = dot || text[i] == '.';
+    digit = digit || text[i] != '.';
+    ++i;
+  }
+  if (!digit) throw_usage(where, "`" + text + "` is not a size", fix);
+  const double value = std::strtod(text.substr(num_begin, i - num_begin).c_str(), nullptr);
+  while (i < text.size() && text[i] == ' ') ++i;
+  std::string unit;
+  for (; i < text.size(); ++i) {
+    if (std::isspace(static_cast<unsigned char>(text[i]))) break;
+    unit += static_cast<char>(std::tolower(static_cast<unsigned char>(text[i])));
+  }
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+  if (i != text.size()) throw_usage(where, "`" + text + "` is not a size", fix);
+  static const std::pair<const char*, double> units[] = {
+      {"b", 1.0},    {"k", 0x1p10},   {"kib", 0x1p10}, {"m", 0x1p20},   {"mib", 0x1p20},
+      {"g", 0x1p30}, {"gib", 0x1p30}, {"t", 0x1p40},   {"tib", 0x1p40}, {"kb", 1e3},
+      {"mb", 1e6},   {"gb", 1e9},     {"tb", 1e12}};
+  if (unit.empty()) throw_usage(where, "`" + text + "` has no unit", fix);
+  double mult = 0;
+  for (const auto& [u, m] : units) {
+    if (unit == u) mult = m;
+  }
+  if (mult == 0) throw_usage(where, "`" + unit + "` in `" + text + "` is not a unit", fix);
+  const double bytes = value * mult;
+  if (!(bytes <= 0x1p50)) {
+    throw_usage(where, "`" + text + "` is more than 1 PiB", "give the memory of one device");
+  }
+  return static_cast<int64_t>(std::llround(bytes));
+}
+
+std::vector<std::pair<std::string, int64_t>> parse_budget_overrides(const std::string& text,
+                                                                    const std::string& flag) {
+  std::vector<std::pair<std::string, int64_t>> out;
+  size_t pos = 0;
+  if (text.find_first_not_of(" \t") == std::string::npos) {
+    throw_usage(flag, "is empty", "e.g. " + flag + " cuda:0=70GiB,cuda:1=20GiB");
+  }
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    if (comma == std::string::npos) comma = text.size();
+    std::string item = text.substr(pos, comma - pos);
+    const size_t b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    item = b == std::string::npos ? "" : item.substr(b, e - b + 1);
+    if (item.empty())
+      throw_usage(flag, "`" + text + "` has an empty item", "remove the extra comma");
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) {
+      out.emplace_back("", parse_byte_size(item, flag));
+    } else {
+      std::string dev = item.substr(0, eq);
+      while (!dev.empty() && dev.back() == ' ') dev.pop_back();
+      const Device d = Device::parse(dev, flag);
+      if (d.is_cpu() && d.index >= 0) {
+        throw_usage(flag, "per-NUMA-node budgets (" + dev + ") are not supported yet",
+                    "give the host's budget as cpu=SIZE");
+      }
+      out.emplace_back(d.to_string(), parse_byte_size(item.substr(eq + 1), flag + " " + dev));
+    }
+    pos = comma + 1;
+  }
+  return out;
+}
+
+void apply_budget_overrides(Budgets& b, const std::string& text, const std::string& flag,
+                            Device::Kind bare_kind) {
+  for (const auto& [dev, bytes] : parse_budget_overrides(text, flag)) {
+    if (!dev.empty()) {
+      b.bytes[dev] = bytes;
+    } else if (bare_kind == Device::Cpu) {
+      b.bytes["cpu"] = bytes;
+    } else {
+      bool any = false;
+      for (auto& [name, v] : b.bytes) {
+        const std::optional<Device> d = Device::try_parse(name);
+        if (d && d->is_gpu()) {
+          v = bytes;
+          any = true;
+        }
+      }
+      if (!any) {
+        throw_usage(flag, "there is no GPU here to give " + format_gib(bytes) + " to",
+                    "name the device, e.g. " + flag + " cuda:0=" + text);
+      }
+    }
+  }
+}
+
+}  // namespace ktune
