@@ -11,6 +11,8 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/read_probe.h"
+#include "ktune/engine/cpu_kernels.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
 
@@ -68,9 +70,10 @@ uint64_t default_probe_bytes() {
   return std::max<uint64_t>(bytes & ~uint64_t(4095), uint64_t(64) << 20);
 }
 
-// Sums 64-bit words in 8 independent lanes so the compiler vectorizes and the loads, not the
+namespace cpu {
+// Scalar read loop: 8 independent lanes so the compiler vectorizes and the loads, not the
 // additions, are the limit.
-static uint64_t sum_words(const uint64_t* p, size_t n) {
+uint64_t read_words_scalar(const uint64_t* p, size_t n) {
   uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -80,6 +83,20 @@ static uint64_t sum_words(const uint64_t* p, size_t n) {
   uint64_t s = 0;
   for (uint64_t a : acc) s += a;
   return s;
+}
+}  // namespace cpu
+
+// The widest read loop this CPU runs.
+static uint64_t (*pick_read_loop())(const uint64_t*, size_t) {
+  switch (cpu::detect_isa()) {
+    case cpu::Isa::Avx512:
+    case cpu::Isa::Avx512Vnni:
+      return cpu::read_words_avx512;
+    case cpu::Isa::Avx2:
+      return cpu::read_words_avx2;
+    default:
+      return cpu::read_words_scalar;
+  }
 }
 
 BandwidthResult measure_read_bandwidth(ThreadPool& pool, uint64_t bytes, int reps) {
@@ -107,6 +124,7 @@ BandwidthResult measure_read_bandwidth(ThreadPool& pool, uint64_t bytes, int rep
     for (size_t i = b; i < e; ++i) words[i] = i * 0x9E3779B97F4A7C15ull;
   });
   std::vector<uint64_t> sink(static_cast<size_t>(nth) * 8, 0);
+  const auto read_loop = pick_read_loop();
   BandwidthResult r;
   r.threads = nth;
   r.bytes = bytes;
@@ -116,7 +134,7 @@ BandwidthResult measure_read_bandwidth(ThreadPool& pool, uint64_t bytes, int rep
     auto t0 = std::chrono::steady_clock::now();
     pool.run([&](int ith, int n) {
       const size_t b = n_words * ith / n, e = n_words * (ith + 1) / n;
-      sink[static_cast<size_t>(ith) * 8] += sum_words(words + b, e - b);
+      sink[static_cast<size_t>(ith) * 8] += read_loop(words + b, e - b);
     });
     const double s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

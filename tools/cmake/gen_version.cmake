@@ -3,10 +3,19 @@
 execute_process(COMMAND git -C ${SRC} rev-parse --short=10 HEAD OUTPUT_VARIABLE commit
                 OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0 OR commit STREQUAL "")
-  set(commit "unknown")
+  # A copy of the tree without .git (the GPU machine gets one): the caller may say the commit.
+  if(DEFINED ENV{KTUNE_COMMIT} AND NOT "$ENV{KTUNE_COMMIT}" STREQUAL "")
+    set(commit "$ENV{KTUNE_COMMIT}")
+  else()
+    set(commit "unknown")
+  endif()
+  set(no_git TRUE)
 endif()
-execute_process(COMMAND git -C ${SRC} status --porcelain --untracked-files=no
-                OUTPUT_VARIABLE dirty OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+set(dirty "")
+if(NOT no_git)
+  execute_process(COMMAND git -C ${SRC} status --porcelain --untracked-files=no
+                  OUTPUT_VARIABLE dirty OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+endif()
 if(NOT dirty STREQUAL "")
   set(commit "${commit}-dirty")
 endif()
