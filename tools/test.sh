@@ -12,9 +12,11 @@ echo "== tests =="
 ctest --test-dir "$root/build" --output-on-failure -j "$jobs"
 
 if [ "${KTUNE_SKIP_SANITIZERS:-0}" != "1" ]; then
+  # Warnings are errors in the Release build above; GCC 12 under -fsanitize reports false
+  # maybe-uninitialized warnings inside libstdc++, so this build only reports them.
   echo "== build (ASan + UBSan, KTUNE_CUDA=OFF) =="
   KTUNE_BUILD_DIR="$root/build-asan" bash "$root/tools/build.sh" -DKTUNE_CUDA=OFF \
-    -DKTUNE_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKTUNE_WERROR=ON
+    -DKTUNE_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo
   echo "== tests under ASan + UBSan =="
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir "$root/build-asan" --output-on-failure -j "$jobs" -LE gpu
