@@ -261,6 +261,11 @@ void ThreadPool::run_raw(RawFn fn, void* ctx) {
 
 void ThreadPool::barrier() {
   if (n_threads_ == 1) return;
+  barrier_wait(barrier_arrive());
+}
+
+uint32_t ThreadPool::barrier_arrive() {
+  if (n_threads_ == 1) return 0;
   if (failed_.load(std::memory_order_seq_cst)) throw PoolAbort{};
   const uint32_t phase = barrier_.phase.load(std::memory_order_seq_cst);
   // A failure between the check above and the load would have bumped the phase we just read and
@@ -279,10 +284,15 @@ void ThreadPool::barrier() {
       barrier_.arrived.store(0, std::memory_order_relaxed);
       barrier_.phase.fetch_add(1, std::memory_order_seq_cst);
       wake_if_sleeping(barrier_.phase, barrier_.sleepers);
-      return;
     }
   }
-  wait_while_equal(barrier_.phase, phase, barrier_.sleepers);
+  return phase;
+}
+
+void ThreadPool::barrier_wait(uint32_t token) {
+  if (n_threads_ == 1) return;
+  // The phase cannot move on twice before this thread waits: the next flip needs its arrival.
+  wait_while_equal(barrier_.phase, token, barrier_.sleepers);
   if (failed_.load(std::memory_order_seq_cst)) throw PoolAbort{};
 }
 

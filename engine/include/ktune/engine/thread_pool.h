@@ -45,6 +45,12 @@ class ThreadPool {
   // thread must call it the same number of times). Spins briefly, then sleeps. When another
   // thread's task has thrown, barrier() throws too so that no thread waits forever for it.
   void barrier();
+  // barrier() in two halves: barrier_arrive() counts this thread in and returns a token;
+  // barrier_wait(token) returns once every thread has arrived. Between the two the thread may do
+  // work that no other thread waits for (e.g. prefetch what it reads next). barrier() is
+  // barrier_wait(barrier_arrive()).
+  uint32_t barrier_arrive();
+  void barrier_wait(uint32_t token);
   // Index of the calling thread within the run() it executes (0 outside any run).
   static int current_thread_index();
 
