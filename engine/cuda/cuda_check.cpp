@@ -1,0 +1,99 @@
+// Error checking and RAII handles of the CUDA backend (see ktune/engine/cuda/cuda_check.h).
+#include "ktune/engine/cuda/cuda_check.h"
+
+#include <utility>
+
+#include "ktune/engine/error.h"
+
+namespace ktune::cuda {
+
+void check(cudaError_t err, const char* call, const char* file, int line) {
+  if (err == cudaSuccess) return;
+  const std::string where = std::string(file) + ":" + std::to_string(line);
+  std::string problem = std::string(call) + " failed: " + cudaGetErrorString(err) + " (" +
+                        cudaGetErrorName(err) + ")";
+  throw Error(where, problem,
+              "check the GPU with nvidia-smi; run with CUDA_LAUNCH_BLOCKING=1 to locate an "
+              "asynchronous failure");
+}
+
+// --- DeviceBuffer ---------------------------------------------------------------------------
+DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
+  if (bytes > 0) KTUNE_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+}
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_) cudaFree(ptr_);
+}
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = std::exchange(o.ptr_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
+// --- Stream ---------------------------------------------------------------------------------
+Stream::Stream() { KTUNE_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+Stream::~Stream() {
+  if (s_) cudaStreamDestroy(s_);
+}
+Stream::Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+Stream& Stream::operator=(Stream&& o) noexcept {
+  if (this != &o) {
+    if (s_) cudaStreamDestroy(s_);
+    s_ = std::exchange(o.s_, nullptr);
+  }
+  return *this;
+}
+void Stream::synchronize() const { KTUNE_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+// --- Event ----------------------------------------------------------------------------------
+Event::Event(bool timing) {
+  KTUNE_CUDA_CHECK(
+      cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming));
+}
+Event::~Event() {
+  if (e_) cudaEventDestroy(e_);
+}
+Event::Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+Event& Event::operator=(Event&& o) noexcept {
+  if (this != &o) {
+    if (e_) cudaEventDestroy(e_);
+    e_ = std::exchange(o.e_, nullptr);
+  }
+  return *this;
+}
+void Event::record(cudaStream_t s) const { KTUNE_CUDA_CHECK(cudaEventRecord(e_, s)); }
+void Event::synchronize() const { KTUNE_CUDA_CHECK(cudaEventSynchronize(e_)); }
+float Event::elapsed_ms_since(const Event& start) const {
+  float ms = 0.0f;
+  KTUNE_CUDA_CHECK(cudaEventElapsedTime(&ms, start.e_, e_));
+  return ms;
+}
+
+// --- DeviceArena ----------------------------------------------------------------------------
+DeviceArena::DeviceArena(size_t capacity, std::string name)
+    : buf_(capacity), name_(std::move(name)) {}
+
+void* DeviceArena::alloc(size_t bytes, size_t align) {
+  if (align == 0 || (align & (align - 1)) != 0) {
+    throw Error(name_, "alignment " + std::to_string(align) + " is not a power of two",
+                "pass a power-of-two alignment");
+  }
+  // Align the address, not only the offset: alignments above cudaMalloc's 256 bytes work too.
+  const uintptr_t base = reinterpret_cast<uintptr_t>(buf_.data());
+  const size_t start = ((base + used_ + align - 1) & ~(uintptr_t{align} - 1)) - base;
+  if (start > buf_.size() || bytes > buf_.size() - start) {
+    throw Error(name_,
+                "out of device workspace: " + std::to_string(bytes) + " bytes requested with " +
+                    std::to_string(used_) + " of " + std::to_string(buf_.size()) + " bytes in use",
+                "the memory plan under-counted this workspace; plan a larger arena");
+  }
+  used_ = start + bytes;
+  return static_cast<char*>(buf_.data()) + start;
+}
+
+}  // namespace ktune::cuda

@@ -1,0 +1,99 @@
+// Launchers of the CUDA backend's kernels, one op per engine/cuda/*.cu file.
+//
+// Every launcher has one shape: device pointers in, device pointers out, workspace from the
+// caller, a stream last; it allocates nothing, synchronises nothing and returns the launch status
+// (cudaErrorInvalidValue for arguments it cannot handle, checked before launching). Values that
+// change per token (position, token id) are read from device memory so a captured CUDA graph can
+// replay the launch. Every reduction has a fixed order (warp butterflies and shared-memory trees
+// of a fixed block size, no float atomics): the same inputs give bit-identical outputs on every
+// run, graph or not.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "ktune/engine/quant.h"
+
+namespace ktune::cuda {
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for `rows` rows of n floats (row-major, contiguous).
+// Same order of operations as cpu_ops::rmsnorm (w * (x * r)), float32 throughout.
+cudaError_t launch_rmsnorm(const float* x, const float* w, float eps, int64_t rows, int64_t n,
+                           float* y, cudaStream_t stream);
+
+// NEOX RoPE in place on v[rows][heads][head_dim] (float32): for i < hd/2 the pair (i, i + hd/2)
+// is rotated by angle = float(pos[row]) * inv_freq[i] (float32, as the CPU engine and Hugging
+// Face), with cos/sin of that float angle computed in double and rounded, as cpu_ops::rope_table.
+// pos: `rows` int32 in device memory. inv_freq: hd/2 floats in device memory (rope_inv_freq).
+cudaError_t launch_rope_neox(float* v, const int32_t* pos, const float* inv_freq, int64_t rows,
+                             int64_t heads, int64_t head_dim, cudaStream_t stream);
+// inv_freq[i] = 1 / theta^(2i/hd), in float32 exactly as the CPU engine computes it (host side;
+// upload once at load).
+std::vector<float> rope_inv_freq(float theta, int64_t head_dim);
+
+// Decode matvec: y[r] = dot(W row r, x) for r < rows, W rows of `cols` elements stored back to
+// back in ggml layout (row_bytes(type, cols) bytes each), x and y float32. Weights are read once
+// and dequantized in registers; x stays float32 (no activation quantization), so the only error
+// against the float64 reference is float32 accumulation. Supported: Q4_0, Q8_0, BF16.
+// cols must be a multiple of 32 for Q4_0/Q8_0; x must be 16-byte aligned for Q4_0/Q8_0 (arena
+// slices are); W 2-byte aligned. Fastest when rows start 4-byte (quant) / 16-byte (BF16) aligned.
+cudaError_t launch_matvec(QuantType type, const void* w, const float* x, int64_t rows, int64_t cols,
+                          float* y, cudaStream_t stream);
+// The per-type launchers behind launch_matvec.
+cudaError_t launch_matvec_q4_0(const void* w, const float* x, int64_t rows, int64_t cols, float* y,
+                               cudaStream_t stream);
+cudaError_t launch_matvec_q8_0(const void* w, const float* x, int64_t rows, int64_t cols, float* y,
+                               cudaStream_t stream);
+cudaError_t launch_matvec_bf16(const void* w, const float* x, int64_t rows, int64_t cols, float* y,
+                               cudaStream_t stream);
+
+// Router: for each of n_tokens rows of n_experts logits, softmax, then the k largest
+// probabilities (ties: lower expert index), renormalized to sum 1 when norm_topk_prob.
+// Outputs ids[t][k] (int32) and weights[t][k] (float) sorted by expert id, the order of
+// cpu_ops::route_topk; probs[t][n_experts] (the full softmax, for router statistics) when
+// non-null. n_experts <= 1024, 1 <= k <= min(n_experts, 64).
+cudaError_t launch_router_topk(const float* logits, int64_t n_tokens, int64_t n_experts, int64_t k,
+                               bool norm_topk_prob, int32_t* ids, float* weights, float* probs,
+                               cudaStream_t stream);
+
+// Greedy sampling: out[r] = argmax of logits[r][0..n) (ties: lowest index; NaN never wins; a
+// row of only NaN gives -1), for `rows` rows.
+cudaError_t launch_argmax(const float* logits, int64_t rows, int64_t n, int32_t* out,
+                          cudaStream_t stream);
+
+// out[t][0..n_embd) = dequantized row tokens[t] of the embedding table (n_vocab rows of n_embd
+// elements of `type`: F32, F16, BF16, Q8_0 or Q4_0). Token ids are read from device memory; an id
+// outside [0, n_vocab) gives a row of NaN rather than a wild read. n_tokens <= 65535.
+cudaError_t launch_embedding(QuantType type, const void* table, int64_t n_vocab, int64_t n_embd,
+                             const int32_t* tokens, int64_t n_tokens, float* out,
+                             cudaStream_t stream);
+
+// Decode attention for one query token with grouped-query heads.
+//   q:       [n_heads][hd] float32 (after q-norm and RoPE)
+//   k_new, v_new: [n_kv][hd] float32, this token's key and value
+//   k_cache, v_cache: [n_kv][max_ctx][hd] fp16 (uint16 bits), preallocated
+//   pos:     one int32 in device memory: this token's position (0-based); positions < pos are
+//            in the cache, k_new/v_new are stored at pos and attended in float32 (as the CPU
+//            engine attends its current token before the cache holds it)
+//   out:     [n_heads][hd] float32
+// scale = 1/sqrt(hd); softmax with max subtraction. Split-K over the sequence in chunks of
+// kAttnChunk positions, grid sized for max_ctx so the launch is graph-replayable; the partial
+// results are combined in split order (deterministic). workspace: attention_decode_workspace_bytes.
+// Requirements: hd even and <= 256, n_heads % n_kv == 0, max_ctx <= 2^24, 0 <= pos < max_ctx (a
+// pos outside that range writes NaN to out and stores nothing).
+constexpr int kAttnChunk = 256;
+size_t attention_decode_workspace_bytes(int64_t n_heads, int64_t head_dim, int64_t max_ctx);
+cudaError_t launch_attention_decode(const float* q, const float* k_new, const float* v_new,
+                                    uint16_t* k_cache, uint16_t* v_cache, const int32_t* pos,
+                                    int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                                    int64_t max_ctx, void* workspace, float* out,
+                                    cudaStream_t stream);
+
+// Busy-waits one GPU thread for `ns` nanoseconds (benchmarks: queue work behind it so it starts
+// without host submission gaps).
+cudaError_t launch_spin(uint64_t ns, cudaStream_t stream);
+
+}  // namespace ktune::cuda
