@@ -3,6 +3,8 @@
 // decode's ratio to the memory-bound limit (bytes read per token ÷ measured DRAM bandwidth).
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -73,11 +75,12 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
       const double dt = now_seconds() - t0;
       if (rep > 0) tg.push_back(static_cast<double>(opt.gen) / dt);
     }
-    if (!opt.json && rep > 0) {
+    // Progress only on a terminal: a log file should not collect carriage-return lines.
+    if (!opt.json && rep > 0 && isatty(STDERR_FILENO)) {
       std::fprintf(stderr, "\rktune: threads %d: repetition %d/%d", threads, rep, opt.reps);
     }
   }
-  if (!opt.json) std::fprintf(stderr, "\r%60s\r", "");
+  if (!opt.json && isatty(STDERR_FILENO)) std::fprintf(stderr, "\r%60s\r", "");
   RunResult r;
   r.threads = engine.threads();
   r.prefill = Stat::of(pp);
@@ -146,9 +149,11 @@ void run_benchmark(const RunOptions& opt) {
   std::cout << fmt::format("# cpu: {}, {} physical cores, kernels {}\n", cpu_model_name(), cores,
                            isa);
   std::cout << fmt::format(
-      "# model: {} ({}, {} layers, {} experts top-{}, {:.2f}B params, {:.2f}B active, {})\n",
-      model.source, c.arch, c.n_layers, c.n_experts, c.n_experts_used, c.params_total() / 1e9,
-      c.params_active_per_token() / 1e9, format_bytes(static_cast<double>(model.weight_bytes())));
+      "# model: {} ({}, {} layers, {} experts top-{}, {} params, {} active, {})\n",
+      model.source, c.arch, c.n_layers, c.n_experts, c.n_experts_used,
+      format_count(static_cast<double>(c.params_total())),
+      format_count(static_cast<double>(c.params_active_per_token())),
+      format_bytes(static_cast<double>(model.weight_bytes())));
   if (opt.probe) {
     std::cout << fmt::format(
         "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "

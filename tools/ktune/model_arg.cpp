@@ -37,6 +37,13 @@ std::string format_bytes(double bytes) {
   return fmt::format("{:.{}f} {}", bytes, u == 0 ? 0 : 1, units[u]);
 }
 
+std::string format_count(double n) {
+  if (n >= 1e9) return fmt::format("{:.2f}B", n / 1e9);
+  if (n >= 1e6) return fmt::format("{:.2f}M", n / 1e6);
+  if (n >= 1e3) return fmt::format("{:.1f}K", n / 1e3);
+  return fmt::format("{:.0f}", n);
+}
+
 nlohmann::json report_header(const ModelWeights& model, int threads, const std::string& isa) {
   const ModelConfig& c = model.cfg;
   return {

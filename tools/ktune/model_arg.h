@@ -18,5 +18,6 @@ ModelWeights load_model_for_cli(const std::string& spec, bool quiet);
 // Host + build + model facts for a report header (also the JSON header).
 nlohmann::json report_header(const ModelWeights& model, int threads, const std::string& isa);
 std::string format_bytes(double bytes);  // "16.2 GiB"
+std::string format_count(double n);      // "7.73M", "30.53B"
 
 }  // namespace ktune::cli
