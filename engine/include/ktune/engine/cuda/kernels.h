@@ -96,4 +96,35 @@ cudaError_t launch_attention_decode(const float* q, const float* k_new, const fl
 // without host submission gaps).
 cudaError_t launch_spin(uint64_t ns, cudaStream_t stream);
 
+// ---- MoE (moe_fused.cu, matvec_rowwarp.cu, moe_elementwise.cu) ----
+// One warp per row: y[r] = dot(W row r, x); F32, BF16, Q8_0, Q4_0 (cols % 32 == 0, x 16-byte
+// aligned, W 2-byte (quant) or 16-byte (F32/BF16) aligned). The router (F32) and the unfused MoE
+// path use it; its row dot is the fused MoE kernels' own, so both paths agree bit for bit.
+cudaError_t launch_matvec_rowwarp(QuantType type, const void* w, const float* x, int64_t rows,
+                                  int64_t cols, float* y, cudaStream_t stream);
+
+// Fused MoE, one token, routing from device memory (graph-capturable). Expert e's matrices
+// start at base + e * expert_bytes (3-D ggml expert tensors: expert_bytes = rows * row bytes).
+// (a) act[j][r] = silu(gate_{ids[j]}[r] . x) * (up_{ids[j]}[r] . x), j < k, r < ffn; one launch.
+cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const void* up,
+                                      int64_t expert_bytes, const int32_t* ids, int64_t k,
+                                      int64_t n_experts, const float* x, int64_t ffn,
+                                      int64_t hidden, float* act, cudaStream_t stream);
+// (b) x[r] += sum_{j=0..k-1} weights[j] * (down_{ids[j]}[r] . act[j]), r < hidden; one warp per
+// output row sums the k experts in slot order (no atomics). ffn % 32 == 0.
+cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert_bytes,
+                                const int32_t* ids, const float* weights, int64_t k,
+                                int64_t n_experts, const float* act, int64_t hidden, int64_t ffn,
+                                float* x, cudaStream_t stream);
+// Unfused-path and engine helpers: out = silu(g) * u; acc = acc + w * y (rounded multiply, then
+// add: the fused combine); x = x + y; end of a decode step: history[*pos] = *token (when
+// *pos < history_len), then ++*pos.
+cudaError_t launch_swiglu(const float* g, const float* u, int64_t n, float* out,
+                          cudaStream_t stream);
+cudaError_t launch_axpy_accumulate(float w, const float* y, int64_t n, float* acc,
+                                   cudaStream_t stream);
+cudaError_t launch_add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
+cudaError_t launch_decode_advance(int32_t* pos, const int32_t* token, int32_t* history,
+                                  int64_t history_len, cudaStream_t stream);
+
 }  // namespace ktune::cuda

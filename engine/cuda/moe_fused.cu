@@ -1,0 +1,176 @@
+// Fused MoE for one token, routing read from device memory (router_topk's ids and weights), so
+// the whole sequence is graph-capturable: no host read, no host sync.
+//
+//   launch_moe_gate_up_swiglu: grid (ffn rows / 4 warps, k experts); warp = (expert slot j, row r)
+//     computes gate·x and up·x of expert ids[j] interleaved (two rows in flight) and writes
+//     act[j][r] = silu(gate) * up. The expert's matrix starts at base + ids[j] * expert_bytes.
+//   launch_moe_down_sum: grid (hidden rows / 4 warps); warp = output row r computes the down
+//     rows r of all k experts (4 at a time, interleaved) against act[j], then
+//     s = sum_j w[j] * dot_j in slot order (j = 0..k-1, as the CPU engine) and x[r] += s.
+//     One warp owns each output row: no atomics, deterministic.
+//
+// Every dot uses rowwarp_dot.cuh, as launch_matvec_rowwarp does, and the combine uses rounded
+// (non-contractible) multiply/add, so the unfused path (per-expert matvec_rowwarp + swiglu +
+// axpy launches) gives bit-identical results. An id outside [0, n_experts) gives NaN outputs.
+#include <algorithm>
+
+#include "cuda/common.cuh"
+#include "cuda/rowwarp_dot.cuh"
+#include "ktune/engine/cuda/kernels.h"
+
+namespace ktune::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+
+template <QuantType T>
+__global__ void moe_gate_up_kernel(const uint8_t* __restrict__ gate, const uint8_t* __restrict__ up,
+                                   int64_t expert_bytes, const int32_t* __restrict__ ids,
+                                   int n_experts, const float* __restrict__ x, int ffn, int nb,
+                                   int64_t row_bytes, float* __restrict__ act) {
+  const int j = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / detail::kWarp;
+  if (r >= ffn) return;
+  const int id = ids[j];
+  float* out = act + static_cast<int64_t>(j) * ffn + r;
+  if (id < 0 || id >= n_experts) {
+    if (threadIdx.x % detail::kWarp == 0) *out = __int_as_float(0x7fc00000);
+    return;
+  }
+  const int64_t off = id * expert_bytes + r * row_bytes;
+  const uint8_t* const rp[2] = {gate + off, up + off};
+  const float* const xp[2] = {x, x};
+  float gu[2];
+  detail::warp_rows_dot<T, 2>(rp, xp, nb, gu);
+  if (threadIdx.x % detail::kWarp == 0) *out = detail::swiglu(gu[0], gu[1]);
+}
+
+template <QuantType T>
+__global__ void moe_down_kernel(const uint8_t* __restrict__ down, int64_t expert_bytes,
+                                const int32_t* __restrict__ ids, const float* __restrict__ wts,
+                                int k, int n_experts, const float* __restrict__ act, int hidden,
+                                int ffn, int nb, int64_t row_bytes, float* __restrict__ x) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / detail::kWarp;
+  if (r >= hidden) return;
+  float s = 0.0f;
+  bool bad = false;
+  int j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const uint8_t* rp[4];
+    const float* xp[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int id = ids[j + i];
+      if (id < 0 || id >= n_experts) {
+        bad = true;
+        id = 0;
+      }
+      rp[i] = down + id * expert_bytes + r * row_bytes;
+      xp[i] = act + static_cast<int64_t>(j + i) * ffn;
+    }
+    float d[4];
+    detail::warp_rows_dot<T, 4>(rp, xp, nb, d);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s = __fadd_rn(s, __fmul_rn(wts[j + i], d[i]));
+  }
+  for (; j < k; ++j) {
+    int id = ids[j];
+    if (id < 0 || id >= n_experts) {
+      bad = true;
+      id = 0;
+    }
+    const uint8_t* const rp[1] = {down + id * expert_bytes + r * row_bytes};
+    const float* const xp[1] = {act + static_cast<int64_t>(j) * ffn};
+    float d[1];
+    detail::warp_rows_dot<T, 1>(rp, xp, nb, d);
+    s = __fadd_rn(s, __fmul_rn(wts[j], d[0]));
+  }
+  if (threadIdx.x % detail::kWarp == 0) {
+    x[r] = bad ? __int_as_float(0x7fc00000) : __fadd_rn(x[r], s);
+  }
+}
+
+bool moe_args_ok(QuantType type, const void* w, int64_t expert_bytes, const float* x, int64_t k,
+                 int64_t n_experts, int64_t rows, int64_t cols) {
+  return detail::rowdot_supported(type) && w != nullptr && detail::rowdot_aligned(type, w) &&
+         (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && k >= 1 && k <= 65535 && n_experts >= 1 &&
+         rows >= 1 && rows <= 0x7fffffff && cols > 0 && cols % 32 == 0 && cols <= (1 << 28) &&
+         expert_bytes >= rows * row_bytes(type, cols) &&
+         detail::rowdot_aligned(type, reinterpret_cast<const void*>(expert_bytes));
+}
+
+}  // namespace
+
+cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const void* up,
+                                      int64_t expert_bytes, const int32_t* ids, int64_t k,
+                                      int64_t n_experts, const float* x, int64_t ffn,
+                                      int64_t hidden, float* act, cudaStream_t stream) {
+  if (!moe_args_ok(type, gate, expert_bytes, x, k, n_experts, ffn, hidden) || up == nullptr ||
+      !detail::rowdot_aligned(type, up)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>((ffn + kWarps - 1) / kWarps), static_cast<unsigned>(k));
+  const int nb = static_cast<int>(hidden / 32);
+  const int64_t rb = row_bytes(type, hidden);
+  const auto* g = static_cast<const uint8_t*>(gate);
+  const auto* u = static_cast<const uint8_t*>(up);
+  const int ne = static_cast<int>(std::min<int64_t>(n_experts, 0x7fffffff));
+  const int f = static_cast<int>(ffn);
+  switch (type) {
+    case QuantType::Q8_0:
+      moe_gate_up_kernel<QuantType::Q8_0>
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+      break;
+    case QuantType::Q4_0:
+      moe_gate_up_kernel<QuantType::Q4_0>
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+      break;
+    case QuantType::BF16:
+      moe_gate_up_kernel<QuantType::BF16>
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+      break;
+    default:
+      moe_gate_up_kernel<QuantType::F32>
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert_bytes,
+                                const int32_t* ids, const float* weights, int64_t k,
+                                int64_t n_experts, const float* act, int64_t hidden, int64_t ffn,
+                                float* x, cudaStream_t stream) {
+  if (!moe_args_ok(type, down, expert_bytes, act, k, n_experts, hidden, ffn) || (ffn % 4) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned grid = static_cast<unsigned>((hidden + kWarps - 1) / kWarps);
+  const int nb = static_cast<int>(ffn / 32);
+  const int64_t rb = row_bytes(type, ffn);
+  const auto* d = static_cast<const uint8_t*>(down);
+  const int ne = static_cast<int>(std::min<int64_t>(n_experts, 0x7fffffff));
+  const int kk = static_cast<int>(k);
+  const int h = static_cast<int>(hidden);
+  const int f = static_cast<int>(ffn);
+  switch (type) {
+    case QuantType::Q8_0:
+      moe_down_kernel<QuantType::Q8_0><<<grid, 32 * kWarps, 0, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
+      break;
+    case QuantType::Q4_0:
+      moe_down_kernel<QuantType::Q4_0><<<grid, 32 * kWarps, 0, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
+      break;
+    case QuantType::BF16:
+      moe_down_kernel<QuantType::BF16><<<grid, 32 * kWarps, 0, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
+      break;
+    default:
+      moe_down_kernel<QuantType::F32><<<grid, 32 * kWarps, 0, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace ktune::cuda

@@ -1,0 +1,28 @@
+// CPU-only build: GpuEngine exists so callers link, and refuses to start.
+#include "ktune/engine/gpu_engine.h"
+
+#include "ktune/engine/error.h"
+
+namespace ktune {
+
+const char* moe_kernel_name(MoeKernel k) { return k == MoeKernel::Fused ? "fused" : "unfused"; }
+
+struct GpuEngine::Impl {
+  GpuEngineOptions opt;
+};
+
+GpuEngine::GpuEngine(const ModelWeights&, const GpuEngineOptions&) {
+  throw Error("gpu engine", "this ktune was built without CUDA (KTUNE_CUDA=OFF)",
+              "rebuild with -DKTUNE_CUDA=ON on a machine with the CUDA toolkit");
+}
+GpuEngine::~GpuEngine() = default;
+void GpuEngine::reset() {}
+int64_t GpuEngine::position() const { return 0; }
+void GpuEngine::decode(int32_t, std::vector<float>*) {}
+void GpuEngine::prefill(const int32_t*, int64_t, std::vector<float>*) {}
+std::vector<int32_t> GpuEngine::generate_greedy(int32_t, int64_t) { return {}; }
+const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
+int64_t GpuEngine::device_bytes() const { return 0; }
+std::string GpuEngine::describe() const { return "no CUDA"; }
+
+}  // namespace ktune
