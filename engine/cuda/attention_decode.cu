@@ -23,14 +23,46 @@ namespace {
 
 constexpr int kThreads = 128;
 
+// RMSNorm (w * (x * r)) then NEOX RoPE of one head held in shared memory, by the whole block.
+__device__ __forceinline__ void norm_rope_head(float* v, const float* __restrict__ w, float eps,
+                                               float p, const float* __restrict__ inv_freq,
+                                               int hd, float* red) {
+  float ss = 0.0f;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) ss = fmaf(v[d], v[d], ss);
+  ss = detail::block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(hd) + eps);
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) v[d] = w[d] * (v[d] * r);
+  __syncthreads();
+  const int half = hd / 2;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float angle = p * inv_freq[i];
+    double sd, cd;
+    sincos(static_cast<double>(angle), &sd, &cd);
+    const float c = static_cast<float>(cd);
+    const float sn = static_cast<float>(sd);
+    const float a = v[i];
+    const float b = v[half + i];
+    v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+    v[half + i] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+  }
+  __syncthreads();
+}
+
+// kFuse: q / k_new are the raw projections, normalized and rotated here (q_norm, k_norm, eps,
+// inv_freq); else they are final and the norm arguments are unused.
+template <bool kFuse>
 __global__ void attn_decode_partial(const float* __restrict__ q, const float* __restrict__ k_new,
                                     const float* __restrict__ v_new, uint16_t* __restrict__ k_cache,
                                     uint16_t* __restrict__ v_cache, const int32_t* __restrict__ pos,
                                     int group, int hd, int max_ctx, float scale,
-                                    float* __restrict__ ws_o, float* __restrict__ ws_ml) {
+                                    float* __restrict__ ws_o, float* __restrict__ ws_ml,
+                                    const float* __restrict__ q_norm,
+                                    const float* __restrict__ k_norm, float eps,
+                                    const float* __restrict__ inv_freq) {
   extern __shared__ float smem[];
-  float* qs = smem;       // hd
-  float* sc = smem + hd;  // kAttnChunk
+  float* qs = smem;           // hd
+  float* kn = smem + hd;      // hd: this token's key (normalized and rotated when kFuse)
+  float* sc = smem + 2 * hd;  // kAttnChunk
   __shared__ float red[32];
   const int h = blockIdx.x;
   const int s = blockIdx.y;
@@ -38,21 +70,28 @@ __global__ void attn_decode_partial(const float* __restrict__ q, const float* __
   const int kvh = h / group;
   const int P = *pos;
   if (P < 0 || P >= max_ctx) return;
-  const float* kn = k_new + static_cast<int64_t>(kvh) * hd;
+  const int start = s * kAttnChunk;
+  const int end = min(P + 1, start + kAttnChunk);
+  if (start >= end) return;  // never for split 0, which stores the new token below
+  const int len = end - start;
   const float* vn = v_new + static_cast<int64_t>(kvh) * hd;
   const int64_t cache_row0 = static_cast<int64_t>(kvh) * max_ctx;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    qs[d] = q[static_cast<int64_t>(h) * hd + d];
+    kn[d] = k_new[static_cast<int64_t>(kvh) * hd + d];
+  }
+  __syncthreads();
+  if (kFuse) {
+    const float pf = static_cast<float>(P);
+    norm_rope_head(qs, q_norm, eps, pf, inv_freq, hd, red);
+    norm_rope_head(kn, k_norm, eps, pf, inv_freq, hd, red);
+  }
   if (s == 0 && h % group == 0) {
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
       k_cache[(cache_row0 + P) * hd + d] = __half_as_ushort(__float2half_rn(kn[d]));
       v_cache[(cache_row0 + P) * hd + d] = __half_as_ushort(__float2half_rn(vn[d]));
     }
   }
-  const int start = s * kAttnChunk;
-  const int end = min(P + 1, start + kAttnChunk);
-  if (start >= end) return;
-  const int len = end - start;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[static_cast<int64_t>(h) * hd + d];
-  __syncthreads();
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -146,11 +185,13 @@ size_t attention_decode_workspace_bytes(int64_t n_heads, int64_t head_dim, int64
   return static_cast<size_t>(n_heads * n_splits(max_ctx) * (head_dim + 2)) * sizeof(float);
 }
 
-cudaError_t launch_attention_decode(const float* q, const float* k_new, const float* v_new,
-                                    uint16_t* k_cache, uint16_t* v_cache, const int32_t* pos,
-                                    int64_t n_heads, int64_t n_kv, int64_t head_dim,
-                                    int64_t max_ctx, void* workspace, float* out,
-                                    cudaStream_t stream) {
+namespace {
+
+cudaError_t attention_impl(const float* q, const float* k_new, const float* v_new,
+                           uint16_t* k_cache, uint16_t* v_cache, const int32_t* pos,
+                           int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t max_ctx,
+                           void* workspace, float* out, const float* q_norm, const float* k_norm,
+                           float eps, const float* inv_freq, cudaStream_t stream) {
   if (n_heads <= 0 || n_kv <= 0 || n_heads % n_kv != 0 || n_heads > 65535 || head_dim <= 0 ||
       head_dim % 2 != 0 || head_dim > 256 || max_ctx <= 0 || max_ctx > (int64_t{1} << 24) ||
       workspace == nullptr) {
@@ -160,17 +201,49 @@ cudaError_t launch_attention_decode(const float* q, const float* k_new, const fl
   float* ws_o = static_cast<float*>(workspace);
   float* ws_ml = ws_o + n_heads * ns * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const size_t smem = static_cast<size_t>(head_dim + kAttnChunk) * sizeof(float);
-  attn_decode_partial<<<dim3(static_cast<unsigned>(n_heads), static_cast<unsigned>(ns)), kThreads,
-                        smem, stream>>>(
-      q, k_new, v_new, k_cache, v_cache, pos, static_cast<int>(n_heads / n_kv),
-      static_cast<int>(head_dim), static_cast<int>(max_ctx), scale, ws_o, ws_ml);
+  const size_t smem = static_cast<size_t>(2 * head_dim + kAttnChunk) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>(ns));
+  const int group = static_cast<int>(n_heads / n_kv);
+  const int hd = static_cast<int>(head_dim);
+  const int mc = static_cast<int>(max_ctx);
+  if (q_norm != nullptr) {
+    attn_decode_partial<true><<<grid, kThreads, smem, stream>>>(
+        q, k_new, v_new, k_cache, v_cache, pos, group, hd, mc, scale, ws_o, ws_ml, q_norm, k_norm,
+        eps, inv_freq);
+  } else {
+    attn_decode_partial<false><<<grid, kThreads, smem, stream>>>(
+        q, k_new, v_new, k_cache, v_cache, pos, group, hd, mc, scale, ws_o, ws_ml, nullptr,
+        nullptr, 0.0f, nullptr);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   attn_decode_combine<<<static_cast<unsigned>(n_heads), kThreads, 0, stream>>>(
-      pos, static_cast<int>(head_dim), static_cast<int>(max_ctx), static_cast<int>(ns), ws_o, ws_ml,
-      out);
+      pos, hd, mc, static_cast<int>(ns), ws_o, ws_ml, out);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_attention_decode(const float* q, const float* k_new, const float* v_new,
+                                    uint16_t* k_cache, uint16_t* v_cache, const int32_t* pos,
+                                    int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                                    int64_t max_ctx, void* workspace, float* out,
+                                    cudaStream_t stream) {
+  return attention_impl(q, k_new, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim, max_ctx,
+                        workspace, out, nullptr, nullptr, 0.0f, nullptr, stream);
+}
+
+cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float* k_raw,
+                                                const float* v_new, const float* q_norm,
+                                                const float* k_norm, float eps,
+                                                const float* inv_freq, uint16_t* k_cache,
+                                                uint16_t* v_cache, const int32_t* pos,
+                                                int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                                                int64_t max_ctx, void* workspace, float* out,
+                                                cudaStream_t stream) {
+  if (q_norm == nullptr || k_norm == nullptr || inv_freq == nullptr) return cudaErrorInvalidValue;
+  return attention_impl(q_raw, k_raw, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
+                        max_ctx, workspace, out, q_norm, k_norm, eps, inv_freq, stream);
 }
 
 }  // namespace ktune::cuda

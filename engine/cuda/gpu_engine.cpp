@@ -6,8 +6,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
@@ -15,7 +17,8 @@
 
 namespace ktune {
 
-const char* moe_kernel_name(MoeKernel k) { return k == MoeKernel::Fused ? "fused" : "unfused"; }
+// moe_kernel_name() is defined once, in runtime/placement.cpp (placement.h declares the same
+// MoeKernel); a second definition here breaks linking anything that uses both.
 
 namespace {
 
@@ -59,7 +62,11 @@ struct GpuEngine::Impl {
   float *x, *h, *q, *k, *v, *qn, *kn, *attn, *o, *rlog, *wts, *act, *g, *u, *ye, *acc, *logits,
       *inv_freq;
   int32_t *ids, *token, *pos, *history;
+  unsigned* router_counter = nullptr;  // launch_matvec_fused's router tail (self-resetting)
   void* attn_ws = nullptr;
+  // KTUNE_GPU_LEGACY=1: the step as one launch per op (separate norms, rope, residual adds,
+  // router top-k; launch_matvec), for A/B timing against the fused step.
+  bool legacy = false;
 
   // Pinned host staging: the token written by decode(), routing read by the unfused path.
   int32_t* h_token = nullptr;
@@ -207,7 +214,7 @@ struct GpuEngine::Impl {
                       top_k, top_k * ffn, ffn, ffn, hidden, hidden, vocab, hd / 2}) {
       work += align_up(static_cast<size_t>(n) * f);
     }
-    work += align_up(static_cast<size_t>(top_k) * 4) + 2 * kAlign +
+    work += align_up(static_cast<size_t>(top_k) * 4) + 3 * kAlign +
             align_up(static_cast<size_t>(max_ctx) * 4);
     work_arena = cuda::DeviceArena(work, "gpu engine workspace");
     for (DevLayer& d : L) {
@@ -238,6 +245,10 @@ struct GpuEngine::Impl {
     token = work_arena.alloc_n<int32_t>(1);
     pos = work_arena.alloc_n<int32_t>(1);
     history = work_arena.alloc_n<int32_t>(static_cast<size_t>(max_ctx));
+    router_counter = work_arena.alloc_n<unsigned>(1);
+    KTUNE_CUDA_CHECK(cudaMemset(router_counter, 0, sizeof(unsigned)));
+    KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
+    if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
     const std::vector<float> freq = cuda::rope_inv_freq(cfg.rope_theta, hd);
     KTUNE_CUDA_CHECK(cudaMemcpy(inv_freq, freq.data(), freq.size() * f, cudaMemcpyHostToDevice));
     KTUNE_CUDA_CHECK(cudaMemset(pos, 0, sizeof(int32_t)));
@@ -268,6 +279,104 @@ struct GpuEngine::Impl {
 
   // The decode step for the token in `token` at position `pos` (both device memory).
   void enqueue_step() {
+    if (legacy) {
+      enqueue_step_legacy();
+    } else {
+      enqueue_step_fused();
+    }
+  }
+
+  // Per layer 7 launches: q/k/v matvec with the attention RMSNorm as prologue; attention with the
+  // q/k head norms and RoPE folded in (partial + combine); o matvec + residual; ffn RMSNorm +
+  // router matvec + softmax top-k (writes h for the MoE); gate/up/SwiGLU; down + weighted sum +
+  // residual. Then the output head with the final RMSNorm as prologue, argmax, advance.
+  void enqueue_step_fused() {
+    cudaStream_t s = stream;
+    const float eps = cfg.rms_eps;
+    check_launch(
+        cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, token, 1, x, s),
+        "launch_embedding");
+    for (int64_t l = 0; l < layers; ++l) {
+      const DevLayer& d = L[static_cast<size_t>(l)];
+      const bool same_qkv = d.wk.type == d.wq.type && d.wv.type == d.wq.type;
+      cuda::MatvecFused qkv;
+      qkv.type = d.wq.type;
+      qkv.cols = hidden;
+      qkv.x = x;
+      qkv.norm_w = static_cast<const float*>(d.attn_norm.data);
+      qkv.eps = eps;
+      if (same_qkv) {
+        qkv.seg[0] = {d.wq.data, q, nq};
+        qkv.seg[1] = {d.wk.data, k, nkv_rows};
+        qkv.seg[2] = {d.wv.data, v, nkv_rows};
+        qkv.n_seg = 3;
+        check_launch(cuda::launch_matvec_fused(qkv, s), "launch_matvec_fused qkv");
+      } else {
+        for (const auto& [t, y, rows] : {std::tuple{&d.wq, q, nq}, std::tuple{&d.wk, k, nkv_rows},
+                                         std::tuple{&d.wv, v, nkv_rows}}) {
+          qkv.type = t->type;
+          qkv.seg[0] = {t->data, y, rows};
+          qkv.n_seg = 1;
+          check_launch(cuda::launch_matvec_fused(qkv, s), "launch_matvec_fused q/k/v");
+        }
+      }
+      check_launch(cuda::launch_attention_decode_qknorm_rope(
+                       q, k, v, static_cast<const float*>(d.q_norm.data),
+                       static_cast<const float*>(d.k_norm.data), eps, inv_freq, d.k_cache,
+                       d.v_cache, pos, n_heads, n_kv, hd, max_ctx, attn_ws, attn, s),
+                   "launch_attention_decode_qknorm_rope");
+      cuda::MatvecFused wo;
+      wo.type = d.wo.type;
+      wo.cols = nq;
+      wo.x = attn;
+      wo.seg[0] = {d.wo.data, x, hidden};
+      wo.accumulate = true;
+      check_launch(cuda::launch_matvec_fused(wo, s), "launch_matvec_fused o");
+      cuda::MatvecFused router;
+      router.type = d.router.type;
+      router.cols = hidden;
+      router.x = x;
+      router.norm_w = static_cast<const float*>(d.ffn_norm.data);
+      router.eps = eps;
+      router.norm_out = h;
+      router.seg[0] = {d.router.data, rlog, n_exp};
+      router.topk_ids = ids;
+      router.topk_w = wts;
+      router.topk_k = top_k;
+      router.topk_norm = cfg.norm_topk_prob;
+      router.counter = router_counter;
+      check_launch(cuda::launch_matvec_fused(router, s), "launch_matvec_fused router");
+      moe(d);
+    }
+    cuda::MatvecFused head;
+    head.type = output.type;
+    head.cols = hidden;
+    head.x = x;
+    head.norm_w = static_cast<const float*>(output_norm.data);
+    head.eps = eps;
+    head.seg[0] = {output.data, logits, vocab};
+    check_launch(cuda::launch_matvec_fused(head, s), "launch_matvec_fused output");
+    check_launch(cuda::launch_argmax(logits, 1, vocab, token, s), "launch_argmax");
+    check_launch(cuda::launch_decode_advance(pos, token, history, max_ctx, s),
+                 "launch_decode_advance");
+  }
+
+  void moe(const DevLayer& d) {
+    cudaStream_t s = stream;
+    if (opt.moe_kernel == MoeKernel::Fused) {
+      check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data,
+                                                   d.gate.matrix_bytes, ids, top_k, n_exp, h, ffn,
+                                                   hidden, act, s),
+                   "launch_moe_gate_up_swiglu");
+      check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids,
+                                             wts, top_k, n_exp, act, hidden, ffn, x, s),
+                   "launch_moe_down_sum");
+    } else {
+      moe_unfused(d);
+    }
+  }
+
+  void enqueue_step_legacy() {
     cudaStream_t s = stream;
     const float eps = cfg.rms_eps;
     check_launch(

@@ -4,10 +4,10 @@
 //   launch_moe_gate_up_swiglu: grid (ffn rows / 4 warps, k experts); warp = (expert slot j, row r)
 //     computes gate·x and up·x of expert ids[j] interleaved (two rows in flight) and writes
 //     act[j][r] = silu(gate) * up. The expert's matrix starts at base + ids[j] * expert_bytes.
-//   launch_moe_down_sum: grid (hidden rows / 4 warps); warp = output row r computes the down
-//     rows r of all k experts (4 at a time, interleaved) against act[j], then
-//     s = sum_j w[j] * dot_j in slot order (j = 0..k-1, as the CPU engine) and x[r] += s.
-//     One warp owns each output row: no atomics, deterministic.
+//   launch_moe_down_sum: grid (hidden rows / 4); two warps per output row r, each computing the
+//     down rows r of half of the k experts (4 at a time, interleaved) against act[j]; then one
+//     thread sums s = sum_j w[j] * dot_j in slot order (j = 0..k-1, as the CPU engine) and
+//     x[r] += s. No atomics, deterministic.
 //
 // Every dot uses rowwarp_dot.cuh, as launch_matvec_rowwarp does, and the combine uses rounded
 // (non-contractible) multiply/add, so the unfused path (per-expert matvec_rowwarp + swiglu +
@@ -45,48 +45,71 @@ __global__ void moe_gate_up_kernel(const uint8_t* __restrict__ gate, const uint8
   if (threadIdx.x % detail::kWarp == 0) *out = detail::swiglu(gu[0], gu[1]);
 }
 
+// Down + weighted sum: a block of 8 warps owns kDownRows = 4 output rows; warp w computes row
+// w % 4 for the expert slots of half w / 4 (slots [0, k0) and [k0, k), k0 = ceil(k / 2)), 4 at a
+// time, and parks the dots in shared memory; then one thread per row sums w[j] * dot_j in slot
+// order (j = 0..k-1, rounded multiply then add, as the unfused axpy launches) and adds it to x.
+constexpr int kDownRows = 4;
+constexpr int kDownThreads = 2 * kDownRows * detail::kWarp;
+
 template <QuantType T>
-__global__ void moe_down_kernel(const uint8_t* __restrict__ down, int64_t expert_bytes,
-                                const int32_t* __restrict__ ids, const float* __restrict__ wts,
-                                int k, int n_experts, const float* __restrict__ act, int hidden,
-                                int ffn, int nb, int64_t row_bytes, float* __restrict__ x) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / detail::kWarp;
-  if (r >= hidden) return;
-  float s = 0.0f;
-  bool bad = false;
-  int j = 0;
-  for (; j + 4 <= k; j += 4) {
-    const uint8_t* rp[4];
-    const float* xp[4];
+__global__ void __launch_bounds__(kDownThreads)
+    moe_down_kernel(const uint8_t* __restrict__ down, int64_t expert_bytes,
+                    const int32_t* __restrict__ ids, const float* __restrict__ wts, int k,
+                    int n_experts, const float* __restrict__ act, int hidden, int ffn, int nb,
+                    int64_t row_bytes, float* __restrict__ x) {
+  extern __shared__ float dots[];  // [kDownRows][k]
+  const int warp = threadIdx.x / detail::kWarp;
+  const int rl = warp % kDownRows;
+  const int half = warp / kDownRows;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kDownRows + rl;
+  const int k0 = (k + 1) / 2;
+  const int jb = half == 0 ? 0 : k0;
+  const int je = half == 0 ? k0 : k;
+  if (r < hidden) {
+    float* dr = dots + rl * k;
+    int j = jb;
+    for (; j + 4 <= je; j += 4) {
+      const uint8_t* rp[4];
+      const float* xp[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int id = ids[j + i];
-      if (id < 0 || id >= n_experts) {
-        bad = true;
-        id = 0;
+      for (int i = 0; i < 4; ++i) {
+        int id = ids[j + i];
+        if (id < 0 || id >= n_experts) id = 0;
+        rp[i] = down + id * expert_bytes + r * row_bytes;
+        xp[i] = act + static_cast<int64_t>(j + i) * ffn;
       }
-      rp[i] = down + id * expert_bytes + r * row_bytes;
-      xp[i] = act + static_cast<int64_t>(j + i) * ffn;
-    }
-    float d[4];
-    detail::warp_rows_dot<T, 4>(rp, xp, nb, d);
+      float d[4];
+      detail::warp_rows_dot<T, 4>(rp, xp, nb, d);
+      if (threadIdx.x % detail::kWarp == 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s = __fadd_rn(s, __fmul_rn(wts[j + i], d[i]));
-  }
-  for (; j < k; ++j) {
-    int id = ids[j];
-    if (id < 0 || id >= n_experts) {
-      bad = true;
-      id = 0;
+        for (int i = 0; i < 4; ++i) dr[j + i] = d[i];
+      }
     }
-    const uint8_t* const rp[1] = {down + id * expert_bytes + r * row_bytes};
-    const float* const xp[1] = {act + static_cast<int64_t>(j) * ffn};
-    float d[1];
-    detail::warp_rows_dot<T, 1>(rp, xp, nb, d);
-    s = __fadd_rn(s, __fmul_rn(wts[j], d[0]));
+    for (; j < je; ++j) {
+      int id = ids[j];
+      if (id < 0 || id >= n_experts) id = 0;
+      const uint8_t* const rp[1] = {down + id * expert_bytes + r * row_bytes};
+      const float* const xp[1] = {act + static_cast<int64_t>(j) * ffn};
+      float d[1];
+      detail::warp_rows_dot<T, 1>(rp, xp, nb, d);
+      if (threadIdx.x % detail::kWarp == 0) dr[j] = d[0];
+    }
   }
-  if (threadIdx.x % detail::kWarp == 0) {
-    x[r] = bad ? __int_as_float(0x7fc00000) : __fadd_rn(x[r], s);
+  __syncthreads();
+  if (threadIdx.x < kDownRows) {
+    const int64_t ro = static_cast<int64_t>(blockIdx.x) * kDownRows + threadIdx.x;
+    if (ro < hidden) {
+      const float* dr = dots + threadIdx.x * k;
+      float s = 0.0f;
+      bool bad = false;
+      for (int j = 0; j < k; ++j) {
+        const int id = ids[j];
+        bad = bad || id < 0 || id >= n_experts;
+        s = __fadd_rn(s, __fmul_rn(wts[j], dr[j]));
+      }
+      x[ro] = bad ? __int_as_float(0x7fc00000) : __fadd_rn(x[ro], s);
+    }
   }
 }
 
@@ -144,7 +167,9 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
   if (!moe_args_ok(type, down, expert_bytes, act, k, n_experts, hidden, ffn) || (ffn % 4) != 0) {
     return cudaErrorInvalidValue;
   }
-  const unsigned grid = static_cast<unsigned>((hidden + kWarps - 1) / kWarps);
+  if (k > 2048) return cudaErrorInvalidValue;  // dots of 4 rows in shared memory
+  const unsigned grid = static_cast<unsigned>((hidden + kDownRows - 1) / kDownRows);
+  const size_t smem = static_cast<size_t>(kDownRows * k) * sizeof(float);
   const int nb = static_cast<int>(ffn / 32);
   const int64_t rb = row_bytes(type, ffn);
   const auto* d = static_cast<const uint8_t*>(down);
@@ -154,19 +179,19 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
   const int f = static_cast<int>(ffn);
   switch (type) {
     case QuantType::Q8_0:
-      moe_down_kernel<QuantType::Q8_0><<<grid, 32 * kWarps, 0, stream>>>(
+      moe_down_kernel<QuantType::Q8_0><<<grid, kDownThreads, smem, stream>>>(
           d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
       break;
     case QuantType::Q4_0:
-      moe_down_kernel<QuantType::Q4_0><<<grid, 32 * kWarps, 0, stream>>>(
+      moe_down_kernel<QuantType::Q4_0><<<grid, kDownThreads, smem, stream>>>(
           d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
       break;
     case QuantType::BF16:
-      moe_down_kernel<QuantType::BF16><<<grid, 32 * kWarps, 0, stream>>>(
+      moe_down_kernel<QuantType::BF16><<<grid, kDownThreads, smem, stream>>>(
           d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
       break;
     default:
-      moe_down_kernel<QuantType::F32><<<grid, 32 * kWarps, 0, stream>>>(
+      moe_down_kernel<QuantType::F32><<<grid, kDownThreads, smem, stream>>>(
           d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
       break;
   }

@@ -22,25 +22,35 @@ namespace ktune::cuda::detail {
 template <QuantType T>
 struct RowDot;
 
+// Each RowDot<T> splits one step (block b, slice s of a lane) into load() (the weight bytes of
+// the slice, from global memory, non-coherent) and dot() (dequantize and accumulate against 8
+// floats of x at offsets xoff(b, s) and xoff(b, s) + xoff2), so callers can issue the loads of
+// several steps and rows before the first use. The arithmetic of dot() is the reference order:
+// every caller (fused MoE, matvec_rowwarp, matvec_fused) gets the same floats for a row.
 template <>
 struct RowDot<QuantType::Q8_0> {
   static constexpr int kBlockBytes = 34;
-  __device__ __forceinline__ static float step(float acc, const uint8_t* __restrict__ row,
-                                               const float* __restrict__ x, int b, int s) {
+  static constexpr int kUnroll = 2;
+  static constexpr int kX2 = 4;  // second float4 of x at xoff + kX2
+  struct Frag {
+    uint16_t d, w[4];
+  };
+  __device__ __forceinline__ static int xoff(int b, int s) { return 32 * b + 8 * s; }
+  __device__ __forceinline__ static Frag load(const uint8_t* __restrict__ row, int b, int s) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(row + int64_t{34} * b);
-    const float d = fp16_bits_to_float(__ldg(h));
-    uint16_t w[4];
+    Frag f;
+    f.d = __ldg(h);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = __ldg(h + 1 + 4 * s + i);
-    const float4* xp = reinterpret_cast<const float4*>(x + int64_t{32} * b + 8 * s);
-    const float4 xa = __ldg(xp);
-    const float4 xb = __ldg(xp + 1);
-    const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    for (int i = 0; i < 4; ++i) f.w[i] = __ldg(h + 1 + 4 * s + i);
+    return f;
+  }
+  __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
+    const float d = fp16_bits_to_float(f.d);
     float t = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float lo = static_cast<float>(static_cast<int8_t>(w[i] & 0xffu));
-      const float hi = static_cast<float>(static_cast<int8_t>(w[i] >> 8));
+      const float lo = static_cast<float>(static_cast<int8_t>(f.w[i] & 0xffu));
+      const float hi = static_cast<float>(static_cast<int8_t>(f.w[i] >> 8));
       t = fmaf(lo, xv[2 * i], t);
       t = fmaf(hi, xv[2 * i + 1], t);
     }
@@ -51,23 +61,30 @@ struct RowDot<QuantType::Q8_0> {
 template <>
 struct RowDot<QuantType::Q4_0> {
   static constexpr int kBlockBytes = 18;
-  __device__ __forceinline__ static float step(float acc, const uint8_t* __restrict__ row,
-                                               const float* __restrict__ x, int b, int s) {
+  static constexpr int kUnroll = 4;
+  static constexpr int kX2 = 16;  // xl = x[32b + 4s ..], xh = x[32b + 16 + 4s ..]
+  struct Frag {
+    uint16_t d;
+    uint32_t q;
+  };
+  __device__ __forceinline__ static int xoff(int b, int s) { return 32 * b + 4 * s; }
+  __device__ __forceinline__ static Frag load(const uint8_t* __restrict__ row, int b, int s) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(row + int64_t{18} * b);
-    const float d = fp16_bits_to_float(__ldg(h));
-    const uint32_t q = static_cast<uint32_t>(__ldg(h + 1 + 2 * s)) |
-                       (static_cast<uint32_t>(__ldg(h + 2 + 2 * s)) << 16);
-    // Byte i of q is quant byte 4s+i: element 4s+i (low nibble) and 16+4s+i (high nibble).
-    const float4 xa = __ldg(reinterpret_cast<const float4*>(x + int64_t{32} * b + 4 * s));
-    const float4 xb = __ldg(reinterpret_cast<const float4*>(x + int64_t{32} * b + 16 + 4 * s));
-    const float xl[4] = {xa.x, xa.y, xa.z, xa.w};
-    const float xh[4] = {xb.x, xb.y, xb.z, xb.w};
+    Frag f;
+    f.d = __ldg(h);
+    f.q = static_cast<uint32_t>(__ldg(h + 1 + 2 * s)) |
+          (static_cast<uint32_t>(__ldg(h + 2 + 2 * s)) << 16);
+    return f;
+  }
+  // Byte i of q is quant byte 4s+i: element 4s+i (low nibble) and 16+4s+i (high nibble).
+  __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
+    const float d = fp16_bits_to_float(f.d);
     float t = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint32_t byte = (q >> (8 * i)) & 0xffu;
-      t = fmaf(static_cast<float>(static_cast<int>(byte & 15u) - 8), xl[i], t);
-      t = fmaf(static_cast<float>(static_cast<int>(byte >> 4) - 8), xh[i], t);
+      const uint32_t byte = (f.q >> (8 * i)) & 0xffu;
+      t = fmaf(static_cast<float>(static_cast<int>(byte & 15u) - 8), xv[i], t);
+      t = fmaf(static_cast<float>(static_cast<int>(byte >> 4) - 8), xv[4 + i], t);
     }
     return fmaf(d, t, acc);
   }
@@ -76,14 +93,19 @@ struct RowDot<QuantType::Q4_0> {
 template <>
 struct RowDot<QuantType::BF16> {
   static constexpr int kBlockBytes = 64;
-  __device__ __forceinline__ static float step(float acc, const uint8_t* __restrict__ row,
-                                               const float* __restrict__ x, int b, int s) {
-    const uint4 w = __ldg(reinterpret_cast<const uint4*>(row + int64_t{64} * b + 16 * s));
-    const float4* xp = reinterpret_cast<const float4*>(x + int64_t{32} * b + 8 * s);
-    const float4 xa = __ldg(xp);
-    const float4 xb = __ldg(xp + 1);
-    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
-    const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  static constexpr int kUnroll = 2;
+  static constexpr int kX2 = 4;
+  struct Frag {
+    uint4 w;
+  };
+  __device__ __forceinline__ static int xoff(int b, int s) { return 32 * b + 8 * s; }
+  __device__ __forceinline__ static Frag load(const uint8_t* __restrict__ row, int b, int s) {
+    Frag f;
+    f.w = __ldg(reinterpret_cast<const uint4*>(row + int64_t{64} * b + 16 * s));
+    return f;
+  }
+  __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
+    const uint32_t wv[4] = {f.w.x, f.w.y, f.w.z, f.w.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       acc = fmaf(__uint_as_float(wv[i] << 16), xv[2 * i], acc);
@@ -96,38 +118,90 @@ struct RowDot<QuantType::BF16> {
 template <>
 struct RowDot<QuantType::F32> {
   static constexpr int kBlockBytes = 128;
-  __device__ __forceinline__ static float step(float acc, const uint8_t* __restrict__ row,
-                                               const float* __restrict__ x, int b, int s) {
+  static constexpr int kUnroll = 2;
+  static constexpr int kX2 = 4;
+  struct Frag {
+    float4 a, b;
+  };
+  __device__ __forceinline__ static int xoff(int b, int s) { return 32 * b + 8 * s; }
+  __device__ __forceinline__ static Frag load(const uint8_t* __restrict__ row, int b, int s) {
     const float4* wp = reinterpret_cast<const float4*>(row + int64_t{128} * b + 32 * s);
-    const float4* xp = reinterpret_cast<const float4*>(x + int64_t{32} * b + 8 * s);
-    const float4 wa = __ldg(wp), wb = __ldg(wp + 1);
-    const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
-    acc = fmaf(wa.x, xa.x, acc);
-    acc = fmaf(wa.y, xa.y, acc);
-    acc = fmaf(wa.z, xa.z, acc);
-    acc = fmaf(wa.w, xa.w, acc);
-    acc = fmaf(wb.x, xb.x, acc);
-    acc = fmaf(wb.y, xb.y, acc);
-    acc = fmaf(wb.z, xb.z, acc);
-    acc = fmaf(wb.w, xb.w, acc);
+    Frag f;
+    f.a = __ldg(wp);
+    f.b = __ldg(wp + 1);
+    return f;
+  }
+  __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
+    acc = fmaf(f.a.x, xv[0], acc);
+    acc = fmaf(f.a.y, xv[1], acc);
+    acc = fmaf(f.a.z, xv[2], acc);
+    acc = fmaf(f.a.w, xv[3], acc);
+    acc = fmaf(f.b.x, xv[4], acc);
+    acc = fmaf(f.b.y, xv[5], acc);
+    acc = fmaf(f.b.z, xv[6], acc);
+    acc = fmaf(f.b.w, xv[7], acc);
     return acc;
   }
 };
 
+// The 8 floats of x one step of RowDot<T> uses (two float4: x must be 16-byte aligned).
+// kGlobal: read-only global memory (__ldg); else shared memory.
+template <QuantType T, bool kGlobal>
+__device__ __forceinline__ void load_x8(const float* __restrict__ x, int b, int s, float xv[8]) {
+  const int o = RowDot<T>::xoff(b, s);
+  float4 a, c;
+  if (kGlobal) {
+    a = __ldg(reinterpret_cast<const float4*>(x + o));
+    c = __ldg(reinterpret_cast<const float4*>(x + o + RowDot<T>::kX2));
+  } else {
+    a = *reinterpret_cast<const float4*>(x + o);
+    c = *reinterpret_cast<const float4*>(x + o + RowDot<T>::kX2);
+  }
+  xv[0] = a.x;
+  xv[1] = a.y;
+  xv[2] = a.z;
+  xv[3] = a.w;
+  xv[4] = c.x;
+  xv[5] = c.y;
+  xv[6] = c.z;
+  xv[7] = c.w;
+}
+
 // R dot products by one warp, interleaved (more loads in flight); out[r] = dot(rows[r], xs[r])
 // over nb blocks, the same on every lane. Each result is independent of R and of the other rows.
+// Loads of kUnroll steps of all R rows are issued before the first multiply; the accumulation
+// order of a row (blocks lane/4, lane/4 + 8, ... in increasing order, then a butterfly) does not
+// depend on that batching.
 template <QuantType T, int R>
 __device__ __forceinline__ void warp_rows_dot(const uint8_t* const* rows, const float* const* xs,
                                               int nb, float* out) {
+  using D = RowDot<T>;
+  constexpr int U = D::kUnroll;
   const int lane = threadIdx.x % kWarp;
   const int s = lane & 3;
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-#pragma unroll 2
-  for (int b = lane >> 2; b < nb; b += 8) {
+  for (int b0 = lane >> 2; b0 < nb; b0 += 8 * U) {
+    typename D::Frag f[U][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = RowDot<T>::step(acc[r], rows[r], xs[r], b, s);
+    for (int u = 0; u < U; ++u) {
+      if (b0 + 8 * u < nb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) f[u][r] = D::load(rows[r], b0 + 8 * u, s);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (b0 + 8 * u < nb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float xv[8];
+          load_x8<T, true>(xs[r], b0 + 8 * u, s, xv);
+          acc[r] = D::dot(acc[r], f[u][r], xv);
+        }
+      }
+    }
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) out[r] = warp_sum(acc[r]);

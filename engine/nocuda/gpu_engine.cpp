@@ -5,7 +5,8 @@
 
 namespace ktune {
 
-const char* moe_kernel_name(MoeKernel k) { return k == MoeKernel::Fused ? "fused" : "unfused"; }
+// moe_kernel_name() is defined once, in runtime/placement.cpp (placement.h declares the same
+// MoeKernel); a second definition here breaks linking anything that uses both.
 
 struct GpuEngine::Impl {
   GpuEngineOptions opt;

@@ -101,6 +101,48 @@ void kernel_breakdown(const ModelWeights& m) {
     return cuda::launch_matvec_rowwarp(L.wq.type, wq.data(), dx.as<float>(), L.wq.n_rows(),
                                        c.hidden, y.as<float>(), st);
   });
+  // launch_matvec_fused on Wq: L2-hot, then cold (16 copies, 75 MB > L2, rotated), by rows per
+  // warp (0 = the launcher's choice), and the output head's shape cold.
+  const int64_t nc = 16, wqb = L.wq.nbytes();
+  cuda::DeviceBuffer cold(static_cast<size_t>(nc * wqb));
+  for (int64_t i = 0; i < nc; ++i) {
+    KTUNE_CUDA_CHECK(cudaMemcpy(cold.as<uint8_t>() + i * wqb, wq.data(), static_cast<size_t>(wqb),
+                                cudaMemcpyDeviceToDevice));
+  }
+  for (int rpw : {0, 1, 2, 4}) {
+    for (bool hot : {true, false}) {
+      char name[64];
+      std::snprintf(name, sizeof name, "matvec_fused wq R%d (%s)", rpw, hot ? "L2-hot" : "cold");
+      time(name, double(wqb), [&](int64_t r) {
+        cuda::MatvecFused a;
+        a.type = L.wq.type;
+        a.cols = c.hidden;
+        a.x = dx.as<float>();
+        a.seg[0] = {hot ? wq.data() : static_cast<const void*>(cold.as<uint8_t>() + (r % nc) * wqb),
+                    y.as<float>(), L.wq.n_rows()};
+        a.rows_per_warp = rpw;
+        return cuda::launch_matvec_fused(a, st);
+      });
+    }
+  }
+  // wo's shape (hidden rows of n_heads * head_dim): the first 2048-row slices of the cold copies
+  // read as [hidden][4096] (same bytes per row pair), cold.
+  for (int rpw : {0, 1, 2}) {
+    char name[64];
+    std::snprintf(name, sizeof name, "matvec_fused wo-shape R%d (cold)", rpw);
+    const int64_t rows = L.wq.n_rows() / 2;
+    cuda::DeviceBuffer xo(static_cast<size_t>(2 * c.hidden) * 4 + 16);
+    KTUNE_CUDA_CHECK(cudaMemset(xo.data(), 0, static_cast<size_t>(2 * c.hidden) * 4));
+    time(name, double(wqb), [&](int64_t r) {
+      cuda::MatvecFused a;
+      a.type = L.wq.type;
+      a.cols = 2 * c.hidden;
+      a.x = xo.as<float>();
+      a.seg[0] = {cold.as<uint8_t>() + (r % nc) * wqb, y.as<float>(), rows};
+      a.rows_per_warp = rpw;
+      return cuda::launch_matvec_fused(a, st);
+    });
+  }
 }
 
 TEST(GpuEngineBench, DISABLED_DecodeTokPerSec) {
@@ -131,14 +173,20 @@ TEST(GpuEngineBench, DISABLED_DecodeTokPerSec) {
     MoeKernel moe;
   };
   const int n = 128, reps = 3;
+  // "(legacy)": the one-launch-per-op step (KTUNE_GPU_LEGACY=1), for A/B on the same machine.
   for (const Cfg& c : {Cfg{"fused + graph", true, MoeKernel::Fused},
+                       Cfg{"fused + graph (legacy)", true, MoeKernel::Fused},
                        Cfg{"fused, no graph", false, MoeKernel::Fused},
+                       Cfg{"fused, no graph (legacy)", false, MoeKernel::Fused},
                        Cfg{"unfused, no graph", false, MoeKernel::Unfused}}) {
+    const bool legacy = std::string(c.name).find("legacy") != std::string::npos;
+    if (legacy) setenv("KTUNE_GPU_LEGACY", "1", 1);
     GpuEngineOptions opt;
     opt.max_context = 256;
     opt.cuda_graph = c.graph;
     opt.moe_kernel = c.moe;
     GpuEngine e(m, opt);
+    if (legacy) unsetenv("KTUNE_GPU_LEGACY");
     e.generate_greedy(1, 16);  // warm-up (and graph capture)
     std::vector<double> tps;
     std::vector<int32_t> first;

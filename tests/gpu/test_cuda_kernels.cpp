@@ -318,6 +318,106 @@ TEST(CudaMatvec, BF16MatchesDequantizedReference) {
   check_matvec(QuantType::BF16);
 }
 
+// --- fused matvec (decode engine) ---------------------------------------------------------------
+
+// Three segments as one launch, with the RMSNorm prologue, the residual epilogue and the router
+// tail, against float64 dots of the dequantized rows with the CPU-normalized x, and the tail
+// against launch_router_topk on the kernel's own logits (bit-identical: same code, same input).
+void check_matvec_fused(QuantType t, int rows_per_warp) {
+  Rng rng;
+  SCOPED_TRACE(rng.trace() + " " + quant_name(t) + " R " + std::to_string(rows_per_warp));
+  const int64_t cols = 2048, r0 = 300, r1 = 64, r2 = 37, k = 8;
+  const float eps = 1e-6f;
+  auto x = rng.normal(cols);
+  auto nw = rng.normal(cols, 0.2f, 1.0f);
+  std::vector<float> xn(cols);
+  cpu_ops::rmsnorm(x.data(), nw.data(), eps, cols, xn.data());
+  std::vector<std::vector<uint8_t>> q;
+  std::vector<std::vector<double>> ref;
+  for (int64_t rows : {r0, r1, r2}) {
+    auto wf = rng.normal(rows * cols, 0.05f);
+    q.push_back(quantize_matrix(t, wf, rows, cols));
+    ref.push_back(matvec_ref(t, q.back(), xn, rows, cols));
+  }
+  std::vector<Dev<uint8_t>> dw(3);
+  for (int i = 0; i < 3; ++i) {
+    dw[i] = Dev<uint8_t>(q[i].size());
+    dw[i].upload(q[i]);
+  }
+  Dev<float> dx(x), dnw(nw), dy0(r0), dy1(r1), dy2(r2), dxn(cols), dtw(k);
+  Dev<int32_t> dids(k);
+  Dev<unsigned> counter(std::vector<unsigned>{0u});
+  dy0.poison();
+  dy1.poison();
+  dy2.poison();
+  dxn.poison();
+  MatvecFused a;
+  a.type = t;
+  a.cols = cols;
+  a.x = dx.ptr();
+  a.norm_w = dnw.ptr();
+  a.eps = eps;
+  a.norm_out = dxn.ptr();
+  a.seg[0] = {dw[0].ptr(), dy0.ptr(), r0};
+  a.seg[1] = {dw[1].ptr(), dy1.ptr(), r1};
+  a.seg[2] = {dw[2].ptr(), dy2.ptr(), r2};
+  a.n_seg = 3;
+  a.rows_per_warp = rows_per_warp;
+  ASSERT_EQ(launch_matvec_fused(a, nullptr), cudaSuccess);
+  auto y0 = dy0.download();
+  EXPECT_CLOSE(y0, ref[0], 1e-5);
+  auto y1 = dy1.download();
+  EXPECT_CLOSE(y1, ref[1], 1e-5);
+  auto y2 = dy2.download();
+  EXPECT_CLOSE(y2, ref[2], 1e-5);
+  auto xg = dxn.download();
+  EXPECT_CLOSE(xg, xn, 1e-6);
+
+  // Residual epilogue: segment 0 again, accumulated onto its own output: exactly 2 * dot.
+  MatvecFused acc = a;
+  acc.n_seg = 1;
+  acc.norm_out = nullptr;
+  acc.accumulate = true;
+  ASSERT_EQ(launch_matvec_fused(acc, nullptr), cudaSuccess);
+  auto y0b = dy0.download();
+  for (int64_t i = 0; i < r0; ++i) {
+    ASSERT_EQ(y0b[i], y0[i] + y0[i]) << "row " << i;
+  }
+
+  // Router tail on segment 1 (64 "experts"), twice (the counter must reset itself).
+  for (int rep = 0; rep < 2; ++rep) {
+    MatvecFused rt = a;
+    rt.n_seg = 1;
+    rt.seg[0] = {dw[1].ptr(), dy1.ptr(), r1};
+    rt.topk_ids = dids.ptr();
+    rt.topk_w = dtw.ptr();
+    rt.topk_k = k;
+    rt.topk_norm = rep == 0;
+    rt.counter = counter.ptr();
+    dids.poison();
+    dtw.poison();
+    ASSERT_EQ(launch_matvec_fused(rt, nullptr), cudaSuccess);
+    auto ids = dids.download();
+    auto w = dtw.download();
+    Dev<int32_t> rids(k);
+    Dev<float> rw(k);
+    ASSERT_EQ(launch_router_topk(dy1.ptr(), 1, r1, k, rep == 0, rids.ptr(), rw.ptr(), nullptr,
+                                 nullptr),
+              cudaSuccess);
+    EXPECT_EQ(ids, rids.download());
+    auto wr = rw.download();
+    EXPECT_EQ(std::memcmp(w.data(), wr.data(), k * 4), 0);
+    EXPECT_EQ(counter.download()[0], 0u);
+  }
+}
+
+TEST(CudaMatvecFused, SegmentsNormResidualRouterTail) {
+  KTUNE_REQUIRE_GPU();
+  for (QuantType t : {QuantType::Q4_0, QuantType::Q8_0, QuantType::BF16}) {
+    for (int r : {0, 1, 2, 4}) check_matvec_fused(t, r);
+  }
+}
+
 // --- router -----------------------------------------------------------------------------------
 
 void check_router(const std::vector<float>& logits, int64_t tokens, int64_t n, int64_t k,

@@ -234,6 +234,26 @@ TEST_F(CliTest, RunTableDescribesItself) {
   }
 }
 
+TEST_F(CliTest, PlainRunKeepsItsTableWithoutPlacementLines) {
+  // A plain --model run (no placement flag) is the CpuEngine benchmark as before: same header
+  // and columns, no placement summary.
+  ProcessResult r = run_ktune({"run", "--model", good_, "-p", "8", "-n", "4", "-r", "1",
+                               "--threads", "1", "--no-probe"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("| quant    | threads |    test |"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("# placement"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("| placement |"), std::string::npos) << r.out;
+}
+
+TEST_F(CliTest, RunHelpTeachesThePlacementFlags) {
+  ProcessResult r = run_ktune({"run", "--help"});
+  ASSERT_EQ(r.exit_code, 0);
+  for (const char* s : {"--config", "--experts-on-gpu", "--cuda-graph", "--moe-kernel",
+                        "--gpu-mem", "--cpu-mem", "KTUNE_CUDA_GRAPH=0"}) {
+    EXPECT_NE(r.out.find(s), std::string::npos) << s;
+  }
+}
+
 TEST_F(CliTest, GenModelWritesAtomically) {
   // An output under a missing folder fails cleanly and leaves nothing behind.
   expect_one_line_error(run_ktune({"gen-model", "--preset", "tiny", "-q", "-o",

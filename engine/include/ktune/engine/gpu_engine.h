@@ -27,10 +27,9 @@
 #include <vector>
 
 #include "ktune/engine/model.h"
+#include "ktune/engine/placement.h"  // MoeKernel, moe_kernel_name
 
 namespace ktune {
-
-enum class MoeKernel { Fused, Unfused };
 
 struct GpuEngineOptions {
   int64_t max_context = 4096;  // KV cache length (positions)
@@ -66,6 +65,5 @@ class GpuEngine {
   std::unique_ptr<Impl> impl_;
 };
 
-const char* moe_kernel_name(MoeKernel k);
 
 }  // namespace ktune

@@ -116,6 +116,62 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
                                 const int32_t* ids, const float* weights, int64_t k,
                                 int64_t n_experts, const float* act, int64_t hidden, int64_t ffn,
                                 float* x, cudaStream_t stream);
+// ---- decode engine fusions (matvec_fused.cu, attention_decode.cu) ----
+// One matvec launch over up to three matrices of the same type and width (rows of segment i go
+// to seg[i].y), with optional fusions:
+//   norm_w      x is replaced by rmsnorm(x) * norm_w (launch_rmsnorm's arithmetic, eps) before
+//               the dots; norm_out (optional) receives that normalized x.
+//   accumulate  y[r] = y[r] + dot (the residual add), else y[r] = dot.
+//   topk_ids    router tail: after all rows, softmax top-k of segment 0's outputs (n_experts =
+//               seg[0].rows <= 1024, 1 <= topk_k <= 64) as launch_router_topk writes them
+//               (ids/weights sorted by expert id, renormalized when topk_norm). Needs counter: one
+//               zero-initialized unsigned in device memory per concurrent launch (reset by the
+//               kernel, so a captured graph replays it).
+// Types: Q4_0, Q8_0, BF16, F32; cols % 32 == 0, cols (+ n_experts with topk) <= 12288 floats;
+// weights 2-byte (quant) or 16-byte (BF16/F32) aligned; x any float alignment. Each row's dot
+// is a fixed-order sum (rowwarp_dot.cuh layout, x staged in shared memory): deterministic.
+// rows_per_warp: 0 = by row count; 1, 2 or 4 force it (benchmarks).
+struct MatvecSegment {
+  const void* w = nullptr;
+  float* y = nullptr;
+  int64_t rows = 0;
+};
+struct MatvecFused {
+  QuantType type = QuantType::F32;
+  int64_t cols = 0;
+  MatvecSegment seg[3];
+  int n_seg = 1;
+  const float* x = nullptr;
+  const float* norm_w = nullptr;
+  float eps = 0.0f;
+  float* norm_out = nullptr;
+  bool accumulate = false;
+  int32_t* topk_ids = nullptr;
+  float* topk_w = nullptr;
+  int64_t topk_k = 0;
+  bool topk_norm = false;
+  unsigned* counter = nullptr;
+  int rows_per_warp = 0;
+};
+cudaError_t launch_matvec_fused(const MatvecFused& args, cudaStream_t stream);
+// Queries the SM count and occupancy launch_matvec_fused sizes its grid from (once per process);
+// call before capturing a graph (the first launch does it otherwise).
+cudaError_t matvec_fused_prepare();
+
+// launch_attention_decode with the q/k head RMSNorm and NEOX RoPE folded in: q_raw [n_heads][hd]
+// and k_raw [n_kv][hd] straight from the projections; each block normalizes (w * (x * r), r =
+// 1/sqrt(mean(x^2) + eps), q_norm / k_norm: hd floats) and rotates its head (launch_rope_neox's
+// arithmetic, position *pos, inv_freq: hd/2 floats) in shared memory; the cache receives the
+// normalized, rotated k. Same workspace and requirements as launch_attention_decode.
+cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float* k_raw,
+                                                const float* v_new, const float* q_norm,
+                                                const float* k_norm, float eps,
+                                                const float* inv_freq, uint16_t* k_cache,
+                                                uint16_t* v_cache, const int32_t* pos,
+                                                int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                                                int64_t max_ctx, void* workspace, float* out,
+                                                cudaStream_t stream);
+
 // Unfused-path and engine helpers: out = silu(g) * u; acc = acc + w * y (rounded multiply, then
 // add: the fused combine); x = x + y; end of a decode step: history[*pos] = *token (when
 // *pos < history_len), then ++*pos.

@@ -1,0 +1,93 @@
+// Softmax top-k of one token's router logits by one warp (router_topk.cu's kernel and the
+// router tail of matvec_fused): the contract of cpu_ops::route_topk (ties: lower index; ids and
+// weights sorted by expert id; renormalized when norm). Call from exactly the 32 lanes of one
+// warp. p: n floats of scratch shared memory, sel_id/sel_w: k entries of shared memory.
+// Logits are read with ld.global.cg (L2), so the caller may pass values that other blocks of the
+// same kernel wrote before a __threadfence.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+
+namespace ktune::cuda::detail {
+
+constexpr int kRouterMaxK = 64;
+
+__device__ __forceinline__ void warp_router_topk(const float* l, int n, int k, bool norm,
+                                                 int32_t* __restrict__ ids,
+                                                 float* __restrict__ weights,
+                                                 float* __restrict__ probs, float* p,
+                                                 int32_t* sel_id, float* sel_w) {
+  const int lane = threadIdx.x % kWarp;
+  float mx = -INFINITY;
+  for (int e = lane; e < n; e += 32) mx = fmaxf(mx, __ldcg(l + e));
+  mx = warp_max(mx);
+  float sum = 0.0f;
+  for (int e = lane; e < n; e += 32) {
+    const float v = expf(__ldcg(l + e) - mx);
+    p[e] = v;
+    sum += v;
+  }
+  sum = warp_sum(sum);
+  const float inv = 1.0f / sum;
+  for (int e = lane; e < n; e += 32) {
+    p[e] *= inv;
+    if (probs) probs[e] = p[e];
+  }
+  __syncwarp();
+
+  for (int j = 0; j < k; ++j) {
+    // Each lane scans its experts in increasing order with a strict '>', so it keeps its lowest
+    // index on ties; the butterfly then prefers the lower index on equal values.
+    float bv = -2.0f;  // chosen experts are marked -1, never chosen again
+    int bi = 0x7fffffff;
+    for (int e = lane; e < n; e += 32) {
+      if (p[e] >= 0.0f && p[e] > bv) {
+        bv = p[e];
+        bi = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      sel_id[j] = bi;
+      sel_w[j] = p[bi];
+      p[bi] = -1.0f;
+    }
+    __syncwarp();
+  }
+
+  if (lane == 0) {
+    if (norm) {
+      float s = 0.0f;
+      for (int j = 0; j < k; ++j) s += sel_w[j];
+      for (int j = 0; j < k; ++j) sel_w[j] /= s;
+    }
+    for (int a = 1; a < k; ++a) {  // insertion sort by expert id, as the CPU engine
+      const int32_t id = sel_id[a];
+      const float w = sel_w[a];
+      int b = a;
+      for (; b > 0 && sel_id[b - 1] > id; --b) {
+        sel_id[b] = sel_id[b - 1];
+        sel_w[b] = sel_w[b - 1];
+      }
+      sel_id[b] = id;
+      sel_w[b] = w;
+    }
+  }
+  __syncwarp();
+  for (int j = lane; j < k; j += 32) {
+    ids[j] = sel_id[j];
+    weights[j] = sel_w[j];
+  }
+}
+
+}  // namespace ktune::cuda::detail

@@ -1,0 +1,690 @@
+// `ktune run`: llama-bench-like benchmark of the engine on a model: prefill (pp) and decode (tg)
+// tok/s as mean ± stddev over repetitions, with a header that says what was measured, and
+// decode's ratio to the memory-bound limit (bytes read per token ÷ measured DRAM bandwidth).
+// Placement runs (see run_bench.h) add the placement summary per configuration.
+#include "run_bench.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+
+#include "bench_stats.h"
+#include "cli.h"
+#include "ktune/engine/build_info.h"
+#include "ktune/engine/cpu_engine.h"
+#include "ktune/engine/error.h"
+#include "ktune/engine/gpu_info.h"
+#include "ktune/engine/host_info.h"
+#include "ktune/engine/synthetic.h"
+#include "ktune/engine/thread_pool.h"
+#include "model_arg.h"
+#include "run_bench_gpu.h"
+
+namespace ktune::cli {
+namespace {
+
+struct RunResult {
+  int threads = 0;
+  Stat prefill;  // tok/s
+  Stat decode;   // tok/s
+};
+
+// Deterministic pseudo-random prompt tokens (benchmarks must not depend on a tokenizer).
+std::vector<int32_t> bench_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return t;
+}
+
+RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int threads,
+                    int64_t max_context) {
+  CpuEngineOptions eo;
+  eo.threads = threads;
+  eo.max_context = max_context;
+  eo.max_batch = std::min<int64_t>(std::max<int64_t>(opt.prompt, 1), 512);
+  CpuEngine engine(model, eo);
+  const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), model.cfg.vocab, opt.seed);
+  std::vector<float> logits;
+  std::vector<double> pp, tg;
+  for (int rep = 0; rep <= opt.reps; ++rep) {  // rep 0 warms up caches and pages
+    if (opt.prompt > 0) {
+      engine.reset();
+      const double t0 = now_seconds();
+      engine.prefill(prompt.data(), opt.prompt, &logits, false);
+      const double dt = now_seconds() - t0;
+      if (rep > 0) pp.push_back(static_cast<double>(opt.prompt) / dt);
+    }
+    if (opt.gen > 0) {
+      // tg as llama-bench measures it: from an empty context, one token at a time, greedy.
+      engine.reset();
+      int32_t tok = prompt[0];
+      const double t0 = now_seconds();
+      for (int64_t i = 0; i < opt.gen; ++i) {
+        engine.decode(tok, &logits);
+        tok = CpuEngine::argmax(logits.data(), model.cfg.vocab);
+      }
+      const double dt = now_seconds() - t0;
+      if (rep > 0) tg.push_back(static_cast<double>(opt.gen) / dt);
+    }
+    // Progress only on a terminal: a log file should not collect carriage-return lines.
+    if (!opt.json && rep > 0 && isatty(STDERR_FILENO)) {
+      std::fprintf(stderr, "\rktune: threads %d: repetition %d/%d", threads, rep, opt.reps);
+    }
+  }
+  if (!opt.json && isatty(STDERR_FILENO)) std::fprintf(stderr, "\r%60s\r", "");
+  RunResult r;
+  r.threads = engine.threads();
+  r.prefill = Stat::of(pp);
+  r.decode = Stat::of(tg);
+  return r;
+}
+
+// Checks shared by both paths; returns the thread list (default: one per physical core).
+std::vector<int> check_common(const RunOptions& opt) {
+  if (opt.prompt < 0 || opt.gen < 0 || (opt.prompt == 0 && opt.gen == 0)) {
+    throw_usage("-p/-n", "nothing to measure", "give -p N (prefill tokens) and/or -n N (decode)");
+  }
+  if (opt.reps < 1 || opt.reps > 1000) throw_usage("-r", "must be 1..1000", "e.g. -r 5");
+  const int cores = physical_core_count();
+  for (int t : opt.threads) {
+    if (t < 1 || t > 4096) {
+      throw_usage("--threads", fmt::format("{} is not a thread count", t),
+                  fmt::format("use 1..{} (this machine has {} physical cores)", cores, cores));
+    }
+  }
+  return opt.threads.empty() ? std::vector<int>{cores} : opt.threads;
+}
+
+void check_context(const ModelConfig& cfg, const RunOptions& opt) {
+  const int64_t ctx_needed = opt.prompt + opt.gen + 1;
+  if (cfg.context_length > 0 && ctx_needed > cfg.context_length) {
+    throw_usage(
+        "-p/-n",
+        fmt::format("{} tokens exceed the model's context of {}", ctx_needed, cfg.context_length),
+        "use smaller -p/-n");
+  }
+}
+
+std::string model_line(const ModelWeights& model) {
+  const ModelConfig& c = model.cfg;
+  return fmt::format("# model: {} ({}, {} layers, {} experts top-{}, {} params, {} active, {})\n",
+                     model.source, c.arch, c.n_layers, c.n_experts, c.n_experts_used,
+                     format_count(static_cast<double>(c.params_total())),
+                     format_count(static_cast<double>(c.params_active_per_token())),
+                     format_bytes(static_cast<double>(model.weight_bytes())));
+}
+
+// The plain --model run: the CpuEngine, one row per thread count and test.
+void run_plain(const RunOptions& opt) {
+  std::vector<int> thread_list = check_common(opt);
+  const int cores = physical_core_count();
+  ModelWeights model = load_model_for_cli(opt.model, opt.json);
+  check_context(model.cfg, opt);
+  const int64_t max_context = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
+
+  BandwidthResult bw;
+  if (opt.probe) {
+    ThreadPool pool(thread_list.back());
+    bw = measure_read_bandwidth(pool, default_probe_bytes(), 3);
+  }
+  std::vector<RunResult> results;
+  for (int t : thread_list) results.push_back(bench_one(model, opt, t, max_context));
+
+  const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
+  const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  const std::string isa = cpu::isa_name(cpu::detect_isa());
+
+  if (opt.json) {
+    nlohmann::json doc = report_header(model, results.front().threads, isa);
+    doc["prompt_tokens"] = opt.prompt;
+    doc["gen_tokens"] = opt.gen;
+    doc["repetitions"] = opt.reps;
+    doc["dram_read_gb_s"] = bw.gb_per_s;
+    doc["memory_bound_decode_tok_s"] = limit_tok_s;
+    doc["prefill_tok_s"] = results.front().prefill.to_json();
+    doc["decode_tok_s"] = results.front().decode.to_json();
+    doc["decode_fraction_of_limit"] =
+        limit_tok_s > 0 ? results.front().decode.mean / limit_tok_s : 0.0;
+    nlohmann::json runs = nlohmann::json::array();
+    for (const auto& r : results) {
+      runs.push_back({{"threads", r.threads},
+                      {"prefill_tok_s", r.prefill.to_json()},
+                      {"decode_tok_s", r.decode.to_json()}});
+    }
+    doc["runs"] = runs;
+    std::cout << doc.dump(2) << "\n";
+    return;
+  }
+
+  std::cout << fmt::format("# ktune run  commit {}  (ktune {})\n", build_commit(), build_version());
+  std::cout << fmt::format("# cpu: {}, {} physical cores, kernels {}\n", cpu_model_name(), cores,
+                           isa);
+  std::cout << model_line(model);
+  if (opt.probe) {
+    std::cout << fmt::format(
+        "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
+        "memory-bound limit {:.1f} tok/s\n",
+        bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
+        format_bytes(bytes_tok), limit_tok_s);
+  }
+  std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n\n", opt.reps);
+  std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n", "quant", "threads",
+                           "test", "tok/s", "% of limit");
+  std::cout << "| -------- | ------: | ------: | -------------------: | -----------: |\n";
+  for (const auto& r : results) {
+    if (opt.prompt > 0) {
+      std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
+                               quant_name(model.quant), r.threads, fmt::format("pp{}", opt.prompt),
+                               fmt::format("{:.2f} ± {:.2f}", r.prefill.mean, r.prefill.stddev),
+                               "");
+    }
+    if (opt.gen > 0) {
+      const std::string pct =
+          limit_tok_s > 0 ? fmt::format("{:.1f} %", 100.0 * r.decode.mean / limit_tok_s) : "n/a";
+      std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
+                               quant_name(model.quant), r.threads, fmt::format("tg{}", opt.gen),
+                               fmt::format("{:.2f} ± {:.2f}", r.decode.mean, r.decode.stddev), pct);
+    }
+  }
+}
+
+// ---- placement runs ----
+
+// The model's shape and bytes, known before its weights are loaded: synth: specs from the
+// compiled-in preset (nothing generated); files are opened (GGUF: mmap, no tensor data read) and
+// kept, so the sweep does not open them twice.
+struct ModelShape {
+  std::string spec;
+  ModelConfig cfg;
+  WeightBytes bytes;
+  std::optional<ModelWeights> opened;
+};
+
+ModelShape model_shape(const std::string& spec, bool quiet) {
+  ModelShape s;
+  s.spec = spec;
+  if (spec.rfind("synth:", 0) == 0) {
+    const SynthOptions so = parse_synth_spec(spec);
+    const ModelConfig* c = find_preset(so.preset);
+    if (c != nullptr) {
+      s.cfg = *c;
+      s.bytes = weight_bytes(s.cfg, so.quant, so.quant);  // synthetic models: one matrix type
+      return s;
+    }
+  }
+  s.opened = load_model_for_cli(spec, quiet);
+  s.cfg = s.opened->cfg;
+  s.bytes = weight_bytes(*s.opened);
+  return s;
+}
+
+struct PlannedRun {
+  std::string label;
+  Placement placement;
+  MemoryPlan plan;
+  EngineKind engine = EngineKind::Cpu;
+  PlacementSummary summary;
+  int64_t context = 0;  // KV cache length the engine gets (= the plan's)
+};
+
+struct ConfigResult {
+  size_t placement = 0;  // index into the planned runs
+  int threads = 0;       // 0 for the GpuEngine
+  Stat prefill, decode;
+  std::string engine_desc;
+};
+
+std::string layer_signature(const LayerPlacement& lp) {
+  std::map<Device, int64_t> n;
+  for (const Device& d : lp.experts) ++n[d];
+  std::string s = "attention " + lp.attention.to_string() + ", experts ";
+  if (n.size() == 1) return s + n.begin()->first.to_string();
+  bool first = true;
+  for (const auto& [d, c] : n) {
+    s += (first ? "" : " + ") + d.to_string() + " " + std::to_string(c);
+    first = false;
+  }
+  return s;
+}
+
+nlohmann::json summary_json(const PlacementSummary& s) {
+  nlohmann::json experts = nlohmann::json::object(), mem = nlohmann::json::object(),
+                 budget = nlohmann::json::object();
+  for (const auto& [d, n] : s.experts) experts[d] = n;
+  for (const auto& [d, b] : s.bytes) mem[d] = static_cast<double>(b) / kGiB;
+  for (const auto& [d, b] : s.budget) {
+    budget[d] = b < 0 ? nlohmann::json(nullptr) : nlohmann::json(static_cast<double>(b) / kGiB);
+  }
+  return {{"label", s.label},
+          {"engine", engine_kind_name(s.engine)},
+          {"experts", experts},
+          {"memory_gib", mem},
+          {"budget_gib", budget},
+          {"cuda_graph", s.cuda_graph},
+          {"moe_kernel", moe_kernel_name(s.moe_kernel)},
+          {"cpu_threads", s.cpu_threads},
+          {"context", s.context}};
+}
+
+void run_placements(const RunOptions& opt) {
+  std::vector<int> thread_list = check_common(opt);
+  const bool quick = opt.configs.empty();
+  if (!quick && opt.experts_on_gpu != kNotGiven) {
+    throw_usage("--experts-on-gpu", "cannot be combined with --config",
+                "put the placement in the YAML, or drop --config");
+  }
+  if (opt.experts_on_gpu != kNotGiven && opt.experts_on_gpu < 0) {
+    throw_usage("--experts-on-gpu", fmt::format("{} is negative", opt.experts_on_gpu),
+                "give the number of layers whose experts go on cuda:0 (0 = all on the CPU)");
+  }
+  const RuntimeOverrides ov = parse_runtime_overrides(opt.cuda_graph, opt.moe_kernel);
+  Budgets budgets = default_budgets();
+  if (!opt.gpu_mem.empty()) apply_budget_overrides(budgets, opt.gpu_mem, "--gpu-mem", Device::Cuda);
+  if (!opt.cpu_mem.empty()) apply_budget_overrides(budgets, opt.cpu_mem, "--cpu-mem", Device::Cpu);
+
+  // 1. Placements as files say (no model needed) and the one model of the sweep.
+  std::vector<Placement> placements;
+  std::vector<std::string> labels;
+  for (const std::string& path : opt.configs) {
+    if (path.empty())
+      throw_usage("--config", "empty file name in the list", "e.g. --config a.yaml,b.yaml");
+    placements.push_back(load_placement(path));
+    labels.push_back(path);
+  }
+  std::string spec = opt.model;
+  if (!quick && !opt.model_given) {
+    spec = placements.front().model_resolved;
+    for (size_t i = 1; i < placements.size(); ++i) {
+      if (placements[i].model_resolved != spec) {
+        throw Error(labels[i],
+                    "names model " + placements[i].model_resolved + " but " + labels[0] +
+                        " names " + spec + " (a sweep loads one model)",
+                    "use configs for the same model, or give --model to run them all on one");
+      }
+    }
+  }
+  ModelShape shape = model_shape(spec, opt.json);
+  const ModelConfig& cfg = shape.cfg;
+  check_context(cfg, opt);
+
+  // 2. Resolve, apply the overrides, plan, check budgets and devices, choose engines: all
+  // before the weights are loaded.
+  if (quick) {
+    if (opt.experts_on_gpu != kNotGiven) {
+      if (opt.experts_on_gpu > cfg.n_layers) {
+        throw_usage(
+            "--experts-on-gpu",
+            fmt::format("{} layers, but the model has {}", opt.experts_on_gpu, cfg.n_layers),
+            fmt::format("use 0..{}", cfg.n_layers));
+      }
+      placements.push_back(make_layer_split(cfg, opt.experts_on_gpu, Device::cuda(0)));
+      labels.push_back(fmt::format("--experts-on-gpu {}", opt.experts_on_gpu));
+    } else {
+      placements.push_back(make_uniform_placement(cfg, Device::cpu(), Device::cpu()));
+      labels.push_back("all on cpu");
+    }
+    placements.back().model_path = spec;
+    placements.back().model_resolved = spec;
+  }
+  const int64_t needed = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
+  std::vector<PlannedRun> runs;
+  for (size_t i = 0; i < placements.size(); ++i) {
+    PlannedRun r;
+    r.label = labels[i];
+    r.placement = std::move(placements[i]);
+    resolve_placement(r.placement, cfg);
+    apply_runtime_overrides(r.placement, ov);
+    // The KV cache: the placement's context, or what -p/-n need when that is more.
+    r.context = std::max(r.placement.runtime.context, needed);
+    r.placement.runtime.context = r.context;
+    r.plan = plan_memory(cfg, shape.bytes, r.placement, budgets);
+    check_fits(r.plan);
+    check_gpus_present(r.placement);
+    r.engine = choose_engine(r.placement, r.label);
+    check_engine_settings(r.placement, r.engine, r.label);
+    r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
+    runs.push_back(std::move(r));
+  }
+
+  // 3. Load once, run every placement.
+  const double t0 = now_seconds();
+  ModelWeights model = shape.opened ? std::move(*shape.opened) : load_model_for_cli(spec, opt.json);
+  const double load_s = now_seconds() - t0;
+  const int model_loads = 1;
+
+  bool any_cpu = false;
+  int probe_threads = 1;
+  for (const PlannedRun& r : runs) {
+    if (r.engine != EngineKind::Cpu) continue;
+    any_cpu = true;
+    const int t = opt.threads.empty()
+                      ? (r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
+                                                             : physical_core_count())
+                      : thread_list.back();
+    probe_threads = std::max(probe_threads, t);
+  }
+  BandwidthResult bw;
+  if (opt.probe && any_cpu) {
+    ThreadPool pool(probe_threads);
+    bw = measure_read_bandwidth(pool, default_probe_bytes(), 3);
+  }
+  const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), cfg.vocab, opt.seed);
+  std::vector<ConfigResult> results;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const PlannedRun& r = runs[i];
+    if (r.engine == EngineKind::Cpu) {
+      std::vector<int> ts = opt.threads;
+      if (ts.empty()) {
+        ts = {r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
+                                                  : physical_core_count()};
+      }
+      for (int t : ts) {
+        RunResult rr = bench_one(model, opt, t, r.context);
+        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu"});
+      }
+    } else {
+      GpuBenchSettings s;
+      s.max_context = r.context;
+      s.cuda_graph = r.placement.runtime.cuda_graph;
+      s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
+      s.prompt = opt.prompt;
+      s.gen = opt.gen;
+      s.reps = opt.reps;
+      s.progress = !opt.json;
+      s.label = r.label;
+      GpuBenchResult g = bench_gpu_engine(model, s, prompt);
+      results.push_back({i, 0, g.prefill, g.decode, g.describe});
+    }
+  }
+
+  const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
+  const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  const std::string isa = cpu::isa_name(cpu::detect_isa());
+  const GpuInfo gpus = query_gpus();
+  auto pct_of_limit = [&](const ConfigResult& c) -> double {
+    // The DRAM limit describes the CpuEngine only; GPU runs have no measured bound here yet.
+    return runs[c.placement].engine == EngineKind::Cpu && limit_tok_s > 0
+               ? c.decode.mean / limit_tok_s
+               : 0.0;
+  };
+
+  if (opt.json) {
+    nlohmann::json doc = report_header(model, results.front().threads, isa);
+    doc["prompt_tokens"] = opt.prompt;
+    doc["gen_tokens"] = opt.gen;
+    doc["repetitions"] = opt.reps;
+    doc["model_loads"] = model_loads;
+    doc["model_load_s"] = load_s;
+    doc["gpus"] = nlohmann::json::array();
+    for (const GpuDevice& g : gpus.devices) {
+      doc["gpus"].push_back({{"device", Device::cuda(g.index).to_string()},
+                             {"name", g.name},
+                             {"total_bytes", g.total_bytes}});
+    }
+    if (gpus.devices.empty()) doc["gpu_note"] = gpus.unavailable_reason;
+    doc["dram_read_gb_s"] = bw.gb_per_s;
+    doc["memory_bound_decode_tok_s"] = limit_tok_s;
+    doc["prefill_tok_s"] = results.front().prefill.to_json();
+    doc["decode_tok_s"] = results.front().decode.to_json();
+    doc["decode_fraction_of_limit"] = pct_of_limit(results.front());
+    nlohmann::json pl = nlohmann::json::array();
+    for (const PlannedRun& r : runs) pl.push_back(summary_json(r.summary));
+    doc["placements"] = pl;
+    nlohmann::json out = nlohmann::json::array();
+    for (const ConfigResult& c : results) {
+      nlohmann::json j = {{"placement", c.placement},
+                          {"label", runs[c.placement].label},
+                          {"engine", engine_kind_name(runs[c.placement].engine)},
+                          {"engine_description", c.engine_desc},
+                          {"prefill_tok_s", c.prefill.to_json()},
+                          {"decode_tok_s", c.decode.to_json()},
+                          {"decode_fraction_of_limit", pct_of_limit(c)}};
+      j["threads"] = c.threads > 0 ? nlohmann::json(c.threads) : nlohmann::json(nullptr);
+      out.push_back(j);
+    }
+    doc["runs"] = out;
+    std::cout << doc.dump(2) << "\n";
+    return;
+  }
+
+  std::cout << fmt::format("# ktune run  commit {}  (ktune {})\n", build_commit(), build_version());
+  std::cout << fmt::format("# cpu: {}, {} physical cores, kernels {}\n", cpu_model_name(),
+                           physical_core_count(), isa);
+  if (gpus.devices.empty()) {
+    std::cout << fmt::format("# gpu: none ({})\n", gpus.unavailable_reason);
+  } else {
+    for (const GpuDevice& g : gpus.devices) {
+      std::cout << fmt::format("# gpu: cuda:{} {}, {}, sm_{}{}, driver {}\n", g.index, g.name,
+                               format_bytes(static_cast<double>(g.total_bytes)), g.sm_major,
+                               g.sm_minor, gpus.driver_version);
+    }
+  }
+  std::cout << model_line(model);
+  std::cout << fmt::format("# model loaded once in {:.1f} s for {} placement{}\n", load_s,
+                           runs.size(), runs.size() == 1 ? "" : "s");
+  if (opt.probe && any_cpu) {
+    std::cout << fmt::format(
+        "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
+        "memory-bound limit {:.1f} tok/s (cpu engine)\n",
+        bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
+        format_bytes(bytes_tok), limit_tok_s);
+  }
+  std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    std::cout << fmt::format("# placement {}: {}: {}\n", i + 1, runs[i].label,
+                             runs[i].summary.line());
+  }
+  std::cout << "\n";
+  std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
+                           "placement", "engine", "quant", "threads", "test", "tok/s",
+                           "% of limit");
+  std::cout << "| --------: | ------ | -------- | ------: | ------: | -------------------: | "
+               "-----------: |\n";
+  for (const ConfigResult& c : results) {
+    const std::string th = c.threads > 0 ? std::to_string(c.threads) : "-";
+    const char* eng = engine_kind_name(runs[c.placement].engine);
+    if (opt.prompt > 0) {
+      std::cout << fmt::format(
+          "| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n", c.placement + 1, eng,
+          quant_name(model.quant), th, fmt::format("pp{}", opt.prompt),
+          fmt::format("{:.2f} ± {:.2f}", c.prefill.mean, c.prefill.stddev), "");
+    }
+    if (opt.gen > 0) {
+      const double f = pct_of_limit(c);
+      const std::string pct = f > 0 ? fmt::format("{:.1f} %", 100.0 * f) : "n/a";
+      std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
+                               c.placement + 1, eng, quant_name(model.quant), th,
+                               fmt::format("tg{}", opt.gen),
+                               fmt::format("{:.2f} ± {:.2f}", c.decode.mean, c.decode.stddev), pct);
+    }
+  }
+}
+
+}  // namespace
+
+const char* engine_kind_name(EngineKind k) { return k == EngineKind::Cpu ? "cpu" : "gpu"; }
+
+bool uses_placements(const RunOptions& opt) {
+  return !opt.configs.empty() || opt.experts_on_gpu != kNotGiven || !opt.cuda_graph.empty() ||
+         !opt.moe_kernel.empty() || !opt.gpu_mem.empty() || !opt.cpu_mem.empty();
+}
+
+void run_benchmark(const RunOptions& opt) {
+  if (uses_placements(opt)) {
+    run_placements(opt);
+  } else {
+    run_plain(opt);
+  }
+}
+
+std::string describe_layer_devices(const Placement& p, int max_groups) {
+  std::string out;
+  int groups = 0;
+  for (int64_t l = 0; l < p.n_layers();) {
+    const std::string sig = layer_signature(p.layers[l]);
+    int64_t e = l + 1;
+    while (e < p.n_layers() && layer_signature(p.layers[e]) == sig) ++e;
+    if (groups == max_groups) {
+      out += " / ...";
+      break;
+    }
+    out += (groups ? " / " : "") +
+           (e - l == 1 ? fmt::format("layer {}", l) : fmt::format("layers {}-{}", l, e - 1)) +
+           ": " + sig;
+    ++groups;
+    l = e;
+  }
+  return out;
+}
+
+EngineKind choose_engine(const Placement& p, const std::string& where) {
+  bool any_cpu = false;
+  std::set<Device> gpus;
+  std::vector<int64_t> mixing;  // layers with CPU and GPU devices
+  for (int64_t l = 0; l < p.n_layers(); ++l) {
+    const LayerPlacement& lp = p.layers[l];
+    bool c = lp.attention.is_cpu(), g = lp.attention.is_gpu();
+    if (g) gpus.insert(lp.attention);
+    for (const Device& d : lp.experts) {
+      c = c || d.is_cpu();
+      if (d.is_gpu()) {
+        g = true;
+        gpus.insert(d);
+      }
+    }
+    any_cpu = any_cpu || c;
+    if (c && g) mixing.push_back(l);
+  }
+  if (gpus.empty()) return EngineKind::Cpu;
+  if (!any_cpu) {
+    if (gpus.size() == 1 && *gpus.begin() == Device::cuda(0)) return EngineKind::Gpu;
+    std::string names;
+    for (const Device& d : gpus) names += (names.empty() ? "" : ", ") + d.to_string();
+    throw Error(where,
+                "placements on " + names +
+                    " are not implemented in this build yet (the GPU engine runs everything on "
+                    "cuda:0)",
+                "put every layer's attention and experts on cuda:0, or all on cpu");
+  }
+  const std::string which = mixing.empty()
+                                ? std::string("layers run on different devices")
+                                : "layers " + format_id_ranges(mixing) + " mix CPU and GPU";
+  throw Error(where,
+              "hybrid CPU/GPU placements are not implemented in this build yet (" + which + ": " +
+                  describe_layer_devices(p) + ")",
+              "run an all-cpu placement or one with every layer's attention and experts on "
+              "cuda:0 until the hybrid step lands");
+}
+
+RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
+                                         const std::string& moe_kernel) {
+  RuntimeOverrides o;
+  if (!cuda_graph.empty()) {
+    if (cuda_graph == "on") {
+      o.cuda_graph = true;
+    } else if (cuda_graph == "off") {
+      o.cuda_graph = false;
+    } else {
+      throw_usage("--cuda-graph", "`" + cuda_graph + "` is not on or off",
+                  "use --cuda-graph on or --cuda-graph off");
+    }
+  }
+  if (!moe_kernel.empty()) {
+    if (moe_kernel == "fused") {
+      o.moe_kernel = MoeKernel::Fused;
+    } else if (moe_kernel == "unfused") {
+      o.moe_kernel = MoeKernel::Unfused;
+    } else {
+      throw_usage("--moe-kernel", "`" + moe_kernel + "` is not fused or unfused",
+                  "use --moe-kernel fused or --moe-kernel unfused");
+    }
+  }
+  if (const char* env = std::getenv("KTUNE_CUDA_GRAPH")) {
+    const std::string v = env;
+    o.env_graph_off = v == "0" || v == "off" || v == "false";
+  }
+  return o;
+}
+
+void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o) {
+  if (o.moe_kernel) {
+    p.runtime.moe_kernel = *o.moe_kernel;
+    if (*o.moe_kernel == MoeKernel::Unfused && !o.cuda_graph) p.runtime.cuda_graph = false;
+  }
+  if (o.cuda_graph) p.runtime.cuda_graph = *o.cuda_graph;
+  if (o.env_graph_off) p.runtime.cuda_graph = false;
+}
+
+void check_engine_settings(const Placement& p, EngineKind engine, const std::string& where) {
+  if (engine == EngineKind::Gpu && p.runtime.cuda_graph &&
+      p.runtime.moe_kernel == MoeKernel::Unfused) {
+    throw Error(where,
+                "moe_kernel unfused with cuda_graph on: the unfused path reads routing on the "
+                "host in the middle of a step, which a CUDA graph cannot capture",
+                "add --cuda-graph off, or use --moe-kernel fused");
+  }
+}
+
+void check_gpus_present(const Placement& p) {
+  std::vector<Device> need;
+  for (const Device& d : p.devices()) {
+    if (d.is_gpu()) need.push_back(d);
+  }
+  if (need.empty()) return;
+  const GpuInfo info = query_gpus();
+  for (const Device& d : need) {
+    bool have = false;
+    for (const GpuDevice& g : info.devices) have = have || g.index == d.index;
+    if (have) continue;
+    if (info.devices.empty()) {
+      throw Error(d.to_string(), "no GPU here (" + info.unavailable_reason + ")",
+                  "run this placement on a machine with a GPU, or use an all-cpu placement");
+    }
+    throw Error(
+        d.to_string(),
+        fmt::format("no such GPU here (this machine has cuda:0..cuda:{})", info.devices.size() - 1),
+        "use the GPUs this machine has in the placement");
+  }
+}
+
+PlacementSummary summarize_placement(const std::string& label, const Placement& p,
+                                     const MemoryPlan& plan, EngineKind engine) {
+  PlacementSummary s;
+  s.label = label;
+  s.engine = engine;
+  for (const auto& [d, n] : expert_counts(p)) s.experts[d.to_string()] += n;
+  for (const auto& [d, u] : plan.per_device) {
+    s.bytes[d] = u.total;
+    s.budget[d] = u.budget;
+  }
+  s.cuda_graph = engine == EngineKind::Gpu && p.runtime.cuda_graph;
+  s.moe_kernel = p.runtime.moe_kernel;
+  s.cpu_threads = p.runtime.cpu_threads;
+  s.context = p.runtime.context;
+  return s;
+}
+
+std::string PlacementSummary::line() const {
+  std::string ex, mem;
+  for (const auto& [d, n] : experts) ex += (ex.empty() ? "" : ", ") + d + " " + std::to_string(n);
+  for (const auto& [d, b] : bytes) {
+    mem += (mem.empty() ? "" : ", ") + d + " " + format_bytes(static_cast<double>(b));
+    const auto it = budget.find(d);
+    if (it != budget.end() && it->second >= 0) {
+      mem += " of " + format_bytes(static_cast<double>(it->second));
+    }
+  }
+  return fmt::format("engine {} | experts: {} | memory: {} | graph {} | moe {}",
+                     engine_kind_name(engine), ex, mem, cuda_graph ? "on" : "off",
+                     moe_kernel_name(moe_kernel));
+}
+
+}  // namespace ktune::cli

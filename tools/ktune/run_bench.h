@@ -1,0 +1,98 @@
+// `ktune run` as library code: the benchmark of one model (plain --model runs on the CpuEngine),
+// and the placement runs (--config a.yaml[,b.yaml] or --model with quick flags): each placement
+// is resolved against the model, planned and checked against the memory budgets BEFORE the
+// model is loaded, mapped to an engine (all on cpu -> CpuEngine, all on cuda:0 -> GpuEngine;
+// hybrid placements are refused until the hybrid step lands), and the model is loaded once for
+// the whole sweep. cmd_run.cpp only parses flags into RunOptions.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ktune/engine/memory_plan.h"
+#include "ktune/engine/placement.h"
+
+namespace ktune::cli {
+
+constexpr int64_t kNotGiven = INT64_MIN;
+
+struct RunOptions {
+  std::string model = "synth:tiny";
+  bool model_given = false;            // --model was on the command line
+  std::vector<std::string> configs;    // --config a.yaml,b.yaml
+  int64_t experts_on_gpu = kNotGiven;  // --experts-on-gpu N
+  std::string cuda_graph;              // --cuda-graph on|off; "": the placement's setting
+  std::string moe_kernel;              // --moe-kernel fused|unfused; "": the placement's setting
+  std::string gpu_mem;                 // --gpu-mem budget overrides ("" = defaults)
+  std::string cpu_mem;                 // --cpu-mem
+  int64_t prompt = 512;
+  int64_t gen = 128;
+  int reps = 5;
+  std::vector<int> threads;
+  bool json = false;
+  bool probe = true;
+  uint64_t seed = 42;
+};
+
+// True when the run goes through placements (any of --config, --experts-on-gpu, --cuda-graph,
+// --moe-kernel, --gpu-mem, --cpu-mem); a plain --model run keeps the CpuEngine-only table.
+bool uses_placements(const RunOptions& opt);
+
+// Runs the benchmark and prints the table (or JSON) on stdout. Throws ktune::Error.
+void run_benchmark(const RunOptions& opt);
+
+// ---- pieces of the placement path (tested in-process) ----
+
+enum class EngineKind { Cpu, Gpu };
+const char* engine_kind_name(EngineKind k);  // "cpu" | "gpu"
+
+// Which engine runs a resolved placement: every layer's attention and experts on CPU devices ->
+// Cpu; every one on cuda:0 -> Gpu. Anything else throws ktune::Error (exit 1) naming `where`:
+// CPU/GPU mixes ("hybrid CPU/GPU placements are not implemented in this build yet") with the
+// layers and devices that mix, or GPUs other than cuda:0.
+EngineKind choose_engine(const Placement& p, const std::string& where);
+
+// Runtime settings from the command line and the environment, applied over the placement's.
+struct RuntimeOverrides {
+  std::optional<bool> cuda_graph;       // --cuda-graph
+  std::optional<MoeKernel> moe_kernel;  // --moe-kernel
+  bool env_graph_off = false;           // KTUNE_CUDA_GRAPH=0 (kill switch: wins over everything)
+};
+// Parses the flags (usage errors name the flag) and reads KTUNE_CUDA_GRAPH.
+RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
+                                         const std::string& moe_kernel);
+// Applies them. --moe-kernel unfused without --cuda-graph turns the graph off (a graph cannot
+// capture routing read on the host); KTUNE_CUDA_GRAPH=0 turns it off whatever else says.
+void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o);
+// Throws ktune::Error naming `where` for settings the chosen engine cannot run (the GpuEngine
+// with unfused MoE and a CUDA graph).
+void check_engine_settings(const Placement& p, EngineKind engine, const std::string& where);
+// Throws ktune::Error naming the first GPU of `p` this machine does not have, with the reason
+// (no driver, CPU-only build, fewer GPUs).
+void check_gpus_present(const Placement& p);
+
+// What the table's header and the JSON say about one placement.
+struct PlacementSummary {
+  std::string label;  // file name, or the quick flags
+  EngineKind engine = EngineKind::Cpu;
+  std::map<std::string, int64_t, DeviceNameLess> experts;  // experts per device (all layers)
+  std::map<std::string, int64_t, DeviceNameLess> bytes;    // planned bytes per memory pool
+  std::map<std::string, int64_t, DeviceNameLess> budget;   // budgets (-1: unknown)
+  bool cuda_graph = false;                                 // as run (always off on the CpuEngine)
+  MoeKernel moe_kernel = MoeKernel::Fused;
+  int cpu_threads = 0;
+  int64_t context = 0;
+  std::string line()
+      const;  // "engine cpu | experts: cpu 32 | memory: cpu 0.0 GiB | graph off | moe fused"
+};
+PlacementSummary summarize_placement(const std::string& label, const Placement& p,
+                                     const MemoryPlan& plan, EngineKind engine);
+
+// "layers 0-23: attention cuda:0, experts cuda:0; layers 24-47: attention cuda:0, experts cpu"
+// (consecutive layers with the same devices grouped; at most `max_groups`, then "...").
+std::string describe_layer_devices(const Placement& p, int max_groups = 4);
+
+}  // namespace ktune::cli

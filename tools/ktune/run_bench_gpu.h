@@ -1,0 +1,38 @@
+// The GpuEngine side of `ktune run`, in its own translation unit so run_bench.cpp does not need
+// gpu_engine.h (kept apart from placement.h's declarations). Plain types only.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bench_stats.h"
+#include "ktune/engine/model.h"
+
+namespace ktune::cli {
+
+struct GpuBenchSettings {
+  int64_t max_context = 4096;
+  bool cuda_graph = true;
+  bool fused = true;
+  int64_t prompt = 0;  // prefill tokens per repetition (0 skips)
+  int64_t gen = 0;     // decode tokens per repetition (0 skips)
+  int reps = 1;
+  bool progress = false;
+  std::string label;  // for progress lines
+};
+
+struct GpuBenchResult {
+  Stat prefill;  // tok/s
+  Stat decode;   // tok/s
+  std::string describe;
+  int64_t device_bytes = 0;
+};
+
+// Builds a GpuEngine (weights copied to cuda:0), runs rep 0 as warm-up and `reps` timed
+// repetitions: pp = prefill(prompt) from position 0, tg = generate_greedy from an empty context.
+// Throws ktune::Error (no GPU, CPU-only build, unsupported tensors).
+GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSettings& s,
+                                const std::vector<int32_t>& prompt_tokens);
+
+}  // namespace ktune::cli
