@@ -11,9 +11,11 @@
 #include <string>
 #include <tuple>
 
+#include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
+#include "ktune/engine/thread_pool.h"
 
 namespace ktune {
 
@@ -37,6 +39,12 @@ struct DevTensor {
 
 struct DevLayer {
   DevTensor attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, router, gate, up, down;
+  // Hybrid: experts of this layer on the GPU (gate/up/down hold only those, compacted) and on
+  // the CPU; slot_map (device, n_experts int32: slot or -1) when the layer mixes, else nullptr.
+  int64_t n_gpu_experts = 0;
+  int64_t n_cpu_experts = 0;
+  const int32_t* slot_map = nullptr;
+  std::vector<int32_t> host_slot;  // the same map on the host (unfused path); empty: slot = id
   uint16_t* k_cache = nullptr;
   uint16_t* v_cache = nullptr;
 };
@@ -68,10 +76,28 @@ struct GpuEngine::Impl {
   // router top-k; launch_matvec), for A/B timing against the fused step.
   bool legacy = false;
 
-  // Pinned host staging: the token written by decode(), routing read by the unfused path.
+  // Routing staging, device and pinned host, one contiguous block so one copy moves it:
+  // [h: hidden floats][ids: top_k int32][wts: top_k floats]. h, ids, wts point into it.
+  void* stage = nullptr;
+  size_t stage_bytes = 0, stage_ids_off = 0;
+  // Pinned host staging: the token written by decode(), the routing block (unfused path, CPU
+  // experts), the CPU experts' partial sum.
   int32_t* h_token = nullptr;
+  uint8_t* h_stage = nullptr;
+  float* h_h = nullptr;
   int32_t* h_ids = nullptr;
   float* h_wts = nullptr;
+  float* h_ycpu = nullptr;
+
+  // Hybrid mode (some expert on the CPU).
+  bool is_hybrid = false;
+  int64_t cpu_experts_total = 0;
+  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<CpuMoe> cpu_moe;
+  std::vector<int32_t> sel_ids;
+  std::vector<float> sel_w;
+  float* ycpu = nullptr;  // device copy of the CPU partial sum
+  std::unique_ptr<cuda::Event> ev_route;  // routing block copied (hybrid)
 
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
@@ -83,6 +109,27 @@ struct GpuEngine::Impl {
                   "cuda_graph with moe_kernel unfused is not possible: the unfused "
                   "path copies routing to the host and synchronises in the middle of the step",
                   "use moe_kernel fused with the graph, or turn cuda_graph off", ErrorKind::Usage);
+    }
+    const bool want_map = !opt.expert_on_gpu.empty();
+    if (want_map) {
+      bool ok = static_cast<int64_t>(opt.expert_on_gpu.size()) == cfg.n_layers;
+      for (const auto& row : opt.expert_on_gpu) {
+        ok = ok && static_cast<int64_t>(row.size()) == cfg.n_experts;
+        for (bool b : row) is_hybrid = is_hybrid || !b;
+      }
+      if (!ok) {
+        throw Error("gpu engine",
+                    "expert placement map is not " + std::to_string(cfg.n_layers) + " layers x " +
+                        std::to_string(cfg.n_experts) + " experts",
+                    "pass one device flag per expert of every layer", ErrorKind::Usage);
+      }
+    }
+    if (is_hybrid && opt.cuda_graph) {
+      throw Error("gpu engine",
+                  "cuda_graph with experts on the CPU is not implemented yet: the hybrid step "
+                  "hands CPU experts over on the host thread (the graph hand-offs through host "
+                  "nodes or mapped flags are still to come)",
+                  "turn cuda_graph off for placements with CPU experts", ErrorKind::Usage);
     }
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
@@ -129,7 +176,29 @@ struct GpuEngine::Impl {
         all.push_back(t);
       }
     }
+    auto on_gpu = [&](int64_t l, int64_t e) {
+      return !want_map || opt.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)];
+    };
+    auto gpu_count = [&](int64_t l) {
+      int64_t n = 0;
+      for (int64_t e = 0; e < cfg.n_experts; ++e) n += on_gpu(l, e) ? 1 : 0;
+      return n;
+    };
     size_t wbytes = 0;
+    // Expert tensors: only the GPU experts' matrices (compacted), plus a slot map for a layer
+    // that mixes; the full tensor is counted below and taken back here.
+    for (int64_t l = 0; l < static_cast<int64_t>(w.layers.size()); ++l) {
+      const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+      const int64_t ng = gpu_count(l);
+      for (const TensorView* t : {&lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
+        if (t->data == nullptr) continue;
+        wbytes -= align_up(static_cast<size_t>(t->nbytes()));
+        if (ng > 0) wbytes += align_up(static_cast<size_t>(ng * t->ne[1] * t->row_stride()));
+      }
+      if (ng > 0 && ng < cfg.n_experts) {
+        wbytes += align_up(static_cast<size_t>(cfg.n_experts) * sizeof(int32_t));
+      }
+    }
     for (const TensorView* t : all) {
       if (t->data == nullptr) {
         throw Error(t->name.empty() ? "gpu engine" : t->name, "tensor missing",
@@ -200,9 +269,51 @@ struct GpuEngine::Impl {
       d.k_norm = upload(lw.k_norm);
       d.ffn_norm = upload(lw.ffn_norm);
       d.router = upload(lw.router);
-      d.gate = upload(lw.gate_exps);
-      d.up = upload(lw.up_exps);
-      d.down = upload(lw.down_exps);
+      d.n_gpu_experts = gpu_count(l);
+      d.n_cpu_experts = n_exp - d.n_gpu_experts;
+      cpu_experts_total += d.n_cpu_experts;
+      if (d.n_cpu_experts == 0) {
+        d.gate = upload(lw.gate_exps);
+        d.up = upload(lw.up_exps);
+        d.down = upload(lw.down_exps);
+      } else {
+        // Compacted: slot s holds the s-th GPU expert (in id order).
+        d.host_slot.assign(static_cast<size_t>(n_exp), -1);
+        int32_t next = 0;
+        for (int64_t e = 0; e < n_exp; ++e) {
+          if (on_gpu(l, e)) d.host_slot[static_cast<size_t>(e)] = next++;
+        }
+        auto upload_experts = [&](const TensorView& t) {
+          DevTensor dt;
+          dt.type = t.type;
+          dt.row_len = t.row_len();
+          dt.rows = t.ne[1] * d.n_gpu_experts;
+          dt.matrix_bytes = t.ne[1] * t.row_stride();
+          if (d.n_gpu_experts == 0) return dt;
+          auto* p = static_cast<uint8_t*>(weights_arena.alloc(
+              static_cast<size_t>(d.n_gpu_experts * dt.matrix_bytes), kAlign));
+          for (int64_t e = 0; e < n_exp; ++e) {
+            const int32_t sl = d.host_slot[static_cast<size_t>(e)];
+            if (sl < 0) continue;
+            KTUNE_CUDA_CHECK(cudaMemcpy(p + sl * dt.matrix_bytes, t.matrix(e),
+                                        static_cast<size_t>(dt.matrix_bytes),
+                                        cudaMemcpyHostToDevice));
+          }
+          dt.data = p;
+          return dt;
+        };
+        d.gate = upload_experts(lw.gate_exps);
+        d.up = upload_experts(lw.up_exps);
+        d.down = upload_experts(lw.down_exps);
+        if (d.n_gpu_experts > 0) {
+          auto* m = static_cast<int32_t*>(
+              weights_arena.alloc(static_cast<size_t>(n_exp) * sizeof(int32_t), kAlign));
+          KTUNE_CUDA_CHECK(cudaMemcpy(m, d.host_slot.data(),
+                                      static_cast<size_t>(n_exp) * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice));
+          d.slot_map = m;
+        }
+      }
     }
 
     // ---- KV cache, activations, workspace: one arena ----
@@ -210,12 +321,14 @@ struct GpuEngine::Impl {
     const size_t ws_bytes = cuda::attention_decode_workspace_bytes(n_heads, hd, max_ctx);
     const size_t f = sizeof(float);
     size_t work = 2 * static_cast<size_t>(layers) * align_up(kv_bytes) + align_up(ws_bytes);
-    for (int64_t n : {hidden, hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp,
-                      top_k, top_k * ffn, ffn, ffn, hidden, hidden, vocab, hd / 2}) {
+    stage_ids_off = static_cast<size_t>(hidden) * f;
+    stage_bytes = stage_ids_off + (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16 +
+                  static_cast<size_t>(top_k) * 4;
+    for (int64_t n : {hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp,
+                      top_k * ffn, ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
       work += align_up(static_cast<size_t>(n) * f);
     }
-    work += align_up(static_cast<size_t>(top_k) * 4) + 3 * kAlign +
-            align_up(static_cast<size_t>(max_ctx) * 4);
+    work += align_up(stage_bytes) + 3 * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
     work_arena = cuda::DeviceArena(work, "gpu engine workspace");
     for (DevLayer& d : L) {
       d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
@@ -224,7 +337,12 @@ struct GpuEngine::Impl {
     attn_ws = work_arena.alloc(std::max<size_t>(ws_bytes, 1));
     auto fl = [&](int64_t n) { return work_arena.alloc_n<float>(static_cast<size_t>(n)); };
     x = fl(hidden);
-    h = fl(hidden);
+    stage = work_arena.alloc(stage_bytes);
+    h = static_cast<float*>(stage);
+    ids = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(stage) + stage_ids_off);
+    wts = reinterpret_cast<float*>(static_cast<uint8_t*>(stage) + stage_ids_off +
+                                   (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16);
+    ycpu = fl(hidden);
     q = fl(nq);
     k = fl(nkv_rows);
     v = fl(nkv_rows);
@@ -233,7 +351,6 @@ struct GpuEngine::Impl {
     attn = fl(nq);
     o = fl(hidden);
     rlog = fl(n_exp);
-    wts = fl(top_k);
     act = fl(top_k * ffn);
     g = fl(ffn);
     u = fl(ffn);
@@ -241,7 +358,6 @@ struct GpuEngine::Impl {
     acc = fl(hidden);
     logits = fl(vocab);
     inv_freq = fl(hd / 2);
-    ids = work_arena.alloc_n<int32_t>(static_cast<size_t>(top_k));
     token = work_arena.alloc_n<int32_t>(1);
     pos = work_arena.alloc_n<int32_t>(1);
     history = work_arena.alloc_n<int32_t>(static_cast<size_t>(max_ctx));
@@ -249,22 +365,34 @@ struct GpuEngine::Impl {
     KTUNE_CUDA_CHECK(cudaMemset(router_counter, 0, sizeof(unsigned)));
     KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
     if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
+    if (is_hybrid) legacy = false;  // the one-launch-per-op step has no hybrid MoE
     const std::vector<float> freq = cuda::rope_inv_freq(cfg.rope_theta, hd);
     KTUNE_CUDA_CHECK(cudaMemcpy(inv_freq, freq.data(), freq.size() * f, cudaMemcpyHostToDevice));
     KTUNE_CUDA_CHECK(cudaMemset(pos, 0, sizeof(int32_t)));
     KTUNE_CUDA_CHECK(cudaMemset(history, 0xff, static_cast<size_t>(max_ctx) * 4));
 
     KTUNE_CUDA_CHECK(cudaMallocHost(&h_token, sizeof(int32_t)));
-    KTUNE_CUDA_CHECK(cudaMallocHost(&h_ids, static_cast<size_t>(top_k) * sizeof(int32_t)));
-    KTUNE_CUDA_CHECK(cudaMallocHost(&h_wts, static_cast<size_t>(top_k) * sizeof(float)));
+    KTUNE_CUDA_CHECK(cudaMallocHost(&h_stage, stage_bytes));
+    h_h = reinterpret_cast<float*>(h_stage);
+    h_ids = reinterpret_cast<int32_t*>(h_stage + stage_ids_off);
+    h_wts = reinterpret_cast<float*>(h_stage + (reinterpret_cast<uint8_t*>(wts) -
+                                                static_cast<uint8_t*>(stage)));
+    if (is_hybrid) {
+      KTUNE_CUDA_CHECK(cudaMallocHost(&h_ycpu, static_cast<size_t>(hidden) * sizeof(float)));
+      pool = std::make_unique<ThreadPool>(opt.cpu_threads, opt.pin_threads);
+      cpu_moe = std::make_unique<CpuMoe>(w, *pool);
+      ev_route = std::make_unique<cuda::Event>(false);
+      sel_ids.resize(static_cast<size_t>(top_k));
+      sel_w.resize(static_cast<size_t>(top_k));
+    }
   }
 
   ~Impl() {
     if (graph_exec) cudaGraphExecDestroy(graph_exec);
     if (graph) cudaGraphDestroy(graph);
     if (h_token) cudaFreeHost(h_token);
-    if (h_ids) cudaFreeHost(h_ids);
-    if (h_wts) cudaFreeHost(h_wts);
+    if (h_stage) cudaFreeHost(h_stage);
+    if (h_ycpu) cudaFreeHost(h_ycpu);
   }
 
   void matvec(const DevTensor& t, const float* in, float* out, int64_t rows) {
@@ -346,7 +474,7 @@ struct GpuEngine::Impl {
       router.topk_norm = cfg.norm_topk_prob;
       router.counter = router_counter;
       check_launch(cuda::launch_matvec_fused(router, s), "launch_matvec_fused router");
-      moe(d);
+      moe(d, l);
     }
     cuda::MatvecFused head;
     head.type = output.type;
@@ -361,19 +489,56 @@ struct GpuEngine::Impl {
                  "launch_decode_advance");
   }
 
-  void moe(const DevLayer& d) {
+  void moe(const DevLayer& d, int64_t l) {
     cudaStream_t s = stream;
-    if (opt.moe_kernel == MoeKernel::Fused) {
+    if (opt.moe_kernel == MoeKernel::Unfused) {
+      moe_unfused(d, l);
+      return;
+    }
+    if (d.n_cpu_experts > 0) {
+      // Routing block (h, ids, weights) to pinned memory; the GPU experts run meanwhile.
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+      ev_route->record(s);
+    }
+    if (d.n_gpu_experts > 0) {
       check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data,
                                                    d.gate.matrix_bytes, ids, top_k, n_exp, h, ffn,
-                                                   hidden, act, s),
+                                                   hidden, act, s, d.slot_map),
                    "launch_moe_gate_up_swiglu");
       check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids,
-                                             wts, top_k, n_exp, act, hidden, ffn, x, s),
+                                             wts, top_k, n_exp, act, hidden, ffn, x, s,
+                                             d.slot_map),
                    "launch_moe_down_sum");
-    } else {
-      moe_unfused(d);
     }
+    if (d.n_cpu_experts > 0) {
+      ev_route->synchronize();
+      cpu_experts(d, l);
+    }
+  }
+
+  // The CPU experts of the routing in h_stage (copied and complete): CpuMoe over the selected
+  // experts kept on the CPU, in slot order, into pinned memory; then the copy to the device and
+  // x += y_cpu enqueued on the stream, after whatever GPU experts were enqueued before.
+  void cpu_experts(const DevLayer& d, int64_t l) {
+    int n = 0;
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int32_t id = h_ids[j];
+      if (id < 0 || id >= n_exp) {
+        throw Error("gpu engine",
+                    "router chose expert " + std::to_string(id) + " of " + std::to_string(n_exp),
+                    "the model's router produced NaN logits");
+      }
+      if (d.host_slot[static_cast<size_t>(id)] >= 0) continue;  // a GPU expert
+      sel_ids[static_cast<size_t>(n)] = id;
+      sel_w[static_cast<size_t>(n)] = h_wts[j];
+      ++n;
+    }
+    if (n == 0) return;
+    cpu_moe->compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
+    cudaStream_t s = stream;
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(ycpu, h_ycpu, static_cast<size_t>(hidden) * sizeof(float),
+                                     cudaMemcpyHostToDevice, s));
+    check_launch(cuda::launch_add_inplace(x, ycpu, hidden, s), "launch_add_inplace cpu experts");
   }
 
   void enqueue_step_legacy() {
@@ -419,7 +584,7 @@ struct GpuEngine::Impl {
                                                wts, top_k, n_exp, act, hidden, ffn, x, s),
                      "launch_moe_down_sum");
       } else {
-        moe_unfused(d);
+        moe_unfused(d, l);
       }
     }
     check_launch(
@@ -432,24 +597,32 @@ struct GpuEngine::Impl {
   }
 
   // The per-expert pattern: routing to the host (sync), then 5 launches per selected expert.
-  void moe_unfused(const DevLayer& d) {
+  // With CPU experts in the layer: the whole routing block (h too) comes over, the GPU experts
+  // are launched first, then the CPU experts run while the GPU works (same sums as fused).
+  void moe_unfused(const DevLayer& d, int64_t l) {
     cudaStream_t s = stream;
-    KTUNE_CUDA_CHECK(
-        cudaMemcpyAsync(h_ids, ids, static_cast<size_t>(top_k) * 4, cudaMemcpyDeviceToHost, s));
-    KTUNE_CUDA_CHECK(
-        cudaMemcpyAsync(h_wts, wts, static_cast<size_t>(top_k) * 4, cudaMemcpyDeviceToHost, s));
+    if (d.n_cpu_experts > 0) {
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+    } else {
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off,
+                                       cudaMemcpyDeviceToHost, s));
+    }
     KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
-    KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
-    for (int64_t j = 0; j < top_k; ++j) {
+    if (d.n_gpu_experts > 0) {
+      KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
+    }
+    for (int64_t j = 0; j < top_k && d.n_gpu_experts > 0; ++j) {
       const int32_t id = h_ids[j];
       if (id < 0 || id >= n_exp) {
         throw Error("gpu engine",
                     "router chose expert " + std::to_string(id) + " of " + std::to_string(n_exp),
                     "the model's router produced NaN logits");
       }
-      const auto* gb = static_cast<const uint8_t*>(d.gate.data) + id * d.gate.matrix_bytes;
-      const auto* ub = static_cast<const uint8_t*>(d.up.data) + id * d.up.matrix_bytes;
-      const auto* db = static_cast<const uint8_t*>(d.down.data) + id * d.down.matrix_bytes;
+      const int64_t slot = d.host_slot.empty() ? id : d.host_slot[static_cast<size_t>(id)];
+      if (slot < 0) continue;  // a CPU expert
+      const auto* gb = static_cast<const uint8_t*>(d.gate.data) + slot * d.gate.matrix_bytes;
+      const auto* ub = static_cast<const uint8_t*>(d.up.data) + slot * d.up.matrix_bytes;
+      const auto* db = static_cast<const uint8_t*>(d.down.data) + slot * d.down.matrix_bytes;
       check_launch(cuda::launch_matvec_rowwarp(d.gate.type, gb, h, ffn, hidden, g, s), "gate");
       check_launch(cuda::launch_matvec_rowwarp(d.up.type, ub, h, ffn, hidden, u, s), "up");
       float* a = act + j * ffn;
@@ -457,7 +630,10 @@ struct GpuEngine::Impl {
       check_launch(cuda::launch_matvec_rowwarp(d.down.type, db, a, hidden, ffn, ye, s), "down");
       check_launch(cuda::launch_axpy_accumulate(h_wts[j], ye, hidden, acc, s), "axpy");
     }
-    check_launch(cuda::launch_add_inplace(x, acc, hidden, s), "launch_add_inplace moe");
+    if (d.n_gpu_experts > 0) {
+      check_launch(cuda::launch_add_inplace(x, acc, hidden, s), "launch_add_inplace moe");
+    }
+    if (d.n_cpu_experts > 0) cpu_experts(d, l);
   }
 
   void run_step() {
@@ -550,8 +726,16 @@ int64_t GpuEngine::device_bytes() const {
 }
 
 std::string GpuEngine::describe() const {
-  return "cuda:0 " + impl_->device_name + ", moe " + moe_kernel_name(impl_->opt.moe_kernel) +
-         ", graph " + (impl_->opt.cuda_graph ? "on" : "off");
+  const Impl& m = *impl_;
+  std::string s = "cuda:0 " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
+                  ", graph " + (m.opt.cuda_graph ? "on" : "off");
+  if (m.is_hybrid) {
+    s += ", " + std::to_string(m.cpu_experts_total) + "/" + std::to_string(m.n_exp * m.layers) +
+         " experts on cpu (" + std::to_string(m.pool->size()) + " threads)";
+  }
+  return s;
 }
+
+bool GpuEngine::hybrid() const { return impl_->is_hybrid; }
 
 }  // namespace ktune

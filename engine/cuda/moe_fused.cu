@@ -27,7 +27,8 @@ template <QuantType T>
 __global__ void moe_gate_up_kernel(const uint8_t* __restrict__ gate, const uint8_t* __restrict__ up,
                                    int64_t expert_bytes, const int32_t* __restrict__ ids,
                                    int n_experts, const float* __restrict__ x, int ffn, int nb,
-                                   int64_t row_bytes, float* __restrict__ act) {
+                                   int64_t row_bytes, float* __restrict__ act,
+                                   const int32_t* __restrict__ slot_of) {
   const int j = blockIdx.y;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / detail::kWarp;
   if (r >= ffn) return;
@@ -37,7 +38,12 @@ __global__ void moe_gate_up_kernel(const uint8_t* __restrict__ gate, const uint8
     if (threadIdx.x % detail::kWarp == 0) *out = __int_as_float(0x7fc00000);
     return;
   }
-  const int64_t off = id * expert_bytes + r * row_bytes;
+  const int slot = slot_of ? slot_of[id] : id;
+  if (slot < 0) {  // an expert the placement keeps elsewhere (the CPU): not computed here
+    if (threadIdx.x % detail::kWarp == 0) *out = 0.0f;
+    return;
+  }
+  const int64_t off = slot * expert_bytes + r * row_bytes;
   const uint8_t* const rp[2] = {gate + off, up + off};
   const float* const xp[2] = {x, x};
   float gu[2];
@@ -52,12 +58,12 @@ __global__ void moe_gate_up_kernel(const uint8_t* __restrict__ gate, const uint8
 constexpr int kDownRows = 4;
 constexpr int kDownThreads = 2 * kDownRows * detail::kWarp;
 
-template <QuantType T>
+template <QuantType T, bool Masked>
 __global__ void __launch_bounds__(kDownThreads)
     moe_down_kernel(const uint8_t* __restrict__ down, int64_t expert_bytes,
                     const int32_t* __restrict__ ids, const float* __restrict__ wts, int k,
                     int n_experts, const float* __restrict__ act, int hidden, int ffn, int nb,
-                    int64_t row_bytes, float* __restrict__ x) {
+                    int64_t row_bytes, float* __restrict__ x, const int32_t* __restrict__ slot_of) {
   extern __shared__ float dots[];  // [kDownRows][k]
   const int warp = threadIdx.x / detail::kWarp;
   const int rl = warp % kDownRows;
@@ -66,7 +72,48 @@ __global__ void __launch_bounds__(kDownThreads)
   const int k0 = (k + 1) / 2;
   const int jb = half == 0 ? 0 : k0;
   const int je = half == 0 ? k0 : k;
-  if (r < hidden) {
+  if (Masked && r < hidden) {
+    // Only the slots whose expert lives here (slot_of[id] >= 0), gathered 4 at a time in slot
+    // order; the warp reads the same ids, so the control flow is warp-uniform.
+    float* dr = dots + rl * k;
+    int j = jb;
+    while (j < je) {
+      int js[4], ss[4], cnt = 0;
+      for (; j < je && cnt < 4; ++j) {
+        const int id = ids[j];
+        const int sl = (id < 0 || id >= n_experts) ? -1 : slot_of[id];
+        if (sl >= 0) {
+          js[cnt] = j;
+          ss[cnt] = sl;
+          ++cnt;
+        }
+      }
+      if (cnt == 4) {
+        const uint8_t* rp[4];
+        const float* xp[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          rp[i] = down + ss[i] * expert_bytes + r * row_bytes;
+          xp[i] = act + static_cast<int64_t>(js[i]) * ffn;
+        }
+        float d[4];
+        detail::warp_rows_dot<T, 4>(rp, xp, nb, d);
+        if (threadIdx.x % detail::kWarp == 0) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dr[js[i]] = d[i];
+        }
+      } else {
+        for (int i = 0; i < cnt; ++i) {
+          const uint8_t* const rp[1] = {down + ss[i] * expert_bytes + r * row_bytes};
+          const float* const xp[1] = {act + static_cast<int64_t>(js[i]) * ffn};
+          float d[1];
+          detail::warp_rows_dot<T, 1>(rp, xp, nb, d);
+          if (threadIdx.x % detail::kWarp == 0) dr[js[i]] = d[0];
+        }
+      }
+    }
+  }
+  if (!Masked && r < hidden) {
     float* dr = dots + rl * k;
     int j = jb;
     for (; j + 4 <= je; j += 4) {
@@ -105,7 +152,9 @@ __global__ void __launch_bounds__(kDownThreads)
       bool bad = false;
       for (int j = 0; j < k; ++j) {
         const int id = ids[j];
-        bad = bad || id < 0 || id >= n_experts;
+        const bool b = id < 0 || id >= n_experts;
+        bad = bad || b;
+        if (Masked && (b || slot_of[id] < 0)) continue;  // summed by the expert's own device
         s = __fadd_rn(s, __fmul_rn(wts[j], dr[j]));
       }
       x[ro] = bad ? __int_as_float(0x7fc00000) : __fadd_rn(x[ro], s);
@@ -122,12 +171,38 @@ bool moe_args_ok(QuantType type, const void* w, int64_t expert_bytes, const floa
          detail::rowdot_aligned(type, reinterpret_cast<const void*>(expert_bytes));
 }
 
+template <bool Masked>
+void launch_down(QuantType type, unsigned grid, size_t smem, cudaStream_t stream,
+                 const uint8_t* d, int64_t expert_bytes, const int32_t* ids, const float* weights,
+                 int kk, int ne, const float* act, int h, int f, int nb, int64_t rb, float* x,
+                 const int32_t* slot) {
+  switch (type) {
+    case QuantType::Q8_0:
+      moe_down_kernel<QuantType::Q8_0, Masked><<<grid, kDownThreads, smem, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
+      break;
+    case QuantType::Q4_0:
+      moe_down_kernel<QuantType::Q4_0, Masked><<<grid, kDownThreads, smem, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
+      break;
+    case QuantType::BF16:
+      moe_down_kernel<QuantType::BF16, Masked><<<grid, kDownThreads, smem, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
+      break;
+    default:
+      moe_down_kernel<QuantType::F32, Masked><<<grid, kDownThreads, smem, stream>>>(
+          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
+      break;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const void* up,
                                       int64_t expert_bytes, const int32_t* ids, int64_t k,
                                       int64_t n_experts, const float* x, int64_t ffn,
-                                      int64_t hidden, float* act, cudaStream_t stream) {
+                                      int64_t hidden, float* act, cudaStream_t stream,
+                                      const int32_t* expert_slot) {
   if (!moe_args_ok(type, gate, expert_bytes, x, k, n_experts, ffn, hidden) || up == nullptr ||
       !detail::rowdot_aligned(type, up)) {
     return cudaErrorInvalidValue;
@@ -142,19 +217,23 @@ cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const vo
   switch (type) {
     case QuantType::Q8_0:
       moe_gate_up_kernel<QuantType::Q8_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
+                                                             expert_slot);
       break;
     case QuantType::Q4_0:
       moe_gate_up_kernel<QuantType::Q4_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
+                                                             expert_slot);
       break;
     case QuantType::BF16:
       moe_gate_up_kernel<QuantType::BF16>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
+                                                             expert_slot);
       break;
     default:
       moe_gate_up_kernel<QuantType::F32>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act);
+          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
+                                                             expert_slot);
       break;
   }
   return cudaGetLastError();
@@ -163,7 +242,7 @@ cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const vo
 cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert_bytes,
                                 const int32_t* ids, const float* weights, int64_t k,
                                 int64_t n_experts, const float* act, int64_t hidden, int64_t ffn,
-                                float* x, cudaStream_t stream) {
+                                float* x, cudaStream_t stream, const int32_t* expert_slot) {
   if (!moe_args_ok(type, down, expert_bytes, act, k, n_experts, hidden, ffn) || (ffn % 4) != 0) {
     return cudaErrorInvalidValue;
   }
@@ -177,23 +256,12 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
   const int kk = static_cast<int>(k);
   const int h = static_cast<int>(hidden);
   const int f = static_cast<int>(ffn);
-  switch (type) {
-    case QuantType::Q8_0:
-      moe_down_kernel<QuantType::Q8_0><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
-      break;
-    case QuantType::Q4_0:
-      moe_down_kernel<QuantType::Q4_0><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
-      break;
-    case QuantType::BF16:
-      moe_down_kernel<QuantType::BF16><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
-      break;
-    default:
-      moe_down_kernel<QuantType::F32><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x);
-      break;
+  if (expert_slot != nullptr) {
+    launch_down<true>(type, grid, smem, stream, d, expert_bytes, ids, weights, kk, ne, act, h, f,
+                      nb, rb, x, expert_slot);
+  } else {
+    launch_down<false>(type, grid, smem, stream, d, expert_bytes, ids, weights, kk, ne, act, h, f,
+                       nb, rb, x, nullptr);
   }
   return cudaGetLastError();
 }

@@ -25,5 +25,6 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t, int64_t) { return {}; }
 const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
 int64_t GpuEngine::device_bytes() const { return 0; }
 std::string GpuEngine::describe() const { return "no CUDA"; }
+bool GpuEngine::hybrid() const { return false; }
 
 }  // namespace ktune

@@ -7,6 +7,11 @@
 //   GpuEngine.* decode logits against CpuEngine on synth:tiny (Q8_0, Q4_0); fused vs unfused
 //               (bit-identical); graph vs no graph (identical greedy tokens over 32 steps);
 //               generate_greedy's device-chosen tokens against argmax of decode's logits.
+//   GpuEngineHybrid.* experts split between cuda:0 and the CPU (even ids on the GPU; all on the
+//               CPU; experts of the first half of the layers on the GPU): logits against
+//               CpuEngine (same tolerance rule), greedy tokens identical run to run and after
+//               reset, fused == unfused bit-identical; an all-GPU map equals no map; graph and
+//               malformed maps refused.
 //
 // Tolerance against the CPU engine: the CPU quantizes every matvec's activations to Q8_0 per
 // 32-element block, the GPU keeps them float32 (and its KV cache is fp16). The test measures the
@@ -263,7 +268,8 @@ double q8_activation_noise(const ModelWeights& m) {
   return std::sqrt(se / sr);
 }
 
-void check_against_cpu(QuantType qt) {
+void check_against_cpu(QuantType qt, GpuEngineOptions gopt = {64, false, MoeKernel::Fused},
+                       const char* tag = "GpuEngine") {
   const ModelWeights& m = tiny(qt);
   CpuEngineOptions co;
   co.threads = 4;
@@ -275,7 +281,7 @@ void check_against_cpu(QuantType qt) {
     ref.emplace_back();
     cpu.decode(t, &ref.back());
   }
-  const auto got = gpu_logits(m, {64, false, MoeKernel::Fused});
+  const auto got = gpu_logits(m, gopt);
   const double e1 = q8_activation_noise(m);
   const double stages = 1.0 + 5.0 * static_cast<double>(m.cfg.n_layers);
   const double rel_tol = std::max(0.01, 4.0 * e1 * std::sqrt(stages));
@@ -292,9 +298,9 @@ void check_against_cpu(QuantType qt) {
     agree += ac == ag;
     worst = std::max(worst, err / mx);
     std::printf(
-        "[GpuEngine %s] step %zu: max|gpu-cpu| %.4g, max|cpu logit| %.4g, rel %.4f%%, "
+        "[%s %s] step %zu: max|gpu-cpu| %.4g, max|cpu logit| %.4g, rel %.4f%%, "
         "argmax cpu %d gpu %d\n",
-        quant_name(qt), s, err, mx, 100.0 * err / mx, ac, ag);
+        tag, quant_name(qt), s, err, mx, 100.0 * err / mx, ac, ag);
     // One step may exceed the bound (up to 4x): with Q8_0 activations on the CPU, a near-tie in
     // some layer's router can pick a different expert than the GPU's float32 path, which moves
     // every later logit. Seen once on the H100 (synth:tiny Q8_0, step 2: 14.3% with every other
@@ -306,9 +312,9 @@ void check_against_cpu(QuantType qt) {
   }
   EXPECT_LE(outliers, 1) << "steps beyond the tolerance";
   std::printf(
-      "[GpuEngine %s] Q8 activation noise e1 %.4f%% -> tolerance %.3f%% of max|logit|; "
+      "[%s %s] Q8 activation noise e1 %.4f%% -> tolerance %.3f%% of max|logit|; "
       "worst %.4f%%; argmax agrees %d/%zu\n",
-      quant_name(qt), 100 * e1, 100 * rel_tol, 100 * worst, agree, kTokens.size());
+      tag, quant_name(qt), 100 * e1, 100 * rel_tol, 100 * worst, agree, kTokens.size());
   EXPECT_GE(agree, static_cast<int>(kTokens.size()) - 2);
 }
 
@@ -384,6 +390,116 @@ TEST(GpuEngine, ContextFullIsAnError) {
   EXPECT_THROW(e.generate_greedy(1, 5), Error);
   EXPECT_EQ(e.generate_greedy(1, 4).size(), 4u);
   EXPECT_THROW(e.decode(1, nullptr), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GpuEngine with a hybrid placement: attention + router on cuda:0, some experts on the CPU
+// (CpuMoe, Q8_0 activations like the CpuEngine), the CPU partial sum added on the GPU.
+
+enum class Split { EvenOnGpu, AllOnCpu, FirstHalfLayersOnGpu, AllOnGpu };
+
+GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split,
+                            MoeKernel k = MoeKernel::Fused) {
+  GpuEngineOptions o{64, false, k};
+  o.cpu_threads = 3;
+  o.pin_threads = false;
+  o.expert_on_gpu.assign(static_cast<size_t>(m.cfg.n_layers),
+                         std::vector<bool>(static_cast<size_t>(m.cfg.n_experts), false));
+  for (int64_t l = 0; l < m.cfg.n_layers; ++l) {
+    for (int64_t e = 0; e < m.cfg.n_experts; ++e) {
+      bool g = false;
+      switch (split) {
+        case Split::EvenOnGpu: g = e % 2 == 0; break;
+        case Split::AllOnCpu: g = false; break;
+        case Split::FirstHalfLayersOnGpu: g = l < m.cfg.n_layers / 2; break;
+        case Split::AllOnGpu: g = true; break;
+      }
+      o.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)] = g;
+    }
+  }
+  return o;
+}
+
+TEST(GpuEngineHybrid, LogitsMatchCpuEngineEvenExpertsOnGpu) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  check_against_cpu(QuantType::Q8_0, hybrid_opt(m, Split::EvenOnGpu), "GpuEngineHybrid even");
+}
+
+TEST(GpuEngineHybrid, LogitsMatchCpuEngineAllExpertsOnCpu) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  check_against_cpu(QuantType::Q8_0, hybrid_opt(m, Split::AllOnCpu), "GpuEngineHybrid cpu");
+}
+
+TEST(GpuEngineHybrid, LogitsMatchCpuEngineHalfTheLayers) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q4_0);
+  check_against_cpu(QuantType::Q4_0, hybrid_opt(m, Split::FirstHalfLayersOnGpu),
+                    "GpuEngineHybrid half");
+}
+
+TEST(GpuEngineHybrid, RunToRunAndFusedUnfusedIdentical) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  for (Split sp : {Split::EvenOnGpu, Split::AllOnCpu}) {
+    GpuEngine a(m, hybrid_opt(m, sp));
+    GpuEngine b(m, hybrid_opt(m, sp));
+    EXPECT_TRUE(a.hybrid());
+    const auto ta = a.generate_greedy(3, 16);
+    const auto tb = b.generate_greedy(3, 16);
+    ASSERT_EQ(ta.size(), 16u);
+    EXPECT_EQ(ta, tb);
+    a.reset();
+    EXPECT_EQ(a.generate_greedy(3, 16), ta);
+    std::string s;
+    for (int32_t t : ta) s += std::to_string(t) + " ";
+    std::printf("[GpuEngineHybrid] %s: %s | greedy tokens: %s\n",
+                sp == Split::EvenOnGpu ? "even experts on gpu" : "all experts on cpu",
+                a.describe().c_str(), s.c_str());
+    // Fused and unfused: the same sums in the same order, bit-identical logits.
+    const auto f = gpu_logits(m, hybrid_opt(m, sp, MoeKernel::Fused));
+    const auto u = gpu_logits(m, hybrid_opt(m, sp, MoeKernel::Unfused));
+    const auto f2 = gpu_logits(m, hybrid_opt(m, sp, MoeKernel::Fused));
+    for (size_t i = 0; i < f.size(); ++i) {
+      EXPECT_EQ(std::memcmp(f[i].data(), u[i].data(), f[i].size() * 4), 0) << "step " << i;
+      EXPECT_EQ(std::memcmp(f[i].data(), f2[i].data(), f[i].size() * 4), 0) << "step " << i;
+    }
+  }
+}
+
+TEST(GpuEngineHybrid, AllOnGpuMapEqualsNoMap) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  GpuEngineOptions o = hybrid_opt(m, Split::AllOnGpu);
+  GpuEngine e(m, o);
+  EXPECT_FALSE(e.hybrid());
+  const auto a = gpu_logits(m, o);
+  const auto b = gpu_logits(m, {64, false, MoeKernel::Fused});
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(std::memcmp(a[i].data(), b[i].data(), a[i].size() * 4), 0) << "step " << i;
+  }
+  // Only the GPU experts' weights are on the device.
+  GpuEngine c(m, hybrid_opt(m, Split::AllOnCpu));
+  EXPECT_LT(c.device_bytes(), e.device_bytes());
+}
+
+TEST(GpuEngineHybrid, GraphAndBadMapsAreRefused) {
+  KTUNE_REQUIRE_GPU();
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  GpuEngineOptions o = hybrid_opt(m, Split::EvenOnGpu);
+  o.cuda_graph = true;
+  try {
+    GpuEngine e(m, o);
+    FAIL() << "expected ktune::Error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("cuda_graph with experts on the CPU"),
+              std::string::npos)
+        << err.what();
+  }
+  o.cuda_graph = false;
+  o.expert_on_gpu.pop_back();
+  EXPECT_THROW(GpuEngine(m, o), Error);
 }
 
 }  // namespace

@@ -196,39 +196,66 @@ TEST(RunBench, EngineChoiceFollowsThePlacement) {
             EngineKind::Gpu);
 }
 
-TEST(RunBench, HybridPlacementsAreRefusedHonestlyNamingTheLayers) {
+TEST(RunBench, HybridPlacementsGoToTheHybridEngine) {
+  using ktune::Device;
+  using ktune::cli::EngineKind;
+  const auto& c = tiny_cfg();
+  // Attention on cuda:0 everywhere, experts of some layers (or all) on the CPU: the hybrid step.
+  EXPECT_EQ(ktune::cli::choose_engine(ktune::make_layer_split(c, 2, Device::cuda(0)), "x"),
+            EngineKind::Hybrid);
+  EXPECT_EQ(ktune::cli::choose_engine(ktune::make_layer_split(c, 0, Device::cuda(0)), "x"),
+            EngineKind::Hybrid);
+  EXPECT_EQ(ktune::cli::choose_engine(
+                ktune::make_uniform_placement(c, Device::cuda(0), Device::cpu()), "x"),
+            EngineKind::Hybrid);
+  ktune::Placement p = ktune::make_uniform_placement(c, Device::cuda(0), Device::cuda(0));
+  p.layers[1].experts[3] = Device::cpu();  // one expert of one layer
+  EXPECT_EQ(ktune::cli::choose_engine(p, "p.yaml"), EngineKind::Hybrid);
+  EXPECT_STREQ(ktune::cli::engine_kind_name(EngineKind::Hybrid), "hybrid");
+}
+
+TEST(RunBench, AttentionOnCpuWithGpuExpertsIsRefusedNamingTheLayers) {
   using ktune::Device;
   const auto& c = tiny_cfg();
-  try {
-    ktune::cli::choose_engine(ktune::make_layer_split(c, 2, Device::cuda(0)), "--experts-on-gpu 2");
-    FAIL() << "no error";
-  } catch (const ktune::Error& e) {
-    EXPECT_EQ(e.exit_code(), 1);
-    const std::string m = e.what();
-    EXPECT_NE(m.find("hybrid CPU/GPU placements are not implemented in this build yet"),
-              std::string::npos)
-        << m;
-    EXPECT_NE(m.find("layers 2-3 mix CPU and GPU"), std::string::npos) << m;
-    EXPECT_NE(m.find("layers 0-1: attention cuda:0, experts cuda:0"), std::string::npos) << m;
-    EXPECT_NE(m.find("layers 2-3: attention cuda:0, experts cpu"), std::string::npos) << m;
-    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
-  }
-  // Some experts of a layer on the GPU: the counts per device are named.
   ktune::Placement p = ktune::make_uniform_placement(c, Device::cuda(0), Device::cuda(0));
-  p.layers[1].experts[3] = Device::cpu();
+  p.layers[2].attention = Device::cpu();
+  p.layers[3].attention = Device::cpu();
+  p.layers[3].experts[1] = Device::cpu();
   try {
     ktune::cli::choose_engine(p, "p.yaml");
     FAIL() << "no error";
   } catch (const ktune::Error& e) {
+    EXPECT_EQ(e.exit_code(), 1);
     const std::string m = e.what();
-    EXPECT_NE(m.find("layers 1 mix"), std::string::npos) << m;
-    EXPECT_NE(m.find("layer 1: attention cuda:0, experts cpu 1 + cuda:0 7"), std::string::npos)
+    EXPECT_NE(m.find("hybrid placements need every layer's attention on cuda:0"),
+              std::string::npos)
         << m;
+    EXPECT_NE(m.find("layers 2-3 have attention on the CPU"), std::string::npos) << m;
+    EXPECT_NE(m.find("layers 0-1: attention cuda:0, experts cuda:0"), std::string::npos) << m;
+    EXPECT_NE(m.find("layer 3: attention cpu, experts cpu 1 + cuda:0 7"), std::string::npos)
+        << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
   }
-  // Other GPUs than cuda:0: not this build's engine either.
+  // Other GPUs than cuda:0: not this build's engine.
   EXPECT_THROW(ktune::cli::choose_engine(
                    ktune::make_uniform_placement(c, Device::cuda(1), Device::cuda(1)), "x"),
                ktune::Error);
+  EXPECT_THROW(ktune::cli::choose_engine(
+                   ktune::make_uniform_placement(c, Device::cuda(1), Device::cpu()), "x"),
+               ktune::Error);
+}
+
+TEST(RunBench, HybridSummarySaysTheGraphIsOff) {
+  using ktune::Device;
+  const auto& c = tiny_cfg();
+  const ktune::Placement p = ktune::make_layer_split(c, 2, Device::cuda(0));
+  ASSERT_TRUE(p.runtime.cuda_graph);
+  const ktune::MemoryPlan plan;
+  const auto s = ktune::cli::summarize_placement("x", p, plan, ktune::cli::EngineKind::Hybrid);
+  EXPECT_FALSE(s.cuda_graph);
+  EXPECT_NE(s.line().find("engine hybrid"), std::string::npos) << s.line();
+  EXPECT_NE(s.line().find("graph off (not implemented with CPU experts yet)"), std::string::npos)
+      << s.line();
 }
 
 TEST(RunBench, RuntimeOverridesAndKillSwitch) {

@@ -393,7 +393,16 @@ void run_placements(const RunOptions& opt) {
     } else {
       GpuBenchSettings s;
       s.max_context = r.context;
-      s.cuda_graph = r.placement.runtime.cuda_graph;
+      s.cuda_graph = r.summary.cuda_graph;  // off for hybrid rows (not implemented yet)
+      if (r.engine == EngineKind::Hybrid) {
+        s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
+        for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
+          for (const Device& d : r.placement.layers[l].experts) {
+            s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
+          }
+        }
+        s.cpu_threads = opt.threads.empty() ? r.placement.runtime.cpu_threads : thread_list.back();
+      }
       s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
       s.prompt = opt.prompt;
       s.gen = opt.gen;
@@ -510,7 +519,9 @@ void run_placements(const RunOptions& opt) {
 
 }  // namespace
 
-const char* engine_kind_name(EngineKind k) { return k == EngineKind::Cpu ? "cpu" : "gpu"; }
+const char* engine_kind_name(EngineKind k) {
+  return k == EngineKind::Cpu ? "cpu" : k == EngineKind::Gpu ? "gpu" : "hybrid";
+}
 
 bool uses_placements(const RunOptions& opt) {
   return !opt.configs.empty() || opt.experts_on_gpu != kNotGiven || !opt.cuda_graph.empty() ||
@@ -548,40 +559,35 @@ std::string describe_layer_devices(const Placement& p, int max_groups) {
 EngineKind choose_engine(const Placement& p, const std::string& where) {
   bool any_cpu = false;
   std::set<Device> gpus;
-  std::vector<int64_t> mixing;  // layers with CPU and GPU devices
   for (int64_t l = 0; l < p.n_layers(); ++l) {
     const LayerPlacement& lp = p.layers[l];
-    bool c = lp.attention.is_cpu(), g = lp.attention.is_gpu();
-    if (g) gpus.insert(lp.attention);
+    any_cpu = any_cpu || lp.attention.is_cpu();
+    if (lp.attention.is_gpu()) gpus.insert(lp.attention);
     for (const Device& d : lp.experts) {
-      c = c || d.is_cpu();
-      if (d.is_gpu()) {
-        g = true;
-        gpus.insert(d);
-      }
+      any_cpu = any_cpu || d.is_cpu();
+      if (d.is_gpu()) gpus.insert(d);
     }
-    any_cpu = any_cpu || c;
-    if (c && g) mixing.push_back(l);
   }
   if (gpus.empty()) return EngineKind::Cpu;
-  if (!any_cpu) {
-    if (gpus.size() == 1 && *gpus.begin() == Device::cuda(0)) return EngineKind::Gpu;
+  if (gpus.size() != 1 || *gpus.begin() != Device::cuda(0)) {
     std::string names;
     for (const Device& d : gpus) names += (names.empty() ? "" : ", ") + d.to_string();
     throw Error(where,
                 "placements on " + names +
-                    " are not implemented in this build yet (the GPU engine runs everything on "
-                    "cuda:0)",
-                "put every layer's attention and experts on cuda:0, or all on cpu");
+                    " are not implemented in this build yet (the GPU engine runs on cuda:0 only)",
+                "put every layer's attention and experts on cuda:0 or cpu");
   }
-  const std::string which = mixing.empty()
-                                ? std::string("layers run on different devices")
-                                : "layers " + format_id_ranges(mixing) + " mix CPU and GPU";
+  if (!any_cpu) return EngineKind::Gpu;
+  std::vector<int64_t> cpu_attention;
+  for (int64_t l = 0; l < p.n_layers(); ++l) {
+    if (!p.layers[l].attention.is_gpu()) cpu_attention.push_back(l);
+  }
+  if (cpu_attention.empty()) return EngineKind::Hybrid;
   throw Error(where,
-              "hybrid CPU/GPU placements are not implemented in this build yet (" + which + ": " +
-                  describe_layer_devices(p) + ")",
-              "run an all-cpu placement or one with every layer's attention and experts on "
-              "cuda:0 until the hybrid step lands");
+              "hybrid placements need every layer's attention on cuda:0 (layers " +
+                  format_id_ranges(cpu_attention) + " have attention on the CPU, with GPU " +
+                  "work elsewhere: " + describe_layer_devices(p) + ")",
+              "put every layer's attention on cuda:0 (experts may stay on cpu), or run all on cpu");
 }
 
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
@@ -666,6 +672,7 @@ PlacementSummary summarize_placement(const std::string& label, const Placement& 
     s.budget[d] = u.budget;
   }
   s.cuda_graph = engine == EngineKind::Gpu && p.runtime.cuda_graph;
+  s.graph_unsupported = engine == EngineKind::Hybrid && p.runtime.cuda_graph;
   s.moe_kernel = p.runtime.moe_kernel;
   s.cpu_threads = p.runtime.cpu_threads;
   s.context = p.runtime.context;
@@ -683,7 +690,10 @@ std::string PlacementSummary::line() const {
     }
   }
   return fmt::format("engine {} | experts: {} | memory: {} | graph {} | moe {}",
-                     engine_kind_name(engine), ex, mem, cuda_graph ? "on" : "off",
+                     engine_kind_name(engine), ex, mem,
+                     cuda_graph           ? "on"
+                     : graph_unsupported ? "off (not implemented with CPU experts yet)"
+                                         : "off",
                      moe_kernel_name(moe_kernel));
 }
 

@@ -46,13 +46,14 @@ void run_benchmark(const RunOptions& opt);
 
 // ---- pieces of the placement path (tested in-process) ----
 
-enum class EngineKind { Cpu, Gpu };
-const char* engine_kind_name(EngineKind k);  // "cpu" | "gpu"
+enum class EngineKind { Cpu, Gpu, Hybrid };
+const char* engine_kind_name(EngineKind k);  // "cpu" | "gpu" | "hybrid"
 
 // Which engine runs a resolved placement: every layer's attention and experts on CPU devices ->
-// Cpu; every one on cuda:0 -> Gpu. Anything else throws ktune::Error (exit 1) naming `where`:
-// CPU/GPU mixes ("hybrid CPU/GPU placements are not implemented in this build yet") with the
-// layers and devices that mix, or GPUs other than cuda:0.
+// Cpu; every one on cuda:0 -> Gpu; every layer's attention on cuda:0 and experts on cpu or
+// cuda:0 (some on cpu) -> Hybrid (the GpuEngine with CPU experts; no CUDA graph yet). Anything
+// else throws ktune::Error (exit 1) naming `where`: attention on the CPU with experts on a GPU
+// (naming the layers and the devices of every group of layers), or GPUs other than cuda:0.
 EngineKind choose_engine(const Placement& p, const std::string& where);
 
 // Runtime settings from the command line and the environment, applied over the placement's.
@@ -82,6 +83,7 @@ struct PlacementSummary {
   std::map<std::string, int64_t, DeviceNameLess> bytes;    // planned bytes per memory pool
   std::map<std::string, int64_t, DeviceNameLess> budget;   // budgets (-1: unknown)
   bool cuda_graph = false;                                 // as run (always off on the CpuEngine)
+  bool graph_unsupported = false;  // asked for, but the hybrid step has no graph yet (runs off)
   MoeKernel moe_kernel = MoeKernel::Fused;
   int cpu_threads = 0;
   int64_t context = 0;

@@ -15,6 +15,8 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   o.max_context = s.max_context;
   o.cuda_graph = s.cuda_graph;
   o.moe_kernel = s.fused ? MoeKernel::Fused : MoeKernel::Unfused;
+  o.expert_on_gpu = s.expert_on_gpu;
+  o.cpu_threads = s.cpu_threads;
   GpuEngine engine(model, o);
   std::vector<float> logits;
   std::vector<double> pp, tg;

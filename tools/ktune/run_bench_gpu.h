@@ -15,6 +15,9 @@ struct GpuBenchSettings {
   int64_t max_context = 4096;
   bool cuda_graph = true;
   bool fused = true;
+  // Hybrid: expert_on_gpu[layer][expert] (empty = all on cuda:0) and the CPU experts' threads.
+  std::vector<std::vector<bool>> expert_on_gpu;
+  int cpu_threads = 0;
   int64_t prompt = 0;  // prefill tokens per repetition (0 skips)
   int64_t gen = 0;     // decode tokens per repetition (0 skips)
   int reps = 1;

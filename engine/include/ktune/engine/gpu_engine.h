@@ -17,6 +17,20 @@
 // for every token. It needs the fused path: the unfused path reads routing on the host mid-step,
 // which a graph cannot do, so cuda_graph with Unfused is refused at construction (ktune::Error).
 //
+// Hybrid placements (GpuEngineOptions::expert_on_gpu with some expert on the CPU): attention,
+// router and head stay on cuda:0; only the GPU-resident experts' matrices are copied to the
+// device (compacted per layer, an expert id -> slot map in device memory); the CPU experts are
+// computed from the host ModelWeights by CpuMoe on an owned ThreadPool. Per layer with CPU
+// experts, after the router launch: the normed MoE input h, the top-k ids and weights are copied
+// (one cudaMemcpyAsync) to pinned host memory and an event is recorded; the GPU experts' kernels
+// are enqueued (skipping CPU slots); the host thread waits on the event, runs CpuMoe over the
+// selected CPU experts (slot order) into pinned memory, then enqueues the H2D copy and the add.
+// So the GPU experts run while the CPU experts run, and the sum is fixed-order:
+// x = (x + sum over GPU slots) + sum over CPU slots, identical run to run, fused or unfused.
+// The host thread drives every layer (no graph): cuda_graph with a hybrid placement is refused
+// at construction (ktune::Error); the host-node / mapped-flag hand-offs of design §3 are not
+// implemented yet. In hybrid mode `weights` must outlive the engine (CPU experts read from it).
+//
 // Prefill is not implemented as a batched pass yet: prefill() runs one decode step per token.
 // Not thread-safe. Throws ktune::Error (no GPU, unsupported tensor types, context exhausted).
 #pragma once
@@ -35,6 +49,11 @@ struct GpuEngineOptions {
   int64_t max_context = 4096;  // KV cache length (positions)
   bool cuda_graph = true;      // capture the decode step once, replay per token
   MoeKernel moe_kernel = MoeKernel::Fused;
+  // Hybrid placement: expert_on_gpu[layer][expert] (n_layers x n_experts); false keeps the
+  // expert in host memory and computes it on the CPU. Empty = every expert on cuda:0.
+  std::vector<std::vector<bool>> expert_on_gpu;
+  int cpu_threads = 0;      // CpuMoe's ThreadPool size in hybrid mode (0 = physical cores)
+  bool pin_threads = true;  // pin that pool's threads to cores
 };
 
 class GpuEngine {
@@ -58,7 +77,8 @@ class GpuEngine {
 
   const GpuEngineOptions& options() const;
   int64_t device_bytes() const;  // weights + KV cache + workspace on the device
-  std::string describe() const;  // "cuda:0 NAME, moe fused, graph on"
+  std::string describe() const;  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu]"
+  bool hybrid() const;           // some expert computed on the CPU
 
  private:
   struct Impl;

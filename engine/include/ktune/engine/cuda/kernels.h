@@ -105,17 +105,23 @@ cudaError_t launch_matvec_rowwarp(QuantType type, const void* w, const float* x,
 
 // Fused MoE, one token, routing from device memory (graph-capturable). Expert e's matrices
 // start at base + e * expert_bytes (3-D ggml expert tensors: expert_bytes = rows * row bytes).
+// expert_slot (optional, device memory, n_experts int32): a hybrid placement's map from expert
+// id to its index in the compacted GPU copy (base + slot * expert_bytes), -1 for an expert kept
+// elsewhere (the CPU): such slots are skipped (act[j] = 0, no dot, not summed), so x receives
+// the sum over the GPU experts only, still in slot order. nullptr = every expert here, slot = id.
 // (a) act[j][r] = silu(gate_{ids[j]}[r] . x) * (up_{ids[j]}[r] . x), j < k, r < ffn; one launch.
 cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const void* up,
                                       int64_t expert_bytes, const int32_t* ids, int64_t k,
                                       int64_t n_experts, const float* x, int64_t ffn,
-                                      int64_t hidden, float* act, cudaStream_t stream);
+                                      int64_t hidden, float* act, cudaStream_t stream,
+                                      const int32_t* expert_slot = nullptr);
 // (b) x[r] += sum_{j=0..k-1} weights[j] * (down_{ids[j]}[r] . act[j]), r < hidden; one warp per
 // output row sums the k experts in slot order (no atomics). ffn % 32 == 0.
 cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert_bytes,
                                 const int32_t* ids, const float* weights, int64_t k,
                                 int64_t n_experts, const float* act, int64_t hidden, int64_t ffn,
-                                float* x, cudaStream_t stream);
+                                float* x, cudaStream_t stream,
+                                const int32_t* expert_slot = nullptr);
 // ---- decode engine fusions (matvec_fused.cu, attention_decode.cu) ----
 // One matvec launch over up to three matrices of the same type and width (rows of segment i go
 // to seg[i].y), with optional fusions:
