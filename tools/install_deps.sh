@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian/Ubuntu packages ktune builds with, if any are missing.
+# Installs the Debian/Ubuntu packages ktune builds with, if any are missing (--fuzz: also those
+# of the fuzz build).
 # As root: apt-get installs them. Otherwise: prints the exact apt line and exits 1.
 set -euo pipefail
 
 packages=(g++ cmake ninja-build pkg-config git libcli11-dev libyaml-cpp-dev libfmt-dev
           nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev)
+# tools/fuzz.sh passes --fuzz: clang and its runtime libraries (libFuzzer, ASan, UBSan).
+[ "${1:-}" = "--fuzz" ] && packages+=(clang libclang-rt-dev)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

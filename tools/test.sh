@@ -2,6 +2,8 @@
 # Builds ktune and runs every test: the normal build's ctest (GPU tests skip without a device),
 # then the unit tests once more under AddressSanitizer + UndefinedBehaviorSanitizer in a
 # CPU-only build (KTUNE_CUDA=OFF keeps it fast). Set KTUNE_SKIP_SANITIZERS=1 to skip that part.
+# Last, the libFuzzer targets run 20 s each (tools/fuzz.sh; KTUNE_SKIP_FUZZ=1 skips them,
+# KTUNE_FUZZ_SECONDS changes the time).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 jobs="$(nproc)"
@@ -20,4 +22,9 @@ if [ "${KTUNE_SKIP_SANITIZERS:-0}" != "1" ]; then
   echo "== tests under ASan + UBSan =="
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir "$root/build-asan" --output-on-failure -j "$jobs" -LE gpu
+fi
+
+if [ "${KTUNE_SKIP_FUZZ:-0}" != "1" ]; then
+  echo "== fuzzing (libFuzzer + ASan + UBSan, ${KTUNE_FUZZ_SECONDS:-20} s per target) =="
+  bash "$root/tools/fuzz.sh" "${KTUNE_FUZZ_SECONDS:-20}"
 fi

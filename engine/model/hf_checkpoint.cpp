@@ -75,6 +75,16 @@ double get_float_or(const json& j, const std::string& key, double fallback,
   return it->get<double>();
 }
 
+std::string get_string_or(const json& j, const std::string& key, const std::string& fallback,
+                          const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_string()) {
+    throw Error(where, "key " + key + " is not a string (" + it->dump() + ")", "fix config.json");
+  }
+  return it->get<std::string>();
+}
+
 bool get_bool_or(const json& j, const std::string& key, bool fallback, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
@@ -278,11 +288,24 @@ QuantType storage_type(const TensorSpec& s, QuantType quant) {
 ModelConfig read_hf_config(const std::string& dir) {
   const fs::path path = fs::path(dir) / "config.json";
   if (!fs::exists(path)) throw Error(dir, "no config.json in the folder", kCheckpointFix);
-  const std::string where = path.string();
-  const json j = read_json(path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string(), "cannot open the file", kCheckpointFix);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_hf_config(text.str(), path.string());
+}
+
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& name) {
+  const std::string& where = name;
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    throw Error(where, std::string("invalid JSON: ") + e.what(), "repair or re-download the file");
+  }
   if (!j.is_object()) throw Error(where, "the file is not a JSON object", kCheckpointFix);
 
-  const std::string model_type = j.value("model_type", std::string());
+  const std::string model_type = get_string_or(j, "model_type", "", where);
   if (model_type != "qwen3_moe") {
     throw Error(where,
                 "model_type '" + model_type + "' is not supported",
@@ -307,8 +330,7 @@ ModelConfig read_hf_config(const std::string& dir) {
 
   ModelConfig c;
   c.arch = "qwen3moe";
-  c.name = fs::path(dir).filename().string();
-  if (c.name.empty()) c.name = fs::path(dir).parent_path().filename().string();
+  c.name = fs::path(name).parent_path().filename().string();  // the checkpoint folder's name
   c.hidden = get_int(j, "hidden_size", where);
   c.n_layers = get_int(j, "num_hidden_layers", where);
   c.n_heads = get_int(j, "num_attention_heads", where);
@@ -334,7 +356,7 @@ ModelConfig read_hf_config(const std::string& dir) {
   if (theta == 0.0) {
     if (auto rp = j.find("rope_parameters"); rp != j.end() && rp->is_object()) {
       theta = get_float_or(*rp, "rope_theta", 0.0, where);
-      const std::string type = rp->value("rope_type", std::string("default"));
+      const std::string type = get_string_or(*rp, "rope_type", "default", where);
       if (type != "default") {
         throw Error(where, "rope_parameters.rope_type is '" + type + "'",
                     "ktune implements the default RoPE only (no scaling)");

@@ -2,6 +2,7 @@
 // the GGUF loader.
 #include "ktune/engine/model.h"
 
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <set>
@@ -225,6 +226,17 @@ ModelWeights load_gguf_model(const std::string& path) {
     c.vocab = embd->ne[1];
   }
   c.validate(path);
+  // Each layer has 12 tensors besides the 2 or 3 global ones: a block_count the file cannot hold
+  // is refused before the loader builds the list of expected tensors (which is as long as that).
+  const int64_t n_tensors = static_cast<int64_t>(f.tensors().size());
+  if (n_tensors < 2 || c.n_layers > (n_tensors - 2) / 12) {
+    throw Error(path,
+                "block_count " + std::to_string(c.n_layers) + " needs at least " +
+                    (c.n_layers <= (INT64_MAX - 2) / 12 ? std::to_string(12 * c.n_layers + 2)
+                                                        : std::string("more")) +
+                    " tensors, the file holds " + std::to_string(n_tensors),
+                "the file does not match its own metadata; re-convert the model");
+  }
 
   ModelWeights w;
   w.cfg = c;

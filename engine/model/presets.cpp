@@ -1,6 +1,7 @@
 // Compiled-in model presets and the checks and counts every ModelConfig gets, whatever its source.
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -115,6 +116,19 @@ void ModelConfig::validate(const std::string& where) const {
   }
   if (!(rope_theta > 0.0f)) throw Error(where, "rope theta must be positive", fix);
   if (!(rms_eps > 0.0f)) throw Error(where, "rms_norm epsilon must be positive", fix);
+  // Every count below (parameters, bytes, tensor sizes) is int64: refuse shapes whose parameter
+  // count does not fit comfortably (2^53, thousands of times the largest real model). Estimated
+  // in double, as params_total() would overflow on exactly these shapes (found by fuzzing).
+  const double h = double(hidden), hd = double(head_dim);
+  const double per_layer = h * (2.0 * double(n_heads) + 2.0 * double(n_kv_heads)) * hd + 2.0 * hd +
+                           2.0 * h + h * double(n_experts) +
+                           double(n_experts) * 3.0 * h * double(expert_ffn);
+  const double total = double(n_layers) * per_layer + 2.0 * h * double(vocab) + h;
+  if (!(total < 9007199254740992.0)) {
+    char n[32];
+    std::snprintf(n, sizeof n, "%.3g", total);
+    throw Error(where, std::string("the shape implies ") + n + " parameters (more than 2^53)", fix);
+  }
 }
 
 namespace {

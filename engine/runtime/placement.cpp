@@ -5,6 +5,7 @@
 // conversions accept too much (0x10, "yes" as a bool) and report too little (no field name).
 #include "ktune/engine/placement.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -233,6 +234,47 @@ void check_flow_depth(const std::string& text, const std::string& file) {
     prev = c == '\n' ? '\n' : c;
   }
 }
+
+// Counts the documents of a YAML stream (the caller stops at two). yaml-cpp 0.7's LoadAll loops
+// forever, allocating, on streams such as "," (jbeder/yaml-cpp#1040, fixed by #1319 in 0.8.x):
+// the parser reports an empty document without consuming the token. Stopping at two documents
+// is all the placement reader needs, and terminates on every version.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    if (count++ == 1) second = mark;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark& m, YAML::anchor_t) override { node(m); }
+  void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { node(m); }
+  void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                const std::string&) override {
+    node(m);
+  }
+  void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {
+    node(m);
+  }
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {
+    node(m);
+  }
+  void OnMapEnd() override {}
+
+  int count = 0;
+  // Where the second document's root node starts (else the document itself), for the message.
+  YAML::Mark second = YAML::Mark::null_mark();
+
+ private:
+  void node(const YAML::Mark& m) {
+    if (count == 2 && !second_node) {
+      second_node = true;
+      if (!m.is_null()) second = m;
+    }
+  }
+  bool second_node = false;
+};
 
 class Parser {
  public:
@@ -514,23 +556,29 @@ Placement Parser::parse(const std::string& text) {
                 "a placement file is a few KiB; check that this is the right file");
   }
   check_flow_depth(text, file_);
-  std::vector<YAML::Node> docs;
+  YAML::Node root;
+  DocumentCounter counter;
   try {
-    docs = YAML::LoadAll(text);
+    root = YAML::Load(text);  // the first document (not LoadAll: see DocumentCounter)
+    if (!root.IsNull()) {
+      std::istringstream in(text);
+      YAML::Parser parser(in);
+      while (counter.count < 2 && parser.HandleNextDocument(counter)) {
+      }
+    }
   } catch (const YAML::Exception& e) {
     const int line = e.mark.is_null() ? 0 : e.mark.line + 1;
     throw Error(where(line), "not valid YAML: " + e.msg,
                 "fix the syntax there (see docs/placement.md for the format)");
   }
-  if (docs.empty() || docs[0].IsNull()) {
+  if (root.IsNull()) {
     throw Error(file_, "the file is empty",
                 "a placement needs at least `ktune: 1`, `model: {path: ...}` and `layers:`");
   }
-  if (docs.size() > 1) {
-    fail(docs[1], "document", "the file holds more than one YAML document",
-         "keep one placement per file");
+  if (counter.count > 1) {
+    fail(counter.second.is_null() ? 0 : counter.second.line + 1, "document",
+         "the file holds more than one YAML document", "keep one placement per file");
   }
-  const YAML::Node& root = docs[0];
   int64_t nodes = 0;
   check_shape(root, 0, &nodes);
   if (!root.IsMap()) {

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -151,6 +152,20 @@ TEST(ModelPresets, ValidateNamesTheProblem) {
   c = *ktune::find_preset("tiny");
   c.hidden = 0;
   EXPECT_NE(error_of([&] { c.validate("x.gguf"); }).find("x.gguf: hidden"), std::string::npos);
+}
+
+// Found by tests/fuzz/fuzz_hf_config: dimensions of 2^40 overflowed params_total() (signed
+// overflow, undefined behaviour); validate() now refuses them.
+TEST(ModelPresets, ValidateRefusesShapesWhoseCountsOverflow) {
+  ModelConfig c = *ktune::find_preset("tiny");
+  c.hidden = int64_t(1) << 40;
+  c.expert_ffn = int64_t(1) << 40;
+  const std::string e = error_of([&] { c.validate("m.gguf"); });
+  EXPECT_NE(e.find("m.gguf: the shape implies "), std::string::npos) << e;
+  EXPECT_NE(e.find("parameters (more than 2^53)"), std::string::npos) << e;
+  for (const char* name : {"qwen3-30b-a3b", "qwen3-235b-a22b"}) {
+    EXPECT_NO_THROW(ktune::find_preset(name)->validate(name));
+  }
 }
 
 TEST(ModelTensors, LlamaCppNamesAndOrder) {
@@ -506,6 +521,7 @@ struct Variant {
   std::string reshape;               // tensor whose ne[1] is halved
   std::string retype;                // tensor stored with `type`
   uint32_t type = 0;
+  uint32_t block_count = 0;          // metadata override when non-zero
 };
 
 std::string write_variant(const TempDir& dir, const Variant& v) {
@@ -513,6 +529,7 @@ std::string write_variant(const TempDir& dir, const Variant& v) {
   ktune::gguf::Writer w;
   ktune::set_gguf_model_metadata(w, c, QuantType::F32);
   w.set("general.architecture", ktune::gguf::Value::string(v.arch));
+  if (v.block_count) w.set("qwen3moe.block_count", ktune::gguf::Value::u32(v.block_count));
   for (const auto& s : ktune::model_tensor_specs(c)) {
     if (s.name == v.skip) continue;
     std::vector<int64_t> ne(s.ne.begin(), s.ne.begin() + s.n_dims);
@@ -587,6 +604,18 @@ TEST(ModelGgufLoader, NormWeightsMustBeF32) {
   v.type = static_cast<uint32_t>(QuantType::F16);
   const std::string e = error_of([&] { ktune::load_gguf_model(write_variant(dir, v)); });
   EXPECT_NE(e.find("blk.0.attn_norm.weight has type F16; norm weights must be F32"),
+            std::string::npos)
+      << e;
+}
+
+// Found by tests/fuzz/fuzz_gguf: a block_count of millions made the loader build millions of
+// expected tensor names before finding the first one missing (seconds, and memory).
+TEST(ModelGgufLoader, BlockCountTheFileCannotHoldIsRefusedAtOnce) {
+  TempDir dir;
+  Variant v;
+  v.block_count = 4000000000u;
+  const std::string e = error_of([&] { ktune::load_gguf_model(write_variant(dir, v)); });
+  EXPECT_NE(e.find("block_count 4000000000 needs at least 48000000002 tensors, the file holds 51"),
             std::string::npos)
       << e;
 }
@@ -842,6 +871,35 @@ TEST(HfCheckpoint, ConvertsToGgufWithTheSameTensors) {
   const std::vector<float> a = dequantize(mem.layers[1].down_exps);
   const std::vector<float> b = dequantize(q.layers[1].down_exps);
   for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 0.01) << i;
+}
+
+TEST(HfCheckpoint, ParseHfConfigReadsTheTextLikeReadHfConfig) {
+  const std::string dir = std::string(KTUNE_TEST_DATA) + "/qwen3moe-tiny-hf";
+  std::ifstream in(dir + "/config.json");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const ModelConfig a = ktune::read_hf_config(dir);
+  const ModelConfig b = ktune::parse_hf_config(text, dir + "/config.json");
+  EXPECT_EQ(a.name, "qwen3moe-tiny-hf");
+  EXPECT_EQ(b.name, a.name);
+  EXPECT_EQ(b.params_total(), a.params_total());
+  EXPECT_EQ(b.rope_theta, a.rope_theta);
+  EXPECT_EQ(b.n_experts, a.n_experts);
+}
+
+// Found by tests/fuzz/fuzz_hf_config: a string key holding another type threw nlohmann's
+// type_error instead of ktune::Error.
+TEST(HfCheckpoint, WrongTypesAreKtuneErrors) {
+  std::string e = error_of([] { ktune::parse_hf_config(R"({"model_type": 4})", "d/config.json"); });
+  EXPECT_NE(e.find("d/config.json: key model_type is not a string (4)"), std::string::npos) << e;
+  e = error_of([] {
+    ktune::parse_hf_config(R"({"model_type": "qwen3_moe", "hidden_size": 64,
+      "num_hidden_layers": 1, "num_attention_heads": 4, "num_experts": 4,
+      "num_experts_per_tok": 2, "moe_intermediate_size": 8, "vocab_size": 16,
+      "rope_parameters": {"rope_theta": 1e6, "rope_type": [1]}})", "d/config.json");
+  });
+  EXPECT_NE(e.find("key rope_type is not a string ([1])"), std::string::npos) << e;
+  e = error_of([] { ktune::parse_hf_config("{\"model_type\": ", "d/config.json"); });
+  EXPECT_NE(e.find("d/config.json: invalid JSON"), std::string::npos) << e;
 }
 
 TEST(HfCheckpoint, RejectsWhatKtuneCannotRun) {

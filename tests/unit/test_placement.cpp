@@ -286,6 +286,11 @@ TEST(PlacementErrors, VersionAndRequiredFields) {
   EXPECT_HAS(m, "p.yaml: the file is empty");
   m = parse_error(kHead + "layers: []\n---\nktune: 1\n");
   EXPECT_HAS(m, "p.yaml:5: document: the file holds more than one YAML document");
+  // Found by tests/fuzz/fuzz_placement: yaml-cpp 0.7's LoadAll never returns on these.
+  m = parse_error(",k");
+  EXPECT_HAS(m, "p.yaml: the file is empty");
+  m = parse_error(kHead + "layers: []\n---\n,\n");
+  EXPECT_HAS(m, "p.yaml:5: document: the file holds more than one YAML document");
   m = parse_error("- a\n- b\n");
   EXPECT_HAS(m, "p.yaml:1: document: must be a map");
 }

@@ -14,6 +14,9 @@ namespace ktune {
 // Reads config.json into a ModelConfig (name = folder name). Throws ktune::Error naming the file
 // and key on a missing or unsupported setting.
 ModelConfig read_hf_config(const std::string& dir);
+// The same from the text of a config.json; `name` is the file's path, used in messages, and its
+// folder's name becomes the model's name (read_hf_config passes <dir>/config.json).
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& name);
 
 // Loads the checkpoint into memory as F32 tensors in ggml layout (owned by ModelWeights::storage).
 // Every tensor is converted, so memory is 4 bytes per parameter: meant for small checkpoints and
