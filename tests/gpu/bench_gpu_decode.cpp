@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/gpu_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/gpu_engine.h"
@@ -146,8 +147,7 @@ void kernel_breakdown(const ModelWeights& m) {
 }
 
 TEST(GpuEngineBench, DISABLED_DecodeTokPerSec) {
-  const GpuInfo info = query_gpus();
-  if (info.devices.empty()) GTEST_SKIP() << info.unavailable_reason;
+  KTUNE_REQUIRE_GPU();
   std::string spec = "qwen3-30b-a3b:q4_0";
   if (const char* e = std::getenv("KTUNE_BENCH_MODEL")) spec = e;
   const SynthOptions so = parse_synth_spec("synth:" + spec);
@@ -158,8 +158,10 @@ TEST(GpuEngineBench, DISABLED_DecodeTokPerSec) {
   const double bw = copy_bandwidth();
   const double bpt = static_cast<double>(m.bytes_per_token_decode());
   const double limit = bw / bpt;
-  std::printf("# device: %s (%.1f GiB), driver %d, commit %s\n", info.devices[0].name.c_str(),
-              info.devices[0].total_bytes / 1073741824.0, info.driver_version,
+  std::printf("# device: %s (%.1f GiB), driver %d, commit %s\n",
+              ::ktune::test::gpus().devices[0].name.c_str(),
+              ::ktune::test::gpus().devices[0].total_bytes / 1073741824.0,
+              ::ktune::test::gpus().driver_version,
               std::getenv("KTUNE_COMMIT") ? std::getenv("KTUNE_COMMIT") : "?");
   std::printf("# model: synth:%s (built in %.1f s), weights %.2f GiB, bytes/token %.1f MB\n",
               spec.c_str(), load_s, m.weight_bytes() / 1073741824.0, bpt / 1e6);

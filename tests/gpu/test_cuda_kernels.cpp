@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cuda/matvec_variants.h"
+#include "gpu/gpu_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
@@ -28,16 +29,6 @@
 
 namespace ktune::cuda {
 namespace {
-
-const GpuInfo& gpus() {
-  static const GpuInfo info = query_gpus();
-  return info;
-}
-
-#define KTUNE_REQUIRE_GPU()                                                \
-  do {                                                                     \
-    if (gpus().devices.empty()) GTEST_SKIP() << gpus().unavailable_reason; \
-  } while (0)
 
 unsigned test_seed() {
   if (const char* s = std::getenv("KTUNE_TEST_SEED")) return static_cast<unsigned>(std::atol(s));
@@ -401,9 +392,9 @@ void check_matvec_fused(QuantType t, int rows_per_warp) {
     auto w = dtw.download();
     Dev<int32_t> rids(k);
     Dev<float> rw(k);
-    ASSERT_EQ(launch_router_topk(dy1.ptr(), 1, r1, k, rep == 0, rids.ptr(), rw.ptr(), nullptr,
-                                 nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        launch_router_topk(dy1.ptr(), 1, r1, k, rep == 0, rids.ptr(), rw.ptr(), nullptr, nullptr),
+        cudaSuccess);
     EXPECT_EQ(ids, rids.download());
     auto wr = rw.download();
     EXPECT_EQ(std::memcmp(w.data(), wr.data(), k * 4), 0);
@@ -809,7 +800,7 @@ TEST(CudaMatvecBench, PrintsAchievedBandwidth) {
         bytes / (us[0] * 1e3), us[1], bytes / (us[1] * 1e3), us[2], bytes / (us[2] * 1e3), us[3],
         bytes / (us[3] * 1e3));
   }
-  std::printf("    device: %s\n", gpus().devices[0].name.c_str());
+  std::printf("    device: %s\n", ::ktune::test::gpus().devices[0].name.c_str());
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include <random>
 #include <vector>
 
+#include "gpu/gpu_test_util.h"
 #include "ktune/engine/cpu_engine.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
@@ -40,16 +41,6 @@
 
 namespace ktune {
 namespace {
-
-const GpuInfo& gpus() {
-  static const GpuInfo info = query_gpus();
-  return info;
-}
-
-#define KTUNE_REQUIRE_GPU()                                                \
-  do {                                                                     \
-    if (gpus().devices.empty()) GTEST_SKIP() << gpus().unavailable_reason; \
-  } while (0)
 
 template <class T>
 T* to_device(cuda::DeviceBuffer& buf, const std::vector<T>& h) {
@@ -398,8 +389,7 @@ TEST(GpuEngine, ContextFullIsAnError) {
 
 enum class Split { EvenOnGpu, AllOnCpu, FirstHalfLayersOnGpu, AllOnGpu };
 
-GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split,
-                            MoeKernel k = MoeKernel::Fused) {
+GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split, MoeKernel k = MoeKernel::Fused) {
   GpuEngineOptions o{64, false, k};
   o.cpu_threads = 3;
   o.pin_threads = false;
@@ -409,10 +399,18 @@ GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split,
     for (int64_t e = 0; e < m.cfg.n_experts; ++e) {
       bool g = false;
       switch (split) {
-        case Split::EvenOnGpu: g = e % 2 == 0; break;
-        case Split::AllOnCpu: g = false; break;
-        case Split::FirstHalfLayersOnGpu: g = l < m.cfg.n_layers / 2; break;
-        case Split::AllOnGpu: g = true; break;
+        case Split::EvenOnGpu:
+          g = e % 2 == 0;
+          break;
+        case Split::AllOnCpu:
+          g = false;
+          break;
+        case Split::FirstHalfLayersOnGpu:
+          g = l < m.cfg.n_layers / 2;
+          break;
+        case Split::AllOnGpu:
+          g = true;
+          break;
       }
       o.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)] = g;
     }
@@ -493,8 +491,7 @@ TEST(GpuEngineHybrid, GraphAndBadMapsAreRefused) {
     GpuEngine e(m, o);
     FAIL() << "expected ktune::Error";
   } catch (const Error& err) {
-    EXPECT_NE(std::string(err.what()).find("cuda_graph with experts on the CPU"),
-              std::string::npos)
+    EXPECT_NE(std::string(err.what()).find("cuda_graph with experts on the CPU"), std::string::npos)
         << err.what();
   }
   o.cuda_graph = false;
