@@ -1,15 +1,19 @@
 #include "ktune/engine/atomic_file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <random>
 
 #include "ktune/engine/error.h"
+#include "ktune/engine/interrupt.h"
 
 namespace ktune {
 namespace {
@@ -77,10 +81,12 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   }
   // Replacing a file should not silently change who may read it.
   if (had_old) ::fchmod(fd_, st.st_mode & 07777);
+  signal_slot_ = register_temp_file(temp_path_);
   buffer_.reserve(kBufferBytes);
 }
 
 AtomicFile::~AtomicFile() {
+  unregister_temp_file(signal_slot_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
 }
@@ -158,6 +164,8 @@ void AtomicFile::commit() {
         "check that you may replace the output file and that it is not a folder");
   }
   committed_ = true;
+  unregister_temp_file(signal_slot_);
+  signal_slot_ = -1;
   // The rename is only durable once the folder entry is on disk.
   const std::string folder = folder_of(path_);
   const int dfd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -171,6 +179,36 @@ void AtomicFile::commit() {
                   "check the disk's health; the file is written but may not survive a crash");
     }
   }
+}
+
+std::vector<std::string> remove_stale_temps(const std::string& path, double min_age_s) {
+  std::vector<std::string> removed;
+  const std::string folder = folder_of(path);
+  const size_t slash = path.find_last_of('/');
+  const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
+  DIR* dir = ::opendir(folder.c_str());
+  if (dir == nullptr) return removed;
+  const double now = static_cast<double>(std::time(nullptr));
+  while (const dirent* e = ::readdir(dir)) {
+    const std::string name = e->d_name;
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+    // <pid>.<8 hex digits>
+    const std::string rest = name.substr(prefix.size());
+    const size_t dot = rest.find('.');
+    if (dot == std::string::npos || dot == 0 || dot > 10 || rest.size() - dot - 1 != 8) continue;
+    if (rest.find_first_not_of("0123456789") != dot) continue;
+    if (rest.find_first_not_of("0123456789abcdef", dot + 1) != std::string::npos) continue;
+    const long pid = std::stol(rest.substr(0, dot));
+    if (pid <= 0 || pid == ::getpid()) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours
+    const std::string full = (slash == std::string::npos ? "" : path.substr(0, slash + 1)) + name;
+    struct stat st {};
+    if (::lstat(full.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (now - static_cast<double>(st.st_mtime) < min_age_s) continue;
+    if (::unlink(full.c_str()) == 0) removed.push_back(full);
+  }
+  ::closedir(dir);
+  return removed;
 }
 
 void write_file_atomic(const std::string& path, const std::string& content) {

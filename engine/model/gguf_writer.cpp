@@ -11,6 +11,7 @@
 #include "ktune/engine/atomic_file.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/gguf.h"
+#include "ktune/engine/interrupt.h"
 #include "model/ggml_types.h"
 
 namespace ktune::gguf {
@@ -125,6 +126,13 @@ uint64_t checked_alignment(uint64_t a) {
   return a;
 }
 
+// Ctrl-C / SIGTERM: stop between chunks; the AtomicFile's destructor removes the temp file.
+void check_interrupt(const AtomicFile& f) {
+  if (interrupted()) {
+    throw_if_interrupted(f.path() + " was not written (its temporary file was removed)");
+  }
+}
+
 // Forwards the callback's bytes to the file, refusing to go past the tensor's size, and reports
 // progress at least every 64 MiB even when the callback hands over one huge buffer.
 class TensorSink : public ByteSink {
@@ -147,6 +155,7 @@ class TensorSink : public ByteSink {
       uint64_t room = kProgressStep - std::min(kProgressStep, *done_ - *last_);
       if (room == 0) room = kProgressStep;
       const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, room));
+      check_interrupt(f_);
       f_.write(p, chunk);
       p += chunk;
       n -= chunk;
@@ -175,6 +184,7 @@ void write_zeros(AtomicFile& f, uint64_t n) {
   static const char zeros[4096] = {};
   while (n > 0) {
     const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, sizeof(zeros)));
+    check_interrupt(f);
     f.write(zeros, chunk);
     n -= chunk;
   }

@@ -52,6 +52,7 @@
 #include <thread>
 
 #include "ktune/engine/error.h"
+#include "ktune/engine/interrupt.h"
 
 namespace ktune {
 namespace {
@@ -137,11 +138,13 @@ int thread_count() {
 }
 
 // Runs fn(item) for item in [0, n) on up to thread_count() threads; rethrows the first error.
+// After Ctrl-C / SIGTERM (interrupt.h) it starts no new item and returns early: the caller
+// checks interrupted() before using the results.
 template <class F>
 void parallel_items(int64_t n, const F& fn) {
   const int threads = static_cast<int>(std::min<int64_t>(thread_count(), n));
   if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t i = 0; i < n && !interrupted(); ++i) fn(i);
     return;
   }
   std::atomic<int64_t> next{0};
@@ -149,7 +152,7 @@ void parallel_items(int64_t n, const F& fn) {
   std::mutex error_mutex;
   auto worker = [&] {
     try {
-      for (int64_t i = next++; i < n; i = next++) fn(i);
+      for (int64_t i = next++; i < n && !interrupted(); i = next++) fn(i);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
@@ -326,6 +329,7 @@ void SyntheticGenerator::stream(size_t tensor, gguf::ByteSink& out) const {
       bufs[i].resize(static_cast<size_t>((r1 - r0) * stride));
       fill_rows(tensor, r0, r1, bufs[i].data());
     });
+    // After an interrupt some buffers are stale; the sink throws Interrupted before writing.
     for (int64_t i = 0; i < count; ++i) out.write(bufs[i].data(), bufs[i].size());
   }
 }
@@ -390,6 +394,7 @@ ModelWeights make_synthetic_model(const SynthOptions& opt) {
     const int64_t stride = row_bytes(gen.type(it.tensor), specs[it.tensor].ne[0]);
     gen.fill_rows(it.tensor, it.r0, it.r1, base + offsets[it.tensor] + it.r0 * stride);
   });
+  throw_if_interrupted("synth:" + gen.config().name + " was not built; nothing was measured");
 
   ModelWeights w;
   w.cfg = gen.config();

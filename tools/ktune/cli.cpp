@@ -8,8 +8,10 @@
 #include <iostream>
 #include <new>
 
+#include "ktune/engine/atomic_file.h"
 #include "ktune/engine/build_info.h"
 #include "ktune/engine/error.h"
+#include "ktune/engine/interrupt.h"
 
 namespace ktune::cli {
 
@@ -47,6 +49,12 @@ void Progress::finish() {
   std::fprintf(stderr, "%s: done in %.1f s\n", label_.c_str(), now_seconds() - start_s_);
 }
 
+void remove_stale_temp_files(const std::string& output, bool quiet) {
+  for (const std::string& p : remove_stale_temps(output)) {
+    if (!quiet) std::cerr << "ktune: removed " << p << " (left by a killed ktune)\n";
+  }
+}
+
 int run_cli(int argc, char** argv) {
   CLI::App app{
       "ktune: profile, place and run Mixture-of-Experts models on CPU + GPU.\n"
@@ -63,9 +71,15 @@ int run_cli(int argc, char** argv) {
   add_probe_command(app);
   add_info_command(app);
 
+  // Ctrl-C / SIGTERM set a flag that long loops poll (interrupt.h); they throw Interrupted.
+  InterruptScope interrupt_scope;
   try {
     app.parse(argc, argv);
     return 0;
+  } catch (const Interrupted& e) {
+    if (isatty(STDERR_FILENO)) std::cerr << "\n";  // end a progress bar's line
+    std::cerr << "ktune: error: " << e.what() << "\n";
+    return e.exit_code_for_signal();  // 130 for SIGINT, 143 for SIGTERM
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     std::string msg = e.what();

@@ -36,4 +36,9 @@ class Progress {
 
 double now_seconds();  // monotonic clock
 
+// Before a long write to `output`: removes temp files a killed ktune left for the same output
+// (AtomicFile's remove_stale_temps: dead pid, untouched for a minute) and says so on stderr
+// unless quiet.
+void remove_stale_temp_files(const std::string& output, bool quiet);
+
 }  // namespace ktune::cli

@@ -17,6 +17,7 @@ struct ConvertOptions {
 
 void run_convert(const ConvertOptions& opt) {
   const QuantType q = parse_quant_or_throw(opt.quant, "--quant");
+  remove_stale_temp_files(opt.output, opt.quiet);
   Progress progress("ktune: writing " + opt.output, !opt.quiet);
   convert_hf_to_gguf(opt.dir, opt.output, q,
                      [&](uint64_t done, uint64_t total) { progress.update(done, total); });

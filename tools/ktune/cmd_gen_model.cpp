@@ -30,6 +30,7 @@ void run_gen_model(const GenModelOptions& opt) {
     for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
     throw_usage("--preset", "unknown preset '" + opt.preset + "'", "use one of: " + names);
   }
+  remove_stale_temp_files(opt.output, opt.quiet);
   Progress progress("ktune: writing " + opt.output, !opt.quiet);
   write_synthetic_gguf(so, opt.output,
                        [&](uint64_t done, uint64_t total) { progress.update(done, total); });

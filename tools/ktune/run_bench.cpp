@@ -22,6 +22,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_info.h"
 #include "ktune/engine/host_info.h"
+#include "ktune/engine/interrupt.h"
 #include "ktune/engine/synthetic.h"
 #include "ktune/engine/thread_pool.h"
 #include "model_arg.h"
@@ -32,9 +33,41 @@ namespace {
 
 struct RunResult {
   int threads = 0;
-  Stat prefill;  // tok/s
-  Stat decode;   // tok/s
+  Stat prefill;       // tok/s
+  Stat decode;        // tok/s
+  int reps_done = 0;  // timed repetitions completed (< reps after Ctrl-C)
 };
+
+// Ctrl-C / SIGTERM during the measurements (interrupt.h): the repetitions completed so far are
+// printed, marked partial, and the command then exits 128 + signal.
+struct PartialInfo {
+  int signal = 0;  // 0: the run was complete
+  int reps_done = 0;
+  int reps_planned = 0;
+};
+
+constexpr const char* kPartialFix = "partial results above are marked partial";
+
+PartialInfo partial_info(int reps_done, int reps_planned) {
+  return {interrupt_signal(), reps_done, reps_planned};
+}
+
+std::string partial_line(const PartialInfo& p) {
+  return fmt::format("# partial: interrupted by {} after {} of {} repetitions\n",
+                     signal_name(p.signal), p.reps_done, p.reps_planned);
+}
+
+void add_partial_json(nlohmann::json& doc, const PartialInfo& p) {
+  doc["partial"] = p.signal != 0;
+  if (p.signal != 0) {
+    doc["interrupted_by"] = signal_name(p.signal);
+    doc["repetitions_done"] = p.reps_done;
+    doc["repetitions_planned"] = p.reps_planned;
+  }
+}
+
+// Before any measurement: a stop leaves nothing to report.
+void stop_if_interrupted_before_measuring() { throw_if_interrupted("nothing was measured yet"); }
 
 // Deterministic pseudo-random prompt tokens (benchmarks must not depend on a tokenizer).
 std::vector<int32_t> bench_tokens(int64_t n, int64_t vocab, uint64_t seed) {
@@ -54,25 +87,36 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
   const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), model.cfg.vocab, opt.seed);
   std::vector<float> logits;
   std::vector<double> pp, tg;
-  for (int rep = 0; rep <= opt.reps; ++rep) {  // rep 0 warms up caches and pages
+  int reps_done = 0;
+  // Ctrl-C is polled between repetitions, after prefill and between decode tokens; a
+  // repetition cut short is dropped whole (its pp sample too).
+  for (int rep = 0; rep <= opt.reps && !interrupted(); ++rep) {  // rep 0 warms up caches
+    double pp_rate = 0, tg_rate = 0;
     if (opt.prompt > 0) {
       engine.reset();
       const double t0 = now_seconds();
       engine.prefill(prompt.data(), opt.prompt, &logits, false);
       const double dt = now_seconds() - t0;
-      if (rep > 0) pp.push_back(static_cast<double>(opt.prompt) / dt);
+      pp_rate = static_cast<double>(opt.prompt) / dt;
+      if (interrupted()) break;
     }
     if (opt.gen > 0) {
       // tg as llama-bench measures it: from an empty context, one token at a time, greedy.
       engine.reset();
       int32_t tok = prompt[0];
       const double t0 = now_seconds();
-      for (int64_t i = 0; i < opt.gen; ++i) {
+      for (int64_t i = 0; i < opt.gen && !interrupted(); ++i) {
         engine.decode(tok, &logits);
         tok = CpuEngine::argmax(logits.data(), model.cfg.vocab);
       }
       const double dt = now_seconds() - t0;
-      if (rep > 0) tg.push_back(static_cast<double>(opt.gen) / dt);
+      if (interrupted()) break;
+      tg_rate = static_cast<double>(opt.gen) / dt;
+    }
+    if (rep > 0) {
+      if (opt.prompt > 0) pp.push_back(pp_rate);
+      if (opt.gen > 0) tg.push_back(tg_rate);
+      reps_done = rep;
     }
     // Progress only on a terminal: a log file should not collect carriage-return lines.
     if (!opt.json && rep > 0 && isatty(STDERR_FILENO)) {
@@ -84,6 +128,7 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
   r.threads = engine.threads();
   r.prefill = Stat::of(pp);
   r.decode = Stat::of(tg);
+  r.reps_done = reps_done;
   return r;
 }
 
@@ -135,8 +180,16 @@ void run_plain(const RunOptions& opt) {
     ThreadPool pool(thread_list.back());
     bw = measure_read_bandwidth(pool, default_probe_bytes(), 3);
   }
+  stop_if_interrupted_before_measuring();
   std::vector<RunResult> results;
-  for (int t : thread_list) results.push_back(bench_one(model, opt, t, max_context));
+  int reps_done = 0;
+  for (int t : thread_list) {
+    if (interrupted()) break;
+    results.push_back(bench_one(model, opt, t, max_context));
+    reps_done += results.back().reps_done;
+  }
+  const PartialInfo partial =
+      partial_info(reps_done, opt.reps * static_cast<int>(thread_list.size()));
 
   const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
   const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
@@ -153,14 +206,17 @@ void run_plain(const RunOptions& opt) {
     doc["decode_tok_s"] = results.front().decode.to_json();
     doc["decode_fraction_of_limit"] =
         limit_tok_s > 0 ? results.front().decode.mean / limit_tok_s : 0.0;
+    add_partial_json(doc, partial);
     nlohmann::json runs = nlohmann::json::array();
     for (const auto& r : results) {
       runs.push_back({{"threads", r.threads},
+                      {"repetitions_done", r.reps_done},
                       {"prefill_tok_s", r.prefill.to_json()},
                       {"decode_tok_s", r.decode.to_json()}});
     }
     doc["runs"] = runs;
     std::cout << doc.dump(2) << "\n";
+    if (partial.signal != 0) throw Interrupted(partial.signal, kPartialFix);
     return;
   }
 
@@ -175,11 +231,14 @@ void run_plain(const RunOptions& opt) {
         bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
         format_bytes(bytes_tok), limit_tok_s);
   }
-  std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n\n", opt.reps);
+  std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
+  if (partial.signal != 0) std::cout << partial_line(partial);
+  std::cout << "\n";
   std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n", "quant", "threads",
                            "test", "tok/s", "% of limit");
   std::cout << "| -------- | ------: | ------: | -------------------: | -----------: |\n";
   for (const auto& r : results) {
+    if (r.reps_done == 0) continue;  // interrupted before its first timed repetition
     if (opt.prompt > 0) {
       std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
                                quant_name(model.quant), r.threads, fmt::format("pp{}", opt.prompt),
@@ -193,6 +252,10 @@ void run_plain(const RunOptions& opt) {
                                quant_name(model.quant), r.threads, fmt::format("tg{}", opt.gen),
                                fmt::format("{:.2f} ± {:.2f}", r.decode.mean, r.decode.stddev), pct);
     }
+  }
+  if (partial.signal != 0) {
+    std::cout.flush();
+    throw Interrupted(partial.signal, kPartialFix);
   }
 }
 
@@ -240,6 +303,7 @@ struct ConfigResult {
   int threads = 0;       // 0 for the GpuEngine
   Stat prefill, decode;
   std::string engine_desc;
+  int reps_done = 0;
 };
 
 std::string layer_signature(const LayerPlacement& lp) {
@@ -377,8 +441,15 @@ void run_placements(const RunOptions& opt) {
     bw = measure_read_bandwidth(pool, default_probe_bytes(), 3);
   }
   const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), cfg.vocab, opt.seed);
+  stop_if_interrupted_before_measuring();
   std::vector<ConfigResult> results;
-  for (size_t i = 0; i < runs.size(); ++i) {
+  int planned_rows = 0;
+  for (const PlannedRun& r : runs) {
+    planned_rows += r.engine == EngineKind::Cpu && !opt.threads.empty()
+                        ? static_cast<int>(opt.threads.size())
+                        : 1;
+  }
+  for (size_t i = 0; i < runs.size() && !interrupted(); ++i) {
     const PlannedRun& r = runs[i];
     if (r.engine == EngineKind::Cpu) {
       std::vector<int> ts = opt.threads;
@@ -387,8 +458,9 @@ void run_placements(const RunOptions& opt) {
                                                   : physical_core_count()};
       }
       for (int t : ts) {
+        if (interrupted()) break;
         RunResult rr = bench_one(model, opt, t, r.context);
-        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu"});
+        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done});
       }
     } else {
       GpuBenchSettings s;
@@ -409,10 +481,15 @@ void run_placements(const RunOptions& opt) {
       s.reps = opt.reps;
       s.progress = !opt.json;
       s.label = r.label;
+      // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
       GpuBenchResult g = bench_gpu_engine(model, s, prompt);
-      results.push_back({i, 0, g.prefill, g.decode, g.describe});
+      results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps});
     }
   }
+  int reps_done = 0;
+  for (const ConfigResult& c : results) reps_done += c.reps_done;
+  const PartialInfo partial = partial_info(reps_done, opt.reps * planned_rows);
+  if (results.empty()) stop_if_interrupted_before_measuring();
 
   const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
   const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
@@ -444,6 +521,7 @@ void run_placements(const RunOptions& opt) {
     doc["prefill_tok_s"] = results.front().prefill.to_json();
     doc["decode_tok_s"] = results.front().decode.to_json();
     doc["decode_fraction_of_limit"] = pct_of_limit(results.front());
+    add_partial_json(doc, partial);
     nlohmann::json pl = nlohmann::json::array();
     for (const PlannedRun& r : runs) pl.push_back(summary_json(r.summary));
     doc["placements"] = pl;
@@ -453,6 +531,7 @@ void run_placements(const RunOptions& opt) {
                           {"label", runs[c.placement].label},
                           {"engine", engine_kind_name(runs[c.placement].engine)},
                           {"engine_description", c.engine_desc},
+                          {"repetitions_done", c.reps_done},
                           {"prefill_tok_s", c.prefill.to_json()},
                           {"decode_tok_s", c.decode.to_json()},
                           {"decode_fraction_of_limit", pct_of_limit(c)}};
@@ -461,6 +540,7 @@ void run_placements(const RunOptions& opt) {
     }
     doc["runs"] = out;
     std::cout << doc.dump(2) << "\n";
+    if (partial.signal != 0) throw Interrupted(partial.signal, kPartialFix);
     return;
   }
 
@@ -487,6 +567,7 @@ void run_placements(const RunOptions& opt) {
         format_bytes(bytes_tok), limit_tok_s);
   }
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
+  if (partial.signal != 0) std::cout << partial_line(partial);
   for (size_t i = 0; i < runs.size(); ++i) {
     std::cout << fmt::format("# placement {}: {}: {}\n", i + 1, runs[i].label,
                              runs[i].summary.line());
@@ -498,6 +579,7 @@ void run_placements(const RunOptions& opt) {
   std::cout << "| --------: | ------ | -------- | ------: | ------: | -------------------: | "
                "-----------: |\n";
   for (const ConfigResult& c : results) {
+    if (c.reps_done == 0) continue;  // interrupted before its first timed repetition
     const std::string th = c.threads > 0 ? std::to_string(c.threads) : "-";
     const char* eng = engine_kind_name(runs[c.placement].engine);
     if (opt.prompt > 0) {
@@ -514,6 +596,10 @@ void run_placements(const RunOptions& opt) {
                                fmt::format("tg{}", opt.gen),
                                fmt::format("{:.2f} ± {:.2f}", c.decode.mean, c.decode.stddev), pct);
     }
+  }
+  if (partial.signal != 0) {
+    std::cout.flush();
+    throw Interrupted(partial.signal, kPartialFix);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ktune {
 
@@ -33,7 +34,15 @@ class AtomicFile {
   bool committed_ = false;
   uint64_t written_ = 0;
   std::string buffer_;
+  int signal_slot_ = -1;  // interrupt.h: a second Ctrl-C removes the temp file before dying
 };
+
+// kill -9 (or a power cut) leaves the temp file `<path>.tmp.<pid>.<random>` behind; it is never
+// mistaken for the output and is safe to delete. This removes such leftovers for `path`: files
+// named `<path>.tmp.<pid>.<8 hex digits>` whose process no longer exists (kill(pid, 0) fails
+// with ESRCH) and that nobody modified for `min_age_s` seconds (a guard for writers in another
+// pid namespace or on another host sharing the folder). Returns the paths it removed.
+std::vector<std::string> remove_stale_temps(const std::string& path, double min_age_s = 60);
 
 // Writes a whole string atomically.
 void write_file_atomic(const std::string& path, const std::string& content);
