@@ -36,6 +36,7 @@
 #endif
 
 #include <cstdint>
+#include <vector>
 
 namespace ktune::cpu::detail::avx512 {
 // Unnamed on purpose: both AVX-512 files compile these inline functions with different flags,
@@ -199,6 +200,136 @@ void matmul(int64_t n, const uint8_t* W, int64_t ws, int64_t nrows, const uint8_
     }
     for (; t < ntok; ++t) tile<Ops, 1, 1>(nb, W + r * ws, ws, A + t * as, as, Y + t * ldy + r, ldy);
   }
+}
+
+// Prefill path (VNNI Ops only: needs neg_corr). Everything that depends only on a token is
+// computed once per matmul call instead of once per row tile: per block pair, the int8 pair
+// [a0 | a1], its dpbusd start value -K·sum(a) and its per-lane scale (act_scale(da) permuted by
+// scale_index) are packed into 192 contiguous bytes. A tile is then 4 rows × 4 tokens with only
+// 4 vector ops per (row, token, pair): dpbusd, convert, scale multiply, fma. The float work of
+// each (row, token) is the same as tile<Ops, 1, 1>'s (vec_dot): lane scales dw[b] · da[b]
+// (one IEEE multiply, commutative), fma into the same 16 lanes pair by pair in block order, the
+// same horizontal reduction; so results are bit-identical to vec_dot.
+constexpr int64_t kPackedPair = 192;  // [a 64 B | -K·sum(a) 64 B | lane scales 64 B]
+
+template <class Ops>
+inline void pack_acts(int64_t nb, const uint8_t* A, int64_t as, int64_t ntok, uint8_t* P,
+                      int64_t ps) {
+  for (int64_t t = 0; t < ntok; ++t) {
+    const uint8_t* ar = A + t * as;
+    uint8_t* q = P + t * ps;
+    for (int64_t g = 0; g < nb; g += 4, ar += 4 * kActBytes) {
+      const int cnt = static_cast<int>(nb - g < 4 ? nb - g : 4);
+      const __m512 da =
+          _mm512_castps256_ps512(Ops::act_scale(load_scales<kActBytes, false>(ar, cnt)));
+      for (int p = 0; p < 2 && 2 * p < cnt; ++p, q += kPackedPair) {
+        const __m512i a = load_act_pair(ar + 2 + 2 * p * kActBytes, cnt > 2 * p + 1);
+        _mm512_storeu_si512(q, a);
+        _mm512_storeu_si512(q + 64, Ops::neg_corr(a));
+        _mm512_storeu_ps(q + 128, _mm512_permutexvar_ps(Ops::scale_index(p), da));
+      }
+    }
+  }
+}
+
+// One group of up to 4 weight blocks for an R×C tile over packed activations; pa[t] points at
+// the group's first packed pair.
+template <class Ops, int R, int C, bool kFull>
+inline void ptile_group(const uint8_t* const (&wr)[R], const uint8_t* const (&pa)[C], int cnt,
+                        __m512 (&acc)[R][C]) {
+  constexpr int64_t kWB = Ops::kWeightBlockBytes;
+  __m512 dw[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) dw[r] = _mm512_castps256_ps512(load_scales<kWB, kFull>(wr[r], cnt));
+#pragma GCC unroll 2
+  for (int p = 0; p < 2; ++p) {
+    if (!kFull && 2 * p >= cnt) break;
+    const bool two = kFull || cnt > 2 * p + 1;
+    const __m512i idx = Ops::scale_index(p);
+    __m512i w[R];
+    __m512 dwp[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      w[r] = Ops::load_w(wr[r] + 2 + 2 * p * kWB, two);
+      dwp[r] = _mm512_permutexvar_ps(idx, dw[r]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < C; ++t) {
+      const uint8_t* q = pa[t] + p * kPackedPair;
+      const __m512i a = _mm512_loadu_si512(q);
+      const __m512i nc = _mm512_loadu_si512(q + 64);
+      const __m512 da = _mm512_loadu_ps(q + 128);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i sumi = Ops::dot(nc, w[r], a);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(dwp[r], da), acc[r][t]);
+      }
+    }
+  }
+}
+
+template <class Ops, int R, int C>
+inline void ptile(int64_t nb, const uint8_t* W, int64_t ws, const uint8_t* P, int64_t ps, float* Y,
+                  int64_t ldy) {
+  constexpr int64_t kWB = Ops::kWeightBlockBytes;
+  __m512 acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int t = 0; t < C; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  const uint8_t* wr[R];
+  const uint8_t* pa[C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) wr[r] = W + r * ws;
+#pragma GCC unroll 8
+  for (int t = 0; t < C; ++t) pa[t] = P + t * ps;
+  const char* pf = reinterpret_cast<const char*>(W) + R * ws;
+  constexpr int64_t kPfStep = R * 4 * kWB;
+  int64_t g = 0;
+  for (; g + 4 <= nb; g += 4) {
+    for (int64_t off = 0; off < kPfStep; off += 64) _mm_prefetch(pf + off, KTUNE_CPU_PREFETCH_HINT);
+    pf += kPfStep;
+    ptile_group<Ops, R, C, true>(wr, pa, 4, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wr[r] += 4 * kWB;
+#pragma GCC unroll 8
+    for (int t = 0; t < C; ++t) pa[t] += 2 * kPackedPair;
+  }
+  if (g < nb) ptile_group<Ops, R, C, false>(wr, pa, static_cast<int>(nb - g), acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int t = 0; t < C; ++t) Y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+  }
+}
+
+template <class Ops, int C>
+inline void ptile_rows(int64_t nb, const uint8_t* W, int64_t ws, int64_t nrows, const uint8_t* P,
+                       int64_t ps, float* Y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= nrows; r += 4) ptile<Ops, 4, C>(nb, W + r * ws, ws, P, ps, Y + r, ldy);
+  for (; r < nrows; ++r) ptile<Ops, 1, C>(nb, W + r * ws, ws, P, ps, Y + r, ldy);
+}
+
+// The MatmulFn for VNNI Ops: decode (1 token) as matmul<Ops>; prefill packs the tokens once
+// (thread-local scratch) and runs 4 × 4 tiles, tokens outer so a 4-token packed strip stays in
+// L1/L2 while the weight rows stream past.
+template <class Ops>
+void matmul_packed(int64_t n, const uint8_t* W, int64_t ws, int64_t nrows, const uint8_t* A,
+                   int64_t as, int64_t ntok, float* Y, int64_t ldy) {
+  if (ntok == 1) return matmul<Ops>(n, W, ws, nrows, A, as, ntok, Y, ldy);
+  const int64_t nb = n / kQ;
+  const int64_t ps = (nb + 1) / 2 * kPackedPair;
+  thread_local std::vector<uint8_t> buf;
+  const size_t need = static_cast<size_t>(ntok * ps + 64);
+  if (buf.size() < need) buf.resize(need);
+  uint8_t* P = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64);
+  pack_acts<Ops>(nb, A, as, ntok, P, ps);
+  int64_t t = 0;
+  for (; t + 4 <= ntok; t += 4)
+    ptile_rows<Ops, 4>(nb, W, ws, nrows, P + t * ps, ps, Y + t * ldy, ldy);
+  for (; t < ntok; ++t) ptile_rows<Ops, 1>(nb, W, ws, nrows, P + t * ps, ps, Y + t * ldy, ldy);
 }
 
 // Lane l of a pair accumulator belongs to block l / 8 of the pair; these indexes pick that

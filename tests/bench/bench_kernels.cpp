@@ -96,6 +96,34 @@ void BM_Matmul8(benchmark::State& state, QuantType t) {
   state.SetLabel(ktune::cpu::isa_name(isa));
 }
 
+// Prefill matmul_rows of a rows × 2048 matrix against T tokens (MoE expert: 768 × 32; attention
+// projection: 4096 × 64), single thread. Items = multiply-accumulates (rows · n · T): GMAC/s is
+// items_per_second / 1e9.
+void BM_MatmulRows(benchmark::State& state, QuantType t) {
+  const Isa isa = static_cast<Isa>(state.range(0));
+  const int64_t rows = state.range(1);
+  const int64_t T = state.range(2);
+  if (skip_if_unavailable(state, isa)) return;
+  const std::vector<uint8_t> W = random_matrix(t, rows, kN, 1);
+  const int64_t ab = ktune::row_bytes(QuantType::Q8_0, kN);
+  std::vector<uint8_t> act(static_cast<size_t>(T * ab));
+  std::vector<float> x(kN);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (int64_t i = 0; i < T; ++i) {
+    for (float& v : x) v = dist(rng);
+    ktune::cpu::quantize_activation(t, x.data(), act.data() + i * ab, kN, isa);
+  }
+  std::vector<float> Y(static_cast<size_t>(T * rows));
+  for (auto _ : state) {
+    ktune::cpu::matmul_rows(t, isa, W.data(), kN, 0, rows, act.data(), ab, T, Y.data(), rows);
+    benchmark::DoNotOptimize(Y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * rows * kN * T);
+  state.SetLabel(ktune::cpu::isa_name(isa));
+}
+
 void isa_args(benchmark::internal::Benchmark* b) {
   for (int isa = 0; isa <= 3; ++isa) {
     b->Args({isa, 1});
@@ -119,6 +147,16 @@ BENCHMARK_CAPTURE(BM_Matmul8, q4_0, QuantType::Q4_0)
     ->Apply(isa_only)
     ->ArgNames({"isa"})
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_MatmulRows, q4_0, QuantType::Q4_0)
+    ->Args({3, 768, 32})
+    ->Args({3, 4096, 64})
+    ->ArgNames({"isa", "rows", "tok"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MatmulRows, q8_0, QuantType::Q8_0)
+    ->Args({3, 768, 32})
+    ->Args({3, 4096, 64})
+    ->ArgNames({"isa", "rows", "tok"})
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -217,20 +217,23 @@ TEST_P(CpuKernelIsa, MatmulRowsMatchesVecDot) {
           const Row a = make_act(t, random_vec(rng_, n), GetParam());
           std::memcpy(&act[static_cast<size_t>(i * act_stride)], a.bytes.data(), a.bytes.size());
         }
-        const int64_t r0 = 1, r1 = rows;
-        std::vector<float> Y(static_cast<size_t>(T * ldy), -12345.0f);
-        matmul_rows(t, GetParam(), W.data(), n, r0, r1, act.data(), act_stride, T, Y.data(), ldy);
-        for (int64_t i = 0; i < T; ++i) {
-          for (int64_t r = 0; r < ldy; ++r) {
-            const float got = Y[static_cast<size_t>(i * ldy + r)];
-            if (r < r0 || r >= r1) {
-              ASSERT_EQ(got, -12345.0f) << "wrote outside rows [r0, r1) at t=" << i << " r=" << r;
-              continue;
+        // 8 and 7 rows: whole row tiles, and leftover rows.
+        for (int64_t r0 : {1, 2}) {
+          const int64_t r1 = rows;
+          std::vector<float> Y(static_cast<size_t>(T * ldy), -12345.0f);
+          matmul_rows(t, GetParam(), W.data(), n, r0, r1, act.data(), act_stride, T, Y.data(), ldy);
+          for (int64_t i = 0; i < T; ++i) {
+            for (int64_t r = 0; r < ldy; ++r) {
+              const float got = Y[static_cast<size_t>(i * ldy + r)];
+              if (r < r0 || r >= r1) {
+                ASSERT_EQ(got, -12345.0f) << "wrote outside rows [r0, r1) at t=" << i << " r=" << r;
+                continue;
+              }
+              const float want = vec_dot(t, GetParam())(n, &W[static_cast<size_t>(r * rb)],
+                                                        &act[static_cast<size_t>(i * act_stride)]);
+              ASSERT_EQ(got, want)
+                  << quant_name(t) << " n=" << n << " T=" << T << " t=" << i << " r=" << r;
             }
-            const float want = vec_dot(t, GetParam())(n, &W[static_cast<size_t>(r * rb)],
-                                                      &act[static_cast<size_t>(i * act_stride)]);
-            ASSERT_EQ(got, want) << quant_name(t) << " n=" << n << " T=" << T << " t=" << i
-                                 << " r=" << r;
           }
         }
       }
