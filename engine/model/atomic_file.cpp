@@ -99,20 +99,7 @@ void AtomicFile::write(const void* data, size_t n) {
   if (buffer_.size() + n > kBufferBytes) flush_buffer();
   if (n >= kBufferBytes) {
     // Large blocks go straight to the file instead of being copied through the buffer.
-    const char* p = static_cast<const char*>(data);
-    size_t left = n;
-    while (left > 0) {
-      const ssize_t w = ::write(fd_, p, left);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        const int e = errno;
-        throw Error(path_, "cannot write '" + temp_path_ + "' (" + errno_text(e) + ")",
-                    e == ENOSPC ? "free disk space or write to another disk"
-                                : "check free disk space and the folder's permissions");
-      }
-      p += w;
-      left -= static_cast<size_t>(w);
-    }
+    write_all(static_cast<const char*>(data), n);
   } else {
     buffer_.append(static_cast<const char*>(data), n);
   }
@@ -120,8 +107,12 @@ void AtomicFile::write(const void* data, size_t n) {
 }
 
 void AtomicFile::flush_buffer() {
-  const char* p = buffer_.data();
-  size_t left = buffer_.size();
+  write_all(buffer_.data(), buffer_.size());
+  buffer_.clear();
+}
+
+// write(2) until every byte is out, retrying on EINTR and short writes.
+void AtomicFile::write_all(const char* p, size_t left) {
   while (left > 0) {
     const ssize_t w = ::write(fd_, p, left);
     if (w < 0) {
@@ -134,7 +125,6 @@ void AtomicFile::flush_buffer() {
     p += w;
     left -= static_cast<size_t>(w);
   }
-  buffer_.clear();
 }
 
 void AtomicFile::commit() {

@@ -57,6 +57,16 @@ std::string partial_line(const PartialInfo& p) {
                      signal_name(p.signal), p.reps_done, p.reps_planned);
 }
 
+// The header line that states the DRAM probe and the memory-bound decode limit it implies.
+std::string memory_line(const BandwidthResult& bw, double bytes_tok, double limit_tok_s,
+                        const char* suffix) {
+  return fmt::format(
+      "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
+      "memory-bound limit {:.1f} tok/s{}\n",
+      bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
+      format_bytes(bytes_tok), limit_tok_s, suffix);
+}
+
 void add_partial_json(nlohmann::json& doc, const PartialInfo& p) {
   doc["partial"] = p.signal != 0;
   if (p.signal != 0) {
@@ -225,11 +235,7 @@ void run_plain(const RunOptions& opt) {
                            isa);
   std::cout << model_line(model);
   if (opt.probe) {
-    std::cout << fmt::format(
-        "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
-        "memory-bound limit {:.1f} tok/s\n",
-        bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
-        format_bytes(bytes_tok), limit_tok_s);
+    std::cout << memory_line(bw, bytes_tok, limit_tok_s, "");
   }
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
   if (partial.signal != 0) std::cout << partial_line(partial);
@@ -560,11 +566,7 @@ void run_placements(const RunOptions& opt) {
   std::cout << fmt::format("# model loaded once in {:.1f} s for {} placement{}\n", load_s,
                            runs.size(), runs.size() == 1 ? "" : "s");
   if (opt.probe && any_cpu) {
-    std::cout << fmt::format(
-        "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
-        "memory-bound limit {:.1f} tok/s (cpu engine)\n",
-        bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
-        format_bytes(bytes_tok), limit_tok_s);
+    std::cout << memory_line(bw, bytes_tok, limit_tok_s, " (cpu engine)");
   }
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
   if (partial.signal != 0) std::cout << partial_line(partial);

@@ -28,6 +28,7 @@ class AtomicFile {
 
  private:
   void flush_buffer();
+  void write_all(const char* p, size_t n);
   std::string path_;
   std::string temp_path_;
   int fd_ = -1;
