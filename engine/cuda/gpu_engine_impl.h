@@ -1,0 +1,122 @@
+// GpuEngine::Impl, shared by the files of the GPU engine (engine/cuda/gpu_engine*.cpp):
+//   gpu_engine.cpp          construction (weights, arenas), run_step, the public API
+//   gpu_engine_decode.cpp   the decode step's launches (fused step, legacy step)
+//   gpu_engine_moe.cpp      the MoE of a layer: fused, unfused, CPU experts and their hand-off
+//   gpu_engine_prefill.cpp  prefill
+// Private to the engine: nothing outside engine/cuda includes it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ktune/engine/cpu_moe.h"
+#include "ktune/engine/cuda/cuda_check.h"
+#include "ktune/engine/gpu_engine.h"
+#include "ktune/engine/thread_pool.h"
+
+namespace ktune {
+namespace gpu_detail {
+
+constexpr size_t kAlign = 256;
+
+inline size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// A weight tensor on the device.
+struct DevTensor {
+  QuantType type = QuantType::F32;
+  const void* data = nullptr;
+  int64_t row_len = 0;
+  int64_t rows = 0;          // all rows (experts: ne[1] * ne[2])
+  int64_t matrix_bytes = 0;  // one expert's matrix (ne[1] rows)
+};
+
+struct DevLayer {
+  DevTensor attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, router, gate, up, down;
+  // Hybrid: experts of this layer on the GPU (gate/up/down hold only those, compacted) and on
+  // the CPU; slot_map (device, n_experts int32: slot or -1) when the layer mixes, else nullptr.
+  int64_t n_gpu_experts = 0;
+  int64_t n_cpu_experts = 0;
+  const int32_t* slot_map = nullptr;
+  std::vector<int32_t> host_slot;  // the same map on the host (unfused path); empty: slot = id
+  uint16_t* k_cache = nullptr;
+  uint16_t* v_cache = nullptr;
+};
+
+inline void check_launch(cudaError_t err, const char* what) {
+  cuda::check(err, what, __FILE__, __LINE__);
+}
+
+}  // namespace gpu_detail
+
+struct GpuEngine::Impl {
+  using DevTensor = gpu_detail::DevTensor;
+  using DevLayer = gpu_detail::DevLayer;
+
+  const ModelConfig cfg;
+  GpuEngineOptions opt;
+  std::string device_name;
+  int64_t hidden, n_heads, n_kv, hd, nq, nkv_rows, n_exp, top_k, ffn, vocab, layers, max_ctx;
+
+  cuda::DeviceArena weights_arena;
+  cuda::DeviceArena work_arena;
+  cuda::Stream stream;
+
+  DevTensor tok_embd, output_norm, output;
+  std::vector<DevLayer> L;
+
+  // Activations and per-step state (device).
+  float *x, *h, *q, *k, *v, *qn, *kn, *attn, *o, *rlog, *wts, *act, *g, *u, *ye, *acc, *logits,
+      *inv_freq;
+  int32_t *ids, *token, *pos, *history;
+  unsigned* router_counter = nullptr;  // launch_matvec_fused's router tail (self-resetting)
+  void* attn_ws = nullptr;
+  // KTUNE_GPU_LEGACY=1: the step as one launch per op (separate norms, rope, residual adds,
+  // router top-k; launch_matvec), for A/B timing against the fused step.
+  bool legacy = false;
+
+  // Routing staging, device and pinned host, one contiguous block so one copy moves it:
+  // [h: hidden floats][ids: top_k int32][wts: top_k floats]. h, ids, wts point into it.
+  void* stage = nullptr;
+  size_t stage_bytes = 0, stage_ids_off = 0;
+  // Pinned host staging: the token written by decode(), the routing block (unfused path, CPU
+  // experts), the CPU experts' partial sum.
+  int32_t* h_token = nullptr;
+  uint8_t* h_stage = nullptr;
+  float* h_h = nullptr;
+  int32_t* h_ids = nullptr;
+  float* h_wts = nullptr;
+  float* h_ycpu = nullptr;
+
+  // Hybrid mode (some expert on the CPU).
+  bool is_hybrid = false;
+  int64_t cpu_experts_total = 0;
+  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<CpuMoe> cpu_moe;
+  std::vector<int32_t> sel_ids;
+  std::vector<float> sel_w;
+  float* ycpu = nullptr;  // device copy of the CPU partial sum
+  std::unique_ptr<cuda::Event> ev_route;  // routing block copied (hybrid)
+
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t graph_exec = nullptr;
+  int64_t host_pos = 0;
+
+
+  Impl(const ModelWeights& w, const GpuEngineOptions& options);
+  ~Impl();
+  void matvec(const DevTensor& t, const float* in, float* out, int64_t rows);
+  void enqueue_step();
+  void enqueue_step_fused();
+  void moe(const DevLayer& d, int64_t l);
+  void cpu_experts(const DevLayer& d, int64_t l);
+  void enqueue_step_legacy();
+  void moe_unfused(const DevLayer& d, int64_t l);
+  void run_step();
+  void set_token(int32_t t);
+};
+
+}  // namespace ktune

@@ -1,0 +1,105 @@
+// The MoE of one layer in the decode step (GpuEngine::Impl, engine/cuda/gpu_engine_impl.h):
+// the fused and unfused GPU paths and the CPU experts of a hybrid placement.
+#include <string>
+
+#include "cuda/gpu_engine_impl.h"
+#include "ktune/engine/cuda/kernels.h"
+#include "ktune/engine/error.h"
+
+namespace ktune {
+
+using gpu_detail::check_launch;
+
+void GpuEngine::Impl::moe(const DevLayer& d, int64_t l) {
+  cudaStream_t s = stream;
+  if (opt.moe_kernel == MoeKernel::Unfused) {
+    moe_unfused(d, l);
+    return;
+  }
+  if (d.n_cpu_experts > 0) {
+    // Routing block (h, ids, weights) to pinned memory; the GPU experts run meanwhile.
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+    ev_route->record(s);
+  }
+  if (d.n_gpu_experts > 0) {
+    check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data,
+                                                 d.gate.matrix_bytes, ids, top_k, n_exp, h, ffn,
+                                                 hidden, act, s, d.slot_map),
+                 "launch_moe_gate_up_swiglu");
+    check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids,
+                                           wts, top_k, n_exp, act, hidden, ffn, x, s,
+                                           d.slot_map),
+                 "launch_moe_down_sum");
+  }
+  if (d.n_cpu_experts > 0) {
+    ev_route->synchronize();
+    cpu_experts(d, l);
+  }
+}
+
+// The CPU experts of the routing in h_stage (copied and complete): CpuMoe over the selected
+// experts kept on the CPU, in slot order, into pinned memory; then the copy to the device and
+// x += y_cpu enqueued on the stream, after whatever GPU experts were enqueued before.
+void GpuEngine::Impl::cpu_experts(const DevLayer& d, int64_t l) {
+  int n = 0;
+  for (int64_t j = 0; j < top_k; ++j) {
+    const int32_t id = h_ids[j];
+    if (id < 0 || id >= n_exp) {
+      throw Error("gpu engine",
+                  "router chose expert " + std::to_string(id) + " of " + std::to_string(n_exp),
+                  "the model's router produced NaN logits");
+    }
+    if (d.host_slot[static_cast<size_t>(id)] >= 0) continue;  // a GPU expert
+    sel_ids[static_cast<size_t>(n)] = id;
+    sel_w[static_cast<size_t>(n)] = h_wts[j];
+    ++n;
+  }
+  if (n == 0) return;
+  cpu_moe->compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
+  cudaStream_t s = stream;
+  KTUNE_CUDA_CHECK(cudaMemcpyAsync(ycpu, h_ycpu, static_cast<size_t>(hidden) * sizeof(float),
+                                   cudaMemcpyHostToDevice, s));
+  check_launch(cuda::launch_add_inplace(x, ycpu, hidden, s), "launch_add_inplace cpu experts");
+}
+
+// The per-expert pattern: routing to the host (sync), then 5 launches per selected expert.
+// With CPU experts in the layer: the whole routing block (h too) comes over, the GPU experts
+// are launched first, then the CPU experts run while the GPU works (same sums as fused).
+void GpuEngine::Impl::moe_unfused(const DevLayer& d, int64_t l) {
+  cudaStream_t s = stream;
+  if (d.n_cpu_experts > 0) {
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+  } else {
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off,
+                                     cudaMemcpyDeviceToHost, s));
+  }
+  KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
+  if (d.n_gpu_experts > 0) {
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
+  }
+  for (int64_t j = 0; j < top_k && d.n_gpu_experts > 0; ++j) {
+    const int32_t id = h_ids[j];
+    if (id < 0 || id >= n_exp) {
+      throw Error("gpu engine",
+                  "router chose expert " + std::to_string(id) + " of " + std::to_string(n_exp),
+                  "the model's router produced NaN logits");
+    }
+    const int64_t slot = d.host_slot.empty() ? id : d.host_slot[static_cast<size_t>(id)];
+    if (slot < 0) continue;  // a CPU expert
+    const auto* gb = static_cast<const uint8_t*>(d.gate.data) + slot * d.gate.matrix_bytes;
+    const auto* ub = static_cast<const uint8_t*>(d.up.data) + slot * d.up.matrix_bytes;
+    const auto* db = static_cast<const uint8_t*>(d.down.data) + slot * d.down.matrix_bytes;
+    check_launch(cuda::launch_matvec_rowwarp(d.gate.type, gb, h, ffn, hidden, g, s), "gate");
+    check_launch(cuda::launch_matvec_rowwarp(d.up.type, ub, h, ffn, hidden, u, s), "up");
+    float* a = act + j * ffn;
+    check_launch(cuda::launch_swiglu(g, u, ffn, a, s), "launch_swiglu");
+    check_launch(cuda::launch_matvec_rowwarp(d.down.type, db, a, hidden, ffn, ye, s), "down");
+    check_launch(cuda::launch_axpy_accumulate(h_wts[j], ye, hidden, acc, s), "axpy");
+  }
+  if (d.n_gpu_experts > 0) {
+    check_launch(cuda::launch_add_inplace(x, acc, hidden, s), "launch_add_inplace moe");
+  }
+  if (d.n_cpu_experts > 0) cpu_experts(d, l);
+}
+
+}  // namespace ktune
