@@ -1,0 +1,121 @@
+// profile.json's summary: round trip, and the validating reader's errors name the field.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "ktune/engine/error.h"
+#include "profiler/profile_summary.h"
+
+namespace ktune::profile {
+namespace {
+
+ProfileSummary sample() {
+  ProfileSummary s;
+  s.kind = "model";
+  s.ktune_version = "0.1.0";
+  s.commit = "abc1234";
+  s.created = "2026-11-27T03:00:00Z";
+  s.cpu = {"Xeon", 16, 32, 1, "avx512vnni", int64_t{128} << 30, int64_t{100} << 30,
+           {{1, 12.5}, {8, 80.0}, {16, 100.0}}};
+  s.cpu_costs.moe_decode_gb_s = {{1, 10.0}, {16, 85.0}};
+  s.cpu_costs.handoff_host_thread_us = 20;
+  s.gpus.push_back({"cuda:0", "NVIDIA H100", "9.0", int64_t{80} << 30, int64_t{79} << 30, 3000,
+                    50, 50, 5, 16});
+  GpuCosts c;
+  c.device = "cuda:0";
+  c.launch_eager_us = 3.3;
+  c.graph_node_us = 1.0;
+  c.host_node_us = 27;
+  c.flag_handoff_us = 3.4;
+  c.sync_us = 10;
+  c.matvec_gb_s = 2000;
+  c.moe_fused_gb_s = 2200;
+  c.moe_unfused_gb_s = 1500;
+  c.attention_us = 5;
+  c.attention_us_per_1k_ctx = 1;
+  c.prefill_gflop_s = 100000;
+  s.gpu_costs.push_back(c);
+  s.model = {"tiny", "f32", 2, 4, 2, 1000};
+  s.router.tokens = 3;
+  s.router.counts = {{3, 1, 2, 0}, {0, 0, 3, 3}};
+  return s;
+}
+
+nlohmann::json doc_of(const ProfileSummary& s) {
+  nlohmann::json j;
+  j["ktune_profile"] = kProfileSchemaVersion;
+  j["summary"] = s;
+  return j;
+}
+
+std::string error_of(const nlohmann::json& doc) {
+  const std::string path = ::testing::TempDir() + "profile_summary_test.json";
+  {
+    std::ofstream out(path);
+    out << doc.dump();
+  }
+  try {
+    read_profile_summary(path);
+  } catch (const Error& e) {
+    std::remove(path.c_str());
+    return e.what();
+  }
+  std::remove(path.c_str());
+  return "";
+}
+
+TEST(ProfileSummary, RoundTripsThroughJson) {
+  const ProfileSummary s = sample();
+  const nlohmann::json j = doc_of(s);
+  const ProfileSummary back = summary_from_json(j["summary"], "x.json");
+  nlohmann::json again;
+  to_json(again, back);
+  EXPECT_EQ(again, j["summary"]);
+  EXPECT_EQ(back.router.counts[1][3], 3);
+  EXPECT_DOUBLE_EQ(back.gpu_costs[0].flag_handoff_us, 3.4);
+  EXPECT_EQ(error_of(j), "");
+}
+
+TEST(ProfileSummary, ErrorsNameTheField) {
+  nlohmann::json j = doc_of(sample());
+  j["summary"]["gpus"][0]["read_gb_s"] = -1;
+  EXPECT_NE(error_of(j).find("summary.gpus[0].read_gb_s"), std::string::npos) << error_of(j);
+
+  j = doc_of(sample());
+  j["summary"]["cpu"].erase("isa");
+  EXPECT_NE(error_of(j).find("summary.cpu.isa: missing"), std::string::npos) << error_of(j);
+
+  j = doc_of(sample());
+  j["summary"]["router"]["counts"][0][0] = 2;  // sum no longer tokens * top-k
+  EXPECT_NE(error_of(j).find("summary.router.counts[0]: counts sum to 5"), std::string::npos)
+      << error_of(j);
+
+  j = doc_of(sample());
+  j["summary"]["cpu"]["read_gb_s"][1]["threads"] = 1;
+  EXPECT_NE(error_of(j).find("thread counts must increase"), std::string::npos) << error_of(j);
+
+  j = doc_of(sample());
+  j["ktune_profile"] = 99;
+  EXPECT_NE(error_of(j).find("newer than this ktune reads"), std::string::npos);
+
+  j = doc_of(sample());
+  j["summary"]["gpu_costs"][0]["device"] = "cuda:1";
+  EXPECT_NE(error_of(j).find("does not match gpus[0]"), std::string::npos);
+
+  EXPECT_NE(error_of(nlohmann::json::array()).find("not a ktune profile"), std::string::npos);
+}
+
+TEST(ProfileSummary, RateInterpolatesAndClamps) {
+  const std::vector<ThreadRate> c = {{1, 10}, {8, 80}, {16, 100}};
+  EXPECT_DOUBLE_EQ(rate_at(c, 1), 10);
+  EXPECT_DOUBLE_EQ(rate_at(c, 4), 40);
+  EXPECT_DOUBLE_EQ(rate_at(c, 12), 90);
+  EXPECT_DOUBLE_EQ(rate_at(c, 64), 100);
+  EXPECT_DOUBLE_EQ(rate_at(c, 0), 10);
+}
+
+}  // namespace
+}  // namespace ktune::profile

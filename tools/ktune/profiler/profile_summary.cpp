@@ -1,0 +1,331 @@
+// profile.json's summary (profiler/profile_summary.h): writer and validating reader.
+#include "profiler/profile_summary.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "ktune/engine/error.h"
+
+namespace ktune::profile {
+namespace {
+
+using nlohmann::json;
+
+// A cursor into the JSON document that knows its path, so every error names the field.
+class Field {
+ public:
+  Field(const json& j, std::string path, const std::string& file)
+      : j_(j), path_(std::move(path)), file_(file) {}
+
+  [[noreturn]] void fail(const std::string& problem) const {
+    throw Error(file_ + ": " + path_, problem,
+                "re-record the profile with `ktune profile`, or fix the field by hand");
+  }
+  const json& raw() const { return j_; }
+  const std::string& path() const { return path_; }
+
+  Field at(const char* key) const {
+    if (!j_.is_object()) fail("must be an object");
+    auto it = j_.find(key);
+    if (it == j_.end()) Field(j_, path_ + "." + key, file_).fail("missing");
+    return Field(*it, path_ + "." + key, file_);
+  }
+  bool has(const char* key) const { return j_.is_object() && j_.contains(key); }
+  Field at(size_t i) const { return Field(j_[i], path_ + "[" + std::to_string(i) + "]", file_); }
+  size_t array_size() const {
+    if (!j_.is_array()) fail("must be an array");
+    return j_.size();
+  }
+  std::string str() const {
+    if (!j_.is_string()) fail("must be a string");
+    return j_.get<std::string>();
+  }
+  double num(double lo, double hi) const {
+    if (!j_.is_number()) fail("must be a number");
+    const double v = j_.get<double>();
+    if (!std::isfinite(v) || v < lo || v > hi) {
+      std::ostringstream os;
+      os << v << " is out of range [" << lo << ", " << hi << "]";
+      fail(os.str());
+    }
+    return v;
+  }
+  int64_t integer(int64_t lo, int64_t hi) const {
+    if (!j_.is_number_integer()) fail("must be an integer");
+    // Unsigned values above INT64_MAX are out of every range used here.
+    if (j_.is_number_unsigned() && j_.get<uint64_t>() > static_cast<uint64_t>(hi)) {
+      fail(std::to_string(j_.get<uint64_t>()) + " is out of range");
+    }
+    const int64_t v = j_.get<int64_t>();
+    if (v < lo || v > hi) {
+      fail(std::to_string(v) + " is out of range [" + std::to_string(lo) + ", " +
+           std::to_string(hi) + "]");
+    }
+    return v;
+  }
+
+ private:
+  const json& j_;
+  std::string path_;
+  const std::string& file_;
+};
+
+constexpr double kHuge = 1e12;
+constexpr int64_t kMaxBytes = int64_t{1} << 52;
+
+std::vector<ThreadRate> curve(const Field& f, bool required) {
+  std::vector<ThreadRate> out;
+  const size_t n = f.array_size();
+  if (required && n == 0) f.fail("must have at least one point");
+  for (size_t i = 0; i < n; ++i) {
+    Field p = f.at(i);
+    ThreadRate r;
+    r.threads = static_cast<int>(p.at("threads").integer(1, 4096));
+    r.value = p.at("value").num(0, kHuge);
+    if (r.value <= 0) p.at("value").fail("must be > 0");
+    if (!out.empty() && r.threads <= out.back().threads) {
+      p.at("threads").fail("thread counts must increase along the curve");
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
+json curve_json(const std::vector<ThreadRate>& c) {
+  json a = json::array();
+  for (const ThreadRate& r : c) a.push_back({{"threads", r.threads}, {"value", r.value}});
+  return a;
+}
+
+}  // namespace
+
+void to_json(json& j, const ProfileSummary& s) {
+  j = json::object();
+  j["kind"] = s.kind;
+  j["ktune_version"] = s.ktune_version;
+  j["commit"] = s.commit;
+  j["created"] = s.created;
+  j["cpu"] = {{"name", s.cpu.name},
+              {"physical_cores", s.cpu.physical_cores},
+              {"logical_cpus", s.cpu.logical_cpus},
+              {"numa_nodes", s.cpu.numa_nodes},
+              {"isa", s.cpu.isa},
+              {"mem_bytes", s.cpu.mem_bytes},
+              {"mem_available_bytes", s.cpu.mem_available_bytes},
+              {"read_gb_s", curve_json(s.cpu.read_gb_s)}};
+  j["cpu_costs"] = {{"moe_decode_gb_s", curve_json(s.cpu_costs.moe_decode_gb_s)},
+                    {"prefill_gflop_s", curve_json(s.cpu_costs.prefill_gflop_s)},
+                    {"handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us}};
+  j["gpus"] = json::array();
+  for (const GpuInfo& g : s.gpus) {
+    j["gpus"].push_back({{"device", g.device},
+                         {"name", g.name},
+                         {"sm", g.sm},
+                         {"mem_bytes", g.mem_bytes},
+                         {"mem_free_bytes", g.mem_free_bytes},
+                         {"read_gb_s", g.read_gb_s},
+                         {"h2d_gb_s", g.h2d_gb_s},
+                         {"d2h_gb_s", g.d2h_gb_s},
+                         {"pcie_gen", g.pcie_gen},
+                         {"pcie_width", g.pcie_width}});
+  }
+  j["gpu_costs"] = json::array();
+  for (const GpuCosts& c : s.gpu_costs) {
+    j["gpu_costs"].push_back({{"device", c.device},
+                              {"launch_eager_us", c.launch_eager_us},
+                              {"graph_node_us", c.graph_node_us},
+                              {"host_node_us", c.host_node_us},
+                              {"flag_handoff_us", c.flag_handoff_us},
+                              {"sync_us", c.sync_us},
+                              {"matvec_gb_s", c.matvec_gb_s},
+                              {"moe_fused_gb_s", c.moe_fused_gb_s},
+                              {"moe_unfused_gb_s", c.moe_unfused_gb_s},
+                              {"attention_us", c.attention_us},
+                              {"attention_us_per_1k_ctx", c.attention_us_per_1k_ctx},
+                              {"prefill_gflop_s", c.prefill_gflop_s}});
+  }
+  j["model"] = {{"name", s.model.name},
+                {"quant", s.model.quant},
+                {"n_layers", s.model.n_layers},
+                {"n_experts", s.model.n_experts},
+                {"n_experts_used", s.model.n_experts_used},
+                {"expert_bytes", s.model.expert_bytes}};
+  j["router"] = {{"tokens", s.router.tokens}, {"counts", s.router.counts}};
+}
+
+ProfileSummary summary_from_json(const json& summary, const std::string& file) {
+  const Field root(summary, "summary", file);
+  ProfileSummary s;
+  s.kind = root.at("kind").str();
+  if (s.kind != "model" && s.kind != "hardware") {
+    root.at("kind").fail("\"" + s.kind + "\" is neither \"model\" nor \"hardware\"");
+  }
+  s.ktune_version = root.at("ktune_version").str();
+  s.commit = root.at("commit").str();
+  s.created = root.at("created").str();
+
+  const Field cpu = root.at("cpu");
+  s.cpu.name = cpu.at("name").str();
+  s.cpu.physical_cores = static_cast<int>(cpu.at("physical_cores").integer(1, 65536));
+  s.cpu.logical_cpus = static_cast<int>(cpu.at("logical_cpus").integer(1, 65536));
+  if (s.cpu.logical_cpus < s.cpu.physical_cores) {
+    cpu.at("logical_cpus").fail("is below physical_cores");
+  }
+  s.cpu.numa_nodes = static_cast<int>(cpu.at("numa_nodes").integer(1, 1024));
+  s.cpu.isa = cpu.at("isa").str();
+  if (s.cpu.isa != "scalar" && s.cpu.isa != "avx2" && s.cpu.isa != "avx512" &&
+      s.cpu.isa != "avx512vnni") {
+    cpu.at("isa").fail("\"" + s.cpu.isa + "\" is not scalar|avx2|avx512|avx512vnni");
+  }
+  s.cpu.mem_bytes = cpu.at("mem_bytes").integer(1, kMaxBytes);
+  s.cpu.mem_available_bytes = cpu.at("mem_available_bytes").integer(0, s.cpu.mem_bytes);
+  s.cpu.read_gb_s = curve(cpu.at("read_gb_s"), true);
+
+  const Field cc = root.at("cpu_costs");
+  s.cpu_costs.moe_decode_gb_s = curve(cc.at("moe_decode_gb_s"), true);
+  s.cpu_costs.prefill_gflop_s = curve(cc.at("prefill_gflop_s"), false);
+  s.cpu_costs.handoff_host_thread_us = cc.at("handoff_host_thread_us").num(0, 1e6);
+
+  const Field gpus = root.at("gpus");
+  for (size_t i = 0; i < gpus.array_size(); ++i) {
+    const Field g = gpus.at(i);
+    GpuInfo gi;
+    gi.device = g.at("device").str();
+    if (gi.device != "cuda:" + std::to_string(i)) {
+      g.at("device").fail("\"" + gi.device + "\" out of order; expected cuda:" +
+                          std::to_string(i));
+    }
+    gi.name = g.at("name").str();
+    gi.sm = g.at("sm").str();
+    gi.mem_bytes = g.at("mem_bytes").integer(1, kMaxBytes);
+    gi.mem_free_bytes = g.at("mem_free_bytes").integer(0, gi.mem_bytes);
+    gi.read_gb_s = g.at("read_gb_s").num(1e-3, kHuge);
+    gi.h2d_gb_s = g.at("h2d_gb_s").num(1e-3, kHuge);
+    gi.d2h_gb_s = g.at("d2h_gb_s").num(1e-3, kHuge);
+    gi.pcie_gen = static_cast<int>(g.at("pcie_gen").integer(0, 64));
+    gi.pcie_width = static_cast<int>(g.at("pcie_width").integer(0, 64));
+    s.gpus.push_back(gi);
+  }
+  const Field gcs = root.at("gpu_costs");
+  if (gcs.array_size() != s.gpus.size()) {
+    gcs.fail("has " + std::to_string(gcs.array_size()) + " entries for " +
+             std::to_string(s.gpus.size()) + " gpus");
+  }
+  for (size_t i = 0; i < gcs.array_size(); ++i) {
+    const Field c = gcs.at(i);
+    GpuCosts gc;
+    gc.device = c.at("device").str();
+    if (gc.device != s.gpus[i].device) {
+      c.at("device").fail("\"" + gc.device + "\" does not match gpus[" + std::to_string(i) +
+                          "] (" + s.gpus[i].device + ")");
+    }
+    gc.launch_eager_us = c.at("launch_eager_us").num(1e-3, 1e6);
+    gc.graph_node_us = c.at("graph_node_us").num(1e-3, 1e6);
+    gc.host_node_us = c.at("host_node_us").num(0, 1e6);
+    gc.flag_handoff_us = c.at("flag_handoff_us").num(0, 1e6);
+    gc.sync_us = c.at("sync_us").num(0, 1e6);
+    gc.matvec_gb_s = c.at("matvec_gb_s").num(1e-3, kHuge);
+    gc.moe_fused_gb_s = c.at("moe_fused_gb_s").num(1e-3, kHuge);
+    gc.moe_unfused_gb_s = c.at("moe_unfused_gb_s").num(1e-3, kHuge);
+    gc.attention_us = c.at("attention_us").num(0, 1e6);
+    gc.attention_us_per_1k_ctx = c.at("attention_us_per_1k_ctx").num(0, 1e6);
+    gc.prefill_gflop_s = c.at("prefill_gflop_s").num(0, kHuge);
+    s.gpu_costs.push_back(gc);
+  }
+
+  const Field m = root.at("model");
+  s.model.name = m.at("name").str();
+  s.model.quant = m.at("quant").str();
+  const bool has_model = !s.model.name.empty();
+  const int64_t lo = has_model ? 1 : 0;
+  s.model.n_layers = m.at("n_layers").integer(lo, 100000);
+  s.model.n_experts = m.at("n_experts").integer(lo, 100000);
+  s.model.n_experts_used = m.at("n_experts_used").integer(lo, s.model.n_experts);
+  s.model.expert_bytes = m.at("expert_bytes").integer(lo, kMaxBytes);
+  if (s.kind == "model" && !has_model) m.at("name").fail("is empty in a profile of kind model");
+
+  const Field r = root.at("router");
+  s.router.tokens = r.at("tokens").integer(0, int64_t{1} << 50);
+  const Field counts = r.at("counts");
+  const size_t nl = counts.array_size();
+  if (s.router.tokens > 0 &&
+      (!has_model || nl != static_cast<size_t>(s.model.n_layers))) {
+    counts.fail("has " + std::to_string(nl) + " layers; the model has " +
+                std::to_string(s.model.n_layers));
+  }
+  if (s.router.tokens == 0 && nl != 0) counts.fail("must be empty when tokens is 0");
+  for (size_t l = 0; l < nl; ++l) {
+    const Field row = counts.at(l);
+    if (row.array_size() != static_cast<size_t>(s.model.n_experts)) {
+      row.fail("has " + std::to_string(row.array_size()) + " experts; the model has " +
+               std::to_string(s.model.n_experts));
+    }
+    std::vector<int64_t> c(row.array_size());
+    int64_t sum = 0;
+    for (size_t e = 0; e < c.size(); ++e) {
+      c[e] = row.at(e).integer(0, s.router.tokens);
+      sum += c[e];
+    }
+    if (sum != s.router.tokens * s.model.n_experts_used) {
+      row.fail("counts sum to " + std::to_string(sum) + ", expected tokens x n_experts_used = " +
+               std::to_string(s.router.tokens * s.model.n_experts_used));
+    }
+    s.router.counts.push_back(std::move(c));
+  }
+  return s;
+}
+
+ProfileSummary read_profile_summary(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw Error(path, "cannot open", "check the path, or record one with `ktune profile -o " +
+                                         path + "`");
+  }
+  json doc;
+  try {
+    doc = json::parse(in, nullptr, true, false);
+  } catch (const json::exception& e) {
+    throw Error(path, std::string("not valid JSON (") + e.what() + ")",
+                "re-record the profile with `ktune profile`");
+  }
+  if (!doc.is_object() || !doc.contains("ktune_profile")) {
+    throw Error(path, "not a ktune profile (no \"ktune_profile\" key)",
+                "pass a profile.json written by `ktune profile`");
+  }
+  const json& v = doc["ktune_profile"];
+  if (!v.is_number_integer() || v.get<int64_t>() < 1) {
+    throw Error(path + ": ktune_profile", "must be a positive integer schema version",
+                "re-record the profile with `ktune profile`");
+  }
+  if (v.get<int64_t>() > kProfileSchemaVersion) {
+    throw Error(path + ": ktune_profile",
+                "schema version " + std::to_string(v.get<int64_t>()) +
+                    " is newer than this ktune reads (" +
+                    std::to_string(kProfileSchemaVersion) + ")",
+                "update ktune, or re-record the profile with this version");
+  }
+  if (!doc.contains("summary")) {
+    throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
+  }
+  return summary_from_json(doc["summary"], path);
+}
+
+double rate_at(const std::vector<ThreadRate>& c, int threads) {
+  if (c.empty()) return 0;
+  if (threads <= c.front().threads) return c.front().value;
+  if (threads >= c.back().threads) return c.back().value;
+  for (size_t i = 1; i < c.size(); ++i) {
+    if (threads <= c[i].threads) {
+      const double t = static_cast<double>(threads - c[i - 1].threads) /
+                       static_cast<double>(c[i].threads - c[i - 1].threads);
+      return c[i - 1].value + t * (c[i].value - c[i - 1].value);
+    }
+  }
+  return c.back().value;
+}
+
+}  // namespace ktune::profile

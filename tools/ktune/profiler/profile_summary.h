@@ -1,0 +1,122 @@
+// The machine-describing part of profile.json (docs/profile-format.md): what `ktune profile`
+// measures and `ktune search` prices placements with. A profile describes the machine as costs
+// per byte, per FLOP and per launch/sync so that one profile serves any model shape; the model
+// it was recorded with (if any) and its router statistics ride along.
+//
+// This struct is the contract between the profiler (which fills and writes it) and the search
+// (which reads it). It lives in profile.json under the top level:
+//   { "ktune_profile": 1, "summary": { ...this struct... }, <the profiler's metric sections> }
+// read_profile_summary() validates everything it reads (types, ranges, consistency) and throws
+// ktune::Error naming the file and the JSON path of the first bad field, before any other work.
+// Unknown keys are ignored (newer writers may add fields); a missing required key is an error.
+// Units are in the names: _bytes, _gb_s (1e9 bytes/s), _gflop_s, _us (microseconds).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace ktune::profile {
+
+constexpr int kProfileSchemaVersion = 1;
+
+// One point of a measured scaling curve.
+struct ThreadRate {
+  int threads = 0;
+  double value = 0;  // GB/s or GFLOP/s, as the field's name says
+};
+
+struct CpuInfo {
+  std::string name;  // "Intel(R) Xeon(R) ..."
+  int physical_cores = 0;
+  int logical_cpus = 0;
+  int numa_nodes = 1;
+  std::string isa;  // best kernel ISA: scalar | avx2 | avx512 | avx512vnni
+  int64_t mem_bytes = 0;
+  int64_t mem_available_bytes = 0;
+  std::vector<ThreadRate> read_gb_s;  // DRAM read probe by thread count (required, >= 1 point)
+};
+
+struct CpuCosts {
+  // CpuMoe (one token's selected experts of one layer) effective bandwidth: expert weight bytes
+  // read ÷ wall time of compute(), by thread count, at the model's top-k (or 8 on --hardware).
+  std::vector<ThreadRate> moe_decode_gb_s;     // required, >= 1 point
+  std::vector<ThreadRate> prefill_gflop_s;     // batched CPU matmul; empty if not measured
+  double handoff_host_thread_us = 0;  // per layer: event sync + wake pool + enqueue (no graph)
+};
+
+struct GpuInfo {
+  std::string device;  // "cuda:0" (placement YAML device names)
+  std::string name;    // "NVIDIA H100 80GB HBM3"
+  std::string sm;      // "9.0"
+  int64_t mem_bytes = 0;
+  int64_t mem_free_bytes = 0;
+  double read_gb_s = 0;  // device-memory read probe
+  double h2d_gb_s = 0;   // pinned host -> device copy
+  double d2h_gb_s = 0;
+  int pcie_gen = 0;      // 0 = unknown
+  int pcie_width = 0;
+};
+
+struct GpuCosts {
+  std::string device;  // matches a GpuInfo::device
+  // Overheads measured with ktune's own kernels on this GPU.
+  double launch_eager_us = 0;     // one small kernel launched from the host, back to back
+  double graph_node_us = 0;       // one small kernel node of a replayed graph
+  double host_node_us = 0;        // cudaLaunchHostFunc hand-off round trip inside a graph
+  double flag_handoff_us = 0;     // mapped-memory flag round trip to the CPU pool
+  double sync_us = 0;             // cudaStreamSynchronize / event sync round trip (eager)
+  // Effective bandwidths of ktune's decode kernels (weight bytes ÷ kernel time, gaps excluded).
+  double matvec_gb_s = 0;         // attention/router/head matvecs (fused matvec kernels)
+  double moe_fused_gb_s = 0;      // fused MoE kernels over top-k experts
+  double moe_unfused_gb_s = 0;    // one expert matrix per launch
+  double attention_us = 0;        // attention kernel per layer at context ~0 (graph replay)
+  double attention_us_per_1k_ctx = 0;  // its growth with context
+  double prefill_gflop_s = 0;     // batched expert/attention matmuls (0 = not measured)
+};
+
+struct ModelShape {  // the model a profile was recorded with (empty name: --hardware)
+  std::string name;  // "qwen3-30b-a3b"
+  std::string quant;  // "q4_0"
+  int64_t n_layers = 0;
+  int64_t n_experts = 0;
+  int64_t n_experts_used = 0;
+  int64_t expert_bytes = 0;  // one expert's gate+up+down bytes
+};
+
+struct RouterStats {  // empty (tokens == 0) when not measured
+  int64_t tokens = 0;  // decode tokens whose routing was counted
+  // counts[layer][expert]: how many of those tokens selected the expert (each token selects
+  // n_experts_used per layer). n_layers x n_experts of ModelShape.
+  std::vector<std::vector<int64_t>> counts;
+};
+
+struct ProfileSummary {
+  std::string kind = "model";  // "model" (a run of the engine) | "hardware" (--hardware)
+  std::string ktune_version;
+  std::string commit;
+  std::string created;  // ISO 8601 UTC
+  CpuInfo cpu;
+  CpuCosts cpu_costs;
+  std::vector<GpuInfo> gpus;        // may be empty (CPU-only machine)
+  std::vector<GpuCosts> gpu_costs;  // one per GpuInfo, same order and devices
+  ModelShape model;
+  RouterStats router;
+};
+
+// Serialise into / parse from the "summary" object. from_json validates; `file` names the
+// source in errors ("profile.json: summary.gpus[0].read_gb_s: must be > 0; ...").
+void to_json(nlohmann::json& j, const ProfileSummary& s);
+ProfileSummary summary_from_json(const nlohmann::json& summary, const std::string& file);
+
+// Reads profile.json (any size the profiler writes), checks "ktune_profile" (a newer schema is
+// refused with the version numbers), and returns its validated summary. Throws ktune::Error.
+ProfileSummary read_profile_summary(const std::string& path);
+
+// Interpolated value of a scaling curve at `threads` (clamped to the measured range; linear
+// between points). The curve must be non-empty.
+double rate_at(const std::vector<ThreadRate>& curve, int threads);
+
+}  // namespace ktune::profile
