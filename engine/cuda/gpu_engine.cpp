@@ -10,6 +10,7 @@
 #include <cstring>
 #include <string>
 
+#include "cuda/cpu_expert_driver.h"
 #include "cuda/gpu_engine_impl.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
@@ -22,12 +23,12 @@ namespace ktune {
 using gpu_detail::align_up;
 using gpu_detail::kAlign;
 
-GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : cfg(w.cfg), opt(options) {
-  if (opt.cuda_graph && opt.moe_kernel == MoeKernel::Unfused) {
+GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
+    : cfg(w.cfg), opt(options) {
+  if (opt.handoff_timeout_ms < 1 || opt.handoff_timeout_ms > 3600 * 1000) {
     throw Error("gpu engine",
-                "cuda_graph with moe_kernel unfused is not possible: the unfused "
-                "path copies routing to the host and synchronises in the middle of the step",
-                "use moe_kernel fused with the graph, or turn cuda_graph off", ErrorKind::Usage);
+                "handoff_timeout_ms " + std::to_string(opt.handoff_timeout_ms) + " out of range",
+                "use 1..3600000", ErrorKind::Usage);
   }
   const bool want_map = !opt.expert_on_gpu.empty();
   if (want_map) {
@@ -42,13 +43,6 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : 
                       std::to_string(cfg.n_experts) + " experts",
                   "pass one device flag per expert of every layer", ErrorKind::Usage);
     }
-  }
-  if (is_hybrid && opt.cuda_graph) {
-    throw Error("gpu engine",
-                "cuda_graph with experts on the CPU is not implemented yet: the hybrid step "
-                "hands CPU experts over on the host thread (the graph hand-offs through host "
-                "nodes or mapped flags are still to come)",
-                "turn cuda_graph off for placements with CPU experts", ErrorKind::Usage);
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
@@ -209,8 +203,8 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : 
         dt.rows = t.ne[1] * d.n_gpu_experts;
         dt.matrix_bytes = t.ne[1] * t.row_stride();
         if (d.n_gpu_experts == 0) return dt;
-        auto* p = static_cast<uint8_t*>(weights_arena.alloc(
-            static_cast<size_t>(d.n_gpu_experts * dt.matrix_bytes), kAlign));
+        auto* p = static_cast<uint8_t*>(
+            weights_arena.alloc(static_cast<size_t>(d.n_gpu_experts * dt.matrix_bytes), kAlign));
         for (int64_t e = 0; e < n_exp; ++e) {
           const int32_t sl = d.host_slot[static_cast<size_t>(e)];
           if (sl < 0) continue;
@@ -243,11 +237,11 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : 
   stage_ids_off = static_cast<size_t>(hidden) * f;
   stage_bytes = stage_ids_off + (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16 +
                 static_cast<size_t>(top_k) * 4;
-  for (int64_t n : {hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp,
-                    top_k * ffn, ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
+  for (int64_t n : {hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp, top_k * ffn,
+                    ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
     work += align_up(static_cast<size_t>(n) * f);
   }
-  work += align_up(stage_bytes) + 3 * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
+  work += align_up(stage_bytes) + 4 * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
   work_arena = cuda::DeviceArena(work, "gpu engine workspace");
   for (DevLayer& d : L) {
     d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
@@ -281,6 +275,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : 
   pos = work_arena.alloc_n<int32_t>(1);
   history = work_arena.alloc_n<int32_t>(static_cast<size_t>(max_ctx));
   router_counter = work_arena.alloc_n<unsigned>(1);
+  epoch = work_arena.alloc_n<uint32_t>(1);
   KTUNE_CUDA_CHECK(cudaMemset(router_counter, 0, sizeof(unsigned)));
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
   if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
@@ -291,27 +286,60 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options) : 
   KTUNE_CUDA_CHECK(cudaMemset(history, 0xff, static_cast<size_t>(max_ctx) * 4));
 
   KTUNE_CUDA_CHECK(cudaMallocHost(&h_token, sizeof(int32_t)));
-  KTUNE_CUDA_CHECK(cudaMallocHost(&h_stage, stage_bytes));
+  // Mapped pinned block: [error word][HandoffWords per layer][routing stage][CPU experts' sum].
+  // The unfused host-driven path copies routing into the same stage.
+  const size_t words_off = 64;
+  const size_t stage_off = words_off + static_cast<size_t>(layers) * sizeof(cuda::HandoffWords);
+  const size_t y_off = stage_off + (stage_bytes + 63) / 64 * 64;
+  const size_t mapped_bytes = y_off + static_cast<size_t>(hidden) * sizeof(float);
+  KTUNE_CUDA_CHECK(cudaHostAlloc(&mapped, mapped_bytes, cudaHostAllocMapped));
+  std::memset(mapped, 0, mapped_bytes);
+  uint8_t* dmapped = nullptr;
+  KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dmapped), mapped, 0));
+  h_error = reinterpret_cast<uint32_t*>(mapped);
+  d_error = reinterpret_cast<uint32_t*>(dmapped);
+  h_words = reinterpret_cast<cuda::HandoffWords*>(mapped + words_off);
+  d_words = reinterpret_cast<cuda::HandoffWords*>(dmapped + words_off);
+  h_stage = mapped + stage_off;
+  d_stage_mapped = dmapped + stage_off;
+  h_ycpu = reinterpret_cast<float*>(mapped + y_off);
+  d_ycpu_mapped = reinterpret_cast<float*>(dmapped + y_off);
   h_h = reinterpret_cast<float*>(h_stage);
   h_ids = reinterpret_cast<int32_t*>(h_stage + stage_ids_off);
-  h_wts = reinterpret_cast<float*>(h_stage + (reinterpret_cast<uint8_t*>(wts) -
-                                              static_cast<uint8_t*>(stage)));
+  h_wts = reinterpret_cast<float*>(
+      h_stage + (reinterpret_cast<uint8_t*>(wts) - static_cast<uint8_t*>(stage)));
+  // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
+  KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
   if (is_hybrid) {
-    KTUNE_CUDA_CHECK(cudaMallocHost(&h_ycpu, static_cast<size_t>(hidden) * sizeof(float)));
     pool = std::make_unique<ThreadPool>(opt.cpu_threads, opt.pin_threads);
     cpu_moe = std::make_unique<CpuMoe>(w, *pool);
-    ev_route = std::make_unique<cuda::Event>(false);
     sel_ids.resize(static_cast<size_t>(top_k));
     sel_w.resize(static_cast<size_t>(top_k));
+    // The host-driven unfused step (no graph) computes CPU experts on the calling thread; every
+    // other hybrid step hands them to the driver thread.
+    if (opt.moe_kernel == MoeKernel::Fused || opt.cuda_graph) {
+      std::vector<CpuExpertDriver::Layer> hl;
+      for (int64_t l = 0; l < layers; ++l) {
+        if (L[static_cast<size_t>(l)].n_cpu_experts > 0) {
+          hl.push_back({l, &L[static_cast<size_t>(l)].host_slot});
+        }
+      }
+      CpuExpertDriver::Shared sh{h_words, h_h, h_ids, h_wts, h_ycpu, h_error};
+      driver = std::make_unique<CpuExpertDriver>(*cpu_moe, sh, std::move(hl), top_k, n_exp,
+                                                 std::chrono::milliseconds(opt.handoff_timeout_ms));
+    }
   }
 }
 
 GpuEngine::Impl::~Impl() {
+  // Nothing may still run on the stream (host nodes call into the driver) or in the driver
+  // (it reads the mapped block and runs CpuMoe) when their memory goes.
+  cudaStreamSynchronize(stream);
+  driver.reset();
   if (graph_exec) cudaGraphExecDestroy(graph_exec);
   if (graph) cudaGraphDestroy(graph);
   if (h_token) cudaFreeHost(h_token);
-  if (h_stage) cudaFreeHost(h_stage);
-  if (h_ycpu) cudaFreeHost(h_ycpu);
+  if (mapped) cudaFreeHost(mapped);
 }
 
 void GpuEngine::Impl::run_step() {
@@ -319,6 +347,17 @@ void GpuEngine::Impl::run_step() {
     throw Error("gpu engine", "context full (" + std::to_string(max_ctx) + " positions)",
                 "raise max_context or reset()");
   }
+  if (driver) driver->arm(step_seq());
+  try {
+    launch_step();
+  } catch (...) {
+    if (driver) driver->cancel();
+    throw;
+  }
+  ++host_pos;
+}
+
+void GpuEngine::Impl::launch_step() {
   if (opt.cuda_graph) {
     if (graph_exec == nullptr) {
       KTUNE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -337,11 +376,35 @@ void GpuEngine::Impl::run_step() {
   } else {
     enqueue_step();
   }
-  ++host_pos;
+}
+
+uint64_t GpuEngine::Impl::step_seq() const {
+  return (static_cast<uint64_t>(host_epoch) << 32) | static_cast<uint32_t>(host_pos);
+}
+
+void GpuEngine::Impl::sync() {
+  const cudaError_t err = cudaStreamSynchronize(stream);
+  std::string cpu_side = driver ? driver->finish() : std::string();
+  const uint32_t code = __atomic_load_n(h_error, __ATOMIC_ACQUIRE);
+  if (err == cudaSuccess && code == 0 && cpu_side.empty()) return;
+  __atomic_store_n(h_error, 0u, __ATOMIC_RELEASE);
+  if (err != cudaSuccess) KTUNE_CUDA_CHECK(err);
+  std::string what = cpu_side;
+  if (code != 0) {
+    const bool host = code >= CpuExpertDriver::kErrorHostWait;
+    const uint32_t layer =
+        code - (host ? CpuExpertDriver::kErrorHostWait : CpuExpertDriver::kErrorTimeoutBase);
+    what = (what.empty() ? "" : what + "; ") + "layer " + std::to_string(layer) +
+           ": the CPU experts did not answer within " + std::to_string(opt.handoff_timeout_ms) +
+           " ms (" + (host ? "host node" : "GPU wait") + "), the step's result is wrong";
+  }
+  throw Error("cpu experts", what,
+              "check that the CPU is not oversubscribed (fewer --threads), or raise the hand-off "
+              "timeout; reset() before decoding again");
 }
 
 void GpuEngine::Impl::set_token(int32_t t) {
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(stream));  // h_token may still be read by a copy
+  sync();  // h_token may still be read by a copy
   *h_token = t;
   KTUNE_CUDA_CHECK(
       cudaMemcpyAsync(token, h_token, sizeof(int32_t), cudaMemcpyHostToDevice, stream));
@@ -352,9 +415,15 @@ GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt)
 GpuEngine::~GpuEngine() = default;
 
 void GpuEngine::reset() {
-  KTUNE_CUDA_CHECK(cudaMemsetAsync(impl_->pos, 0, sizeof(int32_t), impl_->stream));
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-  impl_->host_pos = 0;
+  Impl& m = *impl_;
+  m.sync();
+  // A new epoch: hand-off words left from before never match the new steps' seq.
+  ++m.host_epoch;
+  KTUNE_CUDA_CHECK(
+      cudaMemcpyAsync(m.epoch, &m.host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice, m.stream));
+  KTUNE_CUDA_CHECK(cudaMemsetAsync(m.pos, 0, sizeof(int32_t), m.stream));
+  KTUNE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.host_pos = 0;
 }
 
 int64_t GpuEngine::position() const { return impl_->host_pos; }
@@ -369,7 +438,7 @@ void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
                                      static_cast<size_t>(m.vocab) * sizeof(float),
                                      cudaMemcpyDeviceToHost, m.stream));
   }
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.sync();
 }
 
 std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) {
@@ -388,7 +457,7 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) 
   std::vector<int32_t> out(static_cast<size_t>(n));
   KTUNE_CUDA_CHECK(cudaMemcpyAsync(out.data(), m.history + p0, static_cast<size_t>(n) * 4,
                                    cudaMemcpyDeviceToHost, m.stream));
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.sync();
   return out;
 }
 
@@ -404,7 +473,8 @@ std::string GpuEngine::describe() const {
                   ", graph " + (m.opt.cuda_graph ? "on" : "off");
   if (m.is_hybrid) {
     s += ", " + std::to_string(m.cpu_experts_total) + "/" + std::to_string(m.n_exp * m.layers) +
-         " experts on cpu (" + std::to_string(m.pool->size()) + " threads)";
+         " experts on cpu (" + std::to_string(m.pool->size()) + " threads, handoff " +
+         (m.driver ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread") + ")";
   }
   return s;
 }

@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cpu_expert_driver.h"
 #include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/cuda/cuda_check.h"
+#include "ktune/engine/cuda/hybrid_kernels.h"
 #include "ktune/engine/gpu_engine.h"
 #include "ktune/engine/thread_pool.h"
 
@@ -82,10 +84,18 @@ struct GpuEngine::Impl {
   // [h: hidden floats][ids: top_k int32][wts: top_k floats]. h, ids, wts point into it.
   void* stage = nullptr;
   size_t stage_bytes = 0, stage_ids_off = 0;
-  // Pinned host staging: the token written by decode(), the routing block (unfused path, CPU
-  // experts), the CPU experts' partial sum.
+  // Pinned host staging: the token written by decode(); one mapped block (cudaHostAllocMapped)
+  // for the CPU-expert hand-off: error word, per-layer HandoffWords, the routing stage, the CPU
+  // experts' partial sum (h_* host views, d_* device views of the same bytes).
   int32_t* h_token = nullptr;
+  uint8_t* mapped = nullptr;
+  uint32_t* h_error = nullptr;
+  uint32_t* d_error = nullptr;
+  cuda::HandoffWords* h_words = nullptr;
+  cuda::HandoffWords* d_words = nullptr;
   uint8_t* h_stage = nullptr;
+  void* d_stage_mapped = nullptr;
+  float* d_ycpu_mapped = nullptr;
   float* h_h = nullptr;
   int32_t* h_ids = nullptr;
   float* h_wts = nullptr;
@@ -99,12 +109,16 @@ struct GpuEngine::Impl {
   std::vector<int32_t> sel_ids;
   std::vector<float> sel_w;
   float* ycpu = nullptr;  // device copy of the CPU partial sum
-  std::unique_ptr<cuda::Event> ev_route;  // routing block copied (hybrid)
+
+  // Hand-off of CPU experts to the driver thread (fused steps, and unfused steps in a graph);
+  // seq = epoch << 32 | position, the epoch bumped by reset() (device copy in `epoch`).
+  std::unique_ptr<CpuExpertDriver> driver;
+  uint32_t* epoch = nullptr;
+  uint32_t host_epoch = 1;
 
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
   int64_t host_pos = 0;
-
 
   Impl(const ModelWeights& w, const GpuEngineOptions& options);
   ~Impl();
@@ -115,7 +129,13 @@ struct GpuEngine::Impl {
   void cpu_experts(const DevLayer& d, int64_t l);
   void enqueue_step_legacy();
   void moe_unfused(const DevLayer& d, int64_t l);
-  void run_step();
+  void begin_handoff(int64_t l);  // routing of layer l to the CPU side (flags or host node)
+  void end_handoff(int64_t l);    // wait for layer l's CPU experts and add their sum into x
+  void moe_unfused_slots(const DevLayer& d, int64_t l);  // unfused, graph-capturable
+  void run_step();            // arms the driver, launches, advances host_pos
+  void launch_step();         // graph replay (captured on first use) or eager launches
+  uint64_t step_seq() const;  // seq of the step at host_pos
+  void sync();                // stream sync + hand-off errors -> ktune::Error
   void set_token(int32_t t);
 };
 

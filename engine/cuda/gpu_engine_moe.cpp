@@ -3,6 +3,7 @@
 #include <string>
 
 #include "cuda/gpu_engine_impl.h"
+#include "ktune/engine/cuda/hybrid_kernels.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
 
@@ -13,28 +14,82 @@ using gpu_detail::check_launch;
 void GpuEngine::Impl::moe(const DevLayer& d, int64_t l) {
   cudaStream_t s = stream;
   if (opt.moe_kernel == MoeKernel::Unfused) {
-    moe_unfused(d, l);
+    if (opt.cuda_graph) {
+      moe_unfused_slots(d, l);
+    } else {
+      moe_unfused(d, l);
+    }
     return;
   }
-  if (d.n_cpu_experts > 0) {
-    // Routing block (h, ids, weights) to pinned memory; the GPU experts run meanwhile.
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
-    ev_route->record(s);
-  }
+  // CPU experts: routing handed over first, so the CPU computes while the GPU experts run.
+  if (d.n_cpu_experts > 0) begin_handoff(l);
   if (d.n_gpu_experts > 0) {
-    check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data,
-                                                 d.gate.matrix_bytes, ids, top_k, n_exp, h, ffn,
-                                                 hidden, act, s, d.slot_map),
-                 "launch_moe_gate_up_swiglu");
-    check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids,
-                                           wts, top_k, n_exp, act, hidden, ffn, x, s,
-                                           d.slot_map),
+    check_launch(
+        cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data, d.gate.matrix_bytes,
+                                        ids, top_k, n_exp, h, ffn, hidden, act, s, d.slot_map),
+        "launch_moe_gate_up_swiglu");
+    check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids, wts,
+                                           top_k, n_exp, act, hidden, ffn, x, s, d.slot_map),
                  "launch_moe_down_sum");
   }
-  if (d.n_cpu_experts > 0) {
-    ev_route->synchronize();
-    cpu_experts(d, l);
+  if (d.n_cpu_experts > 0) end_handoff(l);
+}
+
+// flags: one kernel copies the routing block into mapped memory and raises the request word.
+// host_node: the block is copied with a memcpy node and a host callback raises the word.
+void GpuEngine::Impl::begin_handoff(int64_t l) {
+  cudaStream_t s = stream;
+  if (opt.cpu_handoff == CpuHandoff::Flags) {
+    check_launch(
+        cuda::launch_handoff_signal(stage, stage_bytes, d_stage_mapped, pos, epoch, d_words + l, s),
+        "launch_handoff_signal");
+  } else {
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, driver->host_node_ctx(l)));
   }
+}
+
+// The wait kernel spins on the done word (flags) or finds it already raised after the host
+// callback that blocked until it was (host_node); either way it then adds the CPU sum into x.
+void GpuEngine::Impl::end_handoff(int64_t l) {
+  cudaStream_t s = stream;
+  if (opt.cpu_handoff == CpuHandoff::HostNode) {
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
+  }
+  const uint64_t timeout_ns = static_cast<uint64_t>(opt.handoff_timeout_ms) * 1000000u;
+  check_launch(
+      cuda::launch_handoff_wait_add(d_words + l, d_ycpu_mapped, pos, epoch, d_error,
+                                    CpuExpertDriver::kErrorTimeoutBase + static_cast<uint32_t>(l),
+                                    timeout_ns, x, hidden, s),
+      "launch_handoff_wait_add");
+}
+
+// The unfused path inside a CUDA graph: the same five launches per selected slot as the
+// host-driven path, but each reads its expert from device memory (a CPU expert's slot is a no-op),
+// so nothing is read on the host mid-step. acc and the add keep the host path's sum order.
+void GpuEngine::Impl::moe_unfused_slots(const DevLayer& d, int64_t l) {
+  cudaStream_t s = stream;
+  if (d.n_cpu_experts > 0) begin_handoff(l);
+  if (d.n_gpu_experts > 0) {
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
+    for (int64_t j = 0; j < top_k; ++j) {
+      float* a = act + j * ffn;
+      check_launch(cuda::launch_matvec_rowwarp_slot(d.gate.type, d.gate.data, d.gate.matrix_bytes,
+                                                    ids, j, d.slot_map, h, ffn, hidden, g, s),
+                   "gate slot");
+      check_launch(cuda::launch_matvec_rowwarp_slot(d.up.type, d.up.data, d.up.matrix_bytes, ids, j,
+                                                    d.slot_map, h, ffn, hidden, u, s),
+                   "up slot");
+      check_launch(cuda::launch_swiglu_slot(ids, j, d.slot_map, g, u, ffn, a, s), "swiglu slot");
+      check_launch(cuda::launch_matvec_rowwarp_slot(d.down.type, d.down.data, d.down.matrix_bytes,
+                                                    ids, j, d.slot_map, a, hidden, ffn, ye, s),
+                   "down slot");
+      check_launch(cuda::launch_axpy_slot(ids, j, d.slot_map, wts, ye, hidden, acc, s),
+                   "axpy slot");
+    }
+    check_launch(cuda::launch_add_inplace(x, acc, hidden, s), "launch_add_inplace moe");
+  }
+  if (d.n_cpu_experts > 0) end_handoff(l);
 }
 
 // The CPU experts of the routing in h_stage (copied and complete): CpuMoe over the selected
@@ -70,8 +125,8 @@ void GpuEngine::Impl::moe_unfused(const DevLayer& d, int64_t l) {
   if (d.n_cpu_experts > 0) {
     KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
   } else {
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off,
-                                     cudaMemcpyDeviceToHost, s));
+    KTUNE_CUDA_CHECK(
+        cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off, cudaMemcpyDeviceToHost, s));
   }
   KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
   if (d.n_gpu_experts > 0) {

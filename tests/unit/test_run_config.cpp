@@ -245,17 +245,23 @@ TEST(RunBench, AttentionOnCpuWithGpuExpertsIsRefusedNamingTheLayers) {
                ktune::Error);
 }
 
-TEST(RunBench, HybridSummarySaysTheGraphIsOff) {
+TEST(RunBench, HybridSummaryNamesGraphAndHandoff) {
   using ktune::Device;
   const auto& c = tiny_cfg();
-  const ktune::Placement p = ktune::make_layer_split(c, 2, Device::cuda(0));
+  ktune::Placement p = ktune::make_layer_split(c, 2, Device::cuda(0));
   ASSERT_TRUE(p.runtime.cuda_graph);
   const ktune::MemoryPlan plan;
-  const auto s = ktune::cli::summarize_placement("x", p, plan, ktune::cli::EngineKind::Hybrid);
-  EXPECT_FALSE(s.cuda_graph);
+  auto s = ktune::cli::summarize_placement("x", p, plan, ktune::cli::EngineKind::Hybrid);
+  EXPECT_TRUE(s.cuda_graph);
   EXPECT_NE(s.line().find("engine hybrid"), std::string::npos) << s.line();
-  EXPECT_NE(s.line().find("graph off (not implemented with CPU experts yet)"), std::string::npos)
+  EXPECT_NE(s.line().find("graph on | moe fused | handoff flags"), std::string::npos) << s.line();
+  p.runtime.cuda_graph = false;
+  p.runtime.cpu_handoff = ktune::CpuHandoff::HostNode;
+  s = ktune::cli::summarize_placement("x", p, plan, ktune::cli::EngineKind::Hybrid);
+  EXPECT_NE(s.line().find("graph off | moe fused | handoff host_node"), std::string::npos)
       << s.line();
+  s = ktune::cli::summarize_placement("x", p, plan, ktune::cli::EngineKind::Gpu);
+  EXPECT_EQ(s.line().find("handoff"), std::string::npos) << s.line();
 }
 
 TEST(RunBench, RuntimeOverridesAndKillSwitch) {
@@ -277,10 +283,18 @@ TEST(RunBench, RuntimeOverridesAndKillSwitch) {
   EXPECT_EQ(p.runtime.moe_kernel, MoeKernel::Unfused);
   p = fresh();
   apply_runtime_overrides(p, parse_runtime_overrides("on", "unfused"));
-  EXPECT_TRUE(p.runtime.cuda_graph);
-  EXPECT_THROW(ktune::cli::check_engine_settings(p, ktune::cli::EngineKind::Gpu, "x"),
-               ktune::Error);
-  EXPECT_NO_THROW(ktune::cli::check_engine_settings(p, ktune::cli::EngineKind::Cpu, "x"));
+  EXPECT_TRUE(p.runtime.cuda_graph);  // the unfused step has a graph-capturable form
+  p = fresh();
+  EXPECT_EQ(p.runtime.cpu_handoff, ktune::CpuHandoff::Flags);
+  apply_runtime_overrides(p, parse_runtime_overrides("", "", "host_node"));
+  EXPECT_EQ(p.runtime.cpu_handoff, ktune::CpuHandoff::HostNode);
+  try {
+    parse_runtime_overrides("", "", "spin");
+    FAIL();
+  } catch (const ktune::Error& e) {
+    EXPECT_EQ(e.exit_code(), 2);
+    EXPECT_NE(std::string(e.what()).find("--cpu-handoff"), std::string::npos);
+  }
   setenv("KTUNE_CUDA_GRAPH", "0", 1);
   p = fresh();
   apply_runtime_overrides(p, parse_runtime_overrides("on", ""));

@@ -20,13 +20,20 @@ void add_run_command(CLI::App& app) {
       ->delimiter(',');
   sub->add_option("--experts-on-gpu", opt->experts_on_gpu,
                   "Quick placement: attention of every layer on cuda:0, the experts of the first\n"
-                  "N layers on cuda:0 and the rest on cpu (0 = all experts on cpu)");
+                  "N layers on cuda:0 and the rest on cpu (0 = all experts on cpu). A list\n"
+                  "(0,12,24,48) sweeps them; --cuda-graph, --moe-kernel and --cpu-handoff take\n"
+                  "lists too (on,off) and the run covers every combination, model loaded once")
+      ->delimiter(',');
   sub->add_option("--cuda-graph", opt->cuda_graph,
                   "on|off: capture the GPU decode step as a CUDA graph (overrides the YAML;\n"
                   "KTUNE_CUDA_GRAPH=0 forces off). Default: the placement's (on), off with\n"
                   "--moe-kernel unfused");
   sub->add_option("--moe-kernel", opt->moe_kernel,
                   "fused|unfused: the GPU MoE path (overrides the YAML; default fused)");
+  sub->add_option("--cpu-handoff", opt->cpu_handoff,
+                  "flags|host_node: how CPU experts are handed over in hybrid placements\n"
+                  "(overrides the YAML; default flags: mapped-memory flags, a few us per layer;\n"
+                  "host_node: cudaLaunchHostFunc pairs, as ktransformers does)");
   sub->add_option(
       "--gpu-mem", opt->gpu_mem,
       "GPU memory budgets for the plan: 70GiB (every GPU) or cuda:0=70GiB,cuda:1=20GiB\n"

@@ -31,6 +31,25 @@
 namespace ktune::cli {
 namespace {
 
+// "on,off" -> {"on", "off"}; "" -> {""} (the flag was not given: one variant, no override).
+std::vector<std::string> split_list(const std::string& text, const char* flag) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  for (;;) {
+    const size_t comma = text.find(',', start);
+    out.push_back(
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  if (out.size() > 1) {
+    for (const std::string& v : out) {
+      if (v.empty()) throw_usage(flag, "empty value in the list `" + text + "`", "e.g. on,off");
+    }
+  }
+  return out;
+}
+
 struct RunResult {
   int threads = 0;
   Stat prefill;       // tok/s
@@ -63,8 +82,8 @@ std::string memory_line(const BandwidthResult& bw, double bytes_tok, double limi
   return fmt::format(
       "# memory: DRAM read {:.1f} GB/s ({} threads, {} buffer); decode reads {} per token => "
       "memory-bound limit {:.1f} tok/s{}\n",
-      bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)),
-      format_bytes(bytes_tok), limit_tok_s, suffix);
+      bw.gb_per_s, bw.threads, format_bytes(static_cast<double>(bw.bytes)), format_bytes(bytes_tok),
+      limit_tok_s, suffix);
 }
 
 void add_partial_json(nlohmann::json& doc, const PartialInfo& p) {
@@ -347,15 +366,32 @@ nlohmann::json summary_json(const PlacementSummary& s) {
 void run_placements(const RunOptions& opt) {
   std::vector<int> thread_list = check_common(opt);
   const bool quick = opt.configs.empty();
-  if (!quick && opt.experts_on_gpu != kNotGiven) {
+  if (!quick && !opt.experts_on_gpu.empty()) {
     throw_usage("--experts-on-gpu", "cannot be combined with --config",
                 "put the placement in the YAML, or drop --config");
   }
-  if (opt.experts_on_gpu != kNotGiven && opt.experts_on_gpu < 0) {
-    throw_usage("--experts-on-gpu", fmt::format("{} is negative", opt.experts_on_gpu),
-                "give the number of layers whose experts go on cuda:0 (0 = all on the CPU)");
+  for (int64_t n : opt.experts_on_gpu) {
+    if (n < 0) {
+      throw_usage("--experts-on-gpu", fmt::format("{} is negative", n),
+                  "give the number of layers whose experts go on cuda:0 (0 = all on the CPU)");
+    }
   }
-  const RuntimeOverrides ov = parse_runtime_overrides(opt.cuda_graph, opt.moe_kernel);
+  // Every combination of the listed runtime settings ("" = the placement's own).
+  std::vector<std::pair<RuntimeOverrides, std::string>> variants;
+  const auto graphs = split_list(opt.cuda_graph, "--cuda-graph");
+  const auto kernels = split_list(opt.moe_kernel, "--moe-kernel");
+  const auto handoffs = split_list(opt.cpu_handoff, "--cpu-handoff");
+  for (const std::string& g : graphs) {
+    for (const std::string& k : kernels) {
+      for (const std::string& h : handoffs) {
+        std::string tag;
+        if (graphs.size() > 1) tag += " | graph " + g;
+        if (kernels.size() > 1) tag += " | moe " + k;
+        if (handoffs.size() > 1) tag += " | handoff " + h;
+        variants.emplace_back(parse_runtime_overrides(g, k, h), tag);
+      }
+    }
+  }
   Budgets budgets = default_budgets();
   if (!opt.gpu_mem.empty()) apply_budget_overrides(budgets, opt.gpu_mem, "--gpu-mem", Device::Cuda);
   if (!opt.cpu_mem.empty()) apply_budget_overrides(budgets, opt.cpu_mem, "--cpu-mem", Device::Cpu);
@@ -388,16 +424,18 @@ void run_placements(const RunOptions& opt) {
   // 2. Resolve, apply the overrides, plan, check budgets and devices, choose engines: all
   // before the weights are loaded.
   if (quick) {
-    if (opt.experts_on_gpu != kNotGiven) {
-      if (opt.experts_on_gpu > cfg.n_layers) {
-        throw_usage(
-            "--experts-on-gpu",
-            fmt::format("{} layers, but the model has {}", opt.experts_on_gpu, cfg.n_layers),
-            fmt::format("use 0..{}", cfg.n_layers));
+    for (int64_t n : opt.experts_on_gpu) {
+      if (n > cfg.n_layers) {
+        throw_usage("--experts-on-gpu",
+                    fmt::format("{} layers, but the model has {}", n, cfg.n_layers),
+                    fmt::format("use 0..{}", cfg.n_layers));
       }
-      placements.push_back(make_layer_split(cfg, opt.experts_on_gpu, Device::cuda(0)));
-      labels.push_back(fmt::format("--experts-on-gpu {}", opt.experts_on_gpu));
-    } else {
+      placements.push_back(make_layer_split(cfg, n, Device::cuda(0)));
+      labels.push_back(fmt::format("--experts-on-gpu {}", n));
+      placements.back().model_path = spec;
+      placements.back().model_resolved = spec;
+    }
+    if (opt.experts_on_gpu.empty()) {
       placements.push_back(make_uniform_placement(cfg, Device::cpu(), Device::cpu()));
       labels.push_back("all on cpu");
     }
@@ -407,21 +445,22 @@ void run_placements(const RunOptions& opt) {
   const int64_t needed = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
   std::vector<PlannedRun> runs;
   for (size_t i = 0; i < placements.size(); ++i) {
-    PlannedRun r;
-    r.label = labels[i];
-    r.placement = std::move(placements[i]);
-    resolve_placement(r.placement, cfg);
-    apply_runtime_overrides(r.placement, ov);
-    // The KV cache: the placement's context, or what -p/-n need when that is more.
-    r.context = std::max(r.placement.runtime.context, needed);
-    r.placement.runtime.context = r.context;
-    r.plan = plan_memory(cfg, shape.bytes, r.placement, budgets);
-    check_fits(r.plan);
-    check_gpus_present(r.placement);
-    r.engine = choose_engine(r.placement, r.label);
-    check_engine_settings(r.placement, r.engine, r.label);
-    r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
-    runs.push_back(std::move(r));
+    for (const auto& [ov, tag] : variants) {
+      PlannedRun r;
+      r.label = labels[i] + tag;
+      r.placement = placements[i];
+      resolve_placement(r.placement, cfg);
+      apply_runtime_overrides(r.placement, ov);
+      // The KV cache: the placement's context, or what -p/-n need when that is more.
+      r.context = std::max(r.placement.runtime.context, needed);
+      r.placement.runtime.context = r.context;
+      r.plan = plan_memory(cfg, shape.bytes, r.placement, budgets);
+      check_fits(r.plan);
+      check_gpus_present(r.placement);
+      r.engine = choose_engine(r.placement, r.label);
+      r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
+      runs.push_back(std::move(r));
+    }
   }
 
   // 3. Load once, run every placement.
@@ -471,7 +510,8 @@ void run_placements(const RunOptions& opt) {
     } else {
       GpuBenchSettings s;
       s.max_context = r.context;
-      s.cuda_graph = r.summary.cuda_graph;  // off for hybrid rows (not implemented yet)
+      s.cuda_graph = r.summary.cuda_graph;
+      s.handoff_host_node = r.placement.runtime.cpu_handoff == CpuHandoff::HostNode;
       if (r.engine == EngineKind::Hybrid) {
         s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
         for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
@@ -612,8 +652,9 @@ const char* engine_kind_name(EngineKind k) {
 }
 
 bool uses_placements(const RunOptions& opt) {
-  return !opt.configs.empty() || opt.experts_on_gpu != kNotGiven || !opt.cuda_graph.empty() ||
-         !opt.moe_kernel.empty() || !opt.gpu_mem.empty() || !opt.cpu_mem.empty();
+  return !opt.configs.empty() || !opt.experts_on_gpu.empty() || !opt.cuda_graph.empty() ||
+         !opt.moe_kernel.empty() || !opt.cpu_handoff.empty() || !opt.gpu_mem.empty() ||
+         !opt.cpu_mem.empty();
 }
 
 void run_benchmark(const RunOptions& opt) {
@@ -679,7 +720,8 @@ EngineKind choose_engine(const Placement& p, const std::string& where) {
 }
 
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
-                                         const std::string& moe_kernel) {
+                                         const std::string& moe_kernel,
+                                         const std::string& cpu_handoff) {
   RuntimeOverrides o;
   if (!cuda_graph.empty()) {
     if (cuda_graph == "on") {
@@ -701,6 +743,16 @@ RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
                   "use --moe-kernel fused or --moe-kernel unfused");
     }
   }
+  if (!cpu_handoff.empty()) {
+    if (cpu_handoff == "flags") {
+      o.cpu_handoff = CpuHandoff::Flags;
+    } else if (cpu_handoff == "host_node") {
+      o.cpu_handoff = CpuHandoff::HostNode;
+    } else {
+      throw_usage("--cpu-handoff", "`" + cpu_handoff + "` is not flags or host_node",
+                  "use --cpu-handoff flags or --cpu-handoff host_node");
+    }
+  }
   if (const char* env = std::getenv("KTUNE_CUDA_GRAPH")) {
     const std::string v = env;
     o.env_graph_off = v == "0" || v == "off" || v == "false";
@@ -714,17 +766,8 @@ void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o) {
     if (*o.moe_kernel == MoeKernel::Unfused && !o.cuda_graph) p.runtime.cuda_graph = false;
   }
   if (o.cuda_graph) p.runtime.cuda_graph = *o.cuda_graph;
+  if (o.cpu_handoff) p.runtime.cpu_handoff = *o.cpu_handoff;
   if (o.env_graph_off) p.runtime.cuda_graph = false;
-}
-
-void check_engine_settings(const Placement& p, EngineKind engine, const std::string& where) {
-  if (engine == EngineKind::Gpu && p.runtime.cuda_graph &&
-      p.runtime.moe_kernel == MoeKernel::Unfused) {
-    throw Error(where,
-                "moe_kernel unfused with cuda_graph on: the unfused path reads routing on the "
-                "host in the middle of a step, which a CUDA graph cannot capture",
-                "add --cuda-graph off, or use --moe-kernel fused");
-  }
 }
 
 void check_gpus_present(const Placement& p) {
@@ -759,8 +802,8 @@ PlacementSummary summarize_placement(const std::string& label, const Placement& 
     s.bytes[d] = u.total;
     s.budget[d] = u.budget;
   }
-  s.cuda_graph = engine == EngineKind::Gpu && p.runtime.cuda_graph;
-  s.graph_unsupported = engine == EngineKind::Hybrid && p.runtime.cuda_graph;
+  s.cuda_graph = engine != EngineKind::Cpu && p.runtime.cuda_graph;
+  if (engine == EngineKind::Hybrid) s.cpu_handoff = p.runtime.cpu_handoff;
   s.moe_kernel = p.runtime.moe_kernel;
   s.cpu_threads = p.runtime.cpu_threads;
   s.context = p.runtime.context;
@@ -777,12 +820,10 @@ std::string PlacementSummary::line() const {
       mem += " of " + format_bytes(static_cast<double>(it->second));
     }
   }
-  return fmt::format("engine {} | experts: {} | memory: {} | graph {} | moe {}",
-                     engine_kind_name(engine), ex, mem,
-                     cuda_graph           ? "on"
-                     : graph_unsupported ? "off (not implemented with CPU experts yet)"
-                                         : "off",
-                     moe_kernel_name(moe_kernel));
+  return fmt::format(
+      "engine {} | experts: {} | memory: {} | graph {} | moe {}{}", engine_kind_name(engine), ex,
+      mem, cuda_graph ? "on" : "off", moe_kernel_name(moe_kernel),
+      cpu_handoff ? std::string(" | handoff ") + cpu_handoff_name(*cpu_handoff) : std::string());
 }
 
 }  // namespace ktune::cli

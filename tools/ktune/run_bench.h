@@ -23,9 +23,12 @@ struct RunOptions {
   std::string model = "synth:tiny";
   bool model_given = false;            // --model was on the command line
   std::vector<std::string> configs;    // --config a.yaml,b.yaml
-  int64_t experts_on_gpu = kNotGiven;  // --experts-on-gpu N
-  std::string cuda_graph;              // --cuda-graph on|off; "": the placement's setting
-  std::string moe_kernel;              // --moe-kernel fused|unfused; "": the placement's setting
+  // Quick placements and runtime overrides; each may be a comma-separated list, and the run
+  // sweeps the cross product (placements x graph x moe kernel x hand-off), model loaded once.
+  std::vector<int64_t> experts_on_gpu;  // --experts-on-gpu N[,N...]
+  std::string cuda_graph;              // --cuda-graph on|off[,...]; "": the placement's setting
+  std::string moe_kernel;              // --moe-kernel fused|unfused[,...]; "": the placement's
+  std::string cpu_handoff;             // --cpu-handoff flags|host_node[,...]; "": the placement's
   std::string gpu_mem;                 // --gpu-mem budget overrides ("" = defaults)
   std::string cpu_mem;                 // --cpu-mem
   int64_t prompt = 512;
@@ -60,17 +63,17 @@ EngineKind choose_engine(const Placement& p, const std::string& where);
 struct RuntimeOverrides {
   std::optional<bool> cuda_graph;       // --cuda-graph
   std::optional<MoeKernel> moe_kernel;  // --moe-kernel
+  std::optional<CpuHandoff> cpu_handoff;  // --cpu-handoff
   bool env_graph_off = false;           // KTUNE_CUDA_GRAPH=0 (kill switch: wins over everything)
 };
 // Parses the flags (usage errors name the flag) and reads KTUNE_CUDA_GRAPH.
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
-                                         const std::string& moe_kernel);
-// Applies them. --moe-kernel unfused without --cuda-graph turns the graph off (a graph cannot
-// capture routing read on the host); KTUNE_CUDA_GRAPH=0 turns it off whatever else says.
+                                         const std::string& moe_kernel,
+                                         const std::string& cpu_handoff = "");
+// Applies them. --moe-kernel unfused without --cuda-graph turns the graph off (the unfused path
+// is meant to show the host-driven per-expert pattern; --cuda-graph on gives its graph form);
+// KTUNE_CUDA_GRAPH=0 turns it off whatever else says.
 void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o);
-// Throws ktune::Error naming `where` for settings the chosen engine cannot run (the GpuEngine
-// with unfused MoE and a CUDA graph).
-void check_engine_settings(const Placement& p, EngineKind engine, const std::string& where);
 // Throws ktune::Error naming the first GPU of `p` this machine does not have, with the reason
 // (no driver, CPU-only build, fewer GPUs).
 void check_gpus_present(const Placement& p);
@@ -83,12 +86,13 @@ struct PlacementSummary {
   std::map<std::string, int64_t, DeviceNameLess> bytes;    // planned bytes per memory pool
   std::map<std::string, int64_t, DeviceNameLess> budget;   // budgets (-1: unknown)
   bool cuda_graph = false;                                 // as run (always off on the CpuEngine)
-  bool graph_unsupported = false;  // asked for, but the hybrid step has no graph yet (runs off)
   MoeKernel moe_kernel = MoeKernel::Fused;
+  std::optional<CpuHandoff> cpu_handoff;                   // hybrid placements only
   int cpu_threads = 0;
   int64_t context = 0;
   std::string line()
       const;  // "engine cpu | experts: cpu 32 | memory: cpu 0.0 GiB | graph off | moe fused"
+              // (hybrid: "... | handoff flags")
 };
 PlacementSummary summarize_placement(const std::string& label, const Placement& p,
                                      const MemoryPlan& plan, EngineKind engine);

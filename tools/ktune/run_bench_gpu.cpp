@@ -17,6 +17,7 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   o.moe_kernel = s.fused ? MoeKernel::Fused : MoeKernel::Unfused;
   o.expert_on_gpu = s.expert_on_gpu;
   o.cpu_threads = s.cpu_threads;
+  o.cpu_handoff = s.handoff_host_node ? CpuHandoff::HostNode : CpuHandoff::Flags;
   GpuEngine engine(model, o);
   std::vector<float> logits;
   std::vector<double> pp, tg;

@@ -18,6 +18,7 @@ struct GpuBenchSettings {
   // Hybrid: expert_on_gpu[layer][expert] (empty = all on cuda:0) and the CPU experts' threads.
   std::vector<std::vector<bool>> expert_on_gpu;
   int cpu_threads = 0;
+  bool handoff_host_node = false;  // CPU experts handed over by host nodes (else mapped flags)
   int64_t prompt = 0;  // prefill tokens per repetition (0 skips)
   int64_t gen = 0;     // decode tokens per repetition (0 skips)
   int reps = 1;

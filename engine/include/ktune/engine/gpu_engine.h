@@ -9,27 +9,31 @@
 //
 // MoE paths (GpuEngineOptions::moe_kernel):
 //   Fused   two launches per layer reading routing from device memory (moe_fused.cu).
-//   Unfused routing copied to pinned host memory and the stream synchronised, then for each
-//           selected expert separate gate, up, SwiGLU, down and weighted-add launches (the
-//           per-expert pattern of Python frameworks). Same row dots and summation order as
-//           Fused: bit-identical logits.
-// CUDA Graph (cuda_graph): the whole decode step is captured once (first step) and replayed
-// for every token. It needs the fused path: the unfused path reads routing on the host mid-step,
-// which a graph cannot do, so cuda_graph with Unfused is refused at construction (ktune::Error).
+//   Unfused without a graph: routing copied to pinned host memory and the stream synchronised,
+//           then for each selected expert separate gate, up, SwiGLU, down and weighted-add
+//           launches (the per-expert pattern of Python frameworks). In a graph: the same five
+//           launches for each of the top-k slots, each reading its expert from device memory
+//           (hybrid_kernels.h), so the step can be captured. Same row dots and summation order
+//           as Fused: bit-identical logits.
+// CUDA Graph (cuda_graph): the whole decode step, CPU experts included, is captured once (first
+// step) and replayed for every token; position, token and hand-off sequence numbers live in
+// device memory.
 //
 // Hybrid placements (GpuEngineOptions::expert_on_gpu with some expert on the CPU): attention,
 // router and head stay on cuda:0; only the GPU-resident experts' matrices are copied to the
 // device (compacted per layer, an expert id -> slot map in device memory); the CPU experts are
-// computed from the host ModelWeights by CpuMoe on an owned ThreadPool. Per layer with CPU
-// experts, after the router launch: the normed MoE input h, the top-k ids and weights are copied
-// (one cudaMemcpyAsync) to pinned host memory and an event is recorded; the GPU experts' kernels
-// are enqueued (skipping CPU slots); the host thread waits on the event, runs CpuMoe over the
-// selected CPU experts (slot order) into pinned memory, then enqueues the H2D copy and the add.
-// So the GPU experts run while the CPU experts run, and the sum is fixed-order:
-// x = (x + sum over GPU slots) + sum over CPU slots, identical run to run, fused or unfused.
-// The host thread drives every layer (no graph): cuda_graph with a hybrid placement is refused
-// at construction (ktune::Error); the host-node / mapped-flag hand-offs of design §3 are not
-// implemented yet. In hybrid mode `weights` must outlive the engine (CPU experts read from it).
+// computed from the host ModelWeights by CpuMoe on an owned ThreadPool, driven by one host
+// thread (engine/cuda/cpu_expert_driver.h). Per layer with CPU experts, after the router: the
+// routing block (normed h, top-k ids and weights) goes to mapped pinned memory and a request
+// word is raised, either by a one-block kernel (cpu_handoff flags) or by a host node
+// (host_node: a memcpy node + cudaLaunchHostFunc); the GPU experts' kernels run while the CPU
+// computes; then a one-block kernel waits for the done word (host_node: after a second host
+// node that blocks until it) and adds the CPU sum. So x = (x + sum over GPU slots) + sum over
+// CPU slots, identical run to run, graph or not, fused or unfused. The same hand-off runs
+// without a graph (the host thread enqueues the whole step without waiting), except for the
+// host-driven unfused step, which computes the CPU experts on the calling thread after its
+// routing sync. A stalled side never hangs: both sides give up after handoff_timeout_ms and the
+// next synchronising call throws ktune::Error. In hybrid mode `weights` must outlive the engine.
 //
 // Prefill is not implemented as a batched pass yet: prefill() runs one decode step per token.
 // Not thread-safe. Throws ktune::Error (no GPU, unsupported tensor types, context exhausted).
@@ -54,6 +58,8 @@ struct GpuEngineOptions {
   std::vector<std::vector<bool>> expert_on_gpu;
   int cpu_threads = 0;      // CpuMoe's ThreadPool size in hybrid mode (0 = physical cores)
   bool pin_threads = true;  // pin that pool's threads to cores
+  CpuHandoff cpu_handoff = CpuHandoff::Flags;  // how CPU experts are handed over (see above)
+  int64_t handoff_timeout_ms = 10000;          // either side gives up after this long
 };
 
 class GpuEngine {
@@ -77,7 +83,8 @@ class GpuEngine {
 
   const GpuEngineOptions& options() const;
   int64_t device_bytes() const;  // weights + KV cache + workspace on the device
-  std::string describe() const;  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu]"
+  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu (T threads, handoff flags)]"
+  std::string describe() const;
   bool hybrid() const;           // some expert computed on the CPU
 
  private:

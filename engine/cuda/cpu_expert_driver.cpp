@@ -1,0 +1,209 @@
+// CpuExpertDriver (cpu_expert_driver.h): the host thread behind the CPU-expert hand-off.
+#include "cuda/cpu_expert_driver.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define KTUNE_PAUSE() _mm_pause()
+#else
+#define KTUNE_PAUSE() ((void)0)
+#endif
+
+namespace ktune {
+namespace {
+
+uint64_t load_acquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+void store_release(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+using Clock = std::chrono::steady_clock;
+
+}  // namespace
+
+CpuExpertDriver::CpuExpertDriver(CpuMoe& moe, const Shared& shared, std::vector<Layer> layers,
+                                 int64_t top_k, int64_t n_experts,
+                                 std::chrono::milliseconds timeout)
+    : moe_(moe),
+      shared_(shared),
+      layers_(std::move(layers)),
+      top_k_(top_k),
+      n_experts_(n_experts),
+      timeout_(timeout) {
+  int64_t n_layers = 0;
+  for (const Layer& l : layers_) n_layers = std::max(n_layers, l.index + 1);
+  node_ctx_.resize(static_cast<size_t>(n_layers));
+  for (size_t l = 0; l < node_ctx_.size(); ++l) {
+    node_ctx_[l].self = this;
+    node_ctx_[l].layer = static_cast<int64_t>(l);
+  }
+  sel_ids_.resize(static_cast<size_t>(top_k));
+  sel_w_.resize(static_cast<size_t>(top_k));
+  if (const char* e = std::getenv("KTUNE_TEST_HANDOFF_STALL_MS")) {
+    test_stall_ = std::chrono::milliseconds(std::atoll(e));
+  }
+  thread_ = std::thread([this] { loop(); });
+}
+
+CpuExpertDriver::~CpuExpertDriver() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void CpuExpertDriver::arm(uint64_t seq) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    armed_.push_back(seq);
+  }
+  cv_.notify_one();
+}
+
+void CpuExpertDriver::cancel() {
+  std::lock_guard<std::mutex> lk(mu_);
+  armed_.clear();
+}
+
+std::string CpuExpertDriver::finish() {
+  std::unique_lock<std::mutex> lk(mu_);
+  // The GPU has finished the step(s): the driver is at most publishing the last layer. A driver
+  // stuck in CpuMoe (or waiting for a request that will never come) is bounded by its timeout.
+  if (!idle_cv_.wait_for(lk, timeout_ + std::chrono::seconds(1), [&] { return armed_.empty(); })) {
+    armed_.clear();
+    if (error_.empty()) error_ = "the CPU expert thread did not finish its steps";
+  }
+  std::string e;
+  e.swap(error_);
+  return e;
+}
+
+void* CpuExpertDriver::host_node_ctx(int64_t layer) {
+  return &node_ctx_[static_cast<size_t>(layer)];
+}
+
+void CpuExpertDriver::host_post(void* ctx) {
+  auto* c = static_cast<NodeCtx*>(ctx);
+  CpuExpertDriver* self = c->self;
+  uint64_t seq = 0;
+  {
+    std::lock_guard<std::mutex> lk(self->mu_);
+    if (self->armed_.empty()) return;  // cancelled or failed: the wait side times out cleanly
+    seq = self->armed_.front();
+  }
+  c->seq = seq;
+  store_release(&self->shared_.words[c->layer].request, seq);
+}
+
+void CpuExpertDriver::host_wait(void* ctx) {
+  auto* c = static_cast<NodeCtx*>(ctx);
+  CpuExpertDriver* self = c->self;
+  if (__atomic_load_n(self->shared_.error, __ATOMIC_ACQUIRE) != 0) return;
+  if (!self->wait_word(&self->shared_.words[c->layer].done, c->seq, false)) {
+    __atomic_store_n(self->shared_.error, kErrorHostWait + static_cast<uint32_t>(c->layer),
+                     __ATOMIC_RELEASE);
+  }
+}
+
+bool CpuExpertDriver::wait_word(const uint64_t* word, uint64_t seq, bool until_cancelled) {
+  const auto deadline = Clock::now() + timeout_;
+  for (uint32_t i = 1;; ++i) {
+    if (load_acquire(word) == seq) return true;
+    KTUNE_PAUSE();
+    if ((i & 1023u) == 0) {
+      if (Clock::now() > deadline) return false;
+      std::lock_guard<std::mutex> lk(mu_);
+      if (stop_ || (until_cancelled && armed_.empty())) return false;
+    }
+  }
+}
+
+int CpuExpertDriver::select_and_compute(const Layer& layer) {
+  int n = 0;
+  for (int64_t j = 0; j < top_k_; ++j) {
+    const int32_t id = shared_.ids[j];
+    if (id < 0 || id >= n_experts_) {
+      throw std::runtime_error("layer " + std::to_string(layer.index) + ": router chose expert " +
+                               std::to_string(id) + " of " + std::to_string(n_experts_));
+    }
+    if ((*layer.slot)[static_cast<size_t>(id)] >= 0) continue;  // a GPU expert
+    sel_ids_[static_cast<size_t>(n)] = id;
+    sel_w_[static_cast<size_t>(n)] = shared_.wts[j];
+    ++n;
+  }
+  if (n > 0) moe_.compute(layer.index, shared_.h, sel_ids_.data(), sel_w_.data(), n, shared_.y);
+  return n;
+}
+
+void CpuExpertDriver::fail(const std::string& what) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (error_.empty()) error_ = what;
+}
+
+void CpuExpertDriver::loop() {
+  for (;;) {
+    uint64_t seq = 0;
+    {
+      // Spin briefly (the next step usually follows at once), then sleep.
+      std::unique_lock<std::mutex> lk(mu_);
+      if (armed_.empty() && !stop_) {
+        lk.unlock();
+        const auto spin_until = Clock::now() + std::chrono::microseconds(200);
+        for (uint32_t i = 1;; ++i) {
+          KTUNE_PAUSE();
+          if ((i & 255u) == 0) {
+            lk.lock();
+            if (!armed_.empty() || stop_) break;
+            lk.unlock();
+            if (Clock::now() > spin_until) {
+              lk.lock();
+              break;
+            }
+          }
+        }
+        cv_.wait(lk, [&] { return !armed_.empty() || stop_; });
+      }
+      if (stop_) return;
+      seq = armed_.front();
+    }
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      cuda::HandoffWords& w = shared_.words[layer.index];
+      const bool last = i + 1 == layers_.size();
+      if (!wait_word(&w.request, seq, true)) {
+        {
+          std::lock_guard<std::mutex> lk(mu_);
+          if (stop_) return;
+          if (armed_.empty()) break;  // cancelled by the host
+        }
+        fail("layer " + std::to_string(layer.index) + ": the GPU did not hand the CPU experts " +
+             "over within " + std::to_string(timeout_.count()) + " ms");
+        std::lock_guard<std::mutex> lk(mu_);
+        armed_.clear();
+        idle_cv_.notify_all();
+        break;
+      }
+      int n = 0;
+      try {
+        if (test_stall_.count() > 0) std::this_thread::sleep_for(test_stall_);
+        n = select_and_compute(layer);
+      } catch (const std::exception& e) {
+        fail(std::string("CPU experts: ") + e.what());
+        n = 0;
+      }
+      w.n_cpu = static_cast<uint32_t>(n);
+      if (last) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!armed_.empty()) armed_.pop_front();
+        if (armed_.empty()) idle_cv_.notify_all();
+      }
+      store_release(&w.done, seq);
+    }
+  }
+}
+
+}  // namespace ktune
