@@ -51,9 +51,10 @@ Stream& Stream::operator=(Stream&& o) noexcept {
 void Stream::synchronize() const { KTUNE_CUDA_CHECK(cudaStreamSynchronize(s_)); }
 
 // --- Event ----------------------------------------------------------------------------------
-Event::Event(bool timing) {
-  KTUNE_CUDA_CHECK(
-      cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming));
+Event::Event(bool timing, bool blocking_sync) {
+  const unsigned flags = (timing ? cudaEventDefault : cudaEventDisableTiming) |
+                         (blocking_sync ? cudaEventBlockingSync : 0u);
+  KTUNE_CUDA_CHECK(cudaEventCreateWithFlags(&e_, flags));
 }
 Event::~Event() {
   if (e_) cudaEventDestroy(e_);

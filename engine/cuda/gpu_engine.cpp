@@ -315,6 +315,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
     cpu_moe = std::make_unique<CpuMoe>(w, *pool);
     sel_ids.resize(static_cast<size_t>(top_k));
     sel_w.resize(static_cast<size_t>(top_k));
+    ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
     // The host-driven unfused step (no graph) computes CPU experts on the calling thread; every
     // other hybrid step hands them to the driver thread.
     if (opt.moe_kernel == MoeKernel::Fused || opt.cuda_graph) {
@@ -383,7 +384,13 @@ uint64_t GpuEngine::Impl::step_seq() const {
 }
 
 void GpuEngine::Impl::sync() {
-  const cudaError_t err = cudaStreamSynchronize(stream);
+  cudaError_t err = cudaSuccess;
+  if (ev_sleep_sync) {
+    err = cudaEventRecord(*ev_sleep_sync, stream);
+    if (err == cudaSuccess) err = cudaEventSynchronize(*ev_sleep_sync);
+  } else {
+    err = cudaStreamSynchronize(stream);
+  }
   std::string cpu_side = driver ? driver->finish() : std::string();
   const uint32_t code = __atomic_load_n(h_error, __ATOMIC_ACQUIRE);
   if (err == cudaSuccess && code == 0 && cpu_side.empty()) return;

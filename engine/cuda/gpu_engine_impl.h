@@ -113,6 +113,9 @@ struct GpuEngine::Impl {
   // Hand-off of CPU experts to the driver thread (fused steps, and unfused steps in a graph);
   // seq = epoch << 32 | position, the epoch bumped by reset() (device copy in `epoch`).
   std::unique_ptr<CpuExpertDriver> driver;
+  // Hybrid: the host thread waits for the stream on this event, sleeping, so it does not spin
+  // on a core the CPU experts need (cudaStreamSynchronize spins by default).
+  std::unique_ptr<cuda::Event> ev_sleep_sync;
   uint32_t* epoch = nullptr;
   uint32_t host_epoch = 1;
 

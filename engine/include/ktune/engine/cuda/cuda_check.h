@@ -69,7 +69,9 @@ class Stream {
 // pure ordering). Move-only.
 class Event {
  public:
-  explicit Event(bool timing = true);
+  // blocking_sync: synchronize() sleeps instead of spinning (cudaEventBlockingSync), for a host
+  // thread that must not take a core from CPU workers while it waits.
+  explicit Event(bool timing = true, bool blocking_sync = false);
   ~Event();
   Event(Event&& o) noexcept;
   Event& operator=(Event&& o) noexcept;
