@@ -1,7 +1,11 @@
 // CpuExpertDriver (cpu_expert_driver.h): the host thread behind the CPU-expert hand-off.
 #include "cuda/cpu_expert_driver.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <stdexcept>
@@ -25,7 +29,7 @@ using Clock = std::chrono::steady_clock;
 
 CpuExpertDriver::CpuExpertDriver(CpuMoe& moe, const Shared& shared, std::vector<Layer> layers,
                                  int64_t top_k, int64_t n_experts,
-                                 std::chrono::milliseconds timeout)
+                                 std::chrono::milliseconds timeout, int cpu)
     : moe_(moe),
       shared_(shared),
       layers_(std::move(layers)),
@@ -44,7 +48,14 @@ CpuExpertDriver::CpuExpertDriver(CpuMoe& moe, const Shared& shared, std::vector<
   if (const char* e = std::getenv("KTUNE_TEST_HANDOFF_STALL_MS")) {
     test_stall_ = std::chrono::milliseconds(std::atoll(e));
   }
+  if (const char* e = std::getenv("KTUNE_HANDOFF_STATS")) stats_ = e[0] == '1';
   thread_ = std::thread([this] { loop(); });
+  if (cpu >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(thread_.native_handle(), sizeof(set), &set);  // best effort
+  }
 }
 
 CpuExpertDriver::~CpuExpertDriver() {
@@ -54,6 +65,14 @@ CpuExpertDriver::~CpuExpertDriver() {
   }
   cv_.notify_all();
   thread_.join();
+  if (stats_ && stat_layers_ > 0) {
+    const double n = static_cast<double>(stat_layers_);
+    std::fprintf(stderr,
+                 "ktune: cpu expert driver: %lld layers; per layer: wait for GPU %.1f us, "
+                 "CPU experts %.1f us, publish %.1f us\n",
+                 static_cast<long long>(stat_layers_), stat_wait_ns_ / n / 1e3,
+                 stat_compute_ns_ / n / 1e3, stat_publish_ns_ / n / 1e3);
+  }
 }
 
 void CpuExpertDriver::arm(uint64_t seq) {
@@ -174,6 +193,7 @@ void CpuExpertDriver::loop() {
       const Layer& layer = layers_[i];
       cuda::HandoffWords& w = shared_.words[layer.index];
       const bool last = i + 1 == layers_.size();
+      const auto t0 = Clock::now();
       if (!wait_word(&w.request, seq, true)) {
         {
           std::lock_guard<std::mutex> lk(mu_);
@@ -187,6 +207,7 @@ void CpuExpertDriver::loop() {
         idle_cv_.notify_all();
         break;
       }
+      const auto t1 = Clock::now();
       int n = 0;
       try {
         if (test_stall_.count() > 0) std::this_thread::sleep_for(test_stall_);
@@ -195,6 +216,7 @@ void CpuExpertDriver::loop() {
         fail(std::string("CPU experts: ") + e.what());
         n = 0;
       }
+      const auto t2 = Clock::now();
       w.n_cpu = static_cast<uint32_t>(n);
       if (last) {
         std::lock_guard<std::mutex> lk(mu_);
@@ -202,6 +224,13 @@ void CpuExpertDriver::loop() {
         if (armed_.empty()) idle_cv_.notify_all();
       }
       store_release(&w.done, seq);
+      if (stats_) {
+        const auto t3 = Clock::now();
+        ++stat_layers_;
+        stat_wait_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+        stat_compute_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count();
+        stat_publish_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(t3 - t2).count();
+      }
     }
   }
 }

@@ -60,9 +60,10 @@ class CpuExpertDriver {
   static constexpr uint32_t kErrorTimeoutBase = 1;
   static constexpr uint32_t kErrorHostWait = 1u << 20;
 
-  // Starts the driver thread. `moe` and the memory behind `shared` and `layers` must outlive it.
+  // Starts the driver thread, pinned to `cpu` when >= 0 (the core the pool leaves to its
+  // thread 0). `moe` and the memory behind `shared` and `layers` must outlive it.
   CpuExpertDriver(CpuMoe& moe, const Shared& shared, std::vector<Layer> layers, int64_t top_k,
-                  int64_t n_experts, std::chrono::milliseconds timeout);
+                  int64_t n_experts, std::chrono::milliseconds timeout, int cpu = -1);
   ~CpuExpertDriver();
   CpuExpertDriver(const CpuExpertDriver&) = delete;
   CpuExpertDriver& operator=(const CpuExpertDriver&) = delete;
@@ -108,6 +109,10 @@ class CpuExpertDriver {
   std::deque<uint64_t> armed_;
   bool stop_ = false;
   std::string error_;
+  // KTUNE_HANDOFF_STATS=1: time spent waiting for the GPU's requests and computing, printed to
+  // stderr when the driver stops (a quick look before the profiler's spans exist).
+  bool stats_ = false;
+  int64_t stat_layers_ = 0, stat_wait_ns_ = 0, stat_compute_ns_ = 0, stat_publish_ns_ = 0;
   std::thread thread_;
 };
 

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <sched.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -326,8 +328,21 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
         }
       }
       CpuExpertDriver::Shared sh{h_words, h_h, h_ids, h_wts, h_ycpu, h_error};
-      driver = std::make_unique<CpuExpertDriver>(*cpu_moe, sh, std::move(hl), top_k, n_exp,
-                                                 std::chrono::milliseconds(opt.handoff_timeout_ms));
+      // The driver is the pool's thread 0: give it the core the pool left free (the first
+      // allowed CPU no worker is pinned to), if the workers are pinned.
+      int free_cpu = -1;
+      cpu_set_t allowed;
+      if (opt.pin_threads && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
+        const std::vector<int>& taken = pool->pinned_cpus();
+        for (int c = 0; c < CPU_SETSIZE && free_cpu < 0; ++c) {
+          if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
+            free_cpu = c;
+          }
+        }
+      }
+      driver = std::make_unique<CpuExpertDriver>(
+          *cpu_moe, sh, std::move(hl), top_k, n_exp,
+          std::chrono::milliseconds(opt.handoff_timeout_ms), free_cpu);
     }
   }
 }
