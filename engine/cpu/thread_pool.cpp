@@ -28,10 +28,6 @@
 namespace ktune {
 namespace {
 
-// How long a waiter spins before it sleeps. Long enough to cover the gap between two barriers
-// of a decode step (a few µs) with margin, short enough that oversubscribed threads yield soon.
-constexpr int64_t kSpinNs = 100'000;
-
 // Thrown by barrier() in threads whose task must stop because another task threw; never escapes
 // the pool and is not reported (the first real exception is).
 struct PoolAbort {};
@@ -73,20 +69,21 @@ void futex_wake_all(std::atomic<Word>* word) {
 #endif
 }
 
-// Waits until `word` no longer holds `value`: spins for up to kSpinNs, then sleeps. A waker
+// Waits until `word` no longer holds `value`: spins for up to spin_ns, then sleeps. A waker
 // changes the word first and then wakes sleepers when `sleepers` is non-zero; both sides use
 // sequentially consistent operations, so either the waker sees the sleeper or the sleeper sees
 // the new value (and the futex re-checks the value in the kernel).
 template <class Word>
-void wait_while_equal(std::atomic<Word>& word, Word value, std::atomic<int>& sleepers) {
+void wait_while_equal(std::atomic<Word>& word, Word value, std::atomic<int>& sleepers,
+                      int64_t spin_ns) {
   if (word.load(std::memory_order_acquire) != value) return;
   const auto start = std::chrono::steady_clock::now();
-  for (int i = 1;; ++i) {
+  for (int i = 1; spin_ns > 0; ++i) {
     cpu_relax();
     if (word.load(std::memory_order_acquire) != value) return;
     if ((i & 63) == 0 && std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::steady_clock::now() - start)
-                                 .count() > kSpinNs) {
+                                 .count() > spin_ns) {
       break;
     }
   }
@@ -200,6 +197,11 @@ ThreadPool::~ThreadPool() {
 
 int ThreadPool::current_thread_index() { return tls_thread_index; }
 
+void ThreadPool::set_spin_us(int64_t us) {
+  constexpr int64_t kMaxUs = 60'000'000;  // a minute; keeps the nanoseconds far from overflow
+  spin_ns_.store(std::clamp<int64_t>(us, 0, kMaxUs) * 1000, std::memory_order_relaxed);
+}
+
 void ThreadPool::run_task(int ith) {
   tls_thread_index = ith;
   try {
@@ -221,7 +223,8 @@ void ThreadPool::run_task(int ith) {
 void ThreadPool::worker_loop(int index) {
   uint32_t seen = 0;
   for (;;) {
-    wait_while_equal(shared_.generation, seen, shared_.sleepers);
+    wait_while_equal(shared_.generation, seen, shared_.sleepers,
+                     spin_ns_.load(std::memory_order_relaxed));
     seen = shared_.generation.load(std::memory_order_acquire);
     if (shared_.stop.load(std::memory_order_acquire)) return;
     run_task(index);
@@ -249,7 +252,8 @@ void ThreadPool::run_raw(RawFn fn, void* ctx) {
     for (;;) {
       const uint32_t left = done_.remaining.load(std::memory_order_acquire);
       if (left == 0) break;
-      wait_while_equal(done_.remaining, left, done_.sleepers);
+      wait_while_equal(done_.remaining, left, done_.sleepers,
+                       spin_ns_.load(std::memory_order_relaxed));
     }
   }
   if (error_) {
@@ -292,7 +296,8 @@ uint32_t ThreadPool::barrier_arrive() {
 void ThreadPool::barrier_wait(uint32_t token) {
   if (n_threads_ == 1) return;
   // The phase cannot move on twice before this thread waits: the next flip needs its arrival.
-  wait_while_equal(barrier_.phase, token, barrier_.sleepers);
+  wait_while_equal(barrier_.phase, token, barrier_.sleepers,
+                   spin_ns_.load(std::memory_order_relaxed));
   if (failed_.load(std::memory_order_seq_cst)) throw PoolAbort{};
 }
 

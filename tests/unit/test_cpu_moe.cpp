@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -222,6 +224,123 @@ TEST_P(CpuMoeTest, BitIdenticalForAnyThreadCount) {
   }
   EXPECT_EQ(outs[0], outs[1]);
   EXPECT_EQ(outs[0], outs[2]);
+}
+
+// Sets environment variables for the lifetime of the object (CpuMoe reads its tuning knobs at
+// construction), restoring unset ones afterwards.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const std::vector<std::pair<std::string, std::string>>& vars) {
+    for (const auto& kv : vars) {
+      setenv(kv.first.c_str(), kv.second.c_str(), 1);
+      names_.push_back(kv.first);
+    }
+  }
+  ~ScopedEnv() {
+    for (const std::string& n : names_) unsetenv(n.c_str());
+  }
+
+ private:
+  std::vector<std::string> names_;
+};
+
+// A sequence of calls like a hybrid decode's: layers in turn, each with a different number of
+// experts (1..n_experts) in a different order, the call after a full one with fewer experts
+// (the flow schedule's counters carry over from call to call).
+struct Call {
+  int64_t layer;
+  std::vector<float> h;
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+};
+std::vector<Call> call_sequence(const ModelWeights& w, int count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Call> calls;
+  std::uniform_real_distribution<float> ud(0.05f, 1.0f);
+  for (int i = 0; i < count; ++i) {
+    Call c;
+    c.layer = i % w.cfg.n_layers;
+    c.h = hidden_state(w, c.layer, rng);
+    std::vector<int32_t> all(w.cfg.n_experts);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    const int64_t k = 1 + (i * 5) % w.cfg.n_experts;
+    c.ids.assign(all.begin(), all.begin() + k);
+    for (int64_t j = 0; j < k; ++j) c.wts.push_back(ud(rng));
+    calls.push_back(std::move(c));
+  }
+  return calls;
+}
+
+std::vector<std::vector<float>> run_calls(CpuMoe& moe, const ModelWeights& w,
+                                          const std::vector<Call>& calls) {
+  std::vector<std::vector<float>> out;
+  for (const Call& c : calls) {
+    std::vector<float> y(w.cfg.hidden, -1.0f);
+    moe.compute(c.layer, c.h.data(), c.ids.data(), c.wts.data(), static_cast<int>(c.ids.size()),
+                y.data());
+    out.push_back(std::move(y));
+  }
+  return out;
+}
+
+// Every schedule and work split gives the same bits as one thread: the barrier schedule, down
+// items of 4 rows and of more rows than some threads get (threads with no down rows of their
+// own), gate/up items of 64 rows, gate then up instead of interleaved tiles, prefetching; pools
+// larger than this machine (threads descheduled mid-call, so lists are stolen from before their
+// owners start). Each over a sequence of calls with varying expert counts.
+TEST_P(CpuMoeTest, ScheduleAndWorkSplitNeverChangeTheOutput) {
+  const ModelWeights& w = tiny(GetParam());
+  const std::vector<Call> calls = call_sequence(w, 24, 17);
+  std::vector<std::vector<float>> ref;
+  {
+    ThreadPool pool(1, false);
+    CpuMoe moe(w, pool);
+    ref = run_calls(moe, w, calls);
+  }
+  const std::vector<std::vector<std::pair<std::string, std::string>>> variants = {
+      {},
+      {{"KTUNE_CPU_MOE_SCHED", "barrier"}},
+      {{"KTUNE_CPU_MOE_DOWN_ROWS", "4"}},
+      {{"KTUNE_CPU_MOE_DOWN_ROWS", "100"}},
+      {{"KTUNE_CPU_MOE_UNIT_ROWS", "64"}, {"KTUNE_CPU_MOE_INTERLEAVE", "0"}},
+      {{"KTUNE_CPU_MOE_PREFETCH_KB", "4"}},
+  };
+  for (size_t v = 0; v < variants.size(); ++v) {
+    for (int t : {1, 2, 3, 7}) {
+      std::unique_ptr<CpuMoe> moe;
+      ThreadPool pool(t, false);
+      {
+        ScopedEnv env(variants[v]);
+        moe = std::make_unique<CpuMoe>(w, pool);
+      }
+      const std::vector<std::vector<float>> out = run_calls(*moe, w, calls);
+      for (size_t i = 0; i < calls.size(); ++i) {
+        ASSERT_EQ(out[i], ref[i]) << "variant " << v << ", " << t << " threads, call " << i;
+      }
+    }
+  }
+}
+
+// Timing adds up the calls and resets; components are non-negative.
+TEST_P(CpuMoeTest, TimingCountsCalls) {
+  const ModelWeights& w = tiny(GetParam());
+  ThreadPool pool(3, false);
+  CpuMoe moe(w, pool);
+  const std::vector<Call> calls = call_sequence(w, 5, 3);
+  run_calls(moe, w, calls);
+  EXPECT_EQ(moe.timing().calls, 0);
+  moe.set_timing(true);
+  run_calls(moe, w, calls);
+  const CpuMoe::Timing t = moe.timing();
+  EXPECT_EQ(t.calls, 5);
+  EXPECT_GT(t.total_us, 0.0);
+  for (double v : {t.wake_us, t.quant_us, t.work_us, t.wait_us, t.tail_us, t.exit_us}) {
+    EXPECT_GE(v, 0.0);
+  }
+  moe.reset_timing();
+  EXPECT_EQ(moe.timing().calls, 0);
+  EXPECT_EQ(moe.timing().total_us, 0.0);
 }
 
 TEST_P(CpuMoeTest, EmptySubsetGivesZerosAndBadInputThrows) {

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ktune/engine/thread_pool.h"
@@ -127,6 +128,59 @@ TEST(ThreadPool, OversubscribedPoolFinishesQuickly) {
   const double s2 =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   EXPECT_LT(s2, 10.0) << "200 runs x 5 barriers took " << s2 << " s";
+}
+
+// The spin setting changes only how waiters wait: with no spinning (sleep at once), a short
+// spin that runs out between runs, and a long one that outlasts the gaps, every task still runs
+// once per run, barriers still separate phases, and exceptions still reach the caller.
+TEST(ThreadPool, SpinSettingKeepsRunsBarriersAndExceptions) {
+  for (int64_t spin : {int64_t{0}, int64_t{5}, int64_t{200'000}}) {
+    ThreadPool pool(4);
+    pool.set_spin_us(spin);
+    EXPECT_EQ(pool.spin_us(), spin);
+    for (int rep = 0; rep < 40; ++rep) {
+      std::vector<int> hits(4, 0);
+      std::vector<int> slot(4, -1);
+      std::atomic<int> errors{0};
+      pool.run([&](int ith, int nth) {
+        ++hits[ith];
+        for (int p = 0; p < 3; ++p) {
+          slot[ith] = p;
+          pool.barrier();
+          for (int j = 0; j < nth; ++j) {
+            if (slot[j] != p) errors.fetch_add(1);
+          }
+          pool.barrier();
+        }
+      });
+      for (int i = 0; i < 4; ++i) ASSERT_EQ(hits[i], 1) << "spin " << spin << " rep " << rep;
+      ASSERT_EQ(errors.load(), 0) << "spin " << spin << " rep " << rep;
+      // Gaps longer than the short spin, so its waiters go to sleep between runs.
+      if (rep % 8 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    for (int thrower : {0, 3}) {
+      EXPECT_THROW(pool.run([&](int ith, int) {
+        if (ith == thrower) throw std::runtime_error("boom");
+        pool.barrier();
+      }),
+                   std::runtime_error);
+      std::atomic<int> ran{0};
+      pool.run([&](int, int) { ran.fetch_add(1); });
+      EXPECT_EQ(ran.load(), 4) << "spin " << spin;
+    }
+  }
+}
+
+TEST(ThreadPool, SpinSettingIsClamped) {
+  ThreadPool pool(2);
+  EXPECT_EQ(pool.spin_us(), 100);  // the default
+  pool.set_spin_us(-5);
+  EXPECT_EQ(pool.spin_us(), 0);
+  pool.set_spin_us(int64_t{1} << 62);
+  EXPECT_EQ(pool.spin_us(), 60'000'000);
+  std::atomic<int> ran{0};
+  pool.run([&](int, int) { ran.fetch_add(1); });
+  EXPECT_EQ(ran.load(), 2);
 }
 
 TEST(ThreadPool, PinnedCpusAreDistinct) {

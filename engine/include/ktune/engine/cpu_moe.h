@@ -4,14 +4,22 @@
 // from an already-normed float hidden state h into a float buffer y (hidden floats; overwritten,
 // not added to any residual). The GPU computes the complement and adds both to the residual.
 //
-// It uses the CpuEngine's kernels and work split (engine/runtime/cpu_engine.cpp, decode_moe):
-// h is quantized once into the activation type of the gate/up weights; all experts run in ONE
-// parallel region of the pool: gate+up+SwiGLU over (expert, unit of `unit` ffn rows) work items
-// with the down activation quantized per unit, one barrier, then down rows over all experts,
-// each output row summed over the experts in the order given (s = 0; s += w_j * y_j[r]).
-// Every output element is computed by one thread in a fixed order, so y is bit-identical for any
-// thread count, and equals the CpuEngine's MoE term for the same experts in the same order.
-// Nothing is allocated in compute(). Not thread-safe (one compute() at a time per object).
+// It uses the CpuEngine's kernels (engine/runtime/cpu_engine.cpp, decode_moe) in one parallel
+// region of the pool, with no barrier: every thread quantizes h itself, then works through its
+// own list of work items and, once that is empty, takes items from the other threads' lists.
+// Gate+up+SwiGLU items are (expert, `unit` ffn rows) and quantize their blocks of the down
+// activation; down items are (expert, a run of output rows) and wait only for their own
+// expert's gate/up items; the last down item of a run of rows sums that run over the experts
+// in the order given (s = 0; s += w_j * y_j[r]). Every output element is computed by one thread
+// in a fixed order, so y is bit-identical for any thread count and schedule, and equals the
+// CpuEngine's MoE term for the same experts in the same order. Nothing is allocated in
+// compute(). Not thread-safe (one compute() at a time per object).
+//
+// Tuning knobs, read at construction (A/B runs; defaults are the measured best):
+// KTUNE_CPU_MOE_SCHED=flow|barrier (barrier: the CpuEngine's two phases with shared tickets),
+// KTUNE_CPU_MOE_DOWN_ROWS (rows per down item), KTUNE_CPU_MOE_UNIT_ROWS (ffn rows per gate/up
+// item, a multiple of 32), KTUNE_CPU_MOE_PREFETCH_KB (software prefetch of a thread's next
+// item while it works on one; 0 = off).
 #pragma once
 
 #include <cstdint>
@@ -43,6 +51,22 @@ class CpuMoe {
   // passes a subset of the top-k). Scratch is sized for this many.
   int max_experts() const;
   cpu::Isa isa() const;
+
+  // Where compute()'s time goes, for benchmarks: with timing on, each call reads the clock a
+  // few times per thread (~20 ns each). Sums over the calls since the last reset, µs.
+  struct Timing {
+    int64_t calls = 0;
+    double total_us = 0;    // compute(), entry to return
+    double wake_us = 0;     // entry until the last thread has started its task
+    double quant_us = 0;    // per thread (mean): quantizing the activation of h
+    double work_us = 0;     // per thread (mean): computing its work items
+    double wait_us = 0;     // per thread (mean): waiting for other threads' results
+    double tail_us = 0;     // first thread's finish to last thread's finish
+    double exit_us = 0;     // last thread's finish until compute() returns
+  };
+  void set_timing(bool on);
+  Timing timing() const;
+  void reset_timing();
 
  private:
   struct Impl;

@@ -1,6 +1,9 @@
 // A pinned thread pool for the CPU engine. run() executes a task on every worker and the caller
-// (thread 0) and returns when all are done. Workers spin briefly waiting for work, then sleep
-// on a futex-like condition, so an oversubscribed machine does not stall.
+// (thread 0) and returns when all are done. Workers spin for a while waiting for work (spin_us,
+// 100 µs by default), then sleep on a futex-like condition, so an oversubscribed machine does
+// not stall. A caller that runs short tasks at a steady pace with gaps longer than that (the
+// hybrid decode: the CPU experts of a layer, then the GPU's attention of the next) raises
+// spin_us so the next run() finds its workers awake instead of paying a futex wake-up each.
 //
 // Inside one run(), barrier() synchronizes all n threads of the pool, so a whole layer (or a whole
 // decode step) can be one parallel region with a few barriers instead of many run() calls.
@@ -27,6 +30,13 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return n_threads_; }
+
+  // How long a waiting thread (a worker between runs, the caller for its workers, a barrier)
+  // spins with pause instructions before it sleeps. Takes effect at the next wait; safe to call
+  // between runs. Spinning costs a whole core per waiting thread: keep it short on a machine
+  // shared with other work. 0 sleeps at once.
+  void set_spin_us(int64_t us);
+  int64_t spin_us() const { return spin_ns_.load(std::memory_order_relaxed) / 1000; }
 
   // Calls fn(thread_index, n_threads) on every thread (the caller is index 0). The first exception
   // a task throws is rethrown here once every thread has finished. Not reentrant: a task must not
@@ -61,6 +71,7 @@ class ThreadPool {
   void worker_loop(int index);
   void run_task(int ith);
   int n_threads_ = 1;
+  std::atomic<int64_t> spin_ns_{100'000};
   std::vector<std::thread> workers_;
   std::vector<int> pinned_cpus_;
   // Fields the caller writes and workers read, apart from the completion and barrier counters
