@@ -41,7 +41,7 @@ namespace {
 
 constexpr int64_t kCacheLine = 64;
 constexpr int64_t kBarrierDownChunkBytes = 16 * 1024;  // barrier schedule: down bytes per item
-constexpr uint64_t kPosMask = 0xFFFFFFFFull;            // claim counter: low half = position
+constexpr uint64_t kPosMask = 0xFFFFFFFFull;           // claim counter: low half = position
 
 void check_expert_tensor(const TensorView& t, int64_t row_len, int64_t rows,
                          const std::string& what, cpu::Isa isa) {
@@ -117,8 +117,8 @@ struct CpuMoe::Impl {
   int nth = 1;
 
   // ---- knobs (cpu_moe.h) ----
-  bool flow = true;            // false: the barrier schedule
-  int64_t unit = 32;           // ffn rows per gate/up item (whole blocks of the down activation)
+  bool flow = true;   // false: the barrier schedule
+  int64_t unit = 32;  // ffn rows per gate/up item (whole blocks of the down activation)
   int64_t units_per_expert = 1;
   int64_t down_rows = 32;      // output rows per down item (flow), a multiple of the 4-row tile
   int64_t n_chunks = 1;        // down row chunks: ceil(hidden / down_rows)
@@ -164,7 +164,7 @@ struct CpuMoe::Impl {
   struct alignas(64) Slot {
     const uint8_t* ga = nullptr;  // this thread's activations of h for gate and up
     const uint8_t* ua = nullptr;
-    int64_t begin = 0, quant_end = 0, end = 0, wait_ns = 0;
+    int64_t begin = 0, quant_end = 0, gu_end = 0, end = 0, wait_ns = 0;
   };
   std::vector<Slot> slots;
   bool timing = false;
@@ -401,12 +401,14 @@ struct CpuMoe::Impl {
     const int64_t len = list_len(ith);
     if (prefetch_bytes > 0 && len > 0) prefetch_item(ith, 0, prefetch_bytes);
     quantize_input(act.get() + ith * act_stride, &me.ga, &me.ua);
-    if (timing) me.quant_end = now_ns();
+    if (timing) me.quant_end = me.gu_end = now_ns();
+    const int64_t ngu = gu_count(ith);
     try {
       bool ok = true;
       for (;;) {
-        const int64_t p = static_cast<int64_t>(
-            own[ith].v.fetch_add(1, std::memory_order_relaxed) & kPosMask);
+        const int64_t p =
+            static_cast<int64_t>(own[ith].v.fetch_add(1, std::memory_order_relaxed) & kPosMask);
+        if (timing && p == ngu) me.gu_end = now_ns();
         if (p >= len) break;
         if (prefetch_bytes > 0 && p + 1 < len) prefetch_item(ith, p + 1, prefetch_bytes);
         if (!(ok = flow_item(ith, p, me))) break;
@@ -459,7 +461,10 @@ struct CpuMoe::Impl {
     }
     const int64_t t0 = timing ? now_ns() : 0;
     pool.barrier();
-    if (timing) me.wait_ns = now_ns() - t0;
+    if (timing) {
+      me.gu_end = t0;
+      me.wait_ns = now_ns() - t0;
+    }
     const int64_t chunks = (hidden + barrier_down_rows - 1) / barrier_down_rows;
     for (int64_t c = ith; c < chunks;) {
       down_all_experts(c * barrier_down_rows, std::min(hidden, (c + 1) * barrier_down_rows));
@@ -470,8 +475,9 @@ struct CpuMoe::Impl {
 
   void add_timing(int64_t enter, int64_t exit) {
     int64_t max_begin = enter, min_end = exit, max_end = enter;
-    double quant = 0, work = 0, wait = 0;
+    double quant = 0, work = 0, wait = 0, gate_up = 0;
     for (const Slot& s : slots) {
+      gate_up += static_cast<double>(s.gu_end - s.quant_end);
       max_begin = std::max(max_begin, s.begin);
       min_end = std::min(min_end, s.end);
       max_end = std::max(max_end, s.end);
@@ -484,6 +490,7 @@ struct CpuMoe::Impl {
     sums.wake_us += (max_begin - enter) / 1e3;
     sums.quant_us += quant / nth / 1e3;
     sums.work_us += work / nth / 1e3;
+    sums.gate_up_us += gate_up / nth / 1e3;
     sums.wait_us += wait / nth / 1e3;
     sums.tail_us += (max_end - min_end) / 1e3;
     sums.exit_us += (exit - max_end) / 1e3;

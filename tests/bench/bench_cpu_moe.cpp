@@ -174,9 +174,9 @@ struct ExpertBank {
 // Random top-8 routing for `tokens` tokens of every layer, and one hidden state per layer.
 struct Workload {
   int64_t tokens = 0, layers = 0, hidden = 0;
-  std::vector<int32_t> ids;     // [token][layer][k]
-  std::vector<float> weights;   // [token][layer][k]
-  std::vector<float> h;         // [layer][hidden]
+  std::vector<int32_t> ids;    // [token][layer][k]
+  std::vector<float> weights;  // [token][layer][k]
+  std::vector<float> h;        // [layer][hidden]
 
   Workload(const ExpertBank& bank, int64_t n_tokens, uint64_t seed)
       : tokens(n_tokens), layers(bank.layers()), hidden(bank.w.cfg.hidden) {
@@ -276,7 +276,10 @@ struct Variant {
 
 Variant parse_variant(const std::string& text) {
   Variant v;
-  v.label = text;
+  v.label = text;  // shown without the common prefix of the knobs
+  for (size_t p; (p = v.label.find("KTUNE_CPU_MOE_")) != std::string::npos;) {
+    v.label.erase(p, std::strlen("KTUNE_CPU_MOE_"));
+  }
   if (text == "default") return v;
   for (const std::string& kv : split(text, ',')) {
     const size_t eq = kv.find('=');
@@ -301,6 +304,7 @@ struct Stats {
     timing.wake_us += t.wake_us;
     timing.quant_us += t.quant_us;
     timing.work_us += t.work_us;
+    timing.gate_up_us += t.gate_up_us;
     timing.wait_us += t.wait_us;
     timing.tail_us += t.tail_us;
     timing.exit_us += t.exit_us;
@@ -373,10 +377,11 @@ int main(int argc, char** argv) {
               static_cast<long>(bank.w.cfg.n_experts),
               layers * bank.w.cfg.n_experts * bank.bytes_per_expert / 1e9,
               hugepages ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE");
-  std::printf("built in %.1f s (AnonHugePages %.2f GB); %.2f MB per call (top-%d), %.3f GB per "
-              "token of %ld layers\n",
-              seconds_since(tb), anon_huge_kb() / 1e6, bank.bytes_per_call() / 1e6, kTopK,
-              bank.bytes_per_call() * layers / 1e9, static_cast<long>(layers));
+  std::printf(
+      "built in %.1f s (AnonHugePages %.2f GB); %.2f MB per call (top-%d), %.3f GB per "
+      "token of %ld layers\n",
+      seconds_since(tb), anon_huge_kb() / 1e6, bank.bytes_per_call() / 1e6, kTopK,
+      bank.bytes_per_call() * layers / 1e9, static_cast<long>(layers));
   if (const char* c = std::getenv("KTUNE_COMMIT")) std::printf("commit: %s\n", c);
 
   const Workload wl(bank, warmup + tokens, 7);
@@ -417,8 +422,8 @@ int main(int argc, char** argv) {
         if (c.v->spin_us >= 0) pool.set_spin_us(c.v->spin_us);
         run_tokens(*c.moe, wl, 0, warmup, gaps[gi], y);  // warm-up (not counted)
         c.moe->reset_timing();
-        const std::vector<double> calls = run_tokens(*c.moe, wl, warmup, warmup + tokens,
-                                                     gaps[gi], y);
+        const std::vector<double> calls =
+            run_tokens(*c.moe, wl, warmup, warmup + tokens, gaps[gi], y);
         c.per_gap[gi].add(calls, c.moe->timing());
         pool.set_spin_us(spin_before);
       }
@@ -431,15 +436,18 @@ int main(int argc, char** argv) {
   std::printf(
       "\n%ld tokens x %ld layers per cell and round, %ld rounds; GB/s = %.2f MB / mean call "
       "time; %%probe vs %.1f GB/s (mean of the two probes' best)\n",
-      static_cast<long>(tokens), static_cast<long>(layers), static_cast<long>(rounds),
-      bytes / 1e6, probe_ref);
-  std::printf("tok/s: all experts of %ld layers on the CPU, 1/(L x call) and 1/(L x (call + gap))\n",
-              static_cast<long>(layers));
-  std::printf("per call, mean us: wake (last thread starts), quant, work, wait (for others' "
-              "results), tail (first to last finish), exit (last finish to return)\n\n");
-  std::printf("%-44s %3s %5s | %7s %7s %7s | %6s %6s | %7s %7s | %5s %5s %6s %5s %5s %5s\n",
+      static_cast<long>(tokens), static_cast<long>(layers), static_cast<long>(rounds), bytes / 1e6,
+      probe_ref);
+  std::printf(
+      "tok/s: all experts of %ld layers on the CPU, 1/(L x call) and 1/(L x (call + gap))\n",
+      static_cast<long>(layers));
+  std::printf(
+      "per call, mean us: wake (last thread starts), quant, work (of it gate/up: gu), "
+      "wait (for others' results), tail (first to last finish), exit (last finish to "
+      "return)\n\n");
+  std::printf("%-44s %3s %5s | %7s %7s %7s | %6s %6s | %7s %7s | %5s %5s %6s %6s %5s %5s %5s\n",
               "variant", "thr", "gap", "mean_us", "p50_us", "p90_us", "GB/s", "%prb", "tok/s",
-              "tok/s+g", "wake", "quant", "work", "wait", "tail", "exit");
+              "tok/s+g", "wake", "quant", "work", "gu", "wait", "tail", "exit");
   for (size_t gi = 0; gi < gaps.size(); ++gi) {
     for (const Cell& c : cells) {
       const Stats& s = c.per_gap[gi];
@@ -448,11 +456,12 @@ int main(int argc, char** argv) {
       const double n = std::max<int64_t>(1, s.timing.calls);
       std::printf(
           "%-44s %3d %5.0f | %7.1f %7.1f %7.1f | %6.1f %5.1f%% | %7.1f %7.1f | %5.1f %5.1f %6.1f "
+          "%6.1f "
           "%5.1f %5.1f %5.1f\n",
           c.v->label.substr(0, 44).c_str(), c.threads, gaps[gi], mean, percentile(s.calls, 0.5),
           percentile(s.calls, 0.9), gbs, 100.0 * gbs / probe_ref, 1e6 / (layers * mean),
           1e6 / (layers * (mean + gaps[gi])), s.timing.wake_us / n, s.timing.quant_us / n,
-          s.timing.work_us / n, s.timing.wait_us / n, s.timing.tail_us / n,
+          s.timing.work_us / n, s.timing.gate_up_us / n, s.timing.wait_us / n, s.timing.tail_us / n,
           s.timing.exit_us / n);
     }
   }
@@ -526,13 +535,21 @@ void BM_ReadProbe(benchmark::State& state) {
   state.counters["GB/s"] = gbs;
 }
 
-BENCHMARK(BM_ReadProbe)->Arg(16)->ArgNames({"threads"})->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ReadProbe)
+    ->Arg(16)
+    ->ArgNames({"threads"})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_CpuMoeHybridDecode)
     ->ArgsProduct({{1, 8, 16}, {0, 30}})
     ->ArgNames({"threads", "gap_us"})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_ReadProbe)->Arg(16)->ArgNames({"threads"})->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ReadProbe)
+    ->Arg(16)
+    ->ArgNames({"threads"})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 #endif

@@ -335,7 +335,8 @@ TEST_P(CpuMoeTest, TimingCountsCalls) {
   const CpuMoe::Timing t = moe.timing();
   EXPECT_EQ(t.calls, 5);
   EXPECT_GT(t.total_us, 0.0);
-  for (double v : {t.wake_us, t.quant_us, t.work_us, t.wait_us, t.tail_us, t.exit_us}) {
+  for (double v :
+       {t.wake_us, t.quant_us, t.work_us, t.gate_up_us, t.wait_us, t.tail_us, t.exit_us}) {
     EXPECT_GE(v, 0.0);
   }
   moe.reset_timing();

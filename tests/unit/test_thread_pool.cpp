@@ -114,8 +114,7 @@ TEST(ThreadPool, OversubscribedPoolFinishesQuickly) {
   for (int rep = 0; rep < 1000; ++rep) {
     pool.run([&](int ith, int) { sum.fetch_add(ith); });
   }
-  const double s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(sum.load(), 1000 * 28);
   EXPECT_LT(s, 10.0) << "1000 runs of an 8-thread pool took " << s << " s";
   // And with barriers inside.
@@ -125,8 +124,7 @@ TEST(ThreadPool, OversubscribedPoolFinishesQuickly) {
       for (int i = 0; i < 5; ++i) pool.barrier();
     });
   }
-  const double s2 =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  const double s2 = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   EXPECT_LT(s2, 10.0) << "200 runs x 5 barriers took " << s2 << " s";
 }
 
@@ -215,13 +213,11 @@ TEST(ThreadPool, DISABLED_BarrierCost) {
       for (int i = 0; i < kIters; ++i) pool.barrier();
     });
     const double barrier_us =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kIters *
-        1e6;
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kIters * 1e6;
     t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < kIters; ++i) pool.run([](int, int) {});
     const double run_us =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kIters *
-        1e6;
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kIters * 1e6;
     std::printf("threads %2d: barrier %.2f us, empty run %.2f us\n", n, barrier_us, run_us);
   }
 }

@@ -60,6 +60,7 @@ class CpuMoe {
     double wake_us = 0;     // entry until the last thread has started its task
     double quant_us = 0;    // per thread (mean): quantizing the activation of h
     double work_us = 0;     // per thread (mean): computing its work items
+    double gate_up_us = 0;  // per thread (mean): of work_us, until its gate/up items were done
     double wait_us = 0;     // per thread (mean): waiting for other threads' results
     double tail_us = 0;     // first thread's finish to last thread's finish
     double exit_us = 0;     // last thread's finish until compute() returns
