@@ -73,6 +73,8 @@ void spin_until(Clock::time_point t) {
 }
 
 // Pins the calling thread to the first CPU it may run on (the pool leaves core 0 to its caller).
+// Only after every pool exists: a pool pins its workers to the cores its creator may run on,
+// and threads it cannot pin inherit the creator's mask.
 void pin_caller() {
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -356,7 +358,6 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  pin_caller();
   std::vector<int> thread_counts;
   for (const std::string& t : split(threads_arg, ',')) thread_counts.push_back(std::stoi(t));
   std::vector<double> gaps;
@@ -368,12 +369,18 @@ int main(int argc, char** argv) {
   std::map<int, std::unique_ptr<ktune::ThreadPool>> pools;
   for (int t : thread_counts) pools[t] = std::make_unique<ktune::ThreadPool>(t, true);
   ktune::ThreadPool& big = *pools[max_threads];
+  pin_caller();
 
   const auto tb = Clock::now();
   ExpertBank bank(layers, experts, hugepages, big);
-  std::printf("cpu: %s, isa %s, %d physical cores; experts: %ld layers x %ld, %.2f GB, %s\n",
-              ktune::cpu_model_name().c_str(), ktune::cpu::isa_name(ktune::cpu::detect_isa()),
-              ktune::physical_core_count(), static_cast<long>(layers),
+  std::string pinned;
+  for (int c : big.pinned_cpus()) pinned += (pinned.empty() ? "" : ",") + std::to_string(c);
+  std::printf(
+      "cpu: %s, isa %s; pool of %d pinned to cpus %s (-1: not pinned; the caller is on "
+      "the first allowed cpu)\n",
+      ktune::cpu_model_name().c_str(), ktune::cpu::isa_name(ktune::cpu::detect_isa()), big.size(),
+      pinned.c_str());
+  std::printf("experts: %ld layers x %ld, %.2f GB, %s\n", static_cast<long>(layers),
               static_cast<long>(bank.w.cfg.n_experts),
               layers * bank.w.cfg.n_experts * bank.bytes_per_expert / 1e9,
               hugepages ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE");
@@ -481,8 +488,16 @@ int64_t env_or(const char* name, int64_t fallback) {
   return v != nullptr && v[0] != '\0' ? std::atoll(v) : fallback;
 }
 
+// The pools of every thread count the benchmarks use, all made before the caller is pinned.
 ktune::ThreadPool& pool_of(int threads) {
-  static std::map<int, std::unique_ptr<ktune::ThreadPool>> pools;
+  static std::map<int, std::unique_ptr<ktune::ThreadPool>> pools = [] {
+    std::map<int, std::unique_ptr<ktune::ThreadPool>> m;
+    for (int t : {1, 8, 16, ktune::physical_core_count()}) {
+      if (!m[t]) m[t] = std::make_unique<ktune::ThreadPool>(t, true);
+    }
+    pin_caller();
+    return m;
+  }();
   auto& p = pools[threads];
   if (!p) p = std::make_unique<ktune::ThreadPool>(threads, true);
   return *p;
@@ -496,8 +511,6 @@ const ExpertBank& bank() {
 }
 
 void BM_CpuMoeHybridDecode(benchmark::State& state) {
-  static bool pinned = (pin_caller(), true);
-  (void)pinned;
   const int threads = static_cast<int>(state.range(0));
   const double gap_us = static_cast<double>(state.range(1));
   const ExpertBank& b = bank();
