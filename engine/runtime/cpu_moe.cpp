@@ -14,8 +14,11 @@
 // Each list has its own claim counter on its own cache line, so claiming costs no contended
 // atomic until the end, when threads that ran out take items from the others' lists (in list
 // order, so a stolen down item's gate/up inputs are done or in progress). The counters carry the
-// call's epoch in their high half: a thief that reaches a list before its owner has started the
-// call sees the old epoch and leaves it to the owner.
+// call's epoch in their high half, so they need no reset: the first claim of a call (by the
+// owner or a thief) opens a list. A thread that starts late (a futex wake-up in a VM can take
+// a millisecond, a vCPU can be descheduled) therefore holds up nobody: its list is taken by
+// the others, and a thread waiting for an expert's gate/up items does unclaimed ones meanwhile.
+// What stays exposed is an item a descheduled thread has claimed and not finished.
 #include "ktune/engine/cpu_moe.h"
 
 #include <algorithm>
@@ -42,6 +45,7 @@ namespace {
 constexpr int64_t kCacheLine = 64;
 constexpr int64_t kBarrierDownChunkBytes = 16 * 1024;  // barrier schedule: down bytes per item
 constexpr uint64_t kPosMask = 0xFFFFFFFFull;           // claim counter: low half = position
+constexpr int64_t kSpinUs = 1000;                      // the pool spin CpuMoe asks for (µs)
 
 void check_expert_tensor(const TensorView& t, int64_t row_len, int64_t rows,
                          const std::string& what, cpu::Isa isa) {
@@ -123,7 +127,8 @@ struct CpuMoe::Impl {
   int64_t down_rows = 32;      // output rows per down item (flow), a multiple of the 4-row tile
   int64_t n_chunks = 1;        // down row chunks: ceil(hidden / down_rows)
   int64_t prefetch_bytes = 0;  // software prefetch of the next item, per item
-  bool interleave = true;      // gate/up rows in alternating 4-row tiles (one stream per matrix)
+  int64_t start_bytes = 4096;  // software prefetch of the first item before quantizing h
+  bool interleave = false;     // gate/up rows in alternating 4-row tiles (one stream per matrix)
 
   // ---- scratch ----
   // Per thread: h quantized for gate (offset 0) and up (offset ua_off), act_stride bytes apart.
@@ -201,12 +206,22 @@ struct CpuMoe::Impl {
     flow = !(sched != nullptr && std::string(sched) == "barrier");
     // A gate/up item quantizes whole Q8_0 blocks (32) of the down activation.
     const int64_t blk = down_f32 && da_bytes == 0 ? 1 : 32;
-    unit = round_up(env_knob("KTUNE_CPU_MOE_UNIT_ROWS", 32, 1, 1 << 20), blk);
+    unit = round_up(env_knob("KTUNE_CPU_MOE_UNIT_ROWS", 64, 1, 1 << 20), blk);
     units_per_expert = (ffn + unit - 1) / unit;
     down_rows = round_up(env_knob("KTUNE_CPU_MOE_DOWN_ROWS", 32, 1, 1 << 20), 4);
     n_chunks = (hidden + down_rows - 1) / down_rows;
     prefetch_bytes = env_knob("KTUNE_CPU_MOE_PREFETCH_KB", 0, 0, 1 << 16) * 1024;
-    interleave = env_knob("KTUNE_CPU_MOE_INTERLEAVE", 1, 0, 1) != 0;
+    start_bytes = env_knob("KTUNE_CPU_MOE_START_KB", 4, 0, 1 << 16) * 1024;
+    interleave = env_knob("KTUNE_CPU_MOE_INTERLEAVE", 0, 0, 1) != 0;
+    // Workers that sleep between calls cost a futex wake-up each (tens of µs to ms in a VM,
+    // and a late thread stretches the call): keep them spinning across the GPU's part of a
+    // layer. Only raised, never lowered below what the pool's owner chose, and not for a pool
+    // with more threads than cores, where spinners would take turns away from workers.
+    const int64_t spin = env_knob("KTUNE_CPU_MOE_SPIN_US", kSpinUs, 0, 60'000'000);
+    bool own_cores = true;  // every worker pinned to a core of its own
+    for (int t = 1; t < nth; ++t) own_cores = own_cores && pool.pinned_cpus()[t] >= 0;
+    if (!own_cores) own_cores = nth <= physical_core_count();
+    if (pool.spin_us() < spin && own_cores) pool.set_spin_us(spin);
 
     ua_off = round_up(ga_bytes, kCacheLine);
     act_stride = std::max<int64_t>(kCacheLine, ua_off + round_up(ua_bytes, kCacheLine));
@@ -343,36 +358,93 @@ struct CpuMoe::Impl {
                 std::min(bytes, (r1 - r0) * D->row_stride()));
   }
 
-  // Waits until expert slot j's gate/up items are all done. False when another task threw.
-  bool wait_gate_up(int64_t j, Slot& me) {
+  // Claims the next item of list s: its position, or -1 when the list has none left. A list
+  // nobody has claimed from in this call still holds an older epoch: the first claimer (owner
+  // or not) opens it with a compare-exchange that also takes item 0, so a thread that starts
+  // late (descheduled, or a slow futex wake-up) holds up nobody.
+  int64_t claim(int s, int64_t len) {
+    std::atomic<uint64_t>& ctr = own[s].v;
+    const uint64_t ep = epoch;
+    uint64_t cur = ctr.load(std::memory_order_relaxed);
+    while ((cur >> 32) != ep) {
+      if (len == 0) return -1;
+      if (ctr.compare_exchange_weak(cur, (ep << 32) | 1, std::memory_order_relaxed)) return 0;
+    }
+    if (static_cast<int64_t>(cur & kPosMask) >= len) return -1;
+    const int64_t p = static_cast<int64_t>(ctr.fetch_add(1, std::memory_order_relaxed) & kPosMask);
+    return p < len ? p : -1;
+  }
+  // Claims list s's next item only if it is a gate/up item (which never waits): its position,
+  // or -1.
+  int64_t claim_gate_up(int s) {
+    const int64_t ngu = gu_count(s);
+    if (ngu == 0) return -1;
+    std::atomic<uint64_t>& ctr = own[s].v;
+    const uint64_t ep = epoch;
+    uint64_t cur = ctr.load(std::memory_order_relaxed);
+    for (;;) {
+      int64_t p = 0;
+      uint64_t next = (ep << 32) | 1;
+      if ((cur >> 32) == ep) {
+        p = static_cast<int64_t>(cur & kPosMask);
+        if (p >= ngu) return -1;
+        next = cur + 1;
+      }
+      if (ctr.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return p;
+    }
+  }
+
+  // Waits until expert slot j's gate/up items are all done, meanwhile doing gate/up items
+  // nobody has claimed yet (a late thread's). False when another task threw.
+  bool wait_gate_up(int64_t j, int ith, Slot& me) {
     const std::atomic<uint64_t>& done = gu_done[j].v;
     const uint64_t target = gu_target[static_cast<size_t>(j)];
     if (done.load(std::memory_order_acquire) >= target) return true;
     const int64_t t0 = timing ? now_ns() : 0;
+    bool unclaimed = true;  // gate/up items may be left unclaimed (only ever fewer)
+    int64_t helped_ns = 0;  // of the wait, doing gate/up items (counted as work)
     for (int i = 0;; ++i) {
       if (done.load(std::memory_order_acquire) >= target) break;
       if (aborted.load(std::memory_order_relaxed)) return false;
-      // Spin while the producer is surely running; yield once it may be descheduled (a pool
-      // larger than the machine), so it gets the core.
+      if (unclaimed) {
+        unclaimed = false;
+        for (int k = 0; k < nth && !unclaimed; ++k) {
+          const int s = (ith + k) % nth;
+          const int64_t p = claim_gate_up(s);
+          if (p >= 0) {
+            const int64_t h0 = timing ? now_ns() : 0;
+            gate_up_item(s, p, me);
+            if (timing) helped_ns += now_ns() - h0;
+            unclaimed = true;
+          }
+        }
+        continue;
+      }
+      // Spin while the producers are surely running; yield once one may be descheduled (a
+      // pool larger than the machine), so it gets the core.
       if (i < 4096) {
         cpu_pause();
       } else {
         std::this_thread::yield();
       }
     }
-    if (timing) me.wait_ns += now_ns() - t0;
+    if (timing) me.wait_ns += now_ns() - t0 - helped_ns;
     return true;
   }
 
-  // Item p of list s. False when another task threw.
-  bool flow_item(int s, int64_t p, Slot& me) {
+  void gate_up_item(int s, int64_t p, Slot& me) {
+    const int64_t i = s + p * nth;
+    const int64_t j = i / units_per_expert;
+    const int64_t a = (i - j * units_per_expert) * unit;
+    gate_up_rows(j, a, std::min(ffn, a + unit), me.ga, me.ua);
+    gu_done[j].v.fetch_add(1, std::memory_order_release);
+  }
+
+  // Item p of list s, run by thread ith. False when another task threw.
+  bool flow_item(int s, int64_t p, int ith, Slot& me) {
     const int64_t ngu = gu_count(s);
     if (p < ngu) {
-      const int64_t i = s + p * nth;
-      const int64_t j = i / units_per_expert;
-      const int64_t a = (i - j * units_per_expert) * unit;
-      gate_up_rows(j, a, std::min(ffn, a + unit), me.ga, me.ua);
-      gu_done[j].v.fetch_add(1, std::memory_order_release);
+      gate_up_item(s, p, me);
       return true;
     }
     int64_t c0, c1;
@@ -380,7 +452,7 @@ struct CpuMoe::Impl {
     const int64_t q = p - ngu;
     const int64_t j = q / (c1 - c0);
     const int64_t c = c0 + q - j * (c1 - c0);
-    if (!wait_gate_up(j, me)) return false;
+    if (!wait_gate_up(j, ith, me)) return false;
     const int64_t r0 = c * down_rows;
     const int64_t r1 = std::min(hidden, r0 + down_rows);
     cpu::matvec_rows(D->type, isa, D->matrix(sel[j]), ffn, r0, r1, down_input(j),
@@ -396,35 +468,29 @@ struct CpuMoe::Impl {
       me.begin = now_ns();
       me.wait_ns = 0;
     }
-    const uint64_t ep = epoch;
-    own[ith].v.store(ep << 32, std::memory_order_relaxed);
     const int64_t len = list_len(ith);
-    if (prefetch_bytes > 0 && len > 0) prefetch_item(ith, 0, prefetch_bytes);
+    if (start_bytes > 0 && len > 0) prefetch_item(ith, 0, start_bytes);
     quantize_input(act.get() + ith * act_stride, &me.ga, &me.ua);
     if (timing) me.quant_end = me.gu_end = now_ns();
     const int64_t ngu = gu_count(ith);
+    bool gu_stamped = !timing;
     try {
       bool ok = true;
       for (;;) {
-        const int64_t p =
-            static_cast<int64_t>(own[ith].v.fetch_add(1, std::memory_order_relaxed) & kPosMask);
-        if (timing && p == ngu) me.gu_end = now_ns();
-        if (p >= len) break;
+        const int64_t p = claim(ith, len);
+        if (!gu_stamped && (p < 0 || p >= ngu)) {
+          me.gu_end = now_ns();
+          gu_stamped = true;
+        }
+        if (p < 0) break;
         if (prefetch_bytes > 0 && p + 1 < len) prefetch_item(ith, p + 1, prefetch_bytes);
-        if (!(ok = flow_item(ith, p, me))) break;
+        if (!(ok = flow_item(ith, p, ith, me))) break;
       }
       // Out of own items: help the others, each list from its front.
       for (int k = 1; ok && k < nth; ++k) {
         const int s = (ith + k) % nth;
         const int64_t ls = list_len(s);
-        std::atomic<uint64_t>& ctr = own[s].v;
-        for (;;) {
-          const uint64_t cur = ctr.load(std::memory_order_relaxed);
-          if ((cur >> 32) != ep || static_cast<int64_t>(cur & kPosMask) >= ls) break;
-          const uint64_t v = ctr.fetch_add(1, std::memory_order_relaxed);
-          if ((v >> 32) != ep || static_cast<int64_t>(v & kPosMask) >= ls) break;
-          if (!(ok = flow_item(s, static_cast<int64_t>(v & kPosMask), me))) break;
-        }
+        for (int64_t p; ok && (p = claim(s, ls)) >= 0;) ok = flow_item(s, p, ith, me);
       }
     } catch (...) {
       aborted.store(true, std::memory_order_relaxed);

@@ -212,19 +212,22 @@ struct Workload {
 };
 
 // Runs tokens [t0, t1) of the workload: per layer one compute(), then the gap. Returns the
-// time of every call (µs).
+// time of every call (µs); with per_call (and timing on), each call's CpuMoe::Timing too.
 std::vector<double> run_tokens(ktune::CpuMoe& moe, const Workload& wl, int64_t t0, int64_t t1,
-                               double gap_us, std::vector<float>& y) {
+                               double gap_us, std::vector<float>& y,
+                               std::vector<ktune::CpuMoe::Timing>* per_call = nullptr) {
   std::vector<double> calls;
   calls.reserve(static_cast<size_t>((t1 - t0) * wl.layers));
   const auto gap = std::chrono::nanoseconds(static_cast<int64_t>(gap_us * 1e3));
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t l = 0; l < wl.layers; ++l) {
+      if (per_call != nullptr) moe.reset_timing();
       const auto a = Clock::now();
       moe.compute(l, wl.h.data() + l * wl.hidden, wl.ids_of(t, l), wl.weights_of(t, l), kTopK,
                   y.data());
       const auto b = Clock::now();
       calls.push_back(std::chrono::duration<double, std::micro>(b - a).count());
+      if (per_call != nullptr) per_call->push_back(moe.timing());
       if (gap_us > 0) spin_until(b + gap);
     }
   }
@@ -298,19 +301,7 @@ Variant parse_variant(const std::string& text) {
 
 struct Stats {
   std::vector<double> calls;
-  ktune::CpuMoe::Timing timing;
-  void add(const std::vector<double>& c, const ktune::CpuMoe::Timing& t) {
-    calls.insert(calls.end(), c.begin(), c.end());
-    timing.calls += t.calls;
-    timing.total_us += t.total_us;
-    timing.wake_us += t.wake_us;
-    timing.quant_us += t.quant_us;
-    timing.work_us += t.work_us;
-    timing.gate_up_us += t.gate_up_us;
-    timing.wait_us += t.wait_us;
-    timing.tail_us += t.tail_us;
-    timing.exit_us += t.exit_us;
-  }
+  std::vector<ktune::CpuMoe::Timing> timing;  // per call
 };
 
 double percentile(std::vector<double> v, double p) {
@@ -394,18 +385,24 @@ int main(int argc, char** argv) {
   const Workload wl(bank, warmup + tokens, 7);
   std::vector<float> y(static_cast<size_t>(bank.w.cfg.hidden));
 
-  // One CpuMoe per (variant, threads), each constructed under its variant's knobs.
+  // One CpuMoe per (variant, threads), each constructed under its variant's knobs. The pool's
+  // spin for a cell: SPIN_US of the variant, else what its CpuMoe set on a fresh pool (the
+  // pool's default, 100 µs, or more); applied before each of the cell's runs.
   struct Cell {
     const Variant* v;
     int threads;
     std::unique_ptr<ktune::CpuMoe> moe;
+    int64_t spin_us;
     std::vector<Stats> per_gap;
   };
   std::vector<Cell> cells;
   for (const Variant& v : variants) {
     for (const auto& kv : v.env) setenv(kv.first.c_str(), kv.second.c_str(), 1);
     for (int t : thread_counts) {
-      Cell c{&v, t, std::make_unique<ktune::CpuMoe>(bank.w, *pools[t]), {}};
+      ktune::ThreadPool& pool = *pools[t];
+      pool.set_spin_us(100);
+      Cell c{&v, t, std::make_unique<ktune::CpuMoe>(bank.w, pool), 0, {}};
+      c.spin_us = v.spin_us >= 0 ? v.spin_us : pool.spin_us();
       c.per_gap.resize(gaps.size());
       c.moe->set_timing(true);
       cells.push_back(std::move(c));
@@ -424,15 +421,12 @@ int main(int argc, char** argv) {
   for (int64_t r = 0; r < rounds; ++r) {
     for (size_t gi = 0; gi < gaps.size(); ++gi) {
       for (Cell& c : cells) {
-        ktune::ThreadPool& pool = *pools[c.threads];
-        const int64_t spin_before = pool.spin_us();
-        if (c.v->spin_us >= 0) pool.set_spin_us(c.v->spin_us);
+        pools[c.threads]->set_spin_us(c.spin_us);
         run_tokens(*c.moe, wl, 0, warmup, gaps[gi], y);  // warm-up (not counted)
-        c.moe->reset_timing();
+        Stats& st = c.per_gap[gi];
         const std::vector<double> calls =
-            run_tokens(*c.moe, wl, warmup, warmup + tokens, gaps[gi], y);
-        c.per_gap[gi].add(calls, c.moe->timing());
-        pool.set_spin_us(spin_before);
+            run_tokens(*c.moe, wl, warmup, warmup + tokens, gaps[gi], y, &st.timing);
+        st.calls.insert(st.calls.end(), calls.begin(), calls.end());
       }
     }
   }
@@ -449,27 +443,41 @@ int main(int argc, char** argv) {
       "tok/s: all experts of %ld layers on the CPU, 1/(L x call) and 1/(L x (call + gap))\n",
       static_cast<long>(layers));
   std::printf(
-      "per call, mean us: wake (last thread starts), quant, work (of it gate/up: gu), "
-      "wait (for others' results), tail (first to last finish), exit (last finish to "
-      "return)\n\n");
-  std::printf("%-44s %3s %5s | %7s %7s %7s | %6s %6s | %7s %7s | %5s %5s %6s %6s %5s %5s %5s\n",
-              "variant", "thr", "gap", "mean_us", "p50_us", "p90_us", "GB/s", "%prb", "tok/s",
-              "tok/s+g", "wake", "quant", "work", "gu", "wait", "tail", "exit");
+      "per call, median us: wake (last thread starts; also its mean), quant, work (of it "
+      "gate/up: gu), wait (for others' results), tail (first to last finish), exit (last finish "
+      "to return); slow: calls over 1.5 x the median\n\n");
+  std::printf(
+      "%-40s %3s %4s %5s | %7s %7s %7s | %6s %6s | %6s %7s | %5s %6s %5s %6s %6s %5s %5s %5s "
+      "%5s\n",
+      "variant", "thr", "spin", "gap", "mean_us", "p50_us", "p90_us", "GB/s", "%prb", "tok/s",
+      "tok/s+g", "wake", "wake_m", "quant", "work", "gu", "wait", "tail", "exit", "slow");
   for (size_t gi = 0; gi < gaps.size(); ++gi) {
     for (const Cell& c : cells) {
       const Stats& s = c.per_gap[gi];
       const double mean = std::accumulate(s.calls.begin(), s.calls.end(), 0.0) / s.calls.size();
       const double gbs = bytes / (mean * 1e-6) / 1e9;
-      const double n = std::max<int64_t>(1, s.timing.calls);
+      const double p50 = percentile(s.calls, 0.5);
+      auto med = [&](double ktune::CpuMoe::Timing::*f) {
+        std::vector<double> v;
+        for (const ktune::CpuMoe::Timing& t : s.timing) v.push_back(t.*f);
+        return percentile(v, 0.5);
+      };
+      double wake_mean = 0;
+      for (const ktune::CpuMoe::Timing& t : s.timing) wake_mean += t.wake_us;
+      wake_mean /= std::max<size_t>(1, s.timing.size());
+      const double slow =
+          100.0 *
+          std::count_if(s.calls.begin(), s.calls.end(), [&](double v) { return v > 1.5 * p50; }) /
+          s.calls.size();
       std::printf(
-          "%-44s %3d %5.0f | %7.1f %7.1f %7.1f | %6.1f %5.1f%% | %7.1f %7.1f | %5.1f %5.1f %6.1f "
-          "%6.1f "
-          "%5.1f %5.1f %5.1f\n",
-          c.v->label.substr(0, 44).c_str(), c.threads, gaps[gi], mean, percentile(s.calls, 0.5),
-          percentile(s.calls, 0.9), gbs, 100.0 * gbs / probe_ref, 1e6 / (layers * mean),
-          1e6 / (layers * (mean + gaps[gi])), s.timing.wake_us / n, s.timing.quant_us / n,
-          s.timing.work_us / n, s.timing.gate_up_us / n, s.timing.wait_us / n, s.timing.tail_us / n,
-          s.timing.exit_us / n);
+          "%-40s %3d %4ld %5.0f | %7.1f %7.1f %7.1f | %6.1f %5.1f%% | %6.1f %7.1f | %5.1f %6.1f "
+          "%5.1f %6.1f %6.1f %5.1f %5.1f %5.1f %4.1f%%\n",
+          c.v->label.substr(0, 40).c_str(), c.threads, static_cast<long>(c.spin_us), gaps[gi], mean,
+          p50, percentile(s.calls, 0.9), gbs, 100.0 * gbs / probe_ref, 1e6 / (layers * mean),
+          1e6 / (layers * (mean + gaps[gi])), med(&ktune::CpuMoe::Timing::wake_us), wake_mean,
+          med(&ktune::CpuMoe::Timing::quant_us), med(&ktune::CpuMoe::Timing::work_us),
+          med(&ktune::CpuMoe::Timing::gate_up_us), med(&ktune::CpuMoe::Timing::wait_us),
+          med(&ktune::CpuMoe::Timing::tail_us), med(&ktune::CpuMoe::Timing::exit_us), slow);
     }
   }
   return 0;

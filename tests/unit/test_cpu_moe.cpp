@@ -361,6 +361,37 @@ TEST_P(CpuMoeTest, EmptySubsetGivesZerosAndBadInputThrows) {
   EXPECT_THROW(moe.compute(0, h.data(), ok_id, one, moe.max_experts() + 1, y.data()), Error);
 }
 
+// CpuMoe keeps the pool's workers spinning between calls (KTUNE_CPU_MOE_SPIN_US, 1000 µs), but
+// never lowers a longer spin the pool's owner chose, and leaves a pool with more threads than
+// cores (whose spinners would steal turns from working threads) as it is.
+TEST(CpuMoeSpin, RaisesThePoolSpinOnlyForWorkersWithCoresOfTheirOwn) {
+  const ModelWeights& w = tiny(QuantType::Q8_0);
+  {
+    ThreadPool pool(1, false);
+    ASSERT_EQ(pool.spin_us(), 100);
+    CpuMoe moe(w, pool);
+    EXPECT_EQ(pool.spin_us(), 1000);
+  }
+  {
+    ThreadPool pool(1, false);
+    pool.set_spin_us(5000);
+    CpuMoe moe(w, pool);
+    EXPECT_EQ(pool.spin_us(), 5000);
+  }
+  {
+    ScopedEnv env(
+        std::vector<std::pair<std::string, std::string>>{{"KTUNE_CPU_MOE_SPIN_US", "300"}});
+    ThreadPool pool(1, false);
+    CpuMoe moe(w, pool);
+    EXPECT_EQ(pool.spin_us(), 300);
+  }
+  {
+    ThreadPool pool(physical_core_count() + 1, false);
+    CpuMoe moe(w, pool);
+    EXPECT_EQ(pool.spin_us(), 100);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(CpuMoe, CpuMoeTest, ::testing::Values(QuantType::Q8_0, QuantType::Q4_0),
                          [](const ::testing::TestParamInfo<QuantType>& i) {
                            return std::string(quant_name(i.param));

@@ -17,9 +17,11 @@
 //
 // Tuning knobs, read at construction (A/B runs; defaults are the measured best):
 // KTUNE_CPU_MOE_SCHED=flow|barrier (barrier: the CpuEngine's two phases with shared tickets),
-// KTUNE_CPU_MOE_DOWN_ROWS (rows per down item), KTUNE_CPU_MOE_UNIT_ROWS (ffn rows per gate/up
-// item, a multiple of 32), KTUNE_CPU_MOE_PREFETCH_KB (software prefetch of a thread's next
-// item while it works on one; 0 = off).
+// KTUNE_CPU_MOE_UNIT_ROWS (ffn rows per gate/up item, a multiple of 32; 64),
+// KTUNE_CPU_MOE_DOWN_ROWS (output rows per down item; 32), KTUNE_CPU_MOE_INTERLEAVE=0|1 (gate
+// and up in alternating 4-row tiles; 0), KTUNE_CPU_MOE_PREFETCH_KB (software prefetch of a
+// thread's next item while it works on one; 0), KTUNE_CPU_MOE_START_KB (prefetch of its first
+// item before it quantizes h; 4), KTUNE_CPU_MOE_SPIN_US (see the constructor; 1000).
 #pragma once
 
 #include <cstdint>
@@ -35,7 +37,10 @@ class ThreadPool;
 class CpuMoe {
  public:
   // weights and pool must outlive this object. Throws ktune::Error when the expert tensors are
-  // missing, misshaped or of a type the CPU kernels cannot multiply.
+  // missing, misshaped or of a type the CPU kernels cannot multiply. Raises the pool's spin_us
+  // to KTUNE_CPU_MOE_SPIN_US (1000) if lower and the pool has no more threads than the machine
+  // has cores: calls come once per layer with the GPU's work in between, and a worker that went
+  // to sleep costs a futex wake-up at the next call.
   CpuMoe(const ModelWeights& weights, ThreadPool& pool, cpu::Isa isa = cpu::detect_isa());
   ~CpuMoe();
   CpuMoe(const CpuMoe&) = delete;
