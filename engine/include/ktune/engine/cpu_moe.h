@@ -21,7 +21,9 @@
 // KTUNE_CPU_MOE_DOWN_ROWS (output rows per down item; 32), KTUNE_CPU_MOE_INTERLEAVE=0|1 (gate
 // and up in alternating 4-row tiles; 0), KTUNE_CPU_MOE_PREFETCH_KB (software prefetch of a
 // thread's next item while it works on one; 0), KTUNE_CPU_MOE_START_KB (prefetch of its first
-// item before it quantizes h; 4), KTUNE_CPU_MOE_SPIN_US (see the constructor; 1000).
+// item before it quantizes h; 4), KTUNE_CPU_MOE_SPIN_US (see the constructor; 1000). On the
+// 16-core Xeon of the H100 machine (tests/bench/bench_cpu_moe.cpp) the schedule and the spin
+// matter (a futex wake-up cost ~25 µs per call); the other knobs measured within noise.
 #pragma once
 
 #include <cstdint>
