@@ -16,7 +16,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${KTUNE_FUZZ_BUILD_DIR:-$root/build-fuzz}"
-all_targets=(fuzz_gguf fuzz_safetensors fuzz_hf_config fuzz_placement)
+all_targets=(fuzz_gguf fuzz_safetensors fuzz_hf_config fuzz_placement fuzz_profile)
 
 seeds_only=0
 seconds=30
@@ -40,6 +40,7 @@ done
 max_len() {
   case "$1" in
     fuzz_gguf) echo 16384 ;;  # the compact model seeds are ~6 KB
+    fuzz_profile) echo 8192 ;;
     *) echo 4096 ;;
   esac
 }
@@ -49,6 +50,7 @@ dict() {
     fuzz_safetensors) echo safetensors.dict ;;
     fuzz_hf_config) echo hf_config.dict ;;
     fuzz_placement) echo placement.dict ;;
+    fuzz_profile) echo profile.dict ;;
   esac
 }
 

@@ -119,3 +119,24 @@ TEST(ProfileSummary, RateInterpolatesAndClamps) {
 
 }  // namespace
 }  // namespace ktune::profile
+
+namespace ktune::profile {
+namespace {
+
+TEST(ProfileSummary, NestingBombsAreRefusedBeforeParsing) {
+  const std::string bomb = "{\"ktune_profile\": 1, \"x\": " + std::string(100000, '[') +
+                           std::string(100000, ']') + "}";
+  try {
+    parse_profile_summary(bomb, "bomb.json");
+    FAIL() << "expected ktune::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("nested deeper than 64"), std::string::npos) << e.what();
+  }
+  // Brackets inside strings (escaped quotes too) do not count.
+  check_json_depth("{\"a\": \"[[[[\\\"[[[[\", \"b\": [[1]]}", "x.json", 3);
+  EXPECT_THROW(check_json_depth("[[[[1]]]]", "x.json", 3), Error);
+  EXPECT_THROW(parse_profile_summary("{\"ktune_profile\": 1, \"summary\": [", "t.json"), Error);
+}
+
+}  // namespace
+}  // namespace ktune::profile

@@ -279,15 +279,37 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
   return s;
 }
 
-ProfileSummary read_profile_summary(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw Error(path, "cannot open", "check the path, or record one with `ktune profile -o " +
-                                         path + "`");
+void check_json_depth(const std::string& text, const std::string& file, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // skip the escaped character
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) {
+        throw Error(file, "JSON nested deeper than " + std::to_string(max_depth) + " levels",
+                    "pass a profile.json written by `ktune profile`");
+      }
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
   }
+}
+
+ProfileSummary parse_profile_summary(const std::string& text, const std::string& path) {
+  check_json_depth(text, path, kMaxJsonDepth);
   json doc;
   try {
-    doc = json::parse(in, nullptr, true, false);
+    doc = json::parse(text, nullptr, true, false);
   } catch (const json::exception& e) {
     throw Error(path, std::string("not valid JSON (") + e.what() + ")",
                 "re-record the profile with `ktune profile`");
@@ -312,6 +334,20 @@ ProfileSummary read_profile_summary(const std::string& path) {
     throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
   }
   return summary_from_json(doc["summary"], path);
+}
+
+ProfileSummary read_profile_summary(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw Error(path, "cannot open", "check the path, or record one with `ktune profile -o " +
+                                         path + "`");
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (!in.good() && !in.eof()) {
+    throw Error(path, "cannot read", "check the file's permissions");
+  }
+  return parse_profile_summary(text.str(), path);
 }
 
 double rate_at(const std::vector<ThreadRate>& c, int threads) {

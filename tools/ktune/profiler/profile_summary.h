@@ -114,6 +114,13 @@ ProfileSummary summary_from_json(const nlohmann::json& summary, const std::strin
 // Reads profile.json (any size the profiler writes), checks "ktune_profile" (a newer schema is
 // refused with the version numbers), and returns its validated summary. Throws ktune::Error.
 ProfileSummary read_profile_summary(const std::string& path);
+// The same from the file's text (`file` names it in errors). JSON nested deeper than
+// kMaxJsonDepth is refused before parsing, so a nesting bomb costs neither stack nor memory.
+ProfileSummary parse_profile_summary(const std::string& text, const std::string& file);
+constexpr int kMaxJsonDepth = 64;
+// Throws ktune::Error naming `file` when `text` nests arrays/objects deeper than max_depth
+// (brackets inside strings do not count). Linear, no allocation.
+void check_json_depth(const std::string& text, const std::string& file, int max_depth);
 
 // Interpolated value of a scaling curve at `threads` (clamped to the measured range; linear
 // between points). The curve must be non-empty.
