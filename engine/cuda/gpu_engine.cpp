@@ -14,6 +14,7 @@
 
 #include "cuda/cpu_expert_driver.h"
 #include "cuda/gpu_engine_impl.h"
+#include "cuda/gpu_engine_prefill.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
 
@@ -345,6 +346,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
           std::chrono::milliseconds(opt.handoff_timeout_ms), free_cpu);
     }
   }
+  prefill_setup(w);  // prefill: its workspace arena, staging, pinned host ranges
 }
 
 GpuEngine::Impl::~Impl() {
@@ -486,7 +488,8 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) 
 const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
 
 int64_t GpuEngine::device_bytes() const {
-  return static_cast<int64_t>(impl_->weights_arena.capacity() + impl_->work_arena.capacity());
+  return static_cast<int64_t>(impl_->weights_arena.capacity() + impl_->work_arena.capacity() +
+                              impl_->prefill_state->arena.capacity());  // prefill
 }
 
 std::string GpuEngine::describe() const {

@@ -2,7 +2,7 @@
 //   gpu_engine.cpp          construction (weights, arenas), run_step, the public API
 //   gpu_engine_decode.cpp   the decode step's launches (fused step, legacy step)
 //   gpu_engine_moe.cpp      the MoE of a layer: fused, unfused, CPU experts and their hand-off
-//   gpu_engine_prefill.cpp  prefill
+//   gpu_engine_prefill.cpp  batched prefill (state: gpu_engine_prefill.h)
 // Private to the engine: nothing outside engine/cuda includes it.
 #pragma once
 
@@ -21,6 +21,9 @@
 #include "ktune/engine/thread_pool.h"
 
 namespace ktune {
+
+struct PrefillState;  // gpu_engine_prefill.h
+
 namespace gpu_detail {
 
 constexpr size_t kAlign = 256;
@@ -140,6 +143,13 @@ struct GpuEngine::Impl {
   uint64_t step_seq() const;  // seq of the step at host_pos
   void sync();                // stream sync + hand-off errors -> ktune::Error
   void set_token(int32_t t);
+
+  // prefill: the batched prefill's state and steps (gpu_engine_prefill.{h,cpp}); set up at the
+  // end of the constructor.
+  std::unique_ptr<PrefillState> prefill_state;
+  void prefill_setup(const ModelWeights& w);
+  void prefill_chunk(const int32_t* tokens, int64_t n, bool last, std::vector<float>* out_logits);
+  void prefill_layer(int64_t l, int64_t n, int64_t pos0, bool stage);
 };
 
 }  // namespace ktune

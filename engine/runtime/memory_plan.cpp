@@ -85,6 +85,23 @@ int64_t expert_activation_bytes(const ModelConfig& c, int64_t tokens) {
 
 }  // namespace
 
+int64_t prefill_workspace_bytes(const ModelConfig& c, int64_t tokens) {
+  auto al = [](int64_t b) { return (b + 255) / 256 * 256; };  // arena slices are 256-aligned
+  const int64_t t = tokens, h = c.hidden, e = c.n_experts;
+  const int64_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  const int64_t pairs = t * c.n_experts_used;
+  const int64_t tiles = pairs / kPrefillTileRows + e;
+  return al(4 * t)                                    // token ids
+         + al(4 * t * h) + al(2 * t * h) + al(4 * t * h)  // residual, fp16 and f32 normed input
+         + al(4 * t * q) + 2 * al(4 * t * kv)         // q, k, v projections
+         + 2 * al(2 * t * q)                          // rotated queries, attention output (fp16)
+         + al(4 * t * e) + 2 * al(4 * pairs)          // router logits, top-k ids and weights
+         + 2 * al(4 * pairs) + al(16 * tiles) + al(4)  // grouping: tokens, positions, tiles
+         + al(2 * pairs * c.expert_ffn)               // SwiGLU output (fp16)
+         + al(4 * pairs * h)                          // each pair's expert output (f32)
+         + al(8 * 3 * e * c.n_layers);                // per-expert matrix pointers
+}
+
 MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
                        const Budgets& budgets, const PlanOptions& opt) {
   if (!p.resolved() || p.n_layers() != cfg.n_layers || p.n_experts() != cfg.n_experts ||
@@ -131,11 +148,14 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     const std::optional<Device> dev = Device::try_parse(name);
     const bool gpu = dev && dev->is_gpu();
     int64_t ws = 0;
-    if (u.attention) {
-      ws += attention_activation_bytes(cfg, tokens);
-      ws += 4 * cfg.n_heads * rt.context * rt.batch;  // one row of scores per head per sequence
-    }
-    if (u.experts > 0) ws += expert_activation_bytes(cfg, tokens);
+    int64_t act = 0;
+    if (u.attention) act += attention_activation_bytes(cfg, tokens);
+    if (u.experts > 0) act += expert_activation_bytes(cfg, tokens);
+    // A GPU that runs attention runs the batched prefill of its layers too, every expert of them
+    // included (CPU-resident ones from staging): its workspace may exceed the estimate above.
+    if (gpu && u.attention) act = std::max(act, prefill_workspace_bytes(cfg, opt.prefill_chunk));
+    ws += act;
+    if (u.attention) ws += 4 * cfg.n_heads * rt.context * rt.batch;  // a row of scores per head
     if (name == last.memory_pool()) ws += 4 * cfg.vocab * rt.batch;  // logits
     if (gpu) {
       ws += kGpuContextReserve;

@@ -57,6 +57,15 @@ constexpr int64_t kAttnAct =
 constexpr int64_t kScores = 4 * 32 * 4096;
 constexpr int64_t kExpertAct = 512 * (4 * 8 * (2 * 768 + 2048) + (2048 + 8 * 768) * 34 / 32);
 constexpr int64_t kLogits = 4 * 151936;
+// The GPU engine's batched prefill workspace for a 512-token chunk (4096 expert pairs, 192
+// tiles; prefill_workspace_bytes): token ids, residual f32, normed fp16 and f32, q, k, v f32,
+// q and attention output fp16, router logits, ids and weights, grouping, SwiGLU fp16, expert
+// outputs f32, per-expert pointers of 48 layers.
+constexpr int64_t kPrefillWs = 4 * 512 + 4 * 512 * 2048 + 2 * 512 * 2048 + 4 * 512 * 2048 +
+                               4 * 512 * 4096 + 2 * 4 * 512 * 512 + 2 * 2 * 512 * 4096 +
+                               4 * 512 * 128 + 4 * 4 * 4096 + 16 * 192 + 256 +
+                               2 * 4096 * 768 + 4 * 4096 * 2048 + 8 * 3 * 128 * 48;
+static_assert(kPrefillWs < kAttnAct + kExpertAct, "all on GPU: the per-token estimate covers it");
 
 TEST(MemoryPlanWeights, QwenShapesByHand) {
   static_assert(kExpert == 2654208, "hand computation");
@@ -135,8 +144,11 @@ TEST(MemoryPlan, QwenExpertsOnCpuByHand) {
   const ktune::DeviceUse& c = plan.per_device.at("cpu");
   EXPECT_EQ(g.weights, 48 * kAttentionLayer + kEmbedding + kHead);
   EXPECT_EQ(g.staging, 2 * 128 * kExpert);  // one layer's CPU experts, double-buffered
-  EXPECT_EQ(g.workspace, kAttnAct + kScores + kLogits + ktune::kGpuContextReserve + g.staging);
-  EXPECT_EQ(g.total, 2633180672);
+  // The GPU computes the staged experts too, so the prefill workspace (larger than the
+  // attention estimate) is what it needs.
+  EXPECT_EQ(ktune::prefill_workspace_bytes(qwen(), 512), kPrefillWs);
+  EXPECT_EQ(g.workspace, kPrefillWs + kScores + kLogits + ktune::kGpuContextReserve + g.staging);
+  EXPECT_EQ(g.total, 2667772672);
   EXPECT_EQ(g.experts, 0);
   EXPECT_EQ(c.weights, kAllExperts);
   EXPECT_EQ(c.kv_cache, 0);

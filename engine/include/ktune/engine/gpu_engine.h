@@ -35,7 +35,10 @@
 // routing sync. A stalled side never hangs: both sides give up after handoff_timeout_ms and the
 // next synchronising call throws ktune::Error. In hybrid mode `weights` must outlive the engine.
 //
-// Prefill is not implemented as a batched pass yet: prefill() runs one decode step per token.
+// Prefill runs batched (engine/cuda/gpu_engine_prefill.cpp): chunks of up to max_prefill_chunk
+// tokens through tensor-core matmuls, a causal attention kernel and expert-grouped MoE matmuls;
+// with a hybrid placement, chunks of 16+ tokens copy the CPU experts' weights to the GPU, shorter
+// ones run decode steps.
 // Not thread-safe. Throws ktune::Error (no GPU, unsupported tensor types, context exhausted).
 #pragma once
 
@@ -60,6 +63,7 @@ struct GpuEngineOptions {
   bool pin_threads = true;  // pin that pool's threads to cores
   CpuHandoff cpu_handoff = CpuHandoff::Flags;  // how CPU experts are handed over (see above)
   int64_t handoff_timeout_ms = 10000;          // either side gives up after this long
+  int64_t max_prefill_chunk = 512;  // prefill runs in chunks of at most this many tokens
 };
 
 class GpuEngine {
@@ -75,7 +79,9 @@ class GpuEngine {
   // One decode step on `token` at position(); logits (vocab floats) copied to the host only when
   // non-null. Synchronises the stream before returning.
   void decode(int32_t token, std::vector<float>* logits);
-  // Prefill as repeated decode steps (no batched kernels yet); logits of the last token.
+  // Runs tokens at positions position()..position()+n-1 (batched), leaving the engine as if
+  // they had been decoded one by one; logits (vocab floats) of the last token when non-null.
+  // Synchronises the stream before returning.
   void prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits);
   // Greedy generation: decodes first_token, then each chosen token, n steps in all; tokens are
   // chosen on the device and read back once at the end (the benchmark path). Returns n tokens.

@@ -26,6 +26,7 @@ constexpr int64_t kGpuCommReserve = 128 * kMiB;     // NCCL buffers, per GPU, wh
 constexpr int64_t kGpuBudgetHeadroom = 256 * kMiB;  // default budget = total - this
 constexpr int64_t kHostBudgetHeadroom = 1 * kGiB;   // default budget = MemAvailable - this
 constexpr int64_t kPrefillChunkTokens = 512;        // prefill runs in chunks of at most this
+constexpr int64_t kPrefillTileRows = 64;            // rows per tile of the GPU prefill matmuls
 
 // Orders device names as devices (cpu < cuda:0 < cuda:2 < cuda:10); unknown names last, by text.
 struct DeviceNameLess {
@@ -98,6 +99,11 @@ struct PlanOptions {
   bool stage_cpu_experts_for_prefill = true;
   int64_t prefill_chunk = kPrefillChunkTokens;
 };
+
+// Device bytes of the GPU engine's batched prefill workspace for chunks of `tokens` tokens:
+// activations, the expert grouping, per-expert matrix pointers (each slice 256-byte aligned, as
+// the engine allocates them); staging buffers not included (DeviceUse::staging).
+int64_t prefill_workspace_bytes(const ModelConfig& cfg, int64_t tokens);
 
 // The plan for a resolved placement; budgets are copied into DeviceUse::budget.
 MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
