@@ -68,7 +68,8 @@ struct PrefillMatmul {
 cudaError_t launch_prefill_matmul(const PrefillMatmul& args, cudaStream_t stream);
 
 // float32 matmul on CUDA cores (the router, whose logits pick experts): y[r][c] = sum_k x[r][k] *
-// w[c][k] summed in k order; x: m rows of k floats (ld k), w: n rows of k floats, y: m rows of n.
+// w[c][k] summed in k order; x: m rows of k floats (ld k), w: n rows of k floats, y: m rows of n;
+// k % 32 == 0, x and w 16-byte aligned.
 cudaError_t launch_prefill_matmul_f32(const float* x, const float* w, int64_t m, int64_t n,
                                       int64_t k, float* y, cudaStream_t stream);
 
