@@ -277,9 +277,9 @@ void GpuEngine::Impl::prefill_setup(const ModelWeights& w) {
       const LayerWeights& lw = w.layers[static_cast<size_t>(sl.layer)];
       for (const TensorView* t : {&lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
         const uintptr_t b = reinterpret_cast<uintptr_t>(t->data) / page * page;
-        const uintptr_t e =
-            (reinterpret_cast<uintptr_t>(t->data) + static_cast<uintptr_t>(t->nbytes()) + page -
-             1) / page * page;
+        const uintptr_t e = (reinterpret_cast<uintptr_t>(t->data) +
+                             static_cast<uintptr_t>(t->nbytes()) + page - 1) /
+                            page * page;
         ranges.emplace_back(b, e);
       }
     }
@@ -357,19 +357,19 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
     check_launch(cuda::launch_prefill_matmul(p, s), what);
   };
 
-  check_launch(cuda::launch_prefill_rmsnorm(ps.x, static_cast<const float*>(d.attn_norm.data),
-                                            eps, n, hidden, nullptr, ps.h16, s),
+  check_launch(cuda::launch_prefill_rmsnorm(ps.x, static_cast<const float*>(d.attn_norm.data), eps,
+                                            n, hidden, nullptr, ps.h16, s),
                "launch_prefill_rmsnorm attn");
   matmul(d.wq, ps.h16, ps.qf, false, "launch_prefill_matmul q");
   matmul(d.wk, ps.h16, ps.kf, false, "launch_prefill_matmul k");
   matmul(d.wv, ps.h16, ps.vf, false, "launch_prefill_matmul v");
   check_launch(cuda::launch_prefill_qk_norm_rope(
                    ps.qf, ps.kf, ps.vf, static_cast<const float*>(d.q_norm.data),
-                   static_cast<const float*>(d.k_norm.data), eps, inv_freq, n, pos0, n_heads,
-                   n_kv, hd, max_ctx, ps.q16, d.k_cache, d.v_cache, s),
+                   static_cast<const float*>(d.k_norm.data), eps, inv_freq, n, pos0, n_heads, n_kv,
+                   hd, max_ctx, ps.q16, d.k_cache, d.v_cache, s),
                "launch_prefill_qk_norm_rope");
-  check_launch(cuda::launch_prefill_attention(ps.q16, d.k_cache, d.v_cache, n, pos0, n_heads,
-                                              n_kv, hd, max_ctx, ps.a16, s),
+  check_launch(cuda::launch_prefill_attention(ps.q16, d.k_cache, d.v_cache, n, pos0, n_heads, n_kv,
+                                              hd, max_ctx, ps.a16, s),
                "launch_prefill_attention");
   matmul(d.wo, ps.a16, ps.x, true, "launch_prefill_matmul o");
   if (ps.profile) ps.ev_layer[4 * l + 1]->record(s);
@@ -383,10 +383,10 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
   check_launch(cuda::launch_router_topk(ps.rlog, n, n_exp, top_k, cfg.norm_topk_prob, ps.ids,
                                         ps.wts, nullptr, s),
                "launch_router_topk");
-  check_launch(cuda::launch_prefill_moe_route(ps.ids, n, top_k, n_exp, cuda::kPrefillTileM,
-                                              ps.sorted_tok, ps.pair_pos, ps.tiles, ps.n_tiles,
-                                              nullptr, s),
-               "launch_prefill_moe_route");
+  check_launch(
+      cuda::launch_prefill_moe_route(ps.ids, n, top_k, n_exp, cuda::kPrefillTileM, ps.sorted_tok,
+                                     ps.pair_pos, ps.tiles, ps.n_tiles, nullptr, s),
+      "launch_prefill_moe_route");
   if (ps.profile) ps.ev_layer[4 * l + 2]->record(s);
 
   const int64_t si = ps.staged_of.empty() ? -1 : ps.staged_of[static_cast<size_t>(l)];
@@ -426,9 +426,9 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
     ps.freed[si % 2]->record(s);
     issue_stage_copy(ps, static_cast<size_t>(si) + 2);
   }
-  check_launch(cuda::launch_prefill_moe_combine(ps.ye, ps.pair_pos, ps.wts, n, top_k, hidden,
-                                                ps.x, s),
-               "launch_prefill_moe_combine");
+  check_launch(
+      cuda::launch_prefill_moe_combine(ps.ye, ps.pair_pos, ps.wts, n, top_k, hidden, ps.x, s),
+      "launch_prefill_moe_combine");
   if (ps.profile) ps.ev_layer[4 * l + 3]->record(s);
 }
 
@@ -437,7 +437,7 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
   PrefillState& ps = *prefill_state;
   cudaStream_t s = stream;
   const int64_t pos0 = host_pos;
-  const bool stage = is_hybrid;  // prefill() runs hybrid chunks here only with staging
+  const bool stage = is_hybrid;     // prefill() runs hybrid chunks here only with staging
   ps.tokens_copied->synchronize();  // the pinned slots are free again
   std::memcpy(ps.h_tokens, toks, static_cast<size_t>(n) * sizeof(int32_t));
   // The device position as a decode step leaves it: after the last chunk decode_advance below
@@ -446,16 +446,15 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
   if (ps.profile) ps.ev_begin->record(s);
   KTUNE_CUDA_CHECK(cudaMemcpyAsync(ps.tokens, ps.h_tokens, static_cast<size_t>(n) * 4,
                                    cudaMemcpyHostToDevice, s));
-  KTUNE_CUDA_CHECK(
-      cudaMemcpyAsync(pos, ps.h_tokens + ps.chunk, 4, cudaMemcpyHostToDevice, s));
+  KTUNE_CUDA_CHECK(cudaMemcpyAsync(pos, ps.h_tokens + ps.chunk, 4, cudaMemcpyHostToDevice, s));
   ps.tokens_copied->record(s);
   if (stage) {
     issue_stage_copy(ps, 0);
     issue_stage_copy(ps, 1);
   }
-  check_launch(cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, ps.tokens, n,
-                                      ps.x, s),
-               "launch_embedding prefill");
+  check_launch(
+      cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, ps.tokens, n, ps.x, s),
+      "launch_embedding prefill");
   for (int64_t l = 0; l < layers; ++l) prefill_layer(l, n, pos0, stage);
   if (last) {
     cuda::MatvecFused head;

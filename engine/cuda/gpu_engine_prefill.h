@@ -34,11 +34,11 @@ struct PrefillState {
   float* x = nullptr;         // [T][hidden] residual stream
   uint16_t* h16 = nullptr;    // [T][hidden] fp16 normed input of the q/k/v and expert matmuls
   float* hn = nullptr;        // [T][hidden] float32 normed input of the router
-  float *qf = nullptr, *kf = nullptr, *vf = nullptr;  // [T][nq], [T][nkv], [T][nkv]
-  uint16_t *q16 = nullptr, *a16 = nullptr;            // [T][nq] rotated queries, attention out
-  float* rlog = nullptr;                              // [T][n_experts]
-  int32_t* ids = nullptr;                             // [T][top_k]
-  float* wts = nullptr;                               // [T][top_k]
+  float *qf = nullptr, *kf = nullptr, *vf = nullptr;   // [T][nq], [T][nkv], [T][nkv]
+  uint16_t *q16 = nullptr, *a16 = nullptr;             // [T][nq] rotated queries, attention out
+  float* rlog = nullptr;                               // [T][n_experts]
+  int32_t* ids = nullptr;                              // [T][top_k]
+  float* wts = nullptr;                                // [T][top_k]
   int32_t *sorted_tok = nullptr, *pair_pos = nullptr;  // [P]
   int32_t *tiles = nullptr, *n_tiles = nullptr;        // [max_tiles][4], 1
   int64_t max_tiles = 0;
@@ -58,8 +58,8 @@ struct PrefillState {
     int64_t layer = 0;
     std::vector<CopyRun> runs;
   };
-  std::vector<StagedLayer> staged;   // layers with CPU experts, in layer order
-  std::vector<int64_t> staged_of;    // per layer: index into `staged`, or -1
+  std::vector<StagedLayer> staged;           // layers with CPU experts, in layer order
+  std::vector<int64_t> staged_of;            // per layer: index into `staged`, or -1
   uint8_t* staging[2] = {nullptr, nullptr};  // the i-th staged layer uses staging[i % 2]
   size_t staging_bytes = 0;                  // each
   bool staging_ok = false;                   // the buffers exist (device memory allowed them)

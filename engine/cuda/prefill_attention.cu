@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int np = 0; np < kTileK / 16; ++np) {
         uint32_t b[4];
         const int mi = lane / 8;
-        ldmatrix_x4(b, kb + (np * 16 + (mi / 2) * 8 + lane % 8) * S::kStride + kk * 16 +
-                           (mi % 2) * 8);
+        ldmatrix_x4(b,
+                    kb + (np * 16 + (mi / 2) * 8 + lane % 8) * S::kStride + kk * 16 + (mi % 2) * 8);
         mma_16816(s[2 * np], qf[kk], b[0], b[1]);
         mma_16816(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int dp = 0; dp < HD / 16; ++dp) {
         uint32_t b[4];
         const int mi = lane / 8;
-        ldmatrix_x4_trans(b, vb + (kk * 16 + (mi % 2) * 8 + lane % 8) * S::kStride + dp * 16 +
-                                 (mi / 2) * 8);
+        ldmatrix_x4_trans(
+            b, vb + (kk * 16 + (mi % 2) * 8 + lane % 8) * S::kStride + dp * 16 + (mi / 2) * 8);
         mma_16816(o[2 * dp], a, b[0], b[1]);
         mma_16816(o[2 * dp + 1], a, b[2], b[3]);
       }
@@ -242,8 +242,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int HD>
 cudaError_t launch_hd(const uint16_t* q16, const uint16_t* k_cache, const uint16_t* v_cache,
-                      int64_t tokens, int64_t pos0, int64_t n_heads, int64_t n_kv,
-                      int64_t max_ctx, uint16_t* out16, cudaStream_t stream) {
+                      int64_t tokens, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t max_ctx,
+                      uint16_t* out16, cudaStream_t stream) {
   constexpr int kSmem = Smem<HD>::kBytes;
   static const cudaError_t attr = cudaFuncSetAttribute(
       prefill_attention_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -266,9 +266,8 @@ cudaError_t launch_prefill_attention(const uint16_t* q16, const uint16_t* k_cach
                                      int64_t n_heads, int64_t n_kv, int64_t head_dim,
                                      int64_t max_ctx, uint16_t* out16, cudaStream_t stream) {
   if (tokens < 0 || pos0 < 0 || n_heads <= 0 || n_kv <= 0 || n_heads % n_kv != 0 ||
-      n_heads > 65535 || max_ctx <= 0 || max_ctx > (int64_t{1} << 24) ||
-      pos0 + tokens > max_ctx || (tokens + kTileQ - 1) / kTileQ > 65535 ||
-      (head_dim != 64 && head_dim != 128)) {
+      n_heads > 65535 || max_ctx <= 0 || max_ctx > (int64_t{1} << 24) || pos0 + tokens > max_ctx ||
+      (tokens + kTileQ - 1) / kTileQ > 65535 || (head_dim != 64 && head_dim != 128)) {
     return cudaErrorInvalidValue;
   }
   if (tokens == 0) return cudaSuccess;
@@ -276,8 +275,7 @@ cudaError_t launch_prefill_attention(const uint16_t* q16, const uint16_t* k_cach
     return launch_hd<64>(q16, k_cache, v_cache, tokens, pos0, n_heads, n_kv, max_ctx, out16,
                          stream);
   }
-  return launch_hd<128>(q16, k_cache, v_cache, tokens, pos0, n_heads, n_kv, max_ctx, out16,
-                        stream);
+  return launch_hd<128>(q16, k_cache, v_cache, tokens, pos0, n_heads, n_kv, max_ctx, out16, stream);
 }
 
 }  // namespace ktune::cuda

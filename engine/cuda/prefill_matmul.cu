@@ -75,11 +75,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 template <int Bytes>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
   if constexpr (Bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(src_bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(src_bytes));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
   }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -119,7 +119,7 @@ __device__ __forceinline__ void b_frags<QuantType::Q4_0>(const uint8_t* row, int
   const __half d = __ushort_as_half(*reinterpret_cast<const uint16_t*>(blk));
   const uint32_t lo = *reinterpret_cast<const uint16_t*>(blk + 2 + 2 * t);
   const uint32_t hi = *reinterpret_cast<const uint16_t*>(blk + 2 + 2 * t + 8);
-  const uint32_t w = lo | (hi << 16);         // qs[2t], qs[2t+1], qs[2t+8], qs[2t+9]
+  const uint32_t w = lo | (hi << 16);              // qs[2t], qs[2t+1], qs[2t+8], qs[2t+9]
   const uint32_t p01 = __byte_perm(w, 0, 0x4140);  // qs[2t] | qs[2t+1] << 16
   const uint32_t p23 = __byte_perm(w, 0, 0x4342);  // qs[2t+8] | qs[2t+9] << 16
   const __half2 d2 = __half2half2(d);
@@ -181,8 +181,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
 }
 
 template <QuantType T, bool Swiglu>
-__global__ void __launch_bounds__(kThreads)
-    prefill_matmul_kernel(const PrefillMatmul args) {
+__global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillMatmul args) {
   using F = Fmt<T>;
   constexpr int kMats = Swiglu ? 2 : 1;
   constexpr int kStageBytes = stage_bytes<T, Swiglu>();
@@ -246,9 +245,8 @@ __global__ void __launch_bounds__(kThreads)
       const int piece = rem - r * kPieces;
       const bool ok = n0 + r < n;
       const uint8_t* src =
-          (mat == 0 ? wm[0] : wm[kMats - 1]) + (ok ? (n0 + r) * row_bytes + static_cast<int64_t>(kt) * F::kStep +
-                              piece * F::kPiece
-                        : 0);
+          (mat == 0 ? wm[0] : wm[kMats - 1]) +
+          (ok ? (n0 + r) * row_bytes + static_cast<int64_t>(kt) * F::kStep + piece * F::kPiece : 0);
       uint8_t* dst = st + kAStageBytes + (mat * kBN + r) * F::kStride + piece * F::kPiece;
       cp_async<F::kPiece>(dst, src, ok ? F::kPiece : 0);
     }

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float ws[kK][kCols + 1];
   const int tid = threadIdx.x;
   const int row0 = blockIdx.y * kRows, col0 = blockIdx.x * kCols;
-  const int tx = tid % 16, ty = tid / 16;     // outputs: rows 2ty, 2ty+1; cols 2tx, 2tx+1
+  const int tx = tid % 16, ty = tid / 16;      // outputs: rows 2ty, 2ty+1; cols 2tx, 2tx+1
   const int lr = tid / 8, lk = (tid % 8) * 4;  // loader: row (x: 0..15; w: lr and lr + 16), k
   float acc[2][2] = {};
   for (int k0 = 0; k0 < kdim; k0 += kK) {
@@ -86,9 +86,8 @@ cudaError_t launch_prefill_matmul_f32(const float* x, const float* w, int64_t m,
   if (m == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((n + kCols - 1) / kCols),
                   static_cast<unsigned>((m + kRows - 1) / kRows));
-  prefill_matmul_f32_kernel<<<grid, kThreads, 0, stream>>>(x, w, static_cast<int>(m),
-                                                           static_cast<int>(n),
-                                                           static_cast<int>(k), y);
+  prefill_matmul_f32_kernel<<<grid, kThreads, 0, stream>>>(
+      x, w, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), y);
   return cudaGetLastError();
 }
 

@@ -34,8 +34,7 @@ cudaError_t launch_prefill_moe_combine(const float* ye, const int32_t* pair_pos,
   }
   if (tokens == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((hidden + 255) / 256), static_cast<unsigned>(tokens));
-  prefill_moe_combine_kernel<<<grid, 256, 0, stream>>>(ye, pair_pos, weights,
-                                                       static_cast<int>(k),
+  prefill_moe_combine_kernel<<<grid, 256, 0, stream>>>(ye, pair_pos, weights, static_cast<int>(k),
                                                        static_cast<int>(hidden), x);
   return cudaGetLastError();
 }

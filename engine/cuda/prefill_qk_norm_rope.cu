@@ -15,16 +15,11 @@ namespace {
 
 constexpr int kThreads = 64;
 
-__global__ void prefill_qk_norm_rope_kernel(const float* __restrict__ q,
-                                            const float* __restrict__ k,
-                                            const float* __restrict__ v,
-                                            const float* __restrict__ q_norm,
-                                            const float* __restrict__ k_norm, float eps,
-                                            const float* __restrict__ inv_freq, int pos0,
-                                            int n_heads, int n_kv, int hd, int max_ctx,
-                                            uint16_t* __restrict__ q16,
-                                            uint16_t* __restrict__ k_cache,
-                                            uint16_t* __restrict__ v_cache) {
+__global__ void prefill_qk_norm_rope_kernel(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps,
+    const float* __restrict__ inv_freq, int pos0, int n_heads, int n_kv, int hd, int max_ctx,
+    uint16_t* __restrict__ q16, uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
   extern __shared__ float head[];  // hd
   __shared__ float red[32];
   const int64_t tok = blockIdx.x;

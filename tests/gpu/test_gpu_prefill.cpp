@@ -423,8 +423,8 @@ TEST(GpuPrefill, DeviceBytesWithinPlan) {
   Budgets budgets;
   budgets.bytes["cuda:0"] = 80 * kGiB;
   for (bool hybrid : {false, true}) {
-    Placement p = make_uniform_placement(m.cfg, Device::cuda(0),
-                                         hybrid ? Device::cpu() : Device::cuda(0));
+    Placement p =
+        make_uniform_placement(m.cfg, Device::cuda(0), hybrid ? Device::cpu() : Device::cuda(0));
     p.runtime.context = 64;
     p.runtime.cuda_graph = false;
     const MemoryPlan plan = plan_memory(m, p, budgets);

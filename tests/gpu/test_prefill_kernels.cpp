@@ -57,12 +57,11 @@ struct Dev {
   size_t n = 0;
   Dev() = default;
   explicit Dev(size_t count) : buf(count * sizeof(T) + 16), n(count) { poison(); }
-  explicit Dev(const std::vector<T>& h) : buf(h.size() * sizeof(T) + 16), n(h.size()) {
-    upload(h);
-  }
+  explicit Dev(const std::vector<T>& h) : buf(h.size() * sizeof(T) + 16), n(h.size()) { upload(h); }
   T* ptr() const { return buf.as<T>(); }
   void upload(const std::vector<T>& h) {
-    KTUNE_CUDA_CHECK(cudaMemcpy(buf.data(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    KTUNE_CUDA_CHECK(
+        cudaMemcpy(buf.data(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   void poison() { KTUNE_CUDA_CHECK(cudaMemset(buf.data(), 0xff, n * sizeof(T))); }
   std::vector<T> download() const {
@@ -132,9 +131,9 @@ TEST(PrefillKernels, RmsNormF32AndF16) {
     const auto w = rng.normal(static_cast<size_t>(n));
     Dev<float> dx(x), dw(w), dy(x.size()), dref(x.size());
     Dev<uint16_t> dy16(x.size());
-    ASSERT_EQ(launch_prefill_rmsnorm(dx.ptr(), dw.ptr(), 1e-6f, rows, n, dy.ptr(), dy16.ptr(),
-                                     nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        launch_prefill_rmsnorm(dx.ptr(), dw.ptr(), 1e-6f, rows, n, dy.ptr(), dy16.ptr(), nullptr),
+        cudaSuccess);
     ASSERT_EQ(launch_rmsnorm(dx.ptr(), dw.ptr(), 1e-6f, rows, n, dref.ptr(), nullptr), cudaSuccess);
     const auto y = dy.download(), ref = dref.download();
     const auto y16 = dy16.download();
@@ -171,7 +170,8 @@ void check_dense_matmul(QuantType t) {
   const auto a16 = to_f16(rng.normal(static_cast<size_t>(m * k)));
   const auto a = from_f16(a16);
   std::vector<int32_t> perm(static_cast<size_t>(m));
-  for (int64_t i = 0; i < m; ++i) perm[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + 11) % m);
+  for (int64_t i = 0; i < m; ++i)
+    perm[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + 11) % m);
   const auto y0 = rng.normal(static_cast<size_t>(m * n));
 
   Dev<uint8_t> dw(wq);
@@ -226,7 +226,8 @@ void check_dense_matmul(QuantType t) {
   // launch's bits for the same source row.
   for (int64_t r = 0; r < m; ++r) {
     const int64_t rg = perm[static_cast<size_t>(r)];
-    ASSERT_EQ(std::memcmp(&yg[static_cast<size_t>(r * n)], &y[static_cast<size_t>(rg * n)], n * 4), 0)
+    ASSERT_EQ(std::memcmp(&yg[static_cast<size_t>(r * n)], &y[static_cast<size_t>(rg * n)], n * 4),
+              0)
         << "row " << r;
   }
   std::printf(
@@ -288,7 +289,8 @@ void check_moe(QuantType t) {
   for (int64_t tk = 0; tk < T; ++tk) {
     std::vector<int32_t> pick;
     while (static_cast<int64_t>(pick.size()) < k) {
-      const int32_t e = rng.uniform_int(0, 99) < 50 ? 2 : rng.uniform_int(0, static_cast<int>(E) - 1);
+      const int32_t e =
+          rng.uniform_int(0, 99) < 50 ? 2 : rng.uniform_int(0, static_cast<int>(E) - 1);
       if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
     }
     std::sort(pick.begin(), pick.end());
@@ -306,7 +308,8 @@ void check_moe(QuantType t) {
     if (e >= 0 && e < E) ++cnt[static_cast<size_t>(e)];
   }
   for (int64_t e = 1; e < E; ++e) {
-    first[static_cast<size_t>(e)] = first[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
+    first[static_cast<size_t>(e)] =
+        first[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
   }
   std::vector<int32_t> next = first, ref_pos(static_cast<size_t>(P), -1), ref_tok;
   std::vector<int32_t> pair_of_row(static_cast<size_t>(P), -1);
@@ -321,9 +324,10 @@ void check_moe(QuantType t) {
   std::vector<int32_t> ref_tiles;
   for (int64_t e = 0; e < E; ++e) {
     for (int32_t i = 0; i * kPrefillTileM < cnt[static_cast<size_t>(e)]; ++i) {
-      ref_tiles.insert(ref_tiles.end(),
-                       {static_cast<int32_t>(e), first[static_cast<size_t>(e)] + i * kPrefillTileM,
-                        std::min<int32_t>(kPrefillTileM, cnt[static_cast<size_t>(e)] - i * kPrefillTileM), 0});
+      ref_tiles.insert(
+          ref_tiles.end(),
+          {static_cast<int32_t>(e), first[static_cast<size_t>(e)] + i * kPrefillTileM,
+           std::min<int32_t>(kPrefillTileM, cnt[static_cast<size_t>(e)] - i * kPrefillTileM), 0});
     }
   }
 
@@ -338,7 +342,8 @@ void check_moe(QuantType t) {
   EXPECT_EQ(pos, ref_pos);
   EXPECT_EQ(dcounts.download(), cnt);
   for (int64_t r = 0; r < rows; ++r) {
-    ASSERT_EQ(sorted[static_cast<size_t>(r)], pair_of_row[static_cast<size_t>(r)] / k) << "row " << r;
+    ASSERT_EQ(sorted[static_cast<size_t>(r)], pair_of_row[static_cast<size_t>(r)] / k)
+        << "row " << r;
   }
   ASSERT_EQ(n_tiles * 4, static_cast<int32_t>(ref_tiles.size()));
   EXPECT_TRUE(std::equal(ref_tiles.begin(), ref_tiles.end(), tiles.begin()));
@@ -441,9 +446,9 @@ void check_moe(QuantType t) {
   // Combine: the CPU's float arithmetic in the same order (rounded multiply, then add).
   const auto x0 = rng.normal(static_cast<size_t>(T * hidden));
   Dev<float> dx(x0), dw(wts);
-  ASSERT_EQ(launch_prefill_moe_combine(dye.ptr(), dpos.ptr(), dw.ptr(), T, k, hidden, dx.ptr(),
-                                       nullptr),
-            cudaSuccess);
+  ASSERT_EQ(
+      launch_prefill_moe_combine(dye.ptr(), dpos.ptr(), dw.ptr(), T, k, hidden, dx.ptr(), nullptr),
+      cudaSuccess);
   const auto x = dx.download();
   for (int64_t tk = 0; tk < T; ++tk) {
     for (int64_t c = 0; c < hidden; ++c) {
@@ -493,7 +498,8 @@ TEST(PrefillKernels, RouterF32) {
     for (int64_t c = 0; c < n; ++c) {
       double s = 0, mag = 0;
       for (int64_t i = 0; i < k; ++i) {
-        const double v = double(x[static_cast<size_t>(r * k + i)]) * w[static_cast<size_t>(c * k + i)];
+        const double v =
+            double(x[static_cast<size_t>(r * k + i)]) * w[static_cast<size_t>(c * k + i)];
         s += v;
         mag += std::fabs(v);
       }
@@ -537,7 +543,8 @@ void check_qk_norm_rope(int64_t hd) {
       cpu_ops::rope_neox(head.data(), cs.data(), hd);
       for (int64_t d = 0; d < hd; ++d) {
         if (isq) {
-          ASSERT_TRUE(near(q16[static_cast<size_t>((t * nh + h) * hd + d)], head[static_cast<size_t>(d)]))
+          ASSERT_TRUE(
+              near(q16[static_cast<size_t>((t * nh + h) * hd + d)], head[static_cast<size_t>(d)]))
               << "q t " << t << " h " << h << " d " << d;
         } else {
           const size_t c = static_cast<size_t>(((h - nh) * max_ctx + pos0 + t) * hd + d);

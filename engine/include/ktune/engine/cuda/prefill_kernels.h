@@ -52,8 +52,8 @@ struct PrefillMatmul {
   const uint16_t* a = nullptr;
   int64_t lda = 0;
   const int32_t* a_rows = nullptr;
-  const void* w = nullptr;   // dense
-  const void* w2 = nullptr;  // dense SwiGLU: up
+  const void* w = nullptr;                // dense
+  const void* w2 = nullptr;               // dense SwiGLU: up
   const void* const* w_table = nullptr;   // grouped: per expert
   const void* const* w2_table = nullptr;  // grouped SwiGLU: up, per expert
   const int32_t* tiles = nullptr;         // grouped: [max_tiles][4] {expert, row0, rows, 0}
