@@ -13,7 +13,22 @@
 //     (M = max m_s; out = sum_s e^(m_s-M) o_s / sum_s e^(m_s-M) l_s): fixed order, deterministic.
 // Heads of one kv group re-read the same K/V rows; they meet in L2 (decode reads of one layer's
 // cache are small next to the weights).
+//
+// launch_attention_decode_qknorm_rope (the decode engine's) is one launch on sm_90 instead
+// (attn_decode_cluster): a cluster of kClusterBlocks blocks per kv head, one warp per query head
+// of the group. Block r of the cluster takes chunks r, r + 8, ... of kKvChunk positions; it copies
+// each chunk's K and V rows (fp16) to shared memory with cp.async - the first chunk before
+// pdl_wait(), since cached positions < pos were written by earlier steps - then normalizes and
+// rotates its group's q heads and k_new, scores one position per lane (K rows XOR-swizzled in
+// 16-byte units so a warp's row reads do not collide in banks), and keeps a running (max, sum,
+// unnormalized p.V) per head across its chunks. The blocks then merge in rank order through
+// distributed shared memory (cluster barrier, no global workspace, no atomics): deterministic.
+// Requirements beyond launch_attention_decode's: head_dim % 64 == 0, group <= 16; otherwise (and
+// before sm_90) the two-launch path runs with the norm and RoPE folded into its first kernel.
+#include <cooperative_groups.h>
+
 #include <cmath>
+#include <mutex>
 
 #include "cuda/common.cuh"
 #include "ktune/engine/cuda/kernels.h"
@@ -179,6 +194,297 @@ __global__ void attn_decode_combine(const int32_t* __restrict__ pos, int hd, int
 
 int64_t n_splits(int64_t max_ctx) { return (max_ctx + kAttnChunk - 1) / kAttnChunk; }
 
+// ---- one-launch cluster kernel (sm_90) ---------------------------------------------------------
+
+constexpr int kClusterBlocks = 8;
+constexpr int kKvChunk = 64;  // positions per chunk: 2 per lane
+constexpr int kMaxGroup = 16;
+constexpr int kMaxHd = 256;
+
+struct ClusterSmem {
+  // Offsets (bytes) into the dynamic shared memory, from hd and group.
+  int kbuf, vbuf, qs, kn, vn, cs, po, pml, total;
+};
+
+__host__ __device__ inline ClusterSmem cluster_smem(int hd, int group) {
+  ClusterSmem l{};
+  int o = 0;
+  l.kbuf = o;
+  o += kKvChunk * hd * 2;
+  l.vbuf = o;
+  o += kKvChunk * hd * 2;
+  l.qs = o;
+  o += group * hd * 4;
+  l.kn = o;
+  o += hd * 4;
+  l.vn = o;
+  o += hd * 4;
+  l.cs = o;
+  o += hd * 4;  // hd/2 (cos, sin) pairs
+  l.po = o;
+  o += group * hd * 4;
+  l.pml = o;
+  o += group * 2 * 4;
+  l.total = (o + 15) / 16 * 16;
+  return l;
+}
+
+// Copies the cached rows [p0, p1) of kv head `kvh` into kbuf (swizzled) and vbuf.
+__device__ __forceinline__ void issue_kv_chunk(const uint16_t* __restrict__ k_cache,
+                                               const uint16_t* __restrict__ v_cache,
+                                               int64_t row0, int hd, int p0, int p1,
+                                               uint8_t* kbuf, uint8_t* vbuf) {
+  const int units = hd / 8;  // 16-byte units per row
+  const int n = (p1 - p0) * units;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int t = i / units, u = i % units;
+    const int64_t src = (row0 + p0 + t) * hd + u * 8;
+    detail::cp_async16(kbuf + (t * units + (u ^ (t & 7))) * 16, k_cache + src);
+    detail::cp_async16(vbuf + (t * units + u) * 16, v_cache + src);
+  }
+  detail::cp_async_commit();
+}
+
+__global__ void __launch_bounds__(kMaxGroup * 32)
+    attn_decode_cluster(const float* __restrict__ q_raw, const float* __restrict__ k_raw,
+                        const float* __restrict__ v_new, const float* __restrict__ q_norm,
+                        const float* __restrict__ k_norm, float eps,
+                        const float* __restrict__ inv_freq, uint16_t* __restrict__ k_cache,
+                        uint16_t* __restrict__ v_cache, const int32_t* __restrict__ pos,
+                        int group, int hd, int max_ctx, float scale, float* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ float4 smem4[];
+  uint8_t* sm = reinterpret_cast<uint8_t*>(smem4);
+  const ClusterSmem L = cluster_smem(hd, group);
+  uint8_t* kbuf = sm + L.kbuf;
+  uint8_t* vbuf = sm + L.vbuf;
+  float* qs = reinterpret_cast<float*>(sm + L.qs);
+  float* kn = reinterpret_cast<float*>(sm + L.kn);
+  float* vn = reinterpret_cast<float*>(sm + L.vn);
+  float2* cs = reinterpret_cast<float2*>(sm + L.cs);
+  float* po = reinterpret_cast<float*>(sm + L.po);
+  float* pml = reinterpret_cast<float*>(sm + L.pml);
+
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int kvh = blockIdx.x / kClusterBlocks;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int half = hd / 2;
+  const int64_t row0 = static_cast<int64_t>(kvh) * max_ctx;
+  const int P = __ldcg(pos);  // written by an earlier step: safe before pdl_wait
+  const bool ok = P >= 0 && P < max_ctx;
+
+  // ---- before the wait: the first chunk's cached rows, the RoPE table ----
+  if (ok && rank * kKvChunk < P) {
+    issue_kv_chunk(k_cache, v_cache, row0, hd, rank * kKvChunk, min(P, (rank + 1) * kKvChunk),
+                   kbuf, vbuf);
+  }
+  if (ok) {
+    const float pf = static_cast<float>(P);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+      const float angle = pf * inv_freq[i];
+      double sd, cd;
+      sincos(static_cast<double>(angle), &sd, &cd);
+      cs[i] = make_float2(static_cast<float>(cd), static_cast<float>(sd));
+    }
+  }
+  detail::pdl_wait();
+  detail::pdl_trigger();
+
+  float m_run = -INFINITY, l_run = 0.0f;
+  float4 o_run[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+  const int h = kvh * group + warp;  // this warp's query head
+  if (ok) {
+    // ---- RMSNorm of q (warp = head) and k (warp 0), v copied ----
+    float vals[kMaxHd / 32];
+    const int per = hd / 32;
+    for (int pass = 0; pass < (warp == 0 ? 2 : 1); ++pass) {
+      const float* src = pass == 0 ? q_raw + static_cast<int64_t>(h) * hd
+                                   : k_raw + static_cast<int64_t>(kvh) * hd;
+      const float* w = pass == 0 ? q_norm : k_norm;
+      float* dst = pass == 0 ? qs + warp * hd : kn;
+      float ss = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxHd / 32; ++i) {
+        if (i < per) {
+          vals[i] = src[lane + 32 * i];
+          ss = fmaf(vals[i], vals[i], ss);
+        }
+      }
+      ss = detail::warp_sum(ss);
+      const float r = 1.0f / sqrtf(ss / static_cast<float>(hd) + eps);
+#pragma unroll
+      for (int i = 0; i < kMaxHd / 32; ++i) {
+        if (i < per) dst[lane + 32 * i] = w[lane + 32 * i] * (vals[i] * r);
+      }
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) vn[d] = v_new[static_cast<int64_t>(kvh) * hd + d];
+    __syncthreads();  // cs, qs, kn visible
+    // ---- NEOX RoPE in place (launch_rope_neox's arithmetic) ----
+    for (int pass = 0; pass < (warp == 0 ? 2 : 1); ++pass) {
+      float* v = pass == 0 ? qs + warp * hd : kn;
+      for (int i = lane; i < half; i += 32) {
+        const float c = cs[i].x, sn = cs[i].y;
+        const float a = v[i], b = v[half + i];
+        v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+        v[half + i] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+      }
+    }
+    __syncthreads();  // rotated q, k visible
+    // ---- store this token's k/v in the cache: the block whose chunks hold position P ----
+    if ((P / kKvChunk) % kClusterBlocks == rank) {
+      for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        k_cache[(row0 + P) * hd + d] = __half_as_ushort(__float2half_rn(kn[d]));
+        v_cache[(row0 + P) * hd + d] = __half_as_ushort(__float2half_rn(vn[d]));
+      }
+    }
+
+    // ---- chunks r, r + 8, ... ----
+    const float* qh = qs + warp * hd;
+    const int units = hd / 8;
+    // This token's score (its key in float32, as the CPU engine attends it), by the whole warp.
+    float s_cur = 0.0f;
+    for (int d = lane; d < hd; d += 32) s_cur = fmaf(qh[d], kn[d], s_cur);
+    s_cur = detail::warp_sum(s_cur) * scale;
+    for (int c = rank; c * kKvChunk <= P; c += kClusterBlocks) {
+      const int p0 = c * kKvChunk;
+      const int len = min(kKvChunk, P + 1 - p0);
+      detail::cp_async_wait<0>();
+      __syncthreads();  // chunk c in kbuf/vbuf
+      // scores: lane -> positions p0 + lane, p0 + lane + 32
+      float sc[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = lane + 32 * j;
+        const int p = p0 + t;
+        float acc = 0.0f;
+        if (t < len && p < P) {
+          const uint8_t* krow = kbuf + t * units * 16;
+          for (int u = 0; u < units; ++u) {
+            const uint4 kw = *reinterpret_cast<const uint4*>(krow + ((u ^ (t & 7)) * 16));
+            const float4 qa = *reinterpret_cast<const float4*>(qh + 8 * u);
+            const float4 qb = *reinterpret_cast<const float4*>(qh + 8 * u + 4);
+            const float2 k0 = __half22float2(*reinterpret_cast<const __half2*>(&kw.x));
+            const float2 k1 = __half22float2(*reinterpret_cast<const __half2*>(&kw.y));
+            const float2 k2 = __half22float2(*reinterpret_cast<const __half2*>(&kw.z));
+            const float2 k3 = __half22float2(*reinterpret_cast<const __half2*>(&kw.w));
+            acc = fmaf(qa.x, k0.x, acc);
+            acc = fmaf(qa.y, k0.y, acc);
+            acc = fmaf(qa.z, k1.x, acc);
+            acc = fmaf(qa.w, k1.y, acc);
+            acc = fmaf(qb.x, k2.x, acc);
+            acc = fmaf(qb.y, k2.y, acc);
+            acc = fmaf(qb.z, k3.x, acc);
+            acc = fmaf(qb.w, k3.y, acc);
+          }
+          sc[j] = acc * scale;
+        } else if (t < len) {  // p == P
+          sc[j] = s_cur;
+        } else {
+          sc[j] = -INFINITY;
+        }
+      }
+      const float m_c = detail::warp_max(fmaxf(sc[0], sc[1]));
+      const float m_new = fmaxf(m_run, m_c);
+      const float alpha = expf(m_run - m_new);
+      const float e0 = expf(sc[0] - m_new), e1 = expf(sc[1] - m_new);
+      l_run = fmaf(l_run, alpha, detail::warp_sum(e0 + e1));
+      m_run = m_new;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        o_run[i].x *= alpha;
+        o_run[i].y *= alpha;
+        o_run[i].z *= alpha;
+        o_run[i].w *= alpha;
+      }
+      for (int t = 0; t < len; ++t) {
+        const float pt = __shfl_sync(0xffffffffu, t < 32 ? e0 : e1, t & 31);
+        const bool cur = p0 + t == P;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int d = 4 * (lane + 32 * i);
+          if (d < hd) {
+            float4 vv;
+            if (cur) {
+              vv = *reinterpret_cast<const float4*>(vn + d);
+            } else {
+              const uint2 w2 = *reinterpret_cast<const uint2*>(vbuf + (t * hd + d) * 2);
+              const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&w2.x));
+              const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&w2.y));
+              vv = make_float4(a.x, a.y, b.x, b.y);
+            }
+            o_run[i].x = fmaf(pt, vv.x, o_run[i].x);
+            o_run[i].y = fmaf(pt, vv.y, o_run[i].y);
+            o_run[i].z = fmaf(pt, vv.z, o_run[i].z);
+            o_run[i].w = fmaf(pt, vv.w, o_run[i].w);
+          }
+        }
+      }
+      __syncthreads();  // everyone done with kbuf/vbuf
+      const int cn = c + kClusterBlocks;
+      if (cn * kKvChunk < P) {
+        issue_kv_chunk(k_cache, v_cache, row0, hd, cn * kKvChunk, min(P, (cn + 1) * kKvChunk),
+                       kbuf, vbuf);
+      }
+    }
+  }
+  // ---- this block's partial: (m, l, unnormalized o) per head ----
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int d = 4 * (lane + 32 * i);
+    if (d < hd) *reinterpret_cast<float4*>(po + warp * hd + d) = o_run[i];
+  }
+  if (lane == 0) {
+    pml[2 * warp] = m_run;
+    pml[2 * warp + 1] = l_run;
+  }
+  cluster.sync();
+  // ---- merge in rank order: rank r finishes heads r, r + 8, ... of the group ----
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+    const int hh = i / hd, d = i % hd;
+    if (hh % kClusterBlocks != rank) continue;
+    float* oh = out + (static_cast<int64_t>(kvh) * group + hh) * hd;
+    if (!ok) {
+      oh[d] = __int_as_float(0x7fc00000);
+      continue;
+    }
+    float M = -INFINITY;
+    for (int r = 0; r < kClusterBlocks; ++r) {
+      M = fmaxf(M, cluster.map_shared_rank(pml, r)[2 * hh]);
+    }
+    float Lsum = 0.0f, acc = 0.0f;
+    for (int r = 0; r < kClusterBlocks; ++r) {
+      const float* ml = cluster.map_shared_rank(pml, r);
+      const float e = expf(ml[2 * hh] - M);
+      Lsum = fmaf(e, ml[2 * hh + 1], Lsum);
+      acc = fmaf(e, cluster.map_shared_rank(po, r)[hh * hd + d], acc);
+    }
+    oh[d] = acc * (1.0f / Lsum);
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+#endif
+}
+
+bool cluster_path_ok(int64_t n_heads, int64_t n_kv, int64_t head_dim) {
+  const int64_t group = n_heads / n_kv;
+  if (head_dim % 64 != 0 || head_dim > kMaxHd || group < 1 || group > kMaxGroup) return false;
+  static std::once_flag once;
+  static bool ok = false;
+  std::call_once(once, [] {
+    int dev = 0, major = 0;
+    ok = cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         major >= 9 &&
+         cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster),
+                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              cluster_smem(kMaxHd, kMaxGroup).total) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+  });
+  return ok;
+}
+
 }  // namespace
 
 size_t attention_decode_workspace_bytes(int64_t n_heads, int64_t head_dim, int64_t max_ctx) {
@@ -242,6 +548,17 @@ cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float*
                                                 int64_t max_ctx, void* workspace, float* out,
                                                 cudaStream_t stream) {
   if (q_norm == nullptr || k_norm == nullptr || inv_freq == nullptr) return cudaErrorInvalidValue;
+  if (n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0 && n_heads <= 65535 && max_ctx > 0 &&
+      max_ctx <= (int64_t{1} << 24) && cluster_path_ok(n_heads, n_kv, head_dim)) {
+    const int group = static_cast<int>(n_heads / n_kv);
+    const int hd = static_cast<int>(head_dim);
+    return detail::launch_kernel(
+        &attn_decode_cluster, dim3(static_cast<unsigned>(n_kv * kClusterBlocks)),
+        dim3(static_cast<unsigned>(32 * group)),
+        static_cast<size_t>(cluster_smem(hd, group).total), stream, kClusterBlocks, q_raw, k_raw,
+        v_new, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, pos, group, hd,
+        static_cast<int>(max_ctx), 1.0f / std::sqrt(static_cast<float>(head_dim)), out);
+  }
   return attention_impl(q_raw, k_raw, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
                         max_ctx, workspace, out, q_norm, k_norm, eps, inv_freq, stream);
 }

@@ -37,6 +37,8 @@ __device__ __forceinline__ float load_elem(QuantType type, const uint8_t* row, i
 __global__ void embedding_kernel(QuantType type, const uint8_t* __restrict__ table,
                                  int64_t row_bytes, int64_t n_vocab, int64_t n_embd,
                                  const int32_t* __restrict__ tokens, float* __restrict__ out) {
+  detail::pdl_wait();  // the token comes from the previous launch (the last step's argmax)
+  detail::pdl_trigger();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_embd) return;
   const int64_t t = blockIdx.y;
@@ -75,9 +77,9 @@ cudaError_t launch_embedding(QuantType type, const void* table, int64_t n_vocab,
   }
   if (n_tokens == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((n_embd + 255) / 256), static_cast<unsigned>(n_tokens));
-  embedding_kernel<<<grid, 256, 0, stream>>>(type, static_cast<const uint8_t*>(table), row_bytes,
-                                             n_vocab, n_embd, tokens, out);
-  return cudaGetLastError();
+  return detail::launch_kernel(&embedding_kernel, grid, dim3(256), 0, stream, 1, type,
+                               static_cast<const uint8_t*>(table), row_bytes, n_vocab, n_embd,
+                               tokens, out);
 }
 
 }  // namespace ktune::cuda

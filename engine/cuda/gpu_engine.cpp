@@ -280,6 +280,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   router_counter = work_arena.alloc_n<unsigned>(1);
   epoch = work_arena.alloc_n<uint32_t>(1);
   KTUNE_CUDA_CHECK(cudaMemset(router_counter, 0, sizeof(unsigned)));
+  head_key = work_arena.alloc_n<unsigned long long>(2);  // decode-speed: key, then the counter
+  head_counter = reinterpret_cast<unsigned*>(head_key + 1);
+  KTUNE_CUDA_CHECK(cudaMemset(head_key, 0, 2 * sizeof(unsigned long long)));
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
   if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
   if (is_hybrid) legacy = false;  // the one-launch-per-op step has no hybrid MoE

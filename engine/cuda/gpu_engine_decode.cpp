@@ -27,10 +27,12 @@ void GpuEngine::Impl::enqueue_step() {
   }
 }
 
-// Per layer 7 launches: q/k/v matvec with the attention RMSNorm as prologue; attention with the
-// q/k head norms and RoPE folded in (partial + combine); o matvec + residual; ffn RMSNorm +
-// router matvec + softmax top-k (writes h for the MoE); gate/up/SwiGLU; down + weighted sum +
-// residual. Then the output head with the final RMSNorm as prologue, argmax, advance.
+// Per layer 6 launches: q/k/v matvec with the attention RMSNorm as prologue; attention with the
+// q/k head norms and RoPE folded in (one cluster launch on sm_90); o matvec + residual; ffn
+// RMSNorm + router matvec + softmax top-k (writes h for the MoE); gate/up/SwiGLU; down + weighted
+// sum + residual. Then the output head with the final RMSNorm as prologue and the greedy tail
+// (argmax, history, position). Every launch is programmatic-dependent on a non-default stream
+// (common.cuh): each kernel copies its weights while the previous one finishes.
 void GpuEngine::Impl::enqueue_step_fused() {
   cudaStream_t s = stream;
   const float eps = cfg.rms_eps;
@@ -96,10 +98,13 @@ void GpuEngine::Impl::enqueue_step_fused() {
   head.norm_w = static_cast<const float*>(output_norm.data);
   head.eps = eps;
   head.seg[0] = {output.data, logits, vocab};
+  head.argmax_key = head_key;
+  head.counter = head_counter;
+  head.argmax_out = token;
+  head.advance_pos = pos;
+  head.advance_history = history;
+  head.advance_len = max_ctx;
   check_launch(cuda::launch_matvec_fused(head, s), "launch_matvec_fused output");
-  check_launch(cuda::launch_argmax(logits, 1, vocab, token, s), "launch_argmax");
-  check_launch(cuda::launch_decode_advance(pos, token, history, max_ctx, s),
-               "launch_decode_advance");
 }
 
 void GpuEngine::Impl::enqueue_step_legacy() {

@@ -126,6 +126,11 @@ struct GpuEngine::Impl {
   cudaGraphExec_t graph_exec = nullptr;
   int64_t host_pos = 0;
 
+  // decode-speed: the greedy tail of the fused step's output-head launch (launch_matvec_fused's
+  // argmax_key and counter): one 16-byte block zeroed at construction, reset by the kernel.
+  unsigned long long* head_key = nullptr;
+  unsigned* head_counter = nullptr;
+
   Impl(const ModelWeights& w, const GpuEngineOptions& options);
   ~Impl();
   void matvec(const DevTensor& t, const float* in, float* out, int64_t rows);

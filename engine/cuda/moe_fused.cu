@@ -12,7 +12,20 @@
 // Every dot uses rowwarp_dot.cuh, as launch_matvec_rowwarp does, and the combine uses rounded
 // (non-contractible) multiply/add, so the unfused path (per-expert matvec_rowwarp + swiglu +
 // axpy launches) gives bit-identical results. An id outside [0, n_experts) gives NaN outputs.
+//
+// The decode engine's shape (staged kernels, used whenever their shared memory fits): one block
+// of kStagedThreads per SM owns a contiguous range of work units - (expert slot j, ffn row r) for
+// gate/up, output row r (all k experts) for down - and copies the units' weight rows to shared
+// memory with cp.async, all of a tile's bytes in flight at once, tiles through a 3-stage ring;
+// warps then compute from shared memory (warp_rows_dot_smem: the same per-lane order as
+// warp_rows_dot, so fused == unfused still holds bit for bit). Programmatic dependent launch
+// (common.cuh): gate/up can only start copying once the router's ids are visible (after
+// pdl_wait), but down copies its rows before pdl_wait, while gate/up runs, from the ids the
+// router wrote one launch earlier; after the wait it re-reads them and copies again if they
+// changed (only possible when the caller launched something else in between), so it is correct
+// whatever the launch order.
 #include <algorithm>
+#include <mutex>
 
 #include "cuda/common.cuh"
 #include "cuda/rowwarp_dot.cuh"
@@ -162,6 +175,294 @@ __global__ void __launch_bounds__(kDownThreads)
   }
 }
 
+
+// ---- staged kernels -------------------------------------------------------------------------
+
+constexpr int kStagedThreads = 512;
+constexpr int kStagedWarps = kStagedThreads / detail::kWarp;
+constexpr int kStages = 3;
+constexpr int64_t kSingleTileBytes = 64 * 1024;
+constexpr int64_t kTileBytes = 32 * 1024;
+constexpr int kMaxSmem = 200 * 1024;
+
+struct Tiling {
+  int per_block = 0, tile = 0, stage_bytes = 0, n_stages = 0, grid = 0;
+};
+
+// Units of unit_bytes each, split over one block per SM.
+Tiling make_tiling(int64_t units, int64_t unit_bytes, int sms) {
+  Tiling t;
+  int64_t grid = std::min<int64_t>(units, std::max(1, sms));
+  const int64_t per = (units + grid - 1) / grid;
+  grid = (units + per - 1) / per;
+  const int64_t tile =
+      per * unit_bytes <= kSingleTileBytes ? per : std::max<int64_t>(1, kTileBytes / unit_bytes);
+  const int64_t tiles = (per + tile - 1) / tile;
+  t.per_block = static_cast<int>(per);
+  t.tile = static_cast<int>(tile);
+  t.stage_bytes = static_cast<int>((tile * unit_bytes + 15) / 16 * 16);
+  t.n_stages = static_cast<int>(std::min<int64_t>(tiles, kStages));
+  t.grid = static_cast<int>(grid);
+  return t;
+}
+
+struct GuParams {
+  const uint8_t* gate;
+  const uint8_t* up;
+  int64_t expert_bytes;
+  const int32_t* ids;
+  const int32_t* slot_of;
+  int k, n_experts, ffn, hidden, nb, row_bytes;
+  const float* x;
+  float* act;
+  Tiling tl;
+};
+
+__device__ __forceinline__ int expert_slot(int id, int n_experts, const int32_t* slot_of) {
+  if (id < 0 || id >= n_experts) return -2;  // bad id
+  return slot_of ? slot_of[id] : id;         // -1: kept elsewhere
+}
+
+// Tile t of the block's units [u_begin, u_end): gate rows at stage, up rows at stage + tile*rb.
+__device__ __forceinline__ void issue_gu_tile(const GuParams& p, int u_begin, int u_end, int t,
+                                              uint8_t* stage) {
+  const int a0 = u_begin + t * p.tl.tile;
+  const int a1 = min(a0 + p.tl.tile, u_end);
+  for (int j = a0 / p.ffn; j * p.ffn < a1; ++j) {
+    const int a = max(a0, j * p.ffn), b = min(a1, (j + 1) * p.ffn);
+    const int slot = expert_slot(p.ids[j], p.n_experts, p.slot_of);
+    if (slot < 0) continue;
+    const int64_t off = slot * p.expert_bytes + static_cast<int64_t>(a - j * p.ffn) * p.row_bytes;
+    const int64_t len = static_cast<int64_t>(b - a) * p.row_bytes;
+    uint8_t* dst = stage + static_cast<int64_t>(a - a0) * p.row_bytes;
+    detail::copy_to_smem_async(dst, p.gate + off, len);
+    detail::copy_to_smem_async(dst + static_cast<int64_t>(p.tl.tile) * p.row_bytes, p.up + off,
+                               len);
+  }
+}
+
+template <QuantType T>
+__global__ void __launch_bounds__(kStagedThreads) moe_gate_up_staged(const GuParams p) {
+  extern __shared__ float4 smem4[];
+  uint8_t* stages = reinterpret_cast<uint8_t*>(smem4);
+  float* sx = reinterpret_cast<float*>(stages + static_cast<int64_t>(p.tl.n_stages) *
+                                                    p.tl.stage_bytes);
+  const int total = p.k * p.ffn;
+  const int u_begin = blockIdx.x * p.tl.per_block;
+  const int u_end = min(u_begin + p.tl.per_block, total);
+  const int ntiles = (u_end - u_begin + p.tl.tile - 1) / p.tl.tile;
+
+  detail::pdl_wait();  // ids and x come from the router launch
+  detail::pdl_trigger();
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < ntiles) issue_gu_tile(p, u_begin, u_end, t, stages + t * p.tl.stage_bytes);
+    detail::cp_async_commit();
+  }
+  for (int i = threadIdx.x; i < p.hidden; i += kStagedThreads) sx[i] = p.x[i];
+
+  const int warp = threadIdx.x / detail::kWarp;
+  const int lane = threadIdx.x % detail::kWarp;
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + kStages - 1 < ntiles) {
+      issue_gu_tile(p, u_begin, u_end, t + kStages - 1,
+                    stages + ((t + kStages - 1) % kStages) * p.tl.stage_bytes);
+    }
+    detail::cp_async_commit();
+    detail::cp_async_wait<kStages - 1>();
+    __syncthreads();
+    const uint8_t* base = stages + (t % kStages) * p.tl.stage_bytes;
+    const int a0 = u_begin + t * p.tl.tile;
+    const int tn = min(p.tl.tile, u_end - a0);
+    for (int lu = warp; lu < tn; lu += kStagedWarps) {
+      const int u = a0 + lu;
+      const int j = u / p.ffn;
+      const int slot = expert_slot(p.ids[j], p.n_experts, p.slot_of);
+      float v;
+      if (slot == -2) {
+        v = __int_as_float(0x7fc00000);
+      } else if (slot < 0) {
+        v = 0.0f;
+      } else {
+        const uint8_t* const rows[2] = {base + static_cast<int64_t>(lu) * p.row_bytes,
+                                        base + static_cast<int64_t>(p.tl.tile + lu) * p.row_bytes};
+        const float* const xs[2] = {sx, sx};
+        float gu[2];
+        detail::warp_rows_dot_smem<T, 2>(rows, xs, p.nb, gu);
+        v = detail::swiglu(gu[0], gu[1]);
+      }
+      if (lane == 0) p.act[u] = v;
+    }
+    __syncthreads();
+  }
+}
+
+struct DnParams {
+  const uint8_t* down;
+  int64_t expert_bytes;
+  const int32_t* ids;
+  const float* wts;
+  const int32_t* slot_of;
+  int k, n_experts, hidden, ffn, nb, row_bytes;
+  const float* act;
+  float* x;
+  Tiling tl;
+};
+
+// Tile t of the block's output rows: expert slot j's rows at stage + j * tile * rb.
+__device__ __forceinline__ void issue_dn_tile(const DnParams& p, const int* sids, int r_begin,
+                                              int r_end, int t, uint8_t* stage) {
+  const int a0 = r_begin + t * p.tl.tile;
+  const int a1 = min(a0 + p.tl.tile, r_end);
+  for (int j = 0; j < p.k; ++j) {
+    const int slot = expert_slot(sids[j], p.n_experts, p.slot_of);
+    if (slot < 0) continue;
+    detail::copy_to_smem_async(
+        stage + static_cast<int64_t>(j) * p.tl.tile * p.row_bytes,
+        p.down + slot * p.expert_bytes + static_cast<int64_t>(a0) * p.row_bytes,
+        static_cast<int64_t>(a1 - a0) * p.row_bytes);
+  }
+}
+
+template <QuantType T>
+__global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams p) {
+  extern __shared__ float4 smem4[];
+  uint8_t* stages = reinterpret_cast<uint8_t*>(smem4);
+  float* sact = reinterpret_cast<float*>(stages + static_cast<int64_t>(p.tl.n_stages) *
+                                                      p.tl.stage_bytes);
+  float* dots = sact + p.k * p.ffn;                         // [warps][k]
+  int* sids = reinterpret_cast<int*>(dots + kStagedWarps * p.k);  // [k]
+  const int r_begin = blockIdx.x * p.tl.per_block;
+  const int r_end = min(r_begin + p.tl.per_block, p.hidden);
+  const int ntiles = (r_end - r_begin + p.tl.tile - 1) / p.tl.tile;
+
+  // ---- before the wait: the experts the router chose one launch earlier (checked below) ----
+  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) sids[j] = __ldcg(p.ids + j);
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < ntiles) issue_dn_tile(p, sids, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
+    detail::cp_async_commit();
+  }
+  detail::pdl_wait();
+  detail::pdl_trigger();
+  int changed = 0;
+  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) changed |= p.ids[j] != sids[j];
+  if (__syncthreads_or(changed)) {  // ids rewritten after the prefetch: copy again
+    detail::cp_async_wait<0>();
+    __syncthreads();
+    for (int j = threadIdx.x; j < p.k; j += kStagedThreads) sids[j] = p.ids[j];
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < ntiles) issue_dn_tile(p, sids, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
+      detail::cp_async_commit();
+    }
+  }
+  for (int i = threadIdx.x; i < p.k * p.ffn; i += kStagedThreads) sact[i] = p.act[i];
+  bool bad = false;
+  for (int j = 0; j < p.k; ++j) bad = bad || expert_slot(sids[j], p.n_experts, p.slot_of) == -2;
+
+  const int warp = threadIdx.x / detail::kWarp;
+  const int lane = threadIdx.x % detail::kWarp;
+  float* dw = dots + warp * p.k;
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + kStages - 1 < ntiles) {
+      issue_dn_tile(p, sids, r_begin, r_end, t + kStages - 1,
+                    stages + ((t + kStages - 1) % kStages) * p.tl.stage_bytes);
+    }
+    detail::cp_async_commit();
+    detail::cp_async_wait<kStages - 1>();
+    __syncthreads();
+    const uint8_t* base = stages + (t % kStages) * p.tl.stage_bytes;
+    const int a0 = r_begin + t * p.tl.tile;
+    const int tn = min(p.tl.tile, r_end - a0);
+    for (int lr = warp; lr < tn; lr += kStagedWarps) {
+      // This expert slots' dots of row a0 + lr, 4 at a time (slot order; the grouping does not
+      // change any dot).
+      int j = 0;
+      while (j < p.k) {
+        int js[4], cnt = 0;
+        for (; j < p.k && cnt < 4; ++j) {
+          if (expert_slot(sids[j], p.n_experts, p.slot_of) >= 0) js[cnt++] = j;
+        }
+        if (cnt == 4) {
+          const uint8_t* rows[4];
+          const float* xs[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            rows[i] = base + (static_cast<int64_t>(js[i]) * p.tl.tile + lr) * p.row_bytes;
+            xs[i] = sact + js[i] * p.ffn;
+          }
+          float d[4];
+          detail::warp_rows_dot_smem<T, 4>(rows, xs, p.nb, d);
+          if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dw[js[i]] = d[i];
+          }
+        } else {
+          for (int i = 0; i < cnt; ++i) {
+            const uint8_t* const rows[1] = {
+                base + (static_cast<int64_t>(js[i]) * p.tl.tile + lr) * p.row_bytes};
+            const float* const xs[1] = {sact + js[i] * p.ffn};
+            float d[1];
+            detail::warp_rows_dot_smem<T, 1>(rows, xs, p.nb, d);
+            if (lane == 0) dw[js[i]] = d[0];
+          }
+        }
+      }
+      if (lane == 0) {
+        float s = 0.0f;
+        for (int jj = 0; jj < p.k; ++jj) {
+          if (expert_slot(sids[jj], p.n_experts, p.slot_of) < 0) continue;
+          s = __fadd_rn(s, __fmul_rn(p.wts[jj], dw[jj]));
+        }
+        float* xo = p.x + a0 + lr;
+        *xo = bad ? __int_as_float(0x7fc00000) : __fadd_rn(*xo, s);
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+  }
+}
+
+// SM count and the shared-memory opt-in of the staged kernels, once per process.
+struct StagedSetup {
+  cudaError_t err = cudaSuccess;
+  int sms = 0;
+  int smem_limit = 0;  // dynamic shared memory per block the staged kernels may ask for
+};
+
+const StagedSetup& staged_setup() {
+  static StagedSetup s;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int dev = 0;
+    s.err = cudaGetDevice(&dev);
+    if (s.err == cudaSuccess) {
+      s.err = cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, dev);
+    }
+    int optin = 0;
+    if (s.err == cudaSuccess) {
+      s.err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    }
+    s.smem_limit = std::min(kMaxSmem, optin - 1024);
+    const void* fns[] = {reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q8_0>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q4_0>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::BF16>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::F32>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q8_0>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q4_0>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::BF16>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::F32>)};
+    for (const void* f : fns) {
+      if (s.err != cudaSuccess) break;
+      s.err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem_limit);
+    }
+  });
+  return s;
+}
+
 bool moe_args_ok(QuantType type, const void* w, int64_t expert_bytes, const float* x, int64_t k,
                  int64_t n_experts, int64_t rows, int64_t cols) {
   return detail::rowdot_supported(type) && w != nullptr && detail::rowdot_aligned(type, w) &&
@@ -207,13 +508,52 @@ cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const vo
       !detail::rowdot_aligned(type, up)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>((ffn + kWarps - 1) / kWarps), static_cast<unsigned>(k));
   const int nb = static_cast<int>(hidden / 32);
   const int64_t rb = row_bytes(type, hidden);
   const auto* g = static_cast<const uint8_t*>(gate);
   const auto* u = static_cast<const uint8_t*>(up);
   const int ne = static_cast<int>(std::min<int64_t>(n_experts, 0x7fffffff));
   const int f = static_cast<int>(ffn);
+  if (k * ffn <= 0x7fffffff) {
+    const StagedSetup& st = staged_setup();
+    if (st.err != cudaSuccess) return st.err;
+    GuParams p{};
+    p.tl = make_tiling(k * ffn, 2 * rb, st.sms);
+    const int64_t smem = int64_t{p.tl.n_stages} * p.tl.stage_bytes + 4 * hidden;
+    if (smem <= st.smem_limit) {
+      p.gate = g;
+      p.up = u;
+      p.expert_bytes = expert_bytes;
+      p.ids = ids;
+      p.slot_of = expert_slot;
+      p.k = static_cast<int>(k);
+      p.n_experts = ne;
+      p.ffn = f;
+      p.hidden = static_cast<int>(hidden);
+      p.nb = nb;
+      p.row_bytes = static_cast<int>(rb);
+      p.x = x;
+      p.act = act;
+      const dim3 sg(static_cast<unsigned>(p.tl.grid));
+      const size_t sm = static_cast<size_t>(smem);
+      switch (type) {
+        case QuantType::Q8_0:
+          return detail::launch_kernel(&moe_gate_up_staged<QuantType::Q8_0>, sg, kStagedThreads,
+                                       sm, stream, 1, p);
+        case QuantType::Q4_0:
+          return detail::launch_kernel(&moe_gate_up_staged<QuantType::Q4_0>, sg, kStagedThreads,
+                                       sm, stream, 1, p);
+        case QuantType::BF16:
+          return detail::launch_kernel(&moe_gate_up_staged<QuantType::BF16>, sg, kStagedThreads,
+                                       sm, stream, 1, p);
+        default:
+          return detail::launch_kernel(&moe_gate_up_staged<QuantType::F32>, sg, kStagedThreads,
+                                       sm, stream, 1, p);
+      }
+    }
+  }
+  // Shapes whose staging does not fit shared memory: the one-warp-per-row kernel.
+  const dim3 grid(static_cast<unsigned>((ffn + kWarps - 1) / kWarps), static_cast<unsigned>(k));
   switch (type) {
     case QuantType::Q8_0:
       moe_gate_up_kernel<QuantType::Q8_0>
@@ -247,8 +587,6 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
     return cudaErrorInvalidValue;
   }
   if (k > 2048) return cudaErrorInvalidValue;  // dots of 4 rows in shared memory
-  const unsigned grid = static_cast<unsigned>((hidden + kDownRows - 1) / kDownRows);
-  const size_t smem = static_cast<size_t>(kDownRows * k) * sizeof(float);
   const int nb = static_cast<int>(ffn / 32);
   const int64_t rb = row_bytes(type, ffn);
   const auto* d = static_cast<const uint8_t*>(down);
@@ -256,6 +594,48 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
   const int kk = static_cast<int>(k);
   const int h = static_cast<int>(hidden);
   const int f = static_cast<int>(ffn);
+  {
+    const StagedSetup& st = staged_setup();
+    if (st.err != cudaSuccess) return st.err;
+    DnParams p{};
+    p.tl = make_tiling(hidden, k * rb, st.sms);
+    const int64_t smem = int64_t{p.tl.n_stages} * p.tl.stage_bytes +
+                         4 * (k * ffn + int64_t{kStagedWarps} * k + k);
+    if (smem <= st.smem_limit && k * ffn <= 0x7fffffff) {
+      p.down = d;
+      p.expert_bytes = expert_bytes;
+      p.ids = ids;
+      p.wts = weights;
+      p.slot_of = expert_slot;
+      p.k = kk;
+      p.n_experts = ne;
+      p.hidden = h;
+      p.ffn = f;
+      p.nb = nb;
+      p.row_bytes = static_cast<int>(rb);
+      p.act = act;
+      p.x = x;
+      const dim3 sg(static_cast<unsigned>(p.tl.grid));
+      const size_t sm = static_cast<size_t>(smem);
+      switch (type) {
+        case QuantType::Q8_0:
+          return detail::launch_kernel(&moe_down_staged<QuantType::Q8_0>, sg, kStagedThreads, sm,
+                                       stream, 1, p);
+        case QuantType::Q4_0:
+          return detail::launch_kernel(&moe_down_staged<QuantType::Q4_0>, sg, kStagedThreads, sm,
+                                       stream, 1, p);
+        case QuantType::BF16:
+          return detail::launch_kernel(&moe_down_staged<QuantType::BF16>, sg, kStagedThreads, sm,
+                                       stream, 1, p);
+        default:
+          return detail::launch_kernel(&moe_down_staged<QuantType::F32>, sg, kStagedThreads, sm,
+                                       stream, 1, p);
+      }
+    }
+  }
+  // Shapes whose staging does not fit shared memory: the two-warps-per-row kernel.
+  const unsigned grid = static_cast<unsigned>((hidden + kDownRows - 1) / kDownRows);
+  const size_t smem = static_cast<size_t>(kDownRows * k) * sizeof(float);
   if (expert_slot != nullptr) {
     launch_down<true>(type, grid, smem, stream, d, expert_bytes, ids, weights, kk, ne, act, h, f,
                       nb, rb, x, expert_slot);

@@ -44,15 +44,30 @@ struct RowDot<QuantType::Q8_0> {
     for (int i = 0; i < 4; ++i) f.w[i] = __ldg(h + 1 + 4 * s + i);
     return f;
   }
+  // The same fragment from shared memory (rows staged by cp.async).
+  __device__ __forceinline__ static Frag lds(const uint8_t* row, int b, int s) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(row + 34 * b);
+    Frag f;
+    f.d = h[0];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f.w[i] = h[1 + 4 * s + i];
+    return f;
+  }
+  // int8 -> float without I2F (quarter-rate on sm_90): byte b ^ 0x80 = b + 128 becomes the low
+  // byte of the float 2^23 + (b + 128) (one byte permute), minus 2^23 + 128 gives b exactly, so
+  // every product and sum is the same as with a conversion.
   __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
     const float d = fp16_bits_to_float(f.d);
+    const uint32_t w01 = (static_cast<uint32_t>(f.w[0]) | (static_cast<uint32_t>(f.w[1]) << 16)) ^
+                         0x80808080u;
+    const uint32_t w23 = (static_cast<uint32_t>(f.w[2]) | (static_cast<uint32_t>(f.w[3]) << 16)) ^
+                         0x80808080u;
     float t = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float lo = static_cast<float>(static_cast<int8_t>(f.w[i] & 0xffu));
-      const float hi = static_cast<float>(static_cast<int8_t>(f.w[i] >> 8));
-      t = fmaf(lo, xv[2 * i], t);
-      t = fmaf(hi, xv[2 * i + 1], t);
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t w = i < 4 ? w01 : w23;
+      const float q = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | (i & 3))) - 8388736.0f;
+      t = fmaf(q, xv[i], t);
     }
     return fmaf(d, t, acc);
   }
@@ -76,15 +91,27 @@ struct RowDot<QuantType::Q4_0> {
           (static_cast<uint32_t>(__ldg(h + 2 + 2 * s)) << 16);
     return f;
   }
-  // Byte i of q is quant byte 4s+i: element 4s+i (low nibble) and 16+4s+i (high nibble).
+  __device__ __forceinline__ static Frag lds(const uint8_t* row, int b, int s) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(row + 18 * b);
+    Frag f;
+    f.d = h[0];
+    f.q = static_cast<uint32_t>(h[1 + 2 * s]) | (static_cast<uint32_t>(h[2 + 2 * s]) << 16);
+    return f;
+  }
+  // Byte i of q is quant byte 4s+i: element 4s+i (low nibble) and 16+4s+i (high nibble). A nibble
+  // n becomes the float 2^23 + n by one byte permute (no I2F, which is quarter-rate on sm_90);
+  // minus 2^23 + 8 gives n - 8 exactly, so the products and sums are those of a conversion.
   __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
     const float d = fp16_bits_to_float(f.d);
+    const uint32_t lo = f.q & 0x0F0F0F0Fu;
+    const uint32_t hi = (f.q >> 4) & 0x0F0F0F0Fu;
     float t = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint32_t byte = (f.q >> (8 * i)) & 0xffu;
-      t = fmaf(static_cast<float>(static_cast<int>(byte & 15u) - 8), xv[i], t);
-      t = fmaf(static_cast<float>(static_cast<int>(byte >> 4) - 8), xv[4 + i], t);
+      const float a = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7440u | i)) - 8388616.0f;
+      const float b = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7440u | i)) - 8388616.0f;
+      t = fmaf(a, xv[i], t);
+      t = fmaf(b, xv[4 + i], t);
     }
     return fmaf(d, t, acc);
   }
@@ -102,6 +129,11 @@ struct RowDot<QuantType::BF16> {
   __device__ __forceinline__ static Frag load(const uint8_t* __restrict__ row, int b, int s) {
     Frag f;
     f.w = __ldg(reinterpret_cast<const uint4*>(row + int64_t{64} * b + 16 * s));
+    return f;
+  }
+  __device__ __forceinline__ static Frag lds(const uint8_t* row, int b, int s) {
+    Frag f;
+    f.w = *reinterpret_cast<const uint4*>(row + 64 * b + 16 * s);
     return f;
   }
   __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
@@ -129,6 +161,13 @@ struct RowDot<QuantType::F32> {
     Frag f;
     f.a = __ldg(wp);
     f.b = __ldg(wp + 1);
+    return f;
+  }
+  __device__ __forceinline__ static Frag lds(const uint8_t* row, int b, int s) {
+    const float4* wp = reinterpret_cast<const float4*>(row + 128 * b + 32 * s);
+    Frag f;
+    f.a = wp[0];
+    f.b = wp[1];
     return f;
   }
   __device__ __forceinline__ static float dot(float acc, const Frag& f, const float xv[8]) {
@@ -201,6 +240,34 @@ __device__ __forceinline__ void warp_rows_dot(const uint8_t* const* rows, const 
           acc[r] = D::dot(acc[r], f[u][r], xv);
         }
       }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) out[r] = warp_sum(acc[r]);
+}
+
+// warp_rows_dot with the rows and the x vectors in shared memory (staged by cp.async): the same
+// per-lane order (blocks lane/4, lane/4 + 8, ...; one D::dot per block) and butterfly, so every
+// result is bit-identical to warp_rows_dot's on the same bytes.
+template <QuantType T, int R>
+__device__ __forceinline__ void warp_rows_dot_smem(const uint8_t* const* rows,
+                                                   const float* const* xs, int nb, float* out) {
+  using D = RowDot<T>;
+  const int lane = threadIdx.x % kWarp;
+  const int s = lane & 3;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+#pragma unroll 2
+  for (int b = lane >> 2; b < nb; b += 8) {
+    typename D::Frag f[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) f[r] = D::lds(rows[r], b, s);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float xv[8];
+      load_x8<T, false>(xs[r], b, s, xv);
+      acc[r] = D::dot(acc[r], f[r], xv);
     }
   }
 #pragma unroll

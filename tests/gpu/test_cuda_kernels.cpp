@@ -409,6 +409,107 @@ TEST(CudaMatvecFused, SegmentsNormResidualRouterTail) {
   }
 }
 
+// Greedy tail (argmax over the outputs, then the end-of-step advance) in the same launch, on a
+// stream (programmatic dependent launch active), twice in a row: the key and the counter reset
+// themselves and the position advances twice. Against the reference argmax of the kernel's own
+// outputs (ties: lowest index; NaN never wins; all NaN: -1) and the float64 dots.
+struct GreedyRun {
+  std::vector<float> y;
+  int32_t token = 0, pos = 0;
+  std::vector<int32_t> history;
+};
+
+GreedyRun run_greedy(QuantType t, const std::vector<uint8_t>& q, const std::vector<float>& x,
+                     int64_t rows, int64_t cols, int32_t pos0) {
+  Stream s;
+  Dev<uint8_t> dw(q);
+  Dev<float> dx(x), dy(rows);
+  Dev<unsigned long long> key(std::vector<unsigned long long>{0ull});
+  Dev<unsigned> counter(std::vector<unsigned>{0u});
+  Dev<int32_t> tok(1), pos(std::vector<int32_t>{pos0}), hist(8);
+  dy.poison();
+  tok.poison();
+  hist.poison();
+  MatvecFused a;
+  a.type = t;
+  a.cols = cols;
+  a.x = dx.ptr();
+  a.seg[0] = {dw.ptr(), dy.ptr(), rows};
+  a.argmax_key = key.ptr();
+  a.counter = counter.ptr();
+  a.argmax_out = tok.ptr();
+  a.advance_pos = pos.ptr();
+  a.advance_history = hist.ptr();
+  a.advance_len = 8;
+  for (int rep = 0; rep < 2; ++rep) KTUNE_CUDA_CHECK(launch_matvec_fused(a, s));
+  s.synchronize();
+  EXPECT_EQ(key.download()[0], 0ull);
+  EXPECT_EQ(counter.download()[0], 0u);
+  return {dy.download(), tok.download()[0], pos.download()[0], hist.download()};
+}
+
+int32_t argmax_ref(const std::vector<float>& y) {
+  int32_t best = -1;
+  for (size_t i = 0; i < y.size(); ++i) {
+    if (!std::isnan(y[i]) && (best < 0 || y[i] > y[best])) best = static_cast<int32_t>(i);
+  }
+  return best;
+}
+
+TEST(CudaMatvecFused, GreedyTailArgmaxAndAdvance) {
+  KTUNE_REQUIRE_GPU();
+  Rng rng;
+  SCOPED_TRACE(rng.trace());
+  // 20000 x 2048: ~150 rows of 1-2 KB per block, several 32 KB tiles through the ring.
+  for (QuantType t : {QuantType::Q4_0, QuantType::Q8_0, QuantType::BF16}) {
+    SCOPED_TRACE(quant_name(t));
+    const int64_t rows = 20000, cols = 2048;
+    auto wf = rng.normal(rows * cols, 0.05f);
+    auto x = rng.normal(cols);
+    float xmax = 0;
+    for (float v : x) xmax = std::max(xmax, std::fabs(v));
+    // Rows a < b get the same weights, aligned with x: the two largest outputs, a tie.
+    const int a = rng.uniform_int(0, 9000), b = rng.uniform_int(11000, static_cast<int>(rows) - 1);
+    for (int64_t c = 0; c < cols; ++c) wf[a * cols + c] = wf[b * cols + c] = 0.1f * x[c] / xmax;
+    auto q = quantize_matrix(t, wf, rows, cols);
+    auto ref = matvec_ref(t, q, x, rows, cols);
+    for (int32_t pos0 : {3, 7, 8}) {
+      SCOPED_TRACE("pos " + std::to_string(pos0));
+      const GreedyRun g = run_greedy(t, q, x, rows, cols, pos0);
+      EXPECT_CLOSE(g.y, ref, 1e-5);
+      EXPECT_EQ(g.y[a], g.y[b]);
+      EXPECT_EQ(argmax_ref(g.y), a);
+      EXPECT_EQ(g.token, a);
+      EXPECT_EQ(g.pos, pos0 + 2);
+      for (int32_t i = 0; i < 8; ++i) {
+        EXPECT_EQ(g.history[i], i == pos0 || i == pos0 + 1 ? a : -1) << "history " << i;
+      }
+      if (t != QuantType::Q4_0) break;  // positions once are enough
+    }
+  }
+  // NaN rows (an fp16 NaN scale) never win; all NaN gives -1.
+  const int64_t rows = 64, cols = 256;
+  auto wf = rng.normal(rows * cols, 0.05f);
+  auto x = rng.normal(cols);
+  auto q = quantize_matrix(QuantType::Q8_0, wf, rows, cols);
+  const int64_t rb = row_bytes(QuantType::Q8_0, cols);
+  auto nan_row = [&](std::vector<uint8_t>& m, int64_t r) {
+    m[r * rb] = 0x00;
+    m[r * rb + 1] = 0x7E;
+  };
+  std::vector<uint8_t> q1 = q;
+  for (int64_t r = 0; r < rows; r += 3) nan_row(q1, r);
+  GreedyRun g = run_greedy(QuantType::Q8_0, q1, x, rows, cols, 0);
+  EXPECT_TRUE(std::isnan(g.y[0]));
+  EXPECT_EQ(g.token, argmax_ref(g.y));
+  EXPECT_GE(g.token, 0);
+  for (int64_t r = 0; r < rows; ++r) nan_row(q1, r);
+  g = run_greedy(QuantType::Q8_0, q1, x, rows, cols, 0);
+  EXPECT_EQ(g.token, -1);
+  EXPECT_EQ(g.history[0], -1);
+  EXPECT_EQ(g.pos, 2);
+}
+
 // --- router -----------------------------------------------------------------------------------
 
 void check_router(const std::vector<float>& logits, int64_t tokens, int64_t n, int64_t k,
@@ -619,6 +720,193 @@ TEST(CudaAttentionDecode, MatchesReferenceAndStoresTheNewToken) {
       }
       EXPECT_TRUE(kc2 == kc && vc2 == vc) << "cache changed outside position pos";
     }
+  }
+}
+
+// The decode engine's attention (q/k head RMSNorm and RoPE folded in; one cluster launch per
+// layer on sm_90), on a stream, against CPU rmsnorm + rope_table/rope_neox + the float64
+// attention, at positions on both sides of the 64-position chunks and of the 512 positions one
+// pass of a cluster covers; group sizes 8, 4, 16 and 1. Twice per case: bit-identical.
+TEST(CudaAttentionDecode, QkNormRopeMatchesReference) {
+  KTUNE_REQUIRE_GPU();
+  Rng rng;
+  SCOPED_TRACE(rng.trace());
+  const float eps = 1e-6f;
+  for (const AttnCase& c : {AttnCase{32, 4, 128, 1100}, AttnCase{4, 1, 64, 300},
+                            AttnCase{16, 1, 256, 700}, AttnCase{8, 8, 128, 200}}) {
+    const int64_t hd = c.hd;
+    const int64_t cache_n = c.n_kv * c.max_ctx * hd;
+    const auto inv = rope_inv_freq(1e6f, hd);
+    const auto qw = rng.normal(hd, 0.2f, 1.0f), kw = rng.normal(hd, 0.2f, 1.0f);
+    Dev<float> dinv(inv), dqw(qw), dkw(kw);
+    DeviceBuffer ws(attention_decode_workspace_bytes(c.n_heads, hd, c.max_ctx));
+    Stream s;
+    for (int pos : {0, 1, 63, 64, 65, 511, 512, 513, 1030, static_cast<int>(c.max_ctx) - 1,
+                    rng.uniform_int(2, static_cast<int>(c.max_ctx) - 2)}) {
+      if (pos >= c.max_ctx) continue;
+      SCOPED_TRACE("heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv) + " hd " +
+                   std::to_string(hd) + " pos " + std::to_string(pos));
+      std::vector<uint16_t> kc(cache_n, 0x7E00), vc(cache_n, 0x7E00);  // NaN from pos on
+      for (int64_t kvh = 0; kvh < c.n_kv; ++kvh) {
+        auto kr = rng.normal(pos * hd), vr = rng.normal(pos * hd);
+        for (int64_t i = 0; i < pos * hd; ++i) {
+          kc[kvh * c.max_ctx * hd + i] = fp32_to_fp16(kr[i]);
+          vc[kvh * c.max_ctx * hd + i] = fp32_to_fp16(vr[i]);
+        }
+      }
+      auto q = rng.normal(c.n_heads * hd, 2.0f), k = rng.normal(c.n_kv * hd, 2.0f),
+           vn = rng.normal(c.n_kv * hd);
+      std::vector<float> qn(q.size()), kn(k.size()), cs(hd);
+      cpu_ops::rope_table(pos, inv.data(), hd, cs.data());
+      for (int64_t h = 0; h < c.n_heads; ++h) {
+        cpu_ops::rmsnorm(&q[h * hd], qw.data(), eps, hd, &qn[h * hd]);
+        cpu_ops::rope_neox(&qn[h * hd], cs.data(), hd);
+      }
+      for (int64_t h = 0; h < c.n_kv; ++h) {
+        cpu_ops::rmsnorm(&k[h * hd], kw.data(), eps, hd, &kn[h * hd]);
+        cpu_ops::rope_neox(&kn[h * hd], cs.data(), hd);
+      }
+      auto ref = attention_ref(c, qn, kn, vn, kc, vc, pos);
+      Dev<float> dq(q), dk(k), dvn(vn), dout(c.n_heads * hd);
+      Dev<uint16_t> dkc(kc), dvc(vc);
+      Dev<int32_t> dpos(std::vector<int32_t>{pos});
+      std::vector<float> first;
+      for (int run = 0; run < 2; ++run) {
+        dout.poison();
+        ASSERT_EQ(launch_attention_decode_qknorm_rope(dq.ptr(), dk.ptr(), dvn.ptr(), dqw.ptr(),
+                                                      dkw.ptr(), eps, dinv.ptr(), dkc.ptr(),
+                                                      dvc.ptr(), dpos.ptr(), c.n_heads, c.n_kv,
+                                                      hd, c.max_ctx, ws.data(), dout.ptr(), s),
+                  cudaSuccess);
+        s.synchronize();
+        auto out = dout.download();
+        if (run == 0) {
+          // Head norms summed in another order than the CPU's: a few ulp more than the plain
+          // attention's 1e-5.
+          EXPECT_CLOSE(out, ref, 2e-5);
+          first = out;
+        } else {
+          EXPECT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0) << "run to run";
+        }
+      }
+      auto kc2 = dkc.download(), vc2 = dvc.download();
+      for (int64_t kvh = 0; kvh < c.n_kv; ++kvh) {
+        for (int64_t d = 0; d < hd; ++d) {
+          const int64_t at = (kvh * c.max_ctx + pos) * hd + d;
+          const float want = kn[kvh * hd + d];
+          // The normalized key may differ from the CPU's by an ulp before rounding to fp16.
+          ASSERT_NEAR(fp16_to_fp32(kc2[at]), want, 1e-3f * std::max(1.0f, std::fabs(want)));
+          ASSERT_EQ(vc2[at], fp32_to_fp16(vn[kvh * hd + d]));
+          kc2[at] = kc[at];
+          vc2[at] = vc[at];
+        }
+      }
+      EXPECT_TRUE(kc2 == kc && vc2 == vc) << "cache changed outside position pos";
+    }
+  }
+}
+
+// --- fused MoE at the engine's shapes ----------------------------------------------------------
+
+// The staged MoE kernels (16-byte rows through cp.async, several gate/up tiles per block, the
+// down kernel's copies before its wait) at qwen3-30b-a3b's widths, on a stream: against the
+// unfused launches (bit-identical: same row dots, same combine order) and float64; then with a
+// slot map (the even experts here, compacted) against unfused over those experts only.
+void check_moe_staged(QuantType t, bool with_map) {
+  Rng rng;
+  SCOPED_TRACE(rng.trace() + " " + quant_name(t) + (with_map ? " slot map" : ""));
+  const int64_t hidden = 2048, ffn = 768, n_exp = 10, k = 8;
+  const int64_t grb = row_bytes(t, hidden), drb = row_bytes(t, ffn);
+  const int64_t gbytes = ffn * grb, dbytes = hidden * drb;
+  auto gq = quantize_matrix(t, rng.normal(n_exp * ffn * hidden, 0.05f), n_exp * ffn, hidden);
+  auto uq = quantize_matrix(t, rng.normal(n_exp * ffn * hidden, 0.05f), n_exp * ffn, hidden);
+  auto dq = quantize_matrix(t, rng.normal(n_exp * hidden * ffn, 0.05f), n_exp * hidden, ffn);
+  std::vector<int32_t> all(n_exp);
+  for (int64_t e = 0; e < n_exp; ++e) all[e] = static_cast<int32_t>(e);
+  std::shuffle(all.begin(), all.end(), rng.gen);
+  std::vector<int32_t> ids(all.begin(), all.begin() + k);
+  std::sort(ids.begin(), ids.end());
+  std::vector<float> wts(k);
+  for (auto& w : wts) w = 0.05f + 0.2f * static_cast<float>(rng.uniform_int(0, 1000)) / 1000.0f;
+  const auto x = rng.normal(hidden), resid = rng.normal(hidden);
+  // Experts on this device: all, or the even ids compacted (slot = id / 2).
+  std::vector<int32_t> slot(n_exp);
+  for (int64_t e = 0; e < n_exp; ++e) slot[e] = with_map ? (e % 2 == 0 ? e / 2 : -1) : e;
+  auto here = [&](int32_t id) { return slot[id] >= 0; };
+  auto compact = [&](const std::vector<uint8_t>& m, int64_t eb) {
+    if (!with_map) return m;
+    std::vector<uint8_t> c;
+    for (int64_t e = 0; e < n_exp; e += 2) c.insert(c.end(), m.begin() + e * eb, m.begin() + (e + 1) * eb);
+    return c;
+  };
+  Dev<uint8_t> dg(compact(gq, gbytes)), du(compact(uq, gbytes)), dd(compact(dq, dbytes));
+  Dev<int32_t> did(ids), dslot(slot);
+  Dev<float> dw(wts), dx(x), dres(resid), dres2(resid), dact(k * ffn), dact2(k * ffn), dg1(ffn),
+      du1(ffn), dy(hidden), dacc(std::vector<float>(hidden, 0.0f));
+  dact.poison();
+  Stream s;
+  const int32_t* map = with_map ? dslot.ptr() : nullptr;
+  ASSERT_EQ(launch_moe_gate_up_swiglu(t, dg.ptr(), du.ptr(), gbytes, did.ptr(), k, n_exp, dx.ptr(),
+                                      ffn, hidden, dact.ptr(), s, map),
+            cudaSuccess);
+  ASSERT_EQ(launch_moe_down_sum(t, dd.ptr(), dbytes, did.ptr(), dw.ptr(), k, n_exp, dact.ptr(),
+                                hidden, ffn, dres.ptr(), s, map),
+            cudaSuccess);
+  s.synchronize();
+  // Unfused: per expert here, in slot order.
+  std::vector<float> act2(k * ffn, 0.0f);
+  for (int64_t j = 0; j < k; ++j) {
+    if (!here(ids[j])) continue;
+    const int64_t sl = slot[ids[j]];
+    ASSERT_EQ(launch_matvec_rowwarp(t, dg.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, dg1.ptr(),
+                                    nullptr),
+              cudaSuccess);
+    ASSERT_EQ(launch_matvec_rowwarp(t, du.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, du1.ptr(),
+                                    nullptr),
+              cudaSuccess);
+    ASSERT_EQ(launch_swiglu(dg1.ptr(), du1.ptr(), ffn, dact2.ptr() + j * ffn, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(launch_matvec_rowwarp(t, dd.ptr() + sl * dbytes, dact2.ptr() + j * ffn, hidden, ffn,
+                                    dy.ptr(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(launch_axpy_accumulate(wts[j], dy.ptr(), hidden, dacc.ptr(), nullptr), cudaSuccess);
+    auto a = dact2.download();
+    std::copy(a.begin() + j * ffn, a.begin() + (j + 1) * ffn, act2.begin() + j * ffn);
+  }
+  ASSERT_EQ(launch_add_inplace(dres2.ptr(), dacc.ptr(), hidden, nullptr), cudaSuccess);
+  const auto act = dact.download(), out = dres.download(), out2 = dres2.download();
+  EXPECT_EQ(std::memcmp(act.data(), act2.data(), act.size() * 4), 0) << "act fused vs unfused";
+  EXPECT_EQ(std::memcmp(out.data(), out2.data(), out.size() * 4), 0) << "out fused vs unfused";
+  // float64 reference of the experts here.
+  std::vector<float> gf(hidden), uf(hidden), df(ffn);
+  std::vector<double> ref(resid.begin(), resid.end()), aref(k * ffn, 0.0);
+  for (int64_t j = 0; j < k; ++j) {
+    if (!here(ids[j])) continue;
+    for (int64_t r = 0; r < ffn; ++r) {
+      dequantize_row(t, &gq[(ids[j] * ffn + r) * grb], gf.data(), hidden);
+      dequantize_row(t, &uq[(ids[j] * ffn + r) * grb], uf.data(), hidden);
+      double g = 0, u = 0;
+      for (int64_t c = 0; c < hidden; ++c) {
+        g += double(gf[c]) * x[c];
+        u += double(uf[c]) * x[c];
+      }
+      aref[j * ffn + r] = g / (1.0 + std::exp(-g)) * u;
+    }
+    for (int64_t r = 0; r < hidden; ++r) {
+      dequantize_row(t, &dq[(ids[j] * hidden + r) * drb], df.data(), ffn);
+      double d = 0;
+      for (int64_t c = 0; c < ffn; ++c) d += double(df[c]) * aref[j * ffn + c];
+      ref[r] += wts[j] * d;
+    }
+  }
+  EXPECT_CLOSE(act, aref, 1e-5);
+  EXPECT_CLOSE(out, ref, 1e-5);
+}
+
+TEST(CudaMoeStaged, EngineShapesMatchUnfusedAndReference) {
+  KTUNE_REQUIRE_GPU();
+  for (QuantType t : {QuantType::Q4_0, QuantType::Q8_0}) {
+    for (bool map : {false, true}) check_moe_staged(t, map);
   }
 }
 

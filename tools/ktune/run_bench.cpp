@@ -329,6 +329,7 @@ struct ConfigResult {
   Stat prefill, decode;
   std::string engine_desc;
   int reps_done = 0;
+  double device_gb_s = 0.0;  // GpuEngine rows: cuda:0's measured bandwidth (0: unknown)
 };
 
 std::string layer_signature(const LayerPlacement& lp) {
@@ -505,7 +506,7 @@ void run_placements(const RunOptions& opt) {
       for (int t : ts) {
         if (interrupted()) break;
         RunResult rr = bench_one(model, opt, t, r.context);
-        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done});
+        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done, 0.0});
       }
     } else {
       GpuBenchSettings s;
@@ -529,7 +530,7 @@ void run_placements(const RunOptions& opt) {
       s.label = r.label;
       // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
       GpuBenchResult g = bench_gpu_engine(model, s, prompt);
-      results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps});
+      results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});
     }
   }
   int reps_done = 0;
@@ -541,11 +542,22 @@ void run_placements(const RunOptions& opt) {
   const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
   const std::string isa = cpu::isa_name(cpu::detect_isa());
   const GpuInfo gpus = query_gpus();
+  // The memory-bound limit of a row: bytes per token / the DRAM probe for the CpuEngine, /
+  // cuda:0's measured bandwidth for the GpuEngine (every weight on the GPU); none for hybrid
+  // rows (two memories at once).
+  auto row_limit = [&](const ConfigResult& c) -> double {
+    switch (runs[c.placement].engine) {
+      case EngineKind::Cpu:
+        return limit_tok_s;
+      case EngineKind::Gpu:
+        return c.device_gb_s * 1e9 / bytes_tok;
+      default:
+        return 0.0;
+    }
+  };
   auto pct_of_limit = [&](const ConfigResult& c) -> double {
-    // The DRAM limit describes the CpuEngine only; GPU runs have no measured bound here yet.
-    return runs[c.placement].engine == EngineKind::Cpu && limit_tok_s > 0
-               ? c.decode.mean / limit_tok_s
-               : 0.0;
+    const double lim = row_limit(c);
+    return lim > 0 ? c.decode.mean / lim : 0.0;
   };
 
   if (opt.json) {
@@ -580,7 +592,9 @@ void run_placements(const RunOptions& opt) {
                           {"repetitions_done", c.reps_done},
                           {"prefill_tok_s", c.prefill.to_json()},
                           {"decode_tok_s", c.decode.to_json()},
-                          {"decode_fraction_of_limit", pct_of_limit(c)}};
+                          {"decode_fraction_of_limit", pct_of_limit(c)},
+                          {"memory_bound_decode_tok_s", row_limit(c)}};
+      if (runs[c.placement].engine == EngineKind::Gpu) j["device_gb_s"] = c.device_gb_s;
       j["threads"] = c.threads > 0 ? nlohmann::json(c.threads) : nlohmann::json(nullptr);
       out.push_back(j);
     }
@@ -607,6 +621,14 @@ void run_placements(const RunOptions& opt) {
                            runs.size(), runs.size() == 1 ? "" : "s");
   if (opt.probe && any_cpu) {
     std::cout << memory_line(bw, bytes_tok, limit_tok_s, " (cpu engine)");
+  }
+  for (const ConfigResult& c : results) {
+    if (runs[c.placement].engine != EngineKind::Gpu || c.device_gb_s <= 0) continue;
+    std::cout << fmt::format(
+        "# memory: cuda:0 device-to-device copy {:.0f} GB/s (read + write); decode reads {} per "
+        "token => memory-bound limit {:.1f} tok/s (gpu engine)\n",
+        c.device_gb_s, format_bytes(bytes_tok), row_limit(c));
+    break;
   }
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
   if (partial.signal != 0) std::cout << partial_line(partial);

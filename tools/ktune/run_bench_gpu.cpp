@@ -6,11 +6,55 @@
 
 #include "cli.h"
 #include "ktune/engine/gpu_engine.h"
+#if KTUNE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace ktune::cli {
 
+namespace {
+
+// cuda:0's bandwidth for the memory-bound decode limit: 10 device-to-device copies of 256 MiB
+// after one warm-up, (read + written bytes) / time, in GB/s; 0 when it cannot be measured (no
+// CUDA build, no device, not enough free memory). Run before the engine takes its memory.
+double measure_device_gb_s() {
+#if KTUNE_WITH_CUDA
+  const size_t bytes = size_t{256} << 20;
+  void* a = nullptr;
+  void* b = nullptr;
+  double gb_s = 0.0;
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  if (cudaSetDevice(0) == cudaSuccess && cudaMalloc(&a, bytes) == cudaSuccess &&
+      cudaMalloc(&b, bytes) == cudaSuccess && cudaEventCreate(&e0) == cudaSuccess &&
+      cudaEventCreate(&e1) == cudaSuccess && cudaMemset(a, 1, bytes) == cudaSuccess &&
+      cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice) == cudaSuccess) {
+    const int reps = 10;
+    bool ok = cudaEventRecord(e0) == cudaSuccess;
+    for (int i = 0; i < reps && ok; ++i) {
+      ok = cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice) == cudaSuccess;
+    }
+    float ms = 0.0f;
+    if (ok && cudaEventRecord(e1) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
+        cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms > 0.0f) {
+      gb_s = 2.0 * static_cast<double>(bytes) * reps / (ms * 1e-3) / 1e9;
+    }
+  }
+  if (e0) cudaEventDestroy(e0);
+  if (e1) cudaEventDestroy(e1);
+  if (a) cudaFree(a);
+  if (b) cudaFree(b);
+  cudaGetLastError();  // a failure here only means "no limit"
+  return gb_s;
+#else
+  return 0.0;
+#endif
+}
+
+}  // namespace
+
 GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSettings& s,
                                 const std::vector<int32_t>& prompt_tokens) {
+  const double device_gb_s = measure_device_gb_s();
   GpuEngineOptions o;
   o.max_context = s.max_context;
   o.cuda_graph = s.cuda_graph;
@@ -47,6 +91,7 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   r.decode = Stat::of(tg);
   r.describe = engine.describe();
   r.device_bytes = engine.device_bytes();
+  r.device_gb_s = device_gb_s;
   return r;
 }
 

@@ -31,6 +31,9 @@ struct GpuBenchResult {
   Stat decode;   // tok/s
   std::string describe;
   int64_t device_bytes = 0;
+  // cuda:0's memory bandwidth measured before the engine was built: device-to-device copies of
+  // 256 MiB, bytes read + written per second (0 when it could not be measured).
+  double device_gb_s = 0.0;
 };
 
 // Builds a GpuEngine (weights copied to cuda:0), runs rep 0 as warm-up and `reps` timed

@@ -133,9 +133,17 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
 //               (ids/weights sorted by expert id, renormalized when topk_norm). Needs counter: one
 //               zero-initialized unsigned in device memory per concurrent launch (reset by the
 //               kernel, so a captured graph replays it).
-// Types: Q4_0, Q8_0, BF16, F32; cols % 32 == 0, cols (+ n_experts with topk) <= 12288 floats;
-// weights 2-byte (quant) or 16-byte (BF16/F32) aligned; x any float alignment. Each row's dot
-// is a fixed-order sum (rowwarp_dot.cuh layout, x staged in shared memory): deterministic.
+//   argmax_out  greedy tail: *argmax_out = index of the largest output over all rows (ties: the
+//               lowest index; NaN never wins; -1 when every output is NaN), as launch_argmax.
+//               Needs counter (as above) and argmax_key: one zero-initialized 64-bit word in
+//               device memory (reset by the kernel). With advance_pos: then, as
+//               launch_decode_advance, advance_history[*advance_pos] = token (when *advance_pos <
+//               advance_len) and ++*advance_pos. Not with topk_ids.
+// Types: Q4_0, Q8_0, BF16, F32; cols % 32 == 0, cols <= 16384; weights 2-byte (quant) or 16-byte
+// (BF16/F32) aligned (16-byte rows stream fastest); x any float alignment. Each row's dot is a
+// fixed-order sum (rowwarp_dot.cuh layout, rows and x staged in shared memory): deterministic.
+// Launched with programmatic dependent launch on a non-default stream (common.cuh): the weights
+// are copied before the kernel waits for the previous launch.
 // rows_per_warp: 0 = by row count; 1, 2 or 4 force it (benchmarks).
 struct MatvecSegment {
   const void* w = nullptr;
@@ -157,6 +165,11 @@ struct MatvecFused {
   int64_t topk_k = 0;
   bool topk_norm = false;
   unsigned* counter = nullptr;
+  unsigned long long* argmax_key = nullptr;
+  int32_t* argmax_out = nullptr;
+  int32_t* advance_pos = nullptr;
+  int32_t* advance_history = nullptr;
+  int64_t advance_len = 0;
   int rows_per_warp = 0;
 };
 cudaError_t launch_matvec_fused(const MatvecFused& args, cudaStream_t stream);
@@ -166,9 +179,11 @@ cudaError_t matvec_fused_prepare();
 
 // launch_attention_decode with the q/k head RMSNorm and NEOX RoPE folded in: q_raw [n_heads][hd]
 // and k_raw [n_kv][hd] straight from the projections; each block normalizes (w * (x * r), r =
-// 1/sqrt(mean(x^2) + eps), q_norm / k_norm: hd floats) and rotates its head (launch_rope_neox's
+// 1/sqrt(mean(x^2) + eps), q_norm / k_norm: hd floats) and rotates its heads (launch_rope_neox's
 // arithmetic, position *pos, inv_freq: hd/2 floats) in shared memory; the cache receives the
-// normalized, rotated k. Same workspace and requirements as launch_attention_decode.
+// normalized, rotated k. Same workspace and requirements as launch_attention_decode. On sm_90
+// with head_dim % 64 == 0 and n_heads / n_kv <= 16 it is one launch (a thread-block cluster per
+// kv head, partial results merged through distributed shared memory; the workspace is unused).
 cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float* k_raw,
                                                 const float* v_new, const float* q_norm,
                                                 const float* k_norm, float eps,
