@@ -291,7 +291,6 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
     }
   }
   detail::pdl_wait();
-  detail::pdl_trigger();
 
   float m_run = -INFINITY, l_run = 0.0f;
   float4 o_run[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
@@ -440,8 +439,11 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
     pml[2 * warp] = m_run;
     pml[2 * warp + 1] = l_run;
   }
+  detail::pdl_trigger();
   cluster.sync();
   // ---- merge in rank order: rank r finishes heads r, r + 8, ... of the group ----
+  // Ranks past the last chunk hold (-inf, 0, 0) and would add exact zeros: skipped.
+  const int ranks = ok ? min(kClusterBlocks, P / kKvChunk + 1) : 0;
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
     const int hh = i / hd, d = i % hd;
     if (hh % kClusterBlocks != rank) continue;
@@ -451,11 +453,11 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
       continue;
     }
     float M = -INFINITY;
-    for (int r = 0; r < kClusterBlocks; ++r) {
+    for (int r = 0; r < ranks; ++r) {
       M = fmaxf(M, cluster.map_shared_rank(pml, r)[2 * hh]);
     }
     float Lsum = 0.0f, acc = 0.0f;
-    for (int r = 0; r < kClusterBlocks; ++r) {
+    for (int r = 0; r < ranks; ++r) {
       const float* ml = cluster.map_shared_rank(pml, r);
       const float e = expf(ml[2 * hh] - M);
       Lsum = fmaf(e, ml[2 * hh + 1], Lsum);

@@ -71,7 +71,7 @@ constexpr int kWarps = kThreads / detail::kWarp;
 constexpr int kStages = 3;
 // One tile per block up to this many bytes of rows; beyond it tiles of kTileBytes in the ring.
 constexpr int64_t kSingleTileBytes = 64 * 1024;
-constexpr int64_t kTileBytes = 32 * 1024;
+constexpr int64_t kTileBytes = 40 * 1024;
 constexpr int kMaxSmemBytes = 200 * 1024;
 
 struct MvParams {
@@ -154,9 +154,8 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
     detail::cp_async_commit();
   }
   detail::pdl_wait();
-  detail::pdl_trigger();
 
-  // ---- stage x (normalized when norm_w) ----
+  // ---- stage x (normalized when norm_w), permuted for conflict-free reads ----
   if (p.norm_w != nullptr) {
     float ss = 0.0f;
 #pragma unroll 4
@@ -164,16 +163,10 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
     ss = detail::block_sum(ss, red);
     const float mean = ss / static_cast<float>(p.cols);
     const float r = 1.0f / sqrtf(mean + p.eps);
-    const bool out = p.norm_out != nullptr && blockIdx.x == 0;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < p.cols; i += kThreads) {
-      const float v = p.norm_w[i] * (p.x[i] * r);
-      sx[i] = v;
-      if (out) p.norm_out[i] = v;
-    }
+    detail::stage_x_perm<T>(sx, p.x, p.cols, p.norm_w, r,
+                            blockIdx.x == 0 ? p.norm_out : nullptr);
   } else {
-#pragma unroll 4
-    for (int i = threadIdx.x; i < p.cols; i += kThreads) sx[i] = p.x[i];
+    detail::stage_x_perm<T>(sx, p.x, p.cols);
   }
 
   // ---- rows, tile by tile ----
@@ -200,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
         xv[r] = sx;
       }
       float out[R];
-      detail::warp_rows_dot_smem<T, R>(rows, xv, p.nb, out);
+      detail::warp_rows_dot_smem<T, R, true>(rows, xv, p.nb, out);
       if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -216,6 +209,8 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
     }
     __syncthreads();  // everyone is done with this stage before it is refilled
   }
+  // The next launch may start now (its weight copies overlap this kernel's tail).
+  detail::pdl_trigger();
 
   if (p.counter == nullptr) return;  // uniform over the grid
   if (p.argmax_key != nullptr) {
@@ -371,10 +366,12 @@ cudaError_t launch_matvec_fused(const MatvecFused& a, cudaStream_t stream) {
   grid = (total + rpb - 1) / rpb;
   const int64_t x_bytes = 4 * (a.cols + (topk ? a.seg[0].rows : 0));
   const int64_t avail = setup().smem_limit - x_bytes;
-  const int64_t tile_rows =
+  int64_t tile_rows =
       rpb * rb + 15 <= std::min(kSingleTileBytes, avail)
           ? rpb
           : std::max<int64_t>(1, std::min(kTileBytes, avail / kStages - 15) / rb);
+  // Streaming tiles: a whole number of 2-row groups per warp when they are that large.
+  if (tile_rows < rpb && tile_rows >= 2 * kWarps) tile_rows -= tile_rows % (2 * kWarps);
   const int64_t tiles = (rpb + tile_rows - 1) / tile_rows;
   const int64_t stage_bytes = (tile_rows * rb + 15) / 16 * 16;
   const int64_t n_stages = std::min<int64_t>(tiles, kStages);
@@ -406,7 +403,7 @@ cudaError_t launch_matvec_fused(const MatvecFused& a, cudaStream_t stream) {
   p.advance_len = static_cast<int>(a.advance_len);
 
   int R = a.rows_per_warp;
-  if (R != 1 && R != 2 && R != 4) R = tile_rows >= 4 * kWarps ? 2 : 1;
+  if (R != 1 && R != 2 && R != 4) R = tile_rows >= 2 * kWarps ? 2 : 1;
   const unsigned g = static_cast<unsigned>(grid);
   const size_t sm = static_cast<size_t>(smem);
   if (R == 1) return launch_r<1>(a.type, g, sm, p, stream);

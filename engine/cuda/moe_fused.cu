@@ -253,13 +253,12 @@ __global__ void __launch_bounds__(kStagedThreads) moe_gate_up_staged(const GuPar
   const int ntiles = (u_end - u_begin + p.tl.tile - 1) / p.tl.tile;
 
   detail::pdl_wait();  // ids and x come from the router launch
-  detail::pdl_trigger();
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < ntiles) issue_gu_tile(p, u_begin, u_end, t, stages + t * p.tl.stage_bytes);
     detail::cp_async_commit();
   }
-  for (int i = threadIdx.x; i < p.hidden; i += kStagedThreads) sx[i] = p.x[i];
+  detail::stage_x_perm<T>(sx, p.x, p.hidden);
 
   const int warp = threadIdx.x / detail::kWarp;
   const int lane = threadIdx.x % detail::kWarp;
@@ -288,13 +287,14 @@ __global__ void __launch_bounds__(kStagedThreads) moe_gate_up_staged(const GuPar
                                         base + static_cast<int64_t>(p.tl.tile + lu) * p.row_bytes};
         const float* const xs[2] = {sx, sx};
         float gu[2];
-        detail::warp_rows_dot_smem<T, 2>(rows, xs, p.nb, gu);
+        detail::warp_rows_dot_smem<T, 2, true>(rows, xs, p.nb, gu);
         v = detail::swiglu(gu[0], gu[1]);
       }
       if (lane == 0) p.act[u] = v;
     }
     __syncthreads();
   }
+  detail::pdl_trigger();
 }
 
 struct DnParams {
@@ -345,7 +345,6 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
     detail::cp_async_commit();
   }
   detail::pdl_wait();
-  detail::pdl_trigger();
   int changed = 0;
   for (int j = threadIdx.x; j < p.k; j += kStagedThreads) changed |= p.ids[j] != sids[j];
   if (__syncthreads_or(changed)) {  // ids rewritten after the prefetch: copy again
@@ -359,7 +358,9 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
       detail::cp_async_commit();
     }
   }
-  for (int i = threadIdx.x; i < p.k * p.ffn; i += kStagedThreads) sact[i] = p.act[i];
+  for (int j = 0; j < p.k; ++j) {
+    detail::stage_x_perm<T>(sact + j * p.ffn, p.act + static_cast<int64_t>(j) * p.ffn, p.ffn);
+  }
   bool bad = false;
   for (int j = 0; j < p.k; ++j) bad = bad || expert_slot(sids[j], p.n_experts, p.slot_of) == -2;
 
@@ -395,7 +396,7 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
             xs[i] = sact + js[i] * p.ffn;
           }
           float d[4];
-          detail::warp_rows_dot_smem<T, 4>(rows, xs, p.nb, d);
+          detail::warp_rows_dot_smem<T, 4, false>(rows, xs, p.nb, d);
           if (lane == 0) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) dw[js[i]] = d[i];
@@ -406,7 +407,7 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
                 base + (static_cast<int64_t>(js[i]) * p.tl.tile + lr) * p.row_bytes};
             const float* const xs[1] = {sact + js[i] * p.ffn};
             float d[1];
-            detail::warp_rows_dot_smem<T, 1>(rows, xs, p.nb, d);
+            detail::warp_rows_dot_smem<T, 1, true>(rows, xs, p.nb, d);
             if (lane == 0) dw[js[i]] = d[0];
           }
         }
@@ -424,6 +425,7 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
     }
     __syncthreads();
   }
+  detail::pdl_trigger();
 }
 
 // SM count and the shared-memory opt-in of the staged kernels, once per process.

@@ -246,10 +246,54 @@ __device__ __forceinline__ void warp_rows_dot(const uint8_t* const* rows, const 
   for (int r = 0; r < R; ++r) out[r] = warp_sum(acc[r]);
 }
 
-// warp_rows_dot with the rows and the x vectors in shared memory (staged by cp.async): the same
-// per-lane order (blocks lane/4, lane/4 + 8, ...; one D::dot per block) and butterfly, so every
-// result is bit-identical to warp_rows_dot's on the same bytes.
-template <QuantType T, int R>
+// ---- rows and x in shared memory (staged by cp.async) ----
+//
+// x is kept in shared memory permuted, so that the two float4 a lane reads per step sit at
+// 16 * b + 4 * s and 16 * nb + 16 * b + 4 * s: the 8 lanes of a quarter-warp (blocks b, b + 1,
+// slices 0..3) then read 32 consecutive floats, free of bank conflicts (in x's natural layout
+// blocks b and b + 1 are 128 bytes apart and collide). Element 32 * b + c goes to
+// part * 16 * nb + 16 * b + r with (part, r) = (c / 16, c % 16) for Q4_0 (a slice's elements
+// 4s..4s+3 and 16+4s..16+4s+3) and (c / 4 % 2, 4 * (c / 8) + c % 4) for the 8-consecutive-element
+// slices of Q8_0, BF16 and F32. Same values, same order: results are bit-identical.
+template <QuantType T>
+__device__ __forceinline__ int xperm(int e, int nb) {
+  const int b = e >> 5, c = e & 31;
+  if (T == QuantType::Q4_0) return (c >> 4) * 16 * nb + 16 * b + (c & 15);
+  return ((c >> 2) & 1) * 16 * nb + 16 * b + 4 * (c >> 3) + (c & 3);
+}
+
+// dst[xperm(e)] = src[e] for e < n (n % 32 == 0), by the whole block; when norm_w, the value is
+// norm_w[e] * (src[e] * r) instead (the caller's RMSNorm scale r).
+template <QuantType T>
+__device__ __forceinline__ void stage_x_perm(float* dst, const float* __restrict__ src, int n,
+                                             const float* __restrict__ norm_w = nullptr,
+                                             float r = 1.0f, float* __restrict__ also = nullptr) {
+  const int nb = n / 32;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    float v = src[e];
+    if (norm_w != nullptr) v = norm_w[e] * (v * r);
+    dst[xperm<T>(e, nb)] = v;
+    if (also != nullptr) also[e] = v;
+  }
+}
+
+__device__ __forceinline__ void load_x8_perm(const float* x, int nb, int b, int s, float xv[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(x + 16 * b + 4 * s);
+  const float4 c = *reinterpret_cast<const float4*>(x + 16 * nb + 16 * b + 4 * s);
+  xv[0] = a.x;
+  xv[1] = a.y;
+  xv[2] = a.z;
+  xv[3] = a.w;
+  xv[4] = c.x;
+  xv[5] = c.y;
+  xv[6] = c.z;
+  xv[7] = c.w;
+}
+
+// warp_rows_dot with the rows in shared memory and x permuted there (xs[r]: row r's x; kSameX:
+// every row uses xs[0], read once per step): the same per-lane order (blocks lane/4, lane/4 + 8,
+// ...; one D::dot per block) and butterfly, so every result is bit-identical to warp_rows_dot's.
+template <QuantType T, int R, bool kSameX>
 __device__ __forceinline__ void warp_rows_dot_smem(const uint8_t* const* rows,
                                                    const float* const* xs, int nb, float* out) {
   using D = RowDot<T>;
@@ -263,10 +307,11 @@ __device__ __forceinline__ void warp_rows_dot_smem(const uint8_t* const* rows,
     typename D::Frag f[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) f[r] = D::lds(rows[r], b, s);
+    float xv[8];
+    if (kSameX) load_x8_perm(xs[0], nb, b, s, xv);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float xv[8];
-      load_x8<T, false>(xs[r], b, s, xv);
+      if (!kSameX) load_x8_perm(xs[r], nb, b, s, xv);
       acc[r] = D::dot(acc[r], f[r], xv);
     }
   }
