@@ -59,9 +59,9 @@ __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) {
 
 // ---- programmatic dependent launch (PDL) and asynchronous copies --------------------------------
 //
-// The decode step launches its kernels with cudaLaunchAttributeProgrammaticStreamSerialization
-// (launch_kernel below), so the next kernel's blocks start while the previous kernel is still
-// running: they issue the loads that do not depend on it (weights, the KV cache of earlier
+// With KTUNE_PDL=1 the decode step launches its kernels with
+// cudaLaunchAttributeProgrammaticStreamSerialization (launch_kernel below), so the next kernel's
+// blocks start while the previous kernel is still running: they issue the loads that do not depend on it (weights, the KV cache of earlier
 // positions) and then block in pdl_wait() until the previous grid has completed and its writes
 // are visible. Every such kernel follows two rules:
 //   1. it calls pdl_wait() in every block before it reads anything the previous kernel writes,
@@ -136,8 +136,9 @@ __device__ __forceinline__ void copy_to_smem_async(uint8_t* dst, const uint8_t* 
 
 namespace ktune::cuda::detail {
 
-// Whether launches on `stream` get the programmatic-serialization attribute: a non-default stream
-// on a device of compute capability 9.0 or newer, unless KTUNE_PDL=0 (kill switch, A/B timing).
+// Whether launches on `stream` get the programmatic-serialization attribute: with KTUNE_PDL=1, a
+// non-default stream on a device of compute capability 9.0 or newer (off by default: measured
+// slower for the decode step on the H100, see matvec_fused.cu).
 bool pdl_enabled(cudaStream_t stream);
 
 // kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx, with the PDL

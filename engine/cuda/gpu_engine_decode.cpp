@@ -31,8 +31,9 @@ void GpuEngine::Impl::enqueue_step() {
 // q/k head norms and RoPE folded in (one cluster launch on sm_90); o matvec + residual; ffn
 // RMSNorm + router matvec + softmax top-k (writes h for the MoE); gate/up/SwiGLU; down + weighted
 // sum + residual. Then the output head with the final RMSNorm as prologue and the greedy tail
-// (argmax, history, position). Every launch is programmatic-dependent on a non-default stream
-// (common.cuh): each kernel copies its weights while the previous one finishes.
+// (argmax, history, position). With KTUNE_PDL=1 every launch is programmatic-dependent
+// (common.cuh): each kernel copies its weights while the previous one finishes (measured slower
+// on the H100, hence opt-in).
 void GpuEngine::Impl::enqueue_step_fused() {
   cudaStream_t s = stream;
   const float eps = cfg.rms_eps;

@@ -142,8 +142,8 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
 // Types: Q4_0, Q8_0, BF16, F32; cols % 32 == 0, cols <= 16384; weights 2-byte (quant) or 16-byte
 // (BF16/F32) aligned (16-byte rows stream fastest); x any float alignment. Each row's dot is a
 // fixed-order sum (rowwarp_dot.cuh layout, rows and x staged in shared memory): deterministic.
-// Launched with programmatic dependent launch on a non-default stream (common.cuh): the weights
-// are copied before the kernel waits for the previous launch.
+// With KTUNE_PDL=1, launched with programmatic dependent launch on a non-default stream
+// (common.cuh): the weights are copied before the kernel waits for the previous launch.
 // rows_per_warp: 0 = by row count; 1, 2 or 4 force it (benchmarks).
 struct MatvecSegment {
   const void* w = nullptr;
