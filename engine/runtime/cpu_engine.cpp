@@ -41,6 +41,7 @@
 
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
+#include "ktune/engine/trace.h"
 #include "runtime/cpu_ops.h"
 
 namespace ktune {
@@ -616,6 +617,7 @@ struct CpuEngine::Impl {
     cpu_ops::rope_table(pos, inv_freq.data(), hd, rope_cs.data());
     // run() publishes these (its hand-off is sequentially consistent).
     for (int64_t i = 0; i < n_tickets; ++i) tickets[i].next.store(0, std::memory_order_relaxed);
+    trace::Scope step(trace::Phase::DecodeStep, 1);
     pool->run([&](int ith, int n) { decode_region(ith, n, logits); });
     profiled_steps += profile ? 1 : 0;
     ++pos;
@@ -665,11 +667,18 @@ struct CpuEngine::Impl {
   void decode_region(int ith, int n, float* logits) {
     Local& me = local[ith];
     if (profile && ith == 0) phase_t0 = std::chrono::steady_clock::now();
+    // Host spans per worker, layer and phase (trace.h; one atomic load each when not tracing).
+    // A span ends after the phase's closing barrier, so a worker's spans tile the step.
+    trace::name_thread("cpu worker", ith);
     for (int64_t l = 0; l < layers; ++l) {
-      decode_attention(l, ith, n, me);
+      {
+        trace::Scope s(trace::Phase::Attention, static_cast<int32_t>(l));
+        decode_attention(l, ith, n, me);
+      }
       decode_moe(l, ith, n, me);
     }
     if (logits == nullptr) return;
+    trace::Scope head(trace::Phase::Sampling);  // the output head
     cpu_ops::rmsnorm(x.data(), out_norm.data(), cfg.rms_eps, hidden, me.hf.data());
     me.hf_act.quantize_row(me.hf.data(), 0, isa);
     const uint8_t* act = me.hf_act.rows(out_w->type, me.hf.data());
@@ -783,14 +792,18 @@ struct CpuEngine::Impl {
 
   void decode_moe(int64_t l, int ith, int n, Local& me) {
     const LayerWeights& L = w.layers[l];
-    // 4. Norm + quantization (router and experts' forms) per thread; router rows.
-    cpu_ops::rmsnorm(x.data(), norms[l].ffn.data(), cfg.rms_eps, hidden, me.h2.data());
-    me.h2_act.quantize_row(me.h2.data(), 0, isa);
-    const uint8_t* r_act = me.h2_act.rows(L.router.type, me.h2.data());
-    for_chunks(kRouter, ticket(l, kRouter), ith, n, [&](int64_t r0, int64_t r1) {
-      matvec(L.router, L.router.data, r0, r1, r_act, rlog.data() + r0);
-    });
-    sync(ith, 4);  // router
+    {
+      trace::Scope s(trace::Phase::Router, static_cast<int32_t>(l));
+      // 4. Norm + quantization (router and experts' forms) per thread; router rows.
+      cpu_ops::rmsnorm(x.data(), norms[l].ffn.data(), cfg.rms_eps, hidden, me.h2.data());
+      me.h2_act.quantize_row(me.h2.data(), 0, isa);
+      const uint8_t* r_act = me.h2_act.rows(L.router.type, me.h2.data());
+      for_chunks(kRouter, ticket(l, kRouter), ith, n, [&](int64_t r0, int64_t r1) {
+        matvec(L.router, L.router.data, r0, r1, r_act, rlog.data() + r0);
+      });
+      sync(ith, 4);  // router
+    }
+    trace::Scope experts(trace::Phase::MoeCpu, static_cast<int32_t>(l));
 
     // 5. Top-k (each thread its own identical copy), then gate+up+SwiGLU over (expert, unit).
     int32_t* sel = me.sel.data();
@@ -868,6 +881,7 @@ struct CpuEngine::Impl {
     for (int64_t t = 0; t < T; ++t) {
       cpu_ops::rope_table(pos + t, inv_freq.data(), hd, PCS.data() + t * hd);
     }
+    trace::Scope step(trace::Phase::PrefillStep, static_cast<int32_t>(T));
     pool->run([&](int ith, int n) { prefill_region(T, logits, all_positions, ith, n); });
     pos += T;
   }
@@ -881,8 +895,13 @@ struct CpuEngine::Impl {
   }
 
   void prefill_region(int64_t T, float* logits, bool all_positions, int ith, int n) {
+    trace::name_thread("cpu worker", ith);
     for (int64_t l = 0; l < layers; ++l) {
-      prefill_attention(l, T, ith, n);
+      {
+        trace::Scope s(trace::Phase::Attention, static_cast<int32_t>(l));
+        prefill_attention(l, T, ith, n);
+      }
+      trace::Scope s(trace::Phase::MoeCpu, static_cast<int32_t>(l));  // router included
       prefill_moe(l, T, ith, n);
     }
     if (logits == nullptr) return;

@@ -70,6 +70,8 @@ int run_cli(int argc, char** argv) {
   add_convert_command(app);
   add_probe_command(app);
   add_info_command(app);
+  add_profile_command(app);
+  add_trace_command(app);
 
   // Ctrl-C / SIGTERM set a flag that long loops poll (interrupt.h); they throw Interrupted.
   InterruptScope interrupt_scope;

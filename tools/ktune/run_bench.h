@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ktune/engine/memory_plan.h"
+#include "ktune/engine/model.h"
 #include "ktune/engine/placement.h"
 
 namespace ktune::cli {
@@ -100,5 +101,24 @@ PlacementSummary summarize_placement(const std::string& label, const Placement& 
 // "layers 0-23: attention cuda:0, experts cuda:0; layers 24-47: attention cuda:0, experts cpu"
 // (consecutive layers with the same devices grouped; at most `max_groups`, then "...").
 std::string describe_layer_devices(const Placement& p, int max_groups = 4);
+
+}  // namespace ktune::cli
+
+namespace ktune::cli {
+
+// For `ktune profile` (added by the profiler): the ONE placement `opt` describes (a plain
+// --model: all on cpu; --experts-on-gpu N; or one --config) resolved, with the runtime
+// overrides applied, planned, checked against budgets and devices, its engine chosen, and the
+// model loaded. Throws ktune::Error like run_benchmark.
+struct PreparedRun {
+  std::string label;
+  Placement placement;
+  EngineKind engine = EngineKind::Cpu;
+  PlacementSummary summary;
+  int64_t context = 0;
+  int threads = 0;  // CPU threads of the engine (the CpuEngine, or the hybrid's CPU experts)
+  ModelWeights model;
+};
+PreparedRun prepare_single_run(const RunOptions& opt);
 
 }  // namespace ktune::cli

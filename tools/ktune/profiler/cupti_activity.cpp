@@ -1,0 +1,551 @@
+// CUPTI activity tracing (profiler/cupti_activity.h). Every CUPTI call is checked; a failure
+// turns the session off with the call named in error(), never an exception or an abort.
+#include "profiler/cupti_activity.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "ktune/engine/trace.h"
+
+#if KTUNE_WITH_CUPTI
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cupti.h>
+#include <cxxabi.h>
+#include <dlfcn.h>
+#endif
+#if KTUNE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace ktune::profiler {
+
+CuptiAvailability cupti_availability() {
+  CuptiAvailability a;
+#if KTUNE_WITH_CUPTI
+  a.built = true;
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    a.reason = std::string("no GPU (cudaGetDeviceCount: ") + cudaGetErrorString(e) + ")";
+    cudaGetLastError();
+  } else if (n == 0) {
+    a.reason = "no GPU (cudaGetDeviceCount found none)";
+  } else {
+    a.usable = true;
+  }
+#elif KTUNE_WITH_CUDA
+  a.reason = "this build has no CUPTI (CMake found no CUDA::cupti)";
+#else
+  a.reason = "this build has no CUDA backend";
+#endif
+  return a;
+}
+
+#if KTUNE_WITH_CUPTI
+
+namespace {
+
+// Records parsed as buffers complete (CUPTI's thread) and handed over in drain_into.
+struct Parsed {
+  std::vector<GpuOp> ops;
+  std::vector<ApiCall> api;
+  std::vector<SyncEvent> syncs;
+  struct MarkerEnd {
+    uint32_t id;
+    int64_t time;
+  };
+  std::vector<Marker> marker_starts;  // end filled from marker_ends by id
+  std::vector<uint32_t> marker_ids;
+  std::vector<MarkerEnd> marker_ends;
+  std::unordered_map<uint32_t, int64_t> marker_payload;
+  std::map<uint64_t, uint64_t> clone_of;
+  std::vector<std::string> strings;
+  std::unordered_map<std::string, int32_t> string_index;
+  uint64_t dropped = 0;
+  int64_t overhead_ns = 0;
+  int32_t intern(const std::string& s) {
+    auto it = string_index.find(s);
+    if (it != string_index.end()) return it->second;
+    strings.push_back(s);
+    const auto i = static_cast<int32_t>(strings.size() - 1);
+    string_index.emplace(s, i);
+    return i;
+  }
+};
+
+std::string short_kernel_name(const char* mangled) {
+  if (mangled == nullptr) return "kernel";
+  int status = 0;
+  char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  std::string s = status == 0 && d != nullptr ? d : mangled;
+  std::free(d);
+  // Drop the parameter list: "ns::kernel<...>(float const*, ...)" -> "ns::kernel<...>".
+  int depth = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '<') ++depth;
+    if (s[i] == '>') --depth;
+    if (s[i] == '(' && depth == 0 && i > 0) {
+      s.resize(i);
+      break;
+    }
+  }
+  return s;
+}
+
+std::string api_name(CUpti_CallbackDomain domain, uint32_t cbid) {
+  const char* n = nullptr;
+  if (cuptiGetCallbackName(domain, cbid, &n) != CUPTI_SUCCESS || n == nullptr) {
+    return "api " + std::to_string(cbid);
+  }
+  std::string s = n;
+  const size_t v = s.rfind("_v");
+  if (v != std::string::npos && v + 2 < s.size() &&
+      s.find_first_not_of("0123456789", v + 2) == std::string::npos) {
+    s.resize(v);
+  }
+  return s;
+}
+
+const char* copy_kind_name(uint8_t k) {
+  switch (k) {
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "Memcpy HtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "Memcpy DtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "Memcpy DtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH: return "Memcpy HtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP: return "Memcpy PtoP";
+    default: return "Memcpy";
+  }
+}
+
+const char* sync_name(CUpti_ActivitySynchronizationType t) {
+  switch (t) {
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE: return "event synchronize";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_WAIT_EVENT: return "stream wait event";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_SYNCHRONIZE: return "stream synchronize";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_CONTEXT_SYNCHRONIZE: return "context synchronize";
+    default: return "synchronize";
+  }
+}
+
+}  // namespace
+
+struct CuptiSession::State {
+  CuptiOptions opt;
+  std::string error;
+  bool ok = true;
+  bool enabled = false;
+  CUpti_SubscriberHandle subscriber = nullptr;
+  std::mutex mu;
+  Parsed parsed;
+  std::unordered_map<const char*, int32_t> kernel_name_cache;  // CUPTI-owned name pointers
+  size_t buffers_out = 0;
+  std::vector<CUpti_ActivityKind> kinds;
+
+  bool check(CUptiResult r, const char* call) {
+    if (r == CUPTI_SUCCESS) return true;
+    const char* s = nullptr;
+    cuptiGetResultString(r, &s);
+    if (ok) error = std::string(call) + ": " + (s ? s : "unknown CUPTI error");
+    ok = false;
+    return false;
+  }
+  void parse(uint8_t* buffer, size_t valid);
+};
+
+namespace {
+
+CuptiSession::State* g_state = nullptr;  // CUPTI's callbacks are plain functions
+std::mutex g_state_mu;
+
+void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *buffer = nullptr;
+  *size = 0;
+  *max_records = 0;
+  std::lock_guard<std::mutex> lock(g_state_mu);
+  CuptiSession::State* s = g_state;
+  if (s == nullptr) return;
+  size_t bytes = s->opt.buffer_bytes;
+  {
+    std::lock_guard<std::mutex> l2(s->mu);
+    if (s->buffers_out >= s->opt.max_buffers) return;  // CUPTI drops and counts
+    ++s->buffers_out;
+  }
+  void* p = std::aligned_alloc(8, bytes);
+  if (p == nullptr) {
+    std::lock_guard<std::mutex> l2(s->mu);
+    --s->buffers_out;
+    return;
+  }
+  *buffer = static_cast<uint8_t*>(p);
+  *size = bytes;
+}
+
+void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t* buffer, size_t,
+                               size_t valid) {
+  std::lock_guard<std::mutex> lock(g_state_mu);
+  CuptiSession::State* s = g_state;
+  if (s != nullptr && buffer != nullptr) {
+    s->parse(buffer, valid);
+    size_t dropped = 0;
+    if (cuptiActivityGetNumDroppedRecords(ctx, stream, &dropped) == CUPTI_SUCCESS) {
+      std::lock_guard<std::mutex> l2(s->mu);
+      s->parsed.dropped += dropped;
+    }
+  }
+  std::free(buffer);
+  if (s != nullptr) {
+    std::lock_guard<std::mutex> l2(s->mu);
+    if (s->buffers_out > 0) --s->buffers_out;
+  }
+}
+
+void CUPTIAPI resource_callback(void*, CUpti_CallbackDomain domain, CUpti_CallbackId cbid,
+                                const void* cbdata) {
+  if (domain != CUPTI_CB_DOMAIN_RESOURCE || cbid != CUPTI_CBID_RESOURCE_GRAPHNODE_CLONED) return;
+  const auto* rd = static_cast<const CUpti_ResourceData*>(cbdata);
+  const auto* gd = static_cast<const CUpti_GraphData*>(rd->resourceDescriptor);
+  if (gd == nullptr || gd->node == nullptr || gd->originalNode == nullptr) return;
+  uint64_t id = 0, orig = 0;
+  if (cuptiGetGraphNodeId(gd->node, &id) != CUPTI_SUCCESS) return;
+  if (cuptiGetGraphNodeId(gd->originalNode, &orig) != CUPTI_SUCCESS) return;
+  std::lock_guard<std::mutex> lock(g_state_mu);
+  if (g_state != nullptr && id != orig) {
+    std::lock_guard<std::mutex> l2(g_state->mu);
+    g_state->parsed.clone_of[id] = orig;
+  }
+}
+
+uint64_t resolve_node_id(const void* node) {
+  uint64_t id = 0;
+  if (cuptiGetGraphNodeId(static_cast<CUgraphNode>(const_cast<void*>(node)), &id) !=
+      CUPTI_SUCCESS) {
+    return 0;
+  }
+  return id;
+}
+
+}  // namespace
+
+void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
+  CUpti_Activity* rec = nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  Parsed& p = parsed;
+  while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
+    switch (rec->kind) {
+      case CUPTI_ACTIVITY_KIND_KERNEL:
+      case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
+        // Kernel10 in CUDA 13.0; later records extend it, so its fields stay readable.
+        const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
+        GpuOp op;
+        op.kind = GpuOpKind::Kernel;
+        op.device = static_cast<int32_t>(k->deviceId);
+        op.stream = k->streamId;
+        op.start = static_cast<int64_t>(k->start);
+        op.end = static_cast<int64_t>(k->end);
+        op.correlation = k->correlationId;
+        op.graph_id = k->graphId;
+        op.graph_node_id = k->graphNodeId;
+        auto it = kernel_name_cache.find(k->name);
+        if (it == kernel_name_cache.end()) {
+          it = kernel_name_cache.emplace(k->name, p.intern(short_kernel_name(k->name))).first;
+        }
+        op.name = it->second;
+        p.ops.push_back(op);
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_MEMCPY: {
+        const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
+        GpuOp op;
+        op.kind = GpuOpKind::Memcpy;
+        op.device = static_cast<int32_t>(m->deviceId);
+        op.stream = m->streamId;
+        op.start = static_cast<int64_t>(m->start);
+        op.end = static_cast<int64_t>(m->end);
+        op.correlation = m->correlationId;
+        op.graph_id = m->graphId;
+        op.graph_node_id = m->graphNodeId;
+        op.bytes = static_cast<int64_t>(m->bytes);
+        op.name = p.intern(copy_kind_name(m->copyKind));
+        p.ops.push_back(op);
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_MEMSET: {
+        const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
+        GpuOp op;
+        op.kind = GpuOpKind::Memset;
+        op.device = static_cast<int32_t>(m->deviceId);
+        op.stream = m->streamId;
+        op.start = static_cast<int64_t>(m->start);
+        op.end = static_cast<int64_t>(m->end);
+        op.correlation = m->correlationId;
+        op.graph_id = m->graphId;
+        op.graph_node_id = m->graphNodeId;
+        op.bytes = static_cast<int64_t>(m->bytes);
+        op.name = p.intern("Memset");
+        p.ops.push_back(op);
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_RUNTIME:
+      case CUPTI_ACTIVITY_KIND_DRIVER: {
+        const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
+        ApiCall c;
+        c.name = p.intern(api_name(rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME
+                                       ? CUPTI_CB_DOMAIN_RUNTIME_API
+                                       : CUPTI_CB_DOMAIN_DRIVER_API,
+                                   a->cbid));
+        c.thread = a->threadId;
+        c.start = static_cast<int64_t>(a->start);
+        c.end = static_cast<int64_t>(a->end);
+        c.correlation = a->correlationId;
+        p.api.push_back(c);
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_SYNCHRONIZATION: {
+        const auto* s = reinterpret_cast<const CUpti_ActivitySynchronization2*>(rec);
+        SyncEvent e;
+        e.name = p.intern(sync_name(s->type));
+        e.stream = s->streamId;
+        e.start = static_cast<int64_t>(s->start);
+        e.end = static_cast<int64_t>(s->end);
+        e.correlation = s->correlationId;
+        p.syncs.push_back(e);
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_MARKER: {
+        const auto* m = reinterpret_cast<const CUpti_ActivityMarker2*>(rec);
+        if ((m->flags & CUPTI_ACTIVITY_FLAG_MARKER_END) != 0) {
+          p.marker_ends.push_back({m->id, static_cast<int64_t>(m->timestamp)});
+        } else if ((m->flags & CUPTI_ACTIVITY_FLAG_MARKER_START) != 0 ||
+                   (m->flags & CUPTI_ACTIVITY_FLAG_MARKER_INSTANTANEOUS) != 0) {
+          Marker mk;
+          mk.name = p.intern(m->name ? m->name : "");
+          mk.domain = m->domain ? p.intern(m->domain) : -1;
+          mk.thread = m->objectKind == CUPTI_ACTIVITY_OBJECT_THREAD ||
+                              m->objectKind == CUPTI_ACTIVITY_OBJECT_PROCESS
+                          ? m->objectId.pt.threadId
+                          : 0;
+          mk.start = static_cast<int64_t>(m->timestamp);
+          mk.end = (m->flags & CUPTI_ACTIVITY_FLAG_MARKER_INSTANTANEOUS) != 0 ? mk.start : -1;
+          p.marker_starts.push_back(mk);
+          p.marker_ids.push_back(m->id);
+        }
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_MARKER_DATA: {
+        const auto* d = reinterpret_cast<const CUpti_ActivityMarkerData2*>(rec);
+        int64_t v = 0;
+        if (d->payloadKind == CUPTI_METRIC_VALUE_KIND_INT64) {
+          v = d->payload.metricValueInt64;
+        } else if (d->payloadKind == CUPTI_METRIC_VALUE_KIND_UINT64) {
+          v = static_cast<int64_t>(d->payload.metricValueUint64);
+        } else if (d->payloadKind == CUPTI_METRIC_VALUE_KIND_DOUBLE) {
+          v = static_cast<int64_t>(d->payload.metricValueDouble);
+        } else {
+          break;
+        }
+        p.marker_payload[d->id] = v;
+        break;
+      }
+      case CUPTI_ACTIVITY_KIND_OVERHEAD: {
+        const auto* o = reinterpret_cast<const CUpti_ActivityOverhead3*>(rec);
+        if (o->end > o->start) p.overhead_ns += static_cast<int64_t>(o->end - o->start);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+}
+
+CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.opt = opt;
+  const CuptiAvailability a = cupti_availability();
+  if (!a.usable) {
+    s.ok = false;
+    s.error = a.reason;
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_state_mu);
+    if (g_state != nullptr) {
+      s.ok = false;
+      s.error = "another CUPTI session is active in this process";
+      return;
+    }
+    g_state = &s;
+  }
+  if (!s.check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed),
+               "cuptiActivityRegisterCallbacks")) {
+    return;
+  }
+  if (s.check(cuptiSubscribe(&s.subscriber, resource_callback, nullptr), "cuptiSubscribe")) {
+    s.check(cuptiEnableCallback(1, s.subscriber, CUPTI_CB_DOMAIN_RESOURCE,
+                                CUPTI_CBID_RESOURCE_GRAPHNODE_CLONED),
+            "cuptiEnableCallback(GRAPHNODE_CLONED)");
+  }
+  trace::set_node_id_resolver(resolve_node_id);
+  s.kinds = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
+             CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_OVERHEAD};
+  if (opt.runtime_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
+  if (opt.driver_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_DRIVER);
+  if (opt.sync) s.kinds.push_back(CUPTI_ACTIVITY_KIND_SYNCHRONIZATION);
+  if (opt.nvtx) {
+    s.kinds.push_back(CUPTI_ACTIVITY_KIND_MARKER);
+    s.kinds.push_back(CUPTI_ACTIVITY_KIND_MARKER_DATA);
+  }
+}
+
+CuptiSession::~CuptiSession() {
+  State& s = *state_;
+  if (s.enabled) disable_and_flush();
+  trace::set_node_id_resolver(nullptr);
+  if (s.subscriber != nullptr) cuptiUnsubscribe(s.subscriber);
+  std::lock_guard<std::mutex> lock(g_state_mu);
+  if (g_state == &s) {
+    // Late buffers (none expected after the forced flush) are freed without parsing.
+    g_state = nullptr;
+  }
+}
+
+bool CuptiSession::ok() const { return state_->ok; }
+const std::string& CuptiSession::error() const { return state_->error; }
+
+void CuptiSession::enable() {
+  State& s = *state_;
+  if (!s.ok || s.enabled) return;
+  for (CUpti_ActivityKind k : s.kinds) {
+    if (!s.check(cuptiActivityEnable(k), "cuptiActivityEnable")) {
+      for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
+      return;
+    }
+  }
+  s.enabled = true;
+}
+
+void CuptiSession::disable_and_flush() {
+  State& s = *state_;
+  if (!s.enabled) return;
+  cudaDeviceSynchronize();  // complete timestamps before the flush
+  for (CUpti_ActivityKind k : s.kinds) cuptiActivityDisable(k);
+  s.enabled = false;
+  s.check(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED), "cuptiActivityFlushAll");
+}
+
+void CuptiSession::drain_into(Timeline& t) {
+  State& s = *state_;
+  Parsed p;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    p = std::move(s.parsed);
+    s.parsed = Parsed{};
+    s.kernel_name_cache.clear();
+  }
+  // Re-intern names into the timeline's table.
+  std::vector<int32_t> remap(p.strings.size());
+  for (size_t i = 0; i < p.strings.size(); ++i) remap[i] = t.intern(p.strings[i]);
+  auto rn = [&](int32_t i) { return i >= 0 ? remap[static_cast<size_t>(i)] : -1; };
+  for (GpuOp& o : p.ops) {
+    o.name = rn(o.name);
+    t.ops.push_back(o);
+  }
+  for (ApiCall& a : p.api) {
+    a.name = rn(a.name);
+    t.api.push_back(a);
+  }
+  for (SyncEvent& e : p.syncs) {
+    e.name = rn(e.name);
+    t.syncs.push_back(e);
+  }
+  std::unordered_map<uint32_t, int64_t> ends;
+  for (const auto& e : p.marker_ends) ends[e.id] = e.time;
+  for (size_t i = 0; i < p.marker_starts.size(); ++i) {
+    Marker m = p.marker_starts[i];
+    const uint32_t id = p.marker_ids[i];
+    if (m.end < 0) {
+      auto it = ends.find(id);
+      if (it == ends.end()) continue;  // a range still open at the flush
+      m.end = it->second;
+    }
+    auto pl = p.marker_payload.find(id);
+    if (pl != p.marker_payload.end()) {
+      m.payload = pl->second;
+      m.has_payload = true;
+    }
+    m.name = rn(m.name);
+    m.domain = rn(m.domain);
+    t.markers.push_back(m);
+  }
+  for (const auto& [c, o] : p.clone_of) t.node_clone_of[c] = o;
+  t.dropped_records += p.dropped;
+  t.cupti_overhead_ns += p.overhead_ns;
+  t.cupti = true;
+  if (t.gpus.empty()) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) == cudaSuccess) {
+      for (int d = 0; d < n; ++d) {
+        cudaDeviceProp prop{};
+        if (cudaGetDeviceProperties(&prop, d) == cudaSuccess) t.gpus.push_back({d, prop.name});
+      }
+    }
+  }
+}
+
+int64_t CuptiSession::timestamp() {
+  uint64_t ts = 0;
+  if (cuptiGetTimestamp(&ts) != CUPTI_SUCCESS) return 0;
+  return static_cast<int64_t>(ts);
+}
+
+int64_t CuptiSession::steady_to_cupti_offset() {
+  int64_t best_gap = INT64_MAX, offset = 0;
+  for (int i = 0; i < 9; ++i) {
+    const int64_t a = trace::now_ns();
+    const int64_t c = timestamp();
+    const int64_t b = trace::now_ns();
+    if (c == 0) return 0;
+    if (b - a < best_gap) {
+      best_gap = b - a;
+      offset = c - (a + (b - a) / 2);
+    }
+  }
+  return offset;
+}
+
+std::string setup_nvtx_injection() {
+  if (const char* cur = std::getenv("NVTX_INJECTION64_PATH")) return cur;
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&cuptiActivityEnable), &info) == 0 ||
+      info.dli_fname == nullptr) {
+    return "";
+  }
+  setenv("NVTX_INJECTION64_PATH", info.dli_fname, 0);
+  return info.dli_fname;
+}
+
+#else  // no CUPTI in this build: every session is unavailable, with the reason
+
+struct CuptiSession::State {
+  std::string error;
+};
+
+CuptiSession::CuptiSession(const CuptiOptions&) : state_(std::make_unique<State>()) {
+  state_->error = cupti_availability().reason;
+}
+CuptiSession::~CuptiSession() = default;
+bool CuptiSession::ok() const { return false; }
+const std::string& CuptiSession::error() const { return state_->error; }
+void CuptiSession::enable() {}
+void CuptiSession::disable_and_flush() {}
+void CuptiSession::drain_into(Timeline&) {}
+int64_t CuptiSession::timestamp() { return 0; }
+int64_t CuptiSession::steady_to_cupti_offset() { return 0; }
+std::string setup_nvtx_injection() { return ""; }
+
+#endif
+
+}  // namespace ktune::profiler

@@ -1,0 +1,73 @@
+// The CUPTI activity layer (design §4): the only code that includes cupti.h. It records kernels,
+// memcpy, memset, runtime API calls, synchronizations, NVTX ranges (as marker records) and
+// CUPTI's own overhead, with per-node kernel records for graph replays (graphNodeId), through
+// CUPTI's buffer request/complete callbacks; records are parsed as buffers complete and moved
+// into a Timeline (timeline.h) by drain_into().
+//
+// Optional twice: a build without CUPTI (CMake found no CUDA::cupti) and a machine without a
+// usable GPU (cudaGetDeviceCount fails or finds none) both report "not available" with the
+// reason, and the profiler falls back to host spans only. It never throws for CUPTI failures:
+// ok() turns false and error() says why (the profiler warns and degrades, as Kineto does).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "profiler/timeline.h"
+
+namespace ktune::profiler {
+
+struct CuptiAvailability {
+  bool built = false;   // this binary has CUPTI
+  bool usable = false;  // and this machine has a GPU CUPTI can trace
+  std::string reason;   // why not, when !usable
+};
+CuptiAvailability cupti_availability();
+
+// Points NVTX (header-only NVTX v3) at the libcupti this binary uses, via NVTX_INJECTION64_PATH,
+// unless the variable is set already. NVTX reads it on the process's FIRST NVTX call, so call
+// this before any engine code runs. Returns the path in effect ("" when none).
+std::string setup_nvtx_injection();
+
+struct CuptiOptions {
+  bool runtime_api = true;  // API records: launch latency, launches per token, flows
+  bool sync = true;         // synchronization records
+  bool nvtx = true;         // NVTX markers (needs setup_nvtx_injection() first)
+  bool driver_api = false;  // driver API records (many; off by default)
+  size_t buffer_bytes = size_t{8} << 20;
+  size_t max_buffers = 256;  // beyond this many buffers in flight, records are dropped (counted)
+};
+
+class CuptiSession {
+ public:
+  // Subscribes to graph-node callbacks and installs CUPTI's node-id function as trace.h's
+  // resolver, so capture tags carry CUPTI's ids. Create it before the engine captures graphs.
+  explicit CuptiSession(const CuptiOptions& opt = {});
+  ~CuptiSession();
+  CuptiSession(const CuptiSession&) = delete;
+  CuptiSession& operator=(const CuptiSession&) = delete;
+
+  bool ok() const;
+  const std::string& error() const;
+
+  void enable();  // activity kinds on (start of a traced window)
+  // Synchronizes the device, turns the kinds off and forces CUPTI to hand over every buffer.
+  void disable_and_flush();
+  // Moves what was recorded into t: GPU ops, API calls, syncs, markers, the graph-node clone
+  // map, dropped-record and overhead counts. Sets t.cupti and the device list.
+  void drain_into(Timeline& t);
+
+  // CUPTI's clock (ns) now; 0 without CUPTI.
+  static int64_t timestamp();
+  // offset with cupti_time = steady_time + offset (best of a few paired reads); 0 without CUPTI.
+  static int64_t steady_to_cupti_offset();
+
+  struct State;
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace ktune::profiler

@@ -1,0 +1,514 @@
+// Machine probes of `ktune profile --hardware` (profiler/hardware.h).
+#include "profiler/hardware.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <random>
+#include <thread>
+
+#include "ktune/engine/build_info.h"
+#include "ktune/engine/cpu_kernels.h"
+#include "ktune/engine/cpu_moe.h"
+#include "ktune/engine/error.h"
+#include "ktune/engine/host_info.h"
+#include "ktune/engine/synthetic.h"
+#include "ktune/engine/thread_pool.h"
+#include "profiler/topology.h"
+
+#if KTUNE_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "ktune/engine/cuda/cuda_check.h"
+#include "ktune/engine/cuda/kernels.h"
+#include "profiler/hardware_kernels.h"
+#endif
+
+namespace ktune::profiler {
+
+using nlohmann::json;
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::vector<int> thread_list(const HardwareOptions& o) {
+  if (!o.threads.empty()) {
+    std::vector<int> t = o.threads;
+    std::sort(t.begin(), t.end());
+    t.erase(std::unique(t.begin(), t.end()), t.end());
+    return t;
+  }
+  const int cores = physical_core_count();
+  std::vector<int> t = {1, std::max(1, cores / 4), std::max(1, cores / 2), cores};
+  if (o.quick) t = {1, cores};
+  std::sort(t.begin(), t.end());
+  t.erase(std::unique(t.begin(), t.end()), t.end());
+  return t;
+}
+
+int count_numa_nodes() { return read_topology(0, {}).numa_nodes; }
+
+}  // namespace
+
+void stamp_summary(profile::ProfileSummary& s, const std::string& kind) {
+  s.kind = kind;
+  s.ktune_version = build_version();
+  s.commit = build_commit();
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  s.created = buf;
+}
+
+profile::CpuInfo measure_cpu(const HardwareOptions& o, json* raw) {
+  profile::CpuInfo c;
+  c.name = cpu_model_name();
+  c.physical_cores = std::max(1, physical_core_count());
+  c.logical_cpus = std::max(c.physical_cores, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
+  c.numa_nodes = count_numa_nodes();
+  c.isa = cpu::isa_name(cpu::detect_isa());
+  c.mem_bytes = std::max<int64_t>(host_memory_bytes(), 1);
+  c.mem_available_bytes = std::clamp<int64_t>(host_available_bytes(), 0, c.mem_bytes);
+  const uint64_t bytes = o.quick ? (uint64_t{256} << 20) : default_probe_bytes();
+  json points = json::array();
+  for (int t : thread_list(o)) {
+    ThreadPool pool(t);
+    const BandwidthResult bw = measure_read_bandwidth(pool, bytes, o.quick ? 1 : 3);
+    c.read_gb_s.push_back({t, std::max(bw.gb_per_s, 1e-3)});
+    points.push_back({{"threads", t}, {"best_gb_s", bw.gb_per_s}, {"mean_gb_s", bw.mean_gb_per_s},
+                      {"bytes", bw.bytes}});
+  }
+  if (raw) (*raw)["cpu_read"] = points;
+  return c;
+}
+
+std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json* raw) {
+  // Experts of qwen3-30b-a3b's shape from the synthetic generator (only the expert tensors of a
+  // few layers, so it fits anywhere), cycling layers so the caches do not hold them.
+  SynthOptions so;
+  so.preset = "qwen3-30b-a3b";
+  so.quant = QuantType::Q4_0;
+  so.seed = 7;
+  SyntheticGenerator gen(so);
+  ModelWeights w;
+  w.cfg = gen.config();
+  const int64_t n_layers = o.quick ? 1 : 2;
+  w.cfg.n_layers = n_layers;
+  w.layers.resize(static_cast<size_t>(n_layers));
+  w.quant = so.quant;
+  w.source = "synth:qwen3-30b-a3b:q4_0 experts";
+  const auto& specs = gen.tensors();
+  for (int64_t l = 0; l < n_layers; ++l) {
+    for (const char* base : {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}) {
+      const std::string name = tensor_name_layer(l, base);
+      size_t idx = specs.size();
+      for (size_t i = 0; i < specs.size(); ++i) {
+        if (specs[i].name == name) idx = i;
+      }
+      if (idx == specs.size()) throw Error("profile --hardware", name + " not in the preset", "");
+      const TensorSpec& sp = specs[idx];
+      TensorView v;
+      v.name = name;
+      v.type = gen.type(idx);
+      v.ne = sp.ne;
+      const int64_t bytes = gen.tensor_bytes(idx);
+      auto buf = std::shared_ptr<uint8_t>(new uint8_t[static_cast<size_t>(bytes)],
+                                          std::default_delete<uint8_t[]>());
+      {
+        // The generator is thread-safe per row range: fill in parallel (hundreds of MB).
+        const int64_t rows = v.n_rows(), stride = v.row_stride();
+        const int nt = std::max(1, std::min(physical_core_count(), 32));
+        std::vector<std::thread> th;
+        for (int i = 0; i < nt; ++i) {
+          const int64_t r0 = rows * i / nt, r1 = rows * (i + 1) / nt;
+          th.emplace_back([&, r0, r1] { gen.fill_rows(idx, r0, r1, buf.get() + r0 * stride); });
+        }
+        for (auto& t : th) t.join();
+      }
+      v.data = buf.get();
+      w.storage.push_back(buf);
+      LayerWeights& L = w.layers[static_cast<size_t>(l)];
+      (std::string(base) == "ffn_gate_exps" ? L.gate_exps
+       : std::string(base) == "ffn_up_exps" ? L.up_exps
+                                            : L.down_exps) = v;
+    }
+  }
+  const int64_t hidden = w.cfg.hidden, k = w.cfg.n_experts_used, n_exp = w.cfg.n_experts;
+  const int64_t expert_bytes = w.layers[0].gate_exps.nbytes() / n_exp +
+                               w.layers[0].up_exps.nbytes() / n_exp +
+                               w.layers[0].down_exps.nbytes() / n_exp;
+  std::vector<float> h(static_cast<size_t>(hidden)), y(static_cast<size_t>(hidden));
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (float& x : h) x = nd(rng);
+  std::vector<int32_t> ids(static_cast<size_t>(k));
+  std::vector<float> wts(static_cast<size_t>(k), 1.0f / static_cast<float>(k));
+  std::vector<profile::ThreadRate> curve;
+  json points = json::array();
+  const int iters = o.quick ? 8 : 64;
+  for (int t : thread_list(o)) {
+    ThreadPool pool(t);
+    CpuMoe moe(w, pool);
+    double best = 0;
+    for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) {
+      double secs = 0;
+      for (int it = 0; it < iters; ++it) {
+        // A fresh random top-k per call, as decode tokens route.
+        std::vector<int32_t> all(static_cast<size_t>(n_exp));
+        for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+        std::shuffle(all.begin(), all.end(), rng);
+        std::copy(all.begin(), all.begin() + k, ids.begin());
+        std::sort(ids.begin(), ids.end());
+        const double t0 = now_s();
+        moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), static_cast<int>(k),
+                    y.data());
+        secs += now_s() - t0;
+      }
+      best = std::max(best, static_cast<double>(iters * k * expert_bytes) / secs / 1e9);
+    }
+    curve.push_back({t, std::max(best, 1e-3)});
+    points.push_back({{"threads", t}, {"gb_s", best}});
+  }
+  if (raw) {
+    (*raw)["cpu_moe"] = {{"shape", "qwen3-30b-a3b experts, q4_0, top-8 of 128"},
+                         {"expert_bytes", expert_bytes},
+                         {"points", points}};
+  }
+  return curve;
+}
+
+#if KTUNE_WITH_CUDA
+
+namespace {
+
+struct Timer {
+  cuda::Event a, b;
+  void start(cudaStream_t s) { a.record(s); }
+  double stop_ms(cudaStream_t s) {
+    b.record(s);
+    b.synchronize();
+    return static_cast<double>(b.elapsed_ms_since(a));
+  }
+};
+
+void noop_host_fn(void*) {}
+
+// The CPU side of the flag round trip: answers every round until told to stop.
+void flag_responder(volatile uint32_t* to_host, volatile uint32_t* from_host, int iters,
+                    std::atomic<bool>* stop) {
+  uint32_t seen = 0;
+  while (!stop->load(std::memory_order_relaxed) && seen < static_cast<uint32_t>(iters)) {
+    const uint32_t v = *to_host;
+    if (v != seen) {
+      seen = v;
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      *from_host = v;
+    }
+  }
+}
+
+json probe_one_gpu(int d, const HardwareOptions& o, profile::GpuInfo& info,
+                   profile::GpuCosts& c) {
+  KTUNE_CUDA_CHECK(cudaSetDevice(d));
+  cudaDeviceProp prop{};
+  KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, d));
+  size_t free_b = 0, total_b = 0;
+  KTUNE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  info.device = fmt::format("cuda:{}", d);
+  info.name = prop.name;
+  info.sm = fmt::format("{}.{}", prop.major, prop.minor);
+  info.mem_bytes = static_cast<int64_t>(total_b);
+  info.mem_free_bytes = static_cast<int64_t>(free_b);
+  c.device = info.device;
+  json raw;
+  cuda::Stream stream;
+  cudaStream_t s = stream.get();
+  Timer tm;
+
+  // Device read bandwidth (streaming loads over a buffer far above L2).
+  {
+    const size_t bytes = o.quick ? (size_t{256} << 20) : (size_t{2} << 30);
+    cuda::DeviceBuffer buf(bytes), sink(64);
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(buf.data(), 1, bytes, s));
+    double best = 0;
+    for (int r = 0; r < 6; ++r) {
+      tm.start(s);
+      KTUNE_CUDA_CHECK(gpu::launch_read_probe(buf.data(), bytes, sink.as<uint32_t>(), s));
+      const double ms = tm.stop_ms(s);
+      if (r > 0) best = std::max(best, static_cast<double>(bytes) / (ms * 1e-3) / 1e9);
+    }
+    info.read_gb_s = std::max(best, 1e-3);
+  }
+  // Pinned host <-> device copies.
+  {
+    const size_t bytes = size_t{256} << 20;
+    void* host = nullptr;
+    KTUNE_CUDA_CHECK(cudaMallocHost(&host, bytes));
+    std::unique_ptr<void, decltype(&cudaFreeHost)> guard(host, &cudaFreeHost);
+    std::memset(host, 1, bytes);
+    cuda::DeviceBuffer dev(bytes);
+    double h2d = 0, d2h = 0;
+    for (int r = 0; r < 4; ++r) {
+      tm.start(s);
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(dev.data(), host, bytes, cudaMemcpyHostToDevice, s));
+      const double a = tm.stop_ms(s);
+      tm.start(s);
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(host, dev.data(), bytes, cudaMemcpyDeviceToHost, s));
+      const double b = tm.stop_ms(s);
+      if (r > 0) {
+        h2d = std::max(h2d, static_cast<double>(bytes) / (a * 1e-3) / 1e9);
+        d2h = std::max(d2h, static_cast<double>(bytes) / (b * 1e-3) / 1e9);
+      }
+    }
+    info.h2d_gb_s = std::max(h2d, 1e-3);
+    info.d2h_gb_s = std::max(d2h, 1e-3);
+  }
+  // Eager launches, back to back (host-bound: the GPU runs an empty kernel faster).
+  const int n_launch = o.quick ? 500 : 5000;
+  {
+    for (int i = 0; i < 100; ++i) KTUNE_CUDA_CHECK(gpu::launch_empty(s));
+    stream.synchronize();
+    const double t0 = now_s();
+    for (int i = 0; i < n_launch; ++i) KTUNE_CUDA_CHECK(gpu::launch_empty(s));
+    stream.synchronize();
+    c.launch_eager_us = std::max((now_s() - t0) * 1e6 / n_launch, 1e-3);
+  }
+  // Launch + synchronize round trip.
+  {
+    const int n = o.quick ? 100 : 1000;
+    const double t0 = now_s();
+    for (int i = 0; i < n; ++i) {
+      KTUNE_CUDA_CHECK(gpu::launch_empty(s));
+      stream.synchronize();
+    }
+    c.sync_us = (now_s() - t0) * 1e6 / n;
+  }
+  // Graph nodes: one captured graph of n empty kernels, replayed.
+  {
+    const int n = o.quick ? 200 : 1000;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    KTUNE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < n; ++i) gpu::launch_empty(s);
+    KTUNE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+    KTUNE_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+    double best = 1e30;
+    for (int r = 0; r < 6; ++r) {
+      tm.start(s);
+      KTUNE_CUDA_CHECK(cudaGraphLaunch(ge, s));
+      const double ms = tm.stop_ms(s);
+      if (r > 0) best = std::min(best, ms * 1e3 / n);
+    }
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    c.graph_node_us = std::max(best, 1e-3);
+  }
+  // Host nodes (cudaLaunchHostFunc) inside a graph, between kernels: per hand-off.
+  {
+    const int n = o.quick ? 50 : 200;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    KTUNE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < n; ++i) {
+      gpu::launch_empty(s);
+      cudaLaunchHostFunc(s, noop_host_fn, nullptr);
+    }
+    KTUNE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+    KTUNE_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+    double best = 1e30;
+    for (int r = 0; r < 4; ++r) {
+      tm.start(s);
+      KTUNE_CUDA_CHECK(cudaGraphLaunch(ge, s));
+      const double ms = tm.stop_ms(s);
+      if (r > 0) best = std::min(best, ms * 1e3 / n);
+    }
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    c.host_node_us = std::max(best - c.graph_node_us, 0.0);
+    raw["host_node_plus_kernel_us"] = best;
+  }
+  // Mapped-memory flag round trip with a spinning CPU thread (design §3's hand-off).
+  {
+    const int iters = o.quick ? 200 : 2000;
+    uint32_t* flags = nullptr;
+    KTUNE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&flags), 256, cudaHostAllocMapped));
+    std::unique_ptr<void, decltype(&cudaFreeHost)> guard(flags, &cudaFreeHost);
+    std::memset(flags, 0, 256);
+    uint32_t* dflags = nullptr;
+    KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dflags), flags, 0));
+    int* status = nullptr;
+    KTUNE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&status), 64, cudaHostAllocMapped));
+    std::unique_ptr<void, decltype(&cudaFreeHost)> guard2(status, &cudaFreeHost);
+    *status = 0;
+    int* dstatus = nullptr;
+    KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dstatus), status, 0));
+    std::atomic<bool> stop{false};
+    std::thread responder(flag_responder, flags, flags + 16, iters, &stop);
+    const double t0 = now_s();
+    const cudaError_t e = gpu::launch_flag_pingpong(dflags, dflags + 16, iters,
+                                                    uint64_t{2} * 1000 * 1000 * 1000, dstatus, s);
+    const cudaError_t e2 = e == cudaSuccess ? cudaStreamSynchronize(s) : e;
+    const double secs = now_s() - t0;
+    stop = true;
+    responder.join();
+    KTUNE_CUDA_CHECK(e2);
+    if (*status == iters) {
+      c.flag_handoff_us = secs * 1e6 / iters;
+    } else {
+      raw["flag_handoff_note"] = fmt::format("the CPU thread did not answer round {} in 2 s",
+                                             -*status);
+    }
+  }
+  // ktune's kernels: matvec, fused and unfused MoE, attention, on qwen3-30b-a3b shapes (Q4_0).
+  {
+    const int64_t hidden = 2048, ffn = 768, n_exp = 128, k = 8;
+    const int64_t layers = o.quick ? 2 : 6;
+    const QuantType q = QuantType::Q4_0;
+    const int64_t mat_bytes = row_bytes(q, hidden) * ffn;       // gate or up of one expert
+    const int64_t down_bytes = row_bytes(q, ffn) * hidden;      // down of one expert
+    const int64_t layer_bytes = n_exp * (2 * mat_bytes + down_bytes);
+    cuda::DeviceBuffer experts(static_cast<size_t>(layers * layer_bytes));
+    // 0x11 bytes: Q4_0 scales are small normal halves; the values do not matter for timing.
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(experts.data(), 0x11, experts.size(), s));
+    cuda::DeviceBuffer x(hidden * 4), act(k * ffn * 4), y(hidden * 4 * 4), ids_d(k * 4),
+        w_d(k * 4), tmp(ffn * 4 * 2), ybig(n_exp * ffn * 4);
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(x.data(), 0, x.size(), s));
+    std::vector<int32_t> ids(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) ids[static_cast<size_t>(j)] = static_cast<int32_t>(j * 13 + 5);
+    std::vector<float> wts(static_cast<size_t>(k), 0.125f);
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(ids_d.data(), ids.data(), k * 4, cudaMemcpyHostToDevice, s));
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(w_d.data(), wts.data(), k * 4, cudaMemcpyHostToDevice, s));
+    auto* base = experts.as<uint8_t>();
+    auto gate = [&](int64_t l) { return base + l * layer_bytes; };
+    auto up = [&](int64_t l) { return gate(l) + n_exp * mat_bytes; };
+    auto down = [&](int64_t l) { return gate(l) + 2 * n_exp * mat_bytes; };
+    const int iters = o.quick ? 12 : 60;
+    const double moe_bytes = static_cast<double>(k * (2 * mat_bytes + down_bytes));
+    // Fused: two launches per layer.
+    for (int64_t l = 0; l < layers; ++l) {
+      KTUNE_CUDA_CHECK(cuda::launch_moe_gate_up_swiglu(q, gate(l), up(l), mat_bytes,
+                                                       ids_d.as<int32_t>(), k, n_exp,
+                                                       x.as<float>(), ffn, hidden,
+                                                       act.as<float>(), s));
+    }
+    tm.start(s);
+    for (int i = 0; i < iters; ++i) {
+      const int64_t l = i % layers;
+      KTUNE_CUDA_CHECK(cuda::launch_moe_gate_up_swiglu(q, gate(l), up(l), mat_bytes,
+                                                       ids_d.as<int32_t>(), k, n_exp,
+                                                       x.as<float>(), ffn, hidden,
+                                                       act.as<float>(), s));
+      KTUNE_CUDA_CHECK(cuda::launch_moe_down_sum(q, down(l), down_bytes, ids_d.as<int32_t>(),
+                                                 w_d.as<float>(), k, n_exp, act.as<float>(),
+                                                 hidden, ffn, y.as<float>(), s));
+    }
+    double ms = tm.stop_ms(s);
+    c.moe_fused_gb_s = std::max(moe_bytes * iters / (ms * 1e-3) / 1e9, 1e-3);
+    // Unfused: one matvec launch per expert matrix.
+    tm.start(s);
+    for (int i = 0; i < iters; ++i) {
+      const int64_t l = i % layers;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = ids[static_cast<size_t>(j)];
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_rowwarp(q, gate(l) + e * mat_bytes, x.as<float>(),
+                                                     ffn, hidden, tmp.as<float>(), s));
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_rowwarp(q, up(l) + e * mat_bytes, x.as<float>(),
+                                                     ffn, hidden, tmp.as<float>() + ffn, s));
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_rowwarp(q, down(l) + e * down_bytes,
+                                                     tmp.as<float>(), hidden, ffn,
+                                                     y.as<float>(), s));
+      }
+    }
+    ms = tm.stop_ms(s);
+    c.moe_unfused_gb_s = std::max(moe_bytes * iters / (ms * 1e-3) / 1e9, 1e-3);
+    // Matvec over whole layers' gate matrices (rows = n_exp * ffn, like a big projection).
+    const int64_t rows = n_exp * ffn;
+    tm.start(s);
+    for (int i = 0; i < iters; ++i) {
+      KTUNE_CUDA_CHECK(cuda::launch_matvec(q, gate(i % layers), x.as<float>(), rows, hidden,
+                                           ybig.as<float>(), s));
+    }
+    ms = tm.stop_ms(s);
+    c.matvec_gb_s =
+        std::max(static_cast<double>(rows * row_bytes(q, hidden)) * iters / (ms * 1e-3) / 1e9,
+                 1e-3);
+    raw["kernels"] = {{"shape", "qwen3-30b-a3b, q4_0, top-8 of 128"},
+                      {"moe_bytes_per_layer_token", moe_bytes},
+                      {"layers_cycled", layers}};
+  }
+  // Attention at context ~0 and ~4k (qwen3-30b-a3b heads).
+  {
+    const int64_t nh = 32, nkv = 4, hd = 128, ctx = 4096;
+    cuda::DeviceBuffer q(nh * hd * 4), kn(nkv * hd * 4), vn(nkv * hd * 4), out(nh * hd * 4),
+        kc(nkv * ctx * hd * 2), vc(nkv * ctx * hd * 2), pos(4),
+        ws(cuda::attention_decode_workspace_bytes(nh, hd, ctx));
+    for (auto* b : {&q, &kn, &vn, &kc, &vc}) {
+      KTUNE_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->size(), s));
+    }
+    auto time_at = [&](int32_t p) {
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(pos.data(), &p, 4, cudaMemcpyHostToDevice, s));
+      stream.synchronize();
+      const int n = o.quick ? 20 : 200;
+      tm.start(s);
+      for (int i = 0; i < n; ++i) {
+        KTUNE_CUDA_CHECK(cuda::launch_attention_decode(
+            q.as<float>(), kn.as<float>(), vn.as<float>(), kc.as<uint16_t>(), vc.as<uint16_t>(),
+            pos.as<int32_t>(), nh, nkv, hd, ctx, ws.data(), out.as<float>(), s));
+      }
+      return tm.stop_ms(s) * 1e3 / n;
+    };
+    const double t0 = time_at(0);
+    const double t4k = time_at(static_cast<int32_t>(ctx - 1));
+    c.attention_us = t0;
+    c.attention_us_per_1k_ctx = std::max(0.0, (t4k - t0) / (static_cast<double>(ctx - 1) / 1000));
+  }
+  raw["device"] = info.device;
+  return raw;
+}
+
+}  // namespace
+
+void measure_gpus(const HardwareOptions& o, profile::ProfileSummary& s, json* raw) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return;
+  }
+  const Topology topo = read_topology(0, {});
+  json all = json::array();
+  for (int d = 0; d < n; ++d) {
+    profile::GpuInfo info;
+    profile::GpuCosts costs;
+    all.push_back(probe_one_gpu(d, o, info, costs));
+    for (const GpuLink& l : topo.gpus) {
+      if (l.device == info.device) {
+        info.pcie_gen = l.cur_gen;
+        info.pcie_width = l.cur_width;
+      }
+    }
+    s.gpus.push_back(info);
+    s.gpu_costs.push_back(costs);
+  }
+  cudaSetDevice(0);
+  if (raw) (*raw)["gpus"] = all;
+}
+
+#else
+
+void measure_gpus(const HardwareOptions&, profile::ProfileSummary&, json*) {}
+
+#endif
+
+}  // namespace ktune::profiler

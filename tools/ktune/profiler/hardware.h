@@ -1,0 +1,33 @@
+// `ktune profile --hardware`: the machine's costs without a model (design §5): CPU DRAM read
+// bandwidth and CpuMoe expert bandwidth by thread count; per GPU: device-memory read bandwidth,
+// pinned H2D/D2H copies, an eager launch, a graph node, a host node, a mapped-memory flag round
+// trip to a CPU thread, a stream sync, and the effective bandwidth of ktune's matvec and MoE
+// kernels (fused and unfused) and the attention kernel's time. Fills the profile summary.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "profiler/profile_summary.h"
+
+namespace ktune::profiler {
+
+struct HardwareOptions {
+  std::vector<int> threads;  // CPU thread counts to measure (default: 1, cores/4, cores/2, cores)
+  bool quick = false;        // small buffers and one repetition (tests, CI)
+};
+
+// The CPU part of the summary: name, cores, NUMA nodes, ISA, memory, read bandwidth curve.
+profile::CpuInfo measure_cpu(const HardwareOptions& o, nlohmann::json* raw);
+// CpuMoe effective bandwidth (weight bytes ÷ compute() time) on synthetic experts of
+// qwen3-30b-a3b's shape (Q4_0, top-8 of 128), by thread count.
+std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, nlohmann::json* raw);
+// Every GPU of this machine (none without CUDA or a device): fills gpus and gpu_costs.
+void measure_gpus(const HardwareOptions& o, profile::ProfileSummary& s, nlohmann::json* raw);
+
+// Version, commit, creation time (ISO 8601 UTC) of a new summary.
+void stamp_summary(profile::ProfileSummary& s, const std::string& kind);
+
+}  // namespace ktune::profiler

@@ -1,0 +1,125 @@
+// profile.json writer and the timeline reader of `ktune trace` (profiler/profile_doc.h).
+#include "profiler/profile_doc.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "ktune/engine/atomic_file.h"
+#include "ktune/engine/error.h"
+
+namespace ktune::profiler {
+
+using nlohmann::json;
+
+namespace {
+
+json run_json(const RunInfo& r) {
+  return {{"command", r.command},
+          {"model", r.model},
+          {"placement", r.placement},
+          {"engine", r.engine},
+          {"engine_description", r.engine_description},
+          {"cuda_graph", r.cuda_graph},
+          {"moe_kernel", r.moe_kernel},
+          {"threads", r.threads},
+          {"prefill_tokens", r.prompt},
+          {"decode_tokens", r.gen},
+          {"warmup_tokens", r.warmup},
+          {"trace_mode", r.trace_mode}};
+}
+
+json overhead_json(const Overhead& o) {
+  return {{"mode", o.mode},
+          {"untraced_decode_tok_s", o.untraced_tok_s},
+          {"traced_decode_tok_s", o.traced_tok_s},
+          {"untraced_median_tok_s", o.untraced_median},
+          {"traced_median_tok_s", o.traced_median},
+          {"overhead_fraction", o.overhead_fraction}};
+}
+
+std::string base_dir(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "" : path.substr(0, slash + 1);
+}
+
+}  // namespace
+
+void write_profile_json(const std::string& path, const ProfileDoc& doc, size_t inline_events) {
+  json j;
+  j["ktune_profile"] = profile::kProfileSchemaVersion;
+  json summary;
+  profile::to_json(summary, doc.summary);
+  j["summary"] = std::move(summary);
+  j["run"] = run_json(doc.run);
+  j["notes"] = doc.notes;
+  j["verdict"] = {{"headline", doc.verdict.headline}, {"reasons", doc.verdict.reasons}};
+  j["topology"] = to_json(doc.topology);
+  json windows = json::object();
+  for (const WindowMetrics& w : doc.windows) windows[w.kind] = to_json(w);
+  j["windows"] = windows;
+  j["router"] = to_json(doc.router);
+  j["overhead"] = overhead_json(doc.overhead);
+  if (!doc.hardware.is_null()) j["hardware"] = doc.hardware;
+  TimelineLimits lim;
+  lim.max_ops = inline_events;
+  lim.max_spans = inline_events;
+  lim.max_api = inline_events;
+  j["timeline"] = timeline_to_json(doc.timeline, lim);
+  j["timeline_file"] = doc.timeline_file;
+  write_file_atomic(path, j.dump(1) + "\n");
+}
+
+void write_timeline_json(const std::string& path, const Timeline& t) {
+  json j;
+  j["ktune_timeline"] = 1;
+  j["timeline"] = timeline_to_json(t);
+  write_file_atomic(path, j.dump() + "\n");
+}
+
+Timeline read_profile_timeline(const std::string& profile_path, std::string* which) {
+  std::ifstream in(profile_path, std::ios::binary);
+  if (!in) {
+    throw Error(profile_path, "cannot open",
+                "check the path, or record one with `ktune profile -o " + profile_path + "`");
+  }
+  json doc;
+  try {
+    doc = json::parse(in, nullptr, true, false);
+  } catch (const json::exception& e) {
+    throw Error(profile_path, std::string("not valid JSON (") + e.what() + ")",
+                "re-record the profile with `ktune profile`");
+  }
+  if (!doc.is_object() || !doc.contains("ktune_profile")) {
+    throw Error(profile_path, "not a ktune profile (no \"ktune_profile\" key)",
+                "pass a profile.json written by `ktune profile`");
+  }
+  if (doc.contains("timeline_file") && doc["timeline_file"].is_string() &&
+      !doc["timeline_file"].get<std::string>().empty()) {
+    const std::string side = base_dir(profile_path) + doc["timeline_file"].get<std::string>();
+    std::ifstream ts(side, std::ios::binary);
+    if (ts) {
+      json tj;
+      try {
+        tj = json::parse(ts, nullptr, true, false);
+      } catch (const json::exception& e) {
+        throw Error(side, std::string("not valid JSON (") + e.what() + ")",
+                    "re-record the profile with `ktune profile`, or delete this file to use "
+                    "the compact timeline inside " + profile_path);
+      }
+      if (!tj.is_object() || !tj.contains("timeline")) {
+        throw Error(side, "not a ktune timeline (no \"timeline\" key)",
+                    "re-record the profile with `ktune profile`");
+      }
+      if (which) *which = side;
+      return timeline_from_json(tj["timeline"], side);
+    }
+  }
+  if (!doc.contains("timeline")) {
+    throw Error(profile_path + ": timeline", "missing (and no timeline file beside it)",
+                "re-record the profile with `ktune profile`");
+  }
+  if (which) *which = profile_path + " (compact timeline)";
+  return timeline_from_json(doc["timeline"], profile_path);
+}
+
+}  // namespace ktune::profiler

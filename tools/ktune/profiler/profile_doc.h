@@ -1,0 +1,74 @@
+// Everything `ktune profile` writes into profile.json (docs/profile-format.md) and the sinks
+// read: the summary for the search (profile_summary.h), what was run, the metrics of each
+// window, router statistics, the tracing overhead, the topology check, the verdict and the
+// timeline (compact in profile.json, complete in a file beside it).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "profiler/analysis.h"
+#include "profiler/profile_summary.h"
+#include "profiler/timeline.h"
+#include "profiler/topology.h"
+
+namespace ktune::profiler {
+
+struct RunInfo {
+  std::string command;  // the command line
+  std::string model;    // model spec or path
+  std::string placement;   // placement label ("--experts-on-gpu 48", a YAML path, "all on cpu")
+  std::string engine;      // "cpu" | "gpu" | "hybrid"
+  std::string engine_description;
+  bool cuda_graph = false;
+  std::string moe_kernel;  // "fused" | "unfused"
+  int threads = 0;         // CPU threads of the engine (0: none)
+  int64_t prompt = 0;      // prefill tokens profiled
+  int64_t gen = 0;         // decode tokens per window
+  int64_t warmup = 0;      // decode tokens before the measured windows
+  std::string trace_mode;  // "cupti" | "host-spans"
+};
+
+// Decode speed with and without tracing, measured side by side in one process.
+struct Overhead {
+  std::vector<double> untraced_tok_s;  // per window
+  std::vector<double> traced_tok_s;
+  double untraced_median = 0;
+  double traced_median = 0;
+  double overhead_fraction = 0;  // 1 - traced / untraced
+  std::string mode;  // what the traced windows recorded
+};
+
+struct Verdict {
+  std::string headline;              // one plain-language sentence
+  std::vector<std::string> reasons;  // supporting facts and topology findings
+};
+
+struct ProfileDoc {
+  profile::ProfileSummary summary;
+  RunInfo run;
+  Topology topology;
+  std::vector<WindowMetrics> windows;  // prefill first (when profiled), then decode
+  RouterMetrics router;
+  Overhead overhead;
+  Verdict verdict;
+  std::vector<std::string> notes;  // e.g. "host spans only: no GPU (...)"
+  Timeline timeline;
+  std::string timeline_file;  // the complete timeline beside profile.json ("" if none)
+  nlohmann::json hardware;    // --hardware: the raw probe results (null otherwise)
+};
+
+// Writes profile.json atomically: {"ktune_profile": 1, "summary": ..., "run": ..., ...,
+// "timeline": compact}. The compact timeline keeps at most `inline_events` ops/spans/API calls.
+void write_profile_json(const std::string& path, const ProfileDoc& doc,
+                        size_t inline_events = 3000);
+// Writes the complete timeline as {"ktune_timeline": 1, "timeline": ...} atomically.
+void write_timeline_json(const std::string& path, const Timeline& t);
+
+// Reads a profile's timeline for `ktune trace`: the file named by "timeline_file" (relative to
+// the profile's folder) when it exists, else the compact one inside. Throws ktune::Error.
+Timeline read_profile_timeline(const std::string& profile_path, std::string* which = nullptr);
+
+}  // namespace ktune::profiler

@@ -1,0 +1,466 @@
+// `ktune profile` (profiler/profile_run.h).
+#include "profiler/profile_run.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <iostream>
+#include <memory>
+#include <random>
+
+#include "ktune/engine/atomic_file.h"
+#include "ktune/engine/cpu_engine.h"
+#include "ktune/engine/cpu_moe.h"
+#include "ktune/engine/error.h"
+#include "ktune/engine/gpu_engine.h"
+#include "ktune/engine/thread_pool.h"
+#include "ktune/engine/trace.h"
+#include "profiler/chrome_trace.h"
+#include "profiler/cupti_activity.h"
+#include "profiler/hardware.h"
+#include "profiler/report.h"
+
+namespace ktune::profiler {
+
+using nlohmann::json;
+
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::vector<int32_t> tokens_for(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(std::max<int64_t>(n, 1)));
+  for (auto& x : t) x = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return t;
+}
+
+// The engine under the profiler: the CpuEngine or the GpuEngine behind one interface.
+class Stepper {
+ public:
+  virtual ~Stepper() = default;
+  virtual void reset() = 0;
+  virtual void prefill(const std::vector<int32_t>& tokens, int64_t n) = 0;
+  // n decode steps from `first`, greedy; returns when the last one is complete.
+  virtual void decode(int32_t first, int64_t n) = 0;
+  virtual std::vector<std::vector<uint64_t>> expert_counts() const { return {}; }
+  virtual std::string describe() const = 0;
+};
+
+class CpuStepper : public Stepper {
+ public:
+  CpuStepper(const ModelWeights& m, int threads, int64_t ctx, int64_t batch)
+      : engine_(m, [&] {
+          CpuEngineOptions o;
+          o.threads = threads;
+          o.max_context = ctx;
+          o.max_batch = std::clamp<int64_t>(batch, 1, 512);
+          return o;
+        }()),
+        vocab_(m.cfg.vocab) {}
+  void reset() override { engine_.reset(); }
+  void prefill(const std::vector<int32_t>& t, int64_t n) override {
+    engine_.prefill(t.data(), n, &logits_, false);
+  }
+  void decode(int32_t first, int64_t n) override {
+    int32_t tok = first;
+    for (int64_t i = 0; i < n; ++i) {
+      engine_.decode(tok, &logits_);
+      tok = CpuEngine::argmax(logits_.data(), vocab_);
+    }
+  }
+  std::vector<std::vector<uint64_t>> expert_counts() const override {
+    return engine_.expert_counts();
+  }
+  std::string describe() const override {
+    return fmt::format("cpu engine, {} threads, {}", engine_.threads(),
+                       cpu::isa_name(engine_.isa()));
+  }
+  int threads() const { return engine_.threads(); }
+
+ private:
+  CpuEngine engine_;
+  int64_t vocab_;
+  std::vector<float> logits_;
+};
+
+class GpuStepper : public Stepper {
+ public:
+  GpuStepper(const ModelWeights& m, const GpuEngineOptions& o) : engine_(m, o) {}
+  void reset() override { engine_.reset(); }
+  void prefill(const std::vector<int32_t>& t, int64_t n) override {
+    engine_.prefill(t.data(), n, nullptr);
+  }
+  void decode(int32_t first, int64_t n) override { engine_.generate_greedy(first, n); }
+  std::string describe() const override { return engine_.describe(); }
+
+ private:
+  GpuEngine engine_;
+};
+
+int64_t expert_bytes_of_layer(const ModelWeights& m, size_t l) {
+  const LayerWeights& L = m.layers[l];
+  const int64_t n = std::max<int64_t>(m.cfg.n_experts, 1);
+  return (L.gate_exps.nbytes() + L.up_exps.nbytes() + L.down_exps.nbytes()) / n;
+}
+
+std::vector<profile::ThreadRate> moe_curve_on(const ModelWeights& w, int threads, int iters) {
+  ThreadPool pool(threads);
+  CpuMoe moe(w, pool);
+  const int64_t hidden = w.cfg.hidden, k = w.cfg.n_experts_used, n_exp = w.cfg.n_experts;
+  std::vector<float> h(static_cast<size_t>(hidden), 0.01f), y(static_cast<size_t>(hidden));
+  std::vector<int32_t> all(static_cast<size_t>(n_exp)), ids(static_cast<size_t>(k));
+  for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+  std::vector<float> wts(static_cast<size_t>(k), 1.0f / static_cast<float>(k));
+  std::mt19937 rng(5);
+  double secs = 0, bytes = 0;
+  for (int it = 0; it < iters; ++it) {
+    std::shuffle(all.begin(), all.end(), rng);
+    std::copy(all.begin(), all.begin() + k, ids.begin());
+    std::sort(ids.begin(), ids.end());
+    const size_t l = static_cast<size_t>(it) % w.layers.size();
+    const int64_t t0 = trace::now_ns();
+    moe.compute(static_cast<int64_t>(l), h.data(), ids.data(), wts.data(), static_cast<int>(k),
+                y.data());
+    secs += static_cast<double>(trace::now_ns() - t0) * 1e-9;
+    bytes += static_cast<double>(k * expert_bytes_of_layer(w, l));
+  }
+  return {{threads, std::max(bytes / secs / 1e9, 1e-3)}};
+}
+
+std::string quant_label(const ModelWeights& m) { return quant_name(m.quant); }
+
+void fill_model_shape(profile::ModelShape& s, const ModelWeights& m) {
+  s.name = m.cfg.name.empty() ? m.source : m.cfg.name;
+  s.quant = quant_label(m);
+  std::transform(s.quant.begin(), s.quant.end(), s.quant.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  s.n_layers = m.cfg.n_layers;
+  s.n_experts = m.cfg.n_experts;
+  s.n_experts_used = m.cfg.n_experts_used;
+  s.expert_bytes = m.layers.empty() ? 0 : expert_bytes_of_layer(m, 0);
+}
+
+Verdict hardware_verdict(const profile::ProfileSummary& s) {
+  Verdict v;
+  const double dram = s.cpu.read_gb_s.empty() ? 0 : s.cpu.read_gb_s.back().value;
+  const double moe = s.cpu_costs.moe_decode_gb_s.empty() ? 0 : s.cpu_costs.moe_decode_gb_s.back().value;
+  v.headline = fmt::format("CPU reads {:.1f} GB/s ({} threads), CPU experts {:.1f} GB/s", dram,
+                           s.cpu.read_gb_s.empty() ? 0 : s.cpu.read_gb_s.back().threads, moe);
+  for (size_t i = 0; i < s.gpus.size(); ++i) {
+    const profile::GpuInfo& g = s.gpus[i];
+    const profile::GpuCosts& c = s.gpu_costs[i];
+    v.headline += fmt::format("; {} reads {:.0f} GB/s, fused MoE {:.0f} GB/s vs unfused {:.0f} GB/s",
+                              g.device, g.read_gb_s, c.moe_fused_gb_s, c.moe_unfused_gb_s);
+    v.reasons.push_back(fmt::format(
+        "{}: eager launch {:.2f} µs vs graph node {:.2f} µs (keep CUDA Graph on for decode); "
+        "host node {:.1f} µs vs mapped-flag round trip {:.1f} µs per CPU hand-off",
+        g.device, c.launch_eager_us, c.graph_node_us, c.host_node_us, c.flag_handoff_us));
+    v.reasons.push_back(fmt::format("{}: H2D {:.1f} GB/s, D2H {:.1f} GB/s, PCIe gen{} x{}",
+                                    g.device, g.h2d_gb_s, g.d2h_gb_s, g.pcie_gen, g.pcie_width));
+  }
+  if (s.gpus.empty()) v.reasons.push_back("no GPU here: the profile describes the CPU only");
+  return v;
+}
+
+ProfileDoc profile_hardware(const ProfileOptions& opt) {
+  ProfileDoc doc;
+  HardwareOptions ho;
+  ho.threads = opt.run.threads;
+  ho.quick = opt.quick;
+  json raw = json::object();
+  stamp_summary(doc.summary, "hardware");
+  doc.summary.cpu = measure_cpu(ho, &raw);
+  doc.summary.cpu_costs.moe_decode_gb_s = measure_cpu_moe(ho, &raw);
+  measure_gpus(ho, doc.summary, &raw);
+  doc.hardware = raw;
+  doc.topology = read_topology(0, {});
+  doc.run.command = opt.command_line;
+  doc.run.trace_mode = "none (machine probes)";
+  doc.verdict = hardware_verdict(doc.summary);
+  for (const std::string& w : doc.topology.warnings) doc.verdict.reasons.push_back(w);
+  if (doc.summary.gpus.empty()) {
+    doc.notes.push_back("no GPU: " + cupti_availability().reason);
+  }
+  return doc;
+}
+
+ProfileDoc profile_model(const ProfileOptions& opt) {
+  const cli::RunOptions& ro = opt.run;
+  if (ro.gen < 1) throw_usage("-n", "must be at least 1", "e.g. -n 64");
+  if (ro.prompt < 0) throw_usage("-p", "must be >= 0", "e.g. -p 32, or -p 0 to skip prefill");
+  if (opt.warmup < 0) throw_usage("--warmup", "must be >= 0", "e.g. --warmup 8");
+  if (opt.untraced_windows < 1 || opt.untraced_windows > 100) {
+    throw_usage("--baseline-windows", "must be 1..100", "e.g. --baseline-windows 3");
+  }
+  cli::RunOptions planned = ro;
+  // The engine's context must hold the longest window (warm-up and windows start at 0).
+  planned.gen = std::max<int64_t>(ro.gen, opt.warmup);
+  cli::PreparedRun pr = cli::prepare_single_run(planned);
+  const ModelWeights& model = pr.model;
+  const bool uses_gpu = pr.engine != cli::EngineKind::Cpu;
+
+  ProfileDoc doc;
+  RunInfo& run = doc.run;
+  run.command = opt.command_line;
+  run.model = model.source;
+  run.placement = pr.label;
+  run.engine = cli::engine_kind_name(pr.engine);
+  run.cuda_graph = pr.summary.cuda_graph;
+  run.moe_kernel = moe_kernel_name(pr.placement.runtime.moe_kernel);
+  run.prompt = ro.prompt;
+  run.gen = ro.gen;
+  run.warmup = opt.warmup;
+
+  const CuptiAvailability avail = cupti_availability();
+  const bool want_cupti = uses_gpu && avail.usable;
+  if (want_cupti) setup_nvtx_injection();  // before any NVTX call of this process
+
+  Timeline tl;
+  std::vector<double> untraced, traced;
+  Window prefill_win, decode_win;
+  std::vector<std::vector<uint64_t>> counts0, counts1;
+  int threads_used = 0;
+  {
+    std::unique_ptr<CuptiSession> cupti;
+    if (want_cupti) {
+      cupti = std::make_unique<CuptiSession>();
+      if (!cupti->ok()) {
+        doc.notes.push_back("CUPTI could not start (" + cupti->error() + "): host spans only");
+      }
+    }
+    std::unique_ptr<Stepper> eng;
+    if (pr.engine == cli::EngineKind::Cpu) {
+      auto c = std::make_unique<CpuStepper>(model, pr.threads, pr.context, ro.prompt);
+      threads_used = c->threads();
+      eng = std::move(c);
+    } else {
+      GpuEngineOptions go;
+      go.max_context = pr.context;
+      go.cuda_graph = pr.summary.cuda_graph;
+      go.moe_kernel = pr.placement.runtime.moe_kernel;
+      if (pr.engine == cli::EngineKind::Hybrid) {
+        go.expert_on_gpu.resize(static_cast<size_t>(pr.placement.n_layers()));
+        for (int64_t l = 0; l < pr.placement.n_layers(); ++l) {
+          for (const Device& d : pr.placement.layers[static_cast<size_t>(l)].experts) {
+            go.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
+          }
+        }
+        go.cpu_threads = pr.threads;
+        threads_used = pr.threads;
+      }
+      eng = std::make_unique<GpuStepper>(model, go);
+    }
+    run.threads = threads_used;
+    run.engine_description = eng->describe();
+    const auto prompt = tokens_for(ro.prompt, model.cfg.vocab, ro.seed);
+    const int32_t first = prompt[0];
+
+    if (opt.warmup > 0) {
+      eng->reset();
+      eng->decode(first, opt.warmup);
+    }
+    for (int i = 0; i < opt.untraced_windows; ++i) {
+      eng->reset();
+      const int64_t t0 = trace::now_ns();
+      eng->decode(first, ro.gen);
+      untraced.push_back(static_cast<double>(ro.gen) /
+                         (static_cast<double>(trace::now_ns() - t0) * 1e-9));
+    }
+
+    // Traced windows.
+    const bool cupti_on = cupti && cupti->ok();
+    trace::start();
+    trace::name_thread("main (engine driver)");
+    if (cupti_on) cupti->enable();
+    const int64_t offset = cupti_on ? CuptiSession::steady_to_cupti_offset() : 0;
+    {
+      // A short traced warm-up, so the measured window does not pay CUPTI's first-launch costs.
+      eng->reset();
+      eng->decode(first, std::min<int64_t>(ro.gen, 4));
+    }
+    if (ro.prompt > 0) {
+      eng->reset();
+      const int64_t t0 = trace::now_ns();
+      eng->prefill(prompt, ro.prompt);
+      prefill_win = {"prefill", ro.prompt, t0 + offset, trace::now_ns() + offset};
+    }
+    eng->reset();
+    counts0 = eng->expert_counts();
+    const int64_t t0 = trace::now_ns();
+    eng->decode(first, ro.gen);
+    const int64_t t1 = trace::now_ns();
+    counts1 = eng->expert_counts();
+    decode_win = {"decode", ro.gen, t0 + offset, t1 + offset};
+    traced.push_back(static_cast<double>(ro.gen) / (static_cast<double>(t1 - t0) * 1e-9));
+    if (cupti_on) cupti->disable_and_flush();
+    trace::stop();
+
+    if (cupti_on) {
+      cupti->drain_into(tl);
+      tl.source_note = "cupti";
+      run.trace_mode = "cupti (kernels, copies, runtime API, syncs, NVTX) + host spans";
+    } else {
+      const std::string why = !uses_gpu ? "CPU engine"
+                              : cupti   ? cupti->error()
+                                        : avail.reason;
+      tl.source_note = "host spans only: " + why;
+      run.trace_mode = "host spans only (" + why + ")";
+      if (uses_gpu) {
+        doc.notes.push_back("no GPU events were recorded (" + why +
+                            "): GPU idle time, gaps and kernels are unknown");
+      }
+    }
+    add_host_spans(tl, trace::collect(), offset);
+    add_graph_tags(tl, trace::graph_node_tags());
+  }
+  if (prefill_win.tokens > 0) tl.windows.push_back(prefill_win);
+  tl.windows.push_back(decode_win);
+  tl.origin = tl.first_time();
+  if (tl.dropped_records > 0) {
+    doc.notes.push_back(fmt::format("CUPTI dropped {} records (buffers full): GPU metrics "
+                                    "undercount; profile fewer tokens (-n)",
+                                    tl.dropped_records));
+  }
+  if (tl.dropped_spans > 0) {
+    doc.notes.push_back(fmt::format("{} host spans were dropped (per-thread buffers full)",
+                                    tl.dropped_spans));
+  }
+
+  // ---- analysis ----
+  const auto tags = attribute_ops(tl);
+  const int64_t n_layers = model.cfg.n_layers;
+  const int64_t n_exp = model.cfg.n_experts, k = model.cfg.n_experts_used;
+  AnalysisInputs decode_in;
+  std::vector<std::vector<int64_t>> diff;
+  if (!counts1.empty() && counts1.size() == counts0.size()) {
+    diff.assign(counts1.size(), std::vector<int64_t>(static_cast<size_t>(n_exp), 0));
+    double cpu_bytes = 0;
+    for (size_t l = 0; l < counts1.size(); ++l) {
+      for (size_t e = 0; e < counts1[l].size() && e < diff[l].size(); ++e) {
+        diff[l][e] = static_cast<int64_t>(counts1[l][e] - counts0[l][e]);
+        cpu_bytes += static_cast<double>(diff[l][e]) *
+                     static_cast<double>(expert_bytes_of_layer(model, l));
+      }
+    }
+    decode_in.expert_bytes["cpu"] = cpu_bytes;
+  } else {
+    // The GPU engine does not report routing: expected bytes under uniform routing.
+    double gpu_bytes = 0, cpu_bytes = 0;
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const auto& ex = pr.placement.layers[static_cast<size_t>(l)].experts;
+      int64_t on_gpu = 0;
+      for (const Device& d : ex) on_gpu += d.is_gpu() ? 1 : 0;
+      const double per = static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l))) *
+                         static_cast<double>(ro.gen) / static_cast<double>(std::max<int64_t>(n_exp, 1));
+      gpu_bytes += per * static_cast<double>(on_gpu);
+      cpu_bytes += per * static_cast<double>(n_exp - on_gpu);
+    }
+    if (gpu_bytes > 0) decode_in.expert_bytes["cuda:0"] = gpu_bytes;
+    if (cpu_bytes > 0) decode_in.expert_bytes["cpu"] = cpu_bytes;
+    doc.notes.push_back(
+        "expert bytes assume uniform routing (the GPU engine does not report routing yet)");
+  }
+  if (prefill_win.tokens > 0) doc.windows.push_back(analyze_window(tl, tags, prefill_win, {}));
+  doc.windows.push_back(analyze_window(tl, tags, decode_win, decode_in));
+  const WindowMetrics& dm = doc.windows.back();
+
+  // ---- overhead ----
+  doc.overhead.untraced_tok_s = untraced;
+  doc.overhead.traced_tok_s = traced;
+  doc.overhead.untraced_median = median(untraced);
+  doc.overhead.traced_median = median(traced);
+  doc.overhead.overhead_fraction =
+      doc.overhead.untraced_median > 0 ? 1.0 - doc.overhead.traced_median /
+                                                   doc.overhead.untraced_median
+                                       : 0;
+  doc.overhead.mode = run.trace_mode;
+
+  // ---- summary for the search ----
+  stamp_summary(doc.summary, "model");
+  HardwareOptions ho;
+  ho.threads = {std::max(threads_used, 1)};
+  ho.quick = opt.quick;
+  doc.summary.cpu = measure_cpu(ho, nullptr);
+  double cpu_bw = 0;
+  for (const ExpertBandwidth& e : dm.expert_bandwidth) {
+    if (e.device == "cpu") cpu_bw = e.gb_s;
+  }
+  if (cpu_bw > 0 && threads_used > 0) {
+    doc.summary.cpu_costs.moe_decode_gb_s = {{threads_used, cpu_bw}};
+  } else {
+    doc.summary.cpu_costs.moe_decode_gb_s =
+        moe_curve_on(model, std::max(threads_used, physical_core_count()), opt.quick ? 8 : 48);
+  }
+  if (uses_gpu && opt.gpu_probes) {
+    HardwareOptions gq = ho;
+    gq.quick = true;  // a model profile's GPU costs: the short probes (--hardware runs the long)
+    measure_gpus(gq, doc.summary, nullptr);
+  }
+  fill_model_shape(doc.summary.model, model);
+  if (!diff.empty()) {
+    doc.summary.router.tokens = ro.gen;
+    doc.summary.router.counts = diff;
+    doc.router = analyze_router(diff, ro.gen, k);
+  } else {
+    doc.router.n_used = k;
+    doc.router.warning = "router statistics need the CPU engine's counts (not reported by the "
+                         "GPU engine yet)";
+  }
+
+  // ---- topology and verdict ----
+  std::vector<const void*> sample;
+  for (size_t l = 0; l < model.layers.size() && sample.size() < 512; ++l) {
+    const TensorView& g = model.layers[l].gate_exps;
+    const int64_t step = std::max<int64_t>(g.nbytes() / 16, 4096);
+    for (int64_t off = 0; off < g.nbytes() && sample.size() < 512; off += step) {
+      sample.push_back(g.data + off);
+    }
+  }
+  doc.topology = read_topology(threads_used, sample);
+  doc.verdict = make_verdict(doc);
+  doc.timeline = std::move(tl);
+  return doc;
+}
+
+}  // namespace
+
+std::string timeline_path_for(const std::string& p) {
+  const std::string ext = ".json";
+  if (p.size() > ext.size() && p.compare(p.size() - ext.size(), ext.size(), ext) == 0) {
+    return p.substr(0, p.size() - ext.size()) + ".timeline.json";
+  }
+  return p + ".timeline.json";
+}
+
+ProfileDoc run_profile(const ProfileOptions& opt) {
+  if (opt.out.empty()) throw_usage("-o", "needs a file name", "e.g. -o profile.json");
+  ProfileDoc doc = opt.hardware ? profile_hardware(opt) : profile_model(opt);
+  if (!opt.hardware) {
+    const std::string side = timeline_path_for(opt.out);
+    write_timeline_json(side, doc.timeline);
+    const size_t slash = side.rfind('/');
+    doc.timeline_file = slash == std::string::npos ? side : side.substr(slash + 1);
+  }
+  write_profile_json(opt.out, doc);
+  if (!opt.trace.empty()) {
+    write_chrome_trace(opt.trace, doc.timeline, doc.run.model + " " + doc.run.placement);
+  }
+  if (!opt.report.empty()) write_file_atomic(opt.report, html_report(doc));
+  if (!opt.quiet) {
+    std::cout << terminal_report(doc);
+    std::cout << "\nwrote " << opt.out;
+    if (!doc.timeline_file.empty()) std::cout << " (timeline: " << doc.timeline_file << ")";
+    if (!opt.trace.empty()) std::cout << ", " << opt.trace;
+    if (!opt.report.empty()) std::cout << ", " << opt.report;
+    std::cout << "\n";
+  }
+  return doc;
+}
+
+}  // namespace ktune::profiler

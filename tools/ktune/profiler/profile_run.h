@@ -1,0 +1,41 @@
+// `ktune profile` as library code (cmd_profile.cpp only parses flags): runs the engine of one
+// placement with tracing on for a window of steps and writes profile.json, the complete
+// timeline beside it, and optionally a Chrome trace and an HTML report; or, with --hardware,
+// measures the machine alone.
+//
+// A model profile, in order: CUPTI session (when the engine uses a GPU and CUPTI works here)
+// created before the engine so graph capture is seen; the engine; `warmup` decode tokens (the
+// graph is captured here); `untraced_windows` decode windows of n tokens with tracing off (the
+// overhead baseline); then tracing on (host spans + CUPTI): a short traced warm-up, the prefill
+// window (-p tokens, when > 0) and the decode window (n tokens); tracing off; analysis.
+#pragma once
+
+#include <string>
+
+#include "profiler/profile_doc.h"
+#include "run_bench.h"
+
+namespace ktune::profiler {
+
+struct ProfileOptions {
+  cli::RunOptions run;  // model, placement and runtime options; run.prompt / run.gen = tokens
+  int64_t warmup = 8;
+  int untraced_windows = 3;
+  std::string out = "profile.json";
+  std::string trace;   // Chrome trace path ("" = none)
+  std::string report;  // HTML report path ("" = none)
+  bool hardware = false;
+  bool quick = false;  // --hardware: small buffers (tests)
+  bool quiet = false;  // no terminal report
+  bool gpu_probes = true;  // model profiles: measure the GPU costs for the summary
+  std::string command_line;
+};
+
+// Runs the profile and writes every output. Returns the document (for tests). Throws
+// ktune::Error on bad options or inputs.
+ProfileDoc run_profile(const ProfileOptions& opt);
+
+// The file beside profile.json that holds the complete timeline: "x.json" -> "x.timeline.json".
+std::string timeline_path_for(const std::string& profile_path);
+
+}  // namespace ktune::profiler
