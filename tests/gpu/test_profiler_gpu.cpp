@@ -66,7 +66,7 @@ struct Expect {
   Phase phase;
 };
 bool expected_for(const std::string& name, Expect* e) {
-  if (name.find("add_inplace") != std::string::npos) *e = {0, Phase::Attention};
+  if (name.find("add_kernel") != std::string::npos) *e = {0, Phase::Attention};
   else if (name.find("swiglu") != std::string::npos) *e = {0, Phase::MoeGpu};
   else if (name.find("axpy") != std::string::npos) *e = {1, Phase::Router};
   else if (name.find("argmax") != std::string::npos) *e = {1, Phase::Sampling};

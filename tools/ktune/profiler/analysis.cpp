@@ -233,11 +233,6 @@ namespace {
 
 double us(int64_t ns) { return static_cast<double>(ns) / 1000.0; }
 
-bool is_launch_api(const std::string& n) {
-  return n.find("Launch") != std::string::npos || n.find("Memcpy") != std::string::npos ||
-         n.find("Memset") != std::string::npos || n.find("memcpy") != std::string::npos;
-}
-
 // Budget categories: a sweep over the window gives each instant to the active category with
 // the highest priority (lowest index).
 enum Cat : int {
@@ -384,11 +379,12 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     g.gaps.biggest = std::move(gap_list);
 
     // Launches and their latency (first op of each launching call).
-    std::vector<double> lat, delay;
+    std::vector<double> lat, delay, call;
     for (uint32_t c : launch_corr) {
       auto a = api_by_corr.find(c);
       if (a == api_by_corr.end()) continue;
       ++g.launches;
+      call.push_back(us(a->second->end - a->second->start));
       const std::string& name = t.str(a->second->name);
       if (name.find("GraphLaunch") != std::string::npos) ++g.graph_launches;
       auto fs = first_start.find(c);
@@ -401,11 +397,11 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
         ++g.launches;  // host functions put work in the stream without a GPU record
       }
     }
-    (void)is_launch_api;
     g.latency_samples = static_cast<int64_t>(lat.size());
     g.launch_latency_median_us = percentile(lat, 50);
     g.launch_latency_p90_us = percentile(lat, 90);
     g.launch_delay_median_us = percentile(delay, 50);
+    g.launch_call_median_us = percentile(call, 50);
     g.kernels_per_token = static_cast<double>(g.kernels) / tokens;
     g.launches_per_token = static_cast<double>(g.launches) / tokens;
     m.gpus.push_back(std::move(g));
@@ -635,7 +631,8 @@ json to_json(const WindowMetrics& m) {
                           {{"samples", g.latency_samples},
                            {"median_us", g.launch_latency_median_us},
                            {"p90_us", g.launch_latency_p90_us},
-                           {"delay_median_us", g.launch_delay_median_us}}},
+                           {"delay_median_us", g.launch_delay_median_us},
+                           {"call_median_us", g.launch_call_median_us}}},
                          {"phases", phase_map_json(g.phases, false)},
                          {"kernels_tagged_by", tagged}});
   }

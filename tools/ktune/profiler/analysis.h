@@ -96,6 +96,7 @@ struct GpuMetrics {
   double launch_latency_median_us = 0;  // API call start -> kernel start
   double launch_latency_p90_us = 0;
   double launch_delay_median_us = 0;    // HTA: API call end -> kernel start, clipped at 0
+  double launch_call_median_us = 0;     // duration of the launching API call (host cost)
   std::map<Phase, PhaseTime> phases;
   std::map<TagSource, int64_t> tagged_by;  // how many kernels each attribution source tagged
 };

@@ -83,6 +83,12 @@ std::string short_kernel_name(const char* mangled) {
   char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
   std::string s = status == 0 && d != nullptr ? d : mangled;
   std::free(d);
+  // "(anonymous namespace)::" says nothing and holds a '(' that is not the parameter list.
+  for (size_t p = s.find("(anonymous namespace)::"); p != std::string::npos;
+       p = s.find("(anonymous namespace)::", p)) {
+    s.erase(p, 23);
+  }
+  if (s.rfind("void ", 0) == 0) s.erase(0, 5);  // a kernel template's return type
   // Drop the parameter list: "ns::kernel<...>(float const*, ...)" -> "ns::kernel<...>".
   int depth = 0;
   for (size_t i = 0; i < s.size(); ++i) {

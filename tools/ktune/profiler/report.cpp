@@ -167,16 +167,16 @@ std::string terminal_report(const ProfileDoc& doc) {
   for (const std::string& n : doc.notes) o += "# note: " + n + "\n";
   if (!doc.overhead.traced_tok_s.empty() && doc.overhead.untraced_median > 0) {
     o += fmt::format(
-        "# overhead: decode {:.2f} tok/s untraced (median of {}), {:.2f} tok/s traced "
-        "({}) -> {:+.1f} %\n",
+        "# overhead: decode {:.2f} tok/s untraced (median of {}), {:.2f} tok/s traced: tracing "
+        "cost {:.1f} % (negative: within noise)\n",
         doc.overhead.untraced_median, doc.overhead.untraced_tok_s.size(),
-        doc.overhead.traced_median, doc.overhead.mode, -100.0 * doc.overhead.overhead_fraction);
+        doc.overhead.traced_median, 100.0 * doc.overhead.overhead_fraction);
   }
   if (!doc.windows.empty()) {
     o += "\n| window  | tokens |    tok/s | device | idle % | gaps/tok | median gap µs | p90 gap "
-         "µs | kernels/tok | launches/tok | launch lat µs |\n";
+         "µs | kernels/tok | launches/tok | launch call µs | launch lat µs |\n";
     o += "| ------- | -----: | -------: | ------ | -----: | -------: | ------------: | "
-         "---------: | ----------: | -----------: | ------------: |\n";
+         "---------: | ----------: | -----------: | -------------: | ------------: |\n";
     for (const WindowMetrics& w : doc.windows) {
       bool any = false;
       for (const GpuMetrics& g : w.gpus) {
@@ -184,16 +184,16 @@ std::string terminal_report(const ProfileDoc& doc) {
         any = true;
         o += fmt::format(
             "| {:<7} | {:>6} | {:>8.2f} | cuda:{} | {:>6.1f} | {:>8.1f} | {:>13.2f} | {:>9.2f} | "
-            "{:>11.1f} | {:>12.1f} | {:>13.2f} |\n",
+            "{:>11.1f} | {:>12.1f} | {:>14.2f} | {:>13.2f} |\n",
             w.kind, w.tokens, w.tok_s, g.device, 100 * g.idle_fraction,
             w.tokens > 0 ? static_cast<double>(g.gaps.count) / static_cast<double>(w.tokens) : 0,
             g.gaps.median_us, g.gaps.p90_us, g.kernels_per_token, g.launches_per_token,
-            g.launch_latency_median_us);
+            g.launch_call_median_us, g.launch_latency_median_us);
       }
       if (!any) {
         o += fmt::format("| {:<7} | {:>6} | {:>8.2f} | cpu    | {:>6} | {:>8} | {:>13} | {:>9} | "
-                         "{:>11} | {:>12} | {:>13} |\n",
-                         w.kind, w.tokens, w.tok_s, "-", "-", "-", "-", "-", "-", "-");
+                         "{:>11} | {:>12} | {:>14} | {:>13} |\n",
+                         w.kind, w.tokens, w.tok_s, "-", "-", "-", "-", "-", "-", "-", "-");
       }
     }
     for (const WindowMetrics& w : doc.windows) {
