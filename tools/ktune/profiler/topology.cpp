@@ -20,7 +20,7 @@
 namespace ktune::profiler {
 namespace {
 
-std::string read_line(const std::string& path) {
+[[maybe_unused]] std::string read_line(const std::string& path) {
   std::ifstream in(path);
   std::string s;
   std::getline(in, s);
