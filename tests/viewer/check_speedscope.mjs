@@ -13,13 +13,13 @@ const index = path.join(here, 'node_modules', 'speedscope', 'dist', 'release', '
 const browser = await puppeteer.launch({
   executablePath: chromium,
   headless: true,
-  args: ['--no-sandbox', '--no-zygote', '--disable-dev-shm-usage', '--use-gl=swiftshader',
+  args: ['--no-sandbox', '--no-zygote', '--disable-dev-shm-usage', '--use-angle=swiftshader',
          '--enable-unsafe-swiftshader'],
 });
 const problems = [];
 try {
   const page = await browser.newPage();
-  page.on('pageerror', (e) => problems.push('page error: ' + e));
+  page.on('pageerror', (e) => problems.push('page error: ' + (e.stack || e)));
   page.on('dialog', async (d) => {
     problems.push('alert: ' + d.message());
     await d.dismiss();
