@@ -182,7 +182,7 @@ TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
   profiler::ProfileOptions o;
   o.run.model = "synth:tiny";
   o.run.model_given = true;
-  o.run.experts_on_gpu = 4;  // all of tiny's layers
+  o.run.experts_on_gpu = {4};  // all of tiny's layers
   o.run.prompt = 4;
   o.run.gen = 16;
   o.warmup = 2;

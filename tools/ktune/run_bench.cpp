@@ -364,8 +364,16 @@ nlohmann::json summary_json(const PlacementSummary& s) {
           {"context", s.context}};
 }
 
-void run_placements(const RunOptions& opt) {
-  std::vector<int> thread_list = check_common(opt);
+// Steps 1 and 2 of a placement run: every placement of the command line (files, or the quick
+// flags) x every combination of the listed runtime settings, resolved, planned, checked against
+// budgets and devices, its engine chosen -- all before any weights are loaded.
+struct PlannedSweep {
+  std::string spec;  // the one model of the sweep
+  ModelShape shape;
+  std::vector<PlannedRun> runs;
+};
+
+PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
   const bool quick = opt.configs.empty();
   if (!quick && !opt.experts_on_gpu.empty()) {
     throw_usage("--experts-on-gpu", "cannot be combined with --config",
@@ -418,7 +426,7 @@ void run_placements(const RunOptions& opt) {
       }
     }
   }
-  ModelShape shape = model_shape(spec, opt.json);
+  ModelShape shape = model_shape(spec, quiet);
   const ModelConfig& cfg = shape.cfg;
   check_context(cfg, opt);
 
@@ -463,6 +471,16 @@ void run_placements(const RunOptions& opt) {
       runs.push_back(std::move(r));
     }
   }
+  return PlannedSweep{spec, std::move(shape), std::move(runs)};
+}
+
+void run_placements(const RunOptions& opt) {
+  std::vector<int> thread_list = check_common(opt);
+  PlannedSweep sweep = plan_sweep(opt, opt.json);
+  const std::string& spec = sweep.spec;
+  ModelShape& shape = sweep.shape;
+  const ModelConfig& cfg = shape.cfg;
+  std::vector<PlannedRun>& runs = sweep.runs;
 
   // 3. Load once, run every placement.
   const double t0 = now_seconds();
@@ -855,14 +873,6 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
     throw_usage("--config", "profile takes one placement, not a list",
                 "profile one YAML at a time (e.g. --config best.yaml)");
   }
-  if (!opt.configs.empty() && opt.experts_on_gpu != kNotGiven) {
-    throw_usage("--experts-on-gpu", "cannot be combined with --config",
-                "put the placement in the YAML, or drop --config");
-  }
-  if (opt.experts_on_gpu != kNotGiven && opt.experts_on_gpu < 0) {
-    throw_usage("--experts-on-gpu", fmt::format("{} is negative", opt.experts_on_gpu),
-                "give the number of layers whose experts go on cuda:0 (0 = all on the CPU)");
-  }
   for (int t : opt.threads) {
     if (t < 1 || t > 4096) {
       throw_usage("--threads", fmt::format("{} is not a thread count", t), "e.g. --threads 16");
@@ -871,53 +881,26 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
   if (opt.threads.size() > 1) {
     throw_usage("--threads", "profile takes one thread count", "e.g. --threads 16");
   }
-  const RuntimeOverrides ov = parse_runtime_overrides(opt.cuda_graph, opt.moe_kernel);
-  Budgets budgets = default_budgets();
-  if (!opt.gpu_mem.empty()) apply_budget_overrides(budgets, opt.gpu_mem, "--gpu-mem", Device::Cuda);
-  if (!opt.cpu_mem.empty()) apply_budget_overrides(budgets, opt.cpu_mem, "--cpu-mem", Device::Cpu);
-
+  PlannedSweep sweep = plan_sweep(opt, true);
+  if (sweep.runs.size() != 1) {
+    throw_usage("--experts-on-gpu/--cuda-graph/--moe-kernel/--cpu-handoff",
+                fmt::format("profile takes one placement and one value of each runtime flag "
+                            "({} combinations given)",
+                            sweep.runs.size()),
+                "give one value each (lists are for `ktune run` sweeps)");
+  }
+  PlannedRun& p = sweep.runs.front();
   PreparedRun r;
-  std::string spec = opt.model;
-  if (!opt.configs.empty()) {
-    r.placement = load_placement(opt.configs.front());
-    r.label = opt.configs.front();
-    if (!opt.model_given) spec = r.placement.model_resolved;
-  }
-  ModelShape shape = model_shape(spec, true);
-  const ModelConfig& cfg = shape.cfg;
-  check_context(cfg, opt);
-  if (opt.configs.empty()) {
-    if (opt.experts_on_gpu != kNotGiven) {
-      if (opt.experts_on_gpu > cfg.n_layers) {
-        throw_usage(
-            "--experts-on-gpu",
-            fmt::format("{} layers, but the model has {}", opt.experts_on_gpu, cfg.n_layers),
-            fmt::format("use 0..{}", cfg.n_layers));
-      }
-      r.placement = make_layer_split(cfg, opt.experts_on_gpu, Device::cuda(0));
-      r.label = fmt::format("--experts-on-gpu {}", opt.experts_on_gpu);
-    } else {
-      r.placement = make_uniform_placement(cfg, Device::cpu(), Device::cpu());
-      r.label = "all on cpu";
-    }
-    r.placement.model_path = spec;
-    r.placement.model_resolved = spec;
-  }
-  const int64_t needed = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
-  resolve_placement(r.placement, cfg);
-  apply_runtime_overrides(r.placement, ov);
-  r.context = std::max(r.placement.runtime.context, needed);
-  r.placement.runtime.context = r.context;
-  const MemoryPlan plan = plan_memory(cfg, shape.bytes, r.placement, budgets);
-  check_fits(plan);
-  check_gpus_present(r.placement);
-  r.engine = choose_engine(r.placement, r.label);
-  check_engine_settings(r.placement, r.engine, r.label);
-  r.summary = summarize_placement(r.label, r.placement, plan, r.engine);
-  r.threads = !opt.threads.empty() ? opt.threads.front()
+  r.label = p.label;
+  r.placement = std::move(p.placement);
+  r.engine = p.engine;
+  r.summary = p.summary;
+  r.context = p.context;
+  r.threads = !opt.threads.empty()                  ? opt.threads.front()
               : r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
                                                     : physical_core_count();
-  r.model = shape.opened ? std::move(*shape.opened) : load_model_for_cli(spec, true);
+  r.model = sweep.shape.opened ? std::move(*sweep.shape.opened)
+                               : load_model_for_cli(sweep.spec, true);
   return r;
 }
 
