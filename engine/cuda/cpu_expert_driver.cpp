@@ -10,6 +10,8 @@
 #include <exception>
 #include <stdexcept>
 
+#include "ktune/engine/trace.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define KTUNE_PAUSE() _mm_pause()
@@ -154,7 +156,10 @@ int CpuExpertDriver::select_and_compute(const Layer& layer) {
     sel_w_[static_cast<size_t>(n)] = shared_.wts[j];
     ++n;
   }
-  if (n > 0) moe_.compute(layer.index, shared_.h, sel_ids_.data(), sel_w_.data(), n, shared_.y);
+  if (n > 0) {
+    trace::Scope cpu_experts(trace::Phase::MoeCpu, static_cast<int32_t>(layer.index));
+    moe_.compute(layer.index, shared_.h, sel_ids_.data(), sel_w_.data(), n, shared_.y);
+  }
   return n;
 }
 
@@ -166,6 +171,7 @@ void CpuExpertDriver::fail(const std::string& what) {
 void CpuExpertDriver::loop() {
   for (;;) {
     uint64_t seq = 0;
+    trace::name_thread("cpu expert driver");
     {
       // Spin briefly (the next step usually follows at once), then sleep.
       std::unique_lock<std::mutex> lk(mu_);

@@ -4,7 +4,6 @@
 #include "ktune/engine/gpu_engine.h"
 
 #include <cuda_runtime.h>
-
 #include <sched.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include "cuda/gpu_engine_prefill.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
+#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -344,9 +344,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
           }
         }
       }
-      driver = std::make_unique<CpuExpertDriver>(
-          *cpu_moe, sh, std::move(hl), top_k, n_exp,
-          std::chrono::milliseconds(opt.handoff_timeout_ms), free_cpu);
+      driver = std::make_unique<CpuExpertDriver>(*cpu_moe, sh, std::move(hl), top_k, n_exp,
+                                                 std::chrono::milliseconds(opt.handoff_timeout_ms),
+                                                 free_cpu);
     }
   }
   prefill_setup(w);  // prefill: its workspace arena, staging, pinned host ranges
@@ -368,6 +368,7 @@ void GpuEngine::Impl::run_step() {
     throw Error("gpu engine", "context full (" + std::to_string(max_ctx) + " positions)",
                 "raise max_context or reset()");
   }
+  trace::Scope step(trace::Phase::DecodeStep, 1);
   if (driver) driver->arm(step_seq());
   try {
     launch_step();
@@ -382,6 +383,9 @@ void GpuEngine::Impl::launch_step() {
   if (opt.cuda_graph) {
     if (graph_exec == nullptr) {
       KTUNE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      // Tags each captured node with its layer and phase (the Scopes of enqueue_step), so the
+      // profiler can attribute kernel records of graph replays, where NVTX does not fire.
+      trace::GraphCapture capture(stream);
       try {
         enqueue_step();
       } catch (...) {
@@ -391,6 +395,7 @@ void GpuEngine::Impl::launch_step() {
         throw;
       }
       KTUNE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      capture.finish(graph);
       KTUNE_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
     }
     KTUNE_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));

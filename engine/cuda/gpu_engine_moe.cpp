@@ -6,6 +6,7 @@
 #include "ktune/engine/cuda/hybrid_kernels.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
+#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -38,6 +39,7 @@ void GpuEngine::Impl::moe(const DevLayer& d, int64_t l) {
 // flags: one kernel copies the routing block into mapped memory and raises the request word.
 // host_node: the block is copied with a memcpy node and a host callback raises the word.
 void GpuEngine::Impl::begin_handoff(int64_t l) {
+  trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
   cudaStream_t s = stream;
   if (opt.cpu_handoff == CpuHandoff::Flags) {
     check_launch(
@@ -52,6 +54,7 @@ void GpuEngine::Impl::begin_handoff(int64_t l) {
 // The wait kernel spins on the done word (flags) or finds it already raised after the host
 // callback that blocked until it was (host_node); either way it then adds the CPU sum into x.
 void GpuEngine::Impl::end_handoff(int64_t l) {
+  trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
   cudaStream_t s = stream;
   if (opt.cpu_handoff == CpuHandoff::HostNode) {
     KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
@@ -71,6 +74,7 @@ void GpuEngine::Impl::moe_unfused_slots(const DevLayer& d, int64_t l) {
   cudaStream_t s = stream;
   if (d.n_cpu_experts > 0) begin_handoff(l);
   if (d.n_gpu_experts > 0) {
+    trace::Scope gpu_experts(trace::Phase::MoeGpu, static_cast<int32_t>(l));
     KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
     for (int64_t j = 0; j < top_k; ++j) {
       float* a = act + j * ffn;
@@ -110,7 +114,10 @@ void GpuEngine::Impl::cpu_experts(const DevLayer& d, int64_t l) {
     ++n;
   }
   if (n == 0) return;
-  cpu_moe->compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
+  {
+    trace::Scope cpu_experts(trace::Phase::MoeCpu, static_cast<int32_t>(l));
+    cpu_moe->compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
+  }
   cudaStream_t s = stream;
   KTUNE_CUDA_CHECK(cudaMemcpyAsync(ycpu, h_ycpu, static_cast<size_t>(hidden) * sizeof(float),
                                    cudaMemcpyHostToDevice, s));
@@ -122,13 +129,17 @@ void GpuEngine::Impl::cpu_experts(const DevLayer& d, int64_t l) {
 // are launched first, then the CPU experts run while the GPU works (same sums as fused).
 void GpuEngine::Impl::moe_unfused(const DevLayer& d, int64_t l) {
   cudaStream_t s = stream;
-  if (d.n_cpu_experts > 0) {
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
-  } else {
-    KTUNE_CUDA_CHECK(
-        cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off, cudaMemcpyDeviceToHost, s));
+  {  // routing to the host and the stream synchronised: this path's per-layer sync
+    trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
+    if (d.n_cpu_experts > 0) {
+      KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
+    } else {
+      KTUNE_CUDA_CHECK(
+          cudaMemcpyAsync(h_ids, ids, stage_bytes - stage_ids_off, cudaMemcpyDeviceToHost, s));
+    }
+    KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
   }
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
+  trace::Scope gpu_experts(trace::Phase::MoeGpu, static_cast<int32_t>(l));
   if (d.n_gpu_experts > 0) {
     KTUNE_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<size_t>(hidden) * sizeof(float), s));
   }

@@ -50,6 +50,7 @@
 #include "ktune/engine/cuda/prefill_kernels.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/memory_plan.h"
+#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -524,11 +525,12 @@ void GpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* lo
     if (!ps.enabled || (m.is_hybrid && (!ps.staging_ok || c < ps.min_staged))) {
       for (int64_t j = 0; j < c; ++j) decode(tokens[i + j], last && j + 1 == c ? logits : nullptr);
     } else {
+      trace::Scope step(trace::Phase::PrefillStep, static_cast<int32_t>(c));
       m.prefill_chunk(tokens + i, c, last, logits);
     }
     i += c;
   }
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.sync();
 }
 
 }  // namespace ktune

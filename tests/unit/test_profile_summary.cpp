@@ -18,12 +18,18 @@ ProfileSummary sample() {
   s.ktune_version = "0.1.0";
   s.commit = "abc1234";
   s.created = "2026-11-27T03:00:00Z";
-  s.cpu = {"Xeon", 16, 32, 1, "avx512vnni", int64_t{128} << 30, int64_t{100} << 30,
+  s.cpu = {"Xeon",
+           16,
+           32,
+           1,
+           "avx512vnni",
+           int64_t{128} << 30,
+           int64_t{100} << 30,
            {{1, 12.5}, {8, 80.0}, {16, 100.0}}};
   s.cpu_costs.moe_decode_gb_s = {{1, 10.0}, {16, 85.0}};
   s.cpu_costs.handoff_host_thread_us = 20;
-  s.gpus.push_back({"cuda:0", "NVIDIA H100", "9.0", int64_t{80} << 30, int64_t{79} << 30, 3000,
-                    50, 50, 5, 16});
+  s.gpus.push_back(
+      {"cuda:0", "NVIDIA H100", "9.0", int64_t{80} << 30, int64_t{79} << 30, 3000, 50, 50, 5, 16});
   GpuCosts c;
   c.device = "cuda:0";
   c.launch_eager_us = 3.3;
@@ -124,8 +130,8 @@ namespace ktune::profile {
 namespace {
 
 TEST(ProfileSummary, NestingBombsAreRefusedBeforeParsing) {
-  const std::string bomb = "{\"ktune_profile\": 1, \"x\": " + std::string(100000, '[') +
-                           std::string(100000, ']') + "}";
+  const std::string bomb =
+      "{\"ktune_profile\": 1, \"x\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
   try {
     parse_profile_summary(bomb, "bomb.json");
     FAIL() << "expected ktune::Error";

@@ -899,8 +899,8 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
   r.threads = !opt.threads.empty()                  ? opt.threads.front()
               : r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
                                                     : physical_core_count();
-  r.model = sweep.shape.opened ? std::move(*sweep.shape.opened)
-                               : load_model_for_cli(sweep.spec, true);
+  r.model =
+      sweep.shape.opened ? std::move(*sweep.shape.opened) : load_model_for_cli(sweep.spec, true);
   return r;
 }
 

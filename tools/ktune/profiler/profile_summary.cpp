@@ -196,8 +196,7 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
     GpuInfo gi;
     gi.device = g.at("device").str();
     if (gi.device != "cuda:" + std::to_string(i)) {
-      g.at("device").fail("\"" + gi.device + "\" out of order; expected cuda:" +
-                          std::to_string(i));
+      g.at("device").fail("\"" + gi.device + "\" out of order; expected cuda:" + std::to_string(i));
     }
     gi.name = g.at("name").str();
     gi.sm = g.at("sm").str();
@@ -220,8 +219,8 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
     GpuCosts gc;
     gc.device = c.at("device").str();
     if (gc.device != s.gpus[i].device) {
-      c.at("device").fail("\"" + gc.device + "\" does not match gpus[" + std::to_string(i) +
-                          "] (" + s.gpus[i].device + ")");
+      c.at("device").fail("\"" + gc.device + "\" does not match gpus[" + std::to_string(i) + "] (" +
+                          s.gpus[i].device + ")");
     }
     gc.launch_eager_us = c.at("launch_eager_us").num(1e-3, 1e6);
     gc.graph_node_us = c.at("graph_node_us").num(1e-3, 1e6);
@@ -252,8 +251,7 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
   s.router.tokens = r.at("tokens").integer(0, int64_t{1} << 50);
   const Field counts = r.at("counts");
   const size_t nl = counts.array_size();
-  if (s.router.tokens > 0 &&
-      (!has_model || nl != static_cast<size_t>(s.model.n_layers))) {
+  if (s.router.tokens > 0 && (!has_model || nl != static_cast<size_t>(s.model.n_layers))) {
     counts.fail("has " + std::to_string(nl) + " layers; the model has " +
                 std::to_string(s.model.n_layers));
   }
@@ -326,8 +324,8 @@ ProfileSummary parse_profile_summary(const std::string& text, const std::string&
   if (v.get<int64_t>() > kProfileSchemaVersion) {
     throw Error(path + ": ktune_profile",
                 "schema version " + std::to_string(v.get<int64_t>()) +
-                    " is newer than this ktune reads (" +
-                    std::to_string(kProfileSchemaVersion) + ")",
+                    " is newer than this ktune reads (" + std::to_string(kProfileSchemaVersion) +
+                    ")",
                 "update ktune, or re-record the profile with this version");
   }
   if (!doc.contains("summary")) {
@@ -339,8 +337,8 @@ ProfileSummary parse_profile_summary(const std::string& text, const std::string&
 ProfileSummary read_profile_summary(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    throw Error(path, "cannot open", "check the path, or record one with `ktune profile -o " +
-                                         path + "`");
+    throw Error(path, "cannot open",
+                "check the path, or record one with `ktune profile -o " + path + "`");
   }
   std::ostringstream text;
   text << in.rdbuf();

@@ -13,10 +13,9 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 namespace ktune::profile {
 
@@ -42,8 +41,8 @@ struct CpuInfo {
 struct CpuCosts {
   // CpuMoe (one token's selected experts of one layer) effective bandwidth: expert weight bytes
   // read ÷ wall time of compute(), by thread count, at the model's top-k (or 8 on --hardware).
-  std::vector<ThreadRate> moe_decode_gb_s;     // required, >= 1 point
-  std::vector<ThreadRate> prefill_gflop_s;     // batched CPU matmul; empty if not measured
+  std::vector<ThreadRate> moe_decode_gb_s;  // required, >= 1 point
+  std::vector<ThreadRate> prefill_gflop_s;  // batched CPU matmul; empty if not measured
   double handoff_host_thread_us = 0;  // per layer: event sync + wake pool + enqueue (no graph)
 };
 
@@ -56,29 +55,29 @@ struct GpuInfo {
   double read_gb_s = 0;  // device-memory read probe
   double h2d_gb_s = 0;   // pinned host -> device copy
   double d2h_gb_s = 0;
-  int pcie_gen = 0;      // 0 = unknown
+  int pcie_gen = 0;  // 0 = unknown
   int pcie_width = 0;
 };
 
 struct GpuCosts {
   std::string device;  // matches a GpuInfo::device
   // Overheads measured with ktune's own kernels on this GPU.
-  double launch_eager_us = 0;     // one small kernel launched from the host, back to back
-  double graph_node_us = 0;       // one small kernel node of a replayed graph
-  double host_node_us = 0;        // cudaLaunchHostFunc hand-off round trip inside a graph
-  double flag_handoff_us = 0;     // mapped-memory flag round trip to the CPU pool
-  double sync_us = 0;             // cudaStreamSynchronize / event sync round trip (eager)
+  double launch_eager_us = 0;  // one small kernel launched from the host, back to back
+  double graph_node_us = 0;    // one small kernel node of a replayed graph
+  double host_node_us = 0;     // cudaLaunchHostFunc hand-off round trip inside a graph
+  double flag_handoff_us = 0;  // mapped-memory flag round trip to the CPU pool
+  double sync_us = 0;          // cudaStreamSynchronize / event sync round trip (eager)
   // Effective bandwidths of ktune's decode kernels (weight bytes ÷ kernel time, gaps excluded).
-  double matvec_gb_s = 0;         // attention/router/head matvecs (fused matvec kernels)
-  double moe_fused_gb_s = 0;      // fused MoE kernels over top-k experts
-  double moe_unfused_gb_s = 0;    // one expert matrix per launch
-  double attention_us = 0;        // attention kernel per layer at context ~0 (graph replay)
+  double matvec_gb_s = 0;              // attention/router/head matvecs (fused matvec kernels)
+  double moe_fused_gb_s = 0;           // fused MoE kernels over top-k experts
+  double moe_unfused_gb_s = 0;         // one expert matrix per launch
+  double attention_us = 0;             // attention kernel per layer at context ~0 (graph replay)
   double attention_us_per_1k_ctx = 0;  // its growth with context
-  double prefill_gflop_s = 0;     // batched expert/attention matmuls (0 = not measured)
+  double prefill_gflop_s = 0;          // batched expert/attention matmuls (0 = not measured)
 };
 
-struct ModelShape {  // the model a profile was recorded with (empty name: --hardware)
-  std::string name;  // "qwen3-30b-a3b"
+struct ModelShape {   // the model a profile was recorded with (empty name: --hardware)
+  std::string name;   // "qwen3-30b-a3b"
   std::string quant;  // "q4_0"
   int64_t n_layers = 0;
   int64_t n_experts = 0;
@@ -86,7 +85,7 @@ struct ModelShape {  // the model a profile was recorded with (empty name: --har
   int64_t expert_bytes = 0;  // one expert's gate+up+down bytes
 };
 
-struct RouterStats {  // empty (tokens == 0) when not measured
+struct RouterStats {   // empty (tokens == 0) when not measured
   int64_t tokens = 0;  // decode tokens whose routing was counted
   // counts[layer][expert]: how many of those tokens selected the expert (each token selects
   // n_experts_used per layer). n_layers x n_experts of ModelShape.
