@@ -20,6 +20,7 @@
 
 #include "cuda/matvec_variants.h"
 #include "gpu/gpu_test_util.h"
+#include "gpu/kernel_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
@@ -30,49 +31,8 @@
 namespace ktune::cuda {
 namespace {
 
-unsigned test_seed() {
-  if (const char* s = std::getenv("KTUNE_TEST_SEED")) return static_cast<unsigned>(std::atol(s));
-  return std::random_device{}();
-}
-
-struct Rng {
-  unsigned seed = test_seed();
-  std::mt19937 gen{seed};
-  std::string trace() const { return "seed " + std::to_string(seed); }
-  std::vector<float> normal(size_t n, float sd = 1.0f, float mean = 0.0f) {
-    std::normal_distribution<float> d(mean, sd);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(gen);
-    return v;
-  }
-  int uniform_int(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(gen); }
-};
-
-// A device copy of a host vector; download() reads it back.
-template <class T>
-struct Dev {
-  DeviceBuffer buf;
-  size_t n = 0;
-  Dev() = default;
-  explicit Dev(size_t count) : buf(count * sizeof(T) + 16), n(count) {}
-  explicit Dev(const std::vector<T>& h) : Dev(h.size()) { upload(h); }
-  T* ptr() const { return buf.as<T>(); }
-  // Both synchronise the device: tests launch on other (non-blocking) streams too.
-  void upload(const std::vector<T>& h) {
-    KTUNE_CUDA_CHECK(cudaMemcpy(ptr(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    KTUNE_CUDA_CHECK(cudaDeviceSynchronize());
-  }
-  void poison() {
-    KTUNE_CUDA_CHECK(cudaMemset(ptr(), 0xFF, n * sizeof(T)));
-    KTUNE_CUDA_CHECK(cudaDeviceSynchronize());
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    KTUNE_CUDA_CHECK(cudaDeviceSynchronize());
-    KTUNE_CUDA_CHECK(cudaMemcpy(h.data(), ptr(), n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::Dev;
+using test::Rng;
 
 struct Err {
   double rel_l2 = 0;   // ||out - ref|| / ||ref||
@@ -775,8 +735,8 @@ TEST(CudaAttentionDecode, QkNormRopeMatchesReference) {
         dout.poison();
         ASSERT_EQ(launch_attention_decode_qknorm_rope(dq.ptr(), dk.ptr(), dvn.ptr(), dqw.ptr(),
                                                       dkw.ptr(), eps, dinv.ptr(), dkc.ptr(),
-                                                      dvc.ptr(), dpos.ptr(), c.n_heads, c.n_kv,
-                                                      hd, c.max_ctx, ws.data(), dout.ptr(), s),
+                                                      dvc.ptr(), dpos.ptr(), c.n_heads, c.n_kv, hd,
+                                                      c.max_ctx, ws.data(), dout.ptr(), s),
                   cudaSuccess);
         s.synchronize();
         auto out = dout.download();
@@ -836,7 +796,8 @@ void check_moe_staged(QuantType t, bool with_map) {
   auto compact = [&](const std::vector<uint8_t>& m, int64_t eb) {
     if (!with_map) return m;
     std::vector<uint8_t> c;
-    for (int64_t e = 0; e < n_exp; e += 2) c.insert(c.end(), m.begin() + e * eb, m.begin() + (e + 1) * eb);
+    for (int64_t e = 0; e < n_exp; e += 2)
+      c.insert(c.end(), m.begin() + e * eb, m.begin() + (e + 1) * eb);
     return c;
   };
   Dev<uint8_t> dg(compact(gq, gbytes)), du(compact(uq, gbytes)), dd(compact(dq, dbytes));
@@ -858,12 +819,12 @@ void check_moe_staged(QuantType t, bool with_map) {
   for (int64_t j = 0; j < k; ++j) {
     if (!here(ids[j])) continue;
     const int64_t sl = slot[ids[j]];
-    ASSERT_EQ(launch_matvec_rowwarp(t, dg.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, dg1.ptr(),
-                                    nullptr),
-              cudaSuccess);
-    ASSERT_EQ(launch_matvec_rowwarp(t, du.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, du1.ptr(),
-                                    nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        launch_matvec_rowwarp(t, dg.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, dg1.ptr(), nullptr),
+        cudaSuccess);
+    ASSERT_EQ(
+        launch_matvec_rowwarp(t, du.ptr() + sl * gbytes, dx.ptr(), ffn, hidden, du1.ptr(), nullptr),
+        cudaSuccess);
     ASSERT_EQ(launch_swiglu(dg1.ptr(), du1.ptr(), ffn, dact2.ptr() + j * ffn, nullptr),
               cudaSuccess);
     ASSERT_EQ(launch_matvec_rowwarp(t, dd.ptr() + sl * dbytes, dact2.ptr() + j * ffn, hidden, ffn,

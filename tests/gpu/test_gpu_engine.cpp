@@ -29,6 +29,7 @@
 #include <random>
 #include <vector>
 
+#include "gpu/engine_test_util.h"
 #include "gpu/gpu_test_util.h"
 #include "ktune/engine/cpu_engine.h"
 #include "ktune/engine/cuda/cuda_check.h"
@@ -214,11 +215,7 @@ TEST(CudaMoe, FusedMatchesReferenceAndUnfusedQ4_0) {
 
 const std::vector<int32_t> kTokens = {1, 17, 300, 5, 999, 42};
 
-const ModelWeights& tiny(QuantType q) {
-  static const ModelWeights q8 = make_synthetic_model({"tiny", QuantType::Q8_0, 1});
-  static const ModelWeights q4 = make_synthetic_model({"tiny", QuantType::Q4_0, 1});
-  return q == QuantType::Q8_0 ? q8 : q4;
-}
+using test::tiny;
 
 std::vector<std::vector<float>> gpu_logits(const ModelWeights& m, GpuEngineOptions opt) {
   opt.max_context = 64;
@@ -377,34 +374,13 @@ TEST(GpuEngine, ContextFullIsAnError) {
 // GpuEngine with a hybrid placement: attention + router on cuda:0, some experts on the CPU
 // (CpuMoe, Q8_0 activations like the CpuEngine), the CPU partial sum added on the GPU.
 
-enum class Split { EvenOnGpu, AllOnCpu, FirstHalfLayersOnGpu, AllOnGpu };
+using test::Split;
 
 GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split, MoeKernel k = MoeKernel::Fused) {
   GpuEngineOptions o{64, false, k};
   o.cpu_threads = 3;
   o.pin_threads = false;
-  o.expert_on_gpu.assign(static_cast<size_t>(m.cfg.n_layers),
-                         std::vector<bool>(static_cast<size_t>(m.cfg.n_experts), false));
-  for (int64_t l = 0; l < m.cfg.n_layers; ++l) {
-    for (int64_t e = 0; e < m.cfg.n_experts; ++e) {
-      bool g = false;
-      switch (split) {
-        case Split::EvenOnGpu:
-          g = e % 2 == 0;
-          break;
-        case Split::AllOnCpu:
-          g = false;
-          break;
-        case Split::FirstHalfLayersOnGpu:
-          g = l < m.cfg.n_layers / 2;
-          break;
-        case Split::AllOnGpu:
-          g = true;
-          break;
-      }
-      o.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)] = g;
-    }
-  }
+  o.expert_on_gpu = test::expert_map(m.cfg, split);
   return o;
 }
 

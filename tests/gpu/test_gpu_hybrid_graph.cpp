@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "gpu/engine_test_util.h"
 #include "gpu/gpu_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/hybrid_kernels.h"
@@ -223,11 +224,7 @@ TEST(CudaHandoff, TimeoutSetsTheErrorWordAndLeavesXAlone) {
 
 const std::vector<int32_t> kTokens = {1, 17, 300, 5, 999, 42, 7, 64};
 
-const ModelWeights& tiny(QuantType q) {
-  static const ModelWeights q8 = make_synthetic_model({"tiny", QuantType::Q8_0, 1});
-  static const ModelWeights q4 = make_synthetic_model({"tiny", QuantType::Q4_0, 1});
-  return q == QuantType::Q8_0 ? q8 : q4;
-}
+using test::tiny;
 
 std::vector<std::vector<float>> logits_of(const ModelWeights& m, const GpuEngineOptions& o) {
   GpuEngine e(m, o);
@@ -239,7 +236,8 @@ std::vector<std::vector<float>> logits_of(const ModelWeights& m, const GpuEngine
   return out;
 }
 
-enum class Split { EvenOnGpu, AllOnCpu, FirstHalfLayersOnGpu };
+using test::Split;
+using test::split_name;
 
 GpuEngineOptions opts(const ModelWeights& m, Split sp, bool graph, MoeKernel k, CpuHandoff h) {
   GpuEngineOptions o;
@@ -249,23 +247,8 @@ GpuEngineOptions opts(const ModelWeights& m, Split sp, bool graph, MoeKernel k, 
   o.cpu_handoff = h;
   o.cpu_threads = 3;
   o.pin_threads = false;
-  o.expert_on_gpu.assign(static_cast<size_t>(m.cfg.n_layers),
-                         std::vector<bool>(static_cast<size_t>(m.cfg.n_experts), false));
-  for (int64_t l = 0; l < m.cfg.n_layers; ++l) {
-    for (int64_t e = 0; e < m.cfg.n_experts; ++e) {
-      o.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)] =
-          sp == Split::EvenOnGpu  ? e % 2 == 0
-          : sp == Split::AllOnCpu ? false
-                                  : l < m.cfg.n_layers / 2;
-    }
-  }
+  o.expert_on_gpu = test::expert_map(m.cfg, sp);
   return o;
-}
-
-const char* split_name(Split s) {
-  return s == Split::EvenOnGpu  ? "even experts on gpu"
-         : s == Split::AllOnCpu ? "all experts on cpu"
-                                : "first half of the layers on gpu";
 }
 
 TEST(GpuEngineGraph, HybridGraphBitIdenticalToHostDrivenStep) {

@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/engine_test_util.h"
 #include "gpu/gpu_test_util.h"
 #include "ktune/engine/cpu_engine.h"
 #include "ktune/engine/error.h"
@@ -47,22 +48,7 @@
 namespace ktune {
 namespace {
 
-const ModelWeights& tiny(QuantType q) {
-  static const ModelWeights f32 = make_synthetic_model({"tiny", QuantType::F32, 1});
-  static const ModelWeights bf16 = make_synthetic_model({"tiny", QuantType::BF16, 1});
-  static const ModelWeights q8 = make_synthetic_model({"tiny", QuantType::Q8_0, 1});
-  static const ModelWeights q4 = make_synthetic_model({"tiny", QuantType::Q4_0, 1});
-  switch (q) {
-    case QuantType::F32:
-      return f32;
-    case QuantType::BF16:
-      return bf16;
-    case QuantType::Q4_0:
-      return q4;
-    default:
-      return q8;
-  }
-}
+using test::tiny;
 
 std::vector<int32_t> prompt(int64_t n, uint32_t seed, int64_t vocab) {
   std::mt19937 gen(seed);
@@ -327,28 +313,15 @@ TEST(GpuPrefill, AfterDecodeAndErrors) {
 // ---------------------------------------------------------------------------------------------
 // Hybrid placements.
 
-enum class Split { EvenOnGpu, AllOnCpu, FirstHalfLayersOnGpu };
+using test::Split;
+using test::split_name;
 
 GpuEngineOptions hybrid_opt(const ModelWeights& m, Split split) {
   GpuEngineOptions o = gpu_opt(16);
   o.cpu_threads = 3;
   o.pin_threads = false;
-  o.expert_on_gpu.assign(static_cast<size_t>(m.cfg.n_layers),
-                         std::vector<bool>(static_cast<size_t>(m.cfg.n_experts), false));
-  for (int64_t l = 0; l < m.cfg.n_layers; ++l) {
-    for (int64_t e = 0; e < m.cfg.n_experts; ++e) {
-      bool g = false;
-      if (split == Split::EvenOnGpu) g = e % 2 == 0;
-      if (split == Split::FirstHalfLayersOnGpu) g = l < m.cfg.n_layers / 2;
-      o.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)] = g;
-    }
-  }
+  o.expert_on_gpu = test::expert_map(m.cfg, split);
   return o;
-}
-
-const char* split_name(Split s) {
-  return s == Split::EvenOnGpu ? "even experts on gpu"
-                               : (s == Split::AllOnCpu ? "all experts on cpu" : "half the layers");
 }
 
 TEST(GpuPrefillHybrid, StagedExpertsEqualAllGpu) {

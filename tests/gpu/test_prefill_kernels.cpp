@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "gpu/gpu_test_util.h"
+#include "gpu/kernel_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/cuda/prefill_kernels.h"
@@ -33,44 +34,8 @@
 namespace ktune::cuda {
 namespace {
 
-unsigned test_seed() {
-  if (const char* s = std::getenv("KTUNE_TEST_SEED")) return static_cast<unsigned>(std::atol(s));
-  return std::random_device{}();
-}
-
-struct Rng {
-  unsigned seed = test_seed();
-  std::mt19937 gen{seed};
-  std::string trace() const { return "seed " + std::to_string(seed); }
-  std::vector<float> normal(size_t n, float sd = 1.0f) {
-    std::normal_distribution<float> d(0.0f, sd);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(gen);
-    return v;
-  }
-  int uniform_int(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(gen); }
-};
-
-template <class T>
-struct Dev {
-  DeviceBuffer buf;
-  size_t n = 0;
-  Dev() = default;
-  explicit Dev(size_t count) : buf(count * sizeof(T) + 16), n(count) { poison(); }
-  explicit Dev(const std::vector<T>& h) : buf(h.size() * sizeof(T) + 16), n(h.size()) { upload(h); }
-  T* ptr() const { return buf.as<T>(); }
-  void upload(const std::vector<T>& h) {
-    KTUNE_CUDA_CHECK(
-        cudaMemcpy(buf.data(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  void poison() { KTUNE_CUDA_CHECK(cudaMemset(buf.data(), 0xff, n * sizeof(T))); }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    KTUNE_CUDA_CHECK(cudaDeviceSynchronize());
-    KTUNE_CUDA_CHECK(cudaMemcpy(h.data(), buf.data(), n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::Dev;
+using test::Rng;
 
 std::vector<uint16_t> to_f16(const std::vector<float>& v) {
   std::vector<uint16_t> h(v.size());

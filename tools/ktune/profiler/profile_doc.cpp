@@ -6,6 +6,7 @@
 
 #include "ktune/engine/atomic_file.h"
 #include "ktune/engine/error.h"
+#include "profiler/profile_summary.h"
 
 namespace ktune::profiler {
 
@@ -77,22 +78,7 @@ void write_timeline_json(const std::string& path, const Timeline& t) {
 }
 
 Timeline read_profile_timeline(const std::string& profile_path, std::string* which) {
-  std::ifstream in(profile_path, std::ios::binary);
-  if (!in) {
-    throw Error(profile_path, "cannot open",
-                "check the path, or record one with `ktune profile -o " + profile_path + "`");
-  }
-  json doc;
-  try {
-    doc = json::parse(in, nullptr, true, false);
-  } catch (const json::exception& e) {
-    throw Error(profile_path, std::string("not valid JSON (") + e.what() + ")",
-                "re-record the profile with `ktune profile`");
-  }
-  if (!doc.is_object() || !doc.contains("ktune_profile")) {
-    throw Error(profile_path, "not a ktune profile (no \"ktune_profile\" key)",
-                "pass a profile.json written by `ktune profile`");
-  }
+  const json doc = profile::read_profile_document(profile_path);
   if (doc.contains("timeline_file") && doc["timeline_file"].is_string() &&
       !doc["timeline_file"].get<std::string>().empty()) {
     const std::string side = base_dir(profile_path) + doc["timeline_file"].get<std::string>();
@@ -104,7 +90,8 @@ Timeline read_profile_timeline(const std::string& profile_path, std::string* whi
       } catch (const json::exception& e) {
         throw Error(side, std::string("not valid JSON (") + e.what() + ")",
                     "re-record the profile with `ktune profile`, or delete this file to use "
-                    "the compact timeline inside " + profile_path);
+                    "the compact timeline inside " +
+                        profile_path);
       }
       if (!tj.is_object() || !tj.contains("timeline")) {
         throw Error(side, "not a ktune timeline (no \"timeline\" key)",

@@ -303,7 +303,7 @@ void check_json_depth(const std::string& text, const std::string& file, int max_
   }
 }
 
-ProfileSummary parse_profile_summary(const std::string& text, const std::string& path) {
+json parse_profile_document(const std::string& text, const std::string& path) {
   check_json_depth(text, path, kMaxJsonDepth);
   json doc;
   try {
@@ -328,13 +328,10 @@ ProfileSummary parse_profile_summary(const std::string& text, const std::string&
                     ")",
                 "update ktune, or re-record the profile with this version");
   }
-  if (!doc.contains("summary")) {
-    throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
-  }
-  return summary_from_json(doc["summary"], path);
+  return doc;
 }
 
-ProfileSummary read_profile_summary(const std::string& path) {
+json read_profile_document(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     throw Error(path, "cannot open",
@@ -345,7 +342,26 @@ ProfileSummary read_profile_summary(const std::string& path) {
   if (!in.good() && !in.eof()) {
     throw Error(path, "cannot read", "check the file's permissions");
   }
-  return parse_profile_summary(text.str(), path);
+  return parse_profile_document(text.str(), path);
+}
+
+namespace {
+
+ProfileSummary summary_of(const json& doc, const std::string& path) {
+  if (!doc.contains("summary")) {
+    throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
+  }
+  return summary_from_json(doc["summary"], path);
+}
+
+}  // namespace
+
+ProfileSummary parse_profile_summary(const std::string& text, const std::string& path) {
+  return summary_of(parse_profile_document(text, path), path);
+}
+
+ProfileSummary read_profile_summary(const std::string& path) {
+  return summary_of(read_profile_document(path), path);
 }
 
 double rate_at(const std::vector<ThreadRate>& c, int threads) {

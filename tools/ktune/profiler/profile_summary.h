@@ -113,6 +113,10 @@ ProfileSummary summary_from_json(const nlohmann::json& summary, const std::strin
 // Reads profile.json (any size the profiler writes), checks "ktune_profile" (a newer schema is
 // refused with the version numbers), and returns its validated summary. Throws ktune::Error.
 ProfileSummary read_profile_summary(const std::string& path);
+// The whole profile.json document, checked up to its schema version (not the summary): the
+// depth guard, JSON syntax, "ktune_profile" present and not newer than this ktune reads.
+nlohmann::json read_profile_document(const std::string& path);
+nlohmann::json parse_profile_document(const std::string& text, const std::string& file);
 // The same from the file's text (`file` names it in errors). JSON nested deeper than
 // kMaxJsonDepth is refused before parsing, so a nesting bomb costs neither stack nor memory.
 ProfileSummary parse_profile_summary(const std::string& text, const std::string& file);
