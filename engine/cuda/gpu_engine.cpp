@@ -505,8 +505,21 @@ std::string GpuEngine::describe() const {
   std::string s = "cuda:0 " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
                   ", graph " + (m.opt.cuda_graph ? "on" : "off");
   if (m.is_hybrid) {
+    // Where the workers run: a pool squeezed onto fewer cores than threads is the first thing
+    // to rule out when the CPU experts are slow.
+    std::string cpus;
+    int unpinned = 0;
+    for (int c : m.pool->pinned_cpus()) {
+      if (c < 0) {
+        ++unpinned;
+      } else {
+        cpus += (cpus.empty() ? "" : ",") + std::to_string(c);
+      }
+    }
     s += ", " + std::to_string(m.cpu_experts_total) + "/" + std::to_string(m.n_exp * m.layers) +
-         " experts on cpu (" + std::to_string(m.pool->size()) + " threads, handoff " +
+         " experts on cpu (" + std::to_string(m.pool->size()) + " threads, workers on cpus " +
+         (cpus.empty() ? "-" : cpus) +
+         (unpinned > 0 ? " + " + std::to_string(unpinned) + " unpinned" : "") + ", handoff " +
          (m.driver ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread") + ")";
   }
   return s;
