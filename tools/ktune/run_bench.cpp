@@ -687,6 +687,83 @@ void run_placements(const RunOptions& opt) {
 
 }  // namespace
 
+std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
+                                                  std::vector<Placement> placements,
+                                                  const std::vector<std::string>& labels,
+                                                  const MeasureSettings& ms) {
+  RunOptions opt;
+  opt.prompt = ms.prompt;
+  opt.gen = ms.gen;
+  opt.reps = ms.reps;
+  opt.json = ms.quiet;
+  check_common(opt);
+  Budgets budgets = default_budgets();
+  if (!ms.gpu_mem.empty()) apply_budget_overrides(budgets, ms.gpu_mem, "--gpu-mem", Device::Cuda);
+  if (!ms.cpu_mem.empty()) apply_budget_overrides(budgets, ms.cpu_mem, "--cpu-mem", Device::Cpu);
+  ModelShape shape = model_shape(model_spec, ms.quiet);
+  check_context(shape.cfg, opt);
+  const int64_t needed = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
+  std::vector<PlannedRun> runs;
+  for (size_t i = 0; i < placements.size(); ++i) {
+    PlannedRun r;
+    r.label = i < labels.size() ? labels[i] : fmt::format("placement {}", i + 1);
+    r.placement = std::move(placements[i]);
+    resolve_placement(r.placement, shape.cfg);
+    r.context = std::max(r.placement.runtime.context, needed);
+    r.placement.runtime.context = r.context;
+    r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
+    check_fits(r.plan);
+    check_gpus_present(r.placement);
+    r.engine = choose_engine(r.placement, r.label);
+    check_engine_settings(r.placement, r.engine, r.label);
+    r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
+    runs.push_back(std::move(r));
+  }
+  ModelWeights model =
+      shape.opened ? std::move(*shape.opened) : load_model_for_cli(model_spec, ms.quiet);
+  const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), model.cfg.vocab, opt.seed);
+  std::vector<MeasuredPlacement> out;
+  for (const PlannedRun& r : runs) {
+    throw_if_interrupted("verification stopped");
+    MeasuredPlacement m;
+    if (r.engine == EngineKind::Cpu) {
+      const int t = r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
+                                                        : physical_core_count();
+      const RunResult rr = bench_one(model, opt, t, r.context);
+      m.prefill = rr.prefill;
+      m.decode = rr.decode;
+      m.engine = "cpu";
+      m.threads = rr.threads;
+    } else {
+      GpuBenchSettings s;
+      s.max_context = r.context;
+      s.cuda_graph = r.summary.cuda_graph;
+      if (r.engine == EngineKind::Hybrid) {
+        s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
+        for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
+          for (const Device& d : r.placement.layers[l].experts) {
+            s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
+          }
+        }
+        s.cpu_threads = r.placement.runtime.cpu_threads;
+      }
+      s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
+      s.prompt = opt.prompt;
+      s.gen = opt.gen;
+      s.reps = opt.reps;
+      s.progress = !ms.quiet;
+      s.label = r.label;
+      const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
+      m.prefill = g.prefill;
+      m.decode = g.decode;
+      m.engine = g.describe;
+      m.graph = s.cuda_graph;
+    }
+    out.push_back(m);
+  }
+  return out;
+}
+
 const char* engine_kind_name(EngineKind k) {
   return k == EngineKind::Cpu ? "cpu" : k == EngineKind::Gpu ? "gpu" : "hybrid";
 }

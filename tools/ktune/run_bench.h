@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_stats.h"
 #include "ktune/engine/memory_plan.h"
 #include "ktune/engine/model.h"
 #include "ktune/engine/placement.h"
@@ -97,6 +98,30 @@ struct PlacementSummary {
 };
 PlacementSummary summarize_placement(const std::string& label, const Placement& p,
                                      const MemoryPlan& plan, EngineKind engine);
+
+// ---- entry point for `ktune search --verify` ----
+
+struct MeasureSettings {
+  int64_t prompt = 512;  // prefill tokens per repetition (0 skips)
+  int64_t gen = 128;     // decode tokens per repetition (0 skips)
+  int reps = 3;
+  std::string gpu_mem, cpu_mem;  // budget overrides for the plan check ("" = this machine's)
+  bool quiet = true;             // no progress lines
+};
+struct MeasuredPlacement {
+  Stat prefill, decode;  // tok/s
+  std::string engine;    // what ran ("cpu", or the GPU engine's description)
+  int threads = 0;       // CPU engine threads (0 for GPU rows)
+  bool graph = false;    // a CUDA graph was used
+};
+// Resolves, plans and checks every placement against this machine (budgets, GPUs, engine)
+// before anything is loaded, throwing ktune::Error naming the first that cannot run here; then
+// loads the model once and measures each as `ktune run --config` would. `labels` name the
+// placements in errors.
+std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
+                                                  std::vector<Placement> placements,
+                                                  const std::vector<std::string>& labels,
+                                                  const MeasureSettings& settings);
 
 // "layers 0-23: attention cuda:0, experts cuda:0; layers 24-47: attention cuda:0, experts cpu"
 // (consecutive layers with the same devices grouped; at most `max_groups`, then "...").

@@ -1,0 +1,476 @@
+// The cost model (search/cost_model.h). Units inside: microseconds, bytes, FLOPs; a rate of
+// X GB/s moves X * 1e3 bytes per µs, X GFLOP/s does X * 1e3 FLOPs per µs. docs/search.md
+// writes the same equations out; keep the two in step.
+#include "search/cost_model.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "ktune/engine/memory_plan.h"
+
+namespace ktune::search {
+namespace {
+
+double us_for_bytes(double bytes, double gb_s) { return bytes / (gb_s * 1e3); }
+double us_for_flops(double flops, double gflop_s) { return flops / (gflop_s * 1e3); }
+
+// P(j of k draws fall on the CPU), each draw independently with probability q: the routing of
+// one token, with q the share of the layer's routing mass on CPU experts.
+void binomial(int k, double q, std::vector<double>& out) {
+  out.assign(static_cast<size_t>(k) + 1, 0.0);
+  if (q <= 0) {
+    out[0] = 1;
+    return;
+  }
+  if (q >= 1) {
+    out[static_cast<size_t>(k)] = 1;
+    return;
+  }
+  double c = 1;  // C(k, j)
+  for (int j = 0; j <= k; ++j) {
+    out[static_cast<size_t>(j)] = c * std::pow(q, j) * std::pow(1 - q, k - j);
+    c = c * (k - j) / (j + 1);
+  }
+}
+
+}  // namespace
+
+std::string EngineSettings::describe() const {
+  if (!gpu) return fmt::format("cpu engine, {} threads", cpu_threads);
+  std::string s = fmt::format("graph {}, {}", cuda_graph ? "on" : "off", moe_kernel_name(kernel));
+  if (cuda_graph) s += fmt::format(", {} hand-off", cpu_handoff_name(handoff));
+  return s + fmt::format(", {} threads", cpu_threads);
+}
+
+std::string EngineSettings::key() const {
+  return fmt::format("{}{}{}{}{}", gpu ? 'g' : 'c', cuda_graph ? 1 : 0,
+                     kernel == MoeKernel::Fused ? 'f' : 'u',
+                     handoff == CpuHandoff::Flags ? 'F' : 'H', cpu_threads);
+}
+
+bool operator==(const EngineSettings& a, const EngineSettings& b) { return a.key() == b.key(); }
+
+CostModel::CostModel(MachineCosts machine, ModelInfo model, RouterModel router, Workload workload)
+    : m_(std::move(machine)),
+      model_(std::move(model)),
+      router_(std::move(router)),
+      w_(std::move(workload)) {
+  const ModelConfig& c = model_.cfg;
+  // Prefill runs in chunks of at most kPrefillChunkTokens (the memory planner's chunk).
+  std::set<int64_t> sizes;
+  for (const Request& r : w_.requests) {
+    if (r.prompt >= kPrefillChunkTokens) sizes.insert(kPrefillChunkTokens);
+    if (r.prompt % kPrefillChunkTokens != 0) sizes.insert(r.prompt % kPrefillChunkTokens);
+  }
+  chunk_sizes_.assign(sizes.begin(), sizes.end());
+  for (int64_t n : chunk_sizes_) {
+    std::vector<std::vector<double>> per_layer;
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      const auto& p = router_.p[size_t(l)];
+      const auto& hot = router_.hot[size_t(l)];
+      std::vector<double> pre(hot.size() + 1, 0.0);
+      for (size_t i = 0; i < hot.size(); ++i) {
+        // A chunk's tokens route independently: expert e is activated unless all n miss it.
+        const double pe = std::min(1.0, p[size_t(hot[i])]);
+        pre[i + 1] = pre[i] + 1.0 - std::pow(1.0 - pe, static_cast<double>(n));
+      }
+      per_layer.push_back(std::move(pre));
+    }
+    distinct_prefix_.push_back(std::move(per_layer));
+  }
+  const double q = double(c.n_heads * c.head_dim), kv = double(c.n_kv_heads * c.head_dim);
+  const double h = double(c.hidden);
+  attn_params_ = h * (q + 2 * kv) + q * h;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const double total = double(model_.bytes.attention[size_t(l)]);
+    const double router = 4.0 * h * double(c.n_experts);
+    const double norms = 2 * 4 * h + 2 * 4 * double(c.head_dim);
+    const double matrices = std::max(0.0, total - router - norms);
+    qkv_bytes_.push_back(matrices * (q + 2 * kv) / (2 * q + 2 * kv));
+    o_bytes_.push_back(matrices * q / (2 * q + 2 * kv));
+    router_bytes_.push_back(router);
+  }
+}
+
+std::vector<int> CostModel::thread_candidates() const {
+  const int cores = std::max(1, m_.physical_cores);
+  std::set<int> ts = {cores};
+  for (const auto* curve : {&m_.cpu_moe_gb_s, &m_.cpu_prefill_gflop_s, &m_.cpu_read_gb_s}) {
+    for (const profile::ThreadRate& r : *curve) {
+      if (r.threads <= cores) ts.insert(r.threads);
+    }
+  }
+  std::vector<int> all(ts.begin(), ts.end()), out;
+  for (int t : all) {
+    bool dominated = false;
+    for (int u : all) {
+      if (u == t) continue;
+      const double dm = m_.cpu_moe_at(u) - m_.cpu_moe_at(t);
+      const double dp = m_.cpu_prefill_at(u) - m_.cpu_prefill_at(t);
+      const double dr = m_.cpu_read_at(u) - m_.cpu_read_at(t);
+      const bool ge = dm >= 0 && dp >= 0 && dr >= 0;
+      const bool better = dm > 0 || dp > 0 || dr > 0;
+      // Beaten on every curve, or equal everywhere with fewer threads (cores left free).
+      if (ge && (better || u < t)) dominated = true;
+    }
+    if (!dominated) out.push_back(t);
+  }
+  return out;
+}
+
+size_t CostModel::chunk_index(int64_t n) const {
+  return static_cast<size_t>(std::lower_bound(chunk_sizes_.begin(), chunk_sizes_.end(), n) -
+                             chunk_sizes_.begin());
+}
+
+LayerSplit CostModel::hottest_split(int64_t l, int64_t m) const {
+  LayerSplit s;
+  const int64_t e = n_experts();
+  s.n_gpu = m;
+  s.n_cpu = e - m;
+  s.gpu_mass = router_.prefix[size_t(l)][size_t(m)];
+  for (const auto& dp : distinct_prefix_) {
+    const auto& pre = dp[size_t(l)];
+    s.gpu_distinct.push_back(pre[size_t(m)]);
+    s.cpu_distinct.push_back(pre.back() - pre[size_t(m)]);
+  }
+  return s;
+}
+
+LayerSplit CostModel::split_of(int64_t l, const std::vector<bool>& on_gpu) const {
+  LayerSplit s;
+  const auto& p = router_.p[size_t(l)];
+  s.gpu_distinct.assign(chunk_sizes_.size(), 0.0);
+  s.cpu_distinct.assign(chunk_sizes_.size(), 0.0);
+  for (size_t e = 0; e < on_gpu.size(); ++e) {
+    const double pe = std::min(1.0, p[e]);
+    if (on_gpu[e]) {
+      ++s.n_gpu;
+      s.gpu_mass += pe;
+    } else {
+      ++s.n_cpu;
+    }
+    for (size_t c = 0; c < chunk_sizes_.size(); ++c) {
+      const double d = 1.0 - std::pow(1.0 - pe, static_cast<double>(chunk_sizes_[c]));
+      (on_gpu[e] ? s.gpu_distinct : s.cpu_distinct)[c] += d;
+    }
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------------ decode --
+
+double CostModel::kernel_us(double work_us, bool graph) const {
+  // A kernel costs its work plus a per-launch overhead: a graph node's, or an eager launch's
+  // (the host enqueues back to back, so the launch rate bounds a stream of short kernels).
+  return work_us + m_.kernel_fixed_us + (graph ? m_.graph_node_us : m_.launch_eager_us);
+}
+
+double CostModel::pre_gpu_us(int64_t l, double ctx, bool graph) const {
+  const double attn = m_.attention_us + m_.attention_us_per_1k_ctx * ctx / 1000.0;
+  // q/k/v (norm prologue), attention partial + combine, o + residual, norm + router + top-k.
+  return kernel_us(us_for_bytes(qkv_bytes_[size_t(l)], m_.matvec_gb_s), graph) +
+         kernel_us(attn, graph) + kernel_us(0, graph) +
+         kernel_us(us_for_bytes(o_bytes_[size_t(l)], m_.matvec_gb_s), graph) +
+         kernel_us(us_for_bytes(router_bytes_[size_t(l)], m_.matvec_gb_s), graph);
+}
+
+double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                                  double ctx) const {
+  const ModelConfig& c = model_.cfg;
+  const double eb = double(model_.bytes.expert[size_t(l)]);
+  const int k = static_cast<int>(c.n_experts_used);
+  if (!e.gpu) {
+    // The CPU engine: attention weights and the f32 KV cache at DRAM speed, the token's experts
+    // at CpuMoe's bandwidth.
+    const double kv = 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
+    return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
+                        m_.cpu_read_at(e.cpu_threads)) +
+           us_for_bytes(k * eb, m_.cpu_moe_at(e.cpu_threads));
+  }
+  const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
+  const double L = m_.launch_eager_us;
+  const double pre = pre_gpu_us(l, ctx, graph);
+  const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
+  const double cpu_us_per_expert = us_for_bytes(eb, m_.cpu_moe_at(e.cpu_threads));
+  // Routing block to pinned memory: h, top-k ids and weights.
+  const double d2h = kernel_us(
+      us_for_bytes((double(c.hidden) + 2.0 * k) * 4.0, m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0), graph);
+  // CPU result back and added: H2D copy + add kernel.
+  const double merge =
+      kernel_us(us_for_bytes(double(c.hidden) * 4.0, m_.h2d_gb_s), graph) + kernel_us(0, graph);
+  // Fused GPU experts: gate/up/SwiGLU (2/3 of the bytes) and down + weighted sum (1/3).
+  auto fused = [&](double ng) {
+    if (!has_gpu) return 0.0;
+    const double bytes = ng * eb;
+    return kernel_us(us_for_bytes(bytes * 2 / 3, m_.moe_fused_gb_s), graph) +
+           kernel_us(us_for_bytes(bytes / 3, m_.moe_fused_gb_s), graph);
+  };
+  // Unfused: gate, up, SwiGLU, down, axpy per selected GPU expert (never in a graph).
+  const double unfused_expert =
+      3 * kernel_us(us_for_bytes(eb / 3, m_.moe_unfused_gb_s), false) + 2 * kernel_us(0, false);
+
+  if (!has_cpu && e.kernel == MoeKernel::Fused) return pre + fused(k);
+  const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
+  std::vector<double> pj;
+  binomial(k, has_cpu ? q : 0.0, pj);
+  double expected = 0;
+  for (int j = 0; j <= k; ++j) {
+    const double pr = pj[size_t(j)];
+    if (pr == 0) continue;
+    const double cpu = j * cpu_us_per_expert;
+    const double ng = has_gpu ? double(k - j) : 0.0;
+    double t = 0;
+    if (graph) {
+      const double h = e.handoff == CpuHandoff::Flags ? m_.flag_handoff_us : m_.host_node_us;
+      t = pre + d2h + std::max(fused(ng), h + cpu) + (j > 0 ? merge : 0.0);
+    } else if (e.kernel == MoeKernel::Fused) {
+      // Host and GPU clocks from a synchronised start (the previous layer's hand-off): the host
+      // enqueues the layer, waits for the routing event, runs the CPU experts, enqueues the
+      // merge; the GPU runs its experts meanwhile.
+      const double gpu_pre_end = pre + d2h;
+      const double host_launched = (6 + (has_gpu ? 2 : 0)) * L;
+      const double host_wait_end =
+          std::max(host_launched, gpu_pre_end) + m_.handoff_host_thread_us;
+      const double gpu_exp_end = std::max(gpu_pre_end, host_launched) + fused(ng);
+      const double host_cpu_end = host_wait_end + cpu;
+      t = std::max(gpu_exp_end, host_cpu_end) + (j > 0 ? merge : 0.0);
+    } else {
+      // Unfused: routing to the host and a stream sync, then 5 launches per selected GPU expert
+      // (plus a memset and an add), then the CPU experts on the host thread.
+      const double after_sync = pre + d2h + m_.sync_us;
+      double gpu_end = after_sync, host_free = after_sync;
+      if (has_gpu) {
+        gpu_end = after_sync + 2 * kernel_us(0, false) + ng * unfused_expert;
+        host_free = after_sync + (2 + 5 * ng) * L;
+      }
+      t = gpu_end;
+      if (has_cpu) {
+        const double host_cpu_end = host_free + m_.handoff_host_thread_us + cpu;
+        t = std::max(gpu_end, host_cpu_end) + (j > 0 ? merge : 0.0);
+      }
+    }
+    expected += pr * t;
+  }
+  return expected;
+}
+
+double CostModel::decode_step_fixed_us(const EngineSettings& e) const {
+  const ModelConfig& c = model_.cfg;
+  const double head = double(model_.bytes.head);
+  if (!e.gpu) return us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
+  const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
+  // embedding, output head (norm prologue), argmax, advance; a graph is one launch per step.
+  return kernel_us(0, graph) + kernel_us(us_for_bytes(head, m_.matvec_gb_s), graph) +
+         kernel_us(us_for_bytes(4.0 * double(c.vocab), m_.gpu_read_gb_s), graph) +
+         kernel_us(0, graph) + (graph ? m_.launch_eager_us : 0.0);
+}
+
+// ----------------------------------------------------------------------------------- prefill --
+
+CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
+                                                 const EngineSettings& e, size_t ci, int64_t n,
+                                                 int64_t c0) const {
+  const ModelConfig& c = model_.cfg;
+  const double eb = double(model_.bytes.expert[size_t(l)]);
+  const double nd = double(n), h = double(c.hidden);
+  const double k = double(c.n_experts_used);
+  const double attn_bytes = double(model_.bytes.attention[size_t(l)]);
+  // Dense matrices, router, and causal attention over the context so far (QK and PV).
+  const double attn_flops = 2 * nd * attn_params_ + 2 * nd * h * double(c.n_experts) +
+                            4 * nd * (double(c0) + (nd + 1) / 2) * double(c.n_heads * c.head_dim);
+  const double expert_flops = 6 * h * double(c.expert_ffn);  // per token-expert pair
+  const double cpu_rate = m_.cpu_prefill_at(e.cpu_threads);
+  const double cpu_moe_bw = m_.cpu_moe_at(e.cpu_threads);
+  PrefillLayer r;
+  if (!e.gpu) {
+    const double kv = 2.0 * (double(c0) + nd) * double(c.n_kv_heads * c.head_dim) * 4.0;
+    const double distinct = s.gpu_distinct[ci] + s.cpu_distinct[ci];
+    r.gpu_us = std::max(us_for_flops(attn_flops, cpu_rate),
+                        us_for_bytes(attn_bytes + kv, m_.cpu_read_at(e.cpu_threads))) +
+               std::max(us_for_flops(nd * k * expert_flops, cpu_rate),
+                        us_for_bytes(distinct * eb, cpu_moe_bw));
+    r.isolated_us = r.gpu_us;
+    return r;
+  }
+  const double g_rate = m_.gpu_prefill_gflop_s;
+  const double t_att = std::max(us_for_flops(attn_flops, g_rate),
+                                us_for_bytes(attn_bytes, m_.gpu_read_gb_s));
+  const double t_ge =
+      s.n_gpu > 0 ? std::max(us_for_flops(nd * s.gpu_mass * expert_flops, g_rate),
+                             us_for_bytes(s.gpu_distinct[ci] * eb, m_.gpu_read_gb_s))
+                  : 0.0;
+  if (s.n_cpu == 0) {
+    r.gpu_us = r.isolated_us = t_att + t_ge;
+    return r;
+  }
+  const double pairs_cpu = nd * std::max(0.0, k - s.gpu_mass);
+  // (a) the CPU computes its experts while the GPU computes its own; activations go over PCIe
+  // both ways and the host thread hands the work over.
+  const double t_cpu = std::max(us_for_flops(pairs_cpu * expert_flops, cpu_rate),
+                                us_for_bytes(s.cpu_distinct[ci] * eb, cpu_moe_bw));
+  const double xfer = us_for_bytes(2 * nd * h * 4, m_.h2d_gb_s);
+  const double a = t_att + std::max(t_ge, m_.handoff_host_thread_us + xfer + t_cpu);
+  // (b) every CPU-resident expert of the layer is copied into a staging buffer (prefetched,
+  // double-buffered: the planner's staging) and computed on the GPU.
+  const double copy = us_for_bytes(double(s.n_cpu) * eb, m_.h2d_gb_s);
+  const double t_gc = std::max(us_for_flops(pairs_cpu * expert_flops, g_rate),
+                               us_for_bytes(s.cpu_distinct[ci] * eb, m_.gpu_read_gb_s));
+  const double b_gpu = t_att + t_ge + t_gc;
+  const double b = std::max(copy, b_gpu);
+  if (b < a) {
+    r.copies = true;
+    r.gpu_us = b_gpu;
+    r.copy_us = copy;
+    r.isolated_us = b;
+  } else {
+    r.gpu_us = r.isolated_us = a;
+  }
+  return r;
+}
+
+double CostModel::prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e,
+                            int64_t prompt, int* copy_layers) const {
+  // Two engines: the GPU's compute stream and its copy engine; two staging buffers. A copy
+  // starts when the copy engine and its buffer are free (the buffer's last user finished), a
+  // layer computes when the previous layer is done and its copy has arrived.
+  double gpu = 0, copy_engine = 0;
+  double buf_free[2] = {0, 0};
+  int next_buf = 0;
+  int copies_full_chunk = 0;
+  for (int64_t c0 = 0; c0 < prompt; c0 += kPrefillChunkTokens) {
+    const int64_t n = std::min<int64_t>(kPrefillChunkTokens, prompt - c0);
+    const size_t ci = chunk_index(n);
+    int copies = 0;
+    for (int64_t l = 0; l < n_layers(); ++l) {
+      const PrefillLayer pl = prefill_layer(l, splits[size_t(l)], e, ci, n, c0);
+      if (!pl.copies) {
+        gpu += pl.gpu_us;
+        continue;
+      }
+      ++copies;
+      const double start = std::max(copy_engine, buf_free[next_buf]);
+      copy_engine = start + pl.copy_us;
+      gpu = std::max(gpu, copy_engine) + pl.gpu_us;
+      buf_free[next_buf] = gpu;
+      next_buf ^= 1;
+    }
+    if (n == kPrefillChunkTokens || copies_full_chunk == 0) copies_full_chunk = copies;
+  }
+  if (copy_layers != nullptr) *copy_layers = copies_full_chunk;
+  // The output head for the last position.
+  const double head = double(model_.bytes.head);
+  gpu += e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
+               : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
+  return gpu * 1e-6;
+}
+
+// -------------------------------------------------------------------------------- prediction --
+
+Prediction CostModel::predict(const std::vector<LayerSplit>& splits,
+                              const EngineSettings& e) const {
+  Prediction p;
+  const double tw = w_.total_weight();
+  double pre_w = 0, dec_w = 0, prompt_w = 0, gen_w = 0, ctx_gen_w = 0;
+  const double fixed = decode_step_fixed_us(e);
+  for (const Request& r : w_.requests) {
+    const double wt = r.weight / tw;
+    int copies = 0;
+    const double pre = prefill_s(splits, e, r.prompt, &copies);
+    p.copy_layers = std::max(p.copy_layers, copies);
+    // Decode steps run at contexts prompt..prompt+gen-1; costs are close to linear in the
+    // context, so the middle one stands for all.
+    const double ctx = double(r.prompt) + double(r.gen) / 2;
+    double step = fixed;
+    for (int64_t l = 0; l < n_layers(); ++l) step += decode_layer_us(l, splits[size_t(l)], e, ctx);
+    const double dec = double(r.gen) * step * 1e-6;
+    pre_w += wt * pre;
+    dec_w += wt * dec;
+    prompt_w += wt * double(r.prompt);
+    gen_w += wt * double(r.gen);
+    ctx_gen_w += wt * double(r.gen) * ctx;
+  }
+  p.prefill_s = pre_w;
+  p.decode_s = dec_w;
+  p.request_s = pre_w + dec_w;
+  p.prefill_tok_s = pre_w > 0 ? prompt_w / pre_w : 0;
+  p.decode_tok_s = dec_w > 0 ? gen_w / dec_w : 0;
+  const double mean_ctx = gen_w > 0 ? ctx_gen_w / gen_w : double(w_.requests[0].prompt);
+  double step = fixed;
+  double mass = 0, total_mass = 0;
+  for (int64_t l = 0; l < n_layers(); ++l) {
+    const LayerSplit& s = splits[size_t(l)];
+    step += decode_layer_us(l, s, e, mean_ctx);
+    p.gpu_experts += s.n_gpu;
+    if (s.n_gpu > 0 && s.n_cpu > 0) ++p.hybrid_layers;
+    if (s.n_gpu == 0) ++p.cpu_layers;
+    mass += e.gpu ? s.gpu_mass : 0.0;
+    total_mass += double(model_.cfg.n_experts_used);
+  }
+  p.decode_ms = step * 1e-3;
+  p.gpu_mass = total_mass > 0 ? mass / total_mass : 0;
+  return p;
+}
+
+double CostModel::constant_s(const EngineSettings& e) const {
+  const double tw = w_.total_weight();
+  const double head = double(model_.bytes.head);
+  const double head_us = e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
+                               : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
+  double s = 0;
+  for (const Request& r : w_.requests) {
+    s += r.weight / tw * (head_us + double(r.gen) * decode_step_fixed_us(e)) * 1e-6;
+  }
+  return s;
+}
+
+const std::vector<std::vector<double>>& CostModel::prefill_table(int threads, bool gpu) const {
+  const std::string key = fmt::format("{}{}", gpu ? 'g' : 'c', threads);
+  auto it = prefill_cache_.find(key);
+  if (it != prefill_cache_.end()) return it->second;
+  EngineSettings e;
+  e.gpu = gpu;
+  e.cpu_threads = threads;
+  const double tw = w_.total_weight();
+  const int64_t ne = n_experts();
+  std::vector<std::vector<double>> t(size_t(n_layers()), std::vector<double>(size_t(ne) + 1, 0.0));
+  for (int64_t l = 0; l < n_layers(); ++l) {
+    for (int64_t m = 0; m <= ne; ++m) {
+      const LayerSplit s = hottest_split(l, gpu ? m : 0);
+      double sum = 0;
+      for (const Request& r : w_.requests) {
+        double us = 0;
+        for (int64_t c0 = 0; c0 < r.prompt; c0 += kPrefillChunkTokens) {
+          const int64_t n = std::min<int64_t>(kPrefillChunkTokens, r.prompt - c0);
+          us += prefill_layer(l, s, e, chunk_index(n), n, c0).isolated_us;
+        }
+        sum += r.weight / tw * us * 1e-6;
+      }
+      t[size_t(l)][size_t(m)] = sum;
+    }
+  }
+  return prefill_cache_.emplace(key, std::move(t)).first->second;
+}
+
+std::vector<std::vector<double>> CostModel::layer_tables(const EngineSettings& e) const {
+  std::vector<std::vector<double>> t = prefill_table(e.cpu_threads, e.gpu);
+  const double tw = w_.total_weight();
+  const int64_t ne = n_experts();
+  for (int64_t l = 0; l < n_layers(); ++l) {
+    for (int64_t m = 0; m <= ne; ++m) {
+      const LayerSplit s = hottest_split(l, e.gpu ? m : 0);
+      double dec = 0;
+      for (const Request& r : w_.requests) {
+        const double ctx = double(r.prompt) + double(r.gen) / 2;
+        dec += r.weight / tw * double(r.gen) * decode_layer_us(l, s, e, ctx) * 1e-6;
+      }
+      t[size_t(l)][size_t(m)] += dec;
+    }
+  }
+  return t;
+}
+
+}  // namespace ktune::search

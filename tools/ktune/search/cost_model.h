@@ -1,0 +1,134 @@
+// The cost model of `ktune search`: from the machine's costs (a profile), a model's shape and
+// bytes, the router model and a workload, it predicts the prefill and decode speed of any expert
+// placement, for each engine setting (CUDA graph on/off, fused/unfused MoE, CPU hand-off kind,
+// CPU threads). It models ktune's own engine: its launches per layer, its synchronisation
+// points, where CPU experts run and how prefill moves them. Equations: docs/search.md.
+//
+// A placement is described to the model per layer by a LayerSplit (how many experts each side
+// holds and how much of the routing mass and of a prefill chunk's activated experts fall on the
+// GPU). Two ways to score:
+//   predict()       exact for the model: decode as expected step time over the routing
+//                   distribution, prefill as a simulation of the double-buffered pipeline that
+//                   copies CPU-resident experts to the GPU (so layer order matters);
+//   layer_tables()  the same costs made separable per layer (each layer's prefill priced as if
+//                   its copies overlapped perfectly), for the optimizers: tables[l][m] is layer
+//                   l's share of the mean request time with its m hottest experts on the GPU.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ktune/engine/placement.h"
+#include "search/inputs.h"
+
+namespace ktune::search {
+
+struct EngineSettings {
+  bool gpu = true;  // attention on the GPU (hybrid engine); false: everything on the CPU engine
+  bool cuda_graph = true;
+  MoeKernel kernel = MoeKernel::Fused;
+  CpuHandoff handoff = CpuHandoff::Flags;
+  int cpu_threads = 1;
+
+  // "graph on, fused, flags, 16 threads" / "cpu engine, 16 threads"
+  std::string describe() const;
+  std::string key() const;  // stable identity for caches and dedup
+};
+bool operator==(const EngineSettings& a, const EngineSettings& b);
+
+// One layer's expert split, as the cost model needs it.
+struct LayerSplit {
+  int64_t n_gpu = 0;    // experts resident on the GPU
+  int64_t n_cpu = 0;    // experts resident on the CPU
+  double gpu_mass = 0;  // expected selected experts per token that are GPU-resident (<= top-k)
+  // Per prefill chunk size (CostModel::chunk_sizes()): expected distinct experts a chunk of
+  // that many tokens activates among the GPU- / CPU-resident experts.
+  std::vector<double> gpu_distinct, cpu_distinct;
+};
+
+struct Prediction {
+  double request_s = 0;      // mean time of one request of the workload's mix
+  double prefill_s = 0;      // of which prefill
+  double decode_s = 0;       // of which decode
+  double prefill_tok_s = 0;  // prompt tokens / prefill time over the mix
+  double decode_tok_s = 0;   // generated tokens / decode time over the mix
+  double decode_ms = 0;      // one decode step at the mix's mean decode context
+  double gpu_mass = 0;       // share of the routing mass on GPU-resident experts (coverage)
+  int64_t gpu_experts = 0;
+  int hybrid_layers = 0;     // layers with experts on both sides
+  int cpu_layers = 0;        // layers with every expert on the CPU
+  int copy_layers = 0;       // layers whose CPU experts prefill copies to the GPU (full chunks)
+};
+
+class CostModel {
+ public:
+  CostModel(MachineCosts machine, ModelInfo model, RouterModel router, Workload workload);
+
+  const MachineCosts& machine() const { return m_; }
+  const ModelInfo& model() const { return model_; }
+  const RouterModel& router() const { return router_; }
+  const Workload& workload() const { return w_; }
+  int64_t n_layers() const { return model_.cfg.n_layers; }
+  int64_t n_experts() const { return model_.cfg.n_experts; }
+  const std::vector<int64_t>& chunk_sizes() const { return chunk_sizes_; }
+
+  // CPU thread counts worth trying: measured points of the profile's curves and the physical
+  // core count, never more than the physical cores, without counts another beats on every curve.
+  std::vector<int> thread_candidates() const;
+
+  LayerSplit hottest_split(int64_t layer, int64_t m) const;  // the m hottest experts on the GPU
+  LayerSplit split_of(int64_t layer, const std::vector<bool>& on_gpu) const;
+
+  // Expected decode time (µs) of layer l's part of one step at KV context `ctx`.
+  double decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                         double ctx) const;
+  // The per-step part outside the layers (embedding, head, argmax, graph launch), µs.
+  double decode_step_fixed_us(const EngineSettings& e) const;
+  // Prefill of one prompt of `prompt` tokens (s): the pipeline simulation. copy_layers (when
+  // non-null) receives the number of layers that copy CPU experts in a full chunk.
+  double prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e,
+                   int64_t prompt, int* copy_layers = nullptr) const;
+
+  Prediction predict(const std::vector<LayerSplit>& splits, const EngineSettings& e) const;
+
+  // tables[l][m], m = 0..n_experts: layer l's share (s) of the mean request time with its m
+  // hottest experts on the GPU (prefill priced per layer in isolation).
+  std::vector<std::vector<double>> layer_tables(const EngineSettings& e) const;
+  // What predict() adds to the sum of the tables' entries when no layer's prefill copies
+  // experts (then predict == constant + sum of tables exactly).
+  double constant_s(const EngineSettings& e) const;
+
+  // Per-layer prefill cost of one chunk of n tokens starting at position c0 (µs): the pieces
+  // the pipeline simulation and the tables use.
+  struct PrefillLayer {
+    double gpu_us = 0;    // GPU work of the layer (attention + GPU experts [+ copied experts])
+    double copy_us = 0;   // copy of the layer's CPU experts to the GPU (0 unless copying)
+    bool copies = false;  // CPU experts copied to the GPU (else computed on the CPU)
+    double isolated_us = 0;  // the layer's cost if its copy overlapped perfectly
+  };
+  PrefillLayer prefill_layer(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                             size_t chunk_index, int64_t n, int64_t c0) const;
+
+ private:
+  double kernel_us(double work_us, bool graph) const;  // one kernel: work + launch overhead
+  double pre_gpu_us(int64_t l, double ctx, bool graph) const;  // attention + router kernels, µs
+  size_t chunk_index(int64_t n) const;
+  const std::vector<std::vector<double>>& prefill_table(int cpu_threads, bool gpu) const;
+
+  MachineCosts m_;
+  ModelInfo model_;
+  RouterModel router_;
+  Workload w_;
+  std::vector<int64_t> chunk_sizes_;
+  // distinct_prefix_[c][l][m]: expected distinct activated experts among the m hottest of layer l
+  // in a chunk of chunk_sizes_[c] tokens.
+  std::vector<std::vector<std::vector<double>>> distinct_prefix_;
+  // Per layer: bytes of the q/k/v, o and router matvecs, and the layer's attention parameters.
+  std::vector<double> qkv_bytes_, o_bytes_, router_bytes_;
+  double attn_params_ = 0;
+  mutable std::map<std::string, std::vector<std::vector<double>>> prefill_cache_;
+};
+
+}  // namespace ktune::search

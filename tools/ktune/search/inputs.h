@@ -1,0 +1,144 @@
+// What `ktune search` prices placements with, read and checked before any search work: the
+// workload (what the user will run), the machine (profile.json's summary plus documented
+// assumptions for numbers a profile lacks), the model's shape and bytes (no weights read), and
+// the router model (expert activation probabilities per layer, from the profile's router
+// statistics, uniform when absent). docs/search.md explains every number.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ktune/engine/memory_plan.h"
+#include "ktune/engine/model.h"
+#include "ktune/engine/quant.h"
+#include "profiler/profile_summary.h"
+
+namespace ktune::search {
+
+// ---------------------------------------------------------------------------------- workload --
+
+// One kind of request: a prompt of `prompt` tokens, then `gen` generated tokens.
+struct Request {
+  int64_t prompt = 0;
+  int64_t gen = 0;
+  double weight = 1;  // share of the mix (normalised when used)
+};
+
+struct Workload {
+  std::string name;               // "chat", or "custom" for key=value text
+  std::vector<Request> requests;  // at least one
+  int64_t context = 0;            // KV cache length per sequence (runtime.context)
+
+  std::string describe() const;  // "chat: 512+256 (50%), 2048+512 (30%), ...; context 8192"
+  double total_weight() const;
+};
+
+// The default: a chat-like mix (docs/search.md, "Workload"): short, medium and long prompts.
+Workload chat_workload();
+// Parses `chat`, or `prompt=2048,gen=256[,context=8192][,weight=W]`, several requests joined
+// by `;` (`prompt=512,gen=256,weight=3;prompt=8192,gen=128`). context defaults to the longest
+// prompt + gen rounded up to a multiple of 256. Throws a usage error naming `flag`.
+Workload parse_workload(const std::string& text, const std::string& flag = "--workload");
+// Usage error when the workload's context exceeds the model's trained context.
+void check_workload_for_model(const Workload& w, const ModelConfig& cfg,
+                              const std::string& flag = "--workload");
+
+// ------------------------------------------------------------------------------- assumptions --
+
+// Cost-model numbers given with --assume key=value (what-if overrides, or numbers the profile
+// lacks). Keys and meanings: assumption_keys().
+struct Assumptions {
+  std::map<std::string, double> values;
+};
+struct AssumptionKey {
+  const char* key;
+  const char* meaning;
+};
+const std::vector<AssumptionKey>& assumption_keys();
+// "launch_eager_us=10,gpu_prefill_gflop_s=80000"; throws a usage error naming `flag` for an
+// unknown key (listing the valid ones) or a value that is not a positive number.
+Assumptions parse_assumptions(const std::string& text, const std::string& flag = "--assume");
+
+// ---------------------------------------------------------------------------------- machine --
+
+// The machine's costs as the cost model uses them: the profile's numbers, with --assume values
+// applied over them and documented defaults for numbers the profile did not measure (0 / empty);
+// every default used is named in `notes`.
+struct MachineCosts {
+  // CPU
+  std::string cpu_name;
+  int physical_cores = 1;
+  std::vector<profile::ThreadRate> cpu_read_gb_s;     // DRAM read by threads
+  std::vector<profile::ThreadRate> cpu_moe_gb_s;      // CpuMoe decode bandwidth by threads
+  std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
+  double handoff_host_thread_us = 0;  // per hybrid layer without a graph
+  int64_t cpu_mem_available_bytes = 0;
+
+  // The GPU the search places on (cuda:0); absent on a CPU-only profile.
+  bool has_gpu = false;
+  std::string gpu_device;
+  std::string gpu_name;
+  int64_t gpu_mem_bytes = 0;
+  double gpu_read_gb_s = 0, h2d_gb_s = 0, d2h_gb_s = 0;
+  double launch_eager_us = 0, graph_node_us = 0, host_node_us = 0, flag_handoff_us = 0;
+  double sync_us = 0;
+  double matvec_gb_s = 0, moe_fused_gb_s = 0, moe_unfused_gb_s = 0;
+  double attention_us = 0, attention_us_per_1k_ctx = 0;
+  double gpu_prefill_gflop_s = 0;
+  double kernel_fixed_us = 0;  // latency every kernel adds to bytes / bandwidth (default 0)
+  int n_gpus = 0;              // GPUs in the profile (the search uses the first)
+
+  std::vector<std::string> notes;  // assumptions used, one line each
+
+  double cpu_moe_at(int threads) const;
+  double cpu_read_at(int threads) const;
+  double cpu_prefill_at(int threads) const;
+};
+MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& a);
+
+// ------------------------------------------------------------------------------------ model --
+
+struct ModelInfo {
+  std::string spec;    // as given on the command line
+  std::string path;    // for model.path in placements: absolute for files, the spec for synth:
+  ModelConfig cfg;
+  WeightBytes bytes;   // per layer attention / one expert, embedding, head
+  std::string quant;   // expert type name, for reports ("q4_0")
+};
+// synth:PRESET[:QUANT]: the preset's shape (nothing generated); a GGUF file or a Hugging Face
+// folder: opened (mmap; no tensor data read). Throws ktune::Error.
+ModelInfo load_model_info(const std::string& spec);
+ModelInfo model_info(const ModelConfig& cfg, QuantType expert_type, QuantType dense_type,
+                     const std::string& spec);
+
+// ----------------------------------------------------------------------------------- router --
+
+// Expert activation probabilities: p[l][e] = probability that a token selects expert e in layer
+// l (so each layer's p sums to n_experts_used).
+struct RouterModel {
+  bool measured = false;
+  int64_t tokens = 0;
+  std::vector<std::vector<double>> p;
+  std::vector<std::vector<int32_t>> hot;  // per layer: expert ids, most selected first (ties: id)
+  std::vector<std::vector<double>> prefix;  // per layer: prefix[m] = sum of p over hot[0..m)
+  std::string digest;  // "uniform" or "sha256:<hex of the counts>"
+  std::string note;    // why uniform, or sample-size caution; empty when nothing to say
+
+  // Share of the routing mass on the m hottest experts of layer l (0..1).
+  double hot_share(int64_t l, int64_t m) const;
+};
+RouterModel uniform_router(const ModelConfig& cfg);
+// From counts[l][e] over `tokens` tokens (each selecting top-k per layer), with add-half
+// smoothing so that an expert unseen in a small sample is not taken as never used.
+RouterModel router_from_counts(const std::vector<std::vector<int64_t>>& counts, int64_t tokens,
+                               const ModelConfig& cfg);
+// The profile's statistics when they are for a model of this shape (layers, experts, top-k),
+// else uniform with a note saying why.
+RouterModel router_from_profile(const profile::ProfileSummary& s, const ModelConfig& cfg);
+
+// SHA-256 of bytes, lower-case hex (identifies router statistics in placements).
+std::string sha256_hex(const std::string& bytes);
+
+}  // namespace ktune::search

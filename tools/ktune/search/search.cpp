@@ -1,0 +1,570 @@
+// The search driver (search/search.h).
+#include "search/search.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+#include <set>
+
+#include "ktune/engine/error.h"
+
+namespace ktune::search {
+
+// ------------------------------------------------------------------------------ memory model --
+
+int64_t MemoryModel::gpu_need(const std::vector<int64_t>& counts) const {
+  int64_t need = gpu_fixed, largest_cpu = 0;
+  bool any_gpu = false;
+  for (size_t l = 0; l < counts.size(); ++l) {
+    need += counts[l] * expert_bytes[l];
+    any_gpu = any_gpu || counts[l] > 0;
+    largest_cpu = std::max(largest_cpu, (n_experts - counts[l]) * expert_bytes[l]);
+  }
+  // Prefill staging: two buffers of the largest set of CPU-resident experts of one layer.
+  return need + (any_gpu ? gpu_expert_ws : 0) + 2 * largest_cpu;
+}
+
+int64_t MemoryModel::cpu_need(const std::vector<int64_t>& counts) const {
+  int64_t need = 0;
+  for (size_t l = 0; l < counts.size(); ++l) need += (n_experts - counts[l]) * expert_bytes[l];
+  return need > 0 ? need + cpu_expert_ws : 0;
+}
+
+Placement make_placement(const ModelInfo& model, const EngineSettings& s,
+                         const std::vector<std::vector<bool>>& on_gpu, int64_t context,
+                         const std::string& gpu) {
+  const Device dev = Device::parse(gpu, "search");
+  Placement p;
+  p.model_path = model.path;
+  p.model_resolved = model.path;
+  p.arch = model.cfg.arch;
+  p.runtime.cuda_graph = s.gpu && s.cuda_graph;
+  p.runtime.moe_kernel = s.kernel;
+  p.runtime.cpu_handoff = s.handoff;
+  p.runtime.cpu_threads = s.cpu_threads;
+  p.runtime.context = context;
+  p.runtime.batch = 1;
+  for (int64_t l = 0; l < model.cfg.n_layers; ++l) {
+    LayerPlacement lp;
+    lp.attention = s.gpu ? dev : Device::cpu();
+    for (int64_t e = 0; e < model.cfg.n_experts; ++e) {
+      lp.experts.push_back(s.gpu && on_gpu[size_t(l)][size_t(e)] ? dev : Device::cpu());
+    }
+    p.layers.push_back(std::move(lp));
+  }
+  return p;
+}
+
+MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t context,
+                         const std::string& gpu) {
+  const ModelConfig& c = model.cfg;
+  MemoryModel mm;
+  mm.gpu = gpu;
+  mm.n_experts = c.n_experts;
+  mm.expert_bytes = model.bytes.expert;
+  EngineSettings s;
+  s.cuda_graph = cuda_graph;
+  const auto all = [&](bool v) {
+    return std::vector<std::vector<bool>>(size_t(c.n_layers), std::vector<bool>(size_t(c.n_experts), v));
+  };
+  const Budgets none;
+  const MemoryPlan pg = plan_memory(c, model.bytes, make_placement(model, s, all(true), context, gpu), none);
+  const MemoryPlan pc = plan_memory(c, model.bytes, make_placement(model, s, all(false), context, gpu), none);
+  const DeviceUse& ug = pg.per_device.at(gpu);
+  const DeviceUse& uc = pc.per_device.at(gpu);
+  int64_t all_experts = 0;
+  for (int64_t b : model.bytes.expert) all_experts += b * c.n_experts;
+  mm.gpu_fixed = uc.total - uc.staging;
+  mm.gpu_expert_ws = ug.total - mm.gpu_fixed - all_experts;
+  mm.cpu_expert_ws = pc.per_device.at("cpu").total - all_experts;
+  return mm;
+}
+
+std::vector<std::vector<bool>> hottest_sets(const RouterModel& router,
+                                            const std::vector<int64_t>& counts) {
+  std::vector<std::vector<bool>> sets;
+  for (size_t l = 0; l < counts.size(); ++l) {
+    std::vector<bool> s(router.hot[l].size(), false);
+    for (int64_t i = 0; i < counts[l]; ++i) s[size_t(router.hot[l][size_t(i)])] = true;
+    sets.push_back(std::move(s));
+  }
+  return sets;
+}
+
+// ------------------------------------------------------------------------------------ driver --
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Caps on the CPU experts of any layer: the planner's staging (two buffers of the largest CPU
+// set of one layer) couples the layers, so the search fixes the largest CPU set per solve.
+std::vector<int64_t> staging_caps(int64_t e) {
+  std::set<int64_t> caps = {0, e};
+  for (int64_t v : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512}) {
+    if (v < e) caps.insert(v);
+  }
+  return {caps.begin(), caps.end()};
+}
+
+class Driver {
+ public:
+  explicit Driver(const SearchOptions& opt)
+      : opt_(opt),
+        cm_(machine_costs(opt.profile, opt.assumptions), opt.model,
+            router_from_profile(opt.profile, opt.model.cfg), opt.workload) {}
+
+  SearchResult run() {
+    const double t0 = now_s();
+    const ModelConfig& c = opt_.model.cfg;
+    res_.machine = cm_.machine();
+    res_.router = cm_.router();
+    res_.notes = cm_.machine().notes;
+    if (!cm_.router().note.empty()) res_.notes.push_back(cm_.router().note);
+    res_.threads_tried = cm_.thread_candidates();
+    cpu_budget_ = budget_of("cpu");
+
+    const MachineCosts& m = cm_.machine();
+    int64_t gpu_budget = -1;
+    if (m.has_gpu) gpu_budget = budget_of(m.gpu_device);
+    if (m.has_gpu && gpu_budget < 0) {
+      res_.notes.push_back(fmt::format("no budget for {}: only the CPU engine is searched",
+                                       m.gpu_device));
+    }
+    if (m.has_gpu && gpu_budget >= 0) {
+      for (bool graph : {true, false}) search_gpu(graph, gpu_budget);
+    }
+    for (int t : res_.threads_tried) {
+      EngineSettings s;
+      s.gpu = false;
+      s.cuda_graph = false;
+      s.cpu_threads = t;
+      add_candidate(s, std::vector<int64_t>(size_t(c.n_layers), 0), "search (cpu engine)");
+    }
+    if (pool_.empty()) throw_nothing_fits(gpu_budget);
+    rank();
+    baselines();
+    res_.seconds = now_s() - t0;
+    return std::move(res_);
+  }
+
+ private:
+  int64_t budget_of(const std::string& dev) const {
+    auto it = opt_.budgets.bytes.find(dev);
+    return it == opt_.budgets.bytes.end() ? -1 : it->second;
+  }
+
+  std::vector<EngineSettings> settings_for(bool graph) const {
+    std::vector<EngineSettings> out;
+    for (int t : res_.threads_tried) {
+      EngineSettings s;
+      s.cuda_graph = graph;
+      s.cpu_threads = t;
+      if (graph) {
+        for (CpuHandoff h : {CpuHandoff::Flags, CpuHandoff::HostNode}) {
+          s.handoff = h;
+          out.push_back(s);
+        }
+      } else {
+        for (MoeKernel k : {MoeKernel::Fused, MoeKernel::Unfused}) {
+          s.kernel = k;
+          out.push_back(s);
+        }
+      }
+    }
+    return out;
+  }
+
+  Problem make_problem(const std::vector<std::vector<double>>& tables, const MemoryModel& mm,
+                       int64_t gpu_budget, int64_t cap, bool whole_layers) const {
+    const int64_t e = cm_.n_experts();
+    Problem p;
+    p.cost = tables;
+    int64_t largest = 0;
+    for (size_t l = 0; l < p.cost.size(); ++l) {
+      for (int64_t x = 0; x <= e; ++x) {
+        const bool allowed = x >= e - cap && (!whole_layers || x == 0 || x == e);
+        if (!allowed) p.cost[l][size_t(x)] = kInfeasible;
+      }
+      largest = std::max(largest, std::min(cap, e) * mm.expert_bytes[l]);
+    }
+    p.unit_bytes = mm.expert_bytes;
+    p.budget = gpu_budget - mm.gpu_fixed - mm.gpu_expert_ws - 2 * largest;
+    if (cpu_budget_ >= 0) {
+      int64_t all = 0;
+      for (int64_t b : mm.expert_bytes) all += b * e;
+      p.min_bytes = std::max<int64_t>(0, all + mm.cpu_expert_ws - cpu_budget_);
+    }
+    return p;
+  }
+
+  Solution solve(const Problem& p, const std::string& solver) {
+    ++res_.solves;
+    if (solver == "greedy") return solve_greedy(p);
+    if (solver == "dp") return solve_dp(p);
+    if (solver == "exhaustive") return solve_exhaustive(p, 1e7);
+    if (exhaustive_size(p) <= 2e5) return solve_exhaustive(p);
+    return solve_greedy(p);
+  }
+
+  // Solves at a staging cap, then again at the largest CPU set the solution has: the staging
+  // reserve shrinks to what is used, which frees bytes for more GPU experts (a few rounds).
+  Solution solve_at_cap(const std::vector<std::vector<double>>& tables, const MemoryModel& mm,
+                        int64_t gpu_budget, int64_t cap, const std::string& solver) {
+    Solution best;
+    for (int round = 0; round < 8; ++round) {
+      const Problem p = make_problem(tables, mm, gpu_budget, cap, false);
+      if (p.budget < 0) break;
+      Solution sol = solve(p, solver);
+      if (!sol.feasible()) break;
+      int64_t largest = 0;
+      for (int64_t m : sol.m) largest = std::max(largest, cm_.n_experts() - m);
+      if (sol.cost < best.cost) best = std::move(sol);
+      if (largest >= cap) break;
+      cap = largest;
+    }
+    return best;
+  }
+
+  void search_gpu(bool graph, int64_t gpu_budget) {
+    const MemoryModel mm = memory_model(opt_.model, graph, opt_.workload.context,
+                                        cm_.machine().gpu_device);
+    const int64_t e = cm_.n_experts();
+    const std::vector<int64_t> caps = staging_caps(e);
+    struct Best {
+      EngineSettings s;
+      size_t cap_index = 0;
+      Solution sol;
+      double objective = kInfeasible;
+      std::vector<std::vector<double>> tables;
+    };
+    std::vector<Best> per_settings;
+    for (const EngineSettings& s : settings_for(graph)) {
+      Best b;
+      b.s = s;
+      b.tables = cm_.layer_tables(s);
+      const double constant = cm_.constant_s(s);
+      for (size_t ci = 0; ci < caps.size(); ++ci) {
+        Solution sol = solve_at_cap(b.tables, mm, gpu_budget, caps[ci], opt_.solver);
+        if (sol.feasible() && sol.cost + constant < b.objective) {
+          b.objective = sol.cost + constant;
+          b.sol = std::move(sol);
+          b.cap_index = ci;
+        }
+      }
+      // Attention on the GPU with every expert on the CPU (the expert workspace the problems
+      // reserve is not needed then).
+      const std::vector<int64_t> none(size_t(cm_.n_layers()), 0);
+      if (mm.gpu_need(none) <= gpu_budget && (cpu_budget_ < 0 || mm.cpu_need(none) <= cpu_budget_)) {
+        double cost = cm_.constant_s(s);
+        for (size_t l = 0; l < none.size(); ++l) cost += b.tables[l][0];
+        if (cost < b.objective) {
+          b.objective = cost;
+          b.sol = Solution{none, cost - constant, 0, "all experts on cpu"};
+          b.cap_index = caps.size() - 1;
+        }
+      }
+      if (b.sol.feasible()) per_settings.push_back(std::move(b));
+    }
+    if (per_settings.empty()) {
+      res_.notes.push_back(fmt::format(
+          "graph {}: no hybrid placement fits {} ({} needed before any expert)", graph ? "on" : "off",
+          cm_.machine().gpu_device, format_gib(mm.gpu_need(std::vector<int64_t>(size_t(cm_.n_layers()), 0)))));
+      return;
+    }
+    std::sort(per_settings.begin(), per_settings.end(),
+              [](const Best& a, const Best& b) { return a.objective < b.objective; });
+    // DP refinement of the two best settings, at their best cap and its neighbours.
+    if (opt_.solver == "auto") {
+      for (size_t i = 0; i < std::min<size_t>(2, per_settings.size()); ++i) {
+        Best& b = per_settings[i];
+        if (b.sol.method == "exhaustive") continue;
+        const double constant = cm_.constant_s(b.s);
+        const size_t lo = b.cap_index > 0 ? b.cap_index - 1 : 0;
+        const size_t hi = std::min(caps.size() - 1, b.cap_index + 1);
+        for (size_t ci = lo; ci <= hi; ++ci) {
+          Solution sol = solve_at_cap(b.tables, mm, gpu_budget, caps[ci], "dp");
+          if (sol.feasible() && sol.cost + constant < b.objective - 1e-12) {
+            b.objective = sol.cost + constant;
+            b.sol = std::move(sol);
+            b.cap_index = ci;
+          }
+        }
+      }
+      std::sort(per_settings.begin(), per_settings.end(),
+                [](const Best& a, const Best& b) { return a.objective < b.objective; });
+    }
+    for (size_t i = 0; i < per_settings.size(); ++i) {
+      const Best& b = per_settings[i];
+      Candidate* cand = add_candidate(b.s, b.sol.m, "search (" + b.sol.method + ")");
+      if (i == 0 && cand != nullptr) reorder(*cand, mm, gpu_budget);
+    }
+    // Whole-layer placement at the best settings (what llama.cpp and ktransformers express).
+    const Best& top = per_settings.front();
+    Solution whole;
+    double whole_obj = kInfeasible;
+    for (int64_t cap : {e, int64_t{0}}) {
+      const Problem p = make_problem(top.tables, mm, gpu_budget, cap, true);
+      if (p.budget < 0) continue;
+      ++res_.solves;
+      Solution sol = exhaustive_size(p) <= 2e5 ? solve_exhaustive(p) : solve_dp(p);
+      if (sol.feasible() && sol.cost < whole_obj) {
+        whole_obj = sol.cost;
+        whole = std::move(sol);
+      }
+    }
+    if (whole.feasible()) {
+      Candidate c = make_candidate(top.s, whole.m, "whole layers (" + whole.method + ")");
+      if (fits(c)) {
+        reorder(c, mm, gpu_budget);
+        c.whole_layers = true;
+        res_.whole_layer.push_back(std::move(c));
+      }
+    }
+  }
+
+  // Layer order changes prefill (a copied layer's transfer overlaps the previous layers'
+  // compute) and, with skewed routing, which layers hold their hot sets: tries the optimizer's
+  // order, GPU-light layers first / last / interleaved, then pairwise swaps.
+  void reorder(Candidate& c, const MemoryModel& mm, int64_t gpu_budget) {
+    if (c.pred.copy_layers == 0) return;  // decode alone is priced per layer already
+    std::vector<int64_t> best = c.gpu_counts;
+    double best_t = c.pred.request_s;
+    auto eval = [&](const std::vector<int64_t>& counts) {
+      std::vector<LayerSplit> splits;
+      for (size_t l = 0; l < counts.size(); ++l) splits.push_back(cm_.hottest_split(int64_t(l), counts[l]));
+      return cm_.predict(splits, c.settings).request_s;
+    };
+    std::vector<int64_t> sorted = best;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<std::vector<int64_t>> tries = {sorted, {sorted.rbegin(), sorted.rend()}};
+    std::vector<int64_t> inter;
+    for (size_t i = 0, j = sorted.size(); i < j;) {
+      inter.push_back(sorted[--j]);
+      if (i < j) inter.push_back(sorted[i++]);
+    }
+    tries.push_back(inter);
+    for (const auto& t : tries) {
+      const double v = eval(t);
+      if (v < best_t) {
+        best_t = v;
+        best = t;
+      }
+    }
+    // Swaps of layers with different counts, a bounded number of evaluations.
+    const size_t n = best.size();
+    int budget_evals = 600;
+    for (bool improved = true; improved && budget_evals > 0;) {
+      improved = false;
+      for (size_t a = 0; a < n && budget_evals > 0; ++a) {
+        for (size_t b = a + 1; b < n && budget_evals > 0; ++b) {
+          if (best[a] == best[b]) continue;
+          std::swap(best[a], best[b]);
+          --budget_evals;
+          const double v = eval(best);
+          if (v < best_t * (1 - 1e-9)) {
+            best_t = v;
+            improved = true;
+          } else {
+            std::swap(best[a], best[b]);
+          }
+        }
+      }
+    }
+    if (best != c.gpu_counts && mm.gpu_need(best) <= gpu_budget) {
+      Candidate r = make_candidate(c.settings, best, c.label + " + layer order");
+      if (fits(r)) c = std::move(r);
+    }
+  }
+
+  Candidate make_candidate(const EngineSettings& s, const std::vector<int64_t>& counts,
+                           const std::string& label) const {
+    return make_candidate_sets(s, hottest_sets(cm_.router(), counts), label);
+  }
+
+  Candidate make_candidate_sets(const EngineSettings& s, std::vector<std::vector<bool>> on_gpu,
+                                const std::string& label) const {
+    Candidate c;
+    c.label = label;
+    c.settings = s;
+    c.on_gpu = std::move(on_gpu);
+    std::vector<LayerSplit> splits;
+    for (size_t l = 0; l < c.on_gpu.size(); ++l) {
+      int64_t n = 0;
+      for (bool b : c.on_gpu[l]) n += (b && s.gpu) ? 1 : 0;
+      c.gpu_counts.push_back(n);
+      splits.push_back(s.gpu ? cm_.split_of(int64_t(l), c.on_gpu[l]) : cm_.hottest_split(int64_t(l), 0));
+    }
+    c.pred = cm_.predict(splits, s);
+    c.placement = make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
+                                 s.gpu ? cm_.machine().gpu_device : "cuda:0");
+    c.plan = plan_memory(opt_.model.cfg, opt_.model.bytes, c.placement, opt_.budgets);
+    Predicted pr;
+    pr.decode_tok_s = c.pred.decode_tok_s;
+    pr.prefill_tok_s = c.pred.prefill_tok_s;
+    for (const auto& [dev, u] : c.plan.per_device) {
+      pr.memory_gib[Device::parse(dev, "plan")] = double(u.total) / double(kGiB);
+    }
+    c.placement.predicted = pr;
+    c.placement.searched_on = SearchedOn{opt_.profile_path, cm_.router().digest};
+    return c;
+  }
+
+  // The planner's verdict: every candidate the search emits must pass it.
+  bool fits(const Candidate& c) {
+    try {
+      check_fits(c.plan);
+      return true;
+    } catch (const Error& e) {
+      if (!c.baseline) {
+        res_.notes.push_back("internal: a searched placement failed the memory planner (" +
+                             std::string(e.what()) + "); it was dropped");
+      }
+      return false;
+    }
+  }
+
+  Candidate* add_candidate(const EngineSettings& s, const std::vector<int64_t>& counts,
+                           const std::string& label) {
+    Candidate c = make_candidate(s, counts, label);
+    const DeviceUse* cpu = nullptr;
+    if (auto it = c.plan.per_device.find("cpu"); it != c.plan.per_device.end()) cpu = &it->second;
+    if (!s.gpu && cpu != nullptr && cpu->budget >= 0 && cpu->total > cpu->budget) return nullptr;
+    if (!fits(c)) return nullptr;
+    pool_.push_back(std::move(c));
+    return &pool_.back();
+  }
+
+  static std::string signature(const Candidate& c) {
+    std::string s = c.settings.key() + ":";
+    for (int64_t n : c.gpu_counts) s += std::to_string(n) + ",";
+    return s;
+  }
+
+  void rank() {
+    std::stable_sort(pool_.begin(), pool_.end(), [](const Candidate& a, const Candidate& b) {
+      return a.pred.request_s < b.pred.request_s;
+    });
+    std::set<std::string> seen;
+    std::vector<Candidate> distinct;
+    for (Candidate& c : pool_) {
+      if (seen.insert(signature(c)).second) distinct.push_back(std::move(c));
+    }
+    auto graph_ok = [](const Candidate& c) { return !c.settings.gpu || c.settings.cuda_graph; };
+    auto nograph_ok = [](const Candidate& c) { return !c.settings.gpu || !c.settings.cuda_graph; };
+    const size_t keep = static_cast<size_t>(std::max(1, opt_.top));
+    for (size_t i = 0; i < distinct.size(); ++i) {
+      const bool g = res_.best_graph < 0 && graph_ok(distinct[i]);
+      const bool ng = res_.best_nograph < 0 && nograph_ok(distinct[i]);
+      if (i < keep || g || ng) {
+        res_.ranked.push_back(std::move(distinct[i]));
+        if (g) res_.best_graph = int(res_.ranked.size()) - 1;
+        if (ng) res_.best_nograph = int(res_.ranked.size()) - 1;
+      }
+    }
+  }
+
+  // What users have today, priced by the same model under the same budgets and at the settings
+  // of the best graph-on placement: llama.cpp's --fit (memory only: whole layers' experts front
+  // to back), the best --n-cpu-moe N of a sweep, and kt-kernel's uniform split (the same expert
+  // ids on the GPU in every layer).
+  void baselines() {
+    if (res_.best_graph < 0) return;
+    const EngineSettings s = res_.ranked[size_t(res_.best_graph)].settings;
+    if (!s.gpu) return;
+    const MemoryModel mm = memory_model(opt_.model, s.cuda_graph, opt_.workload.context,
+                                        cm_.machine().gpu_device);
+    const int64_t gpu_budget = budget_of(cm_.machine().gpu_device);
+    const int64_t nl = cm_.n_layers(), ne = cm_.n_experts();
+    auto ok = [&](const std::vector<int64_t>& counts) {
+      return mm.gpu_need(counts) <= gpu_budget &&
+             (cpu_budget_ < 0 || mm.cpu_need(counts) <= cpu_budget_);
+    };
+    auto layers_split = [&](int64_t first_cpu, int64_t n_cpu) {
+      std::vector<int64_t> counts(size_t(nl), ne);
+      for (int64_t l = first_cpu; l < first_cpu + n_cpu; ++l) counts[size_t(l)] = 0;
+      return counts;
+    };
+    auto push = [&](std::vector<std::vector<bool>> sets, const std::string& label) {
+      Candidate c = make_candidate_sets(s, std::move(sets), label);
+      c.baseline = true;
+      if (fits(c)) res_.baselines.push_back(std::move(c));
+    };
+    auto whole = [&](const std::vector<int64_t>& counts) {
+      std::vector<std::vector<bool>> sets;
+      for (int64_t n : counts) sets.emplace_back(size_t(ne), n == ne);
+      return sets;
+    };
+    for (int64_t n = nl; n >= 0; --n) {  // front to back: the first n layers' experts on the GPU
+      const std::vector<int64_t> counts = layers_split(n, nl - n);
+      if (ok(counts)) {
+        push(whole(counts), fmt::format("baseline: llama.cpp --fit (experts of layers 0-{} on GPU)", n - 1));
+        break;
+      }
+    }
+    double best_t = kInfeasible;
+    int64_t best_n = -1;
+    for (int64_t n = 0; n <= nl; ++n) {  // --n-cpu-moe N: the first N layers' experts on the CPU
+      const std::vector<int64_t> counts = layers_split(0, n);
+      if (!ok(counts)) continue;
+      std::vector<LayerSplit> splits;
+      for (int64_t l = 0; l < nl; ++l) splits.push_back(cm_.hottest_split(l, counts[size_t(l)]));
+      const double t = cm_.predict(splits, s).request_s;
+      if (t < best_t) {
+        best_t = t;
+        best_n = n;
+      }
+    }
+    if (best_n >= 0) {
+      push(whole(layers_split(0, best_n)),
+           fmt::format("baseline: best --n-cpu-moe ({})", best_n));
+    }
+    for (int64_t m = ne; m >= 0; --m) {  // uniform: experts 0..m-1 of every layer
+      if (!ok(std::vector<int64_t>(size_t(nl), m))) continue;
+      std::vector<std::vector<bool>> sets(size_t(nl), std::vector<bool>(size_t(ne), false));
+      for (auto& row : sets) std::fill(row.begin(), row.begin() + m, true);
+      push(std::move(sets), fmt::format("baseline: ktransformers uniform ({} per layer)", m));
+      break;
+    }
+  }
+
+  [[noreturn]] void throw_nothing_fits(int64_t gpu_budget) const {
+    std::string problem = "no placement fits the budgets";
+    const int64_t nl = cm_.n_layers();
+    if (cm_.machine().has_gpu && gpu_budget >= 0) {
+      const MemoryModel mm = memory_model(opt_.model, false, opt_.workload.context,
+                                          cm_.machine().gpu_device);
+      problem += fmt::format(": {} needs at least {} for attention, KV cache (context {}) and "
+                             "workspace, its budget is {}",
+                             cm_.machine().gpu_device,
+                             format_gib(mm.gpu_need(std::vector<int64_t>(size_t(nl), 0))),
+                             opt_.workload.context, format_gib(gpu_budget));
+    }
+    EngineSettings s;
+    s.gpu = false;
+    const Placement cpu = make_placement(opt_.model, s, {}, opt_.workload.context);
+    const MemoryPlan plan = plan_memory(opt_.model.cfg, opt_.model.bytes, cpu, opt_.budgets);
+    const DeviceUse& u = plan.per_device.at("cpu");
+    problem += fmt::format("; all on the CPU needs {}, the host budget is {}", format_gib(u.total),
+                           u.budget >= 0 ? format_gib(u.budget) : std::string("unknown"));
+    throw Error("ktune search", problem,
+                "raise --gpu-mem / --cpu-mem, or lower the workload's context");
+  }
+
+  const SearchOptions& opt_;
+  CostModel cm_;
+  SearchResult res_;
+  std::vector<Candidate> pool_;
+  int64_t cpu_budget_ = -1;
+};
+
+}  // namespace
+
+SearchResult run_search(const SearchOptions& opt) { return Driver(opt).run(); }
+
+}  // namespace ktune::search

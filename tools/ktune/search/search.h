@@ -1,0 +1,88 @@
+// `ktune search` as library code: from a profile, a model, budgets and a workload to ranked
+// placements (graph on and off), the baselines users have today priced by the same model, and
+// whole-layer roundings for engines that cannot place single experts. cmd_search.cpp parses
+// flags, calls run_search() and prints/writes what it returns.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ktune/engine/memory_plan.h"
+#include "ktune/engine/placement.h"
+#include "search/cost_model.h"
+#include "search/inputs.h"
+#include "search/optimizers.h"
+
+namespace ktune::search {
+
+struct SearchOptions {
+  std::string profile_path;  // for searched_on.profile and messages
+  profile::ProfileSummary profile;
+  ModelInfo model;
+  Budgets budgets;  // "cuda:0", "cpu"; a missing cpu budget is not checked
+  Workload workload;
+  Assumptions assumptions;
+  int top = 5;  // distinct searched candidates kept
+  // Solver for the per-layer problem: "auto" (greedy + DP refinement, exhaustive when small),
+  // or one of "greedy", "dp", "exhaustive" (tests and comparisons).
+  std::string solver = "auto";
+};
+
+struct Candidate {
+  std::string label;   // "search (dp)", "baseline: llama.cpp --fit (front to back)", ...
+  bool baseline = false;
+  bool whole_layers = false;  // every layer's experts on one device (exportable as is)
+  EngineSettings settings;
+  std::vector<int64_t> gpu_counts;       // GPU experts per layer
+  std::vector<std::vector<bool>> on_gpu;  // [layer][expert]
+  Prediction pred;
+  MemoryPlan plan;
+  Placement placement;  // resolved, with predicted and searched_on filled
+};
+
+struct SearchResult {
+  std::vector<Candidate> ranked;     // distinct searched candidates, best (least request time) first
+  std::vector<Candidate> baselines;  // at the settings of the best graph-on candidate
+  std::vector<Candidate> whole_layer;  // best whole-layer placement, graph on then graph off
+  int best_graph = -1;    // index into ranked: best with the graph on (or the CPU engine)
+  int best_nograph = -1;  // best with the graph off (or the CPU engine)
+  std::vector<std::string> notes;
+  std::vector<int> threads_tried;
+  int solves = 0;         // optimizer runs
+  double seconds = 0;     // wall time of run_search
+  MachineCosts machine;
+  RouterModel router;
+};
+
+// Throws ktune::Error (exit 1) when no placement fits the budgets, naming what is short.
+SearchResult run_search(const SearchOptions& opt);
+
+// ---- pieces shared with the tests ----
+
+// The GPU and host memory of a hybrid placement (attention on `gpu`, experts split) as the memory
+// planner computes it, as a function of the GPU experts per layer: derived from two reference
+// plans, so it agrees with plan_memory() byte for byte (a test checks it).
+struct MemoryModel {
+  std::string gpu = "cuda:0";
+  int64_t n_experts = 0;
+  std::vector<int64_t> expert_bytes;  // per layer
+  int64_t gpu_fixed = 0;      // attention weights, embedding, head, KV cache, workspace, graph pool
+  int64_t gpu_expert_ws = 0;  // expert activations, when any expert is on the GPU
+  int64_t cpu_expert_ws = 0;  // expert activations, when any expert is on the CPU
+  int64_t gpu_need(const std::vector<int64_t>& gpu_counts) const;
+  int64_t cpu_need(const std::vector<int64_t>& gpu_counts) const;  // 0: nothing on the CPU
+};
+MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t context,
+                         const std::string& gpu = "cuda:0");
+
+// A resolved placement: every layer's attention on `gpu` (or, with settings.gpu false, every
+// part on cpu), experts as on_gpu says, runtime from settings and the workload's context.
+Placement make_placement(const ModelInfo& model, const EngineSettings& settings,
+                         const std::vector<std::vector<bool>>& on_gpu, int64_t context,
+                         const std::string& gpu = "cuda:0");
+// The m hottest experts of each layer on the GPU.
+std::vector<std::vector<bool>> hottest_sets(const RouterModel& router,
+                                            const std::vector<int64_t>& gpu_counts);
+
+}  // namespace ktune::search
