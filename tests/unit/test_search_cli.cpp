@@ -1,0 +1,254 @@
+// `ktune search` as a user runs it: the committed example profile on the 235B shape (the CI
+// check of issue 6 item 5, with the wall time printed), the files beside -o and the planner's
+// verdict on them, --json, the exports read back, --verify on this machine's CPU engine, and
+// one-line errors with exit codes for bad profile, model, workload and budget inputs.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "ktune/engine/memory_plan.h"
+#include "ktune/engine/placement.h"
+#include "search/emit.h"
+#include "subprocess.h"
+#include "test_search_util.h"
+
+namespace fs = std::filesystem;
+using ktune::test::count_lines;
+using ktune::test::ProcessResult;
+using ktune::test::read_all;
+using ktune::test::run_ktune;
+
+namespace ktune::search {
+namespace {
+
+const std::string kProfile = test::profiles_dir() + "/h100-16core-handmade.json";
+
+class SearchCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("ktune_search_cli_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string write(const std::string& name, const std::string& text) const {
+    std::ofstream(path(name), std::ios::binary) << text;
+    return path(name);
+  }
+  std::string write_profile(const std::string& name, const profile::ProfileSummary& s) const {
+    nlohmann::json j;
+    j["ktune_profile"] = 1;
+    profile::to_json(j["summary"], s);
+    return write(name, j.dump());
+  }
+  static void expect_one_line_error(const ProcessResult& r, int code, const std::string& needle) {
+    EXPECT_FALSE(r.signaled) << r.err;
+    EXPECT_EQ(r.exit_code, code) << r.err;
+    EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("ktune: error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find("; "), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in " << r.err;
+  }
+  // The budgets `ktune search` derives from the profile's machine.
+  static Budgets profile_budgets(const std::string& profile_path) {
+    const profile::ProfileSummary s = profile::read_profile_summary(profile_path);
+    Budgets b;
+    for (const auto& g : s.gpus) b.bytes[g.device] = g.mem_bytes - kGpuBudgetHeadroom;
+    b.bytes["cpu"] = s.cpu.mem_available_bytes - kHostBudgetHeadroom;
+    return b;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(SearchCli, CommittedExampleProfileOnTheBigShape) {
+  ASSERT_TRUE(fs::exists(kProfile)) << kProfile;
+  const auto t0 = std::chrono::steady_clock::now();
+  const ProcessResult r = run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-235b-a22b:q4_0"});
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("[ ktune search ] --profile %s --model synth:qwen3-235b-a22b:q4_0: %.2f s wall\n",
+              fs::path(kProfile).filename().c_str(), s);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+  EXPECT_NE(r.out.find("| rank |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("# best (graph on): rank"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("# best (graph off): rank"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("baseline: llama.cpp --fit"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("# whole layers"), std::string::npos) << r.out;
+}
+
+TEST_F(SearchCli, WritesBestAndNographBesideTheOutputAndThePlannerAcceptsThem) {
+  const std::string out = path("plans/best.yaml");
+  const ProcessResult r = run_ktune({"search", "--profile", kProfile, "--model",
+                                     "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "cuda:0=12GiB",
+                                     "--workload", "prompt=2048,gen=256,context=8192", "-o", out});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const ModelConfig cfg = *find_preset("qwen3-30b-a3b");
+  Budgets b = profile_budgets(kProfile);
+  b.bytes["cuda:0"] = int64_t{12} << 30;
+  std::vector<std::string> files = {out, path("plans/best-nograph.yaml")};
+  for (const auto& e : fs::directory_iterator(path("plans/best.candidates"))) {
+    files.push_back(e.path().string());
+  }
+  EXPECT_GE(files.size(), 5u);
+  for (const std::string& f : files) {
+    const Placement p = load_placement(f, &cfg);
+    EXPECT_EQ(p.runtime.context, 8192) << f;
+    ASSERT_TRUE(p.predicted.has_value()) << f;
+    EXPECT_GT(*p.predicted->decode_tok_s, 0) << f;
+    EXPECT_TRUE(p.predicted->memory_gib.count(Device::cuda(0)) || !p.runtime.cuda_graph) << f;
+    EXPECT_NO_THROW(check_fits(plan_memory(cfg, QuantType::Q4_0, QuantType::Q4_0, p, b))) << f;
+    // The table shows the command that runs it.
+    EXPECT_NE(r.out.find("ktune run --config " + f), std::string::npos) << f;
+  }
+  const Placement best = load_placement(out, &cfg);
+  const Placement nograph = load_placement(path("plans/best-nograph.yaml"), &cfg);
+  EXPECT_TRUE(best.runtime.cuda_graph);
+  EXPECT_FALSE(nograph.runtime.cuda_graph);
+  EXPECT_EQ(read_all(out).rfind("# Written by `ktune search`", 0), 0u);
+}
+
+TEST_F(SearchCli, JsonIsTheWholePlan) {
+  const ProcessResult r = run_ktune({"search", "--profile", kProfile, "--model",
+                                     "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB", "--json",
+                                     "--top", "3"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  EXPECT_EQ(doc["ktune_search"], 1);
+  EXPECT_EQ(doc["model"]["layers"], 48);
+  ASSERT_GE(doc["candidates"].size(), 3u);
+  const auto& best = doc["candidates"][doc["best"].get<int>() - 1];
+  EXPECT_TRUE(best["settings"]["cuda_graph"].get<bool>());
+  EXPECT_EQ(best["gpu_expert_ids"].size(), 48u);
+  EXPECT_LE(best["memory"]["cuda:0"]["total_bytes"].get<int64_t>(), int64_t{10} << 30);
+  EXPECT_GT(best["predicted"]["decode_tok_s"].get<double>(), 0);
+  EXPECT_EQ(doc["baselines"].size(), 3u);
+  EXPECT_TRUE(doc["rounding"].is_object());
+  EXPECT_FALSE(doc["notes"].empty());  // at least: no router statistics
+  EXPECT_EQ(doc["workload"]["name"], "chat");
+}
+
+TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
+  const std::vector<std::string> common = {"search", "--profile", kProfile, "--model",
+                                           "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB"};
+  auto args = common;
+  for (const char* a : {"--emit", "llama-cpp", "-o"}) args.push_back(a);
+  args.push_back(path("ot.txt"));
+  args.push_back("--json");
+  const ProcessResult r = run_ktune(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  const auto counts = doc["rounding"]["whole_layer"]["gpu_experts_per_layer"].get<std::vector<int64_t>>();
+  ASSERT_EQ(counts.size(), 48u);
+  const std::vector<bool> cpu = read_llama_cpp_overrides(read_all(path("ot.txt")), 48);
+  int gpu_layers = 0;
+  for (size_t l = 0; l < 48; ++l) {
+    EXPECT_EQ(cpu[l], counts[l] == 0) << l;
+    gpu_layers += counts[l] == 128;
+  }
+  EXPECT_GT(gpu_layers, 0);
+  EXPECT_LT(gpu_layers, 48);
+  EXPECT_GT(doc["rounding"]["request_time_change"].get<double>(), -1e-9);  // rounding never helps
+
+  args = common;
+  for (const char* a : {"--emit", "ktransformers", "-o"}) args.push_back(a);
+  args.push_back(path("rules.yaml"));
+  const ProcessResult k = run_ktune(args);
+  ASSERT_EQ(k.exit_code, 0) << k.err;
+  EXPECT_NE(k.out.find("# whole layers"), std::string::npos);
+  EXPECT_NE(k.out.find("vs the per-expert plan"), std::string::npos);
+  const std::vector<std::string> dev = read_ktransformers_expert_devices(read_all(path("rules.yaml")), 48);
+  for (size_t l = 0; l < 48; ++l) EXPECT_EQ(dev[l], counts[l] ? "cuda:0" : "cpu") << l;
+  EXPECT_FALSE(fs::exists(path("best.yaml")));  // an export writes only the export
+}
+
+TEST_F(SearchCli, VerifyRunsTheTopCandidatesOnThisMachine) {
+  // A CPU-only machine of 2 cores where 1 thread has the better decode bandwidth and 2 the
+  // better prefill: two candidates, both run on the CPU engine here, chosen by measured time.
+  profile::ProfileSummary s = test::cpu_only_profile();
+  s.cpu.physical_cores = 2;
+  s.cpu.logical_cpus = 2;
+  s.cpu.read_gb_s = {{1, 10}, {2, 12}};
+  s.cpu_costs.moe_decode_gb_s = {{1, 9}, {2, 8}};
+  s.cpu_costs.prefill_gflop_s = {{1, 20}, {2, 38}};
+  const std::string prof = write_profile("cpu.json", s);
+  const ProcessResult r = run_ktune({"search", "--profile", prof, "--model", "synth:tiny",
+                                     "--workload", "prompt=32,gen=8", "--verify", "2", "-r", "1",
+                                     "--json", "-o", path("best.yaml")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  ASSERT_EQ(doc["verify"].size(), 2u) << r.out;
+  for (const auto& v : doc["verify"]) {
+    EXPECT_EQ(v["engine"], "cpu");
+    EXPECT_GT(v["decode_tok_s"]["mean"].get<double>(), 0);
+    EXPECT_GT(v["prefill_tok_s"]["mean"].get<double>(), 0);
+    EXPECT_GT(v["measured_request_s"].get<double>(), 0);
+  }
+  EXPECT_TRUE(fs::exists(path("best.yaml")));
+  EXPECT_TRUE(fs::exists(path("best-nograph.yaml")));
+  EXPECT_NE(read_all(path("best.yaml")).find("Measured by --verify"), std::string::npos);
+  // The chosen file holds the candidate with the least measured request time.
+  const auto& ver = doc["verify"];
+  const int fastest = ver[0]["measured_request_s"] <= ver[1]["measured_request_s"] ? 0 : 1;
+  const int threads = doc["candidates"][fastest]["settings"]["cpu_threads"];
+  const ModelConfig cfg = *find_preset("tiny");
+  EXPECT_EQ(load_placement(path("best.yaml"), &cfg).runtime.cpu_threads, threads);
+}
+
+TEST_F(SearchCli, BadInputsAreOneLineErrorsWithExitCodes) {
+  const std::vector<std::string> base = {"search", "--model", "synth:qwen3-30b-a3b:q4_0"};
+  auto run = [&](std::vector<std::string> extra, bool with_profile = true) {
+    std::vector<std::string> a = base;
+    if (with_profile) {
+      a.push_back("--profile");
+      a.push_back(kProfile);
+    }
+    a.insert(a.end(), extra.begin(), extra.end());
+    return run_ktune(a);
+  };
+  // Profiles.
+  expect_one_line_error(run({"--profile", path("none.json")}, false), 1, "none.json");
+  expect_one_line_error(run({"--profile", write("bad.json", "{not json")}, false), 1, "bad.json");
+  std::string text = read_all(kProfile);
+  const std::string key = "\"launch_eager_us\": 3.3";
+  ASSERT_NE(text.find(key), std::string::npos);
+  text.replace(text.find(key), key.size(), "\"launch_eager_us\": -1");
+  expect_one_line_error(run({"--profile", write("neg.json", text)}, false), 1,
+                        "summary.gpu_costs[0].launch_eager_us");
+  // Models.
+  expect_one_line_error(run_ktune({"search", "--profile", kProfile, "--model", "synth:nope"}), 2, "nope");
+  expect_one_line_error(run_ktune({"search", "--profile", kProfile, "--model", path("m.gguf")}), 1,
+                        "m.gguf");
+  // Workloads.
+  expect_one_line_error(run({"--workload", "prompt=abc,gen=1"}), 2, "--workload");
+  expect_one_line_error(run({"--workload", "prompt=4096,gen=64,context=1024"}), 2, "context");
+  expect_one_line_error(run({"--workload", "prompt=40000,gen=1000"}), 2, "trained context");
+  // Budgets.
+  expect_one_line_error(run({"--gpu-mem", "cuda:0=lots"}), 2, "--gpu-mem");
+  expect_one_line_error(run({"--gpu-mem", "1GiB", "--cpu-mem", "1GiB"}), 1, "no placement fits");
+  const std::string cpu_prof = write_profile("cpu.json", test::cpu_only_profile());
+  expect_one_line_error(run({"--profile", cpu_prof, "--gpu-mem", "10GiB"}, false), 2,
+                        "without a GPU");
+  // Flags.
+  expect_one_line_error(run({"--top", "0"}), 2, "--top");
+  expect_one_line_error(run({"--emit", "vllm", "-o", path("x")}), 2, "--emit");
+  expect_one_line_error(run({"--emit", "llama-cpp"}), 2, "-o");
+  expect_one_line_error(run({"--assume", "bogus=1"}), 2, "bogus");
+  expect_one_line_error(run({}, false), 2, "--profile");
+  EXPECT_FALSE(fs::exists(path("x")));
+}
+
+TEST_F(SearchCli, HelpTeachesWithAnExample) {
+  const ProcessResult r = run_ktune({"search", "--help"});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_NE(r.out.find("Example: ktune search"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace ktune::search

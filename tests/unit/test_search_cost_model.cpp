@@ -1,0 +1,214 @@
+// The cost model on hand-made cases with known answers: what a graph saves, what a hand-off
+// costs, the expectation over routing, the CPU engine, prefill's copy-or-compute choice, layer
+// order in the prefill pipeline, the separable tables against the exact prediction, context.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "search/cost_model.h"
+#include "test_search_util.h"
+
+namespace ktune::search {
+namespace {
+
+ModelInfo tiny_q8() {
+  return model_info(*find_preset("tiny"), QuantType::Q8_0, QuantType::Q8_0, "synth:tiny:q8_0");
+}
+ModelInfo qwen30_q4() {
+  return model_info(*find_preset("qwen3-30b-a3b"), QuantType::Q4_0, QuantType::Q4_0,
+                    "synth:qwen3-30b-a3b:q4_0");
+}
+
+CostModel make(const ModelInfo& mi, const std::string& workload, const std::string& assume = "",
+               profile::ProfileSummary s = test::h100_profile()) {
+  return CostModel(machine_costs(s, parse_assumptions(assume)), mi, uniform_router(mi.cfg),
+                   parse_workload(workload));
+}
+
+std::vector<LayerSplit> hottest(const CostModel& cm, const std::vector<int64_t>& counts) {
+  std::vector<LayerSplit> out;
+  for (size_t l = 0; l < counts.size(); ++l) out.push_back(cm.hottest_split(int64_t(l), counts[l]));
+  return out;
+}
+
+EngineSettings settings(bool graph, MoeKernel k = MoeKernel::Fused,
+                        CpuHandoff h = CpuHandoff::Flags) {
+  EngineSettings e;
+  e.cuda_graph = graph;
+  e.kernel = k;
+  e.handoff = h;
+  e.cpu_threads = 16;
+  return e;
+}
+
+double step_us(const CostModel& cm, const std::vector<LayerSplit>& s, const EngineSettings& e,
+               double ctx) {
+  double t = cm.decode_step_fixed_us(e);
+  for (int64_t l = 0; l < cm.n_layers(); ++l) t += cm.decode_layer_us(l, s[size_t(l)], e, ctx);
+  return t;
+}
+
+TEST(SearchCostModel, AGraphSavesTheLaunchOverheadOfEveryKernel) {
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=128");
+  const auto all_gpu = hottest(cm, std::vector<int64_t>(48, 128));
+  const double graph = step_us(cm, all_gpu, settings(true), 1000);
+  const double eager = step_us(cm, all_gpu, settings(false), 1000);
+  // 7 kernels per layer and 4 per step each cost launch_eager_us instead of graph_node_us; the
+  // graph itself is launched once per step.
+  const double L = 3.3, g = 1.0;
+  EXPECT_NEAR(eager - graph, (7 * 48 + 4) * (L - g) - L, 1e-6);
+}
+
+TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=128");
+  // Layer 0 with every expert on the CPU: every selected expert runs there (q = 1).
+  const LayerSplit cpu = cm.hottest_split(0, 0);
+  const double flags = cm.decode_layer_us(0, cpu, settings(true), 1000);
+  const double host = cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Fused, CpuHandoff::HostNode), 1000);
+  EXPECT_NEAR(host - flags, 27.0 - 3.4, 1e-9);
+  // And the CPU part is the top-k experts' bytes at CpuMoe's bandwidth (68 GB/s at 16 threads).
+  const CostModel fast = make(mi, "prompt=512,gen=128", "cpu_moe_gb_s=136");
+  const double faster = fast.decode_layer_us(0, cpu, settings(true), 1000);
+  const double cpu_us = 8.0 * double(mi.bytes.expert[0]) / (68 * 1e3);
+  EXPECT_NEAR(flags - faster, cpu_us / 2, 1e-6);
+}
+
+TEST(SearchCostModel, HybridLayerIsTheExpectationOverRouting) {
+  // GPU experts nearly free (their two kernels cost 2 graph nodes) and a negligible hand-off: a
+  // graph-mode hybrid layer then costs its fixed kernels, E[j] CPU experts with
+  // j ~ Binomial(k, CPU share), the merge when j > 0 and the empty GPU kernels when j = 0.
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=128", "moe_fused_gb_s=1e12,flag_handoff_us=1e-9");
+  const double k = 8, g = 1.0;
+  const double c = double(mi.bytes.expert[0]) / (68 * 1e3);               // µs per CPU expert
+  const double merge = 2 * g + double(mi.cfg.hidden) * 4 / (52 * 1e3);  // H2D + add nodes
+  // Every expert on the CPU: j = k always.
+  const double t_all = cm.decode_layer_us(0, cm.hottest_split(0, 0), settings(true), 0);
+  for (int64_t m : {16, 64, 112}) {
+    const double q = 1.0 - double(m) / 128;  // uniform routing: the share on the CPU
+    const double p0 = std::pow(1 - q, k);    // no CPU expert selected
+    const double t = cm.decode_layer_us(0, cm.hottest_split(0, m), settings(true), 0);
+    const double expected = t_all - k * c * (1 - q) + p0 * (2 * g - merge);
+    EXPECT_NEAR(t, expected, 1e-6) << m;
+  }
+}
+
+TEST(SearchCostModel, CpuEngineDecodeIsBytesOverBandwidth) {
+  const ModelInfo mi = tiny_q8();
+  const CostModel cm = make(mi, "prompt=64,gen=16");
+  EngineSettings e;
+  e.gpu = false;
+  e.cpu_threads = 8;  // read 85 GB/s, CpuMoe 50 GB/s in the test profile
+  const auto splits = hottest(cm, {0, 0, 0, 0});
+  const double ctx = 100;
+  double expected = double(mi.bytes.head) / (85 * 1e3);
+  const ModelConfig& c = mi.cfg;
+  for (int l = 0; l < 4; ++l) {
+    const double kv = 2 * ctx * double(c.n_kv_heads * c.head_dim) * 4;
+    expected += (double(mi.bytes.attention[size_t(l)]) + kv) / (85 * 1e3) +
+                2.0 * double(mi.bytes.expert[size_t(l)]) / (50 * 1e3);
+  }
+  EXPECT_NEAR(step_us(cm, splits, e, ctx), expected, 1e-9);
+}
+
+TEST(SearchCostModel, LaunchBoundWithoutGraphFewerGpuExpertsAreFaster) {
+  // ktransformers#561's case: per-expert launches from the host at 40 µs each; a layer's
+  // decode cost then grows with the experts it keeps on the GPU.
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=64,gen=512", "launch_eager_us=40");
+  const EngineSettings unfused = settings(false, MoeKernel::Unfused);
+  const auto t = cm.layer_tables(unfused);
+  EXPECT_LT(t[0][0], t[0][64]);
+  EXPECT_LT(t[0][64], t[0][128]);
+  // With a graph and the fused kernels the same GPU experts pay: more on the GPU is faster.
+  const auto g = cm.layer_tables(settings(true));
+  EXPECT_GT(g[0][0], g[0][64]);
+  EXPECT_GT(g[0][64], g[0][128]);
+}
+
+TEST(SearchCostModel, PrefillCopiesCpuExpertsOnlyForLargeChunks) {
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=1;prompt=8,gen=1");
+  const LayerSplit s = cm.hottest_split(0, 32);
+  const auto& sizes = cm.chunk_sizes();
+  ASSERT_EQ(sizes.size(), 2u);  // 8 and 512
+  const auto small = cm.prefill_layer(0, s, settings(true), 0, 8, 0);
+  const auto large = cm.prefill_layer(0, s, settings(true), 1, 512, 0);
+  EXPECT_FALSE(small.copies);  // 96 experts over PCIe for 8 tokens: compute them on the CPU
+  EXPECT_TRUE(large.copies);   // 512 tokens x 6 CPU experts each: copying wins
+  EXPECT_NEAR(large.copy_us, 96.0 * double(mi.bytes.expert[0]) / (52 * 1e3), 1e-6);
+}
+
+TEST(SearchCostModel, LayerOrderMattersForPrefill) {
+  // Half the layers' experts on the GPU. Copy-bound prefill: a layer whose CPU experts are
+  // copied overlaps its copy with the layer before it; interleaving GPU-held layers between
+  // copied ones hides the copies, a block of copied layers cannot.
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=4096,gen=16");
+  std::vector<int64_t> front(48, 0), interleaved(48, 0);
+  for (int l = 0; l < 24; ++l) front[size_t(l)] = 128;
+  for (int l = 0; l < 48; l += 2) interleaved[size_t(l)] = 128;
+  const Prediction a = cm.predict(hottest(cm, front), settings(true));
+  const Prediction b = cm.predict(hottest(cm, interleaved), settings(true));
+  EXPECT_EQ(a.copy_layers, 24);
+  EXPECT_EQ(b.copy_layers, 24);
+  EXPECT_NEAR(a.decode_s, b.decode_s, 1e-12);  // decode does not care (uniform routing)
+  EXPECT_LT(b.prefill_s, a.prefill_s * 0.95);
+  std::printf("[ layer order ] prefill 4096 tokens: GPU layers first %.3f s, interleaved %.3f s\n",
+              a.prefill_s, b.prefill_s);
+}
+
+TEST(SearchCostModel, TablesSumToThePredictionWhenNothingIsCopied) {
+  // Short prompts: CPU experts are computed on the CPU, so each layer's prefill is independent
+  // and predict() equals the constant plus the tables' entries exactly.
+  const ModelInfo mi = qwen30_q4();
+  for (const EngineSettings& e : {settings(true), settings(false), settings(false, MoeKernel::Unfused)}) {
+    const CostModel cm = make(mi, "prompt=16,gen=100;prompt=40,gen=7,weight=2");
+    const auto t = cm.layer_tables(e);
+    std::vector<int64_t> counts(48);
+    double sum = cm.constant_s(e);
+    for (int l = 0; l < 48; ++l) {
+      counts[size_t(l)] = (l * 37) % 129;
+      sum += t[size_t(l)][size_t(counts[size_t(l)])];
+    }
+    const Prediction p = cm.predict(hottest(cm, counts), e);
+    EXPECT_EQ(p.copy_layers, 0);
+    EXPECT_NEAR(p.request_s, sum, 1e-9 * sum) << e.describe();
+  }
+}
+
+TEST(SearchCostModel, LongerContextSlowsDecode) {
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=128");
+  const auto s = hottest(cm, std::vector<int64_t>(48, 64));
+  const double short_ctx = step_us(cm, s, settings(true), 1000);
+  const double long_ctx = step_us(cm, s, settings(true), 33000);
+  // attention_us_per_1k_ctx = 1.5 per layer.
+  EXPECT_NEAR(long_ctx - short_ctx, 48 * 1.5 * 32, 1e-6);
+}
+
+TEST(SearchCostModel, HottestSplitEqualsTheSetOfTheHottestExperts) {
+  const ModelInfo mi = tiny_q8();
+  std::vector<std::vector<int64_t>> counts(4, {10, 400, 30, 250, 5, 900, 205, 200});
+  const RouterModel r = router_from_counts(counts, 1000, mi.cfg);
+  const CostModel cm(machine_costs(test::h100_profile(), {}), mi, r, parse_workload("prompt=700,gen=3"));
+  const LayerSplit h = cm.hottest_split(2, 3);  // experts 5, 1, 3
+  std::vector<bool> set(8, false);
+  set[5] = set[1] = set[3] = true;
+  const LayerSplit s = cm.split_of(2, set);
+  EXPECT_EQ(h.n_gpu, 3);
+  EXPECT_EQ(s.n_cpu, 5);
+  EXPECT_NEAR(h.gpu_mass, s.gpu_mass, 1e-12);
+  EXPECT_NEAR(h.gpu_mass, 2.0 * (900 + 400 + 250 + 1.5) / (2000 + 4), 1e-12);
+  ASSERT_EQ(h.cpu_distinct.size(), s.cpu_distinct.size());
+  for (size_t c = 0; c < h.cpu_distinct.size(); ++c) {
+    EXPECT_NEAR(h.cpu_distinct[c], s.cpu_distinct[c], 1e-9);
+    EXPECT_NEAR(h.gpu_distinct[c], s.gpu_distinct[c], 1e-9);
+  }
+}
+
+}  // namespace
+}  // namespace ktune::search
