@@ -70,7 +70,8 @@ class SearchCli : public ::testing::Test {
 TEST_F(SearchCli, CommittedExampleProfileOnTheBigShape) {
   ASSERT_TRUE(fs::exists(kProfile)) << kProfile;
   const auto t0 = std::chrono::steady_clock::now();
-  const ProcessResult r = run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-235b-a22b:q4_0"});
+  const ProcessResult r =
+      run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-235b-a22b:q4_0"});
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("[ ktune search ] --profile %s --model synth:qwen3-235b-a22b:q4_0: %.2f s wall\n",
               fs::path(kProfile).filename().c_str(), s);
@@ -115,9 +116,9 @@ TEST_F(SearchCli, WritesBestAndNographBesideTheOutputAndThePlannerAcceptsThem) {
 }
 
 TEST_F(SearchCli, JsonIsTheWholePlan) {
-  const ProcessResult r = run_ktune({"search", "--profile", kProfile, "--model",
-                                     "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB", "--json",
-                                     "--top", "3"});
+  const ProcessResult r =
+      run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0",
+                 "--gpu-mem", "10GiB", "--json", "--top", "3"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto doc = nlohmann::json::parse(r.out);
   EXPECT_EQ(doc["ktune_search"], 1);
@@ -135,8 +136,8 @@ TEST_F(SearchCli, JsonIsTheWholePlan) {
 }
 
 TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
-  const std::vector<std::string> common = {"search", "--profile", kProfile, "--model",
-                                           "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB"};
+  const std::vector<std::string> common = {
+      "search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB"};
   auto args = common;
   for (const char* a : {"--emit", "llama-cpp", "-o"}) args.push_back(a);
   args.push_back(path("ot.txt"));
@@ -144,7 +145,8 @@ TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
   const ProcessResult r = run_ktune(args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto doc = nlohmann::json::parse(r.out);
-  const auto counts = doc["rounding"]["whole_layer"]["gpu_experts_per_layer"].get<std::vector<int64_t>>();
+  const auto counts =
+      doc["rounding"]["whole_layer"]["gpu_experts_per_layer"].get<std::vector<int64_t>>();
   ASSERT_EQ(counts.size(), 48u);
   const std::vector<bool> cpu = read_llama_cpp_overrides(read_all(path("ot.txt")), 48);
   int gpu_layers = 0;
@@ -163,7 +165,8 @@ TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
   ASSERT_EQ(k.exit_code, 0) << k.err;
   EXPECT_NE(k.out.find("# whole layers"), std::string::npos);
   EXPECT_NE(k.out.find("vs the per-expert plan"), std::string::npos);
-  const std::vector<std::string> dev = read_ktransformers_expert_devices(read_all(path("rules.yaml")), 48);
+  const std::vector<std::string> dev =
+      read_ktransformers_expert_devices(read_all(path("rules.yaml")), 48);
   for (size_t l = 0; l < 48; ++l) EXPECT_EQ(dev[l], counts[l] ? "cuda:0" : "cpu") << l;
   EXPECT_FALSE(fs::exists(path("best.yaml")));  // an export writes only the export
 }
@@ -178,9 +181,9 @@ TEST_F(SearchCli, VerifyRunsTheTopCandidatesOnThisMachine) {
   s.cpu_costs.moe_decode_gb_s = {{1, 9}, {2, 8}};
   s.cpu_costs.prefill_gflop_s = {{1, 20}, {2, 38}};
   const std::string prof = write_profile("cpu.json", s);
-  const ProcessResult r = run_ktune({"search", "--profile", prof, "--model", "synth:tiny",
-                                     "--workload", "prompt=32,gen=8", "--verify", "2", "-r", "1",
-                                     "--json", "-o", path("best.yaml")});
+  const ProcessResult r =
+      run_ktune({"search", "--profile", prof, "--model", "synth:tiny", "--workload",
+                 "prompt=32,gen=8", "--verify", "2", "-r", "1", "--json", "-o", path("best.yaml")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto doc = nlohmann::json::parse(r.out);
   ASSERT_EQ(doc["verify"].size(), 2u) << r.out;
@@ -222,7 +225,8 @@ TEST_F(SearchCli, BadInputsAreOneLineErrorsWithExitCodes) {
   expect_one_line_error(run({"--profile", write("neg.json", text)}, false), 1,
                         "summary.gpu_costs[0].launch_eager_us");
   // Models.
-  expect_one_line_error(run_ktune({"search", "--profile", kProfile, "--model", "synth:nope"}), 2, "nope");
+  expect_one_line_error(run_ktune({"search", "--profile", kProfile, "--model", "synth:nope"}), 2,
+                        "nope");
   expect_one_line_error(run_ktune({"search", "--profile", kProfile, "--model", path("m.gguf")}), 1,
                         "m.gguf");
   // Workloads.

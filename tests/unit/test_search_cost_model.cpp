@@ -67,7 +67,8 @@ TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
   // Layer 0 with every expert on the CPU: every selected expert runs there (q = 1).
   const LayerSplit cpu = cm.hottest_split(0, 0);
   const double flags = cm.decode_layer_us(0, cpu, settings(true), 1000);
-  const double host = cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Fused, CpuHandoff::HostNode), 1000);
+  const double host =
+      cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Fused, CpuHandoff::HostNode), 1000);
   EXPECT_NEAR(host - flags, 27.0 - 3.4, 1e-9);
   // And the CPU part is the top-k experts' bytes at CpuMoe's bandwidth (68 GB/s at 16 threads).
   const CostModel fast = make(mi, "prompt=512,gen=128", "cpu_moe_gb_s=136");
@@ -83,7 +84,7 @@ TEST(SearchCostModel, HybridLayerIsTheExpectationOverRouting) {
   const ModelInfo mi = qwen30_q4();
   const CostModel cm = make(mi, "prompt=512,gen=128", "moe_fused_gb_s=1e12,flag_handoff_us=1e-9");
   const double k = 8, g = 1.0;
-  const double c = double(mi.bytes.expert[0]) / (68 * 1e3);               // µs per CPU expert
+  const double c = double(mi.bytes.expert[0]) / (68 * 1e3);             // µs per CPU expert
   const double merge = 2 * g + double(mi.cfg.hidden) * 4 / (52 * 1e3);  // H2D + add nodes
   // Every expert on the CPU: j = k always.
   const double t_all = cm.decode_layer_us(0, cm.hottest_split(0, 0), settings(true), 0);
@@ -165,7 +166,8 @@ TEST(SearchCostModel, TablesSumToThePredictionWhenNothingIsCopied) {
   // Short prompts: CPU experts are computed on the CPU, so each layer's prefill is independent
   // and predict() equals the constant plus the tables' entries exactly.
   const ModelInfo mi = qwen30_q4();
-  for (const EngineSettings& e : {settings(true), settings(false), settings(false, MoeKernel::Unfused)}) {
+  for (const EngineSettings& e :
+       {settings(true), settings(false), settings(false, MoeKernel::Unfused)}) {
     const CostModel cm = make(mi, "prompt=16,gen=100;prompt=40,gen=7,weight=2");
     const auto t = cm.layer_tables(e);
     std::vector<int64_t> counts(48);
@@ -194,7 +196,8 @@ TEST(SearchCostModel, HottestSplitEqualsTheSetOfTheHottestExperts) {
   const ModelInfo mi = tiny_q8();
   std::vector<std::vector<int64_t>> counts(4, {10, 400, 30, 250, 5, 900, 205, 200});
   const RouterModel r = router_from_counts(counts, 1000, mi.cfg);
-  const CostModel cm(machine_costs(test::h100_profile(), {}), mi, r, parse_workload("prompt=700,gen=3"));
+  const CostModel cm(machine_costs(test::h100_profile(), {}), mi, r,
+                     parse_workload("prompt=700,gen=3"));
   const LayerSplit h = cm.hottest_split(2, 3);  // experts 5, 1, 3
   std::vector<bool> set(8, false);
   set[5] = set[1] = set[3] = true;

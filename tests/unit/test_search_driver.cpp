@@ -119,7 +119,8 @@ TEST(SearchDriver, LaunchBoundGpuWithoutGraphKeepsFewerExpertsOnTheGpu) {
   const SearchResult r = run_search(opt);
   const Candidate* unfused = nullptr;
   for (const Candidate& c : r.ranked) {
-    if (c.settings.gpu && c.settings.kernel == MoeKernel::Unfused && unfused == nullptr) unfused = &c;
+    if (c.settings.gpu && c.settings.kernel == MoeKernel::Unfused && unfused == nullptr)
+      unfused = &c;
   }
   ASSERT_NE(unfused, nullptr);
   EXPECT_LT(unfused->pred.gpu_experts, 48 * 128 / 4);
@@ -128,7 +129,8 @@ TEST(SearchDriver, LaunchBoundGpuWithoutGraphKeepsFewerExpertsOnTheGpu) {
 
 // Counts with a known hot set per layer: expert (l + 3 e) % E gets weight (e + 1)^-1.2.
 std::vector<std::vector<int64_t>> zipf_counts(const ModelConfig& cfg, int64_t tokens) {
-  std::vector<std::vector<int64_t>> counts(size_t(cfg.n_layers), std::vector<int64_t>(size_t(cfg.n_experts), 0));
+  std::vector<std::vector<int64_t>> counts(size_t(cfg.n_layers),
+                                           std::vector<int64_t>(size_t(cfg.n_experts), 0));
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     double z = 0;
     for (int64_t e = 0; e < cfg.n_experts; ++e) z += std::pow(double(e + 1), -1.2);
@@ -204,9 +206,10 @@ TEST(SearchDriver, RouterStatisticsOfAModelWithRouterSkew) {
   const ModelInfo mi = model_info(w.cfg, QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
   // Budget: the fixed part, staging for a whole layer, and 3 experts per layer.
   const MemoryModel mm = memory_model(mi, true, 1024);
-  const int64_t budget = mm.gpu_fixed + mm.gpu_expert_ws + 2 * 8 * mi.bytes.expert[0] +
-                         3 * 4 * mi.bytes.expert[0];
-  SearchOptions opt = options(mi, "cuda:0=" + std::to_string(budget) + "B", "prompt=256,gen=256,context=1024", prof);
+  const int64_t budget =
+      mm.gpu_fixed + mm.gpu_expert_ws + 2 * 8 * mi.bytes.expert[0] + 3 * 4 * mi.bytes.expert[0];
+  SearchOptions opt = options(mi, "cuda:0=" + std::to_string(budget) + "B",
+                              "prompt=256,gen=256,context=1024", prof);
   opt.top = 20;
   const SearchResult r = run_search(opt);
   ASSERT_TRUE(r.router.measured) << r.router.note;
@@ -227,8 +230,9 @@ TEST(SearchDriver, RouterStatisticsOfAModelWithRouterSkew) {
   }
   const double share = double(gpu_selections) / double(all_selections);
   const double uniform_share = double(best.pred.gpu_experts) / 32.0;
-  std::printf("[ router skew ] %lld GPU experts of 32 take %.1f %% of the routing (uniform: %.1f %%)\n",
-              static_cast<long long>(best.pred.gpu_experts), 100 * share, 100 * uniform_share);
+  std::printf(
+      "[ router skew ] %lld GPU experts of 32 take %.1f %% of the routing (uniform: %.1f %%)\n",
+      static_cast<long long>(best.pred.gpu_experts), 100 * share, 100 * uniform_share);
   EXPECT_GT(share, uniform_share + 0.1);
   EXPECT_NEAR(best.pred.gpu_mass, share, 0.05);
 }
@@ -252,8 +256,8 @@ TEST(SearchDriver, WithinOnePercentOfThePerExpertOptimumOnATinyInstance) {
       prof.router.counts = counts;
       prof.cpu_costs.moe_decode_gb_s = {{16, cpu_bw}};
       const MemoryModel mm = memory_model(mi, true, 4096);
-      const int64_t budget = mm.gpu_fixed + mm.gpu_expert_ws + 2 * 2 * mi.bytes.expert[0] +
-                             5 * mi.bytes.expert[0];
+      const int64_t budget =
+          mm.gpu_fixed + mm.gpu_expert_ws + 2 * 2 * mi.bytes.expert[0] + 5 * mi.bytes.expert[0];
       SearchOptions opt = options(mi, "cuda:0=" + std::to_string(budget) + "B", wl, prof);
       const SearchResult r = run_search(opt);
       const double found = r.ranked.front().pred.request_s;
@@ -290,7 +294,8 @@ TEST(SearchDriver, WithinOnePercentOfThePerExpertOptimumOnATinyInstance) {
         EngineSettings cpu;
         cpu.gpu = false;
         cpu.cpu_threads = t;
-        best = std::min(best, cm.predict({cm.hottest_split(0, 0), cm.hottest_split(1, 0)}, cpu).request_s);
+        best = std::min(
+            best, cm.predict({cm.hottest_split(0, 0), cm.hottest_split(1, 0)}, cpu).request_s);
       }
       EXPECT_GE(found, best * (1 - 1e-9)) << wl << " " << cpu_bw;
       EXPECT_LE(found, best * 1.01) << wl << " " << cpu_bw;
@@ -318,7 +323,8 @@ TEST(SearchDriver, NoWorseThanTheBaselinesItReports) {
 }
 
 TEST(SearchDriver, CpuOnlyProfileSearchesThreadsOnly) {
-  const ModelInfo mi = model_info(*find_preset("tiny"), QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
+  const ModelInfo mi =
+      model_info(*find_preset("tiny"), QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
   profile::ProfileSummary prof = test::cpu_only_profile();
   prof.cpu.physical_cores = 2;
   prof.cpu_costs.moe_decode_gb_s = {{1, 10}, {2, 18}, {4, 30}};
@@ -363,12 +369,13 @@ TEST(SearchDriver, TimeOnTheBigShapes) {
     const SearchResult r = run_search(options(*mi, "", "chat", prof));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const Candidate& best = r.ranked[size_t(r.best_graph)];
-    std::printf("[ search time ] %s (%lld layers x %lld experts): %.2f s, %d solves; best: %lld GPU "
-                "experts, decode %.2f tok/s, prefill %.0f tok/s\n",
-                mi->spec.c_str(), static_cast<long long>(mi->cfg.n_layers),
-                static_cast<long long>(mi->cfg.n_experts), s, r.solves,
-                static_cast<long long>(best.pred.gpu_experts), best.pred.decode_tok_s,
-                best.pred.prefill_tok_s);
+    std::printf(
+        "[ search time ] %s (%lld layers x %lld experts): %.2f s, %d solves; best: %lld GPU "
+        "experts, decode %.2f tok/s, prefill %.0f tok/s\n",
+        mi->spec.c_str(), static_cast<long long>(mi->cfg.n_layers),
+        static_cast<long long>(mi->cfg.n_experts), s, r.solves,
+        static_cast<long long>(best.pred.gpu_experts), best.pred.decode_tok_s,
+        best.pred.prefill_tok_s);
     expect_no_internal_notes(r);
     EXPECT_GT(best.pred.gpu_experts, 0);
   }
@@ -376,8 +383,8 @@ TEST(SearchDriver, TimeOnTheBigShapes) {
 
 TEST(SearchDriver, GreedyAndDpAgreeOnTheBigTables) {
   // Beyond exhaustive reach: greedy (no local search at this size) against the DP.
-  const ModelInfo mi = model_info(*find_preset("qwen3-235b-a22b"), QuantType::Q4_0,
-                                  QuantType::Q4_0, "synth:qwen3-235b-a22b:q4_0");
+  const ModelInfo mi = model_info(*find_preset("qwen3-235b-a22b"), QuantType::Q4_0, QuantType::Q4_0,
+                                  "synth:qwen3-235b-a22b:q4_0");
   profile::ProfileSummary prof = test::h100_profile();
   prof.kind = "model";
   prof.model = {"qwen3-235b-a22b", "q4_0", 94, 128, 8, mi.bytes.expert[0]};

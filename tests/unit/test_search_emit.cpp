@@ -35,8 +35,8 @@ TEST(SearchEmit, RulePatternsMatchLikePythonReSearch) {
                                     "model.layers.2.mlp.experts"));
   EXPECT_FALSE(rule_pattern_matches("^model\\.layers\\.(1)\\.mlp\\.experts$",
                                     "model.layers.12.mlp.experts"));  // the trailing \. matters
-  EXPECT_TRUE(rule_pattern_matches("^model\\.layers\\..*\\.mlp\\.experts$",
-                                   "model.layers.47.mlp.experts"));
+  EXPECT_TRUE(
+      rule_pattern_matches("^model\\.layers\\..*\\.mlp\\.experts$", "model.layers.47.mlp.experts"));
   EXPECT_FALSE(rule_pattern_matches("^model\\.layers\\..*\\.mlp$", "model.layers.4.mlp.experts"));
   EXPECT_TRUE(rule_pattern_matches("^model\\.embed_tokens", "model.embed_tokens"));
   EXPECT_TRUE(rule_pattern_matches("layers", "model.layers.3"));  // unanchored: search

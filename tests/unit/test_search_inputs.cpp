@@ -38,10 +38,10 @@ TEST(SearchWorkload, KeyValueRequests) {
 }
 
 TEST(SearchWorkload, BadTextIsAUsageErrorNamingTheFlag) {
-  for (const char* bad : {"", "prompt=abc,gen=1", "prompt=0,gen=1", "prompt=10", "gen=5",
-                          "prompt=10,gen=5,context=8", "prompt=1,gen=1,colour=red",
-                          "prompt=1,gen=1,weight=-2", "prompt=1,prompt=2,gen=1", "prompt 5",
-                          "prompt=1,gen=1;;prompt=2,gen=2", "prompt=99999999999,gen=1"}) {
+  for (const char* bad :
+       {"", "prompt=abc,gen=1", "prompt=0,gen=1", "prompt=10", "gen=5", "prompt=10,gen=5,context=8",
+        "prompt=1,gen=1,colour=red", "prompt=1,gen=1,weight=-2", "prompt=1,prompt=2,gen=1",
+        "prompt 5", "prompt=1,gen=1;;prompt=2,gen=2", "prompt=99999999999,gen=1"}) {
     try {
       parse_workload(bad);
       ADD_FAILURE() << "accepted: " << bad;
@@ -74,10 +74,10 @@ TEST(SearchMachine, ProfileNumbersAssumptionsAndNamedDefaults) {
   s.cpu_costs.prefill_gflop_s.clear();
   const MachineCosts m = machine_costs(s, parse_assumptions("launch_eager_us=12"));
   EXPECT_TRUE(m.has_gpu);
-  EXPECT_DOUBLE_EQ(m.launch_eager_us, 12);                     // --assume wins
-  EXPECT_DOUBLE_EQ(m.flag_handoff_us, 3.4);                    // the profile's
-  EXPECT_DOUBLE_EQ(m.host_node_us, 27);                        // default for 0
-  EXPECT_DOUBLE_EQ(m.cpu_prefill_at(16), 40.0 * 16);           // default per thread
+  EXPECT_DOUBLE_EQ(m.launch_eager_us, 12);            // --assume wins
+  EXPECT_DOUBLE_EQ(m.flag_handoff_us, 3.4);           // the profile's
+  EXPECT_DOUBLE_EQ(m.host_node_us, 27);               // default for 0
+  EXPECT_DOUBLE_EQ(m.cpu_prefill_at(16), 40.0 * 16);  // default per thread
   auto mentions = [&](const char* key) {
     for (const std::string& n : m.notes) {
       if (n.find(key) != std::string::npos) return true;
@@ -97,8 +97,10 @@ TEST(SearchMachine, ThreadCandidatesNeverExceedCoresAndDropDominated) {
   s.cpu_costs.moe_decode_gb_s = {{1, 8}, {4, 30}, {8, 60}, {12, 50}, {32, 40}};
   s.cpu_costs.prefill_gflop_s = {{1, 40}, {12, 480}};
   s.cpu.read_gb_s = {{1, 10}, {8, 80}, {12, 80}};
-  const ModelInfo mi = model_info(*find_preset("tiny"), QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
-  const CostModel cm(machine_costs(s, {}), mi, uniform_router(mi.cfg), parse_workload("prompt=64,gen=8"));
+  const ModelInfo mi =
+      model_info(*find_preset("tiny"), QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
+  const CostModel cm(machine_costs(s, {}), mi, uniform_router(mi.cfg),
+                     parse_workload("prompt=64,gen=8"));
   const std::vector<int> t = cm.thread_candidates();
   for (int x : t) EXPECT_LE(x, 12);
   EXPECT_NE(std::find(t.begin(), t.end(), 8), t.end());   // best decode bandwidth

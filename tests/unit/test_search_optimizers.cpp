@@ -25,7 +25,7 @@ Problem random_problem(std::mt19937_64& rng, int layers, int experts) {
       const double x = double(m) / experts;
       row[size_t(m)] = 10 - slope * (x + curve * x * x) * 5 + u(rng) * 0.3;
     }
-    row[size_t(experts)] -= u(rng) * 2;  // the hand-off saved
+    row[size_t(experts)] -= u(rng) * 2;                        // the hand-off saved
     if (u(rng) < 0.2) row[size_t(experts / 2)] = kInfeasible;  // a disallowed point
     p.cost.push_back(row);
     p.unit_bytes.push_back(1 + int64_t(rng() % 3));
@@ -64,9 +64,10 @@ TEST(SearchOptimizers, GreedyAndDpWithinOnePercentOfExhaustiveOnRandomInstances)
     dp_exact += d.cost <= ex.cost + 1e-9;
     ++compared;
   }
-  std::printf("[ random instances ] %d compared: greedy exact in %d (worst +%.3f %%), DP exact in "
-              "%d (worst +%.3f %%)\n",
-              compared, greedy_exact, 100 * worst_greedy, dp_exact, 100 * worst_dp);
+  std::printf(
+      "[ random instances ] %d compared: greedy exact in %d (worst +%.3f %%), DP exact in "
+      "%d (worst +%.3f %%)\n",
+      compared, greedy_exact, 100 * worst_greedy, dp_exact, 100 * worst_dp);
   EXPECT_GT(compared, 200);
   EXPECT_LE(worst_greedy, 0.01);
   EXPECT_LE(worst_dp, 0.01);

@@ -90,8 +90,10 @@ json candidate_json(const Candidate& c, bool with_layers) {
               {"prefill_copy_layers", p.copy_layers}}}};
   json mem = json::object();
   for (const auto& [dev, u] : c.plan.per_device) {
-    mem[dev] = {{"total_bytes", u.total},     {"weights_bytes", u.weights},
-                {"kv_cache_bytes", u.kv_cache}, {"workspace_bytes", u.workspace},
+    mem[dev] = {{"total_bytes", u.total},
+                {"weights_bytes", u.weights},
+                {"kv_cache_bytes", u.kv_cache},
+                {"workspace_bytes", u.workspace},
                 {"graph_pool_bytes", u.graph_pool},
                 {"budget_bytes", u.budget >= 0 ? json(u.budget) : json(nullptr)}};
   }
@@ -126,8 +128,9 @@ void write_text(const std::string& path, const std::string& text) {
   if (!dir.empty()) {
     std::error_code ec;
     fs::create_directories(dir, ec);
-    if (ec) throw Error(dir.string(), "cannot create the folder (" + ec.message() + ")",
-                        "choose a writable -o path");
+    if (ec)
+      throw Error(dir.string(), "cannot create the folder (" + ec.message() + ")",
+                  "choose a writable -o path");
   }
   remove_stale_temp_files(path, true);
   write_file_atomic(path, text);
@@ -135,18 +138,21 @@ void write_text(const std::string& path, const std::string& text) {
 
 void run_search_command(const SearchFlags& f) {
   // 1. Flags that need no file.
-  if (f.top < 1 || f.top > 100) throw_usage("--top", fmt::format("{} is out of range", f.top), "use 1..100");
+  if (f.top < 1 || f.top > 100)
+    throw_usage("--top", fmt::format("{} is out of range", f.top), "use 1..100");
   if (f.verify < 0 || f.verify > 100) {
     throw_usage("--verify", fmt::format("{} is out of range", f.verify), "use 0..100");
   }
-  if (f.reps < 1 || f.reps > 100) throw_usage("-r", fmt::format("{} is out of range", f.reps), "use 1..100");
+  if (f.reps < 1 || f.reps > 100)
+    throw_usage("-r", fmt::format("{} is out of range", f.reps), "use 1..100");
   if (f.emit != "native" && f.emit != "ktransformers" && f.emit != "llama-cpp") {
     throw_usage("--emit", "`" + f.emit + "` is not native, ktransformers or llama-cpp",
                 "e.g. --emit llama-cpp -o ot.txt");
   }
   if (f.emit != "native" && f.output.empty()) {
-    throw_usage("--emit", "needs -o FILE", "e.g. --emit " + f.emit + " -o " +
-                                               (f.emit == "llama-cpp" ? "ot.txt" : "rules.yaml"));
+    throw_usage(
+        "--emit", "needs -o FILE",
+        "e.g. --emit " + f.emit + " -o " + (f.emit == "llama-cpp" ? "ot.txt" : "rules.yaml"));
   }
   if (f.solver != "auto" && f.solver != "greedy" && f.solver != "dp" && f.solver != "exhaustive") {
     throw_usage("--solver", "`" + f.solver + "` is not auto, greedy, dp or exhaustive", "use auto");
@@ -188,9 +194,10 @@ void run_search_command(const SearchFlags& f) {
   std::vector<std::string> files(res.ranked.size()), base_files(res.baselines.size());
   auto assign_files = [&] {
     for (size_t i = 0; i < res.ranked.size(); ++i) {
-      files[i] = int(i) == res.best_graph     ? lay.best
-                 : int(i) == res.best_nograph ? lay.nograph
-                                              : (fs::path(lay.folder) / fmt::format("rank-{}.yaml", i + 1)).string();
+      files[i] = int(i) == res.best_graph ? lay.best
+                 : int(i) == res.best_nograph
+                     ? lay.nograph
+                     : (fs::path(lay.folder) / fmt::format("rank-{}.yaml", i + 1)).string();
     }
   };
   assign_files();
@@ -240,8 +247,7 @@ void run_search_command(const SearchFlags& f) {
           i + 1, c.pred.decode_tok_s, got[i].decode.mean,
           100.0 * (c.pred.decode_tok_s / std::max(1e-9, got[i].decode.mean) - 1),
           c.pred.prefill_tok_s, got[i].prefill.mean,
-          100.0 * (c.pred.prefill_tok_s / std::max(1e-9, got[i].prefill.mean) - 1),
-          got[i].engine));
+          100.0 * (c.pred.prefill_tok_s / std::max(1e-9, got[i].prefill.mean) - 1), got[i].engine));
       verify_json.push_back({{"rank", i + 1},
                              {"engine", got[i].engine},
                              {"threads", got[i].threads},
@@ -254,7 +260,8 @@ void run_search_command(const SearchFlags& f) {
     // Choose by measured among the verified candidates each file may hold.
     auto choose = [&](int current, bool graph) {
       int best = current;
-      double best_t = current >= 0 && measured[size_t(current)] >= 0 ? measured[size_t(current)] : -1;
+      double best_t =
+          current >= 0 && measured[size_t(current)] >= 0 ? measured[size_t(current)] : -1;
       for (size_t i = 0; i < got.size(); ++i) {
         const Candidate& c = res.ranked[i];
         const bool ok = !c.settings.gpu || c.settings.cuda_graph == graph;
@@ -327,8 +334,8 @@ void run_search_command(const SearchFlags& f) {
     }
     for (size_t i = 0; i < res.baselines.size(); ++i) {
       const Candidate& c = res.baselines[i];
-      write_text(base_files[i],
-                 search::placement_yaml(c, search::candidate_comments(c, opt, command(base_files[i]))));
+      write_text(base_files[i], search::placement_yaml(
+                                    c, search::candidate_comments(c, opt, command(base_files[i]))));
     }
     written["best"] = lay.best;
     written["nograph"] = lay.nograph;
@@ -352,28 +359,38 @@ void run_search_command(const SearchFlags& f) {
     doc["ktune_search"] = 1;
     doc["ktune_version"] = build_version();
     doc["commit"] = build_commit();
-    doc["profile"] = {{"path", f.profile},
-                      {"kind", opt.profile.kind},
-                      {"cpu", opt.profile.cpu.name},
-                      {"physical_cores", opt.profile.cpu.physical_cores},
-                      {"gpu", opt.profile.gpus.empty() ? json(nullptr) : json(opt.profile.gpus[0].name)},
-                      {"recorded", opt.profile.created},
-                      {"recorded_commit", opt.profile.commit}};
+    doc["profile"] = {
+        {"path", f.profile},
+        {"kind", opt.profile.kind},
+        {"cpu", opt.profile.cpu.name},
+        {"physical_cores", opt.profile.cpu.physical_cores},
+        {"gpu", opt.profile.gpus.empty() ? json(nullptr) : json(opt.profile.gpus[0].name)},
+        {"recorded", opt.profile.created},
+        {"recorded_commit", opt.profile.commit}};
     const ModelConfig& mc = opt.model.cfg;
-    doc["model"] = {{"spec", opt.model.spec}, {"arch", mc.arch},
-                    {"layers", mc.n_layers},  {"experts", mc.n_experts},
-                    {"top_k", mc.n_experts_used}, {"quant", opt.model.quant},
-                    {"expert_bytes", opt.model.bytes.expert.empty() ? 0 : opt.model.bytes.expert[0]}};
+    doc["model"] = {
+        {"spec", opt.model.spec},
+        {"arch", mc.arch},
+        {"layers", mc.n_layers},
+        {"experts", mc.n_experts},
+        {"top_k", mc.n_experts_used},
+        {"quant", opt.model.quant},
+        {"expert_bytes", opt.model.bytes.expert.empty() ? 0 : opt.model.bytes.expert[0]}};
     json reqs = json::array();
     for (const search::Request& r : opt.workload.requests) {
-      reqs.push_back({{"prompt", r.prompt}, {"gen", r.gen}, {"weight", r.weight / opt.workload.total_weight()}});
+      reqs.push_back({{"prompt", r.prompt},
+                      {"gen", r.gen},
+                      {"weight", r.weight / opt.workload.total_weight()}});
     }
-    doc["workload"] = {{"name", opt.workload.name}, {"requests", reqs}, {"context", opt.workload.context}};
+    doc["workload"] = {
+        {"name", opt.workload.name}, {"requests", reqs}, {"context", opt.workload.context}};
     json budgets = json::object();
     for (const auto& [dev, b] : opt.budgets.bytes) budgets[dev] = b;
     doc["budgets_bytes"] = budgets;
-    doc["router"] = {{"measured", res.router.measured}, {"tokens", res.router.tokens},
-                     {"digest", res.router.digest}, {"note", res.router.note}};
+    doc["router"] = {{"measured", res.router.measured},
+                     {"tokens", res.router.tokens},
+                     {"digest", res.router.digest},
+                     {"note", res.router.note}};
     doc["notes"] = res.notes;
     doc["search_seconds"] = res.seconds;
     doc["solves"] = res.solves;
@@ -411,48 +428,62 @@ void run_search_command(const SearchFlags& f) {
   const ModelConfig& mc = opt.model.cfg;
   int64_t expert_total = 0;
   for (int64_t b : opt.model.bytes.expert) expert_total += b * mc.n_experts;
-  std::cout << fmt::format("# ktune search  commit {}  (ktune {})\n", build_commit(), build_version());
-  std::cout << fmt::format("# profile: {} ({}; {}, {} cores{}; recorded {} at commit {})\n", f.profile,
-                           opt.profile.kind, opt.profile.cpu.name, opt.profile.cpu.physical_cores,
-                           opt.profile.gpus.empty() ? std::string(", no GPU")
-                                                    : ", " + opt.profile.gpus[0].name,
-                           opt.profile.created, opt.profile.commit);
+  std::cout << fmt::format("# ktune search  commit {}  (ktune {})\n", build_commit(),
+                           build_version());
+  std::cout << fmt::format(
+      "# profile: {} ({}; {}, {} cores{}; recorded {} at commit {})\n", f.profile, opt.profile.kind,
+      opt.profile.cpu.name, opt.profile.cpu.physical_cores,
+      opt.profile.gpus.empty() ? std::string(", no GPU") : ", " + opt.profile.gpus[0].name,
+      opt.profile.created, opt.profile.commit);
   std::cout << fmt::format("# model: {} ({}, {} layers x {} experts top-{}, {}, experts {})\n",
                            opt.model.spec, mc.arch, mc.n_layers, mc.n_experts, mc.n_experts_used,
                            opt.model.quant, format_gib(expert_total));
   std::cout << "# workload: " << opt.workload.describe() << "\n";
   std::string budgets;
-  for (const auto& [dev, b] : opt.budgets.bytes) budgets += (budgets.empty() ? "" : ", ") + dev + " " + format_gib(b);
+  for (const auto& [dev, b] : opt.budgets.bytes)
+    budgets += (budgets.empty() ? "" : ", ") + dev + " " + format_gib(b);
   std::cout << "# budgets: " << (budgets.empty() ? std::string("none") : budgets) << "\n";
-  std::cout << "# router: " << (res.router.measured ? fmt::format("measured over {} tokens ({})", res.router.tokens, res.router.digest.substr(0, 19)) : std::string("uniform")) << "\n";
+  std::cout << "# router: "
+            << (res.router.measured ? fmt::format("measured over {} tokens ({})", res.router.tokens,
+                                                  res.router.digest.substr(0, 19))
+                                    : std::string("uniform"))
+            << "\n";
   for (const std::string& n : res.notes) std::cout << "# note: " << n << "\n";
-  std::cout << fmt::format("# searched {} thread count(s) x {} engine settings, {} solves, in {:.2f} s\n",
-                           res.threads_tried.size(), res.machine.has_gpu ? 4 : 1, res.solves, res.seconds);
+  std::cout << fmt::format(
+      "# searched {} thread count(s) x {} engine settings, {} solves, in {:.2f} s\n",
+      res.threads_tried.size(), res.machine.has_gpu ? 4 : 1, res.solves, res.seconds);
   for (const std::string& l : verify_lines) std::cout << l << "\n";
   std::cout << "\n";
   const int64_t total_experts = mc.n_layers * mc.n_experts;
   const std::string gpu = res.machine.has_gpu ? res.machine.gpu_device : std::string("cuda:0");
-  std::cout << fmt::format("| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13} | {:>12} | {:>9} | {} |\n",
-                           "rank", "graph", "moe", "hand-off", "threads", "GPU experts", "GPU routing",
-                           gpu + " GiB", "cpu GiB", "prefill tok/s", "decode tok/s", "request s",
-                           native_files ? "command" : "placement");
-  std::cout << "| ---: | ----- | ------- | --------- | ------: | ------------: | ----------: | -------: | ------: | ------------: | -----------: | --------: | --- |\n";
+  std::cout << fmt::format(
+      "| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13} | {:>12} "
+      "| {:>9} | {} |\n",
+      "rank", "graph", "moe", "hand-off", "threads", "GPU experts", "GPU routing", gpu + " GiB",
+      "cpu GiB", "prefill tok/s", "decode tok/s", "request s",
+      native_files ? "command" : "placement");
+  std::cout << "| ---: | ----- | ------- | --------- | ------: | ------------: | ----------: | "
+               "-------: | ------: | ------------: | -----------: | --------: | --- |\n";
   auto row = [&](const std::string& rank, const Candidate& c, const std::string& last) {
     const search::EngineSettings& s = c.settings;
     std::cout << fmt::format(
-        "| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13.1f} | {:>12.2f} | {:>9.2f} | {} |\n",
-        rank, s.gpu ? (s.cuda_graph ? "on" : "off") : "-", s.gpu ? moe_kernel_name(s.kernel) : "cpu",
-        s.gpu && s.cuda_graph ? cpu_handoff_name(s.handoff) : "-",
-        s.cpu_threads, fmt::format("{}/{}", c.pred.gpu_experts, total_experts),
-        s.gpu ? pct(c.pred.gpu_mass) : "-", mem_of(c, gpu), mem_of(c, "cpu"), c.pred.prefill_tok_s,
-        c.pred.decode_tok_s, c.pred.request_s, last);
+        "| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13.1f} | "
+        "{:>12.2f} | {:>9.2f} | {} |\n",
+        rank, s.gpu ? (s.cuda_graph ? "on" : "off") : "-",
+        s.gpu ? moe_kernel_name(s.kernel) : "cpu",
+        s.gpu && s.cuda_graph ? cpu_handoff_name(s.handoff) : "-", s.cpu_threads,
+        fmt::format("{}/{}", c.pred.gpu_experts, total_experts), s.gpu ? pct(c.pred.gpu_mass) : "-",
+        mem_of(c, gpu), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s,
+        c.pred.request_s, last);
   };
   for (size_t i = 0; i < res.ranked.size(); ++i) {
     std::string mark = std::to_string(i + 1);
     row(mark, res.ranked[i], native_files ? command(files[i]) : res.ranked[i].label);
   }
   for (size_t i = 0; i < res.baselines.size(); ++i) {
-    row("base", res.baselines[i], native_files ? command(base_files[i]) + "  (" + res.baselines[i].label.substr(10) + ")" : res.baselines[i].label);
+    row("base", res.baselines[i],
+        native_files ? command(base_files[i]) + "  (" + res.baselines[i].label.substr(10) + ")"
+                     : res.baselines[i].label);
   }
   std::cout << "\n";
   if (best != nullptr) {
@@ -465,28 +496,32 @@ void run_search_command(const SearchFlags& f) {
   if (best != nullptr) {
     for (const Candidate& b : res.baselines) {
       const double gain = b.pred.request_s / best->pred.request_s - 1;
-      std::cout << fmt::format("# vs {}: {:.2f} s per request, the best is {}\n", b.label.substr(10),
-                               b.pred.request_s,
-                               gain > 0.01 ? fmt::format("{:.1f} % faster", 100 * gain)
-                                           : std::string("no better (the baseline is as good: keep it)"));
+      std::cout << fmt::format(
+          "# vs {}: {:.2f} s per request, the best is {}\n", b.label.substr(10), b.pred.request_s,
+          gain > 0.01 ? fmt::format("{:.1f} % faster", 100 * gain)
+                      : std::string("no better (the baseline is as good: keep it)"));
     }
   }
   if (!rounding_line.empty()) std::cout << rounding_line << "\n";
   if (native_files) {
-    std::cout << fmt::format("# wrote {} and {} (other candidates in {})\n", lay.best, lay.nograph, lay.folder);
+    std::cout << fmt::format("# wrote {} and {} (other candidates in {})\n", lay.best, lay.nograph,
+                             lay.folder);
   } else if (f.emit == "ktransformers") {
     std::cout << fmt::format(
         "# wrote {}: python -m ktransformers.local_chat --gguf_path <model folder> "
         "--optimize_config_path {} --cpu_infer {}{}\n",
         f.output, f.output, whole->settings.cpu_threads,
-        std::any_of(whole->gpu_counts.begin(), whole->gpu_counts.end(), [](int64_t n) { return n > 0; })
+        std::any_of(whole->gpu_counts.begin(), whole->gpu_counts.end(),
+                    [](int64_t n) { return n > 0; })
             ? " --use_cuda_graph=False"
             : "");
   } else if (f.emit == "llama-cpp") {
-    std::cout << fmt::format("# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n",
-                             f.output, whole->settings.cpu_threads, f.output);
+    std::cout << fmt::format(
+        "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n", f.output,
+        whole->settings.cpu_threads, f.output);
   } else {
-    std::cout << "# add -o best.yaml to write these placements (then: ktune run --config best.yaml)\n";
+    std::cout
+        << "# add -o best.yaml to write these placements (then: ktune run --config best.yaml)\n";
   }
 }
 
@@ -524,8 +559,9 @@ void add_search_command(CLI::App& app) {
   sub->add_option("-r,--repetitions", f->reps, "Timed repetitions per --verify run")
       ->capture_default_str();
   sub->add_flag("--json", f->json, "Print the whole plan as one JSON document");
-  sub->add_option("--emit", f->emit,
-                  "native (placement YAMLs) | ktransformers (optimize rules) | llama-cpp (-ot list)")
+  sub->add_option(
+         "--emit", f->emit,
+         "native (placement YAMLs) | ktransformers (optimize rules) | llama-cpp (-ot list)")
       ->capture_default_str();
   sub->add_option("-o,--output", f->output,
                   "Output: best.yaml (native: best-nograph.yaml and best.candidates/ beside it), "

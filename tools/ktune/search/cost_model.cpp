@@ -233,8 +233,7 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
       // merge; the GPU runs its experts meanwhile.
       const double gpu_pre_end = pre + d2h;
       const double host_launched = (6 + (has_gpu ? 2 : 0)) * L;
-      const double host_wait_end =
-          std::max(host_launched, gpu_pre_end) + m_.handoff_host_thread_us;
+      const double host_wait_end = std::max(host_launched, gpu_pre_end) + m_.handoff_host_thread_us;
       const double gpu_exp_end = std::max(gpu_pre_end, host_launched) + fused(ng);
       const double host_cpu_end = host_wait_end + cpu;
       t = std::max(gpu_exp_end, host_cpu_end) + (j > 0 ? merge : 0.0);
@@ -297,12 +296,12 @@ CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
     return r;
   }
   const double g_rate = m_.gpu_prefill_gflop_s;
-  const double t_att = std::max(us_for_flops(attn_flops, g_rate),
-                                us_for_bytes(attn_bytes, m_.gpu_read_gb_s));
-  const double t_ge =
-      s.n_gpu > 0 ? std::max(us_for_flops(nd * s.gpu_mass * expert_flops, g_rate),
-                             us_for_bytes(s.gpu_distinct[ci] * eb, m_.gpu_read_gb_s))
-                  : 0.0;
+  const double t_att =
+      std::max(us_for_flops(attn_flops, g_rate), us_for_bytes(attn_bytes, m_.gpu_read_gb_s));
+  const double t_ge = s.n_gpu > 0
+                          ? std::max(us_for_flops(nd * s.gpu_mass * expert_flops, g_rate),
+                                     us_for_bytes(s.gpu_distinct[ci] * eb, m_.gpu_read_gb_s))
+                          : 0.0;
   if (s.n_cpu == 0) {
     r.gpu_us = r.isolated_us = t_att + t_ge;
     return r;

@@ -57,9 +57,9 @@ struct Prediction {
   double decode_ms = 0;      // one decode step at the mix's mean decode context
   double gpu_mass = 0;       // share of the routing mass on GPU-resident experts (coverage)
   int64_t gpu_experts = 0;
-  int hybrid_layers = 0;     // layers with experts on both sides
-  int cpu_layers = 0;        // layers with every expert on the CPU
-  int copy_layers = 0;       // layers whose CPU experts prefill copies to the GPU (full chunks)
+  int hybrid_layers = 0;  // layers with experts on both sides
+  int cpu_layers = 0;     // layers with every expert on the CPU
+  int copy_layers = 0;    // layers whose CPU experts prefill copies to the GPU (full chunks)
 };
 
 class CostModel {
@@ -82,14 +82,13 @@ class CostModel {
   LayerSplit split_of(int64_t layer, const std::vector<bool>& on_gpu) const;
 
   // Expected decode time (µs) of layer l's part of one step at KV context `ctx`.
-  double decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
-                         double ctx) const;
+  double decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e, double ctx) const;
   // The per-step part outside the layers (embedding, head, argmax, graph launch), µs.
   double decode_step_fixed_us(const EngineSettings& e) const;
   // Prefill of one prompt of `prompt` tokens (s): the pipeline simulation. copy_layers (when
   // non-null) receives the number of layers that copy CPU experts in a full chunk.
-  double prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e,
-                   int64_t prompt, int* copy_layers = nullptr) const;
+  double prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e, int64_t prompt,
+                   int* copy_layers = nullptr) const;
 
   Prediction predict(const std::vector<LayerSplit>& splits, const EngineSettings& e) const;
 
@@ -103,16 +102,16 @@ class CostModel {
   // Per-layer prefill cost of one chunk of n tokens starting at position c0 (µs): the pieces
   // the pipeline simulation and the tables use.
   struct PrefillLayer {
-    double gpu_us = 0;    // GPU work of the layer (attention + GPU experts [+ copied experts])
-    double copy_us = 0;   // copy of the layer's CPU experts to the GPU (0 unless copying)
-    bool copies = false;  // CPU experts copied to the GPU (else computed on the CPU)
+    double gpu_us = 0;       // GPU work of the layer (attention + GPU experts [+ copied experts])
+    double copy_us = 0;      // copy of the layer's CPU experts to the GPU (0 unless copying)
+    bool copies = false;     // CPU experts copied to the GPU (else computed on the CPU)
     double isolated_us = 0;  // the layer's cost if its copy overlapped perfectly
   };
   PrefillLayer prefill_layer(int64_t l, const LayerSplit& s, const EngineSettings& e,
                              size_t chunk_index, int64_t n, int64_t c0) const;
 
  private:
-  double kernel_us(double work_us, bool graph) const;  // one kernel: work + launch overhead
+  double kernel_us(double work_us, bool graph) const;          // one kernel: work + launch overhead
   double pre_gpu_us(int64_t l, double ctx, bool graph) const;  // attention + router kernels, µs
   size_t chunk_index(int64_t n) const;
   const std::vector<std::vector<double>>& prefill_table(int cpu_threads, bool gpu) const;

@@ -78,12 +78,14 @@ std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
   whole_layer_sets(c, gpu, cpu, "--emit ktransformers");
   const std::string dev = "cuda:0";
   std::string s;
-  s += fmt::format("# ktransformers optimize rules written by `ktune search` (ktune {}, commit {})\n",
-                   build_version(), build_commit());
-  s += fmt::format("# for {} ({} layers x {} experts). Experts on {}: layers {}; the other {} "
-                   "layers' experts run on the CPU.\n",
-                   model.spec, model.cfg.n_layers, model.cfg.n_experts, dev,
-                   gpu.empty() ? std::string("none") : format_id_ranges(gpu), cpu.size());
+  s += fmt::format(
+      "# ktransformers optimize rules written by `ktune search` (ktune {}, commit {})\n",
+      build_version(), build_commit());
+  s += fmt::format(
+      "# for {} ({} layers x {} experts). Experts on {}: layers {}; the other {} "
+      "layers' experts run on the CPU.\n",
+      model.spec, model.cfg.n_layers, model.cfg.n_experts, dev,
+      gpu.empty() ? std::string("none") : format_id_ranges(gpu), cpu.size());
   s += "# Rules are tried in order; the first match wins (GPU expert layers come first).\n";
   if (!gpu.empty()) {
     s += "# The legacy engine cannot run GPU experts inside a CUDA graph: start it with\n"
@@ -95,15 +97,19 @@ std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
       dev);
   s += "- match:\n    class: ktransformers.models.modeling_qwen2_moe.Qwen2MoeRotaryEmbedding\n"
        "  replace:\n    class: ktransformers.operators.RoPE.RotaryEmbedding\n";
-  s += fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n", dev);
+  s += fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n",
+                   dev);
   s += "- match:\n    name: \"^lm_head$\"\n    class: torch.nn.Linear\n  replace:\n"
-       "    class: ktransformers.operators.linear.KTransformersLinear\n" + linear_kwargs;
+       "    class: ktransformers.operators.linear.KTransformersLinear\n" +
+       linear_kwargs;
   s += "- match:\n    name: \"^model\\\\.layers\\\\..*$\"\n    class: torch.nn.Linear\n  replace:\n"
-       "    class: ktransformers.operators.linear.KTransformersLinear\n" + linear_kwargs;
+       "    class: ktransformers.operators.linear.KTransformersLinear\n" +
+       linear_kwargs;
   s += "- match:\n    name: \"^model\\\\.layers\\\\..*\\\\.mlp$\"\n"
        "    class: ktransformers.models.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock\n"
        "  replace:\n    class: ktransformers.operators.experts.KQwen3MoeSparseMoeBlock\n";
-  s += fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n", dev);
+  s += fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n",
+                   dev);
   auto experts_rule = [&](const std::string& layers_re, const std::string& gen_dev,
                           const char* gen_op) {
     return fmt::format(

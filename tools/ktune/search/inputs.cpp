@@ -149,10 +149,10 @@ Workload parse_workload(const std::string& text, const std::string& flag) {
   if (context == 0) {
     context = std::min(kMaxTokens, round_up(longest, 256));
   } else if (context < longest) {
-    throw_usage(flag,
-                fmt::format("context={} is shorter than a request's prompt + gen ({})", context,
-                            longest),
-                fmt::format("give context={} or more, or shorter requests", longest));
+    throw_usage(
+        flag,
+        fmt::format("context={} is shorter than a request's prompt + gen ({})", context, longest),
+        fmt::format("give context={} or more, or shorter requests", longest));
   }
   w.context = context;
   return w;
@@ -193,7 +193,8 @@ Assumptions parse_assumptions(const std::string& text, const std::string& flag) 
   Assumptions a;
   if (trim(text).empty()) return a;
   std::string names;
-  for (const AssumptionKey& k : assumption_keys()) names += (names.empty() ? "" : ", ") + std::string(k.key);
+  for (const AssumptionKey& k : assumption_keys())
+    names += (names.empty() ? "" : ", ") + std::string(k.key);
   for (const std::string& item : split(text, ',')) {
     const size_t eq = item.find('=');
     if (eq == std::string::npos) {
@@ -230,8 +231,9 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
       return *v;
     }
     if (profiled > 0) return profiled;
-    m.notes.push_back(fmt::format("{} not measured in the profile: assumed {} ({}; --assume {}=...)",
-                                  key, fallback, what, key));
+    m.notes.push_back(
+        fmt::format("{} not measured in the profile: assumed {} ({}; --assume {}=...)", key,
+                    fallback, what, key));
     return fallback;
   };
 
@@ -415,9 +417,9 @@ RouterModel router_from_profile(const profile::ProfileSummary& s, const ModelCon
   }
   RouterModel r = router_from_counts(s.router.counts, s.router.tokens, cfg);
   if (lower(pm.name) != lower(cfg.name)) {
-    const std::string same = fmt::format(
-        "router statistics recorded with {} (same shape as {}): used as they are", pm.name,
-        cfg.name);
+    const std::string same =
+        fmt::format("router statistics recorded with {} (same shape as {}): used as they are",
+                    pm.name, cfg.name);
     r.note = r.note.empty() ? same : same + "; " + r.note;
   }
   return r;

@@ -70,10 +70,10 @@ struct MachineCosts {
   // CPU
   std::string cpu_name;
   int physical_cores = 1;
-  std::vector<profile::ThreadRate> cpu_read_gb_s;     // DRAM read by threads
-  std::vector<profile::ThreadRate> cpu_moe_gb_s;      // CpuMoe decode bandwidth by threads
+  std::vector<profile::ThreadRate> cpu_read_gb_s;        // DRAM read by threads
+  std::vector<profile::ThreadRate> cpu_moe_gb_s;         // CpuMoe decode bandwidth by threads
   std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
-  double handoff_host_thread_us = 0;  // per hybrid layer without a graph
+  double handoff_host_thread_us = 0;                     // per hybrid layer without a graph
   int64_t cpu_mem_available_bytes = 0;
 
   // The GPU the search places on (cuda:0); absent on a CPU-only profile.
@@ -101,11 +101,11 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
 // ------------------------------------------------------------------------------------ model --
 
 struct ModelInfo {
-  std::string spec;    // as given on the command line
-  std::string path;    // for model.path in placements: absolute for files, the spec for synth:
+  std::string spec;  // as given on the command line
+  std::string path;  // for model.path in placements: absolute for files, the spec for synth:
   ModelConfig cfg;
-  WeightBytes bytes;   // per layer attention / one expert, embedding, head
-  std::string quant;   // expert type name, for reports ("q4_0")
+  WeightBytes bytes;  // per layer attention / one expert, embedding, head
+  std::string quant;  // expert type name, for reports ("q4_0")
 };
 // synth:PRESET[:QUANT]: the preset's shape (nothing generated); a GGUF file or a Hugging Face
 // folder: opened (mmap; no tensor data read). Throws ktune::Error.
@@ -121,10 +121,10 @@ struct RouterModel {
   bool measured = false;
   int64_t tokens = 0;
   std::vector<std::vector<double>> p;
-  std::vector<std::vector<int32_t>> hot;  // per layer: expert ids, most selected first (ties: id)
+  std::vector<std::vector<int32_t>> hot;    // per layer: expert ids, most selected first (ties: id)
   std::vector<std::vector<double>> prefix;  // per layer: prefix[m] = sum of p over hot[0..m)
-  std::string digest;  // "uniform" or "sha256:<hex of the counts>"
-  std::string note;    // why uniform, or sample-size caution; empty when nothing to say
+  std::string digest;                       // "uniform" or "sha256:<hex of the counts>"
+  std::string note;  // why uniform, or sample-size caution; empty when nothing to say
 
   // Share of the routing mass on the m hottest experts of layer l (0..1).
   double hot_share(int64_t l, int64_t m) const;

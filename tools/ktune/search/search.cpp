@@ -67,11 +67,14 @@ MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t contex
   EngineSettings s;
   s.cuda_graph = cuda_graph;
   const auto all = [&](bool v) {
-    return std::vector<std::vector<bool>>(size_t(c.n_layers), std::vector<bool>(size_t(c.n_experts), v));
+    return std::vector<std::vector<bool>>(size_t(c.n_layers),
+                                          std::vector<bool>(size_t(c.n_experts), v));
   };
   const Budgets none;
-  const MemoryPlan pg = plan_memory(c, model.bytes, make_placement(model, s, all(true), context, gpu), none);
-  const MemoryPlan pc = plan_memory(c, model.bytes, make_placement(model, s, all(false), context, gpu), none);
+  const MemoryPlan pg =
+      plan_memory(c, model.bytes, make_placement(model, s, all(true), context, gpu), none);
+  const MemoryPlan pc =
+      plan_memory(c, model.bytes, make_placement(model, s, all(false), context, gpu), none);
   const DeviceUse& ug = pg.per_device.at(gpu);
   const DeviceUse& uc = pc.per_device.at(gpu);
   int64_t all_experts = 0;
@@ -98,8 +101,7 @@ std::vector<std::vector<bool>> hottest_sets(const RouterModel& router,
 namespace {
 
 double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Caps on the CPU experts of any layer: the planner's staging (two buffers of the largest CPU
@@ -133,8 +135,8 @@ class Driver {
     int64_t gpu_budget = -1;
     if (m.has_gpu) gpu_budget = budget_of(m.gpu_device);
     if (m.has_gpu && gpu_budget < 0) {
-      res_.notes.push_back(fmt::format("no budget for {}: only the CPU engine is searched",
-                                       m.gpu_device));
+      res_.notes.push_back(
+          fmt::format("no budget for {}: only the CPU engine is searched", m.gpu_device));
     }
     if (m.has_gpu && gpu_budget >= 0) {
       for (bool graph : {true, false}) search_gpu(graph, gpu_budget);
@@ -232,8 +234,8 @@ class Driver {
   }
 
   void search_gpu(bool graph, int64_t gpu_budget) {
-    const MemoryModel mm = memory_model(opt_.model, graph, opt_.workload.context,
-                                        cm_.machine().gpu_device);
+    const MemoryModel mm =
+        memory_model(opt_.model, graph, opt_.workload.context, cm_.machine().gpu_device);
     const int64_t e = cm_.n_experts();
     const std::vector<int64_t> caps = staging_caps(e);
     struct Best {
@@ -260,7 +262,8 @@ class Driver {
       // Attention on the GPU with every expert on the CPU (the expert workspace the problems
       // reserve is not needed then).
       const std::vector<int64_t> none(size_t(cm_.n_layers()), 0);
-      if (mm.gpu_need(none) <= gpu_budget && (cpu_budget_ < 0 || mm.cpu_need(none) <= cpu_budget_)) {
+      if (mm.gpu_need(none) <= gpu_budget &&
+          (cpu_budget_ < 0 || mm.cpu_need(none) <= cpu_budget_)) {
         double cost = cm_.constant_s(s);
         for (size_t l = 0; l < none.size(); ++l) cost += b.tables[l][0];
         if (cost < b.objective) {
@@ -272,9 +275,10 @@ class Driver {
       if (b.sol.feasible()) per_settings.push_back(std::move(b));
     }
     if (per_settings.empty()) {
-      res_.notes.push_back(fmt::format(
-          "graph {}: no hybrid placement fits {} ({} needed before any expert)", graph ? "on" : "off",
-          cm_.machine().gpu_device, format_gib(mm.gpu_need(std::vector<int64_t>(size_t(cm_.n_layers()), 0)))));
+      res_.notes.push_back(
+          fmt::format("graph {}: no hybrid placement fits {} ({} needed before any expert)",
+                      graph ? "on" : "off", cm_.machine().gpu_device,
+                      format_gib(mm.gpu_need(std::vector<int64_t>(size_t(cm_.n_layers()), 0)))));
       return;
     }
     std::sort(per_settings.begin(), per_settings.end(),
@@ -337,7 +341,8 @@ class Driver {
     double best_t = c.pred.request_s;
     auto eval = [&](const std::vector<int64_t>& counts) {
       std::vector<LayerSplit> splits;
-      for (size_t l = 0; l < counts.size(); ++l) splits.push_back(cm_.hottest_split(int64_t(l), counts[l]));
+      for (size_t l = 0; l < counts.size(); ++l)
+        splits.push_back(cm_.hottest_split(int64_t(l), counts[l]));
       return cm_.predict(splits, c.settings).request_s;
     };
     std::vector<int64_t> sorted = best;
@@ -398,7 +403,8 @@ class Driver {
       int64_t n = 0;
       for (bool b : c.on_gpu[l]) n += (b && s.gpu) ? 1 : 0;
       c.gpu_counts.push_back(n);
-      splits.push_back(s.gpu ? cm_.split_of(int64_t(l), c.on_gpu[l]) : cm_.hottest_split(int64_t(l), 0));
+      splits.push_back(s.gpu ? cm_.split_of(int64_t(l), c.on_gpu[l])
+                             : cm_.hottest_split(int64_t(l), 0));
     }
     c.pred = cm_.predict(splits, s);
     c.placement = make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
@@ -477,8 +483,8 @@ class Driver {
     if (res_.best_graph < 0) return;
     const EngineSettings s = res_.ranked[size_t(res_.best_graph)].settings;
     if (!s.gpu) return;
-    const MemoryModel mm = memory_model(opt_.model, s.cuda_graph, opt_.workload.context,
-                                        cm_.machine().gpu_device);
+    const MemoryModel mm =
+        memory_model(opt_.model, s.cuda_graph, opt_.workload.context, cm_.machine().gpu_device);
     const int64_t gpu_budget = budget_of(cm_.machine().gpu_device);
     const int64_t nl = cm_.n_layers(), ne = cm_.n_experts();
     auto ok = [&](const std::vector<int64_t>& counts) {
@@ -503,7 +509,8 @@ class Driver {
     for (int64_t n = nl; n >= 0; --n) {  // front to back: the first n layers' experts on the GPU
       const std::vector<int64_t> counts = layers_split(n, nl - n);
       if (ok(counts)) {
-        push(whole(counts), fmt::format("baseline: llama.cpp --fit (experts of layers 0-{} on GPU)", n - 1));
+        push(whole(counts),
+             fmt::format("baseline: llama.cpp --fit (experts of layers 0-{} on GPU)", n - 1));
         break;
       }
     }
@@ -521,8 +528,7 @@ class Driver {
       }
     }
     if (best_n >= 0) {
-      push(whole(layers_split(0, best_n)),
-           fmt::format("baseline: best --n-cpu-moe ({})", best_n));
+      push(whole(layers_split(0, best_n)), fmt::format("baseline: best --n-cpu-moe ({})", best_n));
     }
     for (int64_t m = ne; m >= 0; --m) {  // uniform: experts 0..m-1 of every layer
       if (!ok(std::vector<int64_t>(size_t(nl), m))) continue;
@@ -537,13 +543,13 @@ class Driver {
     std::string problem = "no placement fits the budgets";
     const int64_t nl = cm_.n_layers();
     if (cm_.machine().has_gpu && gpu_budget >= 0) {
-      const MemoryModel mm = memory_model(opt_.model, false, opt_.workload.context,
-                                          cm_.machine().gpu_device);
-      problem += fmt::format(": {} needs at least {} for attention, KV cache (context {}) and "
-                             "workspace, its budget is {}",
-                             cm_.machine().gpu_device,
-                             format_gib(mm.gpu_need(std::vector<int64_t>(size_t(nl), 0))),
-                             opt_.workload.context, format_gib(gpu_budget));
+      const MemoryModel mm =
+          memory_model(opt_.model, false, opt_.workload.context, cm_.machine().gpu_device);
+      problem += fmt::format(
+          ": {} needs at least {} for attention, KV cache (context {}) and "
+          "workspace, its budget is {}",
+          cm_.machine().gpu_device, format_gib(mm.gpu_need(std::vector<int64_t>(size_t(nl), 0))),
+          opt_.workload.context, format_gib(gpu_budget));
     }
     EngineSettings s;
     s.gpu = false;

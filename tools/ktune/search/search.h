@@ -30,11 +30,11 @@ struct SearchOptions {
 };
 
 struct Candidate {
-  std::string label;   // "search (dp)", "baseline: llama.cpp --fit (front to back)", ...
+  std::string label;  // "search (dp)", "baseline: llama.cpp --fit (front to back)", ...
   bool baseline = false;
   bool whole_layers = false;  // every layer's experts on one device (exportable as is)
   EngineSettings settings;
-  std::vector<int64_t> gpu_counts;       // GPU experts per layer
+  std::vector<int64_t> gpu_counts;        // GPU experts per layer
   std::vector<std::vector<bool>> on_gpu;  // [layer][expert]
   Prediction pred;
   MemoryPlan plan;
@@ -42,15 +42,15 @@ struct Candidate {
 };
 
 struct SearchResult {
-  std::vector<Candidate> ranked;     // distinct searched candidates, best (least request time) first
-  std::vector<Candidate> baselines;  // at the settings of the best graph-on candidate
+  std::vector<Candidate> ranked;  // distinct searched candidates, best (least request time) first
+  std::vector<Candidate> baselines;    // at the settings of the best graph-on candidate
   std::vector<Candidate> whole_layer;  // best whole-layer placement, graph on then graph off
   int best_graph = -1;    // index into ranked: best with the graph on (or the CPU engine)
   int best_nograph = -1;  // best with the graph off (or the CPU engine)
   std::vector<std::string> notes;
   std::vector<int> threads_tried;
-  int solves = 0;         // optimizer runs
-  double seconds = 0;     // wall time of run_search
+  int solves = 0;      // optimizer runs
+  double seconds = 0;  // wall time of run_search
   MachineCosts machine;
   RouterModel router;
 };
