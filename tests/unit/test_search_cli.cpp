@@ -248,6 +248,22 @@ TEST_F(SearchCli, BadInputsAreOneLineErrorsWithExitCodes) {
   EXPECT_FALSE(fs::exists(path("x")));
 }
 
+TEST_F(SearchCli, ProfilesAreFoundByName) {
+  // The binary's source tree profiles/ (build/bin/ktune -> ../../profiles), with or without .json.
+  for (const char* name : {"h100-16core-handmade", "h100-16core-handmade.json"}) {
+    const ProcessResult r = run_ktune({"search", "--profile", name, "--model", "synth:tiny",
+                                       "--workload", "prompt=64,gen=16", "--json"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const auto doc = nlohmann::json::parse(r.out);
+    EXPECT_NE(doc["profile"]["path"].get<std::string>().find("profiles/h100-16core-handmade.json"),
+              std::string::npos);
+  }
+  // An unknown name lists what there is.
+  expect_one_line_error(
+      run_ktune({"search", "--profile", "no-such-machine", "--model", "synth:tiny"}), 1,
+      "h100-16core-handmade");
+}
+
 TEST_F(SearchCli, HelpTeachesWithAnExample) {
   const ProcessResult r = run_ktune({"search", "--help"});
   EXPECT_EQ(r.exit_code, 0);

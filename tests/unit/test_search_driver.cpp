@@ -108,6 +108,25 @@ TEST(SearchDriver, ABudgetThatForcesHybrid) {
   EXPECT_GT(all.pred.decode_tok_s, best.pred.decode_tok_s);
 }
 
+TEST(SearchDriver, TheKvCacheCompetesWithExpertsForGpuMemory) {
+  // Same budget, longer context: the KV cache takes GPU memory experts had.
+  const ModelInfo mi = qwen30_q4();
+  const SearchResult short_ctx =
+      run_search(options(mi, "cuda:0=12GiB", "prompt=1024,gen=256,context=4096"));
+  const SearchResult long_ctx =
+      run_search(options(mi, "cuda:0=12GiB", "prompt=1024,gen=256,context=40960"));
+  const Candidate& a = short_ctx.ranked[size_t(short_ctx.best_graph)];
+  const Candidate& b = long_ctx.ranked[size_t(long_ctx.best_graph)];
+  const int64_t kv_a = a.plan.per_device.at("cuda:0").kv_cache;
+  const int64_t kv_b = b.plan.per_device.at("cuda:0").kv_cache;
+  EXPECT_EQ(kv_b, 10 * kv_a);
+  // Each expert is 2.53 MiB: the extra KV cache costs about that many experts.
+  const double experts_lost = double(kv_b - kv_a) / double(mi.bytes.expert[0]);
+  EXPECT_NEAR(double(a.pred.gpu_experts - b.pred.gpu_experts), experts_lost,
+              0.1 * experts_lost + 8);
+  EXPECT_GT(a.pred.decode_tok_s, b.pred.decode_tok_s);
+}
+
 TEST(SearchDriver, LaunchBoundGpuWithoutGraphKeepsFewerExpertsOnTheGpu) {
   // Host launches at 40 µs (a Python framework's per-expert loop): with the graph off, the
   // unfused path's best keeps far fewer experts on the GPU than the budget allows; with a graph

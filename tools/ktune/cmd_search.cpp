@@ -163,8 +163,8 @@ void run_search_command(const SearchFlags& f) {
   opt.top = f.top;
   opt.solver = f.solver;
   // 2. The profile, validated before anything else is read.
-  opt.profile_path = f.profile;
-  opt.profile = profile::read_profile_summary(f.profile);
+  opt.profile_path = search::find_profile(f.profile);
+  opt.profile = profile::read_profile_summary(opt.profile_path);
   // 3. The model's shape (no weights read) and the budgets of the profile's machine.
   opt.model = search::load_model_info(f.model);
   search::check_workload_for_model(opt.workload, opt.model.cfg);
@@ -360,7 +360,7 @@ void run_search_command(const SearchFlags& f) {
     doc["ktune_version"] = build_version();
     doc["commit"] = build_commit();
     doc["profile"] = {
-        {"path", f.profile},
+        {"path", opt.profile_path},
         {"kind", opt.profile.kind},
         {"cpu", opt.profile.cpu.name},
         {"physical_cores", opt.profile.cpu.physical_cores},
@@ -431,8 +431,8 @@ void run_search_command(const SearchFlags& f) {
   std::cout << fmt::format("# ktune search  commit {}  (ktune {})\n", build_commit(),
                            build_version());
   std::cout << fmt::format(
-      "# profile: {} ({}; {}, {} cores{}; recorded {} at commit {})\n", f.profile, opt.profile.kind,
-      opt.profile.cpu.name, opt.profile.cpu.physical_cores,
+      "# profile: {} ({}; {}, {} cores{}; recorded {} at commit {})\n", opt.profile_path,
+      opt.profile.kind, opt.profile.cpu.name, opt.profile.cpu.physical_cores,
       opt.profile.gpus.empty() ? std::string(", no GPU") : ", " + opt.profile.gpus[0].name,
       opt.profile.created, opt.profile.commit);
   std::cout << fmt::format("# model: {} ({}, {} layers x {} experts top-{}, {}, experts {})\n",
@@ -536,7 +536,9 @@ void add_search_command(CLI::App& app) {
       "synth:qwen3-235b-a22b:q4_0 -o best.yaml\n"
       "Writes best.yaml (CUDA graph on) and best-nograph.yaml with predicted tok/s and memory;\n"
       "--emit ktransformers|llama-cpp -o FILE exports a whole-layer rounding instead.");
-  sub->add_option("--profile", f->profile, "profile.json from `ktune profile` (or profiles/*.json)")
+  sub->add_option("--profile", f->profile,
+                  "profile.json from `ktune profile`, or the name of one in profiles/\n"
+                  "(e.g. h100-16core-handmade; also looked up in $KTUNE_PROFILES)")
       ->required();
   sub->add_option("-m,--model", f->model, kModelHelp)->required();
   sub->add_option("--gpu-mem", f->gpu_mem,

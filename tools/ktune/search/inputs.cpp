@@ -8,6 +8,7 @@
 #include <array>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <numeric>
@@ -208,6 +209,39 @@ Assumptions parse_assumptions(const std::string& text, const std::string& flag) 
                                    "give a positive number in the key's unit");
   }
   return a;
+}
+
+// ---------------------------------------------------------------------------------- profile --
+
+std::string find_profile(const std::string& arg) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_regular_file(arg, ec) || arg.find('/') != std::string::npos || arg.empty()) {
+    return arg;  // a path: read_profile_summary reports a missing file itself
+  }
+  std::vector<fs::path> dirs;
+  if (const char* env = std::getenv("KTUNE_PROFILES"); env != nullptr && *env != '\0') {
+    dirs.emplace_back(env);
+  }
+  dirs.emplace_back("profiles");
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) dirs.push_back(exe.parent_path().parent_path().parent_path() / "profiles");
+  std::string tried, found;
+  for (const fs::path& d : dirs) {
+    for (const std::string& name : {arg, arg + ".json"}) {
+      const fs::path p = d / name;
+      if (fs::is_regular_file(p, ec)) return p.lexically_normal().string();
+    }
+    tried += (tried.empty() ? "" : ", ") + d.lexically_normal().string();
+    for (const auto& e : fs::directory_iterator(d, ec)) {
+      if (e.path().extension() == ".json") {
+        found += (found.empty() ? "" : ", ") + e.path().stem().string();
+      }
+    }
+  }
+  throw Error(arg, "no such profile file, nor a profile of that name in " + tried,
+              found.empty() ? "record one with `ktune profile -o profile.json`"
+                            : "profiles found: " + found);
 }
 
 // ---------------------------------------------------------------------------------- machine --

@@ -61,6 +61,14 @@ const std::vector<AssumptionKey>& assumption_keys();
 // unknown key (listing the valid ones) or a value that is not a positive number.
 Assumptions parse_assumptions(const std::string& text, const std::string& flag = "--assume");
 
+// ---------------------------------------------------------------------------------- profile --
+
+// The profile file for --profile: the path as given when it exists; a bare name (no '/') is also
+// looked up, with and without ".json", in $KTUNE_PROFILES, ./profiles and the profiles/ folder of
+// the source tree the binary was built in (the binary's ../../profiles). Throws ktune::Error
+// naming the places tried and the profiles found there.
+std::string find_profile(const std::string& arg);
+
 // ---------------------------------------------------------------------------------- machine --
 
 // The machine's costs as the cost model uses them: the profile's numbers, with --assume values
