@@ -1,0 +1,70 @@
+// Routing drift (search/drift.h).
+#include "search/drift.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+
+#include "ktune/engine/error.h"
+#include "search/inputs.h"
+
+namespace ktune::search {
+
+RoutingDrift routing_drift(const Placement& p, const profile::RouterStats& searched,
+                           const std::vector<std::vector<uint64_t>>& live) {
+  const size_t nl = p.layers.size();
+  if (searched.counts.size() != nl || live.size() != nl) {
+    throw Error("routing drift",
+                fmt::format("statistics for {} and {} layers, the placement has {}",
+                            searched.counts.size(), live.size(), nl),
+                "compare statistics of the model the placement is for");
+  }
+  RoutingDrift d;
+  std::string raw;
+  double s_gpu = 0, s_all = 0, l_gpu = 0, l_all = 0, tv = 0;
+  for (size_t l = 0; l < nl; ++l) {
+    const auto& sc = searched.counts[l];
+    const auto& lc = live[l];
+    const auto& ex = p.layers[l].experts;
+    if (sc.size() != ex.size() || lc.size() != ex.size()) {
+      throw Error("routing drift", fmt::format("layer {}: expert counts do not match", l),
+                  "compare statistics of the model the placement is for");
+    }
+    double ss = 0, ls = 0;
+    for (size_t e = 0; e < ex.size(); ++e) {
+      ss += double(sc[e]);
+      ls += double(lc[e]);
+      raw.append(reinterpret_cast<const char*>(&sc[e]), sizeof(int64_t));
+    }
+    double layer_tv = 0;
+    for (size_t e = 0; e < ex.size(); ++e) {
+      const double a = ss > 0 ? double(sc[e]) / ss : 0, b = ls > 0 ? double(lc[e]) / ls : 0;
+      layer_tv += std::fabs(a - b) / 2;
+      if (ex[e].is_gpu()) {
+        s_gpu += double(sc[e]);
+        l_gpu += double(lc[e]);
+      }
+    }
+    s_all += ss;
+    l_all += ls;
+    tv += layer_tv;
+  }
+  d.searched_gpu_share = s_all > 0 ? s_gpu / s_all : 0;
+  d.live_gpu_share = l_all > 0 ? l_gpu / l_all : 0;
+  d.distance = nl > 0 ? tv / double(nl) : 0;
+  if (p.searched_on && p.searched_on->router_stats.rfind("sha256:", 0) == 0) {
+    d.digest_matches = p.searched_on->router_stats == "sha256:" + sha256_hex(raw);
+  }
+  d.drifted = std::fabs(d.live_gpu_share - d.searched_gpu_share) > 0.05 || d.distance > 0.15;
+  if (d.drifted || !d.digest_matches) {
+    d.message = fmt::format(
+        "routing drifted from the statistics this placement was searched on: GPU experts took "
+        "{:.1f} % of the routing there, {:.1f} % in this run (mean per-layer distance {:.2f}){}; "
+        "re-profile with this workload and search again",
+        100 * d.searched_gpu_share, 100 * d.live_gpu_share, d.distance,
+        d.digest_matches ? "" : "; the profile's statistics also differ from the ones searched on");
+  }
+  return d;
+}
+
+}  // namespace ktune::search
