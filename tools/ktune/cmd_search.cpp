@@ -242,8 +242,8 @@ void run_search_command(const SearchFlags& f) {
       const Candidate& c = res.ranked[i];
       measured[i] = measured_request_s(opt.workload, got[i].prefill.mean, got[i].decode.mean);
       verify_lines.push_back(fmt::format(
-          "#   rank {}: decode predicted {:.2f} / measured {:.2f} tok/s ({:+.1f} %), prefill "
-          "predicted {:.1f} / measured {:.1f} tok/s ({:+.1f} %), engine {}",
+          "#   rank {}: decode predicted {:.2f} / measured {:.2f} tok/s (prediction {:+.1f} %), "
+          "prefill predicted {:.1f} / measured {:.1f} tok/s (prediction {:+.1f} %), engine {}",
           i + 1, c.pred.decode_tok_s, got[i].decode.mean,
           100.0 * (c.pred.decode_tok_s / std::max(1e-9, got[i].decode.mean) - 1),
           c.pred.prefill_tok_s, got[i].prefill.mean,
