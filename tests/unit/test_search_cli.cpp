@@ -249,7 +249,9 @@ TEST_F(SearchCli, BadInputsAreOneLineErrorsWithExitCodes) {
 }
 
 TEST_F(SearchCli, ProfilesAreFoundByName) {
-  // The binary's source tree profiles/ (build/bin/ktune -> ../../profiles), with or without .json.
+  // Through $KTUNE_PROFILES (the child inherits it), with or without .json. (Also found without
+  // it from an in-tree build: build/bin/ktune -> ../../profiles.)
+  setenv("KTUNE_PROFILES", test::profiles_dir().c_str(), 1);
   for (const char* name : {"h100-16core-handmade", "h100-16core-handmade.json"}) {
     const ProcessResult r = run_ktune({"search", "--profile", name, "--model", "synth:tiny",
                                        "--workload", "prompt=64,gen=16", "--json"});
@@ -262,6 +264,7 @@ TEST_F(SearchCli, ProfilesAreFoundByName) {
   expect_one_line_error(
       run_ktune({"search", "--profile", "no-such-machine", "--model", "synth:tiny"}), 1,
       "h100-16core-handmade");
+  unsetenv("KTUNE_PROFILES");
 }
 
 TEST_F(SearchCli, HelpTeachesWithAnExample) {
