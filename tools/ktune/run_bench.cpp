@@ -323,6 +323,52 @@ struct PlannedRun {
   int64_t context = 0;  // KV cache length the engine gets (= the plan's)
 };
 
+// The GpuEngine benchmark's settings for a planned GPU or hybrid run; cpu_threads for the CPU
+// experts of a hybrid placement (0: the placement's runtime.cpu_threads, else physical cores).
+GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, int cpu_threads,
+                                    bool progress) {
+  GpuBenchSettings s;
+  s.max_context = r.context;
+  s.cuda_graph = r.summary.cuda_graph;
+  s.handoff_host_node = r.placement.runtime.cpu_handoff == CpuHandoff::HostNode;
+  if (r.engine == EngineKind::Hybrid) {
+    s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
+    for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
+      for (const Device& d : r.placement.layers[l].experts) {
+        s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
+      }
+    }
+    s.cpu_threads = cpu_threads > 0 ? cpu_threads : r.placement.runtime.cpu_threads;
+  }
+  s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
+  s.prompt = opt.prompt;
+  s.gen = opt.gen;
+  s.reps = opt.reps;
+  s.progress = progress;
+  s.label = r.label;
+  return s;
+}
+
+// Step 2 for one placement: resolve against the model, apply the overrides, size the KV cache
+// (the placement's context, or what -p/-n need when that is more), plan, check budgets and
+// devices, choose the engine. Nothing is loaded.
+PlannedRun plan_run(Placement placement, const std::string& label, const ModelShape& shape,
+                    const RuntimeOverrides& ov, const Budgets& budgets, int64_t needed) {
+  PlannedRun r;
+  r.label = label;
+  r.placement = std::move(placement);
+  resolve_placement(r.placement, shape.cfg);
+  apply_runtime_overrides(r.placement, ov);
+  r.context = std::max(r.placement.runtime.context, needed);
+  r.placement.runtime.context = r.context;
+  r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
+  check_fits(r.plan);
+  check_gpus_present(r.placement);
+  r.engine = choose_engine(r.placement, r.label);
+  r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
+  return r;
+}
+
 struct ConfigResult {
   size_t placement = 0;  // index into the planned runs
   int threads = 0;       // 0 for the GpuEngine
@@ -455,20 +501,7 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
   std::vector<PlannedRun> runs;
   for (size_t i = 0; i < placements.size(); ++i) {
     for (const auto& [ov, tag] : variants) {
-      PlannedRun r;
-      r.label = labels[i] + tag;
-      r.placement = placements[i];
-      resolve_placement(r.placement, cfg);
-      apply_runtime_overrides(r.placement, ov);
-      // The KV cache: the placement's context, or what -p/-n need when that is more.
-      r.context = std::max(r.placement.runtime.context, needed);
-      r.placement.runtime.context = r.context;
-      r.plan = plan_memory(cfg, shape.bytes, r.placement, budgets);
-      check_fits(r.plan);
-      check_gpus_present(r.placement);
-      r.engine = choose_engine(r.placement, r.label);
-      r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
-      runs.push_back(std::move(r));
+      runs.push_back(plan_run(placements[i], labels[i] + tag, shape, ov, budgets, needed));
     }
   }
   return PlannedSweep{spec, std::move(shape), std::move(runs)};
@@ -527,25 +560,8 @@ void run_placements(const RunOptions& opt) {
         results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done, 0.0});
       }
     } else {
-      GpuBenchSettings s;
-      s.max_context = r.context;
-      s.cuda_graph = r.summary.cuda_graph;
-      s.handoff_host_node = r.placement.runtime.cpu_handoff == CpuHandoff::HostNode;
-      if (r.engine == EngineKind::Hybrid) {
-        s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
-        for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
-          for (const Device& d : r.placement.layers[l].experts) {
-            s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
-          }
-        }
-        s.cpu_threads = opt.threads.empty() ? r.placement.runtime.cpu_threads : thread_list.back();
-      }
-      s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
-      s.prompt = opt.prompt;
-      s.gen = opt.gen;
-      s.reps = opt.reps;
-      s.progress = !opt.json;
-      s.label = r.label;
+      const GpuBenchSettings s =
+          gpu_bench_settings(r, opt, opt.threads.empty() ? 0 : thread_list.back(), !opt.json);
       // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
       GpuBenchResult g = bench_gpu_engine(model, s, prompt);
       results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});
@@ -705,19 +721,9 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
   const int64_t needed = std::max<int64_t>(opt.prompt, 1) + opt.gen + 1;
   std::vector<PlannedRun> runs;
   for (size_t i = 0; i < placements.size(); ++i) {
-    PlannedRun r;
-    r.label = i < labels.size() ? labels[i] : fmt::format("placement {}", i + 1);
-    r.placement = std::move(placements[i]);
-    resolve_placement(r.placement, shape.cfg);
-    r.context = std::max(r.placement.runtime.context, needed);
-    r.placement.runtime.context = r.context;
-    r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
-    check_fits(r.plan);
-    check_gpus_present(r.placement);
-    r.engine = choose_engine(r.placement, r.label);
-    check_engine_settings(r.placement, r.engine, r.label);
-    r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
-    runs.push_back(std::move(r));
+    runs.push_back(plan_run(std::move(placements[i]),
+                            i < labels.size() ? labels[i] : fmt::format("placement {}", i + 1),
+                            shape, RuntimeOverrides{}, budgets, needed));
   }
   ModelWeights model =
       shape.opened ? std::move(*shape.opened) : load_model_for_cli(model_spec, ms.quiet);
@@ -735,24 +741,7 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
       m.engine = "cpu";
       m.threads = rr.threads;
     } else {
-      GpuBenchSettings s;
-      s.max_context = r.context;
-      s.cuda_graph = r.summary.cuda_graph;
-      if (r.engine == EngineKind::Hybrid) {
-        s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
-        for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
-          for (const Device& d : r.placement.layers[l].experts) {
-            s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
-          }
-        }
-        s.cpu_threads = r.placement.runtime.cpu_threads;
-      }
-      s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
-      s.prompt = opt.prompt;
-      s.gen = opt.gen;
-      s.reps = opt.reps;
-      s.progress = !ms.quiet;
-      s.label = r.label;
+      const GpuBenchSettings s = gpu_bench_settings(r, opt, 0, !ms.quiet);
       const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
       m.prefill = g.prefill;
       m.decode = g.decode;
