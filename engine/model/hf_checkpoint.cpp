@@ -1,4 +1,5 @@
-// Hugging Face qwen3_moe checkpoints -> ggml-layout tensors (in memory as F32, or a GGUF file).
+// Hugging Face qwen3_moe and deepseek_v3 / deepseek_v2 checkpoints -> ggml-layout tensors (in
+// memory as F32, or a GGUF file).
 //
 // Layout: PyTorch stores a Linear weight as [out, in], row-major, which is exactly ggml's
 // ne = {in, out} (ne[0] contiguous), so matrices are copied without a transpose. Expert tensors
@@ -7,9 +8,16 @@
 // RoPE: Qwen3 applies rotate_half (NEOX style: dimension i pairs with i + head_dim/2) to q and k
 // in their natural layout, and llama.cpp runs qwen3moe with NEOX rope and converts q_proj/k_proj
 // without the row permutation it applies to LLaMA. So q and k are copied as they are here too.
+//
+// DeepSeek: the roped tail of each query head (q_b_proj / q_proj rows) and of kv_a_proj_with_mqa
+// is stored interleaved (pairs 2i, 2i+1 share a frequency); transformers de-interleaves it at run
+// time (rope_interleave) and llama.cpp rotates adjacent pairs (GGML_ROPE_TYPE_NORM) on the
+// tensors converted without a permutation, as ktune's engine does: copied as they are.
+// kv_b_proj is kept whole (attn_kv_b, the layout of GGUFs from before its split).
 #include "ktune/engine/hf_checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -32,8 +40,8 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 const char* kCheckpointFix =
-    "a Hugging Face checkpoint folder holds config.json and model*.safetensors of a qwen3_moe "
-    "model (e.g. Qwen/Qwen3-30B-A3B)";
+    "a Hugging Face checkpoint folder holds config.json and model*.safetensors of a qwen3_moe, "
+    "deepseek_v3 or deepseek_v2 model (e.g. Qwen/Qwen3-30B-A3B)";
 
 json read_json(const fs::path& path) {
   std::ifstream in(path);
@@ -124,6 +132,7 @@ class Checkpoint {
 
   // The F32 data of ggml tensor `s` (the layout model_tensor_specs describes).
   std::vector<float> build(const TensorSpec& s) const {
+    if (cfg_.is_deepseek2()) return build_deepseek(s);
     const ModelConfig& c = cfg_;
     const int64_t q = c.n_heads * c.head_dim;
     const int64_t kv = c.n_kv_heads * c.head_dim;
@@ -153,6 +162,43 @@ class Checkpoint {
 
  private:
   std::string where(const std::string& file) const { return (fs::path(dir_) / file).string(); }
+
+  std::vector<float> build_deepseek(const TensorSpec& s) const {
+    const ModelConfig& c = cfg_;
+    const int64_t H = c.hidden, nh = c.n_heads, dq = c.head_dim, dv = c.v_head_dim;
+    const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, F = c.dense_ffn, Fs = c.shared_ffn();
+    const int64_t l = s.layer;
+    const std::string& b = s.base;
+    auto at = [&](const char* rest) { return layer_name(l, rest); };
+    if (b == "token_embd") return read("model.embed_tokens.weight", {c.vocab, H});
+    if (b == "output_norm") return read("model.norm.weight", {H});
+    if (b == "output")
+      return read(tied_ ? "model.embed_tokens.weight" : "lm_head.weight", {c.vocab, H});
+    if (b == "attn_norm") return read(at("input_layernorm.weight"), {H});
+    if (b == "ffn_norm") return read(at("post_attention_layernorm.weight"), {H});
+    if (b == "attn_q_a") return read(at("self_attn.q_a_proj.weight"), {rq, H});
+    if (b == "attn_q_a_norm") return read(at("self_attn.q_a_layernorm.weight"), {rq});
+    if (b == "attn_q_b") return read(at("self_attn.q_b_proj.weight"), {nh * dq, rq});
+    if (b == "attn_q") return read(at("self_attn.q_proj.weight"), {nh * dq, H});
+    if (b == "attn_kv_a_mqa") {
+      return read(at("self_attn.kv_a_proj_with_mqa.weight"), {rkv + c.rope_dim, H});
+    }
+    if (b == "attn_kv_a_norm") return read(at("self_attn.kv_a_layernorm.weight"), {rkv});
+    if (b == "attn_kv_b") {
+      return read(at("self_attn.kv_b_proj.weight"), {nh * (c.qk_nope_dim() + dv), rkv});
+    }
+    if (b == "attn_output") return read(at("self_attn.o_proj.weight"), {H, nh * dv});
+    if (b == "ffn_gate") return read(at("mlp.gate_proj.weight"), {F, H});
+    if (b == "ffn_up") return read(at("mlp.up_proj.weight"), {F, H});
+    if (b == "ffn_down") return read(at("mlp.down_proj.weight"), {H, F});
+    if (b == "ffn_gate_inp") return read(at("mlp.gate.weight"), {c.n_experts, H});
+    if (b == "exp_probs_b") return read(at("mlp.gate.e_score_correction_bias"), {c.n_experts});
+    if (b == "ffn_gate_shexp") return read(at("mlp.shared_experts.gate_proj.weight"), {Fs, H});
+    if (b == "ffn_up_shexp") return read(at("mlp.shared_experts.up_proj.weight"), {Fs, H});
+    if (b == "ffn_down_shexp") return read(at("mlp.shared_experts.down_proj.weight"), {H, Fs});
+    if (b == "ffn_gate_exps" || b == "ffn_up_exps" || b == "ffn_down_exps") return experts(l, b);
+    throw Error(dir_, "internal: no source for tensor " + s.name, "report this as a ktune bug");
+  }
 
   static std::string layer_name(int64_t l, const std::string& rest) {
     return "model.layers." + std::to_string(l) + "." + rest;
@@ -280,7 +326,127 @@ class Checkpoint {
 };
 
 QuantType storage_type(const TensorSpec& s, QuantType quant) {
-  return s.role == TensorRole::Norm || s.role == TensorRole::Router ? QuantType::F32 : quant;
+  return s.role == TensorRole::Norm || s.role == TensorRole::Router || s.role == TensorRole::Bias
+             ? QuantType::F32
+             : quant;
+}
+
+// The rope settings of a config.json: transformers 4 writes rope_theta and rope_scaling,
+// transformers 5 rope_parameters (rope_theta, rope_type and the scaling fields together).
+void read_deepseek_rope(const json& j, const std::string& where, ModelConfig& c) {
+  const json* scaling = nullptr;
+  double theta = get_float_or(j, "rope_theta", 0.0, where);
+  if (auto rp = j.find("rope_parameters"); rp != j.end() && rp->is_object()) {
+    if (theta == 0.0) theta = get_float_or(*rp, "rope_theta", 0.0, where);
+    scaling = &*rp;
+  }
+  if (auto rs = j.find("rope_scaling"); rs != j.end() && rs->is_object()) scaling = &*rs;
+  c.rope_theta = static_cast<float>(theta == 0.0 ? 10000.0 : theta);
+  if (scaling == nullptr) return;
+  std::string type = get_string_or(*scaling, "rope_type", "", where);
+  if (type.empty()) type = get_string_or(*scaling, "type", "default", where);
+  if (type == "default") return;
+  if (type != "yarn") {
+    throw Error(where, "rope type '" + type + "' is not supported",
+                "ktune implements YaRN (DeepSeek-V2/V3) and unscaled RoPE");
+  }
+  if (scaling->contains("attention_factor") && !(*scaling)["attention_factor"].is_null()) {
+    throw Error(where, "the YaRN attention_factor is set explicitly",
+                "ktune derives it from mscale and mscale_all_dim, as DeepSeek's configs do");
+  }
+  c.rope_scaling = RopeScaling::Yarn;
+  c.rope_factor = static_cast<float>(get_float_or(*scaling, "factor", 0.0, where));
+  c.rope_orig_context = get_int_or(*scaling, "original_max_position_embeddings", 0, where);
+  c.yarn_beta_fast = static_cast<float>(get_float_or(*scaling, "beta_fast", 32.0, where));
+  c.yarn_beta_slow = static_cast<float>(get_float_or(*scaling, "beta_slow", 1.0, where));
+  c.yarn_mscale = static_cast<float>(get_float_or(*scaling, "mscale", 0.0, where));
+  c.yarn_mscale_all_dim = static_cast<float>(get_float_or(*scaling, "mscale_all_dim", 0.0, where));
+  // Some transformers versions take the factor as max_position_embeddings divided by
+  // original_max_position_embeddings instead of `factor`; DeepSeek's configs agree on both.
+  if (c.rope_orig_context > 0 && c.context_length > 0) {
+    const double ratio = double(c.context_length) / double(c.rope_orig_context);
+    if (std::abs(ratio - c.rope_factor) > 1e-6 * c.rope_factor) {
+      throw Error(where,
+                  "YaRN factor " + std::to_string(c.rope_factor) +
+                      " differs from max_position_embeddings / original_max_position_embeddings",
+                  "transformers versions disagree on which of the two they use; make them agree");
+    }
+  }
+}
+
+// deepseek_v3 (DeepSeek-V3, R1) and deepseek_v2 (V2, V2-Lite) configs as ktune's deepseek2.
+ModelConfig parse_deepseek_config(const json& j, const std::string& model_type,
+                                  const std::string& where) {
+  const bool v3 = model_type == "deepseek_v3";
+  ModelConfig c;
+  c.arch = "deepseek2";
+  c.name = fs::path(where).parent_path().filename().string();
+  c.hidden = get_int(j, "hidden_size", where);
+  c.n_layers = get_int(j, "num_hidden_layers", where);
+  c.n_heads = get_int(j, "num_attention_heads", where);
+  c.n_kv_heads = 1;
+  c.q_lora_rank = get_int_or(j, "q_lora_rank", 0, where);
+  c.kv_lora_rank = get_int(j, "kv_lora_rank", where);
+  c.rope_dim = get_int(j, "qk_rope_head_dim", where);
+  c.head_dim = get_int(j, "qk_nope_head_dim", where) + c.rope_dim;
+  c.v_head_dim = get_int(j, "v_head_dim", where);
+  if (j.contains("n_routed_experts") && !j["n_routed_experts"].is_null()) {
+    c.n_experts = get_int(j, "n_routed_experts", where);
+  } else {
+    c.n_experts = get_int_or(j, "num_local_experts", 0, where);
+  }
+  c.n_experts_used = get_int_or(j, "num_experts_per_tok", 0, where);
+  c.expert_ffn = get_int_or(j, "moe_intermediate_size", 0, where);
+  c.dense_ffn = get_int_or(j, "intermediate_size", 0, where);
+  c.n_shared_experts = get_int_or(j, "n_shared_experts", 0, where);
+  c.n_dense_lead = get_int_or(j, "first_k_dense_replace", 0, where);
+  c.vocab = get_int(j, "vocab_size", where);
+  c.context_length = get_int_or(j, "max_position_embeddings", 4096, where);
+  c.rms_eps = static_cast<float>(get_float_or(j, "rms_norm_eps", 1e-6, where));
+  c.expert_weights_scale = static_cast<float>(get_float_or(j, "routed_scaling_factor", 1.0, where));
+  c.norm_topk_prob = get_bool_or(j, "norm_topk_prob", v3, where);
+  c.n_expert_groups = get_int_or(j, "n_group", 1, where);
+  c.n_groups_used = get_int_or(j, "topk_group", 1, where);
+  c.split_kv_b = false;
+  if (get_int_or(j, "moe_layer_freq", 1, where) != 1) {
+    throw Error(where, "moe_layer_freq is not 1 (dense layers between MoE layers)",
+                "ktune supports DeepSeek checkpoints whose layers after the dense ones are MoE");
+  }
+  if (get_bool_or(j, "attention_bias", false, where)) {
+    throw Error(where, "attention_bias is true", "DeepSeek-V2/V3 attention has no biases");
+  }
+  if (!get_bool_or(j, "rope_interleave", true, where)) {
+    throw Error(where, "rope_interleave is false",
+                "ktune rotates adjacent pairs of the roped dimensions, as DeepSeek's checkpoints "
+                "are stored (rope_interleave true)");
+  }
+  if (v3) {  // transformers' DeepseekV3: sigmoid scores, selection bias, top-2-sum groups
+    c.gating = ExpertGating::Sigmoid;
+    c.expert_score_bias = true;
+  } else {
+    const std::string scoring = get_string_or(j, "scoring_func", "softmax", where);
+    if (scoring != "softmax" && scoring != "sigmoid") {
+      throw Error(where, "scoring_func '" + scoring + "' is not supported",
+                  "ktune implements softmax and sigmoid routing");
+    }
+    c.gating = scoring == "sigmoid" ? ExpertGating::Sigmoid : ExpertGating::Softmax;
+    const std::string method = get_string_or(j, "topk_method", "greedy", where);
+    if (method == "greedy") {
+      c.n_expert_groups = c.n_groups_used = 1;
+    } else if (method == "noaux_tc") {
+      c.expert_score_bias = true;
+    } else if (method == "group_limited_greedy" && c.n_expert_groups > 1) {
+      throw Error(where, "topk_method group_limited_greedy (groups scored by their best expert)",
+                  "ktune scores groups by the sum of their top two experts (DeepSeek-V3, "
+                  "llama.cpp); this DeepSeek-V2 routing is not implemented");
+    } else if (method != "group_limited_greedy") {
+      throw Error(where, "topk_method '" + method + "' is not supported",
+                  "ktune implements greedy and noaux_tc top-k");
+    }
+  }
+  read_deepseek_rope(j, where, c);
+  c.validate(where);
+  return c;
 }
 
 }  // namespace
@@ -306,10 +472,14 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& nam
   if (!j.is_object()) throw Error(where, "the file is not a JSON object", kCheckpointFix);
 
   const std::string model_type = get_string_or(j, "model_type", "", where);
+  if (model_type == "deepseek_v3" || model_type == "deepseek_v2") {
+    return parse_deepseek_config(j, model_type, where);
+  }
   if (model_type != "qwen3_moe") {
-    throw Error(where,
-                "model_type '" + model_type + "' is not supported",
-                "ktune supports qwen3_moe checkpoints (Qwen3-30B-A3B, Qwen3-235B-A22B)");
+    throw Error(
+        where, "model_type '" + model_type + "' is not supported",
+        "ktune supports qwen3_moe (Qwen3-30B-A3B, Qwen3-235B-A22B), deepseek_v3 (DeepSeek-V3, "
+        "R1) and deepseek_v2 (DeepSeek-V2-Lite) checkpoints");
   }
   const int64_t step = get_int_or(j, "decoder_sparse_step", 1, where);
   if (step != 1) {

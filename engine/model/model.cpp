@@ -13,6 +13,7 @@
 #include "ktune/engine/gguf.h"
 #include "ktune/engine/hf_checkpoint.h"
 #include "ktune/engine/synthetic.h"
+#include "model/deepseek2.h"
 
 namespace ktune {
 
@@ -23,6 +24,7 @@ std::string tensor_name_layer(int64_t layer, const std::string& base) {
 }
 
 std::vector<TensorSpec> model_tensor_specs(const ModelConfig& c) {
+  if (c.is_deepseek2()) return deepseek2::tensor_specs(c);
   std::vector<TensorSpec> specs;
   const int64_t q = c.n_heads * c.head_dim;
   const int64_t kv = c.n_kv_heads * c.head_dim;
@@ -55,6 +57,7 @@ std::vector<TensorSpec> model_tensor_specs(const ModelConfig& c) {
 }
 
 std::vector<TensorView*> ModelWeights::tensor_slots() {
+  if (cfg.is_deepseek2()) return deepseek2::tensor_slots(*this);
   layers.resize(static_cast<size_t>(cfg.n_layers));
   std::vector<TensorView*> slots;
   slots.push_back(&tok_embd);
@@ -70,6 +73,7 @@ std::vector<TensorView*> ModelWeights::tensor_slots() {
 }
 
 std::vector<const TensorView*> ModelWeights::tensor_list() const {
+  if (cfg.is_deepseek2()) return deepseek2::tensor_list(*this);
   std::vector<const TensorView*> list;
   list.push_back(&tok_embd);
   for (const LayerWeights& l : layers) {
@@ -98,6 +102,7 @@ int64_t ModelWeights::bytes_per_token_decode() const {
   // What one decode step streams from memory: one embedding row, every attention and norm
   // weight, the router, the output head, and the gate/up/down matrices of the top-k experts of
   // each layer (which experts varies, how many does not).
+  if (cfg.is_deepseek2()) return deepseek2::bytes_per_token_decode(*this);
   int64_t total = tok_embd.row_stride() + output_norm.nbytes() + output.nbytes();
   for (const LayerWeights& l : layers) {
     total += l.attn_norm.nbytes() + l.wq.nbytes() + l.wk.nbytes() + l.wv.nbytes() +
@@ -123,6 +128,7 @@ uint32_t llama_file_type(QuantType quant) {
 }
 
 void set_gguf_model_metadata(gguf::Writer& w, const ModelConfig& c, QuantType quant) {
+  if (c.is_deepseek2()) return deepseek2::set_gguf_metadata(w, c, quant);
   using gguf::Value;
   const std::string a = "qwen3moe.";
   w.set("general.architecture", Value::string("qwen3moe"));
@@ -188,8 +194,9 @@ ModelWeights load_gguf_model(const std::string& path) {
   const gguf::File& f = *file;
 
   const std::string arch = f.get_string("general.architecture");
+  if (arch == "deepseek2") return deepseek2::load_gguf(file, path);
   if (arch != "qwen3moe") {
-    throw Error(path, "unknown architecture " + arch, "ktune supports qwen3moe");
+    throw Error(path, "unknown architecture " + arch, "ktune supports qwen3moe and deepseek2");
   }
   const std::string a = "qwen3moe.";
   ModelConfig c;

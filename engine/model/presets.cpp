@@ -7,6 +7,7 @@
 
 #include "ktune/engine/error.h"
 #include "ktune/engine/model.h"
+#include "model/deepseek2.h"
 
 namespace ktune {
 namespace {
@@ -34,6 +35,75 @@ ModelConfig make_preset(const char* name, int64_t hidden, int64_t layers, int64_
   return c;
 }
 
+// DeepSeek shapes (deepseek2 as llama.cpp names the family). Real dimensions from the models'
+// config.json; "tiny-deepseek" is V3-like (compressed queries, sigmoid routing with a selection
+// bias, 4 groups of which 2 are searched, one shared expert, one dense leading layer, YaRN) with
+// every row a multiple of 32 so Q8_0 and Q4_0 apply; the HF reference fixture has its shape.
+ModelConfig deepseek_preset(const char* name, int64_t hidden, int64_t layers, int64_t heads,
+                            int64_t q_lora, int64_t kv_lora, int64_t qk_nope, int64_t rope,
+                            int64_t v_head, int64_t experts, int64_t used, int64_t shared,
+                            int64_t groups, int64_t groups_used, int64_t expert_ffn,
+                            int64_t dense_ffn, int64_t dense_lead, int64_t vocab) {
+  ModelConfig c;
+  c.arch = "deepseek2";
+  c.name = name;
+  c.hidden = hidden;
+  c.n_layers = layers;
+  c.n_heads = heads;
+  c.n_kv_heads = 1;
+  c.head_dim = qk_nope + rope;
+  c.q_lora_rank = q_lora;
+  c.kv_lora_rank = kv_lora;
+  c.rope_dim = rope;
+  c.v_head_dim = v_head;
+  c.n_experts = experts;
+  c.n_experts_used = used;
+  c.n_shared_experts = shared;
+  c.n_expert_groups = groups;
+  c.n_groups_used = groups_used;
+  c.expert_ffn = expert_ffn;
+  c.dense_ffn = dense_ffn;
+  c.n_dense_lead = dense_lead;
+  c.vocab = vocab;
+  c.context_length = 163840;
+  c.rope_theta = 10000.0f;
+  c.rms_eps = 1e-6f;
+  c.split_kv_b = true;
+  c.rope_scaling = RopeScaling::Yarn;
+  c.rope_factor = 40.0f;
+  c.rope_orig_context = 4096;
+  return c;
+}
+
+ModelConfig deepseek_v3_style(ModelConfig c) {  // sigmoid routing with bias, normalized, x2.5
+  c.gating = ExpertGating::Sigmoid;
+  c.expert_score_bias = true;
+  c.norm_topk_prob = true;
+  c.expert_weights_scale = 2.5f;
+  c.yarn_mscale = c.yarn_mscale_all_dim = 1.0f;
+  return c;
+}
+
+ModelConfig deepseek_v2_lite() {  // softmax routing, no bias, not normalized, x1
+  ModelConfig c = deepseek_preset("deepseek-v2-lite", 2048, 27, 16, 0, 512, 128, 64, 128, 64, 6, 2,
+                                  1, 1, 1408, 10944, 1, 102400);
+  c.gating = ExpertGating::Softmax;
+  c.norm_topk_prob = false;
+  c.yarn_mscale = c.yarn_mscale_all_dim = 0.707f;
+  return c;
+}
+
+ModelConfig tiny_deepseek() {
+  ModelConfig c = deepseek_v3_style(deepseek_preset("tiny-deepseek", 128, 3, 4, 64, 64, 32, 16, 32,
+                                                    16, 4, 1, 4, 2, 32, 256, 1, 256));
+  // Small enough that YaRN's ramp lands inside the 8 rotated frequencies (extrapolated,
+  // blended and interpolated ones all occur).
+  c.context_length = 4096;
+  c.rope_factor = 4.0f;
+  c.rope_orig_context = 1024;
+  return c;
+}
+
 const std::vector<ModelConfig>& presets() {
   // `tiny` keeps every row length a multiple of 256 (hidden, heads*head_dim, expert_ffn), so
   // every block format, K-quants included, applies to every matrix; it weighs a few MB.
@@ -41,6 +111,10 @@ const std::vector<ModelConfig>& presets() {
       make_preset("tiny", 256, 4, 4, 2, 64, 8, 2, 256, 1024, 1024, 4096),
       make_preset("qwen3-30b-a3b", 2048, 48, 32, 4, 128, 128, 8, 768, 6144, 151936, 40960),
       make_preset("qwen3-235b-a22b", 4096, 94, 64, 4, 128, 128, 8, 1536, 12288, 151936, 40960),
+      tiny_deepseek(),
+      deepseek_v2_lite(),
+      deepseek_v3_style(deepseek_preset("deepseek-v3", 7168, 61, 128, 1536, 512, 128, 64, 128, 256,
+                                        8, 1, 8, 4, 2048, 18432, 3, 129280)),
   };
   return all;
 }
@@ -70,8 +144,9 @@ std::vector<std::string> preset_names() {
 
 void ModelConfig::validate(const std::string& where) const {
   const std::string fix = "the model's metadata is incomplete or inconsistent; re-convert it";
+  if (is_deepseek2()) return deepseek2::validate(*this, where);
   if (arch != "qwen3moe") {
-    throw Error(where, "unknown architecture " + arch, "ktune supports qwen3moe");
+    throw Error(where, "unknown architecture " + arch, "ktune supports qwen3moe and deepseek2");
   }
   struct Dim {
     const char* name;
@@ -146,6 +221,7 @@ int64_t expert_params(const ModelConfig& c) { return 3 * c.hidden * c.expert_ffn
 }  // namespace
 
 int64_t ModelConfig::params_total() const {
+  if (is_deepseek2()) return deepseek2::params_total(*this);
   const int64_t per_layer =
       attention_params(*this) + hidden * n_experts + n_experts * expert_params(*this);
   // Embedding and output head are counted separately (Qwen3-MoE does not tie them).
@@ -153,10 +229,15 @@ int64_t ModelConfig::params_total() const {
 }
 
 int64_t ModelConfig::params_active_per_token() const {
+  if (is_deepseek2()) return deepseek2::params_active_per_token(*this);
   const int64_t per_layer =
       attention_params(*this) + hidden * n_experts + n_experts_used * expert_params(*this);
   // Counted like the model cards' "activated parameters": the embedding table counts in full.
   return n_layers * per_layer + 2 * hidden * vocab + hidden;
+}
+
+int64_t ModelConfig::kv_cache_values() const {
+  return is_deepseek2() ? kv_lora_rank + rope_dim : 2 * n_kv_heads * head_dim;
 }
 
 }  // namespace ktune

@@ -38,6 +38,17 @@
 //     output to the residual; the estimate below (kSiluSquare, kAttentionGrowth) is an
 //     approximation.
 //   Without skew, dimension 0 is an ordinary dimension.
+//
+// deepseek2 (MLA, shared experts, dense leading layers). The same recipe, mapped onto its
+// tensors: queries are scaled by kQkNormWeight through attn_q_a_norm (or attn_q's std when
+// queries are not compressed) and the latent through attn_kv_a_norm, so attention is as peaked as
+// above; since the latent also makes the values, attn_output's gain is divided by the same
+// factor. Shared experts and dense FFNs are ordinary matrices (std 1/sqrt(fan_in)). The expert
+// selection bias (exp_probs_b) is small noise (kScoreBiasStd): non-zero, so an engine that
+// ignores it or lets it into the weights differs, but far below the spread of sigmoid scores
+// (~0.2), so routing stays near-uniform. Under skew, the rows of ffn_down_shexp and ffn_down
+// that write dimension 0 are zero too, and the growth estimate counts the shared expert and the
+// dense layers.
 #include "ktune/engine/synthetic.h"
 
 #include <sys/mman.h>
@@ -72,6 +83,19 @@ constexpr float kQkNormWeight = 2.0f;
 // (peaked attention passes about one token's v, of mean square 1, through attn_output's gain).
 constexpr double kSiluSquare = 0.356;
 constexpr double kAttentionGrowth = double{kAttnOutputGain} * kAttnOutputGain;
+constexpr float kScoreBiasStd = 0.01f;
+
+// Expected growth of the residual's mean square from the FFN of deepseek2 layer l: SiLU's
+// E[silu(g)^2] times the sum of squared routing weights (normalized top-k: ~1.3/k, scaled; plain
+// softmax top-k: ~k (4/E)^2), plus one for the shared experts; a dense layer adds one.
+double deepseek2_ffn_growth(const ModelConfig& c, int64_t l) {
+  if (c.is_dense_layer(l)) return kSiluSquare;
+  const double k = static_cast<double>(c.n_experts_used);
+  const double e = static_cast<double>(c.n_experts);
+  const double s = c.expert_weights_scale;
+  const double routed = c.norm_topk_prob ? s * s * 1.3 / k : s * s * k * (4.0 / e) * (4.0 / e);
+  return kSiluSquare * (routed + (c.n_shared_experts > 0 ? 1.0 : 0.0));
+}
 
 uint64_t mix64(uint64_t z) {  // splitmix64's finalizer
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -168,6 +192,11 @@ void parallel_items(int64_t n, const F& fn) {
 
 }  // namespace
 
+QuantType synthetic_row_type(QuantType wanted, int64_t row_len) {
+  if (row_len % block_elems(wanted) == 0) return wanted;
+  return row_len % block_elems(QuantType::Q8_0) == 0 ? QuantType::Q8_0 : QuantType::F16;
+}
+
 double parse_router_skew(const std::string& text, const std::string& where) {
   const std::string t = lower(text);
   const std::string fix = "use zipf:S with S >= 0 (e.g. zipf:1.1), or none";
@@ -210,10 +239,11 @@ SynthOptions parse_synth_spec(const std::string& spec) {
 }
 
 SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
-  const ModelConfig* preset = find_preset(opt.preset);
+  const ModelConfig* preset = opt.shape ? &*opt.shape : find_preset(opt.preset);
   if (preset == nullptr) {
     throw_usage(opt.preset, "unknown preset", "presets: " + preset_list());
   }
+  if (opt.shape) opt.shape->validate("synthetic model " + opt.preset);
   if (!is_supported_quant(static_cast<uint32_t>(opt.quant))) {
     throw_usage(opt.preset, "unsupported quant type for a synthetic model",
                 "use f32, f16, bf16, q8_0 or q4_0");
@@ -225,8 +255,9 @@ SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
   opt_.preset = cfg_.name;
   specs_ = model_tensor_specs(cfg_);
   for (const TensorSpec& s : specs_) {
-    const bool f32 = s.role == TensorRole::Norm || s.role == TensorRole::Router;
-    types_.push_back(f32 ? QuantType::F32 : opt.quant);
+    const bool f32 =
+        s.role == TensorRole::Norm || s.role == TensorRole::Router || s.role == TensorRole::Bias;
+    types_.push_back(f32 ? QuantType::F32 : synthetic_row_type(opt.quant, s.ne[0]));
     // Validates that the row length fits the block size of the type (throws otherwise).
     (void)row_bytes(types_.back(), s.ne[0]);
     seeds_.push_back(hash_name(opt.seed, s.name));
@@ -236,7 +267,12 @@ SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
     const double k = static_cast<double>(cfg_.n_experts_used);
     const double growth = kAttentionGrowth + kSiluSquare * 1.3 / k;
     router_bias_.resize(static_cast<size_t>(cfg_.n_layers));
+    double mean_square = 1.0;  // deepseek2: of the residual before layer l (embedding: 1)
     for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+      if (cfg_.is_dense_layer(l)) {  // no router
+        mean_square += kAttentionGrowth + deepseek2_ffn_growth(cfg_, l);
+        continue;
+      }
       // Per-layer permutation: which expert gets which popularity rank.
       std::vector<int64_t> perm(static_cast<size_t>(cfg_.n_experts));
       for (int64_t e = 0; e < cfg_.n_experts; ++e) perm[e] = e;
@@ -247,7 +283,11 @@ SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
         std::swap(perm[i], perm[j]);
       }
       // rms(x) before ffn_norm of layer l: embedding (1) + l whole layers + this attention.
-      const double rms = std::sqrt(1.0 + l * growth + kAttentionGrowth);
+      double rms = std::sqrt(1.0 + l * growth + kAttentionGrowth);
+      if (cfg_.is_deepseek2()) {
+        rms = std::sqrt(mean_square + kAttentionGrowth);
+        mean_square += kAttentionGrowth + deepseek2_ffn_growth(cfg_, l);
+      }
       const double expected_dim0 = kBiasChannel / rms;
       std::vector<float>& bias = router_bias_[l];
       bias.resize(static_cast<size_t>(cfg_.n_experts));
@@ -276,8 +316,14 @@ void SyntheticGenerator::fill_rows(size_t tensor, int64_t row_begin, int64_t row
     float* x = row.data();
     const uint64_t row_seed = seeds_[tensor] ^ (static_cast<uint64_t>(r) * 0xD1B54A32D192ED03ull);
     switch (s.role) {
-      case TensorRole::Norm:
-        std::fill(x, x + n, s.base == "attn_q_norm" || s.base == "attn_k_norm" ? kQkNormWeight : 1.0f);
+      case TensorRole::Norm: {
+        const bool qk = s.base == "attn_q_norm" || s.base == "attn_k_norm" ||
+                        s.base == "attn_q_a_norm" || s.base == "attn_kv_a_norm";
+        std::fill(x, x + n, qk ? kQkNormWeight : 1.0f);
+        break;
+      }
+      case TensorRole::Bias:
+        fill_uniform(row_seed, std::sqrt(3.0f) * kScoreBiasStd, x, n);
         break;
       case TensorRole::Embedding:
         fill_uniform(row_seed, std::sqrt(3.0f), x, n);
@@ -290,12 +336,16 @@ void SyntheticGenerator::fill_rows(size_t tensor, int64_t row_begin, int64_t row
       case TensorRole::Matrix:
       case TensorRole::Experts: {
         // Rows that write hidden dimension 0 stay zero under skew (the bias channel).
-        const bool zero = skew && ((s.base == "attn_output" && r == 0) ||
-                                   (s.base == "ffn_down_exps" && r % s.ne[1] == 0));
+        const bool zero =
+            skew && ((s.base == "attn_output" && r == 0) ||
+                     (s.base == "ffn_down_exps" && r % s.ne[1] == 0) ||
+                     ((s.base == "ffn_down_shexp" || s.base == "ffn_down") && r == 0));
         if (zero) {
           std::fill(x, x + n, 0.0f);
         } else {
-          const float gain = s.base == "attn_output" ? kAttnOutputGain : 1.0f;
+          float gain = s.base == "attn_output" ? kAttnOutputGain : 1.0f;
+          if (cfg_.is_deepseek2() && s.base == "attn_output") gain /= kQkNormWeight;
+          if (s.base == "attn_q" && cfg_.is_deepseek2()) gain = kQkNormWeight;
           fill_uniform(row_seed, gain * std::sqrt(3.0f / static_cast<float>(n)), x, n);
         }
         break;
@@ -409,6 +459,22 @@ ModelWeights make_synthetic_model(const SynthOptions& opt) {
     v.data = base + offsets[i];
   }
   w.storage.push_back(std::move(arena));
+  return w;
+}
+
+ModelWeights synthetic_model_shape(const SynthOptions& opt) {
+  const SyntheticGenerator gen(opt);
+  ModelWeights w;
+  w.cfg = gen.config();
+  w.source = "synth:" + w.cfg.name + ":" + lower(quant_name(opt.quant));
+  w.quant = opt.quant;
+  const std::vector<TensorView*> slots = w.tensor_slots();
+  for (size_t i = 0; i < gen.tensors().size(); ++i) {
+    TensorView& v = *slots[i];
+    v.name = gen.tensors()[i].name;
+    v.type = gen.type(i);
+    v.ne = gen.tensors()[i].ne;
+  }
   return w;
 }
 

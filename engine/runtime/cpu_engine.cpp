@@ -30,9 +30,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -42,6 +42,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
 #include "ktune/engine/trace.h"
+#include "runtime/cpu_engine_deepseek.h"
 #include "runtime/cpu_ops.h"
 
 namespace ktune {
@@ -1166,21 +1167,30 @@ struct CpuEngine::Impl {
   }
 };
 
-CpuEngine::CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt)
-    : impl_(std::make_unique<Impl>(weights, opt)) {
+CpuEngine::CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt) {
+  if (weights.cfg.is_deepseek2()) {
+    deepseek_ = std::make_unique<DeepseekCpuEngine>(weights, opt);
+  } else {
+    impl_ = std::make_unique<Impl>(weights, opt);
+  }
 }
 
 CpuEngine::~CpuEngine() = default;
 
-void CpuEngine::reset() { impl_->pos = 0; }
-int64_t CpuEngine::position() const { return impl_->pos; }
+void CpuEngine::reset() {
+  if (deepseek_) return deepseek_->reset();
+  impl_->pos = 0;
+}
+int64_t CpuEngine::position() const { return deepseek_ ? deepseek_->position() : impl_->pos; }
 
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits,
                         bool all_positions) {
+  if (deepseek_) return deepseek_->prefill(tokens, n, logits, all_positions);
   impl_->prefill(tokens, n, logits, all_positions);
 }
 
 void CpuEngine::decode(int32_t token, std::vector<float>* logits) {
+  if (deepseek_) return deepseek_->decode(token, logits);
   float* out = nullptr;
   if (logits) {
     logits->resize(impl_->vocab);  // no allocation once the caller's vector has the capacity
@@ -1197,11 +1207,13 @@ int32_t CpuEngine::argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-int CpuEngine::threads() const { return impl_->nth; }
-cpu::Isa CpuEngine::isa() const { return impl_->isa; }
-const ModelWeights& CpuEngine::weights() const { return impl_->w; }
+int CpuEngine::threads() const { return deepseek_ ? deepseek_->threads() : impl_->nth; }
+cpu::Isa CpuEngine::isa() const { return deepseek_ ? deepseek_->isa() : impl_->isa; }
+const ModelWeights& CpuEngine::weights() const {
+  return deepseek_ ? deepseek_->weights() : impl_->w;
+}
 const std::vector<std::vector<uint64_t>>& CpuEngine::expert_counts() const {
-  return impl_->counts;
+  return deepseek_ ? deepseek_->expert_counts() : impl_->counts;
 }
 
 }  // namespace ktune

@@ -36,6 +36,23 @@ void rope_table(int64_t pos, const float* inv_freq, int64_t d, float* cs) {
   }
 }
 
+void rope_table_scaled(int64_t pos, const float* inv_freq, int64_t d, float scale, float* cs) {
+  rope_table(pos, inv_freq, d, cs);
+  for (int64_t i = 0; i < d; ++i) cs[i] *= scale;
+}
+
+void rope_pairs(float* v, const float* cs, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cs[i];
+    const float s = cs[half + i];
+    const float a = v[2 * i];
+    const float b = v[2 * i + 1];
+    v[2 * i] = a * c - b * s;
+    v[2 * i + 1] = b * c + a * s;
+  }
+}
+
 void rope_neox(float* v, const float* cs, int64_t d) {
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; ++i) {
@@ -138,6 +155,82 @@ void route_topk(const float* logits, int64_t n, int64_t k, bool norm, float* pro
     }
     ids[b] = id;
     weights[b] = w;
+  }
+}
+
+void route_grouped(const float* logits, int64_t n, int64_t k, bool sigmoid, const float* bias,
+                   int64_t groups, int64_t groups_used, bool norm, float scale, float* scratch,
+                   int32_t* ids, float* weights) {
+  float* score = scratch;       // what the weights are made of
+  float* choice = scratch + n;  // what selection compares; -inf once excluded or taken
+  float* group_score = scratch + 2 * n;
+  if (sigmoid) {
+    for (int64_t e = 0; e < n; ++e) score[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+  } else {
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < n; ++e) mx = std::max(mx, logits[e]);
+    double sum = 0.0;
+    for (int64_t e = 0; e < n; ++e) {
+      score[e] = std::exp(logits[e] - mx);
+      sum += score[e];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t e = 0; e < n; ++e) score[e] *= inv;
+  }
+  for (int64_t e = 0; e < n; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
+  // Index of the largest value among v[0..m) (strict '>': ties keep the lower index).
+  auto argmax = [](const float* v, int64_t m) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < m; ++i) {
+      if (v[i] > v[best]) best = i;
+    }
+    return best;
+  };
+  if (groups > 1 && groups_used < groups) {
+    const int64_t per = n / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* c = choice + g * per;
+      float top1 = -INFINITY, top2 = -INFINITY;
+      for (int64_t i = 0; i < per; ++i) {
+        if (c[i] > top1) {
+          top2 = top1;
+          top1 = c[i];
+        } else if (c[i] > top2) {
+          top2 = c[i];
+        }
+      }
+      group_score[g] = per > 1 ? top1 + top2 : top1;
+    }
+    // Keep the groups_used best groups (rank by score, ties to the lower index); exclude the rest.
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t rank = 0;
+      for (int64_t h = 0; h < groups; ++h) {
+        rank += group_score[h] > group_score[g] || (group_score[h] == group_score[g] && h < g);
+      }
+      if (rank >= groups_used) std::fill(choice + g * per, choice + (g + 1) * per, -INFINITY);
+    }
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = argmax(choice, n);
+    ids[j] = static_cast<int32_t>(e);
+    weights[j] = score[e];
+    sum += score[e];
+    choice[e] = -INFINITY;
+  }
+  const float f = norm ? scale / sum : scale;
+  for (int64_t j = 0; j < k; ++j) weights[j] *= f;
+  // Insertion sort by expert id (k <= a few dozen).
+  for (int64_t a = 1; a < k; ++a) {
+    const int32_t id = ids[a];
+    const float wt = weights[a];
+    int64_t b = a;
+    for (; b > 0 && ids[b - 1] > id; --b) {
+      ids[b] = ids[b - 1];
+      weights[b] = weights[b - 1];
+    }
+    ids[b] = id;
+    weights[b] = wt;
   }
 }
 

@@ -20,6 +20,12 @@ void rope_neox(float* v, const float* cs, int64_t d);
 // cos/sin of pos * inv_freq[i] for i < d/2 into cs (layout of rope_neox), float32 angles like
 // Hugging Face (angle = float(pos) * inv_freq in float, cos/sin accurate to the float result).
 void rope_table(int64_t pos, const float* inv_freq, int64_t d, float* cs);
+// The same with cos and sin multiplied by `scale` (YaRN's attention factor).
+void rope_table_scaled(int64_t pos, const float* inv_freq, int64_t d, float scale, float* cs);
+// RoPE on adjacent pairs (v[2i], v[2i+1]) rotated by frequency i (ggml's "normal" mode; what
+// llama.cpp runs for deepseek2, and Hugging Face's DeepSeek rope_interleave), in place; cs as for
+// rope_neox.
+void rope_pairs(float* v, const float* cs, int64_t d);
 
 // The two inner loops of attention, per ISA (scalar, AVX2, AVX-512); each has a fixed summation
 // order, so a given ISA gives the same result whichever thread calls it.
@@ -55,6 +61,16 @@ void attend_group(const VecOps& ops, const float* const* q, int m, const float* 
 // order in which Hugging Face adds the experts' outputs.
 void route_topk(const float* logits, int64_t n, int64_t k, bool norm, float* probs,
                 int32_t* ids, float* weights);
+
+// deepseek2 routing (llama.cpp's build_moe_ffn; Hugging Face's DeepseekV3MoE): scores =
+// softmax(logits) or sigmoid(logits). Experts are chosen by scores + bias (bias may be null: no
+// bias) and, when groups > 1, only within the groups_used groups (of n / groups consecutive
+// experts) whose two best biased scores sum highest. The k chosen experts' weights are their
+// unbiased scores, divided by their sum when norm, times scale. Ties go to the lower index. ids
+// and weights come out sorted by expert id. scratch: 2 * n + groups floats.
+void route_grouped(const float* logits, int64_t n, int64_t k, bool sigmoid, const float* bias,
+                   int64_t groups, int64_t groups_used, bool norm, float scale, float* scratch,
+                   int32_t* ids, float* weights);
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 

@@ -10,6 +10,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_info.h"
 #include "ktune/engine/host_info.h"
+#include "ktune/engine/synthetic.h"
 
 namespace ktune {
 
@@ -22,7 +23,44 @@ bool DeviceNameLess::operator()(const std::string& a, const std::string& b) cons
 
 // ----------------------------------------------------------------------------- weight bytes --
 
+namespace {
+
+// deepseek2: everything of a layer but its routed experts goes with the layer's attention (MLA
+// projections, norms, router and selection bias, shared experts, the dense FFN of the leading
+// layers), since all of it runs for every token; a dense layer has no expert bytes.
+WeightBytes deepseek2_weight_bytes(const ModelConfig& c, QuantType et, QuantType dt) {
+  auto mat = [&](QuantType t, int64_t row_len, int64_t rows) {
+    return row_bytes(synthetic_row_type(t, row_len), row_len) * rows;
+  };
+  const int64_t H = c.hidden, nh = c.n_heads, dq = c.head_dim, dv = c.v_head_dim;
+  const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dn = c.qk_nope_dim();
+  const int64_t f32 = row_bytes(QuantType::F32, 1);
+  int64_t attention = f32 * (2 * H + rq + rkv);  // attn/ffn norms, q_a/kv_a norms
+  attention += rq > 0 ? mat(dt, H, rq) + mat(dt, rq, nh * dq) : mat(dt, H, nh * dq);
+  attention += mat(dt, H, rkv + c.rope_dim);
+  attention +=
+      c.split_kv_b ? mat(dt, dn, rkv * nh) + mat(dt, rkv, dv * nh) : mat(dt, rkv, nh * (dn + dv));
+  attention += mat(dt, nh * dv, H);
+  const int64_t dense = 2 * mat(dt, H, c.dense_ffn) + mat(dt, c.dense_ffn, H);
+  const int64_t moe_fixed =
+      f32 * H * c.n_experts + (c.expert_score_bias ? f32 * c.n_experts : 0) +
+      (c.n_shared_experts > 0 ? 2 * mat(dt, H, c.shared_ffn()) + mat(dt, c.shared_ffn(), H) : 0);
+  const int64_t expert = 2 * mat(et, H, c.expert_ffn) + mat(et, c.expert_ffn, H);
+  WeightBytes b;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const bool d = c.is_dense_layer(l);
+    b.attention.push_back(attention + (d ? dense : moe_fixed));
+    b.expert.push_back(d ? 0 : expert);
+  }
+  b.embedding = mat(dt, H, c.vocab);
+  b.head = f32 * H + mat(dt, H, c.vocab);
+  return b;
+}
+
+}  // namespace
+
 WeightBytes weight_bytes(const ModelConfig& cfg, QuantType et, QuantType dt) {
+  if (cfg.is_deepseek2()) return deepseek2_weight_bytes(cfg, et, dt);
   const int64_t q = cfg.n_heads * cfg.head_dim, kv = cfg.n_kv_heads * cfg.head_dim;
   const int64_t f32_hidden = row_bytes(QuantType::F32, cfg.hidden);
   const int64_t norms = 2 * f32_hidden + 2 * row_bytes(QuantType::F32, cfg.head_dim);
@@ -40,6 +78,30 @@ WeightBytes weight_bytes(const ModelConfig& cfg, QuantType et, QuantType dt) {
 
 WeightBytes weight_bytes(const ModelWeights& w) {
   WeightBytes b;
+  if (w.cfg.is_deepseek2()) {
+    // Every tensor of a layer but the routed experts (see deepseek2_weight_bytes); the views a
+    // layer does not have are unnamed.
+    for (const LayerWeights& l : w.layers) {
+      int64_t att = 0;
+      for (const TensorView* t :
+           {&l.attn_norm, &l.wq,          &l.wq_a,       &l.q_a_norm, &l.wq_b,
+            &l.wkv_a,     &l.kv_a_norm,   &l.wkv_b,      &l.wk_b,     &l.wv_b,
+            &l.wo,        &l.ffn_norm,    &l.ffn_gate,   &l.ffn_up,   &l.ffn_down,
+            &l.router,    &l.exp_probs_b, &l.gate_shexp, &l.up_shexp, &l.down_shexp}) {
+        if (!t->name.empty()) att += t->nbytes();
+      }
+      b.attention.push_back(att);
+      const bool moe = !l.gate_exps.name.empty();
+      b.expert.push_back(moe ? (l.gate_exps.nbytes() + l.up_exps.nbytes() + l.down_exps.nbytes()) /
+                                   std::max<int64_t>(1, w.cfg.n_experts)
+                             : 0);
+    }
+    b.embedding = w.tok_embd.nbytes();
+    b.head = w.output_norm.nbytes() + w.output.nbytes();
+    if (w.output.data != nullptr && w.output.data == w.tok_embd.data)
+      b.head_shared = w.output.nbytes();
+    return b;
+  }
   const int64_t ne = std::max<int64_t>(1, w.cfg.n_experts);
   for (const LayerWeights& l : w.layers) {
     int64_t att = 0;
@@ -47,6 +109,7 @@ WeightBytes weight_bytes(const ModelWeights& w) {
          {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.q_norm, &l.k_norm, &l.ffn_norm, &l.router}) {
       att += t->nbytes();
     }
+
     b.attention.push_back(att);
     b.expert.push_back((l.gate_exps.nbytes() + l.up_exps.nbytes() + l.down_exps.nbytes()) / ne);
   }
@@ -64,6 +127,20 @@ namespace {
 
 // Bytes of activations for `tokens` tokens on a device that runs attention (and the router).
 int64_t attention_activation_bytes(const ModelConfig& c, int64_t tokens) {
+  if (c.is_deepseek2()) {
+    // f32: residual, normed input, layer output; compressed query; query heads; latent + roped
+    // key; absorbed query heads (latent + rope wide); attention output; the dense or shared
+    // FFN's gate and up; router logits; top-k ids and weights. Q8 copies of the matrix inputs.
+    const int64_t lat = c.kv_lora_rank + c.rope_dim;
+    const int64_t ffn = std::max(c.dense_ffn, c.shared_ffn());
+    const int64_t floats = 3 * c.hidden + c.q_lora_rank + c.n_heads * c.head_dim + lat +
+                           c.n_heads * lat + c.n_heads * c.v_head_dim + 2 * ffn + c.n_experts +
+                           2 * c.n_experts_used;
+    const int64_t q8 =
+        (2 * c.hidden + c.q_lora_rank + c.n_heads * (c.v_head_dim + c.kv_lora_rank) + ffn) * 34 /
+        32;
+    return tokens * (4 * floats + q8);
+  }
   const int64_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
   // f32: residual, normed input, layer output; q, k, v; attention output; router logits; top-k
   // ids and weights. Q8 copies (34 bytes per 32 values) of the inputs of the q/k/v and o
@@ -116,7 +193,9 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
   plan.budgets = budgets;
   auto use = [&](const Device& d) -> DeviceUse& { return plan.per_device[d.memory_pool()]; };
   const RuntimeOptions& rt = p.runtime;
-  const int64_t kv_row = cfg.n_kv_heads * cfg.head_dim;
+  // Values cached per position and layer: K and V of each kv head, or deepseek2's MLA latent
+  // plus its roped key (kv_lora_rank + rope_dim; what llama.cpp and the CPU engine cache).
+  const int64_t kv_values = cfg.kv_cache_values();
   std::set<Device> gpus;
 
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
@@ -124,10 +203,9 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     DeviceUse& a = use(lp.attention);
     a.attention = true;
     a.weights += bytes.attention[size_t(l)];
-    // K and V for every position of every sequence: f16 on GPUs, f32 on the CPU (the CPU
-    // engine's cache).
+    // Every position of every sequence: f16 on GPUs, f32 on the CPU (the CPU engine's cache).
     const int64_t elem = lp.attention.is_gpu() ? 2 : 4;
-    a.kv_cache += 2 * rt.context * rt.batch * kv_row * elem;
+    a.kv_cache += rt.context * rt.batch * kv_values * elem;
     if (lp.attention.is_gpu()) gpus.insert(lp.attention);
     for (const Device& d : lp.experts) {
       DeviceUse& u = use(d);

@@ -96,7 +96,8 @@ SynthOptions tiny(QuantType q, uint64_t seed = 1, double zipf = 0.0) {
 
 TEST(ModelPresets, AllValidateAndAreFoundCaseInsensitively) {
   const std::vector<std::string> names = ktune::preset_names();
-  ASSERT_EQ(names, (std::vector<std::string>{"tiny", "qwen3-30b-a3b", "qwen3-235b-a22b"}));
+  ASSERT_EQ(names, (std::vector<std::string>{"tiny", "qwen3-30b-a3b", "qwen3-235b-a22b",
+                                             "tiny-deepseek", "deepseek-v2-lite", "deepseek-v3"}));
   for (const std::string& n : names) {
     const ModelConfig* c = ktune::find_preset(n);
     ASSERT_NE(c, nullptr) << n;

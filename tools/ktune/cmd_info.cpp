@@ -4,12 +4,14 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "cli.h"
 #include "ktune/engine/build_info.h"
 #include "ktune/engine/cpu_kernels.h"
 #include "ktune/engine/gpu_info.h"
 #include "ktune/engine/host_info.h"
+#include "ktune/engine/synthetic.h"
 #include "ktune/engine/thread_pool.h"
 #include "model_arg.h"
 
@@ -40,20 +42,18 @@ void run_info(const InfoOptions& opt) {
   if (gpus.devices.empty()) doc["gpu_unavailable"] = gpus.unavailable_reason;
 
   if (!opt.model.empty()) {
-    ModelWeights m = load_model_for_cli(opt.model, opt.json);
+    // A synthetic model is described from its shape: building deepseek-v3 would take 700 GB.
+    ModelWeights m = opt.model.rfind("synth:", 0) == 0
+                         ? synthetic_model_shape(parse_synth_spec(opt.model))
+                         : load_model_for_cli(opt.model, opt.json);
     const ModelConfig& c = m.cfg;
     std::map<std::string, int64_t> bytes_by_type;
-    auto add = [&](const TensorView& t) {
-      if (t.data) bytes_by_type[quant_name(t.type)] += t.nbytes();
-    };
-    add(m.tok_embd);
-    add(m.output_norm);
-    add(m.output);
-    for (const auto& l : m.layers) {
-      for (const TensorView* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.q_norm, &l.k_norm,
-                                  &l.ffn_norm, &l.router, &l.gate_exps, &l.up_exps, &l.down_exps}) {
-        add(*t);
-      }
+    auto add = [&](const TensorView& t) { bytes_by_type[quant_name(t.type)] += t.nbytes(); };
+    // Every tensor once (a tied output head is token_embd's bytes, counted once).
+    std::set<const uint8_t*> seen;
+    for (const TensorView* t : m.tensor_list()) {
+      if (t->name.empty()) continue;  // a tensor this model does not have
+      if (t->data == nullptr || seen.insert(t->data).second) add(*t);
     }
     doc["model"] = {{"source", m.source},
                     {"arch", c.arch},
@@ -73,6 +73,28 @@ void run_info(const InfoOptions& opt) {
                     {"weight_bytes", m.weight_bytes()},
                     {"bytes_per_token_decode", m.bytes_per_token_decode()},
                     {"bytes_by_type", bytes_by_type}};
+    if (c.is_deepseek2()) {
+      doc["model"]["mla"] = {{"q_lora_rank", c.q_lora_rank},
+                             {"kv_lora_rank", c.kv_lora_rank},
+                             {"qk_nope_dim", c.qk_nope_dim()},
+                             {"rope_dim", c.rope_dim},
+                             {"v_head_dim", c.v_head_dim},
+                             {"kv_cache_values_per_token_layer", c.kv_cache_values()}};
+      doc["model"]["moe"] = {{"dense_leading_layers", c.n_dense_lead},
+                             {"shared_experts", c.n_shared_experts},
+                             {"gating", c.gating == ExpertGating::Sigmoid ? "sigmoid" : "softmax"},
+                             {"selection_bias", c.expert_score_bias},
+                             {"groups", c.n_expert_groups},
+                             {"groups_used", c.n_groups_used},
+                             {"weights_norm", c.norm_topk_prob},
+                             {"weights_scale", c.expert_weights_scale}};
+      doc["model"]["rope_scaling"] = c.rope_scaling == RopeScaling::Yarn
+                                         ? nlohmann::json{{"type", "yarn"},
+                                                          {"factor", c.rope_factor},
+                                                          {"original_context", c.rope_orig_context},
+                                                          {"mscale_all_dim", c.yarn_mscale_all_dim}}
+                                         : nlohmann::json{{"type", "none"}};
+    }
   }
   if (opt.json) {
     std::cout << doc.dump(2) << "\n";
@@ -99,6 +121,24 @@ void run_info(const InfoOptions& opt) {
         mj["head_dim"].get<int64_t>(), mj["experts"].get<int64_t>(),
         mj["experts_used"].get<int64_t>(), mj["expert_ffn"].get<int64_t>(),
         mj["vocab"].get<int64_t>());
+    if (mj.contains("mla")) {
+      const auto& a = mj["mla"];
+      const auto& e = mj["moe"];
+      const int64_t groups = e["groups"].get<int64_t>();
+      std::cout << fmt::format(
+          "  MLA: q_lora {}, kv_lora {}, head {} + rope {} (v {}); cache {} values per token and "
+          "layer\n  {} dense leading layer(s), {} shared expert(s), {} routing{}{}, weights "
+          "{}x{}\n",
+          a["q_lora_rank"].get<int64_t>(), a["kv_lora_rank"].get<int64_t>(),
+          a["qk_nope_dim"].get<int64_t>(), a["rope_dim"].get<int64_t>(),
+          a["v_head_dim"].get<int64_t>(), a["kv_cache_values_per_token_layer"].get<int64_t>(),
+          e["dense_leading_layers"].get<int64_t>(), e["shared_experts"].get<int64_t>(),
+          e["gating"].get<std::string>(), e["selection_bias"].get<bool>() ? " with bias" : "",
+          groups > 1
+              ? fmt::format(" in the best {} of {} groups", e["groups_used"].get<int64_t>(), groups)
+              : "",
+          e["weights_norm"].get<bool>() ? "normalized " : "", e["weights_scale"].get<double>());
+    }
     std::cout << fmt::format("params: {:.3f}B total, {:.3f}B active per token; weights {}, decode "
                              "reads {} per token\n",
                              mj["params_total"].get<int64_t>() / 1e9,

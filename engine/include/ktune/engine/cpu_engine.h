@@ -1,7 +1,9 @@
 // The CPU engine for qwen3moe: embeddings, RMSNorm, GQA attention with q/k RMSNorm and NEOX
 // RoPE, a KV cache, router softmax top-k (renormalized when norm_topk_prob), SwiGLU experts and
 // the output head. Prefill runs a batch of tokens; decode runs one token. A MoE layer runs all of
-// a token's experts in one parallel region.
+// a token's experts in one parallel region. deepseek2 models (MLA attention, shared experts,
+// dense leading layers, grouped sigmoid/softmax routing) run on DeepseekCpuEngine
+// (engine/runtime/cpu_engine_deepseek.h) behind the same interface.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +16,7 @@
 namespace ktune {
 
 class ThreadPool;
+class DeepseekCpuEngine;
 
 struct CpuEngineOptions {
   int threads = 0;            // <= 0: one per physical core
@@ -48,6 +51,7 @@ class CpuEngine {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<DeepseekCpuEngine> deepseek_;  // set instead of impl_ for deepseek2 models
 };
 
 }  // namespace ktune

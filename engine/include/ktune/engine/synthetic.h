@@ -7,8 +7,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
-
 #include <vector>
 
 #include "ktune/engine/gguf.h"
@@ -21,13 +21,25 @@ struct SynthOptions {
   QuantType quant = QuantType::Q8_0;  // type of the big matrices; norms stay F32, router F32
   uint64_t seed = 1;
   double zipf_s = 0.0;                // 0 = no skew
+  // Replaces the preset's shape when set (tests build variants of a preset this way, e.g. a
+  // tiny deepseek2 with V2-style routing); `preset` then only names the model.
+  std::optional<ModelConfig> shape;
 };
+
+// The type a synthetic model (and gen-model) stores a matrix of `wanted` type in: `wanted`, or for
+// rows the type's blocks do not fill (DeepSeek-V3's attn_k_b rows are 128 long, less than a
+// K-quant's 256) Q8_0 when 32 divides the row, else F16, as llama.cpp's quantizer falls back.
+QuantType synthetic_row_type(QuantType wanted, int64_t row_len);
 
 // Parses "zipf:1.1" (or "none"); throws a usage error naming `where` otherwise.
 double parse_router_skew(const std::string& text, const std::string& where);
 
 // Builds the model in memory.
 ModelWeights make_synthetic_model(const SynthOptions& opt);
+// The same model's tensor names, types and shapes without any data (every view's data is null):
+// enough for sizes and counts (weight_bytes, bytes_per_token_decode, the memory planner) of
+// presets too large to build, such as deepseek-v3.
+ModelWeights synthetic_model_shape(const SynthOptions& opt);
 
 // Writes the same model as a GGUF file, streaming (memory stays small), atomically, with
 // standard llama.cpp metadata (tokenizer.ggml.model = "no_vocab", qwen3moe.vocab_size).

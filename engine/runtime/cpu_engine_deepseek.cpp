@@ -1,0 +1,804 @@
+// The deepseek2 CPU engine (see cpu_engine_deepseek.h for the method and its choices).
+//
+// One forward pass runs T tokens (a prefill chunk, or T = 1 for decode) in ONE parallel region.
+// Per layer:
+//   attention: norm + activation forms per token | q_a (or q) and kv_a rows | q_a norm, latent
+//   norm + roped key into the cache | q_b rows | absorbed attention over (token, heads) items |
+//   output activation forms | attn_output rows, added to the residual
+//   FFN: norm + forms | router and shared-expert gate/up rows (or the dense gate/up) | routing
+//   and SwiGLU | grouping by expert | gathered expert inputs | expert gate/up + SwiGLU over
+//   (expert, row unit) items | down rows of the experts, shared expert (or dense FFN), summed
+//   into the residual
+// with a barrier between phases. Matrix phases split rows into fixed ranges per thread; each
+// output element is computed by one thread in a fixed order.
+#include "runtime/cpu_engine_deepseek.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+
+#include "ktune/engine/error.h"
+#include "ktune/engine/thread_pool.h"
+#include "runtime/cpu_ops.h"
+
+namespace ktune {
+
+namespace {
+
+constexpr int64_t kRowAlign = 16;  // rows per unit of a thread's share of a matrix
+constexpr double kPi = 3.14159265358979323846;
+
+// mscale of YaRN (Hugging Face's yarn_get_mscale / get_mscale).
+double yarn_mscale(double factor, double m) {
+  return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0;
+}
+
+// One input (T rows of n floats) in every activation form its consumers multiply with: one
+// buffer per distinct quantized activation type; F32 consumers read the floats themselves.
+class ActForms {
+ public:
+  void init(const std::vector<QuantType>& weight_types, int64_t n, int64_t rows) {
+    n_ = n;
+    for (QuantType w : weight_types) {
+      const QuantType a = cpu::activation_type(w);
+      if (a == QuantType::F32) continue;
+      bool have = false;
+      for (const Form& f : forms_) have = have || f.act == a;
+      if (have) continue;
+      Form f;
+      f.act = a;
+      f.weight = w;
+      f.row_bytes = row_bytes(a, n);
+      f.block = block_elems(a);
+      f.buf.assign(static_cast<size_t>(f.row_bytes * rows), 0);
+      forms_.push_back(std::move(f));
+    }
+  }
+  // Converts values [c0, c1) of row r (x points at value c0); c0 and c1 are multiples of
+  // block() or c1 == n.
+  void put(const float* x, int64_t r, int64_t c0, int64_t c1, cpu::Isa isa) {
+    for (Form& f : forms_) {
+      uint8_t* dst = f.buf.data() + r * f.row_bytes + ktune::row_bytes(f.act, c0);
+      cpu::quantize_activation(f.weight, x, dst, c1 - c0, isa);
+    }
+  }
+  void put(const float* x, int64_t r, cpu::Isa isa) { put(x, r, 0, n_, isa); }
+  int64_t block() const {
+    int64_t b = 1;
+    for (const Form& f : forms_) b = std::max(b, f.block);
+    return b;
+  }
+  // Rows for weights of type w (floats: the F32 rows, used when w multiplies F32 activations).
+  const uint8_t* rows(QuantType w, const float* floats) const {
+    const QuantType a = cpu::activation_type(w);
+    if (a == QuantType::F32) return reinterpret_cast<const uint8_t*>(floats);
+    for (const Form& f : forms_) {
+      if (f.act == a) return f.buf.data();
+    }
+    return nullptr;  // unreachable: init saw every weight type
+  }
+  int64_t stride(QuantType w) const {
+    const QuantType a = cpu::activation_type(w);
+    if (a == QuantType::F32) return n_ * static_cast<int64_t>(sizeof(float));
+    for (const Form& f : forms_) {
+      if (f.act == a) return f.row_bytes;
+    }
+    return 0;
+  }
+
+ private:
+  struct Form {
+    QuantType act = QuantType::F32;
+    QuantType weight = QuantType::F32;
+    int64_t row_bytes = 0;
+    int64_t block = 1;
+    std::vector<uint8_t> buf;
+  };
+  std::vector<Form> forms_;
+  int64_t n_ = 0;
+};
+
+// One matrix of a list of matrices that read the same input, each writing its own output.
+struct Seg {
+  const TensorView* t = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+}  // namespace
+
+DeepseekRope deepseek_rope(const ModelConfig& c) {
+  DeepseekRope r;
+  const int64_t d = c.rope_dim, half = d / 2;
+  r.inv_freq.resize(static_cast<size_t>(half));
+  const float base = c.rope_theta;
+  std::vector<float> pos_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    // torch: base ** (arange(0, d, 2).float() / d), all in float32.
+    pos_freq[i] = std::pow(base, static_cast<float>(2 * i) / static_cast<float>(d));
+    r.inv_freq[i] = 1.0f / pos_freq[i];
+  }
+  double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  if (c.rope_scaling == RopeScaling::Yarn) {
+    const double f = c.rope_factor;
+    // Correction range: the dims whose wavelength fits beta_fast (low) and beta_slow (high)
+    // rotations in the original context, floored and ceiled, clamped to [0, d - 1].
+    auto correction_dim = [&](double rotations) {
+      return (static_cast<double>(d) *
+              std::log(static_cast<double>(c.rope_orig_context) / (rotations * 2.0 * kPi))) /
+             (2.0 * std::log(static_cast<double>(base)));
+    };
+    double low = std::max(0.0, std::floor(correction_dim(c.yarn_beta_fast)));
+    double high = std::min(static_cast<double>(d - 1), std::ceil(correction_dim(c.yarn_beta_slow)));
+    if (low == high) high += 0.001;
+    for (int64_t i = 0; i < half; ++i) {
+      const float ramp =
+          std::clamp(static_cast<float>((static_cast<float>(i) - low) / (high - low)), 0.0f, 1.0f);
+      const float extrapolate = 1.0f - ramp;  // weight of the unscaled frequency
+      const float interpolated = 1.0f / (static_cast<float>(f) * pos_freq[i]);
+      r.inv_freq[i] = interpolated * (1.0f - extrapolate) + r.inv_freq[i] * extrapolate;
+    }
+    const double af = c.yarn_mscale != 0.0f && c.yarn_mscale_all_dim != 0.0f
+                          ? yarn_mscale(f, c.yarn_mscale) / yarn_mscale(f, c.yarn_mscale_all_dim)
+                          : yarn_mscale(f, 1.0);
+    r.cos_sin_scale = static_cast<float>(af);
+    if (c.yarn_mscale_all_dim != 0.0f) {
+      const double m = yarn_mscale(f, c.yarn_mscale_all_dim);
+      scale *= m * m;
+    }
+  }
+  r.softmax_scale = static_cast<float>(scale);
+  return r;
+}
+
+struct DeepseekCpuEngine::Impl {
+  const ModelWeights& w;
+  const ModelConfig& c;
+  CpuEngineOptions opt;
+  cpu::Isa isa;
+  cpu_ops::VecOps ops;
+  std::unique_ptr<ThreadPool> pool;
+  int nth = 1;
+
+  int64_t H, nh, dq, dn, dr, dv, rq, rkv, lat, E, K, F, Fs, Fd, V, L;
+  int64_t Fmax;  // rows of G and U (and of act_d): the dense FFN's or the shared experts' width
+  int64_t max_ctx, B, S;  // S: (token, expert) slots of a chunk
+  int64_t pos = 0;
+  DeepseekRope rope;
+  const TensorView* out_w = nullptr;
+
+  struct LayerConst {
+    std::vector<float> attn_norm, ffn_norm, q_a_norm, kv_a_norm, bias;
+  };
+  std::vector<LayerConst> lc;
+  std::vector<float> out_norm;
+  std::vector<std::vector<float>> cache;  // [layer][position][latent | roped key]
+  std::vector<std::vector<uint64_t>> counts;
+
+  // Chunk scratch (B tokens, S slots); each element written by one thread per phase.
+  std::vector<float> X, HN, QA, Q, KVA, CS, O, Y, RL, G, U, PW, PGH, PG, PU, PY;
+  std::vector<int32_t> PSEL, PSLOT, PTOK, PBEGIN, PACTIVE;
+  int64_t n_active = 0;
+  ActForms act_h, act_qa, act_o, act_f, act_d, act_g, act_e;
+  int64_t unit = 32, units_per_expert = 1;  // expert gate/up work items
+
+  struct Local {
+    std::vector<float> qh, out, scores, tmp, route;
+    std::vector<uint8_t> qn_act, ctx_act;
+    std::vector<int32_t> cursor;
+    std::vector<const float*> qp;
+    std::vector<float*> op;
+  };
+  std::vector<Local> local;
+
+  Impl(const ModelWeights& weights, const CpuEngineOptions& o)
+      : w(weights), c(weights.cfg), opt(o), isa(o.isa), ops(cpu_ops::vec_ops(o.isa)) {
+    c.validate("model " + w.source);
+    H = c.hidden;
+    nh = c.n_heads;
+    dq = c.head_dim;
+    dr = c.rope_dim;
+    dn = dq - dr;
+    dv = c.v_head_dim;
+    rq = c.q_lora_rank;
+    rkv = c.kv_lora_rank;
+    lat = rkv + dr;
+    E = c.n_experts;
+    K = c.n_experts_used;
+    F = c.expert_ffn;
+    Fs = c.shared_ffn();
+    Fd = c.dense_ffn;
+    Fmax = std::max<int64_t>(1, std::max(Fd, Fs));
+    V = c.vocab;
+    L = c.n_layers;
+    max_ctx = std::max<int64_t>(1, opt.max_context);
+    B = std::max<int64_t>(1, std::min(opt.max_batch, max_ctx));
+    S = B * std::max<int64_t>(K, 1);
+    if (static_cast<int64_t>(w.layers.size()) != L) {
+      throw Error(
+          "model " + w.source,
+          "has " + std::to_string(w.layers.size()) + " layers, config says " + std::to_string(L),
+          "use a complete model");
+    }
+    check_shapes();
+    rope = deepseek_rope(c);
+    cache.resize(static_cast<size_t>(L));
+    for (auto& layer : cache) layer.resize(static_cast<size_t>(max_ctx * lat));
+    counts.assign(static_cast<size_t>(L), std::vector<uint64_t>(static_cast<size_t>(E), 0));
+    pool = std::make_unique<ThreadPool>(opt.threads, opt.pin_threads);
+    nth = pool->size();
+    allocate();
+  }
+
+  // ---- construction ----
+
+  std::vector<float> vec_of(const TensorView& t, int64_t n, const std::string& what) const {
+    if (t.data == nullptr || t.row_len() != n || t.n_rows() != 1) {
+      throw Error(t.name.empty() ? what : t.name,
+                  "missing or has " + std::to_string(t.row_len()) + " elements, expected " +
+                      std::to_string(n),
+                  "use a deepseek2 model whose tensors match its configuration");
+    }
+    std::vector<float> v(static_cast<size_t>(n));
+    dequantize_row(t.type, t.data, v.data(), n);
+    return v;
+  }
+
+  void check(const TensorView& t, int64_t row_len, int64_t rows, const std::string& what) const {
+    if (t.data == nullptr || t.row_len() != row_len || t.n_rows() != rows) {
+      throw Error(t.name.empty() ? what : t.name,
+                  "missing or shaped [" + std::to_string(t.ne[0]) + ", " + std::to_string(t.ne[1]) +
+                      ", " + std::to_string(t.ne[2]) + "], expected " + std::to_string(row_len) +
+                      " x " + std::to_string(rows),
+                  "use a deepseek2 model whose tensors match its configuration");
+    }
+    cpu::vec_dot(t.type, isa);  // throws for a type the CPU kernels cannot multiply
+  }
+
+  void check_shapes() {
+    if (w.tok_embd.data == nullptr || w.tok_embd.row_len() != H || w.tok_embd.n_rows() != V) {
+      throw Error("token_embd", "missing or not [hidden, vocab]",
+                  "use a deepseek2 model whose tensors match its configuration");
+    }
+    out_w = w.output.data ? &w.output : &w.tok_embd;
+    check(*out_w, H, V, "output");
+    out_norm = vec_of(w.output_norm, H, "output_norm");
+    lc.resize(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) {
+      const LayerWeights& t = w.layers[l];
+      const std::string b = "blk." + std::to_string(l) + ".";
+      LayerConst& k = lc[l];
+      k.attn_norm = vec_of(t.attn_norm, H, b + "attn_norm");
+      k.ffn_norm = vec_of(t.ffn_norm, H, b + "ffn_norm");
+      k.kv_a_norm = vec_of(t.kv_a_norm, rkv, b + "attn_kv_a_norm");
+      if (rq > 0) {
+        k.q_a_norm = vec_of(t.q_a_norm, rq, b + "attn_q_a_norm");
+        check(t.wq_a, H, rq, b + "attn_q_a");
+        check(t.wq_b, rq, nh * dq, b + "attn_q_b");
+      } else {
+        check(t.wq, H, nh * dq, b + "attn_q");
+      }
+      check(t.wkv_a, H, lat, b + "attn_kv_a_mqa");
+      if (c.split_kv_b) {
+        check(t.wk_b, dn, rkv * nh, b + "attn_k_b");
+        check(t.wv_b, rkv, dv * nh, b + "attn_v_b");
+      } else {
+        check(t.wkv_b, rkv, nh * (dn + dv), b + "attn_kv_b");
+      }
+      check(t.wo, nh * dv, H, b + "attn_output");
+      if (c.is_dense_layer(l)) {
+        check(t.ffn_gate, H, Fd, b + "ffn_gate");
+        check(t.ffn_up, H, Fd, b + "ffn_up");
+        check(t.ffn_down, Fd, H, b + "ffn_down");
+        continue;
+      }
+      check(t.router, H, E, b + "ffn_gate_inp");
+      if (c.expert_score_bias) k.bias = vec_of(t.exp_probs_b, E, b + "exp_probs_b");
+      check(t.gate_exps, H, F * E, b + "ffn_gate_exps");
+      check(t.up_exps, H, F * E, b + "ffn_up_exps");
+      check(t.down_exps, F, H * E, b + "ffn_down_exps");
+      if (Fs > 0) {
+        check(t.gate_shexp, H, Fs, b + "ffn_gate_shexp");
+        check(t.up_shexp, H, Fs, b + "ffn_up_shexp");
+        check(t.down_shexp, Fs, H, b + "ffn_down_shexp");
+      }
+    }
+  }
+
+  // Types of the weights that read an input, over all layers (they may differ per layer).
+  std::vector<QuantType> types(std::initializer_list<TensorView LayerWeights::*> members) const {
+    std::vector<QuantType> t;
+    for (const LayerWeights& l : w.layers) {
+      for (auto m : members) {
+        if ((l.*m).data != nullptr) t.push_back((l.*m).type);
+      }
+    }
+    return t;
+  }
+
+  void allocate() {
+    using LW = LayerWeights;
+    X.resize(B * H);
+    HN.resize(B * H);
+    QA.resize(B * std::max<int64_t>(rq, 1));
+    Q.resize(B * nh * dq);
+    KVA.resize(B * lat);
+    CS.resize(B * dr);
+    O.resize(B * nh * dv);
+    Y.resize(B * H);
+    RL.resize(B * std::max<int64_t>(E, 1));
+    G.resize(B * Fmax);
+    U.resize(B * Fmax);
+    PW.resize(S);
+    PSEL.resize(S);
+    PSLOT.resize(S);
+    PTOK.resize(S);
+    PBEGIN.resize(E + 1);
+    PACTIVE.resize(std::max<int64_t>(E, 1));
+    PG.resize(S * std::max<int64_t>(F, 1));
+    PU.resize(S * std::max<int64_t>(F, 1));
+    PY.resize(S * H);
+
+    act_h.init(types({&LW::wq, &LW::wq_a, &LW::wkv_a}), H, B);
+    act_qa.init(types({&LW::wq_b}), std::max<int64_t>(rq, 1), B);
+    act_o.init(types({&LW::wo}), nh * dv, B);
+    // The normed FFN input; the output head reads its forms too (rows of the final norm).
+    std::vector<QuantType> f_types =
+        types({&LW::router, &LW::gate_shexp, &LW::up_shexp, &LW::ffn_gate, &LW::ffn_up});
+    f_types.push_back(out_w->type);
+    act_f.init(f_types, H, B);
+    act_d.init(types({&LW::down_shexp, &LW::ffn_down}), Fmax, B);
+    const std::vector<QuantType> gu = types({&LW::gate_exps, &LW::up_exps});
+    act_g.init(gu, H, S);
+    bool gu_f32 = false;
+    for (QuantType t : gu) gu_f32 = gu_f32 || cpu::activation_type(t) == QuantType::F32;
+    if (gu_f32) PGH.resize(S * H);
+    act_e.init(types({&LW::down_exps}), std::max<int64_t>(F, 1), S);
+    // A unit of expert gate/up rows covers whole blocks of the down activation.
+    const int64_t blk = act_e.block();
+    unit = std::max<int64_t>(32, blk) / blk * blk;
+    units_per_expert = F > 0 ? (F + unit - 1) / unit : 0;
+
+    // Per-thread scratch for absorbed attention and routing. An activation form never takes
+    // more than 4 bytes a value (F32; Q8 forms take ~1.1), so 4 bytes a value always suffice.
+    local.resize(static_cast<size_t>(nth));
+    for (Local& t : local) {
+      t.qh.resize(nh * lat);
+      t.out.resize(nh * lat);
+      t.scores.resize(nh * (max_ctx + 1));
+      t.tmp.resize(std::max(rkv, dr));
+      t.route.resize(2 * E + std::max<int64_t>(c.n_expert_groups, 1));
+      // Q8 forms are larger than the floats' row; F32 ones are the floats (4 bytes a value).
+      t.qn_act.resize(static_cast<size_t>(4 * dn + 64));
+      t.ctx_act.resize(static_cast<size_t>(4 * rkv + 64));
+      t.qp.resize(nh);
+      t.op.resize(nh);
+    }
+  }
+
+  // ---- helpers ----
+
+  void embed(int32_t token, float* dst) const {
+    if (token < 0 || token >= V) {
+      throw Error("token " + std::to_string(token),
+                  "outside the vocabulary [0, " + std::to_string(V) + ")",
+                  "pass token ids the model knows");
+    }
+    dequantize_row(w.tok_embd.type, w.tok_embd.row(token), dst, H);
+  }
+
+  // Rows [r0, r1) of t (matrix W) for T activation rows; Y[t * ldy + r]. T = 1 uses the matvec
+  // kernel (same numbers, faster for one row).
+  void mm(const TensorView& t, const uint8_t* W, int64_t r0, int64_t r1, const uint8_t* act,
+          int64_t act_stride, int64_t T, float* Yout, int64_t ldy) const {
+    if (r1 <= r0 || T <= 0) return;
+    if (T == 1) {
+      cpu::matvec_rows(t.type, isa, W, t.row_len(), r0, r1, act, Yout + r0);
+    } else {
+      cpu::matmul_rows(t.type, isa, W, t.row_len(), r0, r1, act, act_stride, T, Yout, ldy);
+    }
+  }
+
+  // This thread's share of the concatenated rows of `segs`, all reading input `in` (floats in
+  // `f32`, ld floats apart).
+  void mm_segments(const Seg* segs, int count, const ActForms& in, const float* f32, int64_t T,
+                   int ith, int n) const {
+    int64_t total = 0;
+    for (int i = 0; i < count; ++i) total += segs[i].t->n_rows();
+    int64_t r0, r1;
+    cpu_ops::split(total, ith, n, kRowAlign, &r0, &r1);
+    int64_t base = 0;
+    for (int i = 0; i < count; ++i) {
+      const Seg& s = segs[i];
+      const int64_t rows = s.t->n_rows();
+      const int64_t a = std::max(r0, base) - base, b = std::min(r1, base + rows) - base;
+      if (b > a) {
+        mm(*s.t, s.t->data, a, b, in.rows(s.t->type, f32), in.stride(s.t->type), T, s.y, s.ldy);
+      }
+      base += rows;
+    }
+  }
+
+  // The activation for a weight row of type wt from floats x[0..n): x itself, or quantized into
+  // buf.
+  const void* as_act(QuantType wt, const float* x, int64_t n, uint8_t* buf) const {
+    if (cpu::activation_type(wt) == QuantType::F32) return x;
+    cpu::quantize_activation(wt, x, buf, n, isa);
+    return buf;
+  }
+
+  // q_abs = W_kb[h]^T q_nope (kv_lora_rank values).
+  void absorb(const LayerWeights& t, int64_t h, const float* qn, float* qabs, Local& me) const {
+    if (c.split_kv_b) {  // attn_k_b: head h is kv_lora_rank rows of qk_nope values
+      const void* a = as_act(t.wk_b.type, qn, dn, me.qn_act.data());
+      cpu::matvec_rows(t.wk_b.type, isa, t.wk_b.matrix(h), dn, 0, rkv, a, qabs);
+      return;
+    }
+    // attn_kv_b: head h's first qk_nope rows (kv_lora_rank values each) make its keys, so the
+    // absorbed query is the sum of those rows weighted by q_nope.
+    std::fill(qabs, qabs + rkv, 0.0f);
+    float* row = me.tmp.data();
+    for (int64_t i = 0; i < dn; ++i) {
+      dequantize_row(t.wkv_b.type, t.wkv_b.row(h * (dn + dv) + i), row, rkv);
+      ops.axpy(qn[i], row, qabs, rkv);
+    }
+  }
+
+  // o = W_vb[h] ctx (v_head_dim values).
+  void unabsorb(const LayerWeights& t, int64_t h, const float* ctx, float* o, Local& me) const {
+    const TensorView& m = c.split_kv_b ? t.wv_b : t.wkv_b;
+    const void* a = as_act(m.type, ctx, rkv, me.ctx_act.data());
+    if (c.split_kv_b) {
+      cpu::matvec_rows(m.type, isa, m.matrix(h), rkv, 0, dv, a, o);
+    } else {
+      const int64_t r0 = h * (dn + dv) + dn;
+      cpu::matvec_rows(m.type, isa, m.data, rkv, r0, r0 + dv, a, o);
+    }
+  }
+
+  // ---- the forward pass of one chunk ----
+
+  void forward(const int32_t* tokens, int64_t T, float* logits, bool all_positions) {
+    for (int64_t t = 0; t < T; ++t) {
+      embed(tokens[t], X.data() + t * H);
+      cpu_ops::rope_table_scaled(pos + t, rope.inv_freq.data(), dr, rope.cos_sin_scale,
+                                 CS.data() + t * dr);
+    }
+    pool->run([&](int ith, int n) { region(T, logits, all_positions, ith, n); });
+    pos += T;
+  }
+
+  void region(int64_t T, float* logits, bool all_positions, int ith, int n) {
+    for (int64_t l = 0; l < L; ++l) {
+      attention(l, T, ith, n);
+      if (c.is_dense_layer(l)) {
+        dense_ffn(l, T, ith, n);
+      } else {
+        moe(l, T, ith, n);
+      }
+    }
+    if (logits == nullptr) return;
+    const int64_t first = all_positions ? 0 : T - 1;
+    const int64_t rows = T - first;
+    int64_t t0, t1;
+    cpu_ops::split(rows, ith, n, 1, &t0, &t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      cpu_ops::rmsnorm(X.data() + (first + t) * H, out_norm.data(), c.rms_eps, H,
+                       HN.data() + t * H);
+      act_f.put(HN.data() + t * H, t, isa);
+    }
+    pool->barrier();
+    const ActForms& in = act_f;  // its forms include the head's (see allocate)
+    int64_t r0, r1;
+    cpu_ops::split(V, ith, n, kRowAlign, &r0, &r1);
+    mm(*out_w, out_w->data, r0, r1, in.rows(out_w->type, HN.data()), in.stride(out_w->type), rows,
+       logits, V);
+  }
+
+  void attention(int64_t l, int64_t T, int ith, int n) {
+    const LayerWeights& t = w.layers[l];
+    const LayerConst& k = lc[l];
+    float* kv_cache = cache[l].data();
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    for (int64_t i = t0; i < t1; ++i) {
+      cpu_ops::rmsnorm(X.data() + i * H, k.attn_norm.data(), c.rms_eps, H, HN.data() + i * H);
+      act_h.put(HN.data() + i * H, i, isa);
+    }
+    pool->barrier();
+
+    // Compressed query (or the query) and the latent + roped key, from the normed input.
+    const Seg in_segs[2] = {rq > 0 ? Seg{&t.wq_a, QA.data(), rq} : Seg{&t.wq, Q.data(), nh * dq},
+                            Seg{&t.wkv_a, KVA.data(), lat}};
+    mm_segments(in_segs, 2, act_h, HN.data(), T, ith, n);
+    pool->barrier();
+
+    for (int64_t i = t0; i < t1; ++i) {
+      float* row = kv_cache + (pos + i) * lat;
+      const float* kva = KVA.data() + i * lat;
+      cpu_ops::rmsnorm(kva, k.kv_a_norm.data(), c.rms_eps, rkv, row);
+      std::memcpy(row + rkv, kva + rkv, dr * sizeof(float));
+      cpu_ops::rope_pairs(row + rkv, CS.data() + i * dr, dr);
+      if (rq > 0) {
+        float* qa = QA.data() + i * rq;
+        cpu_ops::rmsnorm(qa, k.q_a_norm.data(), c.rms_eps, rq, qa);
+        act_qa.put(qa, i, isa);
+      }
+    }
+    pool->barrier();
+    if (rq > 0) {
+      const Seg qb{&t.wq_b, Q.data(), nh * dq};
+      mm_segments(&qb, 1, act_qa, QA.data(), T, ith, n);
+      pool->barrier();
+    }
+
+    // Absorbed attention over (token, run of heads) items: with fewer tokens than threads the
+    // heads of a token are split, else each item is a whole token. Items interleave across
+    // threads so that long (late) and short (early) tokens mix.
+    const int64_t per_token = T >= n ? 1 : std::min<int64_t>(nh, (n + T - 1) / T);
+    const int64_t hc = (nh + per_token - 1) / per_token;  // heads per item
+    Local& me = local[ith];
+    for (int64_t it = ith; it < T * per_token; it += n) {
+      const int64_t i = it / per_token;
+      const int64_t h0 = (it % per_token) * hc, h1 = std::min(nh, h0 + hc);
+      if (h1 <= h0) continue;
+      const float* cs = CS.data() + i * dr;
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* q = Q.data() + i * nh * dq + h * dq;
+        float* qh = me.qh.data() + (h - h0) * lat;
+        absorb(t, h, q, qh, me);
+        std::memcpy(qh + rkv, q + dn, dr * sizeof(float));
+        cpu_ops::rope_pairs(qh + rkv, cs, dr);
+        me.qp[h - h0] = qh;
+        me.op[h - h0] = me.out.data() + (h - h0) * lat;
+      }
+      // The cache is one head shared by every query head (MQA in the latent space): keys are
+      // whole rows, values their latent part (the output's last rope_dim values are unused).
+      cpu_ops::attend_group(ops, me.qp.data(), static_cast<int>(h1 - h0), kv_cache, kv_cache, lat,
+                            pos + i + 1, nullptr, nullptr, lat, rope.softmax_scale,
+                            me.scores.data(), me.op.data());
+      for (int64_t h = h0; h < h1; ++h) {
+        unabsorb(t, h, me.op[h - h0], O.data() + i * nh * dv + h * dv, me);
+      }
+    }
+    pool->barrier();
+    for (int64_t i = t0; i < t1; ++i) act_o.put(O.data() + i * nh * dv, i, isa);
+    pool->barrier();
+
+    // attn_output; each thread adds its rows into the residual of every token.
+    int64_t r0, r1;
+    cpu_ops::split(H, ith, n, kRowAlign, &r0, &r1);
+    mm(t.wo, t.wo.data, r0, r1, act_o.rows(t.wo.type, O.data()), act_o.stride(t.wo.type), T,
+       Y.data(), H);
+    for (int64_t i = 0; i < T; ++i) {
+      for (int64_t r = r0; r < r1; ++r) X[i * H + r] += Y[i * H + r];
+    }
+    pool->barrier();
+  }
+
+  void ffn_norm(int64_t l, int64_t T, int ith, int n) {
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    for (int64_t i = t0; i < t1; ++i) {
+      cpu_ops::rmsnorm(X.data() + i * H, lc[l].ffn_norm.data(), c.rms_eps, H, HN.data() + i * H);
+      act_f.put(HN.data() + i * H, i, isa);
+    }
+    pool->barrier();
+  }
+
+  // SwiGLU of the gate and up outputs of tokens [t0, t1) (ff of the Fmax values of a row), into
+  // act_d.
+  void swiglu_rows(int64_t t0, int64_t t1, int64_t ff) {
+    for (int64_t i = t0; i < t1; ++i) {
+      float* g = G.data() + i * Fmax;
+      const float* u = U.data() + i * Fmax;
+      for (int64_t j = 0; j < ff; ++j) g[j] = cpu_ops::silu(g[j]) * u[j];
+      act_d.put(g, i, 0, ff, isa);
+    }
+  }
+
+  void dense_ffn(int64_t l, int64_t T, int ith, int n) {
+    const LayerWeights& t = w.layers[l];
+    ffn_norm(l, T, ith, n);
+    const Seg segs[2] = {{&t.ffn_gate, G.data(), Fmax}, {&t.ffn_up, U.data(), Fmax}};
+    mm_segments(segs, 2, act_f, HN.data(), T, ith, n);
+    pool->barrier();
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    swiglu_rows(t0, t1, Fd);
+    pool->barrier();
+    int64_t r0, r1;
+    cpu_ops::split(H, ith, n, kRowAlign, &r0, &r1);
+    mm(t.ffn_down, t.ffn_down.data, r0, r1, act_d.rows(t.ffn_down.type, G.data()),
+       act_d.stride(t.ffn_down.type), T, Y.data(), H);
+    for (int64_t i = 0; i < T; ++i) {
+      for (int64_t r = r0; r < r1; ++r) X[i * H + r] += Y[i * H + r];
+    }
+    pool->barrier();
+  }
+
+  void moe(int64_t l, int64_t T, int ith, int n) {
+    const LayerWeights& t = w.layers[l];
+    const LayerConst& k = lc[l];
+    ffn_norm(l, T, ith, n);
+
+    // Router logits and the shared experts' gate/up rows: all read the normed input.
+    const Seg segs[3] = {
+        {&t.router, RL.data(), E}, {&t.gate_shexp, G.data(), Fmax}, {&t.up_shexp, U.data(), Fmax}};
+    mm_segments(segs, Fs > 0 ? 3 : 1, act_f, HN.data(), T, ith, n);
+    pool->barrier();
+
+    int64_t t0, t1;
+    cpu_ops::split(T, ith, n, 1, &t0, &t1);
+    for (int64_t i = t0; i < t1; ++i) {
+      cpu_ops::route_grouped(RL.data() + i * E, E, K, c.gating == ExpertGating::Sigmoid,
+                             k.bias.empty() ? nullptr : k.bias.data(), c.n_expert_groups,
+                             c.n_groups_used, c.norm_topk_prob, c.expert_weights_scale,
+                             local[ith].route.data(), PSEL.data() + i * K, PW.data() + i * K);
+    }
+    if (Fs > 0) swiglu_rows(t0, t1, Fs);
+    pool->barrier();
+
+    if (ith == 0) group_by_expert(l, T);
+    pool->barrier();
+
+    // Each slot's input rows (gate/up forms), so that an expert's tokens are contiguous.
+    int64_t s0, s1;
+    cpu_ops::split(T * K, ith, n, 1, &s0, &s1);
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* h = HN.data() + PTOK[s] * H;
+      act_g.put(h, s, isa);
+      if (!PGH.empty()) std::memcpy(PGH.data() + s * H, h, H * sizeof(float));
+    }
+    pool->barrier();
+
+    // Gate + up + SwiGLU over (active expert, unit of rows) items, a fixed share per thread.
+    const int64_t items = n_active * units_per_expert;
+    int64_t i0, i1;
+    cpu_ops::split(items, ith, n, 1, &i0, &i1);
+    const int64_t gstride = act_g.stride(t.gate_exps.type), ustride = act_g.stride(t.up_exps.type);
+    const uint8_t* gbase = act_g.rows(t.gate_exps.type, PGH.data());
+    const uint8_t* ubase = act_g.rows(t.up_exps.type, PGH.data());
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t e = PACTIVE[it / units_per_expert];
+      const int64_t a = (it % units_per_expert) * unit, b = std::min(F, a + unit);
+      const int64_t sb = PBEGIN[e], ne = PBEGIN[e + 1] - sb;
+      float* g = PG.data() + sb * F;
+      float* u = PU.data() + sb * F;
+      mm(t.gate_exps, t.gate_exps.matrix(e), a, b, gbase + sb * gstride, gstride, ne, g, F);
+      mm(t.up_exps, t.up_exps.matrix(e), a, b, ubase + sb * ustride, ustride, ne, u, F);
+      for (int64_t s = 0; s < ne; ++s) {
+        float* gs = g + s * F;
+        const float* us = u + s * F;
+        for (int64_t j = a; j < b; ++j) gs[j] = cpu_ops::silu(gs[j]) * us[j];
+        act_e.put(gs + a, sb + s, a, b, isa);
+      }
+    }
+    pool->barrier();
+
+    // Down rows of every active expert and of the shared experts; then each thread sums its
+    // rows: routed experts in id order (weighted), then the shared experts, into the residual.
+    int64_t r0, r1;
+    cpu_ops::split(H, ith, n, kRowAlign, &r0, &r1);
+    if (r1 > r0) {
+      const int64_t estride = act_e.stride(t.down_exps.type);
+      const uint8_t* ebase = act_e.rows(t.down_exps.type, PG.data());
+      for (int64_t a = 0; a < n_active; ++a) {
+        const int64_t e = PACTIVE[a];
+        const int64_t sb = PBEGIN[e];
+        mm(t.down_exps, t.down_exps.matrix(e), r0, r1, ebase + sb * estride, estride,
+           PBEGIN[e + 1] - sb, PY.data() + sb * H, H);
+      }
+      if (Fs > 0) {
+        mm(t.down_shexp, t.down_shexp.data, r0, r1, act_d.rows(t.down_shexp.type, G.data()),
+           act_d.stride(t.down_shexp.type), T, Y.data(), H);
+      }
+      for (int64_t i = 0; i < T; ++i) {
+        const float* wt = PW.data() + i * K;
+        const int32_t* slot = PSLOT.data() + i * K;
+        float* x = X.data() + i * H;
+        for (int64_t r = r0; r < r1; ++r) {
+          float s = 0.0f;
+          for (int64_t j = 0; j < K; ++j) s += wt[j] * PY[slot[j] * H + r];
+          if (Fs > 0) s += Y[i * H + r];
+          x[r] += s;
+        }
+      }
+    }
+    pool->barrier();
+  }
+
+  // Slots of expert e are PBEGIN[e]..PBEGIN[e+1), tokens ascending; PSLOT[t*K + j] is where
+  // token t's j-th expert output lands. Serial, O(T * K + E).
+  void group_by_expert(int64_t l, int64_t T) {
+    int32_t* begin = PBEGIN.data();
+    std::fill(begin, begin + E + 1, 0);
+    for (int64_t i = 0; i < T * K; ++i) ++begin[PSEL[i] + 1];
+    n_active = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      counts[l][e] += static_cast<uint64_t>(begin[e + 1]);
+      if (begin[e + 1] > 0) PACTIVE[n_active++] = static_cast<int32_t>(e);
+      begin[e + 1] += begin[e];
+    }
+    std::vector<int32_t>& cursor = local[0].cursor;
+    cursor.assign(begin, begin + E);
+    for (int64_t i = 0; i < T; ++i) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t s = cursor[PSEL[i * K + j]]++;
+        PSLOT[i * K + j] = s;
+        PTOK[s] = static_cast<int32_t>(i);
+      }
+    }
+  }
+
+  void prefill(const int32_t* tokens, int64_t n_tok, std::vector<float>* logits,
+               bool all_positions) {
+    if (n_tok <= 0) {
+      if (logits) logits->clear();
+      return;
+    }
+    if (pos + n_tok > max_ctx) {
+      throw Error("prefill",
+                  std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
+                      " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
+                  "raise max_context or call reset()");
+    }
+    for (int64_t i = 0; i < n_tok; ++i) {
+      if (tokens[i] < 0 || tokens[i] >= V) embed(tokens[i], X.data());  // throws
+    }
+    if (logits) logits->assign((all_positions ? n_tok : 1) * V, 0.0f);
+    for (int64_t c0 = 0; c0 < n_tok; c0 += B) {
+      const int64_t T = std::min(B, n_tok - c0);
+      float* out = nullptr;
+      bool all = all_positions;
+      if (logits) {
+        if (all_positions) {
+          out = logits->data() + c0 * V;
+        } else if (c0 + T == n_tok) {
+          out = logits->data();
+          all = false;
+        }
+      }
+      forward(tokens + c0, T, out, all);
+    }
+  }
+
+  void decode(int32_t token, float* logits) {
+    if (pos >= max_ctx) {
+      throw Error("decode",
+                  "position " + std::to_string(pos) + " is past the KV cache (" +
+                      std::to_string(max_ctx) + " positions)",
+                  "raise max_context or call reset()");
+    }
+    embed(token, X.data());  // throws before any state changes
+    forward(&token, 1, logits, false);
+  }
+};
+
+DeepseekCpuEngine::DeepseekCpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt)
+    : impl_(std::make_unique<Impl>(weights, opt)) {}
+DeepseekCpuEngine::~DeepseekCpuEngine() = default;
+void DeepseekCpuEngine::reset() { impl_->pos = 0; }
+int64_t DeepseekCpuEngine::position() const { return impl_->pos; }
+void DeepseekCpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits,
+                                bool all_positions) {
+  impl_->prefill(tokens, n, logits, all_positions);
+}
+void DeepseekCpuEngine::decode(int32_t token, std::vector<float>* logits) {
+  float* out = nullptr;
+  if (logits) {
+    logits->resize(impl_->V);
+    out = logits->data();
+  }
+  impl_->decode(token, out);
+}
+int DeepseekCpuEngine::threads() const { return impl_->nth; }
+cpu::Isa DeepseekCpuEngine::isa() const { return impl_->isa; }
+const ModelWeights& DeepseekCpuEngine::weights() const { return impl_->w; }
+const std::vector<std::vector<uint64_t>>& DeepseekCpuEngine::expert_counts() const {
+  return impl_->counts;
+}
+
+}  // namespace ktune
