@@ -388,7 +388,12 @@ ModelConfig parse_deepseek_config(const json& j, const std::string& model_type,
   c.q_lora_rank = get_int_or(j, "q_lora_rank", 0, where);
   c.kv_lora_rank = get_int(j, "kv_lora_rank", where);
   c.rope_dim = get_int(j, "qk_rope_head_dim", where);
-  c.head_dim = get_int(j, "qk_nope_head_dim", where) + c.rope_dim;
+  const int64_t nope = get_int(j, "qk_nope_head_dim", where);
+  if (nope < 0 || nope > (int64_t{1} << 30) || c.rope_dim < 0 || c.rope_dim > (int64_t{1} << 30)) {
+    throw Error(where, "qk_nope_head_dim or qk_rope_head_dim is out of range",
+                "fix config.json");  // before adding them: no overflow on any input
+  }
+  c.head_dim = nope + c.rope_dim;
   c.v_head_dim = get_int(j, "v_head_dim", where);
   if (j.contains("n_routed_experts") && !j["n_routed_experts"].is_null()) {
     c.n_experts = get_int(j, "n_routed_experts", where);

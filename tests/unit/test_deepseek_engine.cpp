@@ -518,6 +518,50 @@ TEST(DeepseekEngine, SyntheticRoutingStaysNearUniformWithDepth) {
   }
 }
 
+// --router-skew zipf:S on deepseek2: the most popular expert of each MoE layer takes a clearly
+// larger share than without skew (sigmoid routing with groups, and softmax routing).
+TEST(DeepseekEngine, ZipfSkewSkewsRouting) {
+  for (const ModelConfig& shape : {preset("tiny-deepseek"), v2_style()}) {
+    double share[2] = {0, 0};
+    for (int skewed = 0; skewed < 2; ++skewed) {
+      SynthOptions o;
+      o.preset = shape.name;
+      o.shape = shape;
+      o.quant = QuantType::Q8_0;
+      o.seed = 5;
+      o.zipf_s = skewed ? 1.2 : 0.0;
+      const ModelWeights w = make_synthetic_model(o);
+      CpuEngineOptions opt;
+      opt.threads = 2;
+      opt.max_context = 128;
+      CpuEngine eng(w, opt);
+      std::mt19937 rng(42);
+      std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(shape.vocab - 1));
+      std::vector<int32_t> toks(64);
+      for (int32_t& t : toks) t = tok(rng);
+      eng.prefill(toks.data(), 64, nullptr, false);
+      int moe_layers = 0;
+      for (int64_t l = 0; l < shape.n_layers; ++l) {
+        if (shape.is_dense_layer(l)) continue;
+        const auto& counts = eng.expert_counts()[l];
+        uint64_t total = 0, top = 0;
+        for (uint64_t c : counts) {
+          total += c;
+          top = std::max(top, c);
+        }
+        share[skewed] += static_cast<double>(top) / static_cast<double>(total);
+        ++moe_layers;
+      }
+      share[skewed] /= moe_layers;
+    }
+    std::printf(
+        "[ %s ] mean top-expert share: %.3f without skew, %.3f with zipf:1.2 (uniform %.3f)\n",
+        shape.name.c_str(), share[0], share[1], 1.0 / static_cast<double>(shape.n_experts));
+    EXPECT_GT(share[1], share[0] + 0.05) << shape.name;
+    EXPECT_GT(share[1], 2.0 / static_cast<double>(shape.n_experts)) << shape.name;
+  }
+}
+
 TEST(DeepseekEngine, BadInputIsAnError) {
   const ModelWeights w = build(preset("tiny-deepseek"), QuantType::Q8_0);
   CpuEngineOptions opt;

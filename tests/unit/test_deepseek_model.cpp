@@ -640,6 +640,20 @@ TEST(DeepseekMemoryPlan, ShapeBytesMatchTheLoadedModelAndTheCacheIsTheLatent) {
                 (int64_t{3} * 7168 * 2048 / 32 * 18 + 7168 * 256 * 4 + 256 * 4));
 }
 
+// The shape-only model (what `ktune info` reports synthetic models from) counts the same bytes
+// as the built one.
+TEST(DeepseekMemoryPlan, ShapeOnlyModelCountsTheSameBytes) {
+  for (const ModelConfig& c : {preset("tiny-deepseek"), tiny_v2_style(), preset("tiny")}) {
+    const ModelWeights built = make_synthetic_model(synth(c, QuantType::Q4_0));
+    const ModelWeights shape = synthetic_model_shape(synth(c, QuantType::Q4_0));
+    EXPECT_EQ(shape.weight_bytes(), built.weight_bytes()) << c.name;
+    EXPECT_EQ(shape.bytes_per_token_decode(), built.bytes_per_token_decode()) << c.name;
+    const WeightBytes a = weight_bytes(shape), b = weight_bytes(built);
+    EXPECT_EQ(a.attention, b.attention) << c.name;
+    EXPECT_EQ(a.expert, b.expert) << c.name;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // ktune info
 

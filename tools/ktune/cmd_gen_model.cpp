@@ -48,7 +48,9 @@ void add_gen_model_command(CLI::App& app) {
       "It loads in ktune and in llama.cpp-family tools (no vocabulary: tokenizer 'no_vocab').\n"
       "Example: ktune gen-model --preset qwen3-30b-a3b --quant q4_0 --seed 1 "
       "--router-skew zipf:1.1 -o q30b.gguf");
-  sub->add_option("--preset", opt->preset, "tiny, qwen3-30b-a3b or qwen3-235b-a22b")
+  sub->add_option(
+         "--preset", opt->preset,
+         "tiny, qwen3-30b-a3b, qwen3-235b-a22b, tiny-deepseek, deepseek-v2-lite or deepseek-v3")
       ->capture_default_str();
   sub->add_option("--quant", opt->quant,
                   "Type of the large matrices: f32, f16, bf16, q8_0, q4_0 (case-insensitive)")
