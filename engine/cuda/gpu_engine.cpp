@@ -28,6 +28,10 @@ using gpu_detail::kAlign;
 
 GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
     : cfg(w.cfg), opt(options) {
+  if (w.cfg.is_deepseek2()) {
+    throw Error("gpu engine", "deepseek2 (MLA) models do not run on the GPU engine yet",
+                "run on the CPU: a plain --model run, or a placement with every layer on cpu");
+  }
   if (opt.handoff_timeout_ms < 1 || opt.handoff_timeout_ms > 3600 * 1000) {
     throw Error("gpu engine",
                 "handoff_timeout_ms " + std::to_string(opt.handoff_timeout_ms) + " out of range",
