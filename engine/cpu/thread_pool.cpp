@@ -172,9 +172,17 @@ int physical_core_count() {
 }
 
 ThreadPool::ThreadPool(int n_threads, bool pin) {
-  n_threads_ = n_threads > 0 ? n_threads : physical_core_count();
+  start(n_threads > 0 ? n_threads : physical_core_count(),
+        pin ? core_first_cpus() : std::vector<int>{});
+}
+
+ThreadPool::ThreadPool(const std::vector<int>& cpus, bool pin) {
+  start(std::max<int>(1, static_cast<int>(cpus.size())), pin ? cpus : std::vector<int>{});
+}
+
+void ThreadPool::start(int n_threads, const std::vector<int>& cores) {
+  n_threads_ = n_threads;
   group_arrived_ = std::vector<Counter>((n_threads_ + kBarrierGroup - 1) / kBarrierGroup);
-  const std::vector<int> cores = pin ? core_first_cpus() : std::vector<int>{};
   pinned_cpus_.assign(n_threads_, -1);
   workers_.reserve(n_threads_ - 1);
   for (int i = 1; i < n_threads_; ++i) {

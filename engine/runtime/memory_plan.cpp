@@ -11,6 +11,7 @@
 #include "ktune/engine/gpu_info.h"
 #include "ktune/engine/host_info.h"
 #include "ktune/engine/synthetic.h"
+#include "ktune/engine/numa.h"
 
 namespace ktune {
 
@@ -191,7 +192,28 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
   }
   MemoryPlan plan;
   plan.budgets = budgets;
-  auto use = [&](const Device& d) -> DeviceUse& { return plan.per_device[d.memory_pool()]; };
+  // NUMA: a placement that names nodes counts each cpu:N in its own pool (docs/placement.md).
+  const bool per_node = !placement_numa_nodes(p).empty();
+  auto pool_of = [per_node](const Device& d) {
+    return per_node && d.is_cpu() ? d.to_string() : d.memory_pool();
+  };
+  if (per_node) {
+    std::vector<int64_t> plain;
+    for (int64_t l = 0; l < cfg.n_layers; ++l) {
+      const LayerPlacement& lp = p.layers[size_t(l)];
+      bool any = lp.attention == Device::cpu();
+      for (const Device& d : lp.experts) any = any || d == Device::cpu();
+      if (any) plain.push_back(l);
+    }
+    if (!plain.empty()) {
+      throw Error(p.file.empty() ? "placement" : p.file,
+                  "names NUMA nodes (cpu:N) but also puts layers " + format_id_ranges(plain) +
+                      " (attention or experts) on plain cpu, which is every node",
+                  "name a node for everything on the CPU (experts an entry does not name go "
+                  "to plain cpu: add e.g. `cpu:0: rest`), or use plain cpu throughout");
+    }
+  }
+  auto use = [&](const Device& d) -> DeviceUse& { return plan.per_device[pool_of(d)]; };
   const RuntimeOptions& rt = p.runtime;
   // Values cached per position and layer: K and V of each kv head, or deepseek2's MLA latent
   // plus its roped key (kv_lora_rank + rope_dim; what llama.cpp and the CPU engine cache).
@@ -218,8 +240,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
   // layer's attention: the token lookup and sampling stay on that device (inside the graph).
   const Device first = p.layers.front().attention, last = p.layers.back().attention;
   use(first).weights += bytes.embedding;
-  use(last).weights +=
-      bytes.head - (first.memory_pool() == last.memory_pool() ? bytes.head_shared : 0);
+  use(last).weights += bytes.head - (pool_of(first) == pool_of(last) ? bytes.head_shared : 0);
 
   const int64_t tokens = std::max(rt.batch, opt.prefill_chunk);
   for (auto& [name, u] : plan.per_device) {
@@ -234,7 +255,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     if (gpu && u.attention) act = std::max(act, prefill_workspace_bytes(cfg, opt.prefill_chunk));
     ws += act;
     if (u.attention) ws += 4 * cfg.n_heads * rt.context * rt.batch;  // a row of scores per head
-    if (name == last.memory_pool()) ws += 4 * cfg.vocab * rt.batch;  // logits
+    if (name == pool_of(last)) ws += 4 * cfg.vocab * rt.batch;  // logits
     if (gpu) {
       ws += kGpuContextReserve;
       if (gpus.size() > 1) ws += kGpuCommReserve;
@@ -242,7 +263,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
         int64_t largest = 0;
         for (int64_t l = 0; l < cfg.n_layers; ++l) {
           const LayerPlacement& lp = p.layers[size_t(l)];
-          if (lp.attention.memory_pool() != name) continue;
+          if (pool_of(lp.attention) != name) continue;
           const int64_t on_cpu = std::count_if(lp.experts.begin(), lp.experts.end(),
                                                [](const Device& d) { return d.is_cpu(); });
           largest = std::max(largest, on_cpu * bytes.expert[size_t(l)]);
@@ -306,6 +327,17 @@ void check_fits(const MemoryPlan& plan) {
   for (const auto& [name, u] : plan.per_device) {
     const std::optional<Device> dev = Device::try_parse(name);
     const bool gpu = dev && dev->is_gpu();
+    if (u.budget < 0 && dev && dev->is_cpu() && dev->index >= 0 &&
+        !plan.budgets.numa_nodes.empty()) {
+      std::string have;
+      for (const auto& [id, total] : plan.budgets.numa_nodes) {
+        have += (have.empty() ? "" : ", ") + Device{Device::Cpu, id}.to_string();
+      }
+      throw Error(name, "no such NUMA node here (this machine has " + have + ")",
+                  "put the experts on the nodes this machine has or on plain cpu (all nodes), "
+                  "or give " + name + " a budget (--cpu-mem " + name +
+                      "=SIZE) to plan for another machine");
+    }
     if (u.budget < 0) {
       if (!gpu) continue;  // host memory unknown here: nothing to check against
       std::string have;
@@ -348,7 +380,43 @@ Budgets default_budgets() {
   if (info.devices.empty()) b.gpu_note = info.unavailable_reason;
   const int64_t host = host_available_bytes();
   if (host > 0) b.bytes["cpu"] = std::max<int64_t>(0, host - kHostBudgetHeadroom);
+  std::vector<std::pair<int, int64_t>> nodes;
+  for (const NumaNode& n : host_numa_topology().nodes) nodes.emplace_back(n.id, n.mem_total_bytes);
+  add_numa_budgets(b, nodes);
   return b;
+}
+
+namespace {
+
+// cpu:N = `host` split over the nodes by MemTotal (equal shares when one is unknown).
+void split_host_budget(Budgets& b, int64_t host) {
+  const size_t n = b.numa_nodes.size();
+  if (n == 0) return;
+  double sum = 0;
+  bool known = true;
+  for (const auto& [id, total] : b.numa_nodes) {
+    known = known && total > 0;
+    sum += double(total);
+  }
+  int64_t given = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int id = b.numa_nodes[i].first;
+    int64_t share = host - given;  // the last node takes the rounding remainder
+    if (i + 1 < n) {
+      const double f = known ? double(b.numa_nodes[i].second) / sum : 1.0 / double(n);
+      share = static_cast<int64_t>(double(host) * f);
+    }
+    given += share;
+    b.bytes[Device{Device::Cpu, id}.to_string()] = share;
+  }
+}
+
+}  // namespace
+
+void add_numa_budgets(Budgets& b, const std::vector<std::pair<int, int64_t>>& nodes) {
+  b.numa_nodes = nodes;
+  const auto host = b.bytes.find("cpu");
+  if (host != b.bytes.end()) split_host_budget(b, host->second);
 }
 
 int64_t parse_byte_size(const std::string& text, const std::string& where) {
@@ -415,10 +483,6 @@ std::vector<std::pair<std::string, int64_t>> parse_budget_overrides(const std::s
       std::string dev = item.substr(0, eq);
       while (!dev.empty() && dev.back() == ' ') dev.pop_back();
       const Device d = Device::parse(dev, flag);
-      if (d.is_cpu() && d.index >= 0) {
-        throw_usage(flag, "per-NUMA-node budgets (" + dev + ") are not supported yet",
-                    "give the host's budget as cpu=SIZE");
-      }
       out.emplace_back(d.to_string(), parse_byte_size(item.substr(eq + 1), flag + " " + dev));
     }
     pos = comma + 1;
@@ -428,11 +492,19 @@ std::vector<std::pair<std::string, int64_t>> parse_budget_overrides(const std::s
 
 void apply_budget_overrides(Budgets& b, const std::string& text, const std::string& flag,
                             Device::Kind bare_kind) {
-  for (const auto& [dev, bytes] : parse_budget_overrides(text, flag)) {
-    if (!dev.empty()) {
-      b.bytes[dev] = bytes;
-    } else if (bare_kind == Device::Cpu) {
+  const auto items = parse_budget_overrides(text, flag);
+  // Whole-host items first (they re-split the node budgets), then per-node ones.
+  for (const auto& [dev, bytes] : items) {
+    if (dev == "cpu" || (dev.empty() && bare_kind == Device::Cpu)) {
       b.bytes["cpu"] = bytes;
+      split_host_budget(b, bytes);
+    }
+  }
+  for (const auto& [dev, bytes] : items) {
+    if (dev == "cpu" || (dev.empty() && bare_kind == Device::Cpu)) {
+      continue;
+    } else if (!dev.empty()) {
+      b.bytes[dev] = bytes;
     } else {
       bool any = false;
       for (auto& [name, v] : b.bytes) {

@@ -190,7 +190,7 @@ TEST(MemoryPlan, LayerSplitAndRuntimeTerms) {
 
 TEST(MemoryPlan, MultiGpuEmbeddingHeadAndNumaNodes) {
   // Layers 0-23 on cuda:0, 24-47 on cuda:1, a few experts on NUMA node 1: the embedding goes
-  // with layer 0, the head with layer 47, cpu:1 counts under `cpu`.
+  // with layer 0, the head with layer 47, cpu:1 counts under its own pool (NUMA, issue 7).
   auto p = ktune::make_uniform_placement(qwen(), Device::cuda(0), Device::cuda(0));
   for (int l = 24; l < 48; ++l) {
     p.layers[l].attention = Device::cuda(1);
@@ -201,12 +201,12 @@ TEST(MemoryPlan, MultiGpuEmbeddingHeadAndNumaNodes) {
   b.bytes["cuda:1"] = 80 * ktune::kGiB;
   const auto plan = ktune::plan_memory(qwen(), QuantType::Q4_0, QuantType::Q4_0, p, b);
   ASSERT_EQ(plan.per_device.size(), 3u);
-  EXPECT_EQ(plan.per_device.begin()->first, "cpu");
+  EXPECT_EQ(plan.per_device.begin()->first, "cpu:1");
   const auto& g0 = plan.per_device.at("cuda:0");
   const auto& g1 = plan.per_device.at("cuda:1");
   EXPECT_EQ(g0.weights, 24 * 128 * kExpert + 24 * kAttentionLayer + kEmbedding);
   EXPECT_EQ(g1.weights, (24 * 128 - 1) * kExpert + 24 * kAttentionLayer + kHead);
-  EXPECT_EQ(plan.per_device.at("cpu").weights, kExpert);
+  EXPECT_EQ(plan.per_device.at("cpu:1").weights, kExpert);
   EXPECT_EQ(g0.kv_cache, kKvGpu / 2);
   EXPECT_EQ(g0.workspace,
             kAttnAct + kScores + kExpertAct + ktune::kGpuContextReserve + ktune::kGpuCommReserve);
@@ -308,7 +308,7 @@ TEST(MemoryPlanBudgets, Overrides) {
   EXPECT_EQ(b.bytes["cpu"], 90 * ktune::kGiB);
 
   for (const char* bad :
-       {"cuda:x=5GiB", "cpu:0=5GiB", "cuda:0=", "=5GiB", "cuda:0=5GiB,,", "cuda:0=-1GiB", "  "}) {
+       {"cuda:x=5GiB", "cuda:0=", "=5GiB", "cuda:0=5GiB,,", "cuda:0=-1GiB", "  "}) {
     ktune::Budgets c = b;
     try {
       ktune::apply_budget_overrides(c, bad, "--gpu-mem", Device::Cuda);

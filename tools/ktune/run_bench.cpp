@@ -23,6 +23,7 @@
 #include "ktune/engine/gpu_info.h"
 #include "ktune/engine/host_info.h"
 #include "ktune/engine/interrupt.h"
+#include "ktune/engine/numa.h"
 #include "ktune/engine/synthetic.h"
 #include "ktune/engine/thread_pool.h"
 #include "model_arg.h"
@@ -364,6 +365,7 @@ PlannedRun plan_run(Placement placement, const std::string& label, const ModelSh
   r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
   check_fits(r.plan);
   check_gpus_present(r.placement);
+  check_numa_nodes_present(r.placement, host_numa_topology());
   r.engine = choose_engine(r.placement, r.label);
   r.summary = summarize_placement(r.label, r.placement, r.plan, r.engine);
   return r;
@@ -791,7 +793,18 @@ std::string describe_layer_devices(const Placement& p, int max_groups) {
   return out;
 }
 
-EngineKind choose_engine(const Placement& p, const std::string& where) {
+EngineKind choose_engine(const Placement& p, const std::string& where, int numa_nodes) {
+  // [issue 7 NUMA] Placements on cpu:N, on a machine with several nodes.
+  if (!placement_numa_nodes(p).empty()) {
+    if (numa_nodes <= 0) numa_nodes = host_numa_topology().size();
+    if (numa_nodes > 1) {
+      throw Error(where,
+                  "placements on NUMA nodes (" + describe_layer_devices(p) +
+                      ") are not implemented in this build yet (the engines run one CPU pool "
+                      "over all " + std::to_string(numa_nodes) + " nodes)",
+                  "put the CPU experts on plain cpu (every node)");
+    }
+  }
   bool any_cpu = false;
   std::set<Device> gpus;
   for (int64_t l = 0; l < p.n_layers(); ++l) {

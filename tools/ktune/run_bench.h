@@ -59,7 +59,11 @@ const char* engine_kind_name(EngineKind k);  // "cpu" | "gpu" | "hybrid"
 // cuda:0 (some on cpu) -> Hybrid (the GpuEngine with CPU experts; no CUDA graph yet). Anything
 // else throws ktune::Error (exit 1) naming `where`: attention on the CPU with experts on a GPU
 // (naming the layers and the devices of every group of layers), or GPUs other than cuda:0.
-EngineKind choose_engine(const Placement& p, const std::string& where);
+// NUMA [issue 7]: a placement naming nodes (cpu:N) on a machine with several nodes is refused
+// for now (`numa_nodes` = this machine's node count; <= 0: read it): the CpuEngine has one pool
+// over the whole host and the GPU engine's CPU side does not use NumaCpuMoe yet. On one node,
+// cpu:0 is plain cpu.
+EngineKind choose_engine(const Placement& p, const std::string& where, int numa_nodes = 0);
 
 // Runtime settings from the command line and the environment, applied over the placement's.
 struct RuntimeOverrides {

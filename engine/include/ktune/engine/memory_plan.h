@@ -62,25 +62,37 @@ struct DeviceUse {
   std::string breakdown() const;
 };
 
-// Per-device budgets in bytes, keyed "cpu", "cuda:0", ...
+// Per-device budgets in bytes, keyed "cpu", "cpu:0", "cuda:0", ...
 struct Budgets {
   std::map<std::string, int64_t, DeviceNameLess> bytes;
   std::string gpu_note;  // why there are no GPU budgets (no GPU here), for messages
+  // This machine's NUMA nodes (the cpu:N pools it has) and each one's MemTotal (-1: unknown);
+  // empty when unknown (a plan for another machine: cpu:N pools are then not checked unless
+  // they have a budget). `cpu=SIZE` overrides split SIZE over them by MemTotal.
+  std::vector<std::pair<int, int64_t>> numa_nodes;
 };
 
 struct MemoryPlan {
-  // Devices the placement uses; every CPU device (cpu, cpu:N) is counted under "cpu", since they
-  // share the host's memory.
+  // Pools of the devices the placement uses. A placement that names no NUMA node counts every
+  // CPU device under "cpu" (the host's memory); one that names nodes counts each under its
+  // cpu:N (node N's memory), and may not use plain cpu as well (plan_memory throws).
   std::map<std::string, DeviceUse, DeviceNameLess> per_device;
   Budgets budgets;              // what the plan was checked against (for check_fits' messages)
   std::string summary() const;  // one line per device
 };
 
 // GPUs: total memory - kGpuBudgetHeadroom; host: MemAvailable - kHostBudgetHeadroom (absent
-// when unknown).
+// when unknown); each NUMA node N of this machine: cpu:N = its MemTotal share of the host
+// budget (add_numa_budgets).
 Budgets default_budgets();
-// Parses "cuda:0=70GiB,cuda:1=20000MiB" / "cpu=100GiB" / "70GiB" (a bare size: every device of
-// `bare_kind` in `b`; the cpu for Cpu). Units: B, KiB/MiB/GiB/TiB (also K/M/G/T), KB/MB/GB/TB
+// Sets b.numa_nodes from `nodes` (id, MemTotal or -1) and, when b has a "cpu" budget, cpu:N =
+// that budget * MemTotal(N) / sum of MemTotal (equal shares when any MemTotal is unknown; node
+// order decides where the rounding remainder goes: the last node). One node gets "cpu" exactly.
+void add_numa_budgets(Budgets& b, const std::vector<std::pair<int, int64_t>>& nodes);
+// Parses "cuda:0=70GiB,cuda:1=20000MiB" / "cpu=100GiB" / "cpu:0=100GiB,cpu:1=90GiB" / "70GiB"
+// (a bare size: every device of `bare_kind` in `b`; the cpu for Cpu). `cpu=SIZE` (or a bare
+// size for Cpu) also re-splits the node budgets of b.numa_nodes by MemTotal; a cpu:N item sets
+// that node's budget (after any cpu item of the same text, whatever the order). Units: B, KiB/MiB/GiB/TiB (also K/M/G/T), KB/MB/GB/TB
 // (powers of 1000), case-insensitive; decimals allowed. Throws a usage error naming `flag` on a
 // malformed, negative or absurd (> 1 PiB) value or a bad device.
 std::vector<std::pair<std::string, int64_t>> parse_budget_overrides(const std::string& text,
@@ -114,8 +126,9 @@ MemoryPlan plan_memory(const ModelWeights& w, const Placement& p, const Budgets&
                        const PlanOptions& opt = {});
 
 // Throws ktune::Error (runtime) for the first device, in device order, that needs more than its
-// budget, or a GPU with no budget ("no such device here"). A CPU without a known budget is not
-// checked.
+// budget, a GPU with no budget ("no such device here"), or a cpu:N pool that has no budget while
+// the budgets know this machine's nodes ("cpu:1: no such NUMA node here (this machine has
+// cpu:0)"). A CPU pool without a known budget is not checked otherwise.
 void check_fits(const MemoryPlan& plan);
 
 }  // namespace ktune

@@ -25,6 +25,10 @@ class ThreadPool {
  public:
   // n_threads <= 0: one per physical core. pin: bind worker i to one CPU of core i.
   explicit ThreadPool(int n_threads = 0, bool pin = true);
+  // One thread per entry of `cpus` (at least one): worker i bound to cpus[i] when pin; cpus[0]
+  // is where the caller (thread 0) should run, it is not pinned here. For a NUMA node's worker
+  // group (engine/runtime/cpu_moe_numa.h). [issue 7 NUMA: added constructor]
+  explicit ThreadPool(const std::vector<int>& cpus, bool pin = true);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -68,6 +72,7 @@ class ThreadPool {
   const std::vector<int>& pinned_cpus() const { return pinned_cpus_; }
 
  private:
+  void start(int n_threads, const std::vector<int>& cpus);
   void worker_loop(int index);
   void run_task(int ith);
   int n_threads_ = 1;
