@@ -21,6 +21,16 @@
 // over all of the host (n_threads, pinned as ThreadPool does) and one CpuMoe: cpu:0 on a
 // one-node machine is exactly cpu. A placement that names nodes may not also put experts on
 // plain cpu (there is no one pool of "all" next to the node groups): that is an error.
+//
+// Wiring into the hybrid GPU engine (not done here; engine/cuda is another owner's):
+// GpuEngineOptions must carry each CPU expert's device (a resolved Placement, or a Placement
+// built in code whose layers[l].experts are the devices: only those are read); gpu_engine.cpp
+// replaces `pool = ThreadPool(opt.cpu_threads, opt.pin_threads); cpu_moe = CpuMoe(w, *pool)` by
+// `NumaCpuMoe(w, placement, host_numa_topology(), {opt.cpu_threads, opt.pin_threads})`; the
+// CpuExpertDriver and the host-driven path call its compute() (CpuMoe's signature); the driver
+// thread is pinned to caller_cpu() when it is >= 0 (else the current free-core rule over
+// group_pool(0).pinned_cpus()); reports print threads() and bind_report().note; then the
+// refusal of node placements in ktune run's choose_engine goes.
 #pragma once
 
 #include <cstdint>
