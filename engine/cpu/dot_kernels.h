@@ -35,6 +35,26 @@ struct KernelSet {
   QuantizeQ8Fn quantize_q8_0;
 };
 
+// K-quant weights × Q8_K activations (dot_kquant_*.cpp), a set apart so the Q4_0/Q8_0 files stay
+// as they are. Isa::Avx512 without VNNI uses the AVX2 set.
+struct KQuantKernelSet {
+  MatmulFn q4_k;
+  MatmulFn q5_k;
+  MatmulFn q6_k;
+  QuantizeQ8Fn quantize_q8_k;  // n % 256 == 0; bit-exact with quantize_row(Q8_K)
+};
+
+const KQuantKernelSet& scalar_kquant_kernels();
+const KQuantKernelSet& avx2_kquant_kernels();
+const KQuantKernelSet& avx512vnni_kquant_kernels();
+
+// Scalar K-quant dots: per super-block the exact integer sums (scale-weighted sub-block dots,
+// and for Q4_K/Q5_K the mins against Q8_K's bsums), then in float
+//   sum += (fp16(d) * a.d) * sumi;  sum -= (fp16(dmin) * a.d) * summ.
+float dot_q4_k_q8_k_scalar(int64_t n, const void* w, const void* a);
+float dot_q5_k_q8_k_scalar(int64_t n, const void* w, const void* a);
+float dot_q6_k_q8_k_scalar(int64_t n, const void* w, const void* a);
+
 const KernelSet& scalar_kernels();
 const KernelSet& avx2_kernels();
 const KernelSet& avx512_kernels();

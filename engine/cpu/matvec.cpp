@@ -30,10 +30,25 @@ const detail::KernelSet& kernel_set(Isa isa) {
   return detail::scalar_kernels();
 }
 
+const detail::KQuantKernelSet& kquant_set(Isa isa) {
+  const Isa hw = detail::hardware_isa();
+  if (isa > hw) isa = hw;
+  switch (isa) {
+    case Isa::Avx512Vnni:
+      return detail::avx512vnni_kquant_kernels();
+    case Isa::Avx512:  // AVX-512 without VNNI (Skylake-SP): the 256-bit kernels
+    case Isa::Avx2:
+      return detail::avx2_kquant_kernels();
+    case Isa::Scalar:
+      break;
+  }
+  return detail::scalar_kquant_kernels();
+}
+
 [[noreturn]] void throw_unsupported(QuantType w) {
   throw Error("CPU kernels", "unsupported weight type " + ggml_type_name(static_cast<uint32_t>(w)),
-              "ktune's CPU kernels take F32, F16, BF16, Q8_0 and Q4_0 weights; convert the model "
-              "to one of these");
+              "ktune's CPU kernels take F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K weights; "
+              "convert the model to one of these");
 }
 
 detail::MatmulFn matmul_fn(QuantType w, Isa isa) {
@@ -49,6 +64,14 @@ detail::MatmulFn matmul_fn(QuantType w, Isa isa) {
       return set.bf16;
     case QuantType::F32:
       return set.f32;
+    case QuantType::Q4_K:
+      return kquant_set(isa).q4_k;
+    case QuantType::Q5_K:
+      return kquant_set(isa).q5_k;
+    case QuantType::Q6_K:
+      return kquant_set(isa).q6_k;
+    case QuantType::Q8_K:
+      break;
   }
   throw_unsupported(w);
 }
@@ -76,6 +99,14 @@ VecDotFn dot_for_type(QuantType w) {
       return dot_adapter<kIsa, QuantType::BF16>;
     case QuantType::F32:
       return dot_adapter<kIsa, QuantType::F32>;
+    case QuantType::Q4_K:
+      return dot_adapter<kIsa, QuantType::Q4_K>;
+    case QuantType::Q5_K:
+      return dot_adapter<kIsa, QuantType::Q5_K>;
+    case QuantType::Q6_K:
+      return dot_adapter<kIsa, QuantType::Q6_K>;
+    case QuantType::Q8_K:
+      break;
   }
   throw_unsupported(w);
 }
@@ -100,6 +131,12 @@ QuantType activation_type(QuantType weight) {
     case QuantType::BF16:
     case QuantType::F32:
       return QuantType::F32;
+    case QuantType::Q4_K:
+    case QuantType::Q5_K:
+    case QuantType::Q6_K:
+      return QuantType::Q8_K;
+    case QuantType::Q8_K:
+      break;
   }
   throw_unsupported(weight);
 }
@@ -111,7 +148,11 @@ void quantize_activation(QuantType weight, const float* x, void* dst, int64_t n,
     std::memcpy(dst, x, static_cast<size_t>(bytes));
     return;
   }
-  kernel_set(isa).quantize_q8_0(x, dst, n);
+  if (at == QuantType::Q8_K) {
+    kquant_set(isa).quantize_q8_k(x, dst, n);
+  } else {
+    kernel_set(isa).quantize_q8_0(x, dst, n);
+  }
 }
 
 VecDotFn vec_dot(QuantType w, Isa isa) {

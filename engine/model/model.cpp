@@ -123,6 +123,10 @@ uint32_t llama_file_type(QuantType quant) {
     case QuantType::Q4_0: return 2;
     case QuantType::Q8_0: return 7;
     case QuantType::BF16: return 32;
+    case QuantType::Q4_K: return 14;  // Q4_K_S: every matrix Q4_K (Q4_K_M is 15)
+    case QuantType::Q5_K: return 16;  // Q5_K_S (Q5_K_M is 17)
+    case QuantType::Q6_K: return 18;
+    case QuantType::Q8_K: return 0;   // not a weight type
   }
   return 0;
 }

@@ -10,6 +10,7 @@
 #include <iterator>
 
 #include "ktune/engine/error.h"
+#include "quant/kquant.h"
 
 namespace ktune {
 namespace {
@@ -44,14 +45,19 @@ const char* known_ggml_name(uint32_t id) {
   return id < std::size(kGgmlNames) ? kGgmlNames[id] : nullptr;
 }
 
-constexpr QuantType kAllTypes[] = {QuantType::F32, QuantType::F16, QuantType::BF16, QuantType::Q8_0,
-                                   QuantType::Q4_0};
+constexpr QuantType kAllTypes[] = {QuantType::F32,  QuantType::F16,  QuantType::BF16,
+                                   QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K,
+                                   QuantType::Q5_K, QuantType::Q6_K, QuantType::Q8_K};
+// What parse_quant_name accepts: the types a weight may have (Q8_K is an activation format).
+constexpr QuantType kWeightTypes[] = {QuantType::F32,  QuantType::F16,  QuantType::BF16,
+                                      QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K,
+                                      QuantType::Q5_K, QuantType::Q6_K};
 
 void check_type(QuantType t, const char* where) {
   if (!is_supported_quant(static_cast<uint32_t>(t))) {
     throw Error(where, "unsupported type " + ggml_type_name(static_cast<uint32_t>(t)),
-                "ktune computes with F32, F16, BF16, Q8_0 and Q4_0; convert the model to one "
-                "of these");
+                "ktune computes with F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K; convert "
+                "the model to one of these");
   }
 }
 
@@ -127,6 +133,14 @@ const char* quant_name(QuantType t) {
       return "Q8_0";
     case QuantType::Q4_0:
       return "Q4_0";
+    case QuantType::Q4_K:
+      return "Q4_K";
+    case QuantType::Q5_K:
+      return "Q5_K";
+    case QuantType::Q6_K:
+      return "Q6_K";
+    case QuantType::Q8_K:
+      return "Q8_K";
   }
   return "unknown";
 }
@@ -145,7 +159,7 @@ std::optional<QuantType> parse_quant_name(std::string_view name) {
   while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) {
     name.remove_suffix(1);
   }
-  for (QuantType t : kAllTypes) {
+  for (QuantType t : kWeightTypes) {
     const std::string_view candidate = quant_name(t);
     if (candidate.size() != name.size()) continue;
     bool equal = true;
@@ -160,12 +174,23 @@ std::optional<QuantType> parse_quant_name(std::string_view name) {
 QuantType parse_quant_or_throw(std::string_view name, const std::string& where) {
   if (auto t = parse_quant_name(name)) return *t;
   throw_usage(where, "unknown quant type '" + std::string(name) + "'",
-              "use one of f32, f16, bf16, q8_0, q4_0");
+              "use one of f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k");
 }
 
 int64_t block_elems(QuantType t) {
   check_type(t, "block_elems");
-  return (t == QuantType::Q4_0 || t == QuantType::Q8_0) ? kQBlock : 1;
+  switch (t) {
+    case QuantType::Q4_0:
+    case QuantType::Q8_0:
+      return kQBlock;
+    case QuantType::Q4_K:
+    case QuantType::Q5_K:
+    case QuantType::Q6_K:
+    case QuantType::Q8_K:
+      return kQK_K;
+    default:
+      return 1;
+  }
 }
 
 int64_t block_bytes(QuantType t) {
@@ -180,6 +205,14 @@ int64_t block_bytes(QuantType t) {
       return sizeof(BlockQ8_0);
     case QuantType::Q4_0:
       return sizeof(BlockQ4_0);
+    case QuantType::Q4_K:
+      return sizeof(BlockQ4_K);
+    case QuantType::Q5_K:
+      return sizeof(BlockQ5_K);
+    case QuantType::Q6_K:
+      return sizeof(BlockQ6_K);
+    case QuantType::Q8_K:
+      return sizeof(BlockQ8_K);
   }
   return 0;
 }
@@ -217,6 +250,18 @@ void quantize_row(QuantType t, const float* src, void* dst, int64_t n) {
       break;
     case QuantType::Q4_0:
       quantize_q4_0(src, static_cast<BlockQ4_0*>(dst), nb);
+      break;
+    case QuantType::Q4_K:
+      kquant::quantize_q4_k(src, static_cast<BlockQ4_K*>(dst), nb);
+      break;
+    case QuantType::Q5_K:
+      kquant::quantize_q5_k(src, static_cast<BlockQ5_K*>(dst), nb);
+      break;
+    case QuantType::Q6_K:
+      kquant::quantize_q6_k(src, static_cast<BlockQ6_K*>(dst), nb);
+      break;
+    case QuantType::Q8_K:
+      kquant::quantize_q8_k(src, static_cast<BlockQ8_K*>(dst), nb);
       break;
   }
 }
@@ -256,6 +301,18 @@ void dequantize_row(QuantType t, const void* src, float* dst, int64_t n) {
       }
       break;
     }
+    case QuantType::Q4_K:
+      kquant::dequantize_q4_k(static_cast<const BlockQ4_K*>(src), dst, nb);
+      break;
+    case QuantType::Q5_K:
+      kquant::dequantize_q5_k(static_cast<const BlockQ5_K*>(src), dst, nb);
+      break;
+    case QuantType::Q6_K:
+      kquant::dequantize_q6_k(static_cast<const BlockQ6_K*>(src), dst, nb);
+      break;
+    case QuantType::Q8_K:
+      kquant::dequantize_q8_k(static_cast<const BlockQ8_K*>(src), dst, nb);
+      break;
   }
 }
 

@@ -189,6 +189,7 @@ struct CpuMoe::Impl {
                   "use a qwen3moe model with n_experts_used in 1..n_experts");
     }
     int64_t ga_bytes = 0, ua_bytes = 0, da_bytes = 0;
+    int64_t da_block = 1;  // largest block of the down activations (32 Q8_0, 256 Q8_K)
     bool down_f32 = false;
     for (int64_t l = 0; l < layers; ++l) {
       const LayerWeights& L = w.layers[l];
@@ -200,12 +201,13 @@ struct CpuMoe::Impl {
       ua_bytes = std::max(ua_bytes, act_row_bytes(L.up_exps.type, hidden));
       da_bytes = std::max(da_bytes, act_row_bytes(L.down_exps.type, ffn));
       down_f32 = down_f32 || cpu::activation_type(L.down_exps.type) == QuantType::F32;
+      da_block = std::max(da_block, block_elems(cpu::activation_type(L.down_exps.type)));
     }
 
     const char* sched = std::getenv("KTUNE_CPU_MOE_SCHED");
     flow = !(sched != nullptr && std::string(sched) == "barrier");
-    // A gate/up item quantizes whole Q8_0 blocks (32) of the down activation.
-    const int64_t blk = down_f32 && da_bytes == 0 ? 1 : 32;
+    // A gate/up item quantizes whole blocks of the down activation (32 for Q8_0, 256 for Q8_K).
+    const int64_t blk = down_f32 && da_bytes == 0 ? 1 : std::max<int64_t>(32, da_block);
     unit = round_up(env_knob("KTUNE_CPU_MOE_UNIT_ROWS", 64, 1, 1 << 20), blk);
     units_per_expert = (ffn + unit - 1) / unit;
     down_rows = round_up(env_knob("KTUNE_CPU_MOE_DOWN_ROWS", 32, 1, 1 << 20), 4);

@@ -130,10 +130,10 @@ TEST_F(CliTest, UnknownArchitecture) {
 }
 
 TEST_F(CliTest, UnsupportedQuantType) {
-  // Q4_K (ggml type 12) is a real ggml type ktune does not compute with (yet).
-  std::string b = with_tensor_type(bytes_of(good_), "blk.0.ffn_up_exps.weight", 12);
-  expect_one_line_error(run_ktune({"logits", "--model", write("q4k.gguf", b), "--tokens", "1"}),
-                        1, "Q4_K");
+  // IQ2_XXS (ggml type 16) is a real ggml type ktune does not compute with.
+  std::string b = with_tensor_type(bytes_of(good_), "blk.0.ffn_up_exps.weight", 16);
+  expect_one_line_error(run_ktune({"logits", "--model", write("iq2.gguf", b), "--tokens", "1"}),
+                        1, "IQ2_XXS");
 }
 
 TEST_F(CliTest, ShapeMismatch) {

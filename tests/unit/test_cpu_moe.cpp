@@ -26,7 +26,8 @@ namespace {
 const ModelWeights& tiny(QuantType q) {
   static const ModelWeights q8 = load_model("synth:tiny:q8_0");
   static const ModelWeights q4 = load_model("synth:tiny:q4_0");
-  return q == QuantType::Q8_0 ? q8 : q4;
+  static const ModelWeights q4k = load_model("synth:tiny:q4_k");  // Q8_K activations
+  return q == QuantType::Q8_0 ? q8 : q == QuantType::Q4_K ? q4k : q4;
 }
 
 // A hidden state like the engine's MoE input: RMS-normed random values times the layer's norm.
@@ -392,7 +393,8 @@ TEST(CpuMoeSpin, RaisesThePoolSpinOnlyForWorkersWithCoresOfTheirOwn) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(CpuMoe, CpuMoeTest, ::testing::Values(QuantType::Q8_0, QuantType::Q4_0),
+INSTANTIATE_TEST_SUITE_P(CpuMoe, CpuMoeTest,
+                         ::testing::Values(QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K),
                          [](const ::testing::TestParamInfo<QuantType>& i) {
                            return std::string(quant_name(i.param));
                          });

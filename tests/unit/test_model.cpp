@@ -589,13 +589,15 @@ TEST(ModelGgufLoader, UnsupportedTypeListsSupportedOnes) {
   TempDir dir;
   Variant v;
   v.retype = "blk.0.ffn_up_exps.weight";
-  v.type = 12;  // ggml's Q4_K
+  v.type = 16;  // ggml's IQ2_XXS
   const std::string e = error_of([&] { ktune::load_gguf_model(write_variant(dir, v)); });
-  EXPECT_NE(e.find("tensor blk.0.ffn_up_exps.weight has type Q4_K, which ktune does not support "
-                   "yet; supported: F32, F16, "),
+  EXPECT_NE(e.find("tensor blk.0.ffn_up_exps.weight has type IQ2_XXS, which ktune does not "
+                   "support yet; supported: F32, F16, "),
             std::string::npos)
       << e;
-  for (const char* t : {"BF16", "Q8_0", "Q4_0"}) EXPECT_NE(e.find(t), std::string::npos) << e;
+  for (const char* t : {"BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"}) {
+    EXPECT_NE(e.find(t), std::string::npos) << e;
+  }
 }
 
 TEST(ModelGgufLoader, NormWeightsMustBeF32) {

@@ -167,6 +167,8 @@ TEST_P(QuantRoundTrip, ErrorWithinFormatBound) {
           case QuantType::Q4_0:
             bound = amax / 8.0f * (1.0f + 8.0f * 0x1p-11f) * 1.001f + 8.0f * 0x1p-25f;
             break;
+          default:  // K-quants have their own bounds in test_kquant.cpp
+            FAIL() << quant_name(t) << " has no bound here";
         }
         ASSERT_LE(std::fabs(xv - yv), bound)
             << quant_name(t) << " element " << b * 32 + j << " x=" << xv << " y=" << yv;
@@ -296,7 +298,8 @@ TEST(QuantNames, ParseIsCaseInsensitiveAndTrimmed) {
   EXPECT_EQ(parse_quant_name("bf16"), QuantType::BF16);
   EXPECT_EQ(parse_quant_name("F16"), QuantType::F16);
   EXPECT_EQ(parse_quant_name("f32"), QuantType::F32);
-  EXPECT_EQ(parse_quant_name("q4_k"), std::nullopt);
+  EXPECT_EQ(parse_quant_name("q4_k"), QuantType::Q4_K);
+  EXPECT_EQ(parse_quant_name("q3_k"), std::nullopt);
   EXPECT_EQ(parse_quant_name(""), std::nullopt);
   EXPECT_EQ(parse_quant_name("q4_0x"), std::nullopt);
 }
@@ -304,12 +307,12 @@ TEST(QuantNames, ParseIsCaseInsensitiveAndTrimmed) {
 TEST(QuantNames, ParseOrThrowIsAUsageErrorNamingTheField) {
   EXPECT_EQ(parse_quant_or_throw(" Q8_0", "--quant"), QuantType::Q8_0);
   try {
-    parse_quant_or_throw("q5_k", "--quant");
+    parse_quant_or_throw("q3_k", "--quant");
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::Usage);
     EXPECT_EQ(e.where(), "--quant");
-    EXPECT_NE(std::string(e.what()).find("q5_k"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("q3_k"), std::string::npos);
     EXPECT_NE(e.fix().find("q4_0"), std::string::npos);
   }
 }
@@ -319,9 +322,10 @@ TEST(QuantNames, GgmlTypeNames) {
   EXPECT_EQ(ggml_type_name(2), "Q4_0");
   EXPECT_EQ(ggml_type_name(8), "Q8_0");
   EXPECT_EQ(ggml_type_name(30), "BF16");
-  EXPECT_EQ(ggml_type_name(12), "Q4_K (ggml type 12)");
+  EXPECT_EQ(ggml_type_name(12), "Q4_K");
+  EXPECT_EQ(ggml_type_name(11), "Q3_K (ggml type 11)");
   EXPECT_EQ(ggml_type_name(3), "Q4_1 (ggml type 3)");
-  EXPECT_EQ(ggml_type_name(14), "Q6_K (ggml type 14)");
+  EXPECT_EQ(ggml_type_name(14), "Q6_K");
   EXPECT_EQ(ggml_type_name(20), "IQ4_NL (ggml type 20)");
   EXPECT_EQ(ggml_type_name(39), "MXFP4 (ggml type 39)");
   EXPECT_EQ(ggml_type_name(1000), "ggml type 1000");
@@ -329,7 +333,8 @@ TEST(QuantNames, GgmlTypeNames) {
   EXPECT_STREQ(quant_name(QuantType::BF16), "BF16");
   EXPECT_TRUE(is_supported_quant(2));
   EXPECT_TRUE(is_supported_quant(30));
-  EXPECT_FALSE(is_supported_quant(12));
+  EXPECT_TRUE(is_supported_quant(12));
+  EXPECT_FALSE(is_supported_quant(11));
   EXPECT_FALSE(is_supported_quant(3));
 }
 
@@ -367,10 +372,10 @@ TEST(QuantSizes, RowBytesRejectsPartialBlocks) {
 
 TEST(QuantSizes, UnsupportedTypeIsAnErrorNamingIt) {
   try {
-    block_bytes(static_cast<QuantType>(12));
+    block_bytes(static_cast<QuantType>(11));
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("Q4_K"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Q3_K"), std::string::npos) << e.what();
   }
 }
 

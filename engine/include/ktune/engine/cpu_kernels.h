@@ -3,7 +3,8 @@
 //
 // Weights stay in their storage type. Activations are converted once per matrix-vector product
 // into the type the weight's kernel multiplies with (activation_type): Q8_0 blocks for Q4_0 and
-// Q8_0 weights (integer dot products, as ggml does), F32 for F32/F16/BF16 weights.
+// Q8_0 weights (integer dot products, as ggml does), Q8_K super-blocks for Q4_K/Q5_K/Q6_K weights
+// (as ggml does too), F32 for F32/F16/BF16 weights.
 //
 // Every entry point taking an Isa clamps it to what this CPU has, so no call can fault with an
 // illegal instruction. For a given Isa, matvec_rows and matmul_rows give bit-identical results to
