@@ -4,6 +4,7 @@
 // the mapping.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <unordered_set>
@@ -390,6 +391,7 @@ File File::open(const std::string& path) {
   detail::MappedFile m = detail::map_file_readonly(path, "GGUF model");
   File f;
   f.path_ = path;
+  f.part_paths_ = {path};
   f.mapping_ = std::move(m.keep);
   f.base_ = m.data;
   f.size_ = m.size;
@@ -397,9 +399,110 @@ File File::open(const std::string& path) {
   return f;
 }
 
+namespace {
+
+// llama.cpp's split file names: PREFIX-%05d-of-%05d.gguf with 1-based part numbers.
+std::string split_part_name(const std::string& prefix, uint64_t part, uint64_t count) {
+  char tail[64];
+  std::snprintf(tail, sizeof tail, "-%05llu-of-%05llu.gguf", static_cast<unsigned long long>(part),
+                static_cast<unsigned long long>(count));
+  return prefix + tail;
+}
+
+const char kSplitFix[] =
+    "keep all parts of a split model in one folder, named as llama.cpp's gguf-split names them "
+    "(NAME-00001-of-0000N.gguf ...), and pass the first part";
+
+}  // namespace
+
+File File::open_split(const std::string& first_part) {
+  File f = open(first_part);
+  if (f.find("split.count") == nullptr) return f;
+  const uint64_t count = f.get_uint("split.count");
+  const uint64_t no = f.get_uint_or("split.no", 0);
+  if (count > 1) {
+    char tail[64];
+    std::snprintf(tail, sizeof tail, "-00001-of-%05llu.gguf", static_cast<unsigned long long>(count));
+    if (no != 0) {
+      throw Error(first_part,
+                  "is part " + std::to_string(no + 1) + " of a model split into " +
+                      std::to_string(count) + " files (split.no = " + std::to_string(no) + ")",
+                  std::string("pass the first part (the file whose name ends in ") + tail + ")");
+    }
+  }
+  if (count <= 1) return f;
+  if (count > 100000) {
+    throw Error(first_part, "split.count is " + std::to_string(count), kDamagedFix);
+  }
+  // The other parts' names follow from the first one's: PREFIX-00001-of-0000N.gguf.
+  const std::string first_tail = split_part_name("", 1, count);
+  if (first_part.size() <= first_tail.size() ||
+      first_part.compare(first_part.size() - first_tail.size(), first_tail.size(), first_tail) !=
+          0) {
+    throw Error(first_part,
+                "is the first part of a model split into " + std::to_string(count) +
+                    " files, but its name does not end in " + first_tail +
+                    ", so the other parts cannot be found",
+                kSplitFix);
+  }
+  const std::string prefix = first_part.substr(0, first_part.size() - first_tail.size());
+  std::unordered_set<std::string> names;
+  for (const TensorInfo& t : f.tensors_) names.insert(t.name);
+  for (uint64_t i = 1; i < count; ++i) {
+    const std::string path = split_part_name(prefix, i + 1, count);
+    std::FILE* probe = std::fopen(path.c_str(), "rb");
+    if (probe == nullptr) {
+      throw Error(path,
+                  "part " + std::to_string(i + 1) + " of " + std::to_string(count) +
+                      " of the split model " + first_part + " is missing or unreadable",
+                  kSplitFix);
+    }
+    std::fclose(probe);
+    File part = open(path);
+    const Value* pc = part.find("split.count");
+    const Value* pn = part.find("split.no");
+    const uint64_t part_count = pc ? part.get_uint("split.count") : 0;
+    const uint64_t part_no = pn ? part.get_uint("split.no") : 0;
+    if (pc == nullptr || pn == nullptr || part_count != count || part_no != i) {
+      throw Error(path,
+                  "does not belong to the split model " + first_part + ": expected split.no " +
+                      std::to_string(i) + " of split.count " + std::to_string(count) + ", found " +
+                      (pn ? "split.no " + std::to_string(part_no) : std::string("no split.no")) +
+                      (pc ? " of split.count " + std::to_string(part_count)
+                          : std::string(" and no split.count")),
+                  "the parts come from different downloads or models; download the parts "
+                  "again from one source");
+    }
+    for (TensorInfo& t : part.tensors_) {
+      if (!names.insert(t.name).second) {
+        throw Error(path, "tensor '" + t.name + "' is also in an earlier part", kDamagedFix);
+      }
+      t.part = static_cast<uint32_t>(i);
+      f.tensors_.push_back(std::move(t));
+    }
+    f.part_mappings_.push_back(part.mapping_);
+    f.part_paths_.push_back(path);
+  }
+  if (f.find("split.tensors.count") != nullptr) {
+    const uint64_t want = f.get_uint("split.tensors.count");
+    if (want != f.tensors_.size()) {
+      throw Error(first_part,
+                  "split.tensors.count says the model has " + std::to_string(want) +
+                      " tensors, its " + std::to_string(count) + " parts hold " +
+                      std::to_string(f.tensors_.size()),
+                  "a part is damaged or from another model; download the parts again");
+    }
+  }
+  f.tensor_index_.clear();
+  f.tensor_index_.reserve(f.tensors_.size());
+  for (size_t k = 0; k < f.tensors_.size(); ++k) f.tensor_index_.emplace(f.tensors_[k].name, k);
+  return f;
+}
+
 File File::from_memory(const uint8_t* data, size_t size, const std::string& name) {
   File f;
   f.path_ = name;
+  f.part_paths_ = {name};
   f.base_ = data;
   f.size_ = size;
   if (size == 0) {

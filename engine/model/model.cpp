@@ -194,7 +194,8 @@ int64_t meta_int(const gguf::File& f, const std::string& key) {
 }  // namespace
 
 ModelWeights load_gguf_model(const std::string& path) {
-  auto file = std::make_shared<gguf::File>(gguf::File::open(path));
+  // A split model (NAME-00001-of-0000N.gguf ...) loads from its first part.
+  auto file = std::make_shared<gguf::File>(gguf::File::open_split(path));
   const gguf::File& f = *file;
 
   const std::string arch = f.get_string("general.architecture");

@@ -218,7 +218,7 @@ double parse_router_skew(const std::string& text, const std::string& where) {
 
 SynthOptions parse_synth_spec(const std::string& spec) {
   const std::string fix = "use synth:PRESET[:QUANT], presets: " + preset_list() +
-                          "; quant: f32, f16, bf16, q8_0, q4_0";
+                          "; quant: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k";
   if (spec.rfind("synth:", 0) != 0) throw_usage(spec, "not a synthetic model spec", fix);
   const std::string rest = spec.substr(6);
   const size_t colon = rest.find(':');
@@ -246,7 +246,7 @@ SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
   if (opt.shape) opt.shape->validate("synthetic model " + opt.preset);
   if (!is_supported_quant(static_cast<uint32_t>(opt.quant))) {
     throw_usage(opt.preset, "unsupported quant type for a synthetic model",
-                "use f32, f16, bf16, q8_0 or q4_0");
+                "use f32, f16, bf16, q8_0, q4_0, q4_k, q5_k or q6_k");
   }
   if (!(opt.zipf_s >= 0.0) || !std::isfinite(opt.zipf_s)) {
     throw_usage("--router-skew", "the Zipf exponent must be finite and >= 0", "e.g. zipf:1.1");

@@ -216,7 +216,7 @@ TEST(SynthSpec, ErrorsAreUsageErrorsThatListChoices) {
   EXPECT_NE(unknown.find("unknown preset 'qwen9'"), std::string::npos) << unknown;
   EXPECT_NE(unknown.find("tiny, qwen3-30b-a3b, qwen3-235b-a22b"), std::string::npos) << unknown;
   EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("synth:qwen9"); }), 2);
-  EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("synth:tiny:q5_k"); }), 2);
+  EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("synth:tiny:q3_k"); }), 2);
   EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("synth:"); }), 2);
   EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("synth:tiny:q4_0:x"); }), 2);
   EXPECT_EQ(exit_code_of([] { ktune::parse_synth_spec("tiny"); }), 2);

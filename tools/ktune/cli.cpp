@@ -68,6 +68,7 @@ int run_cli(int argc, char** argv) {
   add_logits_command(app);
   add_gen_model_command(app);
   add_convert_command(app);
+  add_quantize_command(app);
   add_probe_command(app);
   add_info_command(app);
   add_profile_command(app);

@@ -69,6 +69,7 @@ struct TensorInfo {
   uint64_t offset = 0;      // relative to the start of the data section
   uint64_t nbytes = 0;      // computed from type and shape
   const uint8_t* data = nullptr;  // into the mapping (reader only)
+  uint32_t part = 0;        // which file of a split model holds it (0: the first; reader only)
 
   int64_t n_elements() const;
   QuantType quant() const { return static_cast<QuantType>(type); }
@@ -78,6 +79,14 @@ class File {
  public:
   // mmaps `path` read-only and parses it. Throws ktune::Error on any problem.
   static File open(const std::string& path);
+  // A model file that may be split (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf ...; the
+  // first part carries the metadata, every part split.no (0-based), split.count and
+  // split.tensors.count). Given the first part, maps every part and merges their tensors, so
+  // tensors() and find_tensor() see the whole model; a file without split.count is opened as
+  // open() does. Throws ktune::Error naming the file at fault: another part than the first, a
+  // missing part, a part whose split keys do not match, a tensor in two parts, or a tensor count
+  // that differs from split.tensors.count.
+  static File open_split(const std::string& first_part);
   // Parses a buffer the caller keeps alive (fuzzing, tests). `name` is used in error messages.
   static File from_memory(const uint8_t* data, size_t size, const std::string& name);
 
@@ -99,11 +108,15 @@ class File {
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find_tensor(std::string_view name) const;
+  // The files of a split model in order (just path() for one file).
+  const std::vector<std::string>& part_paths() const { return part_paths_; }
 
  private:
   void parse();
   std::string path_;
   std::shared_ptr<void> mapping_;  // keeps the mmap alive (null for from_memory)
+  std::vector<std::shared_ptr<void>> part_mappings_;  // the other parts of a split model
+  std::vector<std::string> part_paths_;
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
   uint32_t version_ = 0;
