@@ -20,7 +20,9 @@ constexpr float kGroupMaxEps = 1e-15f;  // ggml's GROUP_MAX_EPS: below it a grou
 // starts from the range (max - min) / nmax, then tries nstep + 1 other step counts around nmax
 // (rmin + rdelta * is) and keeps the one with the smallest weighted squared error. Returns the
 // scale, stores -min in *neg_min and the codes in L.
-float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min,
+// nmax is a template argument so the clamps and step counts are constants in the hot loops.
+template <int nmax>
+float fit_scale_min(int n, const float* x, const float* w, uint8_t* L, float* neg_min,
                     uint8_t* Laux, float rmin, float rdelta, int nstep) {
   float min = x[0];
   float max = x[0];
@@ -89,7 +91,8 @@ float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L,
 // Symmetric fit x ≈ scale * (L - nmax), L in 0..2*nmax-1, weighted by x² (ggml's rmse_type 1):
 // the largest-magnitude value maps to -nmax, then 18 nearby step counts are tried and the one
 // with the best weighted fit kept.
-float fit_scale_symmetric(int n, int nmax, const float* x, int8_t* L) {
+template <int nmax>
+float fit_scale_symmetric(int n, const float* x, int8_t* L) {
   float max = 0;
   float amax = 0;
   for (int i = 0; i < n; ++i) {
@@ -103,7 +106,7 @@ float fit_scale_symmetric(int n, int nmax, const float* x, int8_t* L) {
     std::fill(L, L + n, int8_t{0});
     return 0.0f;
   }
-  auto code = [nmax](float v) { return std::max(-nmax, std::min(nmax - 1, nearest_int(v))); };
+  auto code = [](float v) { return std::max(-nmax, std::min(nmax - 1, nearest_int(v))); };
   float iscale = static_cast<float>(-nmax) / max;
   float sumlx = 0;
   float suml2 = 0;
@@ -139,9 +142,8 @@ float fit_scale_symmetric(int n, int nmax, const float* x, int8_t* L) {
 // The scale/min stage shared by Q4_K and Q5_K: fits each 32-weight sub-block (codes 0..nmax),
 // quantizes the 8 scales and 8 mins to 6 bits against the largest of each, and packs them.
 // Returns the final codes in L.
-template <class Block>
-void fit_k4_block(const float* x, int nmax, float rmin, float rdelta, int nstep, Block& y,
-                  uint8_t* L) {
+template <int nmax, class Block>
+void fit_k4_block(const float* x, float rmin, float rdelta, int nstep, Block& y, uint8_t* L) {
   float scales[8], mins[8], weights[32];
   uint8_t Laux[32];
   float max_scale = 0;  // the min is subtracted, so scales are >= 0
@@ -152,8 +154,8 @@ void fit_k4_block(const float* x, int nmax, float rmin, float rdelta, int nstep,
     for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
     const float av_x = std::sqrt(sum_x2 / 32);
     for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
-    scales[j] = fit_scale_min(32, nmax, xs, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta,
-                              nstep);
+    scales[j] = fit_scale_min<nmax>(32, xs, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta,
+                                    nstep);
     if (scales[j] > max_scale) max_scale = scales[j];
     if (mins[j] > max_min) max_min = mins[j];
   }
@@ -190,22 +192,10 @@ void fit_k4_block(const float* x, int nmax, float rmin, float rdelta, int nstep,
 
 }  // namespace
 
-int nearest_int(float v) {
-  if (!(std::fabs(v) <= 4194303.f)) {
-    if (v != v) return 0;
-    return v > 0 ? 4194303 : -4194303;
-  }
-  // Adding 1.5 * 2^23 leaves the rounded integer in the low mantissa bits (ties to even).
-  const float shifted = v + 12582912.f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  return (bits & 0x007fffff) - 0x00400000;
-}
-
 void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t nb) {
   uint8_t L[kQK];
   for (int64_t b = 0; b < nb; ++b, x += kQK) {
-    fit_k4_block(x, 15, -1.f, 0.1f, 20, y[b], L);
+    fit_k4_block<15>(x, -1.f, 0.1f, 20, y[b], L);
     for (int g = 0; g < 4; ++g) {
       for (int l = 0; l < 32; ++l) {
         y[b].qs[32 * g + l] = static_cast<uint8_t>(L[64 * g + l] | (L[64 * g + 32 + l] << 4));
@@ -217,7 +207,7 @@ void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t nb) {
 void quantize_q5_k(const float* x, BlockQ5_K* y, int64_t nb) {
   uint8_t L[kQK];
   for (int64_t b = 0; b < nb; ++b, x += kQK) {
-    fit_k4_block(x, 31, -0.5f, 0.1f, 15, y[b], L);
+    fit_k4_block<31>(x, -0.5f, 0.1f, 15, y[b], L);
     std::memset(y[b].qh, 0, sizeof(y[b].qh));
     for (int g = 0; g < 4; ++g) {
       for (int l = 0; l < 32; ++l) {
@@ -237,7 +227,7 @@ void quantize_q6_k(const float* x, BlockQ6_K* y, int64_t nb) {
     float max_scale = 0;
     float max_abs_scale = 0;
     for (int j = 0; j < 16; ++j) {
-      scales[j] = fit_scale_symmetric(16, 32, x + 16 * j, L + 16 * j);
+      scales[j] = fit_scale_symmetric<32>(16, x + 16 * j, L + 16 * j);
       const float abs_scale = std::fabs(scales[j]);
       if (abs_scale > max_abs_scale) {
         max_abs_scale = abs_scale;
@@ -297,7 +287,8 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t nb) {
     const float iscale = -127.f / max;
     for (int j = 0; j < kQK; ++j) {
       // Clamped below too: only non-finite inputs could reach -128 or less.
-      o.qs[j] = static_cast<int8_t>(std::max(-128, std::min(127, nearest_int(iscale * x[j]))));
+      o.qs[j] =
+          static_cast<int8_t>(std::max(-128, std::min(127, nearest_int_clamped(iscale * x[j]))));
     }
     for (int j = 0; j < 16; ++j) {
       int sum = 0;

@@ -121,9 +121,9 @@ int64_t block_bytes(QuantType t);   // bytes per block
 // Bytes of a row of n elements. Throws ktune::Error when n is not a multiple of block_elems(t).
 int64_t row_bytes(QuantType t, int64_t n);
 
-// Scalar reference quantization (ggml's *_ref functions, same rounding and the same bytes for
-// every finite input; NaN and infinities give defined codes instead of ggml's undefined
-// behaviour). n % block_elems == 0.
+// Scalar reference quantization (ggml's *_ref functions: same rounding, same bytes; for the
+// K-quants also on NaN and infinities, where the codes are meaningless but deterministic; Q8_K
+// activations map NaN to 0 and clamp). No input reaches undefined behaviour. n % block_elems == 0.
 void quantize_row(QuantType t, const float* src, void* dst, int64_t n);
 void dequantize_row(QuantType t, const void* src, float* dst, int64_t n);
 
