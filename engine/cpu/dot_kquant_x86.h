@@ -103,3 +103,32 @@ inline void quantize_q8_k_avx2(const float* x, void* dst, int64_t n) {
 
 }  // namespace
 }  // namespace ktune::cpu::detail::kq
+
+namespace ktune::cpu::detail::kq {
+namespace {
+
+// Runs a kernel K (a struct with `template <int C> static void run(n, w_row, acts[C], out[C])`)
+// over rows × tokens: rows outer, so a weight row stays in L1 while every token passes, tokens
+// in tiles of 4 (weights unpacked once per tile), then one at a time. K::run<C> computes each
+// token's result exactly as K::run<1> does, so matmul and matvec equal vec_dot bit for bit.
+template <class K>
+void matmul_tiles(int64_t n, const uint8_t* W, int64_t ws, int64_t nrows, const uint8_t* A,
+                  int64_t as, int64_t ntok, float* Y, int64_t ldy) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const uint8_t* w = W + r * ws;
+    int64_t t = 0;
+    for (; t + 4 <= ntok; t += 4) {
+      const uint8_t* a[4] = {A + t * as, A + (t + 1) * as, A + (t + 2) * as, A + (t + 3) * as};
+      float o[4];
+      K::template run<4>(n, w, a, o);
+      for (int k = 0; k < 4; ++k) Y[(t + k) * ldy + r] = o[k];
+    }
+    for (; t < ntok; ++t) {
+      const uint8_t* a[1] = {A + t * as};
+      K::template run<1>(n, w, a, Y + t * ldy + r);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ktune::cpu::detail::kq

@@ -206,7 +206,7 @@ TEST_P(KQuantDotIsa, MatvecAndMatmulRowsAreBitIdenticalToVecDot) {
         const Row row = make_weights(t, random_vec(rng_, n, 0.05f));
         std::memcpy(&W[static_cast<size_t>(r * rb)], row.bytes.data(), row.bytes.size());
       }
-      const int64_t T = 3;
+      const int64_t T = 6;  // a tile of 4 tokens and 2 single ones
       const int64_t ab = row_bytes(QuantType::Q8_K, n);
       std::vector<uint8_t> acts(static_cast<size_t>(T * ab));
       for (int64_t k = 0; k < T; ++k) {

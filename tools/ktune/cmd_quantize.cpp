@@ -49,8 +49,11 @@ void run_quantize(const QuantizeCliOptions& o) {
     for (const auto& [name, n] : r.tensors_by_type) {
       types += (types.empty() ? "" : ", ") + fmt::format("{} {}", n, name);
     }
-    std::cerr << fmt::format("ktune: {} tensors ({}), {:.2f} GiB -> {:.2f} GiB\n", r.tensors, types,
-                             r.bytes_in / 1073741824.0, r.bytes_out / 1073741824.0);
+    const bool big = r.bytes_in >= (uint64_t{1} << 30);
+    const double unit = big ? 1073741824.0 : 1048576.0;
+    std::cerr << fmt::format("ktune: {} tensors ({}), {:.2f} {} -> {:.2f} {}\n", r.tensors, types,
+                             r.bytes_in / unit, big ? "GiB" : "MiB", r.bytes_out / unit,
+                             big ? "GiB" : "MiB");
     if (r.requantized > 0) {
       std::cerr << fmt::format(
           "ktune: note: {} tensors were already quantized and were quantized again, which adds "
