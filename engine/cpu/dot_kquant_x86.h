@@ -8,11 +8,15 @@
 
 // GCC 12 flags the uninitialized-on-purpose "__Y = __Y" inside its own AVX-512 intrinsics as
 // maybe-uninitialized (GCC bug 105593); the warning is about the system header, not this code.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>

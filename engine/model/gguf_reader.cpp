@@ -420,22 +420,18 @@ File File::open_split(const std::string& first_part) {
   if (f.find("split.count") == nullptr) return f;
   const uint64_t count = f.get_uint("split.count");
   const uint64_t no = f.get_uint_or("split.no", 0);
-  if (count > 1) {
-    char tail[64];
-    std::snprintf(tail, sizeof tail, "-00001-of-%05llu.gguf", static_cast<unsigned long long>(count));
-    if (no != 0) {
-      throw Error(first_part,
-                  "is part " + std::to_string(no + 1) + " of a model split into " +
-                      std::to_string(count) + " files (split.no = " + std::to_string(no) + ")",
-                  std::string("pass the first part (the file whose name ends in ") + tail + ")");
-    }
-  }
   if (count <= 1) return f;
   if (count > 100000) {
     throw Error(first_part, "split.count is " + std::to_string(count), kDamagedFix);
   }
   // The other parts' names follow from the first one's: PREFIX-00001-of-0000N.gguf.
   const std::string first_tail = split_part_name("", 1, count);
+  if (no != 0) {
+    throw Error(first_part,
+                "is part " + std::to_string(no + 1) + " of a model split into " +
+                    std::to_string(count) + " files (split.no = " + std::to_string(no) + ")",
+                "pass the first part (the file whose name ends in " + first_tail + ")");
+  }
   if (first_part.size() <= first_tail.size() ||
       first_part.compare(first_part.size() - first_tail.size(), first_tail.size(), first_tail) !=
           0) {
