@@ -42,6 +42,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
 #include "ktune/engine/trace.h"
+#include "runtime/act_buffers.h"
 #include "runtime/cpu_engine_deepseek.h"
 #include "runtime/cpu_ops.h"
 
@@ -49,98 +50,10 @@ namespace ktune {
 namespace {
 
 constexpr int64_t kRowAlign = 16;  // rows per work unit of a matrix-vector product
-constexpr int64_t kCacheLine = 64;
+using rt::kCacheLine;
 
-// A float or byte buffer aligned to a cache line and padded to whole lines, so buffers that
-// different threads write never share a line.
-template <class T>
-class Buf {
- public:
-  void resize(int64_t n) {
-    n_ = n;
-    const size_t bytes = ((std::max<int64_t>(n, 1) * sizeof(T) + kCacheLine - 1) / kCacheLine) *
-                         kCacheLine;
-    data_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t(kCacheLine))));
-  }
-  T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
-  T& operator[](int64_t i) { return data_.get()[i]; }
-  int64_t size() const { return n_; }
-
- private:
-  struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(kCacheLine)); }
-  };
-  std::unique_ptr<T, Free> data_;
-  int64_t n_ = 0;
-};
-
-// The activation forms of one input (rows of n floats) for the weights that consume it: one
-// buffer per distinct quantized activation type; F32 activations are the floats themselves.
-class ActBuffers {
- public:
-  void init(const std::vector<QuantType>& weight_types, int64_t n, int64_t rows) {
-    n_ = n;
-    for (QuantType w : weight_types) {
-      const QuantType a = cpu::activation_type(w);
-      if (a == QuantType::F32) continue;
-      bool have = false;
-      for (const Entry& e : entries_) have = have || e.act == a;
-      if (have) continue;
-      Entry e;
-      e.act = a;
-      e.weight = w;
-      e.row_bytes = row_bytes(a, n);
-      e.block = block_elems(a);
-      e.buf.resize(e.row_bytes * rows);
-      entries_.push_back(std::move(e));
-    }
-  }
-  // Converts elements [c0, c1) of row r (x points at element c0); c0 and c1 are multiples of
-  // every block size (or c1 == n).
-  void quantize(const float* x, int64_t r, int64_t c0, int64_t c1, cpu::Isa isa) {
-    for (Entry& e : entries_) {
-      uint8_t* dst = e.buf.data() + r * e.row_bytes + row_bytes(e.act, c0);
-      cpu::quantize_activation(e.weight, x, dst, c1 - c0, isa);
-    }
-  }
-  void quantize_row(const float* x, int64_t r, cpu::Isa isa) { quantize(x, r, 0, n_, isa); }
-  // Largest block size among the quantized forms (1 when all are F32).
-  int64_t block() const {
-    int64_t b = 1;
-    for (const Entry& e : entries_) b = std::max(b, e.block);
-    return b;
-  }
-  // Rows for weight type w: base pointer and stride in bytes. floats/float_stride describe the
-  // float rows used when w multiplies with F32 activations.
-  const uint8_t* rows(QuantType w, const float* floats) const {
-    const QuantType a = cpu::activation_type(w);
-    if (a == QuantType::F32) return reinterpret_cast<const uint8_t*>(floats);
-    for (const Entry& e : entries_) {
-      if (e.act == a) return e.buf.data();
-    }
-    return nullptr;  // unreachable: init saw every weight type
-  }
-  int64_t stride(QuantType w) const {
-    const QuantType a = cpu::activation_type(w);
-    if (a == QuantType::F32) return n_ * static_cast<int64_t>(sizeof(float));
-    for (const Entry& e : entries_) {
-      if (e.act == a) return e.row_bytes;
-    }
-    return 0;
-  }
-
- private:
-  struct Entry {
-    QuantType act = QuantType::F32;
-    QuantType weight = QuantType::F32;
-    int64_t row_bytes = 0;
-    int64_t block = 1;
-    Buf<uint8_t> buf;
-  };
-  std::vector<Entry> entries_;
-  int64_t n_ = 0;
-};
+using rt::ActBuffers;
+using rt::Buf;
 
 // One matrix of a concatenated work list (Wq|Wk|Wv): rows [row0, row0 + rows) of the list.
 struct Segment {
@@ -220,7 +133,7 @@ struct CpuEngine::Impl {
   // While waiting at a barrier, a thread prefetches the start of its first chunk of the next
   // matrix phase (KTUNE_CPU_PREFETCH_KB per thread, 0 = off), so DRAM stays busy across it.
   enum Work { kQkv = 0, kWo, kRouter, kGateUp, kDown, kOut, kWorkKinds };
-  static constexpr int kLayerWork = 5;  // tickets per layer (all kinds but kOut)
+  static constexpr int kLayerWork = 5;      // tickets per layer (all kinds but kOut)
   std::vector<int64_t> chunks[kWorkKinds];  // chunk c = [chunks[k][c], chunks[k][c + 1])
   struct alignas(64) Ticket {
     std::atomic<int64_t> next{0};
@@ -290,8 +203,12 @@ struct CpuEngine::Impl {
     max_ctx = std::max<int64_t>(1, opt.max_context);
     max_batch = std::max<int64_t>(1, std::min(opt.max_batch, max_ctx));
     if (static_cast<int64_t>(w.layers.size()) != layers) {
-      throw Error("model " + w.source, "has " + std::to_string(w.layers.size()) + " layers, "
-                  "config says " + std::to_string(layers), "use a complete model");
+      throw Error("model " + w.source,
+                  "has " + std::to_string(w.layers.size()) +
+                      " layers, "
+                      "config says " +
+                      std::to_string(layers),
+                  "use a complete model");
     }
 
     // Shapes and kernel support are checked once here, so the hot loops cannot throw.
@@ -416,10 +333,10 @@ struct CpuEngine::Impl {
     const uint8_t* p[kMax];
     int64_t len[kMax];
     int n = 0;
-    int ri = 0;           // prefetch cursor: region ri, byte off
+    int ri = 0;  // prefetch cursor: region ri, byte off
     int64_t off = 0;
-    int64_t issued = 0;   // bytes the cursor has covered
-    int64_t consumed = 0; // bytes handed to the kernel
+    int64_t issued = 0;    // bytes the cursor has covered
+    int64_t consumed = 0;  // bytes handed to the kernel
     int64_t distance = 0;
     void add(const uint8_t* q, int64_t bytes) {
       if (bytes > 0 && n < kMax) {
@@ -595,8 +512,9 @@ struct CpuEngine::Impl {
 
   void embed(int32_t token, float* dst) const {
     if (token < 0 || token >= vocab) {
-      throw Error("token " + std::to_string(token), "outside the vocabulary [0, " +
-                  std::to_string(vocab) + ")", "pass token ids the model knows");
+      throw Error("token " + std::to_string(token),
+                  "outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                  "pass token ids the model knows");
     }
     dequantize_row(w.tok_embd.type, w.tok_embd.row(token), dst, hidden);
   }
@@ -611,8 +529,10 @@ struct CpuEngine::Impl {
   // ------------------------------------------------------------------------------------------
   void decode(int32_t token, float* logits) {
     if (pos >= max_ctx) {
-      throw Error("decode", "position " + std::to_string(pos) + " is past the KV cache (" +
-                  std::to_string(max_ctx) + " positions)", "raise max_context or call reset()");
+      throw Error("decode",
+                  "position " + std::to_string(pos) + " is past the KV cache (" +
+                      std::to_string(max_ctx) + " positions)",
+                  "raise max_context or call reset()");
     }
     embed(token, x.data());
     cpu_ops::rope_table(pos, inv_freq.data(), hd, rope_cs.data());
@@ -648,8 +568,7 @@ struct CpuEngine::Impl {
   }
   void stamp(int phase) {
     const auto now = std::chrono::steady_clock::now();
-    phase_ns[phase] +=
-        std::chrono::duration_cast<std::chrono::nanoseconds>(now - phase_t0).count();
+    phase_ns[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - phase_t0).count();
     phase_t0 = now;
   }
   void print_phases() const {
@@ -753,9 +672,8 @@ struct CpuEngine::Impl {
         me.op[j] = attn.data() + (h + j) * hd;
       }
       const float* v = qkv.data() + nq + nkv_rows + kvh * hd;
-      cpu_ops::attend_group(ops, me.qp.data(), m, kc + kvh * max_ctx * hd,
-                            vc + kvh * max_ctx * hd, hd, pos, k, v, hd, scale, me.scores.data(),
-                            me.op.data());
+      cpu_ops::attend_group(ops, me.qp.data(), m, kc + kvh * max_ctx * hd, vc + kvh * max_ctx * hd,
+                            hd, pos, k, v, hd, scale, me.scores.data(), me.op.data());
       if (attn_q_by_head) attn_act.quantize(attn.data() + h * hd, 0, h * hd, he * hd, isa);
       h = he;
     }
@@ -809,8 +727,7 @@ struct CpuEngine::Impl {
     // 5. Top-k (each thread its own identical copy), then gate+up+SwiGLU over (expert, unit).
     int32_t* sel = me.sel.data();
     float* wsel = me.wsel.data();
-    cpu_ops::route_topk(rlog.data(), n_exp, top_k, cfg.norm_topk_prob, me.probs.data(), sel,
-                        wsel);
+    cpu_ops::route_topk(rlog.data(), n_exp, top_k, cfg.norm_topk_prob, me.probs.data(), sel, wsel);
     if (ith == 0) {
       for (int64_t j = 0; j < top_k; ++j) ++counts[l][sel[j]];
     }
@@ -888,8 +805,8 @@ struct CpuEngine::Impl {
   }
 
   // Matrix rows [r0, r1) of t for T activation rows; Y rows ldy floats apart.
-  void matmul(const TensorView& t, const uint8_t* W, int64_t r0, int64_t r1,
-              const uint8_t* act, int64_t act_stride, int64_t T, float* Y, int64_t ldy) const {
+  void matmul(const TensorView& t, const uint8_t* W, int64_t r0, int64_t r1, const uint8_t* act,
+              int64_t act_stride, int64_t T, float* Y, int64_t ldy) const {
     if (r1 > r0 && T > 0) {
       cpu::matmul_rows(t.type, isa, W, t.row_len(), r0, r1, act, act_stride, T, Y, ldy);
     }
@@ -922,7 +839,6 @@ struct CpuEngine::Impl {
            p_out_act.stride(out_w->type), rows, logits, vocab);
   }
 
-
   void prefill_attention(int64_t l, int64_t T, int ith, int n) {
     const LayerWeights& L = w.layers[l];
     int64_t t0, t1;
@@ -940,8 +856,8 @@ struct CpuEngine::Impl {
     for (const Segment& s : segs) {
       const int64_t a = std::max(r0, s.row0) - s.row0;
       const int64_t b = std::min(r1, s.row0 + s.w->n_rows()) - s.row0;
-      matmul(*s.w, s.w->data, a, b, p_h_act.rows(s.w->type, PH.data()),
-             p_h_act.stride(s.w->type), T, PQKV.data() + s.row0, nqkv);
+      matmul(*s.w, s.w->data, a, b, p_h_act.rows(s.w->type, PH.data()), p_h_act.stride(s.w->type),
+             T, PQKV.data() + s.row0, nqkv);
     }
     pool->barrier();
 
@@ -1024,8 +940,7 @@ struct CpuEngine::Impl {
 
     for (int64_t t = t0; t < t1; ++t) {
       cpu_ops::route_topk(PRL.data() + t * n_exp, n_exp, top_k, cfg.norm_topk_prob,
-                          local[ith].probs.data(), PSEL.data() + t * top_k,
-                          PW.data() + t * top_k);
+                          local[ith].probs.data(), PSEL.data() + t * top_k, PW.data() + t * top_k);
     }
     pool->barrier();
 
@@ -1142,8 +1057,9 @@ struct CpuEngine::Impl {
       return;
     }
     if (pos + n_tok > max_ctx) {
-      throw Error("prefill", std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
-                  " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
+      throw Error("prefill",
+                  std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
+                      " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
                   "raise max_context or call reset()");
     }
     for (int64_t t = 0; t < n_tok; ++t) {

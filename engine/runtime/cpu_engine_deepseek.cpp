@@ -21,6 +21,7 @@
 
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
+#include "runtime/act_buffers.h"
 #include "runtime/cpu_ops.h"
 
 namespace ktune {
@@ -35,70 +36,8 @@ double yarn_mscale(double factor, double m) {
   return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0;
 }
 
-// One input (T rows of n floats) in every activation form its consumers multiply with: one
-// buffer per distinct quantized activation type; F32 consumers read the floats themselves.
-class ActForms {
- public:
-  void init(const std::vector<QuantType>& weight_types, int64_t n, int64_t rows) {
-    n_ = n;
-    for (QuantType w : weight_types) {
-      const QuantType a = cpu::activation_type(w);
-      if (a == QuantType::F32) continue;
-      bool have = false;
-      for (const Form& f : forms_) have = have || f.act == a;
-      if (have) continue;
-      Form f;
-      f.act = a;
-      f.weight = w;
-      f.row_bytes = row_bytes(a, n);
-      f.block = block_elems(a);
-      f.buf.assign(static_cast<size_t>(f.row_bytes * rows), 0);
-      forms_.push_back(std::move(f));
-    }
-  }
-  // Converts values [c0, c1) of row r (x points at value c0); c0 and c1 are multiples of
-  // block() or c1 == n.
-  void put(const float* x, int64_t r, int64_t c0, int64_t c1, cpu::Isa isa) {
-    for (Form& f : forms_) {
-      uint8_t* dst = f.buf.data() + r * f.row_bytes + ktune::row_bytes(f.act, c0);
-      cpu::quantize_activation(f.weight, x, dst, c1 - c0, isa);
-    }
-  }
-  void put(const float* x, int64_t r, cpu::Isa isa) { put(x, r, 0, n_, isa); }
-  int64_t block() const {
-    int64_t b = 1;
-    for (const Form& f : forms_) b = std::max(b, f.block);
-    return b;
-  }
-  // Rows for weights of type w (floats: the F32 rows, used when w multiplies F32 activations).
-  const uint8_t* rows(QuantType w, const float* floats) const {
-    const QuantType a = cpu::activation_type(w);
-    if (a == QuantType::F32) return reinterpret_cast<const uint8_t*>(floats);
-    for (const Form& f : forms_) {
-      if (f.act == a) return f.buf.data();
-    }
-    return nullptr;  // unreachable: init saw every weight type
-  }
-  int64_t stride(QuantType w) const {
-    const QuantType a = cpu::activation_type(w);
-    if (a == QuantType::F32) return n_ * static_cast<int64_t>(sizeof(float));
-    for (const Form& f : forms_) {
-      if (f.act == a) return f.row_bytes;
-    }
-    return 0;
-  }
-
- private:
-  struct Form {
-    QuantType act = QuantType::F32;
-    QuantType weight = QuantType::F32;
-    int64_t row_bytes = 0;
-    int64_t block = 1;
-    std::vector<uint8_t> buf;
-  };
-  std::vector<Form> forms_;
-  int64_t n_ = 0;
-};
+// One input (T rows of n floats) in every activation form its consumers multiply with.
+using ActForms = rt::ActBuffers;
 
 // One matrix of a list of matrices that read the same input, each writing its own output.
 struct Seg {
@@ -487,7 +426,7 @@ struct DeepseekCpuEngine::Impl {
     for (int64_t t = t0; t < t1; ++t) {
       cpu_ops::rmsnorm(X.data() + (first + t) * H, out_norm.data(), c.rms_eps, H,
                        HN.data() + t * H);
-      act_f.put(HN.data() + t * H, t, isa);
+      act_f.quantize_row(HN.data() + t * H, t, isa);
     }
     pool->barrier();
     const ActForms& in = act_f;  // its forms include the head's (see allocate)
@@ -505,7 +444,7 @@ struct DeepseekCpuEngine::Impl {
     cpu_ops::split(T, ith, n, 1, &t0, &t1);
     for (int64_t i = t0; i < t1; ++i) {
       cpu_ops::rmsnorm(X.data() + i * H, k.attn_norm.data(), c.rms_eps, H, HN.data() + i * H);
-      act_h.put(HN.data() + i * H, i, isa);
+      act_h.quantize_row(HN.data() + i * H, i, isa);
     }
     pool->barrier();
 
@@ -524,7 +463,7 @@ struct DeepseekCpuEngine::Impl {
       if (rq > 0) {
         float* qa = QA.data() + i * rq;
         cpu_ops::rmsnorm(qa, k.q_a_norm.data(), c.rms_eps, rq, qa);
-        act_qa.put(qa, i, isa);
+        act_qa.quantize_row(qa, i, isa);
       }
     }
     pool->barrier();
@@ -564,7 +503,7 @@ struct DeepseekCpuEngine::Impl {
       }
     }
     pool->barrier();
-    for (int64_t i = t0; i < t1; ++i) act_o.put(O.data() + i * nh * dv, i, isa);
+    for (int64_t i = t0; i < t1; ++i) act_o.quantize_row(O.data() + i * nh * dv, i, isa);
     pool->barrier();
 
     // attn_output; each thread adds its rows into the residual of every token.
@@ -583,7 +522,7 @@ struct DeepseekCpuEngine::Impl {
     cpu_ops::split(T, ith, n, 1, &t0, &t1);
     for (int64_t i = t0; i < t1; ++i) {
       cpu_ops::rmsnorm(X.data() + i * H, lc[l].ffn_norm.data(), c.rms_eps, H, HN.data() + i * H);
-      act_f.put(HN.data() + i * H, i, isa);
+      act_f.quantize_row(HN.data() + i * H, i, isa);
     }
     pool->barrier();
   }
@@ -595,7 +534,7 @@ struct DeepseekCpuEngine::Impl {
       float* g = G.data() + i * Fmax;
       const float* u = U.data() + i * Fmax;
       for (int64_t j = 0; j < ff; ++j) g[j] = cpu_ops::silu(g[j]) * u[j];
-      act_d.put(g, i, 0, ff, isa);
+      act_d.quantize(g, i, 0, ff, isa);
     }
   }
 
@@ -649,7 +588,7 @@ struct DeepseekCpuEngine::Impl {
     cpu_ops::split(T * K, ith, n, 1, &s0, &s1);
     for (int64_t s = s0; s < s1; ++s) {
       const float* h = HN.data() + PTOK[s] * H;
-      act_g.put(h, s, isa);
+      act_g.quantize_row(h, s, isa);
       if (!PGH.empty()) std::memcpy(PGH.data() + s * H, h, H * sizeof(float));
     }
     pool->barrier();
@@ -673,7 +612,7 @@ struct DeepseekCpuEngine::Impl {
         float* gs = g + s * F;
         const float* us = u + s * F;
         for (int64_t j = a; j < b; ++j) gs[j] = cpu_ops::silu(gs[j]) * us[j];
-        act_e.put(gs + a, sb + s, a, b, isa);
+        act_e.quantize(gs + a, sb + s, a, b, isa);
       }
     }
     pool->barrier();
