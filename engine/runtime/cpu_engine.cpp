@@ -45,6 +45,7 @@
 #include "runtime/act_buffers.h"
 #include "runtime/cpu_engine_deepseek.h"
 #include "runtime/cpu_ops.h"
+#include "runtime/prefill_chunks.h"
 
 namespace ktune {
 namespace {
@@ -1052,34 +1053,14 @@ struct CpuEngine::Impl {
   }
   void prefill(const int32_t* tokens, int64_t n_tok, std::vector<float>* logits,
                bool all_positions) {
-    if (n_tok <= 0) {
-      if (logits) logits->clear();
-      return;
-    }
-    if (pos + n_tok > max_ctx) {
-      throw Error("prefill",
-                  std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
-                      " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
-                  "raise max_context or call reset()");
-    }
-    for (int64_t t = 0; t < n_tok; ++t) {
-      if (tokens[t] < 0 || tokens[t] >= vocab) embed(tokens[t], PX.data());  // throws
-    }
-    if (logits) logits->assign((all_positions ? n_tok : 1) * vocab, 0.0f);
-    for (int64_t c0 = 0; c0 < n_tok; c0 += max_batch) {
-      const int64_t T = std::min(max_batch, n_tok - c0);
-      float* out = nullptr;
-      bool all = all_positions;
-      if (logits) {
-        if (all_positions) {
-          out = logits->data() + c0 * vocab;
-        } else if (c0 + T == n_tok) {
-          out = logits->data();
-          all = false;
-        }
-      }
-      prefill_chunk(tokens + c0, T, out, all);
-    }
+    rt::prefill_in_chunks(
+        tokens, n_tok, pos, max_ctx, vocab, max_batch, logits, all_positions,
+        [&](int32_t t) {
+          if (t < 0 || t >= vocab) embed(t, PX.data());  // throws
+        },
+        [&](const int32_t* tk, int64_t T, float* out, bool all) {
+          prefill_chunk(tk, T, out, all);
+        });
   }
 };
 

@@ -23,6 +23,7 @@
 #include "ktune/engine/thread_pool.h"
 #include "runtime/act_buffers.h"
 #include "runtime/cpu_ops.h"
+#include "runtime/prefill_chunks.h"
 
 namespace ktune {
 
@@ -674,34 +675,12 @@ struct DeepseekCpuEngine::Impl {
 
   void prefill(const int32_t* tokens, int64_t n_tok, std::vector<float>* logits,
                bool all_positions) {
-    if (n_tok <= 0) {
-      if (logits) logits->clear();
-      return;
-    }
-    if (pos + n_tok > max_ctx) {
-      throw Error("prefill",
-                  std::to_string(n_tok) + " tokens at position " + std::to_string(pos) +
-                      " overflow the KV cache (" + std::to_string(max_ctx) + " positions)",
-                  "raise max_context or call reset()");
-    }
-    for (int64_t i = 0; i < n_tok; ++i) {
-      if (tokens[i] < 0 || tokens[i] >= V) embed(tokens[i], X.data());  // throws
-    }
-    if (logits) logits->assign((all_positions ? n_tok : 1) * V, 0.0f);
-    for (int64_t c0 = 0; c0 < n_tok; c0 += B) {
-      const int64_t T = std::min(B, n_tok - c0);
-      float* out = nullptr;
-      bool all = all_positions;
-      if (logits) {
-        if (all_positions) {
-          out = logits->data() + c0 * V;
-        } else if (c0 + T == n_tok) {
-          out = logits->data();
-          all = false;
-        }
-      }
-      forward(tokens + c0, T, out, all);
-    }
+    rt::prefill_in_chunks(
+        tokens, n_tok, pos, max_ctx, V, B, logits, all_positions,
+        [&](int32_t t) {
+          if (t < 0 || t >= V) embed(t, X.data());  // throws
+        },
+        [&](const int32_t* tk, int64_t T, float* out, bool all) { forward(tk, T, out, all); });
   }
 
   void decode(int32_t token, float* logits) {
