@@ -158,18 +158,8 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
   detail::pdl_wait();
 
   // ---- stage x (normalized when norm_w), permuted for conflict-free reads ----
-  if (p.norm_w != nullptr) {
-    float ss = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < p.cols; i += kThreads) ss = fmaf(p.x[i], p.x[i], ss);
-    ss = detail::block_sum(ss, red);
-    const float mean = ss / static_cast<float>(p.cols);
-    const float r = 1.0f / sqrtf(mean + p.eps);
-    detail::stage_x_perm<T>(sx, p.x, p.cols, p.norm_w, r,
-                            blockIdx.x == 0 ? p.norm_out : nullptr);
-  } else {
-    detail::stage_x_perm<T>(sx, p.x, p.cols);
-  }
+  detail::stage_x_perm<T>(sx, p.x, p.cols, p.cols, p.norm_w, p.eps,
+                          blockIdx.x == 0 ? p.norm_out : nullptr, red);
 
   // ---- rows, tile by tile ----
   const int warp = threadIdx.x / detail::kWarp;

@@ -258,7 +258,8 @@ __global__ void __launch_bounds__(kStagedThreads) moe_gate_up_staged(const GuPar
     if (t < ntiles) issue_gu_tile(p, u_begin, u_end, t, stages + t * p.tl.stage_bytes);
     detail::cp_async_commit();
   }
-  detail::stage_x_perm<T>(sx, p.x, p.hidden);
+  __shared__ float red[32];
+  detail::stage_x_perm<T>(sx, p.x, p.hidden, p.hidden, nullptr, 0.0f, nullptr, red);
 
   const int warp = threadIdx.x / detail::kWarp;
   const int lane = threadIdx.x % detail::kWarp;
@@ -310,12 +311,12 @@ struct DnParams {
 };
 
 // Tile t of the block's output rows: expert slot j's rows at stage + j * tile * rb.
-__device__ __forceinline__ void issue_dn_tile(const DnParams& p, const int* sids, int r_begin,
+__device__ __forceinline__ void issue_dn_tile(const DnParams& p, const int* sslot, int r_begin,
                                               int r_end, int t, uint8_t* stage) {
   const int a0 = r_begin + t * p.tl.tile;
   const int a1 = min(a0 + p.tl.tile, r_end);
   for (int j = 0; j < p.k; ++j) {
-    const int slot = expert_slot(sids[j], p.n_experts, p.slot_of);
+    const int slot = sslot[j];
     if (slot < 0) continue;
     detail::copy_to_smem_async(
         stage + static_cast<int64_t>(j) * p.tl.tile * p.row_bytes,
@@ -330,18 +331,23 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
   uint8_t* stages = reinterpret_cast<uint8_t*>(smem4);
   float* sact = reinterpret_cast<float*>(stages + static_cast<int64_t>(p.tl.n_stages) *
                                                       p.tl.stage_bytes);
-  float* dots = sact + p.k * p.ffn;                         // [warps][k]
-  int* sids = reinterpret_cast<int*>(dots + kStagedWarps * p.k);  // [k]
+  float* dots = sact + p.k * p.ffn;                               // [warps][k]
+  float* swts = dots + kStagedWarps * p.k;                        // [k]
+  int* sids = reinterpret_cast<int*>(swts + p.k);                 // [k]
+  int* sslot = sids + p.k;                                        // [k]
   const int r_begin = blockIdx.x * p.tl.per_block;
   const int r_end = min(r_begin + p.tl.per_block, p.hidden);
   const int ntiles = (r_end - r_begin + p.tl.tile - 1) / p.tl.tile;
 
   // ---- before the wait: the experts the router chose one launch earlier (checked below) ----
-  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) sids[j] = __ldcg(p.ids + j);
+  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) {
+    sids[j] = __ldcg(p.ids + j);
+    sslot[j] = expert_slot(sids[j], p.n_experts, p.slot_of);
+  }
   __syncthreads();
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < ntiles) issue_dn_tile(p, sids, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
+    if (t < ntiles) issue_dn_tile(p, sslot, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
     detail::cp_async_commit();
   }
   detail::pdl_wait();
@@ -350,26 +356,28 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
   if (__syncthreads_or(changed)) {  // ids rewritten after the prefetch: copy again
     detail::cp_async_wait<0>();
     __syncthreads();
-    for (int j = threadIdx.x; j < p.k; j += kStagedThreads) sids[j] = p.ids[j];
+    for (int j = threadIdx.x; j < p.k; j += kStagedThreads) {
+      sids[j] = p.ids[j];
+      sslot[j] = expert_slot(sids[j], p.n_experts, p.slot_of);
+    }
     __syncthreads();
 #pragma unroll
     for (int t = 0; t < kStages - 1; ++t) {
-      if (t < ntiles) issue_dn_tile(p, sids, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
+      if (t < ntiles) issue_dn_tile(p, sslot, r_begin, r_end, t, stages + t * p.tl.stage_bytes);
       detail::cp_async_commit();
     }
   }
-  for (int j = 0; j < p.k; ++j) {
-    detail::stage_x_perm<T>(sact + j * p.ffn, p.act + static_cast<int64_t>(j) * p.ffn, p.ffn);
-  }
-  bool bad = false;
-  for (int j = 0; j < p.k; ++j) bad = bad || expert_slot(sids[j], p.n_experts, p.slot_of) == -2;
+  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) swts[j] = p.wts[j];
+  __shared__ float red[32];
+  detail::stage_x_perm<T>(sact, p.act, p.k * p.ffn, p.ffn, nullptr, 0.0f, nullptr, red);
+  // (the tile loop's first __syncthreads publishes swts and the staged act)
 
   const int warp = threadIdx.x / detail::kWarp;
   const int lane = threadIdx.x % detail::kWarp;
   float* dw = dots + warp * p.k;
   for (int t = 0; t < ntiles; ++t) {
     if (t + kStages - 1 < ntiles) {
-      issue_dn_tile(p, sids, r_begin, r_end, t + kStages - 1,
+      issue_dn_tile(p, sslot, r_begin, r_end, t + kStages - 1,
                     stages + ((t + kStages - 1) % kStages) * p.tl.stage_bytes);
     }
     detail::cp_async_commit();
@@ -378,6 +386,8 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
     const uint8_t* base = stages + (t % kStages) * p.tl.stage_bytes;
     const int a0 = r_begin + t * p.tl.tile;
     const int tn = min(p.tl.tile, r_end - a0);
+    bool bad = false;
+    for (int j = 0; j < p.k; ++j) bad = bad || sslot[j] == -2;
     for (int lr = warp; lr < tn; lr += kStagedWarps) {
       // This expert slots' dots of row a0 + lr, 4 at a time (slot order; the grouping does not
       // change any dot).
@@ -385,7 +395,7 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
       while (j < p.k) {
         int js[4], cnt = 0;
         for (; j < p.k && cnt < 4; ++j) {
-          if (expert_slot(sids[j], p.n_experts, p.slot_of) >= 0) js[cnt++] = j;
+          if (sslot[j] >= 0) js[cnt++] = j;
         }
         if (cnt == 4) {
           const uint8_t* rows[4];
@@ -415,8 +425,8 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
       if (lane == 0) {
         float s = 0.0f;
         for (int jj = 0; jj < p.k; ++jj) {
-          if (expert_slot(sids[jj], p.n_experts, p.slot_of) < 0) continue;
-          s = __fadd_rn(s, __fmul_rn(p.wts[jj], dw[jj]));
+          if (sslot[jj] < 0) continue;
+          s = __fadd_rn(s, __fmul_rn(swts[jj], dw[jj]));
         }
         float* xo = p.x + a0 + lr;
         *xo = bad ? __int_as_float(0x7fc00000) : __fadd_rn(*xo, s);
@@ -602,7 +612,7 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
     DnParams p{};
     p.tl = make_tiling(hidden, k * rb, st.sms);
     const int64_t smem = int64_t{p.tl.n_stages} * p.tl.stage_bytes +
-                         4 * (k * ffn + int64_t{kStagedWarps} * k + k);
+                         4 * (k * ffn + int64_t{kStagedWarps} * k + 3 * k);
     if (smem <= st.smem_limit && k * ffn <= 0x7fffffff) {
       p.down = d;
       p.expert_bytes = expert_bytes;

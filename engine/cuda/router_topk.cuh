@@ -20,12 +20,28 @@ __device__ __forceinline__ void warp_router_topk(const float* l, int n, int k, b
                                                  float* __restrict__ probs, float* p,
                                                  int32_t* sel_id, float* sel_w) {
   const int lane = threadIdx.x % kWarp;
+  // The logits into p first, 8 loads per lane in flight (a load-store loop would serialize the
+  // L2 round trips: p may alias l as far as the compiler knows).
+  for (int base = 0; base < n; base += 8 * 32) {
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = base + lane + 32 * i;
+      v[i] = e < n ? __ldcg(l + e) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = base + lane + 32 * i;
+      if (e < n) p[e] = v[i];
+    }
+  }
+  __syncwarp();
   float mx = -INFINITY;
-  for (int e = lane; e < n; e += 32) mx = fmaxf(mx, __ldcg(l + e));
+  for (int e = lane; e < n; e += 32) mx = fmaxf(mx, p[e]);
   mx = warp_max(mx);
   float sum = 0.0f;
   for (int e = lane; e < n; e += 32) {
-    const float v = expf(__ldcg(l + e) - mx);
+    const float v = expf(p[e] - mx);
     p[e] = v;
     sum += v;
   }

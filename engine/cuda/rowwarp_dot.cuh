@@ -262,18 +262,79 @@ __device__ __forceinline__ int xperm(int e, int nb) {
   return ((c >> 2) & 1) * 16 * nb + 16 * b + 4 * (c >> 3) + (c & 3);
 }
 
-// dst[xperm(e)] = src[e] for e < n (n % 32 == 0), by the whole block; when norm_w, the value is
-// norm_w[e] * (src[e] * r) instead (the caller's RMSNorm scale r).
+// Stages src[0, n) into shared memory permuted: element e of segment g = e / seg (seg % 32 ==
+// 0, n % seg == 0) goes to dst[g * seg + xperm(e % seg)]; with norm_w (one segment), the value
+// staged is norm_w[e] * (src[e] * r), r = 1 / sqrt(mean(src^2) + eps) (launch_rmsnorm's
+// arithmetic; the sum of squares in a fixed order), also written to `also` when non-null. By the
+// whole block (red: 32 floats of shared scratch). Every thread issues all loads of a pass (up to
+// kStageV float4 each) before its first store: a store to shared memory may alias src as far as
+// the compiler knows, so a load-store loop would serialize one L2 round trip per element.
+constexpr int kStageV = 8;
+
+__device__ __forceinline__ float4 load_f4(const float* __restrict__ p, int q, bool vec) {
+  if (vec) return *reinterpret_cast<const float4*>(p + 4 * q);
+  return make_float4(p[4 * q], p[4 * q + 1], p[4 * q + 2], p[4 * q + 3]);
+}
+
 template <QuantType T>
 __device__ __forceinline__ void stage_x_perm(float* dst, const float* __restrict__ src, int n,
-                                             const float* __restrict__ norm_w = nullptr,
-                                             float r = 1.0f, float* __restrict__ also = nullptr) {
-  const int nb = n / 32;
-  for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    float v = src[e];
-    if (norm_w != nullptr) v = norm_w[e] * (v * r);
-    dst[xperm<T>(e, nb)] = v;
-    if (also != nullptr) also[e] = v;
+                                             int seg, const float* __restrict__ norm_w,
+                                             float eps, float* __restrict__ also, float* red) {
+  const int n4 = n / 4;
+  const int nb = seg / 32;
+  const bool vec = ((reinterpret_cast<uintptr_t>(src) |
+                     (norm_w ? reinterpret_cast<uintptr_t>(norm_w) : 0)) &
+                    15u) == 0;
+  const int step = kStageV * static_cast<int>(blockDim.x);
+  float r = 1.0f;
+  if (norm_w != nullptr) {
+    float ss = 0.0f;
+    for (int base = 0; base < n4; base += step) {
+      float4 v[kStageV];
+#pragma unroll
+      for (int i = 0; i < kStageV; ++i) {
+        const int q = base + static_cast<int>(threadIdx.x) + i * static_cast<int>(blockDim.x);
+        v[i] = q < n4 ? load_f4(src, q, vec) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int i = 0; i < kStageV; ++i) {
+        ss = fmaf(v[i].x, v[i].x, ss);
+        ss = fmaf(v[i].y, v[i].y, ss);
+        ss = fmaf(v[i].z, v[i].z, ss);
+        ss = fmaf(v[i].w, v[i].w, ss);
+      }
+    }
+    ss = block_sum(ss, red);
+    r = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  }
+  for (int base = 0; base < n4; base += step) {
+    float4 v[kStageV], w[kStageV];
+#pragma unroll
+    for (int i = 0; i < kStageV; ++i) {
+      const int q = base + static_cast<int>(threadIdx.x) + i * static_cast<int>(blockDim.x);
+      if (q < n4) {
+        v[i] = load_f4(src, q, vec);
+        if (norm_w != nullptr) w[i] = load_f4(norm_w, q, vec);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kStageV; ++i) {
+      const int q = base + static_cast<int>(threadIdx.x) + i * static_cast<int>(blockDim.x);
+      if (q >= n4) continue;
+      float vals[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+      if (norm_w != nullptr) {
+        const float ws[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) vals[c] = ws[c] * (vals[c] * r);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int e = 4 * q + c;
+        const int g = e / seg;
+        dst[g * seg + xperm<T>(e - g * seg, nb)] = vals[c];
+        if (also != nullptr) also[e] = vals[c];
+      }
+    }
   }
 }
 
