@@ -171,6 +171,8 @@ int physical_core_count() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+int hybrid_cpu_threads_default() { return std::max(1, physical_core_count() - 1); }
+
 ThreadPool::ThreadPool(int n_threads, bool pin) {
   start(n_threads > 0 ? n_threads : physical_core_count(),
         pin ? core_first_cpus() : std::vector<int>{});

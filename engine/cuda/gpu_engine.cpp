@@ -248,7 +248,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
                     ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
     work += align_up(static_cast<size_t>(n) * f);
   }
-  work += align_up(stage_bytes) + 4 * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
+  // Small device words, one aligned slot each: token, pos, router_counter, epoch, head_key[2].
+  constexpr size_t kSmallSlots = 5;
+  work += align_up(stage_bytes) + kSmallSlots * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
   work_arena = cuda::DeviceArena(work, "gpu engine workspace");
   for (DevLayer& d : L) {
     d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
@@ -321,7 +323,8 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
   KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
   if (is_hybrid) {
-    pool = std::make_unique<ThreadPool>(opt.cpu_threads, opt.pin_threads);
+    pool = std::make_unique<ThreadPool>(
+        opt.cpu_threads > 0 ? opt.cpu_threads : hybrid_cpu_threads_default(), opt.pin_threads);
     cpu_moe = std::make_unique<CpuMoe>(w, *pool);
     sel_ids.resize(static_cast<size_t>(top_k));
     sel_w.resize(static_cast<size_t>(top_k));

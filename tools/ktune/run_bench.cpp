@@ -544,7 +544,7 @@ void run_placements(const RunOptions& opt) {
   std::vector<ConfigResult> results;
   int planned_rows = 0;
   for (const PlannedRun& r : runs) {
-    planned_rows += r.engine == EngineKind::Cpu && !opt.threads.empty()
+    planned_rows += r.engine != EngineKind::Gpu && !opt.threads.empty()
                         ? static_cast<int>(opt.threads.size())
                         : 1;
   }
@@ -561,9 +561,21 @@ void run_placements(const RunOptions& opt) {
         RunResult rr = bench_one(model, opt, t, r.context);
         results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done, 0.0});
       }
+    } else if (r.engine == EngineKind::Hybrid) {
+      // A hybrid row per thread count too: the CPU experts' pool is what --threads sizes.
+      std::vector<int> ts = opt.threads;
+      if (ts.empty()) {
+        ts = {r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
+                                                  : hybrid_cpu_threads_default()};
+      }
+      for (int t : ts) {
+        if (interrupted()) break;
+        const GpuBenchSettings s = gpu_bench_settings(r, opt, t, !opt.json);
+        GpuBenchResult g = bench_gpu_engine(model, s, prompt);
+        results.push_back({i, t, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});
+      }
     } else {
-      const GpuBenchSettings s =
-          gpu_bench_settings(r, opt, opt.threads.empty() ? 0 : thread_list.back(), !opt.json);
+      const GpuBenchSettings s = gpu_bench_settings(r, opt, 0, !opt.json);
       // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
       GpuBenchResult g = bench_gpu_engine(model, s, prompt);
       results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});

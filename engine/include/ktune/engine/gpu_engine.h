@@ -59,7 +59,7 @@ struct GpuEngineOptions {
   // Hybrid placement: expert_on_gpu[layer][expert] (n_layers x n_experts); false keeps the
   // expert in host memory and computes it on the CPU. Empty = every expert on cuda:0.
   std::vector<std::vector<bool>> expert_on_gpu;
-  int cpu_threads = 0;      // CpuMoe's ThreadPool size in hybrid mode (0 = physical cores)
+  int cpu_threads = 0;      // CpuMoe's ThreadPool size in hybrid mode (0 = hybrid_cpu_threads_default())
   bool pin_threads = true;  // pin that pool's threads to cores
   CpuHandoff cpu_handoff = CpuHandoff::Flags;  // how CPU experts are handed over (see above)
   int64_t handoff_timeout_ms = 10000;          // either side gives up after this long

@@ -59,7 +59,7 @@ struct RuntimeOptions {
   bool cuda_graph = true;
   MoeKernel moe_kernel = MoeKernel::Fused;
   CpuHandoff cpu_handoff = CpuHandoff::Flags;
-  int cpu_threads = 0;     // 0 = one per physical core
+  int cpu_threads = 0;     // 0 = one per physical core (hybrid engine: one fewer, see thread_pool.h)
   int64_t context = 4096;  // KV cache length, tokens per sequence
   int64_t batch = 1;       // sequences decoded together
 };
