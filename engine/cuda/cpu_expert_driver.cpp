@@ -131,12 +131,24 @@ void CpuExpertDriver::host_wait(void* ctx) {
 }
 
 bool CpuExpertDriver::wait_word(const uint64_t* word, uint64_t seq, bool until_cancelled) {
-  const auto deadline = Clock::now() + timeout_;
+  const auto start = Clock::now();
+  const auto deadline = start + timeout_;
+  // The driver thread waiting for the GPU's request keeps the CpuMoe pool's workers spinning
+  // (CpuMoe::keep_warm), so a long GPU stretch (GPU layers before a CPU one) does not end with
+  // every worker asleep.
+  const auto warm_every = std::chrono::microseconds(until_cancelled ? moe_.keep_warm_interval_us()
+                                                                    : 0);
+  auto next_warm = start + warm_every;
   for (uint32_t i = 1;; ++i) {
     if (load_acquire(word) == seq) return true;
     KTUNE_PAUSE();
     if ((i & 1023u) == 0) {
-      if (Clock::now() > deadline) return false;
+      const auto now = Clock::now();
+      if (now > deadline) return false;
+      if (warm_every.count() > 0 && now > next_warm) {
+        moe_.keep_warm();
+        next_warm = Clock::now() + warm_every;
+      }
       std::lock_guard<std::mutex> lk(mu_);
       if (stop_ || (until_cancelled && armed_.empty())) return false;
     }

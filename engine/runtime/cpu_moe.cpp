@@ -570,6 +570,15 @@ CpuMoe::CpuMoe(const ModelWeights& weights, ThreadPool& pool, cpu::Isa isa)
 CpuMoe::~CpuMoe() = default;
 
 int CpuMoe::max_experts() const { return static_cast<int>(impl_->k_max); }
+
+void CpuMoe::keep_warm() {
+  if (impl_->pool.size() > 1) impl_->pool.run([](int, int) {});
+}
+
+int64_t CpuMoe::keep_warm_interval_us() const {
+  // Half the spin: a worker that finished the last region is still spinning when the next starts.
+  return impl_->pool.size() > 1 ? impl_->pool.spin_us() / 2 : 0;
+}
 cpu::Isa CpuMoe::isa() const { return impl_->isa; }
 
 void CpuMoe::set_timing(bool on) { impl_->timing = on; }

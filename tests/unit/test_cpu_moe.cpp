@@ -393,6 +393,23 @@ TEST(CpuMoeSpin, RaisesThePoolSpinOnlyForWorkersWithCoresOfTheirOwn) {
   }
 }
 
+// keep_warm() runs an empty region on every worker (their spin restarts) and changes no result;
+// the driver calls it every half spin while it waits for the GPU.
+TEST(CpuMoeSpin, KeepWarmRunsAnEmptyRegionAndLeavesResultsAlone) {
+  const ModelWeights& w = tiny(QuantType::Q8_0);
+  ThreadPool pool(3, false);
+  CpuMoe moe(w, pool);
+  EXPECT_EQ(moe.keep_warm_interval_us(), pool.spin_us() / 2);
+  const std::vector<Call> calls = call_sequence(w, 4, 3);
+  const auto before = run_calls(moe, w, calls);
+  for (int i = 0; i < 3; ++i) moe.keep_warm();
+  EXPECT_EQ(run_calls(moe, w, calls), before);
+  ThreadPool one(1, false);
+  CpuMoe single(w, one);
+  EXPECT_EQ(single.keep_warm_interval_us(), 0);  // no workers to keep awake
+  single.keep_warm();
+}
+
 INSTANTIATE_TEST_SUITE_P(CpuMoe, CpuMoeTest,
                          ::testing::Values(QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K),
                          [](const ::testing::TestParamInfo<QuantType>& i) {

@@ -273,6 +273,37 @@ TEST(ProfilerAnalysis, PhasesBandwidthOverlapAndBudget) {
   EXPECT_DOUBLE_EQ(sum, 50);  // = wall / tokens
 }
 
+// The flag hand-off's wait kernel spins on the GPU while the CPU experts run: that is GPU idle
+// behind the CPU (budget cpu_experts_wait, a gap), not busy time and not a transfer. Found on the
+// H100 (bf3f0f1): counted as busy, a CPU-bound hybrid run read "GPU busy 100 %, transfer 93 %".
+TEST(ProfilerAnalysis, FlagWaitKernelIsIdleBehindTheCpuExperts) {
+  Timeline t;
+  t.graph_nodes = {{1, 0, Phase::Attention}, {2, 0, Phase::Transfer}, {3, 0, Phase::Transfer}};
+  kernel(t, "attn_decode_cluster", 0, 10, 1, 1);
+  kernel(t, "ktune::cuda::handoff_signal_kernel", 10, 12, 1, 2);
+  kernel(t, "ktune::cuda::handoff_wait_add_kernel", 12, 90, 1, 3);
+  kernel(t, "attn_decode_cluster", 90, 100, 1, 1);
+  t.threads.push_back({10, 10, "cpu expert driver"});
+  t.spans.push_back({0, Phase::MoeCpu, 0, 13 * us, 88 * us});
+  const Window w{"decode", 1, 0, 100 * us};
+  EXPECT_TRUE(is_cpu_wait_kernel("ktune::cuda::handoff_wait_add_kernel"));
+  EXPECT_FALSE(is_cpu_wait_kernel("ktune::cuda::handoff_signal_kernel"));
+  const auto m = analyze_window(t, attribute_ops(t), w, {});
+  const GpuMetrics& g = m.gpus[0];
+  EXPECT_EQ(g.kernels, 4);
+  EXPECT_DOUBLE_EQ(g.busy_us, 22);
+  EXPECT_DOUBLE_EQ(g.idle_fraction, 0.78);
+  ASSERT_EQ(g.gaps.count, 1);
+  EXPECT_DOUBLE_EQ(g.gaps.max_us, 78);
+  EXPECT_EQ(g.gaps.biggest[0].before, "ktune::cuda::handoff_signal_kernel");
+  EXPECT_DOUBLE_EQ(m.overlap_us, 0);  // the CPU experts overlap no real GPU work
+  std::map<std::string, double> b;
+  for (const BudgetItem& i : m.budget) b[i.name] = i.us_per_token;
+  EXPECT_DOUBLE_EQ(b["cpu_experts_wait"], 78);
+  EXPECT_DOUBLE_EQ(b["transfers"], 2);
+  EXPECT_DOUBLE_EQ(b["attention"], 20);
+}
+
 TEST(ProfilerAnalysis, OverlapOfCpuExpertsWithGpuKernels) {
   Timeline t = four_kernels();
   t.threads.push_back({10, 10, "w"});

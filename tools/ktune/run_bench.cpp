@@ -989,6 +989,7 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
   r.context = p.context;
   r.threads = !opt.threads.empty()                  ? opt.threads.front()
               : r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
+              : r.engine == EngineKind::Hybrid      ? hybrid_cpu_threads_default()
                                                     : physical_core_count();
   r.model =
       sweep.shape.opened ? std::move(*sweep.shape.opened) : load_model_for_cli(sweep.spec, true);

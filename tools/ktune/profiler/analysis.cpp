@@ -42,6 +42,10 @@ bool phase_from_kernel_name(const std::string& name, Phase* out) {
   return true;
 }
 
+bool is_cpu_wait_kernel(const std::string& name) {
+  return name.find("handoff_wait") != std::string::npos;
+}
+
 namespace {
 
 bool is_layer_phase(Phase p) { return !trace::is_step_phase(p) && p != Phase::Other; }
@@ -298,6 +302,12 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
       const GpuOp& o = t.ops[i];
       const Interval iv = clip(o.start, o.end);
       if (o.correlation != 0) launch_corr.insert(o.correlation);
+      if (o.kind == GpuOpKind::Kernel && is_cpu_wait_kernel(t.str(o.name))) {
+        // Spinning on the CPU's flag: idle behind the CPU experts (is_cpu_wait_kernel).
+        ++g.kernels;
+        cat_iv[kCatCpuExperts].push_back(iv);
+        continue;
+      }
       if (o.kind == GpuOpKind::Kernel) {
         kern.push_back(iv);
         ++g.kernels;
@@ -341,7 +351,9 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
       // The kernel ending last before each gap and the one starting it, for naming.
       std::vector<size_t> kidx;
       for (size_t i : idx) {
-        if (t.ops[i].kind == GpuOpKind::Kernel) kidx.push_back(i);
+        if (t.ops[i].kind == GpuOpKind::Kernel && !is_cpu_wait_kernel(t.str(t.ops[i].name))) {
+          kidx.push_back(i);
+        }
       }
       int64_t busy_end = std::numeric_limits<int64_t>::min();
       size_t last = SIZE_MAX;

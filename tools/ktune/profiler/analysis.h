@@ -31,6 +31,10 @@ struct OpTag {
 std::vector<OpTag> attribute_ops(const Timeline& t);
 // The fallback by name alone (exposed for tests): false when the name says nothing.
 bool phase_from_kernel_name(const std::string& name, Phase* out);
+// A kernel that spins until the CPU experts' result arrives (the engine's flag hand-off,
+// handoff_wait_add_kernel): the GPU is waiting, not computing, while it runs. The analysis counts
+// its time as GPU idle behind CPU experts (budget category cpu_experts), not as busy or transfer.
+bool is_cpu_wait_kernel(const std::string& name);
 
 // ---- statistics helpers ----
 struct Interval {

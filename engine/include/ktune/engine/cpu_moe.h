@@ -54,6 +54,14 @@ class CpuMoe {
   void compute(int64_t layer, const float* h, const int32_t* experts, const float* weights, int n,
                float* y);
 
+  // Keeps the pool's workers spinning through a wait longer than their spin (the GPU's half of
+  // a hybrid step: 1.7 ms for 24 GPU layers of qwen3-30b-a3b on the H100): a no-op parallel
+  // region restarts their spin, so the next compute() does not pay a futex wake-up per worker
+  // (slow in a VM). A caller that waits calls it every keep_warm_interval_us(); 0 = never (a pool
+  // that does not spin).
+  void keep_warm();
+  int64_t keep_warm_interval_us() const;
+
   // Most experts one compute() takes: the model's experts per layer (n_experts; a hybrid step
   // passes a subset of the top-k). Scratch is sized for this many.
   int max_experts() const;
