@@ -20,7 +20,7 @@
 //
 // Tails: each block fences its writes and bumps a device counter; the block that sees
 // gridDim.x - 1 finishes the job and resets the counter to 0 (so a captured graph replays it).
-// Router: router_topk.cuh with one warp over the logits (read through L2). Greedy: every block
+// Router: router_topk.cuh's block version over the logits (read through L2). Greedy: every block
 // folds its rows into one 64-bit key (value bits in total order, then the complemented index, so
 // integer max = largest value, lowest index on ties; NaN = 0, never chosen) with atomicMax;
 // the last block decodes it (-1 when every value was NaN), writes the token, records it in the
@@ -220,9 +220,9 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  if (p.topk_ids != nullptr && warp == 0) {
-    detail::warp_router_topk(p.y[0], p.rows_end[0], p.topk_k, p.topk_norm != 0, p.topk_ids,
-                             p.topk_w, nullptr, sx + p.cols, sel_id, sel_w);
+  if (p.topk_ids != nullptr) {  // the whole (last) block: is_last is uniform over it
+    detail::block_router_topk(p.y[0], p.rows_end[0], p.topk_k, p.topk_norm != 0, p.topk_ids,
+                              p.topk_w, sx + p.cols, sel_id, sel_w);
   }
   if (threadIdx.x == 0) {
     if (p.argmax_key != nullptr) {

@@ -369,6 +369,63 @@ TEST(CudaMatvecFused, SegmentsNormResidualRouterTail) {
   }
 }
 
+// The router tail ranks experts with the whole last block (block_router_topk) while the router
+// kernel uses one warp's k rounds of arg-max: same ids and the same weight bits, also with ties
+// (rows repeating every 5 experts: equal logits, lower index first) and with more experts than
+// the block has threads (1000: two per thread).
+TEST(CudaMatvecFused, RouterTailTiesAndManyExpertsMatchTheRouterKernel) {
+  KTUNE_REQUIRE_GPU();
+  Rng rng;
+  SCOPED_TRACE(rng.trace());
+  const int64_t cols = 256, k = 8;
+  for (int64_t n : {128, 1000}) {
+    for (bool ties : {true, false}) {
+      SCOPED_TRACE("n " + std::to_string(n) + (ties ? " ties" : " random"));
+      auto base = rng.normal(5 * cols, 0.05f);
+      auto wf = ties ? std::vector<float>(n * cols) : rng.normal(n * cols, 0.05f);
+      if (ties) {
+        for (int64_t e = 0; e < n; ++e) {
+          std::copy_n(base.begin() + (e % 5) * cols, cols, wf.begin() + e * cols);
+        }
+      }
+      const auto q = quantize_matrix(QuantType::BF16, wf, n, cols);
+      Dev<uint8_t> dw(q.size());
+      dw.upload(q);
+      Dev<float> dx(rng.normal(cols)), dy(n), dtw(k), rw(k);
+      Dev<int32_t> dids(k), rids(k);
+      Dev<unsigned> counter(std::vector<unsigned>{0u});
+      for (bool norm : {true, false}) {
+        MatvecFused a;
+        a.type = QuantType::BF16;
+        a.cols = cols;
+        a.x = dx.ptr();
+        a.seg[0] = {dw.ptr(), dy.ptr(), n};
+        a.topk_ids = dids.ptr();
+        a.topk_w = dtw.ptr();
+        a.topk_k = k;
+        a.topk_norm = norm;
+        a.counter = counter.ptr();
+        dids.poison();
+        dtw.poison();
+        ASSERT_EQ(launch_matvec_fused(a, nullptr), cudaSuccess);
+        ASSERT_EQ(launch_router_topk(dy.ptr(), 1, n, k, norm, rids.ptr(), rw.ptr(), nullptr,
+                                     nullptr),
+                  cudaSuccess);
+        const auto ids = dids.download(), ref_ids = rids.download();
+        EXPECT_EQ(ids, ref_ids);
+        const auto w = dtw.download(), ref_w = rw.download();
+        EXPECT_EQ(std::memcmp(w.data(), ref_w.data(), k * 4), 0);
+        if (ties) {
+          // The largest logit repeats every 5 experts: the k lowest indices of its class win.
+          const auto y = dy.download();
+          const int64_t best = std::max_element(y.begin(), y.begin() + 5) - y.begin();
+          for (int64_t j = 0; j < k; ++j) EXPECT_EQ(ids[j], best + 5 * j);
+        }
+      }
+    }
+  }
+}
+
 // Greedy tail (argmax over the outputs, then the end-of-step advance) in the same launch, on a
 // stream (programmatic dependent launch active), twice in a row: the key and the counter reset
 // themselves and the position advances twice. Against the reference argmax of the kernel's own
