@@ -31,6 +31,7 @@
 #include <mutex>
 
 #include "cuda/common.cuh"
+#include "cuda/per_device.cuh"
 #include "ktune/engine/cuda/kernels.h"
 
 namespace ktune::cuda {
@@ -472,19 +473,19 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
 bool cluster_path_ok(int64_t n_heads, int64_t n_kv, int64_t head_dim) {
   const int64_t group = n_heads / n_kv;
   if (head_dim % 64 != 0 || head_dim > kMaxHd || group < 1 || group > kMaxGroup) return false;
-  static std::once_flag once;
-  static bool ok = false;
-  std::call_once(once, [] {
-    int dev = 0, major = 0;
-    ok = cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-         major >= 9 &&
-         cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster),
-                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              cluster_smem(kMaxHd, kMaxGroup).total) == cudaSuccess;
-    if (!ok) cudaGetLastError();
+  // Per device: the shared-memory opt-in belongs to each device's context.
+  static detail::PerDevice<bool> ok;
+  return ok.get([](int dev) {
+    int major = 0;
+    const bool yes =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        major >= 9 &&
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             cluster_smem(kMaxHd, kMaxGroup).total) == cudaSuccess;
+    if (!yes) cudaGetLastError();
+    return yes;
   });
-  return ok;
 }
 
 }  // namespace

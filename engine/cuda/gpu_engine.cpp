@@ -14,6 +14,8 @@
 #include "cuda/cpu_expert_driver.h"
 #include "cuda/gpu_engine_impl.h"
 #include "cuda/gpu_engine_prefill.h"
+#include "cuda/gpu_pipeline.h"
+#include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/trace.h"
@@ -26,8 +28,9 @@ namespace ktune {
 using gpu_detail::align_up;
 using gpu_detail::kAlign;
 
-GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
-    : cfg(w.cfg), opt(options) {
+GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
+                      const gpu_detail::StageSpec& stage_spec)
+    : cfg(w.cfg), opt(options), spec(stage_spec) {
   if (w.cfg.is_deepseek2()) {
     throw Error("gpu engine", "deepseek2 (MLA) models do not run on the GPU engine yet",
                 "run on the CPU: a plain --model run, or a placement with every layer on cpu");
@@ -36,6 +39,14 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
     throw Error("gpu engine",
                 "handoff_timeout_ms " + std::to_string(opt.handoff_timeout_ms) + " out of range",
                 "use 1..3600000", ErrorKind::Usage);
+  }
+  lb = spec.first_layer;
+  le = spec.end_layer < 0 ? cfg.n_layers : spec.end_layer;
+  if (lb < 0 || lb >= le || le > cfg.n_layers) {
+    throw Error("gpu engine",
+                "stage layers " + std::to_string(lb) + ".." + std::to_string(le) + " of " +
+                    std::to_string(cfg.n_layers),
+                "give each GPU a non-empty range of the model's layers");
   }
   const bool want_map = !opt.expert_on_gpu.empty();
   if (want_map) {
@@ -56,10 +67,24 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
     cudaGetLastError();
     throw Error("gpu engine", "no usable CUDA device", "run on a machine with an NVIDIA GPU");
   }
-  KTUNE_CUDA_CHECK(cudaSetDevice(0));
+  if (spec.device < 0 || spec.device >= count) {
+    throw Error("cuda:" + std::to_string(spec.device),
+                "no such GPU here (this machine has cuda:0..cuda:" + std::to_string(count - 1) +
+                    ")",
+                "use the GPUs this machine has in the placement");
+  }
+  KTUNE_CUDA_CHECK(cudaSetDevice(spec.device));
   cudaDeviceProp prop{};
-  KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, spec.device));
   device_name = prop.name;
+  // The member stream was made on whatever device was current; this one is on the stage's.
+  if (spec.device != 0) stream = cuda::Stream();
+  if (want_map && (lb != 0 || le != cfg.n_layers)) {  // a stage: hybrid if its own layers are
+    is_hybrid = false;
+    for (int64_t l = lb; l < le; ++l) {
+      for (bool b : opt.expert_on_gpu[static_cast<size_t>(l)]) is_hybrid = is_hybrid || !b;
+    }
+  }
 
   hidden = cfg.hidden;
   n_heads = cfg.n_heads;
@@ -85,11 +110,14 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   }
 
   // ---- weights: size, allocate once, copy ----
+  // A stage holds the embedding only when it is first, the head only when it is last (a tied
+  // head on a later stage gets its own copy of the embedding matrix).
   std::vector<const TensorView*> all;
-  all.push_back(&w.tok_embd);
-  all.push_back(&w.output_norm);
-  if (w.output.data) all.push_back(&w.output);
-  for (const LayerWeights& lw : w.layers) {
+  if (spec.embedding || (spec.head && !w.output.data)) all.push_back(&w.tok_embd);
+  if (spec.head) all.push_back(&w.output_norm);
+  if (spec.head && w.output.data) all.push_back(&w.output);
+  for (int64_t li = lb; li < le; ++li) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(li)];
     for (const TensorView* t :
          {&lw.attn_norm, &lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.q_norm, &lw.k_norm, &lw.ffn_norm,
           &lw.router, &lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
@@ -107,7 +135,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   size_t wbytes = 0;
   // Expert tensors: only the GPU experts' matrices (compacted), plus a slot map for a layer
   // that mixes; the full tensor is counted below and taken back here.
-  for (int64_t l = 0; l < static_cast<int64_t>(w.layers.size()); ++l) {
+  for (int64_t l = lb; l < le; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const int64_t ng = gpu_count(l);
     for (const TensorView* t : {&lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
@@ -157,14 +185,16 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
                   matrix ? "use Q4_0, Q8_0, BF16 or F32 matrices" : "norm weights must be F32");
     }
   };
-  tok_embd = upload(w.tok_embd);
-  check_shape(w.output_norm, hidden, 1, false, "output_norm");
-  output_norm = upload(w.output_norm);
-  const TensorView& out_w = w.output.data ? w.output : w.tok_embd;
-  check_shape(out_w, hidden, vocab, true, "output");
-  output = w.output.data ? upload(w.output) : tok_embd;
+  if (spec.embedding || (spec.head && !w.output.data)) tok_embd = upload(w.tok_embd);
+  if (spec.head) {
+    check_shape(w.output_norm, hidden, 1, false, "output_norm");
+    output_norm = upload(w.output_norm);
+    const TensorView& out_w = w.output.data ? w.output : w.tok_embd;
+    check_shape(out_w, hidden, vocab, true, "output");
+    output = w.output.data ? upload(w.output) : tok_embd;
+  }
   L.resize(static_cast<size_t>(layers));
-  for (int64_t l = 0; l < layers; ++l) {
+  for (int64_t l = lb; l < le; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const std::string blk = "blk." + std::to_string(l) + ".";
     check_shape(lw.attn_norm, hidden, 1, false, blk + "attn_norm");
@@ -240,7 +270,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   const size_t kv_bytes = static_cast<size_t>(n_kv * max_ctx * hd) * sizeof(uint16_t);
   const size_t ws_bytes = cuda::attention_decode_workspace_bytes(n_heads, hd, max_ctx);
   const size_t f = sizeof(float);
-  size_t work = 2 * static_cast<size_t>(layers) * align_up(kv_bytes) + align_up(ws_bytes);
+  size_t work = 2 * static_cast<size_t>(le - lb) * align_up(kv_bytes) + align_up(ws_bytes);
   stage_ids_off = static_cast<size_t>(hidden) * f;
   stage_bytes = stage_ids_off + (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16 +
                 static_cast<size_t>(top_k) * 4;
@@ -252,7 +282,8 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   constexpr size_t kSmallSlots = 5;
   work += align_up(stage_bytes) + kSmallSlots * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
   work_arena = cuda::DeviceArena(work, "gpu engine workspace");
-  for (DevLayer& d : L) {
+  for (int64_t l = lb; l < le; ++l) {
+    DevLayer& d = L[static_cast<size_t>(l)];
     d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
     d.v_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
   }
@@ -292,6 +323,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
   if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
   if (is_hybrid) legacy = false;  // the one-launch-per-op step has no hybrid MoE
+  if (lb != 0 || le != layers) legacy = false;  // nor stages of a layer split
   const std::vector<float> freq = cuda::rope_inv_freq(cfg.rope_theta, hd);
   KTUNE_CUDA_CHECK(cudaMemcpy(inv_freq, freq.data(), freq.size() * f, cudaMemcpyHostToDevice));
   KTUNE_CUDA_CHECK(cudaMemset(pos, 0, sizeof(int32_t)));
@@ -322,7 +354,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options)
       h_stage + (reinterpret_cast<uint8_t*>(wts) - static_cast<uint8_t*>(stage)));
   // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
   KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
-  if (is_hybrid) {
+  if (is_hybrid && spec.shared_cpu_side) {
+    ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
+  } else if (is_hybrid) {
     pool = std::make_unique<ThreadPool>(
         opt.cpu_threads > 0 ? opt.cpu_threads : hybrid_cpu_threads_default(), opt.pin_threads);
     cpu_moe = std::make_unique<CpuMoe>(w, *pool);
@@ -423,7 +457,8 @@ void GpuEngine::Impl::sync() {
   } else {
     err = cudaStreamSynchronize(stream);
   }
-  std::string cpu_side = driver ? driver->finish() : std::string();
+  CpuExpertDriver* drv = cpu_side_driver();  // a pipeline's stage 0 finishes the shared driver
+  std::string cpu_side = drv ? drv->finish() : std::string();
   const uint32_t code = __atomic_load_n(h_error, __ATOMIC_ACQUIRE);
   if (err == cudaSuccess && code == 0 && cpu_side.empty()) return;
   __atomic_store_n(h_error, 0u, __ATOMIC_RELEASE);
@@ -449,11 +484,29 @@ void GpuEngine::Impl::set_token(int32_t t) {
       cudaMemcpyAsync(token, h_token, sizeof(int32_t), cudaMemcpyHostToDevice, stream));
 }
 
-GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt)
-    : impl_(std::make_unique<Impl>(weights, opt)) {}
+GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt) {
+  if (opt.layer_device.empty()) {
+    impl_ = std::make_unique<Impl>(weights, opt);
+    return;
+  }
+  if (static_cast<int64_t>(opt.layer_device.size()) != weights.cfg.n_layers) {
+    throw Error("gpu engine",
+                "layer_device names " + std::to_string(opt.layer_device.size()) +
+                    " layers, the model has " + std::to_string(weights.cfg.n_layers),
+                "give one CUDA device per layer", ErrorKind::Usage);
+  }
+  const GpuStagePlan plan = plan_gpu_stages(opt.layer_device, "gpu engine");
+  if (plan.multi_gpu() || plan.stages.front().device != 0) {
+    // Several GPUs, or one other than cuda:0: the pipeline (it sets each stage's device).
+    pipe_ = std::make_unique<Pipeline>(weights, opt, plan);
+    return;
+  }
+  impl_ = std::make_unique<Impl>(weights, opt);
+}
 GpuEngine::~GpuEngine() = default;
 
 void GpuEngine::reset() {
+  if (pipe_) return pipe_->reset();
   Impl& m = *impl_;
   m.sync();
   // A new epoch: hand-off words left from before never match the new steps' seq.
@@ -465,9 +518,10 @@ void GpuEngine::reset() {
   m.host_pos = 0;
 }
 
-int64_t GpuEngine::position() const { return impl_->host_pos; }
+int64_t GpuEngine::position() const { return pipe_ ? pipe_->position() : impl_->host_pos; }
 
 void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
+  if (pipe_) return pipe_->decode(token, logits);
   Impl& m = *impl_;
   m.set_token(token);
   m.run_step();
@@ -481,6 +535,7 @@ void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
 }
 
 std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) {
+  if (pipe_) return pipe_->generate_greedy(first_token, n);
   Impl& m = *impl_;
   if (n <= 0) return {};
   if (m.host_pos + n > m.max_ctx) {
@@ -500,16 +555,20 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) 
   return out;
 }
 
-const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
+const GpuEngineOptions& GpuEngine::options() const {
+  return pipe_ ? pipe_->options() : impl_->opt;
+}
 
 int64_t GpuEngine::device_bytes() const {
+  if (pipe_) return pipe_->device_bytes();
   return static_cast<int64_t>(impl_->weights_arena.capacity() + impl_->work_arena.capacity() +
                               impl_->prefill_state->arena.capacity());  // prefill
 }
 
 std::string GpuEngine::describe() const {
+  if (pipe_) return pipe_->describe();
   const Impl& m = *impl_;
-  std::string s = "cuda:0 " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
+  std::string s = "cuda:" + std::to_string(m.spec.device) + " " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
                   ", graph " + (m.opt.cuda_graph ? "on" : "off");
   if (m.is_hybrid) {
     // Where the workers run: a pool squeezed onto fewer cores than threads is the first thing
@@ -532,6 +591,6 @@ std::string GpuEngine::describe() const {
   return s;
 }
 
-bool GpuEngine::hybrid() const { return impl_->is_hybrid; }
+bool GpuEngine::hybrid() const { return pipe_ ? pipe_->hybrid() : impl_->is_hybrid; }
 
 }  // namespace ktune

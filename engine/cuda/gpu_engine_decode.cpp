@@ -38,9 +38,12 @@ void GpuEngine::Impl::enqueue_step() {
 void GpuEngine::Impl::enqueue_step_fused() {
   cudaStream_t s = stream;
   const float eps = cfg.rms_eps;
-  check_launch(cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, token, 1, x, s),
-               "launch_embedding");
-  for (int64_t l = 0; l < layers; ++l) {
+  if (spec.embedding) {  // a later pipeline stage receives x from the previous GPU instead
+    check_launch(
+        cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, token, 1, x, s),
+        "launch_embedding");
+  }
+  for (int64_t l = lb; l < le; ++l) {
     const DevLayer& d = L[static_cast<size_t>(l)];
     const int32_t layer = static_cast<int32_t>(l);
     {
@@ -98,6 +101,13 @@ void GpuEngine::Impl::enqueue_step_fused() {
       check_launch(cuda::launch_matvec_fused(router, s), "launch_matvec_fused router");
     }
     moe(d, l);
+  }
+  if (!spec.head) {
+    // A pipeline stage without the head only moves its own position on (its attention reads
+    // it); its token and history are unused.
+    check_launch(cuda::launch_decode_advance(pos, token, history, max_ctx, s),
+                 "launch_decode_advance (stage)");
+    return;
   }
   trace::Scope sampling(trace::Phase::Sampling);
   cuda::MatvecFused head;

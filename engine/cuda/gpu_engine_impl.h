@@ -55,6 +55,20 @@ inline void check_launch(cudaError_t err, const char* what) {
   cuda::check(err, what, __FILE__, __LINE__);
 }
 
+// The part of the model one Impl runs. The single-GPU engine is one Impl over every layer; the
+// multi-GPU layer split (gpu_pipeline.h) is one Impl per GPU, a "stage" over a range of layers,
+// the embedding on the first and the head on the last.
+struct StageSpec {
+  int device = 0;            // CUDA device index
+  int64_t first_layer = 0;   // layers [first_layer, end_layer)
+  int64_t end_layer = -1;    // -1: every layer
+  bool embedding = true;     // token embedding (first stage)
+  bool head = true;          // output norm + head + greedy sampling (last stage)
+  // Pipeline stages: the CPU pool, CpuMoe and the hand-off driver belong to the pipeline (one
+  // for all stages) and the pipeline points the stage at them and at stage 0's mapped block.
+  bool shared_cpu_side = false;
+};
+
 }  // namespace gpu_detail
 
 struct GpuEngine::Impl {
@@ -131,7 +145,17 @@ struct GpuEngine::Impl {
   unsigned long long* head_key = nullptr;
   unsigned* head_counter = nullptr;
 
-  Impl(const ModelWeights& w, const GpuEngineOptions& options);
+  // Stage (multi-GPU): which layers on which device (gpu_detail::StageSpec); lb..le the range.
+  gpu_detail::StageSpec spec;
+  int64_t lb = 0, le = 0;
+  // Pipeline stages (spec.shared_cpu_side): the pipeline's CpuMoe and driver.
+  CpuMoe* shared_moe = nullptr;
+  CpuExpertDriver* shared_driver = nullptr;
+  CpuMoe& cpu_side_moe() { return cpu_moe ? *cpu_moe : *shared_moe; }
+  CpuExpertDriver* cpu_side_driver() { return driver ? driver.get() : shared_driver; }
+
+  Impl(const ModelWeights& w, const GpuEngineOptions& options,
+       const gpu_detail::StageSpec& stage_spec = gpu_detail::StageSpec());
   ~Impl();
   void matvec(const DevTensor& t, const float* in, float* out, int64_t rows);
   void enqueue_step();

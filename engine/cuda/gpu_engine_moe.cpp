@@ -47,7 +47,7 @@ void GpuEngine::Impl::begin_handoff(int64_t l) {
         "launch_handoff_signal");
   } else {
     KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
-    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, driver->host_node_ctx(l)));
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, cpu_side_driver()->host_node_ctx(l)));
   }
 }
 
@@ -57,7 +57,7 @@ void GpuEngine::Impl::end_handoff(int64_t l) {
   trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
   cudaStream_t s = stream;
   if (opt.cpu_handoff == CpuHandoff::HostNode) {
-    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, cpu_side_driver()->host_node_ctx(l)));
   }
   const uint64_t timeout_ns = static_cast<uint64_t>(opt.handoff_timeout_ms) * 1000000u;
   check_launch(
@@ -116,7 +116,7 @@ void GpuEngine::Impl::cpu_experts(const DevLayer& d, int64_t l) {
   if (n == 0) return;
   {
     trace::Scope cpu_experts(trace::Phase::MoeCpu, static_cast<int32_t>(l));
-    cpu_moe->compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
+    cpu_side_moe().compute(l, h_h, sel_ids.data(), sel_w.data(), n, h_ycpu);
   }
   cudaStream_t s = stream;
   KTUNE_CUDA_CHECK(cudaMemcpyAsync(ycpu, h_ycpu, static_cast<size_t>(hidden) * sizeof(float),

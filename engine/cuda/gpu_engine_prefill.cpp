@@ -46,6 +46,7 @@
 #include <utility>
 
 #include "cuda/gpu_engine_impl.h"
+#include "cuda/gpu_pipeline.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/cuda/prefill_kernels.h"
 #include "ktune/engine/error.h"
@@ -443,7 +444,8 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
   std::memcpy(ps.h_tokens, toks, static_cast<size_t>(n) * sizeof(int32_t));
   // The device position as a decode step leaves it: after the last chunk decode_advance below
   // moves it from pos0 + n - 1 to pos0 + n.
-  ps.h_tokens[ps.chunk] = static_cast<int32_t>(last ? pos0 + n - 1 : pos0 + n);
+  // A pipeline stage without the head has no decode_advance: its position goes to pos0 + n.
+  ps.h_tokens[ps.chunk] = static_cast<int32_t>(last && spec.head ? pos0 + n - 1 : pos0 + n);
   if (ps.profile) ps.ev_begin->record(s);
   KTUNE_CUDA_CHECK(cudaMemcpyAsync(ps.tokens, ps.h_tokens, static_cast<size_t>(n) * 4,
                                    cudaMemcpyHostToDevice, s));
@@ -453,11 +455,13 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
     issue_stage_copy(ps, 0);
     issue_stage_copy(ps, 1);
   }
-  check_launch(
-      cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, ps.tokens, n, ps.x, s),
-      "launch_embedding prefill");
-  for (int64_t l = 0; l < layers; ++l) prefill_layer(l, n, pos0, stage);
-  if (last) {
+  if (spec.embedding) {  // later pipeline stages receive ps.x from the previous GPU
+    check_launch(
+        cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, ps.tokens, n, ps.x, s),
+        "launch_embedding prefill");
+  }
+  for (int64_t l = lb; l < le; ++l) prefill_layer(l, n, pos0, stage);
+  if (last && spec.head) {
     cuda::MatvecFused head;
     head.type = output.type;
     head.cols = hidden;
@@ -481,7 +485,7 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
   if (ps.profile) {
     KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
     float attn = 0, route = 0, moe = 0, copy = 0;
-    for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t l = lb; l < le; ++l) {
       attn += ps.ev_layer[4 * l + 1]->elapsed_ms_since(*ps.ev_layer[4 * l]);
       route += ps.ev_layer[4 * l + 2]->elapsed_ms_since(*ps.ev_layer[4 * l + 1]);
       moe += ps.ev_layer[4 * l + 3]->elapsed_ms_since(*ps.ev_layer[4 * l + 2]);
@@ -505,6 +509,7 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
 }
 
 void GpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits) {
+  if (pipe_) return pipe_->prefill(tokens, n, logits);
   Impl& m = *impl_;
   if (n <= 0) return;
   if (tokens == nullptr) {

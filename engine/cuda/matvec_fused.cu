@@ -31,6 +31,7 @@
 #include <mutex>
 
 #include "cuda/common.cuh"
+#include "cuda/per_device.cuh"
 #include "cuda/router_topk.cuh"
 #include "cuda/rowwarp_dot.cuh"
 #include "ktune/engine/cuda/kernels.h"
@@ -253,9 +254,15 @@ struct Setup {
   int sms = 0;
   int smem_limit = 0;  // dynamic shared memory per block the kernels may ask for
 };
+// One Setup per device (the opt-in is per device context; cuda/per_device.cuh).
 Setup& setup() {
-  static Setup s;
-  return s;
+  static Setup s[detail::kMaxSetupDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= detail::kMaxSetupDevices) {
+    cudaGetLastError();
+    dev = detail::kMaxSetupDevices - 1;
+  }
+  return s[dev];
 }
 
 cudaError_t run_setup() {

@@ -28,6 +28,7 @@
 #include <mutex>
 
 #include "cuda/common.cuh"
+#include "cuda/per_device.cuh"
 #include "cuda/rowwarp_dot.cuh"
 #include "ktune/engine/cuda/kernels.h"
 
@@ -438,7 +439,7 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
   detail::pdl_trigger();
 }
 
-// SM count and the shared-memory opt-in of the staged kernels, once per process.
+// SM count and the shared-memory opt-in of the staged kernels, once per device.
 struct StagedSetup {
   cudaError_t err = cudaSuccess;
   int sms = 0;
@@ -446,14 +447,11 @@ struct StagedSetup {
 };
 
 const StagedSetup& staged_setup() {
-  static StagedSetup s;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    int dev = 0;
-    s.err = cudaGetDevice(&dev);
-    if (s.err == cudaSuccess) {
-      s.err = cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, dev);
-    }
+  // Per device: the opt-in belongs to each device's context (cuda/per_device.cuh).
+  static detail::PerDevice<StagedSetup> per_device;
+  return per_device.get([](int dev) {
+    StagedSetup s;
+    s.err = cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, dev);
     int optin = 0;
     if (s.err == cudaSuccess) {
       s.err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
@@ -471,8 +469,8 @@ const StagedSetup& staged_setup() {
       if (s.err != cudaSuccess) break;
       s.err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem_limit);
     }
+    return s;
   });
-  return s;
 }
 
 bool moe_args_ok(QuantType type, const void* w, int64_t expert_bytes, const float* x, int64_t k,

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/per_device.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
 
 namespace ktune::cuda {
@@ -245,8 +246,11 @@ cudaError_t launch_hd(const uint16_t* q16, const uint16_t* k_cache, const uint16
                       int64_t tokens, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t max_ctx,
                       uint16_t* out16, cudaStream_t stream) {
   constexpr int kSmem = Smem<HD>::kBytes;
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      prefill_attention_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  static detail::PerDevice<cudaError_t> per_device;  // the opt-in is per device context
+  const cudaError_t attr = per_device.get([](int) {
+    return cudaFuncSetAttribute(prefill_attention_kernel<HD>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  });
   if (attr != cudaSuccess) return attr;
   const float scale_log2 =
       static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(HD)));

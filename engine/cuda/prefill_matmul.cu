@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/per_device.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
 
 namespace ktune::cuda {
@@ -350,10 +351,13 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
 template <QuantType T, bool Swiglu>
 cudaError_t launch_typed(const PrefillMatmul& a, cudaStream_t stream) {
   constexpr int kSmem = smem_bytes<T, Swiglu>();
-  // Once per instantiation (thread-safe static initialization): stages above 48 KiB need the
-  // opt-in.
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      prefill_matmul_kernel<T, Swiglu>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  // Once per instantiation and device (the opt-in belongs to each device's context): stages
+  // above 48 KiB need it.
+  static detail::PerDevice<cudaError_t> per_device;
+  const cudaError_t attr = per_device.get([](int) {
+    return cudaFuncSetAttribute(prefill_matmul_kernel<T, Swiglu>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  });
   if (attr != cudaSuccess) return attr;
   const int64_t m_tiles = a.tiles ? a.max_tiles : (a.m + kBM - 1) / kBM;
   if (m_tiles == 0) return cudaSuccess;

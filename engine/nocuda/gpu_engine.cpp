@@ -11,6 +11,7 @@ namespace ktune {
 struct GpuEngine::Impl {
   GpuEngineOptions opt;
 };
+struct GpuEngine::Pipeline {};
 
 GpuEngine::GpuEngine(const ModelWeights&, const GpuEngineOptions&) {
   throw Error("gpu engine", "this ktune was built without CUDA (KTUNE_CUDA=OFF)",

@@ -189,7 +189,7 @@ namespace {
 const char* const kTopKeys[] = {"ktune", "model", "runtime", "layers", "predicted", "searched_on"};
 const char* const kModelKeys[] = {"path", "arch"};
 const char* const kRuntimeKeys[] = {"cuda_graph",  "moe_kernel", "cpu_handoff",
-                                    "cpu_threads", "context",    "batch"};
+                                    "cpu_threads", "context",    "batch", "gpu_transport"};
 const char* const kEntryKeys[] = {"layers", "attention", "experts"};
 const char* const kPredictedKeys[] = {"decode_tok_s", "prefill_tok_s", "memory_gib"};
 const char* const kSearchedKeys[] = {"profile", "router_stats"};
@@ -665,6 +665,13 @@ Placement Parser::parse(const std::string& text) {
         o.context = read_int(v, f, 1, int64_t{1} << 24);
       } else if (key == "batch") {
         o.batch = read_int(v, f, 1, 4096);
+      } else if (key == "gpu_transport") {
+        const std::string s = v.IsScalar() ? v.Scalar() : "";
+        if (s == "auto" || s == "nccl" || s == "peer") {
+          o.gpu_transport = parse_gpu_transport(s, f);
+        } else {
+          fail(v, f, type_name(v) + " is not a GPU transport", "write auto, nccl or peer");
+        }
       }
     }
   }
@@ -898,7 +905,7 @@ bool same_entries(const std::vector<LayerEntry>& a, const std::vector<LayerEntry
 bool same_runtime(const RuntimeOptions& a, const RuntimeOptions& b) {
   return a.cuda_graph == b.cuda_graph && a.moe_kernel == b.moe_kernel &&
          a.cpu_handoff == b.cpu_handoff && a.cpu_threads == b.cpu_threads &&
-         a.context == b.context && a.batch == b.batch;
+         a.context == b.context && a.batch == b.batch && a.gpu_transport == b.gpu_transport;
 }
 
 }  // namespace
@@ -1025,7 +1032,12 @@ std::string write_placement(const Placement& p) {
          ", moe_kernel: " + moe_kernel_name(r.moe_kernel) +
          ", cpu_handoff: " + cpu_handoff_name(r.cpu_handoff) +
          ", cpu_threads: " + std::to_string(r.cpu_threads) +
-         ", context: " + std::to_string(r.context) + ", batch: " + std::to_string(r.batch) + "}\n";
+         ", context: " + std::to_string(r.context) + ", batch: " + std::to_string(r.batch) +
+         // Only when set, so files without multi-GPU keep their standard form.
+         (r.gpu_transport == GpuTransport::Auto
+              ? std::string()
+              : std::string(", gpu_transport: ") + gpu_transport_name(r.gpu_transport)) +
+         "}\n";
   out += "layers:\n";
   size_t i = 0;
   while (i < p.layers.size()) {

@@ -35,6 +35,10 @@
 // routing sync. A stalled side never hangs: both sides give up after handoff_timeout_ms and the
 // next synchronising call throws ktune::Error. In hybrid mode `weights` must outlive the engine.
 //
+// Multi-GPU (GpuEngineOptions::layer_device naming several GPUs): a pipeline for one sequence,
+// one stage per GPU with its own stream and graph, the hidden state moved between them by NCCL
+// or peer copies (engine/cuda/gpu_pipeline.h); tokens and logits equal the one-GPU engine's.
+//
 // Prefill runs batched (engine/cuda/gpu_engine_prefill.cpp): chunks of up to max_prefill_chunk
 // tokens through tensor-core matmuls, a causal attention kernel and expert-grouped MoE matmuls;
 // with a hybrid placement, chunks of 16+ tokens copy the CPU experts' weights to the GPU, shorter
@@ -64,6 +68,11 @@ struct GpuEngineOptions {
   CpuHandoff cpu_handoff = CpuHandoff::Flags;  // how CPU experts are handed over (see above)
   int64_t handoff_timeout_ms = 10000;          // either side gives up after this long
   int64_t max_prefill_chunk = 512;  // prefill runs in chunks of at most this many tokens
+  // Multi-GPU layer split (ktune/engine/gpu_stages.h): the CUDA device of each layer's attention
+  // (n_layers entries; each GPU one contiguous range). Empty = every layer on cuda:0. A layer's
+  // GPU experts (expert_on_gpu) live on its device.
+  std::vector<int> layer_device;
+  GpuTransport gpu_transport = GpuTransport::Auto;  // how activations move between the GPUs
 };
 
 class GpuEngine {
@@ -89,13 +98,17 @@ class GpuEngine {
 
   const GpuEngineOptions& options() const;
   int64_t device_bytes() const;  // weights + KV cache + workspace on the device
-  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu (T threads, handoff flags)]"
+  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu (T threads, handoff flags)]"; with
+  // several GPUs "cuda:0 NAME + cuda:1 NAME (cuda:0 layers 0-23 -> cuda:1 layers 24-47,
+  // transport nccl [auto: ...]), moe fused, graph on (one per GPU)[, ...]"
   std::string describe() const;
   bool hybrid() const;           // some expert computed on the CPU
 
  private:
   struct Impl;
-  std::unique_ptr<Impl> impl_;
+  struct Pipeline;                  // several GPUs (or one other than cuda:0)
+  std::unique_ptr<Impl> impl_;      // set for the one-GPU engine on cuda:0
+  std::unique_ptr<Pipeline> pipe_;  // else this
 };
 
 

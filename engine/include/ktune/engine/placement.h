@@ -5,6 +5,7 @@
 //   ktune: 1
 //   model: {path: model.gguf, arch: qwen3moe}
 //   runtime: {cuda_graph: true, moe_kernel: fused, cpu_handoff: flags, cpu_threads: 0, ...}
+//            (gpu_transport: auto|nccl|peer, written only when not auto)
 //   layers:
 //     - {layers: "0-23", attention: cuda:0, experts: {cuda:0: all}}
 //     - {layers: "24-47", attention: cuda:0, experts: {cuda:0: "3,17,42", cpu: rest}}
@@ -55,6 +56,18 @@ enum class CpuHandoff { Flags, HostNode };
 const char* moe_kernel_name(MoeKernel k);    // "fused" | "unfused"
 const char* cpu_handoff_name(CpuHandoff h);  // "flags" | "host_node"
 
+// How the hidden state (and the sampled token) moves between the GPUs of a multi-GPU layer split
+// (ktune/engine/gpu_stages.h).
+enum class GpuTransport {
+  Auto,  // measured at load: the faster of the two on this machine (docs/placement.md)
+  Nccl,  // ncclSend/ncclRecv, one communicator per GPU (ncclCommInitAll)
+  Peer   // cudaMemcpyPeerAsync ordered by events; staged through pinned host memory when the
+         // two GPUs have no peer access
+};
+const char* gpu_transport_name(GpuTransport t);  // "auto" | "nccl" | "peer"
+// "auto" | "nccl" | "peer" -> the value; throws a usage error naming `where` otherwise.
+GpuTransport parse_gpu_transport(const std::string& text, const std::string& where);
+
 struct RuntimeOptions {
   bool cuda_graph = true;
   MoeKernel moe_kernel = MoeKernel::Fused;
@@ -62,6 +75,7 @@ struct RuntimeOptions {
   int cpu_threads = 0;     // 0 = one per physical core (hybrid engine: one fewer, see thread_pool.h)
   int64_t context = 4096;  // KV cache length, tokens per sequence
   int64_t batch = 1;       // sequences decoded together
+  GpuTransport gpu_transport = GpuTransport::Auto;  // multi-GPU placements only
 };
 
 // Written by `ktune search`; kept so that parse + write gives the file back.
