@@ -78,7 +78,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, spec.device));
   device_name = prop.name;
   // The member stream was made on whatever device was current; this one is on the stage's.
-  if (spec.device != 0) stream = cuda::Stream();
+  stream = cuda::Stream();
   if (want_map && (lb != 0 || le != cfg.n_layers)) {  // a stage: hybrid if its own layers are
     is_hybrid = false;
     for (int64_t l = lb; l < le; ++l) {

@@ -24,6 +24,15 @@ void add_run_command(CLI::App& app) {
                   "(0,12,24,48) sweeps them; --cuda-graph, --moe-kernel and --cpu-handoff take\n"
                   "lists too (on,off) and the run covers every combination, model loaded once")
       ->delimiter(',');
+  sub->add_option("--gpus", opt->gpus,
+                  "Quick placement over the first N GPUs: layers split evenly (cuda:0 the first\n"
+                  "layers), each layer's attention and experts on its GPU; with --experts-on-gpu K\n"
+                  "only K layers keep their experts on the GPUs (spread evenly), the rest on cpu.\n"
+                  "A list (1,2,4) sweeps")
+      ->delimiter(',');
+  sub->add_option("--gpu-transport", opt->gpu_transport,
+                  "auto|nccl|peer[,...]: how activations move between GPUs with several GPUs\n"
+                  "(overrides the YAML's runtime.gpu_transport; default auto: measured at load)");
   sub->add_option("--cuda-graph", opt->cuda_graph,
                   "on|off: capture the GPU decode step as a CUDA graph (overrides the YAML;\n"
                   "KTUNE_CUDA_GRAPH=0 forces off). Default: the placement's (on), off with\n"

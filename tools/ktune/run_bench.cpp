@@ -21,6 +21,7 @@
 #include "ktune/engine/cpu_engine.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_info.h"
+#include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/host_info.h"
 #include "ktune/engine/interrupt.h"
 #include "ktune/engine/numa.h"
@@ -333,14 +334,13 @@ GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, 
   s.cuda_graph = r.summary.cuda_graph;
   s.handoff_host_node = r.placement.runtime.cpu_handoff == CpuHandoff::HostNode;
   if (r.engine == EngineKind::Hybrid) {
-    s.expert_on_gpu.resize(static_cast<size_t>(r.placement.n_layers()));
-    for (int64_t l = 0; l < r.placement.n_layers(); ++l) {
-      for (const Device& d : r.placement.layers[l].experts) {
-        s.expert_on_gpu[static_cast<size_t>(l)].push_back(d.is_gpu());
-      }
-    }
+    s.expert_on_gpu = experts_on_gpu_map(r.placement);
     s.cpu_threads = cpu_threads > 0 ? cpu_threads : r.placement.runtime.cpu_threads;
   }
+  // Any GPU other than cuda:0 (several, or one other): each layer's device for the layer split.
+  const std::vector<int> devs = layer_devices(r.placement);
+  if (std::any_of(devs.begin(), devs.end(), [](int d) { return d != 0; })) s.layer_device = devs;
+  s.gpu_transport = gpu_transport_name(r.placement.runtime.gpu_transport);
   s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
   s.prompt = opt.prompt;
   s.gen = opt.gen;
@@ -401,7 +401,7 @@ nlohmann::json summary_json(const PlacementSummary& s) {
   for (const auto& [d, b] : s.budget) {
     budget[d] = b < 0 ? nlohmann::json(nullptr) : nlohmann::json(static_cast<double>(b) / kGiB);
   }
-  return {{"label", s.label},
+  nlohmann::json j = {{"label", s.label},
           {"engine", engine_kind_name(s.engine)},
           {"experts", experts},
           {"memory_gib", mem},
@@ -410,6 +410,11 @@ nlohmann::json summary_json(const PlacementSummary& s) {
           {"moe_kernel", moe_kernel_name(s.moe_kernel)},
           {"cpu_threads", s.cpu_threads},
           {"context", s.context}};
+  if (s.gpu_transport) {
+    j["gpu_transport"] = gpu_transport_name(*s.gpu_transport);
+    j["gpu_stages"] = s.gpu_stages;
+  }
+  return j;
 }
 
 // Steps 1 and 2 of a placement run: every placement of the command line (files, or the quick
@@ -427,6 +432,17 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
     throw_usage("--experts-on-gpu", "cannot be combined with --config",
                 "put the placement in the YAML, or drop --config");
   }
+  if (!quick && !opt.gpus.empty()) {
+    throw_usage("--gpus", "cannot be combined with --config",
+                "put the layer split in the YAML (attention: cuda:N per layer range), or drop "
+                "--config");
+  }
+  for (int g : opt.gpus) {
+    if (g < 1 || g > 1024) {
+      throw_usage("--gpus", fmt::format("{} is not a number of GPUs", g),
+                  "give how many GPUs to split the layers over, e.g. --gpus 1,2,4");
+    }
+  }
   for (int64_t n : opt.experts_on_gpu) {
     if (n < 0) {
       throw_usage("--experts-on-gpu", fmt::format("{} is negative", n),
@@ -438,14 +454,18 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
   const auto graphs = split_list(opt.cuda_graph, "--cuda-graph");
   const auto kernels = split_list(opt.moe_kernel, "--moe-kernel");
   const auto handoffs = split_list(opt.cpu_handoff, "--cpu-handoff");
+  const auto transports = split_list(opt.gpu_transport, "--gpu-transport");
   for (const std::string& g : graphs) {
     for (const std::string& k : kernels) {
       for (const std::string& h : handoffs) {
-        std::string tag;
-        if (graphs.size() > 1) tag += " | graph " + g;
-        if (kernels.size() > 1) tag += " | moe " + k;
-        if (handoffs.size() > 1) tag += " | handoff " + h;
-        variants.emplace_back(parse_runtime_overrides(g, k, h), tag);
+        for (const std::string& t : transports) {
+          std::string tag;
+          if (graphs.size() > 1) tag += " | graph " + g;
+          if (kernels.size() > 1) tag += " | moe " + k;
+          if (handoffs.size() > 1) tag += " | handoff " + h;
+          if (transports.size() > 1) tag += " | transport " + t;
+          variants.emplace_back(parse_runtime_overrides(g, k, h, t), tag);
+        }
       }
     }
   }
@@ -480,7 +500,21 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
 
   // 2. Resolve, apply the overrides, plan, check budgets and devices, choose engines: all
   // before the weights are loaded.
-  if (quick) {
+  if (quick && !opt.gpus.empty()) {
+    // --gpus N[,...] x --experts-on-gpu K[,...] (no K: every expert on its layer's GPU).
+    std::vector<int64_t> ks = opt.experts_on_gpu;
+    if (ks.empty()) ks.push_back(cfg.n_layers);
+    for (int g : opt.gpus) {
+      for (int64_t k : ks) {
+        placements.push_back(make_gpu_split(cfg, g, k));
+        labels.push_back(opt.experts_on_gpu.empty()
+                             ? fmt::format("--gpus {}", g)
+                             : fmt::format("--gpus {} --experts-on-gpu {}", g, k));
+        placements.back().model_path = spec;
+        placements.back().model_resolved = spec;
+      }
+    }
+  } else if (quick) {
     for (int64_t n : opt.experts_on_gpu) {
       if (n > cfg.n_layers) {
         throw_usage("--experts-on-gpu",
@@ -774,6 +808,7 @@ const char* engine_kind_name(EngineKind k) {
 bool uses_placements(const RunOptions& opt) {
   return !opt.configs.empty() || !opt.experts_on_gpu.empty() || !opt.cuda_graph.empty() ||
          !opt.moe_kernel.empty() || !opt.cpu_handoff.empty() || !opt.gpu_mem.empty() ||
+         !opt.gpus.empty() || !opt.gpu_transport.empty() ||
          !opt.cpu_mem.empty();
 }
 
@@ -829,31 +864,29 @@ EngineKind choose_engine(const Placement& p, const std::string& where, int numa_
     }
   }
   if (gpus.empty()) return EngineKind::Cpu;
-  if (gpus.size() != 1 || *gpus.begin() != Device::cuda(0)) {
-    std::string names;
-    for (const Device& d : gpus) names += (names.empty() ? "" : ", ") + d.to_string();
-    throw Error(where,
-                "placements on " + names +
-                    " are not implemented in this build yet (the GPU engine runs on cuda:0 only)",
-                "put every layer's attention and experts on cuda:0 or cpu");
-  }
-  if (!any_cpu) return EngineKind::Gpu;
   std::vector<int64_t> cpu_attention;
   for (int64_t l = 0; l < p.n_layers(); ++l) {
     if (!p.layers[l].attention.is_gpu()) cpu_attention.push_back(l);
   }
-  if (cpu_attention.empty()) return EngineKind::Hybrid;
-  throw Error(where,
-              "hybrid placements need every layer's attention on cuda:0 (layers " +
-                  format_id_ranges(cpu_attention) + " have attention on the CPU, with GPU " +
-                  "work elsewhere: " + describe_layer_devices(p) + ")",
-              "put every layer's attention on cuda:0 (experts may stay on cpu), or run all on cpu");
+  if (!cpu_attention.empty()) {
+    throw Error(where,
+                "hybrid placements need every layer's attention on cuda:0 or another GPU "
+                "(layers " + format_id_ranges(cpu_attention) + " have attention on the CPU, "
+                "with GPU work elsewhere: " + describe_layer_devices(p) + ")",
+                "put every layer's attention on a GPU (experts may stay on cpu), or run all on "
+                "cpu");
+  }
+  // The layer split's rules: a layer's GPU experts on its attention's GPU, one range per GPU.
+  plan_gpu_stages(p, where);
+  return any_cpu ? EngineKind::Hybrid : EngineKind::Gpu;
 }
 
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
                                          const std::string& moe_kernel,
-                                         const std::string& cpu_handoff) {
+                                         const std::string& cpu_handoff,
+                                         const std::string& gpu_transport) {
   RuntimeOverrides o;
+  if (!gpu_transport.empty()) o.gpu_transport = parse_gpu_transport(gpu_transport, "--gpu-transport");
   if (!cuda_graph.empty()) {
     if (cuda_graph == "on") {
       o.cuda_graph = true;
@@ -898,6 +931,7 @@ void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o) {
   }
   if (o.cuda_graph) p.runtime.cuda_graph = *o.cuda_graph;
   if (o.cpu_handoff) p.runtime.cpu_handoff = *o.cpu_handoff;
+  if (o.gpu_transport) p.runtime.gpu_transport = *o.gpu_transport;
   if (o.env_graph_off) p.runtime.cuda_graph = false;
 }
 
@@ -935,6 +969,13 @@ PlacementSummary summarize_placement(const std::string& label, const Placement& 
   }
   s.cuda_graph = engine != EngineKind::Cpu && p.runtime.cuda_graph;
   if (engine == EngineKind::Hybrid) s.cpu_handoff = p.runtime.cpu_handoff;
+  if (engine != EngineKind::Cpu) {
+    const std::vector<int> devs = layer_devices(p);
+    if (std::set<int>(devs.begin(), devs.end()).size() > 1) {
+      s.gpu_transport = p.runtime.gpu_transport;
+      s.gpu_stages = plan_gpu_stages(p, label).describe();
+    }
+  }
   s.moe_kernel = p.runtime.moe_kernel;
   s.cpu_threads = p.runtime.cpu_threads;
   s.context = p.runtime.context;
@@ -952,9 +993,12 @@ std::string PlacementSummary::line() const {
     }
   }
   return fmt::format(
-      "engine {} | experts: {} | memory: {} | graph {} | moe {}{}", engine_kind_name(engine), ex,
+      "engine {} | experts: {} | memory: {} | graph {} | moe {}{}{}", engine_kind_name(engine), ex,
       mem, cuda_graph ? "on" : "off", moe_kernel_name(moe_kernel),
-      cpu_handoff ? std::string(" | handoff ") + cpu_handoff_name(*cpu_handoff) : std::string());
+      cpu_handoff ? std::string(" | handoff ") + cpu_handoff_name(*cpu_handoff) : std::string(),
+      gpu_transport ? std::string(" | transport ") + gpu_transport_name(*gpu_transport) +
+                          " | stages " + gpu_stages
+                    : std::string());
 }
 
 // ---- ktune profile (added by the profiler): one placement, prepared for profiling ----

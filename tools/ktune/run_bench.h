@@ -31,6 +31,11 @@ struct RunOptions {
   std::string cuda_graph;              // --cuda-graph on|off[,...]; "": the placement's setting
   std::string moe_kernel;              // --moe-kernel fused|unfused[,...]; "": the placement's
   std::string cpu_handoff;             // --cpu-handoff flags|host_node[,...]; "": the placement's
+  // --gpus N[,N...]: quick placement over the first N GPUs, layers split evenly (with
+  // --experts-on-gpu K: the experts of K layers on their layer's GPU, spread over the GPUs;
+  // without it: every expert on its layer's GPU).
+  std::vector<int> gpus;
+  std::string gpu_transport;           // --gpu-transport auto|nccl|peer[,...]; "": the placement's
   std::string gpu_mem;                 // --gpu-mem budget overrides ("" = defaults)
   std::string cpu_mem;                 // --cpu-mem
   int64_t prompt = 512;
@@ -55,10 +60,12 @@ enum class EngineKind { Cpu, Gpu, Hybrid };
 const char* engine_kind_name(EngineKind k);  // "cpu" | "gpu" | "hybrid"
 
 // Which engine runs a resolved placement: every layer's attention and experts on CPU devices ->
-// Cpu; every one on cuda:0 -> Gpu; every layer's attention on cuda:0 and experts on cpu or
-// cuda:0 (some on cpu) -> Hybrid (the GpuEngine with CPU experts; no CUDA graph yet). Anything
-// else throws ktune::Error (exit 1) naming `where`: attention on the CPU with experts on a GPU
-// (naming the layers and the devices of every group of layers), or GPUs other than cuda:0.
+// Cpu; every one on a GPU -> Gpu; every layer's attention on a GPU and experts on that GPU or
+// cpu (some on cpu) -> Hybrid (the GpuEngine with CPU experts). Several GPUs: the layer split
+// (ktune/engine/gpu_stages.h), whose rules plan_gpu_stages checks. Anything else throws
+// ktune::Error (exit 1) naming `where`: attention on the CPU with experts on a GPU (naming the
+// layers and the devices of every group of layers), a layer's experts on another GPU than its
+// attention, a GPU with two separate ranges of layers.
 // NUMA [issue 7]: a placement naming nodes (cpu:N) on a machine with several nodes is refused
 // for now (`numa_nodes` = this machine's node count; <= 0: read it): the CpuEngine has one pool
 // over the whole host and the GPU engine's CPU side does not use NumaCpuMoe yet. On one node,
@@ -70,12 +77,14 @@ struct RuntimeOverrides {
   std::optional<bool> cuda_graph;       // --cuda-graph
   std::optional<MoeKernel> moe_kernel;  // --moe-kernel
   std::optional<CpuHandoff> cpu_handoff;  // --cpu-handoff
+  std::optional<GpuTransport> gpu_transport;  // --gpu-transport
   bool env_graph_off = false;           // KTUNE_CUDA_GRAPH=0 (kill switch: wins over everything)
 };
 // Parses the flags (usage errors name the flag) and reads KTUNE_CUDA_GRAPH.
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
                                          const std::string& moe_kernel,
-                                         const std::string& cpu_handoff = "");
+                                         const std::string& cpu_handoff = "",
+                                         const std::string& gpu_transport = "");
 // Applies them. --moe-kernel unfused without --cuda-graph turns the graph off (the unfused path
 // is meant to show the host-driven per-expert pattern; --cuda-graph on gives its graph form);
 // KTUNE_CUDA_GRAPH=0 turns it off whatever else says.
@@ -94,11 +103,13 @@ struct PlacementSummary {
   bool cuda_graph = false;                                 // as run (always off on the CpuEngine)
   MoeKernel moe_kernel = MoeKernel::Fused;
   std::optional<CpuHandoff> cpu_handoff;                   // hybrid placements only
+  std::optional<GpuTransport> gpu_transport;               // several GPUs only
+  std::string gpu_stages;  // several GPUs: "cuda:0 layers 0-23 -> cuda:1 layers 24-47"
   int cpu_threads = 0;
   int64_t context = 0;
   std::string line()
       const;  // "engine cpu | experts: cpu 32 | memory: cpu 0.0 GiB | graph off | moe fused"
-              // (hybrid: "... | handoff flags")
+              // (hybrid: "... | handoff flags"; several GPUs: "... | transport nccl | stages ...")
 };
 PlacementSummary summarize_placement(const std::string& label, const Placement& p,
                                      const MemoryPlan& plan, EngineKind engine);

@@ -62,6 +62,8 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   o.expert_on_gpu = s.expert_on_gpu;
   o.cpu_threads = s.cpu_threads;
   o.cpu_handoff = s.handoff_host_node ? CpuHandoff::HostNode : CpuHandoff::Flags;
+  o.layer_device = s.layer_device;
+  o.gpu_transport = parse_gpu_transport(s.gpu_transport, "--gpu-transport");
   GpuEngine engine(model, o);
   std::vector<float> logits;
   std::vector<double> pp, tg;

@@ -19,6 +19,10 @@ struct GpuBenchSettings {
   std::vector<std::vector<bool>> expert_on_gpu;
   int cpu_threads = 0;
   bool handoff_host_node = false;  // CPU experts handed over by host nodes (else mapped flags)
+  // Several GPUs: each layer's CUDA device (empty = all on cuda:0) and the transport between
+  // them ("auto", "nccl" or "peer").
+  std::vector<int> layer_device;
+  std::string gpu_transport = "auto";
   int64_t prompt = 0;  // prefill tokens per repetition (0 skips)
   int64_t gen = 0;     // decode tokens per repetition (0 skips)
   int reps = 1;
