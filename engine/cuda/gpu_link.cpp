@@ -63,7 +63,7 @@ class PeerLink final : public GpuLink {
       Pair p;
       const int a = devices[size_t(from)], b = devices[size_t(to)];
       int can = 0;
-      if (!p2p_off) KTUNE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, b, a));
+      if (!p2p_off) KTUNE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, a, b));  // a reaches b
       if (can) {
         // The copy runs on from's stream: from's device must reach to's memory.
         KTUNE_CUDA_CHECK(cudaSetDevice(a));
@@ -153,21 +153,6 @@ class PeerLink final : public GpuLink {
 };
 
 }  // namespace
-
-bool all_peer_access(const std::vector<int>& devices) {
-  for (int a : devices) {
-    for (int b : devices) {
-      if (a == b) continue;
-      int can = 0;
-      if (cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-      }
-      if (!can) return false;
-    }
-  }
-  return true;
-}
 
 std::unique_ptr<GpuLink> make_peer_link(const std::vector<int>& devices,
                                         const std::vector<cudaStream_t>& streams,

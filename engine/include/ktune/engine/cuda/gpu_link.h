@@ -54,7 +54,4 @@ std::unique_ptr<GpuLink> make_nccl_link(const std::vector<int>& devices,
                                         const std::vector<cudaStream_t>& streams);
 bool nccl_built();  // this build links NCCL
 
-// Whether every ordered pair of `devices` has peer access (cudaDeviceCanAccessPeer).
-bool all_peer_access(const std::vector<int>& devices);
-
 }  // namespace ktune::cuda
