@@ -10,11 +10,13 @@
 #include <vector>
 
 #include "ktune/engine/error.h"
+#include "ktune/engine/gpu_info.h"
 #include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/memory_plan.h"
 #include "ktune/engine/model.h"
 #include "ktune/engine/placement.h"
 #include "run_bench.h"
+#include "subprocess.h"
 
 namespace ktune {
 namespace {
@@ -247,6 +249,33 @@ TEST(GpuStages, Qwen3_235bFitsOnFourGpusNotOne) {
     check_fits(plan_memory(c, QuantType::Q4_0, QuantType::Q4_0, one, b));
   });
   EXPECT_NE(m.find("cuda:0: the plan needs"), std::string::npos) << m;
+}
+
+// The flags on the command line: bad values are usage errors (exit 2) naming the flag; a split
+// over more GPUs than this machine has is refused before anything is loaded, naming the GPU.
+TEST(GpuStagesCli, GpusAndTransportFlags) {
+  using test::run_ktune;
+  auto r = run_ktune({"run", "--model", "synth:tiny", "--gpus", "0", "-p", "8", "-n", "4"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--gpus: 0 is not a number of GPUs"), std::string::npos) << r.err;
+  r = run_ktune({"run", "--model", "synth:tiny", "--gpus", "2", "--gpu-transport", "tcp"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--gpu-transport: `tcp` is not a GPU transport"), std::string::npos)
+      << r.err;
+  r = run_ktune({"run", "--model", "synth:tiny", "--gpus", "5"});  // tiny has 4 layers
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--gpus: 5 GPUs for a model of 4 layers"), std::string::npos) << r.err;
+  // 4 GPUs with a budget each: the plan passes and, on a machine with fewer GPUs, the GPU
+  // check refuses the first one it lacks (exit 1, one line) before the model is loaded.
+  std::string mem;
+  for (int g = 0; g < 4; ++g) mem += (g ? "," : "") + std::string("cuda:") + std::to_string(g) + "=80GiB";
+  r = run_ktune({"run", "--model", "synth:tiny", "--gpus", "4", "--gpu-mem", mem, "-p", "8", "-n",
+                 "4", "-r", "1", "--no-probe"});
+  if (query_gpus().devices.size() < 4) {
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find("ktune: error: cuda:"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;  // one line
+  }
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_engine.h"
+#include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/thread_pool.h"
 #include "ktune/engine/trace.h"
 #include "profiler/chrome_trace.h"
@@ -244,6 +245,12 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       go.max_context = pr.context;
       go.cuda_graph = pr.summary.cuda_graph;
       go.moe_kernel = pr.placement.runtime.moe_kernel;
+      // A layer split over several GPUs (or one GPU other than cuda:0): each layer's device.
+      const std::vector<int> devs = layer_devices(pr.placement);
+      if (std::any_of(devs.begin(), devs.end(), [](int d) { return d != 0; })) {
+        go.layer_device = devs;
+      }
+      go.gpu_transport = pr.placement.runtime.gpu_transport;
       if (pr.engine == cli::EngineKind::Hybrid) {
         go.expert_on_gpu.resize(static_cast<size_t>(pr.placement.n_layers()));
         for (int64_t l = 0; l < pr.placement.n_layers(); ++l) {
