@@ -355,6 +355,10 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
   KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
   if (is_hybrid && spec.shared_cpu_side) {
+    // The pipeline's CpuMoe and driver (gpu_pipeline.cpp); the host-driven unfused step still
+    // selects this stage's CPU experts here.
+    sel_ids.resize(static_cast<size_t>(top_k));
+    sel_w.resize(static_cast<size_t>(top_k));
     ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
   } else if (is_hybrid) {
     pool = std::make_unique<ThreadPool>(

@@ -10,8 +10,8 @@
 //   MultiGpuEngine.*   the engine split over 2 GPUs (and 3 and 4 where they exist): greedy tokens
 //                      and every step's logits bit-identical to the one-GPU engine, graph on and
 //                      off, NCCL and peer, all experts on the GPUs and with CPU experts in some
-//                      layers; batched prefill (several chunks) equal too; one stage on cuda:1
-//                      equals cuda:0; bad splits are ktune::Errors.
+//                      layers; batched prefill (several chunks) and the unfused MoE equal too;
+//                      one stage on cuda:1 equals cuda:0; bad splits are ktune::Errors.
 // EngineRun the same binary with NCCL_P2P_DISABLE=1 to take the paths without peer access (NCCL
 // through host memory, the peer transport staged through pinned buffers).
 #include <gtest/gtest.h>
@@ -282,6 +282,25 @@ TEST(MultiGpuEngine, ChunkedPrefillEqualsOneGpu) {
       EXPECT_EQ(same_steps(a, b), static_cast<int>(a.logits.size()))
           << split_name(sp) << ", chunk " << chunk;
       EXPECT_EQ(a.after_prefill, b.after_prefill) << split_name(sp) << ", chunk " << chunk;
+    }
+  }
+}
+
+// The unfused MoE (per-expert launches): host-driven without a graph (CPU experts computed on
+// the calling thread, per-layer routing syncs on each stage's stream) and its graph form.
+TEST(MultiGpuEngine, UnfusedSplitEqualsOneGpu) {
+  KTUNE_REQUIRE_GPUS(2);
+  const ModelWeights& m = tiny(QuantType::Q8_0);
+  for (Split sp : {Split::AllOnGpu, Split::EvenOnGpu}) {
+    for (bool graph : {false, true}) {
+      GpuEngineOptions one = opts(m, sp, graph, {}, GpuTransport::Auto);
+      one.moe_kernel = MoeKernel::Unfused;
+      GpuEngineOptions two = opts(m, sp, graph, split_devices(m.cfg, 2), GpuTransport::Peer);
+      two.moe_kernel = MoeKernel::Unfused;
+      const EngineRun a = run(m, one), b = run(m, two);
+      EXPECT_EQ(same_steps(a, b), static_cast<int>(a.logits.size()))
+          << split_name(sp) << ", graph " << graph;
+      EXPECT_EQ(a.greedy, b.greedy) << split_name(sp) << ", graph " << graph;
     }
   }
 }
