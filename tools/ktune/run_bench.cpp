@@ -743,6 +743,15 @@ void run_placements(const RunOptions& opt) {
                                fmt::format("{:.2f} ± {:.2f}", c.decode.mean, c.decode.stddev), pct);
     }
   }
+  // Layer splits over several GPUs: what ran (GPUs, stages, the transport auto chose and its
+  // measured hop times), after the table so single-GPU output keeps its shape.
+  bool split_header = false;
+  for (const ConfigResult& c : results) {
+    if (!runs[c.placement].summary.gpu_transport) continue;
+    if (!split_header) std::cout << "\n";
+    split_header = true;
+    std::cout << fmt::format("# engine of placement {}: {}\n", c.placement + 1, c.engine_desc);
+  }
   if (partial.signal != 0) {
     std::cout.flush();
     throw Interrupted(partial.signal, kPartialFix);
