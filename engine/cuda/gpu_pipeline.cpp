@@ -86,7 +86,8 @@ GpuEngine::Pipeline::Pipeline(const ModelWeights& w, const GpuEngineOptions& opt
     s.h_wts = s0.h_wts;
   }
   if (is_hybrid) {
-    pool = std::make_unique<ThreadPool>(opt.cpu_threads, opt.pin_threads);
+    pool = std::make_unique<ThreadPool>(
+        opt.cpu_threads > 0 ? opt.cpu_threads : hybrid_cpu_threads_default(), opt.pin_threads);
     cpu_moe = std::make_unique<CpuMoe>(w, *pool);
     for (auto& s : stages) s->shared_moe = cpu_moe.get();
     // As the single-GPU engine: the host-driven unfused step (no graph) computes CPU experts on
