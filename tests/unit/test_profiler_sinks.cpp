@@ -311,7 +311,7 @@ TEST(ProfilerSinks, CpuEngineProfileEndToEnd) {
   EXPECT_FALSE(d.verdict.headline.empty());
   // profile.json: schema key, sections, the timeline file beside it.
   const json pj = json::parse(slurp(o.out));
-  EXPECT_EQ(pj["ktune_profile"], 1);
+  EXPECT_EQ(pj["ktune_profile"], profile::kProfileSchemaVersion);
   for (const char* k : {"summary", "run", "windows", "router", "overhead", "topology", "verdict",
                         "timeline"}) {
     EXPECT_TRUE(pj.contains(k)) << k;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <iostream>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
@@ -99,6 +100,10 @@ json candidate_json(const Candidate& c, bool with_layers) {
   }
   j["memory"] = mem;
   j["gpu_experts_per_layer"] = c.gpu_counts;
+  // Where each layer runs (attention and its GPU experts): "cuda:N" or "cpu".
+  json devs = json::array();
+  for (const LayerPlacement& lp : c.placement.layers) devs.push_back(lp.attention.to_string());
+  j["layer_devices"] = devs;
   if (with_layers && c.settings.gpu) {
     json layers = json::array();
     for (size_t l = 0; l < c.on_gpu.size(); ++l) {
@@ -122,6 +127,8 @@ double measured_request_s(const search::Workload& w, double pp, double tg) {
   }
   return t;
 }
+
+bool multi_gpu_profile(const SearchResult& r) { return r.machine.gpus.size() > 1; }
 
 void write_text(const std::string& path, const std::string& text) {
   const fs::path dir = fs::path(path).parent_path();
@@ -203,10 +210,16 @@ void run_search_command(const SearchFlags& f) {
   assign_files();
   for (size_t i = 0; i < res.baselines.size(); ++i) {
     const std::string& label = res.baselines[i].label;
-    const char* name = label.find("--fit") != std::string::npos       ? "baseline-fit"
+    const Candidate& b = res.baselines[i];
+    std::string name = label.find("--fit") != std::string::npos       ? "baseline-fit"
                        : label.find("n-cpu-moe") != std::string::npos ? "baseline-n-cpu-moe"
-                                                                      : "baseline-uniform";
-    base_files[i] = (fs::path(lay.folder) / (std::string(name) + ".yaml")).string();
+                       : label.find("even layer split") != std::string::npos
+                           ? "baseline-even-split"
+                           : "baseline-uniform";
+    if (name == "baseline-even-split" && b.settings.gpu && !b.settings.cuda_graph) {
+      name += "-nograph";
+    }
+    base_files[i] = (fs::path(lay.folder) / (name + ".yaml")).string();
   }
   auto command = [&](const std::string& file) { return "ktune run --config " + file; };
 
@@ -304,10 +317,11 @@ void run_search_command(const SearchFlags& f) {
     int64_t gpu_layers = 0;
     for (int64_t n : whole->gpu_counts) gpu_layers += n > 0 ? 1 : 0;
     rounding_line = fmt::format(
-        "# whole layers (what llama.cpp -ot and ktransformers rules express): experts of {} of "
+        "# whole layers (what llama.cpp -ot and ktransformers rules express){}: experts of {} of "
         "{} layers on the GPU; predicted decode {:.2f} tok/s, prefill {:.1f} tok/s, request {:.2f} "
         "s: {:+.1f} % request time vs the per-expert plan ({:.2f} s)",
-        gpu_layers, whole->gpu_counts.size(), whole->pred.decode_tok_s, whole->pred.prefill_tok_s,
+        whole->stages.empty() ? std::string() : " " + whole->label.substr(13), gpu_layers,
+        whole->gpu_counts.size(), whole->pred.decode_tok_s, whole->pred.prefill_tok_s,
         whole->pred.request_s, 100.0 * (whole->pred.request_s / ref->pred.request_s - 1),
         ref->pred.request_s);
     rounding = {{"whole_layer", candidate_json(*whole, false)},
@@ -418,6 +432,17 @@ void run_search_command(const SearchFlags& f) {
       bases.push_back(j);
     }
     doc["baselines"] = bases;
+    json split = json::array();
+    for (const auto& c : res.split_vs_even) {
+      split.push_back({{"settings", c.settings},
+                       {"gpus", c.gpus},
+                       {"layers_per_gpu", c.layers_per_gpu},
+                       {"request_s", c.split_request_s},
+                       {"even_layers_per_gpu", c.even_layers_per_gpu},
+                       {"even_request_s", c.even_request_s > 0 ? json(c.even_request_s)
+                                                               : json(nullptr)}});
+    }
+    doc["split_vs_even"] = split;
     doc["rounding"] = rounding;
     doc["verify"] = verify_json;
     doc["files"] = written;
@@ -452,14 +477,35 @@ void run_search_command(const SearchFlags& f) {
   std::cout << fmt::format(
       "# searched {} thread count(s) x {} engine settings, {} solves, in {:.2f} s\n",
       res.threads_tried.size(), res.machine.has_gpu ? 4 : 1, res.solves, res.seconds);
+  if (multi_gpu_profile(res)) {
+    std::cout << fmt::format(
+        "# {} GPUs: layer split and GPU experts searched together (contiguous layer ranges; a "
+        "layer's GPU experts on its GPU); decode steps pass through the GPUs in turn, prefill "
+        "chunks are pipelined across them\n",
+        res.machine.gpus.size());
+  }
   for (const std::string& l : verify_lines) std::cout << l << "\n";
   std::cout << "\n";
   const int64_t total_experts = mc.n_layers * mc.n_experts;
   const std::string gpu = res.machine.has_gpu ? res.machine.gpu_device : std::string("cuda:0");
+  // Several GPUs: one memory figure per GPU, "a/b/c/d" (- for a GPU the candidate leaves empty).
+  const bool multi = res.machine.gpus.size() > 1;
+  std::string gpu_header = gpu + " GiB";
+  if (multi) {
+    gpu_header = "cuda:0";
+    for (size_t g = 1; g < res.machine.gpus.size(); ++g) gpu_header += "/" + std::to_string(g);
+    gpu_header += " GiB";
+  }
+  auto gpu_mem = [&](const Candidate& c) {
+    if (!multi) return mem_of(c, gpu);
+    std::string out;
+    for (const auto& g : res.machine.gpus) out += (out.empty() ? "" : "/") + mem_of(c, g.device);
+    return out;
+  };
   std::cout << fmt::format(
       "| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13} | {:>12} "
       "| {:>9} | {} |\n",
-      "rank", "graph", "moe", "hand-off", "threads", "GPU experts", "GPU routing", gpu + " GiB",
+      "rank", "graph", "moe", "hand-off", "threads", "GPU experts", "GPU routing", gpu_header,
       "cpu GiB", "prefill tok/s", "decode tok/s", "request s",
       native_files ? "command" : "placement");
   std::cout << "| ---: | ----- | ------- | --------- | ------: | ------------: | ----------: | "
@@ -473,7 +519,7 @@ void run_search_command(const SearchFlags& f) {
         s.gpu ? moe_kernel_name(s.kernel) : "cpu",
         s.gpu && s.cuda_graph ? cpu_handoff_name(s.handoff) : "-", s.cpu_threads,
         fmt::format("{}/{}", c.pred.gpu_experts, total_experts), s.gpu ? pct(c.pred.gpu_mass) : "-",
-        mem_of(c, gpu), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s,
+        gpu_mem(c), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s,
         c.pred.request_s, last);
   };
   for (size_t i = 0; i < res.ranked.size(); ++i) {
@@ -502,6 +548,29 @@ void run_search_command(const SearchFlags& f) {
                       : std::string("no better (the baseline is as good: keep it)"));
     }
   }
+  for (const auto& c : res.split_vs_even) {
+    auto layers = [](const std::vector<int64_t>& n) {
+      std::string s;
+      for (int64_t x : n) s += (s.empty() ? "" : "/") + std::to_string(x);
+      return s;
+    };
+    if (c.even_request_s > 0) {
+      std::cout << fmt::format(
+          "# {} GPUs, {}: searched split (layers {}) {:.2f} s per request vs even split (layers "
+          "{}) {:.2f} s: {}\n",
+          c.gpus, c.settings, layers(c.layers_per_gpu), c.split_request_s,
+          layers(c.even_layers_per_gpu), c.even_request_s,
+          c.split_request_s < c.even_request_s * (1 - 1e-6)
+              ? fmt::format("{:.1f} % faster", 100 * (c.even_request_s / c.split_request_s - 1))
+              : std::string("the even split is as good"));
+    } else {
+      std::cout << fmt::format(
+          "# {} GPUs, {}: searched split (layers {}) {:.2f} s per request; the even split "
+          "(layers {}) does not fit\n",
+          c.gpus, c.settings, layers(c.layers_per_gpu), c.split_request_s,
+          layers(c.even_layers_per_gpu));
+    }
+  }
   if (!rounding_line.empty()) std::cout << rounding_line << "\n";
   if (native_files) {
     std::cout << fmt::format("# wrote {} and {} (other candidates in {})\n", lay.best, lay.nograph,
@@ -516,9 +585,18 @@ void run_search_command(const SearchFlags& f) {
             ? " --use_cuda_graph=False"
             : "");
   } else if (f.emit == "llama-cpp") {
-    std::cout << fmt::format(
-        "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n", f.output,
-        whole->settings.cpu_threads, f.output);
+    std::set<std::string> devs;
+    for (const LayerPlacement& lp : whole->placement.layers) devs.insert(lp.attention.to_string());
+    if (devs.size() > 1 || (devs.size() == 1 && *devs.begin() != "cuda:0")) {
+      std::cout << fmt::format(
+          "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} --split-mode layer "
+          "--tensor-split \"$(sed -n 2p {})\" -ot \"$(sed -n 1p {})\"\n",
+          f.output, whole->settings.cpu_threads, f.output, f.output);
+    } else {
+      std::cout << fmt::format(
+          "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n",
+          f.output, whole->settings.cpu_threads, f.output);
+    }
   } else {
     std::cout
         << "# add -o best.yaml to write these placements (then: ktune run --config best.yaml)\n";

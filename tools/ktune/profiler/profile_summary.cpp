@@ -120,6 +120,11 @@ void to_json(json& j, const ProfileSummary& s) {
   j["cpu_costs"] = {{"moe_decode_gb_s", curve_json(s.cpu_costs.moe_decode_gb_s)},
                     {"prefill_gflop_s", curve_json(s.cpu_costs.prefill_gflop_s)},
                     {"handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us}};
+  j["cpu_costs"]["moe_decode_gb_s_per_node"] = json::array();
+  for (const CpuCosts::NodeCurve& n : s.cpu_costs.moe_decode_gb_s_per_node) {
+    j["cpu_costs"]["moe_decode_gb_s_per_node"].push_back(
+        {{"node", n.node}, {"gb_s", curve_json(n.gb_s)}});
+  }
   j["gpus"] = json::array();
   for (const GpuInfo& g : s.gpus) {
     j["gpus"].push_back({{"device", g.device},
@@ -148,6 +153,16 @@ void to_json(json& j, const ProfileSummary& s) {
                               {"attention_us_per_1k_ctx", c.attention_us_per_1k_ctx},
                               {"prefill_gflop_s", c.prefill_gflop_s}});
   }
+  j["interconnect"] = json::array();
+  for (const GpuLink& l : s.interconnect) {
+    j["interconnect"].push_back({{"src", l.src},
+                                 {"dst", l.dst},
+                                 {"peer_access", l.peer_access},
+                                 {"peer_gb_s", l.peer_gb_s},
+                                 {"peer_latency_us", l.peer_latency_us},
+                                 {"nccl_gb_s", l.nccl_gb_s},
+                                 {"nccl_latency_us", l.nccl_latency_us}});
+  }
   j["model"] = {{"name", s.model.name},
                 {"quant", s.model.quant},
                 {"n_layers", s.model.n_layers},
@@ -157,7 +172,7 @@ void to_json(json& j, const ProfileSummary& s) {
   j["router"] = {{"tokens", s.router.tokens}, {"counts", s.router.counts}};
 }
 
-ProfileSummary summary_from_json(const json& summary, const std::string& file) {
+ProfileSummary summary_from_json(const json& summary, const std::string& file, int version) {
   const Field root(summary, "summary", file);
   ProfileSummary s;
   s.kind = root.at("kind").str();
@@ -189,6 +204,23 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
   s.cpu_costs.moe_decode_gb_s = curve(cc.at("moe_decode_gb_s"), true);
   s.cpu_costs.prefill_gflop_s = curve(cc.at("prefill_gflop_s"), false);
   s.cpu_costs.handoff_host_thread_us = cc.at("handoff_host_thread_us").num(0, 1e6);
+  if (version >= 2 || cc.has("moe_decode_gb_s_per_node")) {
+    const Field pn = cc.at("moe_decode_gb_s_per_node");
+    for (size_t i = 0; i < pn.array_size(); ++i) {
+      const Field n = pn.at(i);
+      CpuCosts::NodeCurve nc;
+      nc.node = static_cast<int>(n.at("node").integer(0, 1023));
+      if (nc.node >= s.cpu.numa_nodes) {
+        n.at("node").fail("names a node the cpu (" + std::to_string(s.cpu.numa_nodes) +
+                          " numa_nodes) does not have");
+      }
+      for (const auto& prev : s.cpu_costs.moe_decode_gb_s_per_node) {
+        if (prev.node == nc.node) n.at("node").fail("repeats node " + std::to_string(nc.node));
+      }
+      nc.gb_s = curve(n.at("gb_s"), true);
+      s.cpu_costs.moe_decode_gb_s_per_node.push_back(std::move(nc));
+    }
+  }
 
   const Field gpus = root.at("gpus");
   for (size_t i = 0; i < gpus.array_size(); ++i) {
@@ -234,6 +266,37 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file) {
     gc.attention_us_per_1k_ctx = c.at("attention_us_per_1k_ctx").num(0, 1e6);
     gc.prefill_gflop_s = c.at("prefill_gflop_s").num(0, kHuge);
     s.gpu_costs.push_back(gc);
+  }
+
+  if (version >= 2 || root.has("interconnect")) {
+    const Field ic = root.at("interconnect");
+    auto is_gpu = [&](const std::string& d) {
+      for (const GpuInfo& g : s.gpus) {
+        if (g.device == d) return true;
+      }
+      return false;
+    };
+    for (size_t i = 0; i < ic.array_size(); ++i) {
+      const Field l = ic.at(i);
+      GpuLink gl;
+      gl.src = l.at("src").str();
+      gl.dst = l.at("dst").str();
+      if (!is_gpu(gl.src)) l.at("src").fail("\"" + gl.src + "\" is not one of summary.gpus");
+      if (!is_gpu(gl.dst)) l.at("dst").fail("\"" + gl.dst + "\" is not one of summary.gpus");
+      if (gl.src == gl.dst) l.at("dst").fail("equals src");
+      for (const GpuLink& prev : s.interconnect) {
+        if (prev.src == gl.src && prev.dst == gl.dst) {
+          l.fail("repeats the link " + gl.src + " -> " + gl.dst);
+        }
+      }
+      if (!l.at("peer_access").raw().is_boolean()) l.at("peer_access").fail("must be true or false");
+      gl.peer_access = l.at("peer_access").raw().get<bool>();
+      gl.peer_gb_s = l.at("peer_gb_s").num(0, kHuge);
+      gl.peer_latency_us = l.at("peer_latency_us").num(0, 1e6);
+      gl.nccl_gb_s = l.at("nccl_gb_s").num(0, kHuge);
+      gl.nccl_latency_us = l.at("nccl_latency_us").num(0, 1e6);
+      s.interconnect.push_back(gl);
+    }
   }
 
   const Field m = root.at("model");
@@ -351,7 +414,7 @@ ProfileSummary summary_of(const json& doc, const std::string& path) {
   if (!doc.contains("summary")) {
     throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
   }
-  return summary_from_json(doc["summary"], path);
+  return summary_from_json(doc["summary"], path, doc["ktune_profile"].get<int>());
 }
 
 }  // namespace
@@ -362,6 +425,13 @@ ProfileSummary parse_profile_summary(const std::string& text, const std::string&
 
 ProfileSummary read_profile_summary(const std::string& path) {
   return summary_of(read_profile_document(path), path);
+}
+
+const GpuLink* find_link(const ProfileSummary& s, const std::string& src, const std::string& dst) {
+  for (const GpuLink& l : s.interconnect) {
+    if (l.src == src && l.dst == dst) return &l;
+  }
+  return nullptr;
 }
 
 double rate_at(const std::vector<ThreadRate>& c, int threads) {

@@ -19,7 +19,10 @@
 
 namespace ktune::profile {
 
-constexpr int kProfileSchemaVersion = 1;
+// 2: summary.interconnect (GPU pair links), summary.cpu_costs.moe_decode_gb_s_per_node and the
+// multi-GPU window metrics (pipeline bubbles, inter-GPU transfers). Version 1 files still read:
+// their missing fields are empty.
+constexpr int kProfileSchemaVersion = 2;
 
 // One point of a measured scaling curve.
 struct ThreadRate {
@@ -44,6 +47,13 @@ struct CpuCosts {
   std::vector<ThreadRate> moe_decode_gb_s;  // required, >= 1 point
   std::vector<ThreadRate> prefill_gflop_s;  // batched CPU matmul; empty if not measured
   double handoff_host_thread_us = 0;  // per layer: event sync + wake pool + enqueue (no graph)
+  // CPU expert bandwidth of the worker group of each NUMA node (node -> curve), when measured
+  // per node; empty: one curve for the whole host (moe_decode_gb_s).
+  struct NodeCurve {
+    int node = 0;
+    std::vector<ThreadRate> gb_s;
+  };
+  std::vector<NodeCurve> moe_decode_gb_s_per_node;
 };
 
 struct GpuInfo {
@@ -76,6 +86,18 @@ struct GpuCosts {
   double prefill_gflop_s = 0;          // batched expert/attention matmuls (0 = not measured)
 };
 
+// One directed GPU pair's link, measured by `ktune profile --hardware` on machines with more
+// than one GPU (version 2). Bandwidths of 0 mean "not measured" (the search assumes a default).
+struct GpuLink {
+  std::string src;  // "cuda:0"
+  std::string dst;  // "cuda:1"
+  bool peer_access = false;    // cudaDeviceCanAccessPeer
+  double peer_gb_s = 0;        // cudaMemcpyPeerAsync of 256 MiB
+  double peer_latency_us = 0;  // a 4-byte peer copy, round trip / 2 of back-to-back copies
+  double nccl_gb_s = 0;        // NCCL send/recv of 256 MiB (0: NCCL not available)
+  double nccl_latency_us = 0;  // NCCL send/recv of 4 bytes
+};
+
 struct ModelShape {   // the model a profile was recorded with (empty name: --hardware)
   std::string name;   // "qwen3-30b-a3b"
   std::string quant;  // "q4_0"
@@ -101,6 +123,7 @@ struct ProfileSummary {
   CpuCosts cpu_costs;
   std::vector<GpuInfo> gpus;        // may be empty (CPU-only machine)
   std::vector<GpuCosts> gpu_costs;  // one per GpuInfo, same order and devices
+  std::vector<GpuLink> interconnect;  // GPU pairs (both directions); empty with < 2 GPUs or v1
   ModelShape model;
   RouterStats router;
 };
@@ -108,7 +131,10 @@ struct ProfileSummary {
 // Serialise into / parse from the "summary" object. from_json validates; `file` names the
 // source in errors ("profile.json: summary.gpus[0].read_gb_s: must be > 0; ...").
 void to_json(nlohmann::json& j, const ProfileSummary& s);
-ProfileSummary summary_from_json(const nlohmann::json& summary, const std::string& file);
+// `version` is the document's ktune_profile: fields added after it may be absent (then empty);
+// from the version that added them on, they are required.
+ProfileSummary summary_from_json(const nlohmann::json& summary, const std::string& file,
+                                 int version = kProfileSchemaVersion);
 
 // Reads profile.json (any size the profiler writes), checks "ktune_profile" (a newer schema is
 // refused with the version numbers), and returns its validated summary. Throws ktune::Error.
@@ -128,5 +154,8 @@ void check_json_depth(const std::string& text, const std::string& file, int max_
 // Interpolated value of a scaling curve at `threads` (clamped to the measured range; linear
 // between points). The curve must be non-empty.
 double rate_at(const std::vector<ThreadRate>& curve, int threads);
+
+// The link from src to dst (nullptr when the profile has none).
+const GpuLink* find_link(const ProfileSummary& s, const std::string& src, const std::string& dst);
 
 }  // namespace ktune::profile

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <set>
 
@@ -331,54 +332,92 @@ CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
   return r;
 }
 
+Stages stages_from_counts(const std::vector<int64_t>& layers_per_gpu) {
+  Stages st;
+  for (size_t g = 0; g < layers_per_gpu.size(); ++g) {
+    for (int64_t i = 0; i < layers_per_gpu[g]; ++i) st.push_back(int(g));
+  }
+  return st;
+}
+
+std::vector<int> stage_gpus(const Stages& st) {
+  std::vector<int> out;
+  for (int g : st) {
+    if (out.empty() || out.back() != g) out.push_back(g);
+  }
+  return out;
+}
+
+double CostModel::decode_transfer_us(const Stages& st) const {
+  const std::vector<int> g = stage_gpus(st);
+  if (g.size() < 2) return 0;
+  const double hidden_bytes = 4.0 * double(model_.cfg.hidden);
+  double t = 0;
+  for (size_t i = 1; i < g.size(); ++i) t += m_.transfer_us(g[i - 1], g[i], hidden_bytes);
+  return t + m_.transfer_us(g.back(), g.front(), 4.0);
+}
+
 double CostModel::prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e,
-                            int64_t prompt, int* copy_layers) const {
-  // Two engines: the GPU's compute stream and its copy engine; two staging buffers. A copy
+                            int64_t prompt, int* copy_layers, const Stages& stages) const {
+  // Per GPU two engines: the compute stream and the copy engine; two staging buffers. A copy
   // starts when the copy engine and its buffer are free (the buffer's last user finished), a
-  // layer computes when the previous layer is done and its copy has arrived.
-  double gpu = 0, copy_engine = 0;
-  double buf_free[2] = {0, 0};
-  int next_buf = 0;
+  // layer computes when the previous layer is done and its copy has arrived. Several GPUs: a
+  // chunk enters a GPU when it has finished the previous chunk and the chunk's activations
+  // arrived from the GPU before it.
+  const std::vector<int> gpus_used = stage_gpus(stages);
+  const size_t ns = std::max<size_t>(1, gpus_used.size());
+  std::vector<double> gpu(ns, 0.0), copy_engine(ns, 0.0);
+  std::vector<std::array<double, 2>> buf_free(ns, {0.0, 0.0});
+  std::vector<int> next_buf(ns, 0);
   int copies_full_chunk = 0;
+  const double hidden_bytes = 4.0 * double(model_.cfg.hidden);
   for (int64_t c0 = 0; c0 < prompt; c0 += kPrefillChunkTokens) {
     const int64_t n = std::min<int64_t>(kPrefillChunkTokens, prompt - c0);
     const size_t ci = chunk_index(n);
     int copies = 0;
+    size_t s = 0;
     for (int64_t l = 0; l < n_layers(); ++l) {
+      if (!stages.empty() && l > 0 && stages[size_t(l)] != stages[size_t(l) - 1]) {
+        const double arrive =
+            gpu[s] + m_.transfer_us(gpus_used[s], gpus_used[s + 1], double(n) * hidden_bytes);
+        ++s;
+        gpu[s] = std::max(gpu[s], arrive);
+      }
       const PrefillLayer pl = prefill_layer(l, splits[size_t(l)], e, ci, n, c0);
       if (!pl.copies) {
-        gpu += pl.gpu_us;
+        gpu[s] += pl.gpu_us;
         continue;
       }
       ++copies;
-      const double start = std::max(copy_engine, buf_free[next_buf]);
-      copy_engine = start + pl.copy_us;
-      gpu = std::max(gpu, copy_engine) + pl.gpu_us;
-      buf_free[next_buf] = gpu;
-      next_buf ^= 1;
+      const double start = std::max(copy_engine[s], buf_free[s][size_t(next_buf[s])]);
+      copy_engine[s] = start + pl.copy_us;
+      gpu[s] = std::max(gpu[s], copy_engine[s]) + pl.gpu_us;
+      buf_free[s][size_t(next_buf[s])] = gpu[s];
+      next_buf[s] ^= 1;
     }
     if (n == kPrefillChunkTokens || copies_full_chunk == 0) copies_full_chunk = copies;
   }
   if (copy_layers != nullptr) *copy_layers = copies_full_chunk;
-  // The output head for the last position.
+  // The output head for the last position, on the last GPU.
   const double head = double(model_.bytes.head);
-  gpu += e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
+  double end = gpu[ns - 1];
+  end += e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
                : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
-  return gpu * 1e-6;
+  return end * 1e-6;
 }
 
-// -------------------------------------------------------------------------------- prediction --
-
-Prediction CostModel::predict(const std::vector<LayerSplit>& splits,
-                              const EngineSettings& e) const {
+Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const EngineSettings& e,
+                              const Stages& stages) const {
   Prediction p;
   const double tw = w_.total_weight();
   double pre_w = 0, dec_w = 0, prompt_w = 0, gen_w = 0, ctx_gen_w = 0;
-  const double fixed = decode_step_fixed_us(e);
+  // One sequence decodes through the GPUs one after another: the step is the sum of every
+  // layer's time plus the transfers between GPUs (not the slowest GPU's share).
+  const double fixed = decode_step_fixed_us(e) + (e.gpu ? decode_transfer_us(stages) : 0.0);
   for (const Request& r : w_.requests) {
     const double wt = r.weight / tw;
     int copies = 0;
-    const double pre = prefill_s(splits, e, r.prompt, &copies);
+    const double pre = prefill_s(splits, e, r.prompt, &copies, e.gpu ? stages : Stages{});
     p.copy_layers = std::max(p.copy_layers, copies);
     // Decode steps run at contexts prompt..prompt+gen-1; costs are close to linear in the
     // context, so the middle one stands for all.
@@ -423,6 +462,14 @@ double CostModel::constant_s(const EngineSettings& e) const {
   for (const Request& r : w_.requests) {
     s += r.weight / tw * (head_us + double(r.gen) * decode_step_fixed_us(e)) * 1e-6;
   }
+  return s;
+}
+
+double CostModel::transfer_constant_s(const Stages& stages) const {
+  const double tw = w_.total_weight();
+  const double per_step = decode_transfer_us(stages);
+  double s = 0;
+  for (const Request& r : w_.requests) s += r.weight / tw * double(r.gen) * per_step * 1e-6;
   return s;
 }
 

@@ -62,6 +62,15 @@ struct Prediction {
   int copy_layers = 0;    // layers whose CPU experts prefill copies to the GPU (full chunks)
 };
 
+// Multi-GPU layer split: stage_of[l] = index (into MachineCosts::gpus) of the GPU that runs
+// layer l's attention and holds its GPU experts. Contiguous ranges: one sequence's activations
+// flow through the GPUs in layer order (a pipeline). Empty = every layer on gpus[0].
+using Stages = std::vector<int>;
+// Contiguous ranges from split points: counts[g] layers on GPU g, in GPU order (0 = unused).
+Stages stages_from_counts(const std::vector<int64_t>& layers_per_gpu);
+// The GPUs used, in pipeline order (each once), e.g. {0, 1, 3}.
+std::vector<int> stage_gpus(const Stages& st);
+
 class CostModel {
  public:
   CostModel(MachineCosts machine, ModelInfo model, RouterModel router, Workload workload);
@@ -87,10 +96,18 @@ class CostModel {
   double decode_step_fixed_us(const EngineSettings& e) const;
   // Prefill of one prompt of `prompt` tokens (s): the pipeline simulation. copy_layers (when
   // non-null) receives the number of layers that copy CPU experts in a full chunk.
+  // With stages, each GPU runs its layers' pipeline of copies and compute; chunk c starts on a
+  // GPU when that GPU finished chunk c-1 and chunk c's activations arrived from the previous
+  // GPU (latency + chunk tokens x hidden x 4 bytes over the link): a flow shop of chunks.
   double prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e, int64_t prompt,
-                   int* copy_layers = nullptr) const;
+                   int* copy_layers = nullptr, const Stages& stages = {}) const;
+  // Per decode step, the inter-GPU transfers of a split (µs): the hidden state (4 x hidden
+  // bytes) at every boundary between consecutive GPUs, and the sampled token (4 bytes) from the
+  // last GPU back to the first. 0 on one GPU.
+  double decode_transfer_us(const Stages& stages) const;
 
-  Prediction predict(const std::vector<LayerSplit>& splits, const EngineSettings& e) const;
+  Prediction predict(const std::vector<LayerSplit>& splits, const EngineSettings& e,
+                     const Stages& stages = {}) const;
 
   // tables[l][m], m = 0..n_experts: layer l's share (s) of the mean request time with its m
   // hottest experts on the GPU (prefill priced per layer in isolation).
@@ -98,6 +115,9 @@ class CostModel {
   // What predict() adds to the sum of the tables' entries when no layer's prefill copies
   // experts (then predict == constant + sum of tables exactly).
   double constant_s(const EngineSettings& e) const;
+  // The decode transfers of a split over the workload's mean request (s): what the tables leave
+  // out on several GPUs (prefill is priced per layer in the tables, unpipelined).
+  double transfer_constant_s(const Stages& stages) const;
 
   // Per-layer prefill cost of one chunk of n tokens starting at position c0 (µs): the pieces
   // the pipeline simulation and the tables use.

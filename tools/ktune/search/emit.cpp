@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <functional>
 
 #include "ktune/engine/build_info.h"
@@ -33,6 +34,26 @@ void whole_layer_sets(const Candidate& c, std::vector<int64_t>& gpu, std::vector
                   "export a whole-layer placement (ktune search rounds it for you)");
     }
   }
+}
+
+// Per layer: the CUDA index of its attention (the GPU its GPU experts live on; 0 when the
+// placement runs the layer on the CPU).
+std::vector<int> layer_gpus(const Candidate& c) {
+  std::vector<int> out;
+  for (const LayerPlacement& lp : c.placement.layers) {
+    out.push_back(lp.attention.is_gpu() ? lp.attention.index : 0);
+  }
+  if (out.empty()) out.assign(c.gpu_counts.size(), 0);
+  return out;
+}
+
+// The GPUs of a candidate in layer order, each once.
+std::vector<int> used_gpus(const std::vector<int>& per_layer) {
+  std::vector<int> out;
+  for (int g : per_layer) {
+    if (out.empty() || out.back() != g) out.push_back(g);
+  }
+  return out;
 }
 
 }  // namespace
@@ -73,10 +94,12 @@ std::string placement_yaml(const Candidate& c, const std::vector<std::string>& c
   return s + write_placement(c.placement);
 }
 
-std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
+namespace {
+
+std::string ktransformers_rules_one_gpu(const ModelInfo& model, const Candidate& c,
+                                       const std::string& dev) {
   std::vector<int64_t> gpu, cpu;
   whole_layer_sets(c, gpu, cpu, "--emit ktransformers");
-  const std::string dev = "cuda:0";
   std::string s;
   s += fmt::format(
       "# ktransformers optimize rules written by `ktune search` (ktune {}, commit {})\n",
@@ -127,11 +150,219 @@ std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
   return s;
 }
 
+}  // namespace
+
+std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
+  std::vector<int64_t> gpu, cpu;
+  whole_layer_sets(c, gpu, cpu, "--emit ktransformers");
+  const std::vector<int> per_layer = layer_gpus(c);
+  const std::vector<int> used = used_gpus(per_layer);
+  if (used.size() <= 1) {
+    return ktransformers_rules_one_gpu(model, c,
+                                       "cuda:" + std::to_string(used.empty() ? 0 : used[0]));
+  }
+  // Several GPUs: ktransformers' multi-GPU rule files (pipeline split by layer-range regexes):
+  // every module family gets one rule per GPU with that GPU's layer alternation, and the model
+  // container's transfer_map moves the hidden state to the next GPU at its first layer.
+  auto dev_of = [](int g) { return "cuda:" + std::to_string(g); };
+  std::vector<std::vector<int64_t>> layers_of(used.size());
+  for (size_t l = 0; l < per_layer.size(); ++l) {
+    const size_t k = size_t(std::find(used.begin(), used.end(), per_layer[l]) - used.begin());
+    layers_of[k].push_back(int64_t(l));
+  }
+  std::string s;
+  s += fmt::format(
+      "# ktransformers optimize rules written by `ktune search` (ktune {}, commit {})\n",
+      build_version(), build_commit());
+  s += fmt::format("# for {} ({} layers x {} experts) over {} GPUs (pipeline: layer ranges).\n",
+                   model.spec, model.cfg.n_layers, model.cfg.n_experts, used.size());
+  for (size_t k = 0; k < used.size(); ++k) {
+    std::vector<int64_t> g_exp;
+    for (int64_t l : layers_of[k]) {
+      if (std::find(gpu.begin(), gpu.end(), l) != gpu.end()) g_exp.push_back(l);
+    }
+    s += fmt::format("# {}: layers {}; experts on the GPU: {}\n", dev_of(used[k]),
+                     format_id_ranges(layers_of[k]),
+                     g_exp.empty() ? std::string("none") : format_id_ranges(g_exp));
+  }
+  s += "# Rules are tried in order; the first match wins (GPU expert layers come first).\n";
+  if (!gpu.empty()) {
+    s += "# The legacy engine cannot run GPU experts inside a CUDA graph: start it with\n"
+         "# --use_cuda_graph=False (local_chat) / --no-use_cuda_graph (server).\n";
+  }
+  auto alt = [](const std::vector<int64_t>& ids) { return "(" + join_ids(ids, "|") + ")"; };
+  auto kw = [](const std::string& d) {
+    return fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n",
+                       d);
+  };
+  const std::string last = dev_of(used.back());
+  s += "- match:\n    name: \"^model\\\\.embed_tokens\"\n  replace:\n    class: \"default\"\n" +
+       kw("cpu");
+  s += "- match:\n    name: \"^model$\"\n  replace:\n"
+       "    class: \"ktransformers.operators.models.KQwen2MoeModel\"\n    kwargs:\n"
+       "      per_layer_prefill_intput_threshold: 0\n      transfer_map:\n";
+  for (size_t k = 1; k < used.size(); ++k) {
+    s += fmt::format("        {}: \"{}\"\n", layers_of[k].front(), dev_of(used[k]));
+  }
+  for (size_t k = 0; k < used.size(); ++k) {
+    const std::string d = dev_of(used[k]);
+    const std::string r = alt(layers_of[k]);
+    s += fmt::format(
+        "- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.\"\n"
+        "    class: ktransformers.models.modeling_qwen2_moe.Qwen2MoeRotaryEmbedding\n"
+        "  replace:\n    class: ktransformers.operators.RoPE.RotaryEmbedding\n",
+        r);
+    s += kw(d);
+    s += fmt::format(
+        "- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\..*$\"\n    class: torch.nn.Linear\n"
+        "  replace:\n    class: ktransformers.operators.linear.KTransformersLinear\n"
+        "    kwargs:\n      generate_device: \"{1}\"\n      prefill_device: \"{1}\"\n"
+        "      generate_op: \"KLinearMarlin\"\n      prefill_op: \"KLinearTorch\"\n",
+        r, d);
+    s += fmt::format(
+        "- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.mlp$\"\n"
+        "    class: ktransformers.models.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock\n"
+        "  replace:\n    class: ktransformers.operators.experts.KQwen3MoeSparseMoeBlock\n",
+        r);
+    s += kw(d);
+    std::vector<int64_t> g_exp, c_exp;
+    for (int64_t l : layers_of[k]) {
+      (std::find(gpu.begin(), gpu.end(), l) != gpu.end() ? g_exp : c_exp).push_back(l);
+    }
+    auto experts_rule = [&](const std::vector<int64_t>& ids, const std::string& gen_dev,
+                            const char* gen_op) {
+      return fmt::format(
+          "- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.mlp\\\\.experts$\"\n  replace:\n"
+          "    class: ktransformers.operators.experts.KTransformersExperts\n    kwargs:\n"
+          "      prefill_device: \"{1}\"\n      prefill_op: \"KExpertsTorch\"\n"
+          "      generate_device: \"{2}\"\n      generate_op: \"{3}\"\n      out_device: \"{1}\"\n"
+          "  recursive: False\n",
+          alt(ids), d, gen_dev, gen_op);
+    };
+    if (!g_exp.empty()) s += experts_rule(g_exp, d, "KExpertsMarlin");
+    if (!c_exp.empty()) s += experts_rule(c_exp, "cpu", "KExpertsCPU");
+    // Everything else of the range (norms, attention): the range's GPU.
+    s += fmt::format("- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.\"\n  replace:\n"
+                     "    class: \"default\"\n",
+                     r);
+    s += kw(d);
+  }
+  s += "- match:\n    name: \"^lm_head$\"\n    class: torch.nn.Linear\n  replace:\n"
+       "    class: ktransformers.operators.linear.KTransformersLinear\n" +
+       fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n"
+                   "      generate_op: \"KLinearMarlin\"\n      prefill_op: \"KLinearTorch\"\n",
+                   last);
+  s += "- match:\n    name: \"^model\\\\.norm\"\n  replace:\n    class: \"default\"\n" + kw(last);
+  return s;
+}
+
 std::string llama_cpp_overrides(const Candidate& c) {
   std::vector<int64_t> gpu, cpu;
   whole_layer_sets(c, gpu, cpu, "--emit llama-cpp");
-  if (cpu.empty()) return "";
-  return "blk\\.(" + join_ids(cpu, "|") + ")\\.ffn_(up|down|gate)_exps\\.weight=CPU";
+  const std::vector<int> per_layer = layer_gpus(c);
+  const std::vector<int> used = used_gpus(per_layer);
+  auto item = [](const std::vector<int64_t>& ids, const std::string& buft) {
+    return "blk\\.(" + join_ids(ids, "|") + ")\\.ffn_(up|down|gate)_exps\\.weight=" + buft;
+  };
+  if (used.size() <= 1 && (used.empty() || used[0] == 0)) {
+    return cpu.empty() ? std::string() : item(cpu, "CPU");
+  }
+  // Several GPUs (or one other than the first): the experts of each GPU's layers pinned to it,
+  // the rest to the CPU; line 2 is --tensor-split, which places the layers themselves (and
+  // their KV cache): llama.cpp's layer split gives layer i (of n_layers + 1 with the output
+  // layer, -ngl 999) to the first device whose cumulative share exceeds i / (n_layers + 1), so
+  // whole-number shares equal to the layer counts (+1 on the last GPU for the output) put each
+  // layer where the plan says.
+  std::string ot;
+  const int max_gpu = *std::max_element(used.begin(), used.end());
+  std::vector<int64_t> count(size_t(max_gpu) + 1, 0);
+  for (int g : per_layer) count[size_t(g)] += 1;
+  count[size_t(used.back())] += 1;  // the output layer
+  for (int g : used) {
+    std::vector<int64_t> ids;
+    for (int64_t l : gpu) {
+      if (per_layer[size_t(l)] == g) ids.push_back(l);
+    }
+    if (!ids.empty()) ot += (ot.empty() ? "" : ",") + item(ids, "CUDA" + std::to_string(g));
+  }
+  if (!cpu.empty()) ot += (ot.empty() ? "" : ",") + item(cpu, "CPU");
+  return ot + "\n" + join_ids(count, ",");
+}
+
+LlamaCppPlacement read_llama_cpp_placement(const std::string& text, int64_t n_layers) {
+  LlamaCppPlacement out;
+  out.experts.assign(size_t(n_layers), "");
+  out.layers.assign(size_t(n_layers), "cuda:0");
+  std::string ot = text, split;
+  if (const size_t nl = text.find('\n'); nl != std::string::npos) {
+    ot = text.substr(0, nl);
+    split = text.substr(nl + 1);
+    while (!split.empty() && (split.back() == '\n' || split.back() == ' ')) split.pop_back();
+  }
+  if (!split.empty()) {
+    // llama.cpp's assignment (-ngl 999, --split-mode layer): cumulative shares as floats.
+    std::vector<float> share;
+    size_t pos = 0;
+    while (pos <= split.size()) {
+      const size_t comma = std::min(split.find(',', pos), split.size());
+      const std::string v = split.substr(pos, comma - pos);
+      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) {
+        throw Error("--tensor-split", "`" + split + "` is not the form ktune writes",
+                    "regenerate the file");
+      }
+      share.push_back(float(std::stoll(v)));
+      pos = comma + 1;
+    }
+    float sum = 0;
+    for (float& v : share) {
+      sum += v;
+      v = sum;
+    }
+    for (float& v : share) v /= sum;
+    const float act = float(n_layers + 1);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const size_t d = size_t(std::upper_bound(share.begin(), share.end(), float(l) / act) -
+                              share.begin());
+      out.layers[size_t(l)] = "cuda:" + std::to_string(std::min(d, share.size() - 1));
+    }
+  }
+  for (int64_t l = 0; l < n_layers; ++l) out.experts[size_t(l)] = out.layers[size_t(l)];
+  // -ot items: first match wins (std::regex_search on the tensor name).
+  std::vector<std::pair<std::string, std::string>> items;
+  size_t pos = 0;
+  while (pos < ot.size()) {
+    // Items are separated by commas outside the parentheses of the layer alternation.
+    size_t end = pos;
+    int depth = 0;
+    while (end < ot.size() && !(ot[end] == ',' && depth == 0)) {
+      if (ot[end] == '(') ++depth;
+      if (ot[end] == ')') --depth;
+      ++end;
+    }
+    const std::string it = ot.substr(pos, end - pos);
+    const size_t eq = it.find('=');
+    if (eq == std::string::npos) {
+      throw Error("-ot list", "`" + it + "` is not pattern=buffer", "regenerate the file");
+    }
+    items.push_back({it.substr(0, eq), it.substr(eq + 1)});
+    pos = end + 1;
+  }
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const std::string name = fmt::format("blk.{}.ffn_up_exps.weight", l);
+    for (const auto& [pat, buft] : items) {
+      if (!rule_pattern_matches(pat, name)) continue;
+      if (buft == "CPU") {
+        out.experts[size_t(l)] = "cpu";
+      } else if (buft.rfind("CUDA", 0) == 0 && buft.size() > 4 &&
+                 buft.find_first_not_of("0123456789", 4) == std::string::npos) {
+        out.experts[size_t(l)] = "cuda:" + buft.substr(4);
+      } else {
+        throw Error("-ot list", "unknown buffer type `" + buft + "`", "use CPU or CUDAn");
+      }
+      break;
+    }
+  }
+  return out;
 }
 
 std::vector<bool> read_llama_cpp_overrides(const std::string& text, int64_t n_layers) {
@@ -269,8 +500,12 @@ bool rule_pattern_matches(const std::string& pattern, const std::string& name) {
   return false;
 }
 
-std::vector<std::string> read_ktransformers_expert_devices(const std::string& text,
-                                                           int64_t n_layers) {
+namespace {
+
+// Per layer: the generate_device of the first class-less rule whose name pattern matches
+// `model.layers.L.<suffix>` (rules with a class never apply to these plain modules).
+std::vector<std::string> first_rule_devices(const std::string& text, int64_t n_layers,
+                                            const char* suffix, const std::string& none) {
   YAML::Node doc;
   try {
     doc = YAML::Load(text);
@@ -278,15 +513,14 @@ std::vector<std::string> read_ktransformers_expert_devices(const std::string& te
     throw Error("rules", std::string("not valid YAML (") + e.what() + ")", "regenerate the file");
   }
   if (!doc.IsSequence()) throw Error("rules", "is not a list of rules", "regenerate the file");
-  std::vector<std::string> out(static_cast<size_t>(n_layers));
+  std::vector<std::string> out(static_cast<size_t>(n_layers), none);
   for (int64_t l = 0; l < n_layers; ++l) {
-    const std::string name = fmt::format("model.layers.{}.mlp.experts", l);
+    const std::string name = fmt::format("model.layers.{}.{}", l, suffix);
     for (const YAML::Node& rule : doc) {
       const YAML::Node match = rule["match"];
       if (!match || !rule["replace"]) {
         throw Error("rules", "a rule lacks match or replace", "regenerate the file");
       }
-      // The experts module is a plain module list: rules that also match a class never apply.
       if (match["class"] || !match["name"]) continue;
       if (!rule_pattern_matches(match["name"].as<std::string>(), name)) continue;
       const YAML::Node kw = rule["replace"]["kwargs"];
@@ -296,6 +530,18 @@ std::vector<std::string> read_ktransformers_expert_devices(const std::string& te
     }
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<std::string> read_ktransformers_expert_devices(const std::string& text,
+                                                           int64_t n_layers) {
+  return first_rule_devices(text, n_layers, "mlp.experts", "");
+}
+
+std::vector<std::string> read_ktransformers_layer_devices(const std::string& text,
+                                                          int64_t n_layers) {
+  return first_rule_devices(text, n_layers, "self_attn", "cuda:0");
 }
 
 }  // namespace ktune::search

@@ -186,6 +186,8 @@ const std::vector<AssumptionKey>& assumption_keys() {
       {"gpu_prefill_gflop_s", "GPU batched matmul rate (default 50000)"},
       {"cpu_prefill_gflop_s_per_thread", "CPU batched matmul rate per thread (default 40)"},
       {"cpu_moe_gb_s", "CPU expert bandwidth at every thread count (flattens the curve)"},
+      {"peer_gb_s", "inter-GPU bandwidth of every GPU pair (default: the profile's, else 20)"},
+      {"peer_latency_us", "inter-GPU latency per transfer (default: the profile's, else 15)"},
   };
   return keys;
 }
@@ -326,14 +328,55 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
       m.kernel_fixed_us = *v;
       m.notes.push_back(fmt::format("kernel_fixed_us = {} (--assume)", *v));
     }
-    if (s.gpus.size() > 1) {
+  }
+  for (const profile::GpuInfo& gi : s.gpus) m.gpus.push_back({gi.device, gi.name, gi.mem_bytes});
+  const size_t ng = s.gpus.size();
+  m.link_gb_s.assign(ng, std::vector<double>(ng, 0.0));
+  m.link_latency_us.assign(ng, std::vector<double>(ng, 0.0));
+  if (ng > 1) {
+    const double* bw = given("peer_gb_s");
+    const double* lat = given("peer_latency_us");
+    int defaulted = 0;
+    for (size_t i = 0; i < ng; ++i) {
+      for (size_t j = 0; j < ng; ++j) {
+        if (i == j) continue;
+        double b = 0, l = 0;
+        if (const profile::GpuLink* k = profile::find_link(s, s.gpus[i].device, s.gpus[j].device)) {
+          // The engine moves activations with NCCL send/recv; peer copies where NCCL is absent.
+          if (k->nccl_gb_s > 0) {
+            b = k->nccl_gb_s;
+            l = k->nccl_latency_us;
+          } else if (k->peer_gb_s > 0) {
+            b = k->peer_gb_s;
+            l = k->peer_latency_us;
+          }
+        }
+        if (b <= 0) {
+          b = kDefaultPeerGbS;
+          l = kDefaultPeerUs;
+          ++defaulted;
+        }
+        m.link_gb_s[i][j] = bw ? *bw : b;
+        m.link_latency_us[i][j] = lat ? *lat : l;
+      }
+    }
+    if (bw) m.notes.push_back(fmt::format("peer_gb_s = {} on every GPU pair (--assume)", *bw));
+    if (lat) m.notes.push_back(fmt::format("peer_latency_us = {} (--assume)", *lat));
+    if (defaulted > 0 && (!bw || !lat)) {
       m.notes.push_back(fmt::format(
-          "the profile has {} GPUs; the search places on {} only (multi-GPU placement comes with "
-          "the multi-GPU engine)",
-          s.gpus.size(), g.device));
+          "{} GPU links not measured in the profile: assumed {} GB/s and {} us per transfer "
+          "(PCIe through the host; `ktune profile --hardware` measures them; --assume "
+          "peer_gb_s=...,peer_latency_us=...)",
+          defaulted, kDefaultPeerGbS, kDefaultPeerUs));
     }
   }
   return m;
+}
+
+double MachineCosts::transfer_us(int i, int j, double bytes) const {
+  if (i == j || i < 0 || j < 0) return 0;
+  const double bw = link_gb_s[size_t(i)][size_t(j)];
+  return link_latency_us[size_t(i)][size_t(j)] + (bw > 0 ? bytes / (bw * 1e3) : 0);
 }
 
 // ------------------------------------------------------------------------------------ model --

@@ -96,7 +96,23 @@ struct MachineCosts {
   double attention_us = 0, attention_us_per_1k_ctx = 0;
   double gpu_prefill_gflop_s = 0;
   double kernel_fixed_us = 0;  // latency every kernel adds to bytes / bandwidth (default 0)
-  int n_gpus = 0;              // GPUs in the profile (the search uses the first)
+  int n_gpus = 0;              // GPUs in the profile
+
+  // Every GPU of the profile, in order (gpus[0] is the one above). The search prices every GPU
+  // with gpus[0]'s kernel costs (the machines ktune targets have identical GPUs) and gives each
+  // its own memory budget.
+  struct Gpu {
+    std::string device;  // "cuda:1"
+    std::string name;
+    int64_t mem_bytes = 0;
+  };
+  std::vector<Gpu> gpus;
+  // Inter-GPU link i -> j: bandwidth (GB/s) and per-transfer latency (µs). From the profile's
+  // interconnect (NCCL send/recv when measured, else peer copies), --assume peer_gb_s /
+  // peer_latency_us over them, else the documented defaults (kDefaultPeerGbS, kDefaultPeerUs).
+  std::vector<std::vector<double>> link_gb_s, link_latency_us;
+  // Time (µs) to move `bytes` from GPU i to GPU j: latency + bytes / bandwidth (0 when i == j).
+  double transfer_us(int i, int j, double bytes) const;
 
   std::vector<std::string> notes;  // assumptions used, one line each
 
@@ -105,6 +121,9 @@ struct MachineCosts {
   double cpu_prefill_at(int threads) const;
 };
 MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& a);
+// Inter-GPU link defaults when the profile has no measurement (PCIe-class, through the host).
+constexpr double kDefaultPeerGbS = 20.0;
+constexpr double kDefaultPeerUs = 15.0;
 
 // ------------------------------------------------------------------------------------ model --
 

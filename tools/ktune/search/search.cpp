@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <numeric>
 #include <set>
+#include <tuple>
 
 #include "ktune/engine/error.h"
 
@@ -85,6 +87,97 @@ MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t contex
   return mm;
 }
 
+Placement make_pipeline_placement(const ModelInfo& model, const EngineSettings& s,
+                                  const std::vector<std::vector<bool>>& on_gpu, int64_t context,
+                                  const std::vector<std::string>& gpus, const Stages& stages) {
+  Placement p = make_placement(model, s, on_gpu, context, gpus.at(0));
+  if (!s.gpu || stages.empty()) return p;
+  for (size_t l = 0; l < p.layers.size(); ++l) {
+    const Device dev = Device::parse(gpus.at(size_t(stages.at(l))), "search");
+    LayerPlacement& lp = p.layers[l];
+    lp.attention = dev;
+    for (Device& d : lp.experts) {
+      if (d.is_gpu()) d = dev;
+    }
+  }
+  return p;
+}
+
+std::vector<int64_t> even_split(int64_t n_layers, int n) {
+  std::vector<int64_t> out(size_t(std::max(n, 1)), n_layers / std::max(n, 1));
+  for (int64_t i = 0; i < n_layers % std::max(n, 1); ++i) out[size_t(i)] += 1;
+  return out;
+}
+
+int64_t PipelineMemoryModel::gpu_need(const Stages& st, const std::vector<int64_t>& counts,
+                                      int g) const {
+  int64_t a = -1, b = -1;
+  for (size_t l = 0; l < st.size(); ++l) {
+    if (st[l] != g) continue;
+    if (a < 0) a = int64_t(l);
+    b = int64_t(l) + 1;
+  }
+  if (a < 0) return 0;
+  int64_t need = base, largest_cpu = 0;
+  bool any = false;
+  for (int64_t l = a; l < b; ++l) {
+    need += layer_bytes[size_t(l)] + counts[size_t(l)] * expert_bytes[size_t(l)];
+    any = any || counts[size_t(l)] > 0;
+    largest_cpu = std::max(largest_cpu, (n_experts - counts[size_t(l)]) * expert_bytes[size_t(l)]);
+  }
+  if (a == 0) need += first_bytes;
+  if (b == int64_t(st.size())) need += last_bytes;
+  if (a == 0 && b == int64_t(st.size())) need -= single_gpu_saving;
+  return need + (any ? expert_ws : 0) + 2 * largest_cpu;
+}
+
+int64_t PipelineMemoryModel::cpu_need(const std::vector<int64_t>& counts) const {
+  int64_t need = 0;
+  for (size_t l = 0; l < counts.size(); ++l) need += (n_experts - counts[l]) * expert_bytes[l];
+  return need > 0 ? need + cpu_expert_ws : 0;
+}
+
+PipelineMemoryModel pipeline_memory_model(const ModelInfo& model, bool cuda_graph,
+                                          int64_t context) {
+  const ModelConfig& c = model.cfg;
+  PipelineMemoryModel pm;
+  pm.n_experts = c.n_experts;
+  pm.expert_bytes = model.bytes.expert;
+  if (c.n_layers < 2) return pm;
+  EngineSettings s;
+  s.cuda_graph = cuda_graph;
+  const auto all = [&](bool v) {
+    return std::vector<std::vector<bool>>(size_t(c.n_layers),
+                                          std::vector<bool>(size_t(c.n_experts), v));
+  };
+  // Reference: layer 0 on cuda:0, the rest on cuda:1; every expert on the CPU, then on its GPU.
+  Stages st(size_t(c.n_layers), 1);
+  st[0] = 0;
+  const std::vector<std::string> gpus = {"cuda:0", "cuda:1"};
+  const Budgets none;
+  const MemoryPlan pc = plan_memory(
+      c, model.bytes, make_pipeline_placement(model, s, all(false), context, gpus, st), none);
+  const MemoryPlan pg = plan_memory(
+      c, model.bytes, make_pipeline_placement(model, s, all(true), context, gpus, st), none);
+  const DeviceUse& c0 = pc.per_device.at("cuda:0");
+  const DeviceUse& c1 = pc.per_device.at("cuda:1");
+  const DeviceUse& g0 = pg.per_device.at("cuda:0");
+  const int64_t kv_layer = c0.kv_cache;  // every layer caches the same
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    pm.layer_bytes.push_back(model.bytes.attention[size_t(l)] + kv_layer);
+  }
+  pm.first_bytes = model.bytes.embedding;
+  pm.base = c0.total - c0.staging - c0.weights - c0.kv_cache;
+  const int64_t base_last = c1.total - c1.staging - c1.weights - c1.kv_cache;
+  pm.last_bytes = model.bytes.head + (base_last - pm.base);
+  pm.expert_ws = (g0.total - g0.weights - g0.kv_cache) - pm.base;
+  pm.single_gpu_saving = kGpuCommReserve + model.bytes.head_shared;
+  int64_t all_experts = 0;
+  for (int64_t b : model.bytes.expert) all_experts += b * c.n_experts;
+  pm.cpu_expert_ws = pc.per_device.at("cpu").total - all_experts;
+  return pm;
+}
+
 std::vector<std::vector<bool>> hottest_sets(const RouterModel& router,
                                             const std::vector<int64_t>& counts) {
   std::vector<std::vector<bool>> sets;
@@ -140,6 +233,9 @@ class Driver {
     }
     if (m.has_gpu && gpu_budget >= 0) {
       for (bool graph : {true, false}) search_gpu(graph, gpu_budget);
+    }
+    if (m.gpus.size() > 1 && opt_.model.cfg.n_layers >= 2) {
+      for (bool graph : {true, false}) search_multi(graph);
     }
     for (int t : res_.threads_tried) {
       EngineSettings s;
@@ -249,7 +345,7 @@ class Driver {
     for (const EngineSettings& s : settings_for(graph)) {
       Best b;
       b.s = s;
-      b.tables = cm_.layer_tables(s);
+      b.tables = tables_for(s);
       const double constant = cm_.constant_s(s);
       for (size_t ci = 0; ci < caps.size(); ++ci) {
         Solution sol = solve_at_cap(b.tables, mm, gpu_budget, caps[ci], opt_.solver);
@@ -302,6 +398,9 @@ class Driver {
       }
       std::sort(per_settings.begin(), per_settings.end(),
                 [](const Best& a, const Best& b) { return a.objective < b.objective; });
+    }
+    for (size_t i = 0; i < std::min<size_t>(2, per_settings.size()); ++i) {
+      top_settings_[graph ? 1 : 0].push_back(per_settings[i].s);
     }
     for (size_t i = 0; i < per_settings.size(); ++i) {
       const Best& b = per_settings[i];
@@ -387,17 +486,389 @@ class Driver {
     }
   }
 
+
+  const std::vector<std::vector<double>>& tables_for(const EngineSettings& s) {
+    auto it = tables_.find(s.key());
+    if (it == tables_.end()) it = tables_.emplace(s.key(), cm_.layer_tables(s)).first;
+    return it->second;
+  }
+
+  std::vector<std::string> gpu_devices() const {
+    std::vector<std::string> out;
+    for (const MachineCosts::Gpu& g : cm_.machine().gpus) out.push_back(g.device);
+    return out;
+  }
+
+  // Mean generated tokens per request: how often a decode step's transfers happen.
+  double mean_gen() const {
+    double g = 0;
+    for (const Request& r : opt_.workload.requests) {
+      g += r.weight / opt_.workload.total_weight() * double(r.gen);
+    }
+    return g;
+  }
+
+  SplitProblem make_split_problem(const std::vector<std::vector<double>>& tables,
+                                  const PipelineMemoryModel& pm,
+                                  const std::vector<int64_t>& budgets, int64_t cap,
+                                  bool whole_layers) const {
+    const int64_t e = cm_.n_experts();
+    SplitProblem sp;
+    sp.cost = tables;
+    for (auto& row : sp.cost) {
+      for (int64_t x = 0; x <= e; ++x) {
+        const bool allowed = x >= e - cap && (!whole_layers || x == 0 || x == e);
+        if (!allowed) row[size_t(x)] = kInfeasible;
+      }
+    }
+    sp.unit_bytes = pm.expert_bytes;
+    sp.layer_bytes = pm.layer_bytes;
+    sp.n_experts = e;
+    for (int64_t b : budgets) sp.budget.push_back(b < 0 || b < pm.base ? -1 : b - pm.base);
+    sp.first_bytes = pm.first_bytes;
+    sp.last_bytes = pm.last_bytes;
+    sp.expert_ws = pm.expert_ws;
+    sp.staging_cap = cap;
+    const double gen = mean_gen();
+    const double hidden_bytes = 4.0 * double(opt_.model.cfg.hidden);
+    const MachineCosts& m = cm_.machine();
+    sp.boundary = [&m, gen, hidden_bytes](int i, int j) {
+      return gen * m.transfer_us(i, j, hidden_bytes) * 1e-6;
+    };
+    sp.loopback = [&m, gen](int i, int j) { return gen * m.transfer_us(i, j, 4.0) * 1e-6; };
+    return sp;
+  }
+
+  // Solves at a staging cap, then again at the largest CPU set the solution has.
+  SplitSolution solve_split_at_cap(const std::vector<std::vector<double>>& tables,
+                                   const PipelineMemoryModel& pm,
+                                   const std::vector<int64_t>& budgets, int64_t cap,
+                                   bool whole_layers) {
+    SplitSolution best;
+    const int64_t e = cm_.n_experts();
+    for (int round = 0; round < 4; ++round) {
+      const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, whole_layers);
+      ++res_.solves;
+      SplitSolution sol;
+      if (opt_.solver == "exhaustive") {
+        sol = solve_split_exhaustive(sp, 1e7);
+      } else {
+        const bool small = cm_.n_layers() <= 8 && e <= 8;
+        sol = solve_split(sp, small || opt_.solver == "dp");
+      }
+      if (!sol.feasible()) break;
+      int64_t largest = 0;
+      for (int64_t m : sol.m) largest = std::max(largest, e - m);
+      if (sol.cost < best.cost) best = std::move(sol);
+      if (largest >= cap) break;
+      cap = largest;
+    }
+    return best;
+  }
+
+  static std::string layers_text(const Stages& st, int ng) {
+    std::vector<int64_t> n(size_t(ng), 0);
+    for (int g : st) n[size_t(g)] += 1;
+    std::string s;
+    for (int64_t x : n) s += (s.empty() ? "" : "/") + std::to_string(x);
+    return s;
+  }
+
+  // Several GPUs: the layer split and each layer's GPU experts chosen together (search/split.h)
+  // for the best settings of the one-GPU search, then compared with the even layer split.
+  void search_multi(bool graph) {
+    const MachineCosts& m = cm_.machine();
+    const int ng = int(m.gpus.size());
+    std::vector<int64_t> budgets;
+    std::vector<int> usable;
+    for (int g = 0; g < ng; ++g) {
+      budgets.push_back(budget_of(m.gpus[size_t(g)].device));
+      if (budgets.back() >= 0) usable.push_back(g);
+    }
+    if (usable.size() < 2) {
+      if (graph) {
+        res_.notes.push_back(fmt::format("{} GPUs in the profile but {} with a budget: no split",
+                                         ng, usable.size()));
+      }
+      return;
+    }
+    const PipelineMemoryModel pm =
+        pipeline_memory_model(opt_.model, graph, opt_.workload.context);
+    std::vector<EngineSettings> sets = top_settings_[graph ? 1 : 0];
+    if (sets.empty()) {
+      for (const EngineSettings& s : settings_for(graph)) {
+        if (sets.size() < 2) sets.push_back(s);
+      }
+    }
+    const int64_t e = cm_.n_experts();
+    std::set<int64_t> caps_set = {0, e};
+    for (int64_t v : {1, 2, 4, 8, 16, 32, 64}) {
+      if (v < e) caps_set.insert(v);
+    }
+    struct Best {
+      EngineSettings s;
+      SplitSolution sol;
+      int64_t cap = 0;
+      double objective = kInfeasible;
+    };
+    Best best;
+    for (const EngineSettings& s : sets) {
+      const auto& tables = tables_for(s);
+      const double constant = cm_.constant_s(s);
+      for (int64_t cap : caps_set) {
+        SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, false);
+        if (sol.feasible() && sol.cost + constant < best.objective) {
+          best.objective = sol.cost + constant;
+          best.s = s;
+          best.sol = std::move(sol);
+          best.cap = cap;
+        }
+      }
+    }
+    if (!best.sol.feasible()) {
+      res_.notes.push_back(fmt::format("graph {}: no split over {} GPUs fits the budgets",
+                                       graph ? "on" : "off", usable.size()));
+      return;
+    }
+    // The DP prices prefill per layer, unpipelined; the pipeline overlaps chunks across GPUs,
+    // which favours more GPUs and balanced stages: refine_split moves the boundaries under the
+    // exact prediction.
+    const auto& best_tables = tables_for(best.s);
+    const SplitProblem sp_best = make_split_problem(best_tables, pm, budgets, best.cap, false);
+    const Refined ref = refine_split(best.s, sp_best, best.sol, usable);
+    const Stages best_st = ref.stages;
+    const std::vector<int64_t> best_m = ref.m;
+    const int used = int(stage_gpus(best_st).size());
+    Candidate* cand =
+        add_candidate_split(best.s, best_m, best_st,
+                            fmt::format("search ({} of {} GPUs, layers {}; {} + boundaries)",
+                                        used, ng, layers_text(best_st, ng), best.sol.method));
+    const double split_t = cand != nullptr ? cand->pred.request_s : kInfeasible;
+
+    // The even layer split over every GPU with a budget, experts per GPU by the same solvers.
+    const auto& tables = tables_for(best.s);
+    const std::vector<int64_t> per = even_split(cm_.n_layers(), int(usable.size()));
+    Stages even;
+    for (size_t i = 0; i < usable.size(); ++i) {
+      for (int64_t k = 0; k < per[i]; ++k) even.push_back(usable[i]);
+    }
+    std::vector<int64_t> even_m(size_t(cm_.n_layers()), 0);
+    bool even_ok = false;
+    for (int64_t cap : caps_set) {
+      const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, false);
+      std::vector<int64_t> mm(size_t(cm_.n_layers()), 0);
+      bool ok = true;
+      for (size_t i = 0, a = 0; i < usable.size() && ok; a += size_t(per[i]), ++i) {
+        const Solution r =
+            solve_range(sp, usable[i], int64_t(a), int64_t(a) + per[i],
+                        cm_.n_layers() <= 8 ? RangeSolver::Exact : RangeSolver::Full);
+        ok = r.feasible();
+        for (int64_t k = 0; ok && k < per[i]; ++k) mm[a + size_t(k)] = r.m[size_t(k)];
+      }
+      if (!ok) continue;
+      // Each cap's solution fits under its own cap; the transfers are the same: compare the
+      // tables' sums.
+      auto sum = [&](const std::vector<int64_t>& v) {
+        double t = 0;
+        for (size_t l = 0; l < v.size(); ++l) t += tables[l][size_t(v[l])];
+        return t;
+      };
+      if (!even_ok || sum(mm) < sum(even_m)) {
+        even_m = mm;
+        even_ok = true;
+      }
+    }
+    SearchResult::SplitComparison cmp;
+    cmp.settings = best.s.describe();
+    const Stages& stage_of = best_st;
+    cmp.gpus = int(usable.size());
+    cmp.split_request_s = split_t;
+    for (int g = 0; g < ng; ++g) {
+      int64_t n = 0, ne = 0;
+      for (int x : stage_of) n += x == g ? 1 : 0;
+      for (int x : even) ne += x == g ? 1 : 0;
+      cmp.layers_per_gpu.push_back(n);
+      cmp.even_layers_per_gpu.push_back(ne);
+    }
+    if (even_ok) {
+      Candidate c = make_candidate_sets(
+          best.s, hottest_sets(cm_.router(), even_m),
+          fmt::format("baseline: even layer split ({} GPUs, layers {})", usable.size(),
+                      layers_text(even, ng)),
+          even);
+      c.baseline = true;
+      cmp.even_request_s = c.pred.request_s;
+      if (fits(c)) res_.baselines.push_back(std::move(c));
+    } else {
+      res_.notes.push_back(fmt::format(
+          "graph {}: the even layer split over {} GPUs does not fit the budgets",
+          graph ? "on" : "off", usable.size()));
+    }
+    res_.split_vs_even.push_back(cmp);
+
+    // Whole layers over the GPUs (the exports).
+    SplitSolution whole;
+    for (int64_t cap : {e, int64_t{0}}) {
+      SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, true);
+      if (sol.feasible() && sol.cost < whole.cost) whole = std::move(sol);
+    }
+    if (whole.feasible()) {
+      int64_t cap = 0;
+      for (int64_t m : whole.m) cap = std::max(cap, e - m);
+      const Refined r =
+          refine_split(best.s, make_split_problem(tables, pm, budgets, cap, true), whole, usable);
+      Candidate c = make_candidate(best.s, r.m,
+                                   fmt::format("whole layers ({} GPUs, layers {})",
+                                               stage_gpus(r.stages).size(),
+                                               layers_text(r.stages, ng)),
+                                   r.stages);
+      c.whole_layers = true;
+      if (fits(c)) {
+        bool replaced = false;
+        for (Candidate& w : res_.whole_layer) {
+          if (w.settings.cuda_graph == c.settings.cuda_graph) {
+            if (c.pred.request_s < w.pred.request_s) w = c;
+            replaced = true;
+          }
+        }
+        if (!replaced) res_.whole_layer.push_back(std::move(c));
+      }
+    }
+  }
+
+  struct Refined {
+    Stages stages;
+    std::vector<int64_t> m;
+    double request_s = kInfeasible;
+  };
+
+  // Hill climbing on the layers per GPU (moves of 8, 4, 2, 1 layers between neighbouring GPUs,
+  // an unused GPU included) under the exact prediction, each range's experts by the greedy
+  // solver, from the DP's split and from even splits over the first 2..N usable GPUs; the result's
+  // ranges once more with the full solvers.
+  Refined refine_split(const EngineSettings& s, const SplitProblem& sp, const SplitSolution& dp,
+                       const std::vector<int>& usable) {
+    const int ng = int(sp.budget.size());
+    Refined best;
+    std::vector<int64_t> best_n(size_t(ng), 0);
+    for (int g : dp.stage_of) best_n[size_t(g)] += 1;
+    best.m = dp.m;
+    best.request_s = predict_split(s, dp.m, dp.stage_of);
+    std::map<std::tuple<int, int64_t, int64_t>, Solution> memo;
+    std::vector<std::vector<int64_t>> starts = {best_n};
+    for (size_t k = 2; k <= usable.size(); ++k) {
+      const std::vector<int64_t> per = even_split(cm_.n_layers(), int(k));
+      std::vector<int64_t> n(size_t(ng), 0);
+      for (size_t i = 0; i < k; ++i) n[size_t(usable[i])] = per[i];
+      starts.push_back(n);
+    }
+    int evals = 0;
+    for (const auto& start : starts) {
+      std::vector<int64_t> cur = start, cur_m;
+      double cur_t = eval_counts(s, sp, cur, memo, &cur_m);
+      ++evals;
+      for (bool improved = true; improved && evals < 600;) {
+        improved = false;
+        for (int64_t d : {8, 4, 2, 1}) {
+          for (int g = 0; g + 1 < ng; ++g) {
+            for (int dir : {1, -1}) {
+              std::vector<int64_t> n = cur;
+              const size_t from = size_t(dir > 0 ? g : g + 1), to = size_t(dir > 0 ? g + 1 : g);
+              if (n[from] < d) continue;
+              n[from] -= d;
+              n[to] += d;
+              std::vector<int64_t> m;
+              const double t = eval_counts(s, sp, n, memo, &m);
+              ++evals;
+              if (t < cur_t * (1 - 1e-9)) {
+                cur = n;
+                cur_t = t;
+                cur_m = m;
+                improved = true;
+              }
+            }
+          }
+        }
+      }
+      if (cur_t < best.request_s * (1 - 1e-9)) {
+        best.request_s = cur_t;
+        best_n = cur;
+        best.m = cur_m;
+      }
+    }
+    best.stages = stages_from_counts(best_n);
+    std::vector<int64_t> m(size_t(cm_.n_layers()), 0);
+    bool ok = true;
+    int64_t a = 0;
+    for (int g = 0; g < ng && ok; ++g) {
+      if (best_n[size_t(g)] == 0) continue;
+      const Solution r = solve_range(sp, g, a, a + best_n[size_t(g)],
+                                     cm_.n_layers() <= 8 ? RangeSolver::Exact : RangeSolver::Full);
+      ok = r.feasible();
+      for (int64_t k = 0; ok && k < best_n[size_t(g)]; ++k) m[size_t(a + k)] = r.m[size_t(k)];
+      a += best_n[size_t(g)];
+    }
+    if (ok) {
+      const double t = predict_split(s, m, best.stages);
+      if (t < best.request_s) {
+        best.request_s = t;
+        best.m = m;
+      }
+    }
+    return best;
+  }
+
+  double predict_split(const EngineSettings& s, const std::vector<int64_t>& m,
+                       const Stages& st) const {
+    std::vector<LayerSplit> splits;
+    for (size_t l = 0; l < m.size(); ++l) splits.push_back(cm_.hottest_split(int64_t(l), m[l]));
+    return cm_.predict(splits, s, st).request_s;
+  }
+
+  // Exact request time of `n` layers per GPU, each range's experts by the greedy solver (memo:
+  // a range's solution does not depend on the others).
+  double eval_counts(const EngineSettings& s, const SplitProblem& sp,
+                     const std::vector<int64_t>& n,
+                     std::map<std::tuple<int, int64_t, int64_t>, Solution>& memo,
+                     std::vector<int64_t>* m_out) const {
+    std::vector<int64_t> m(size_t(cm_.n_layers()), 0);
+    int64_t a = 0;
+    for (size_t g = 0; g < n.size(); ++g) {
+      if (n[g] == 0) continue;
+      const auto key = std::make_tuple(int(g), a, a + n[g]);
+      auto it = memo.find(key);
+      if (it == memo.end()) {
+        it = memo.emplace(key, solve_range(sp, int(g), a, a + n[g], RangeSolver::Greedy)).first;
+      }
+      if (!it->second.feasible()) return kInfeasible;
+      for (int64_t k = 0; k < n[g]; ++k) m[size_t(a + k)] = it->second.m[size_t(k)];
+      a += n[g];
+    }
+    const double t = predict_split(s, m, stages_from_counts(n));
+    if (m_out != nullptr) *m_out = std::move(m);
+    return t;
+  }
+
+  Candidate* add_candidate_split(const EngineSettings& s, const std::vector<int64_t>& counts,
+                                 const Stages& st, const std::string& label) {
+    Candidate c = make_candidate(s, counts, label, st);
+    if (!fits(c)) return nullptr;
+    pool_.push_back(std::move(c));
+    return &pool_.back();
+  }
+
   Candidate make_candidate(const EngineSettings& s, const std::vector<int64_t>& counts,
-                           const std::string& label) const {
-    return make_candidate_sets(s, hottest_sets(cm_.router(), counts), label);
+                           const std::string& label, const Stages& st = {}) const {
+    return make_candidate_sets(s, hottest_sets(cm_.router(), counts), label, st);
   }
 
   Candidate make_candidate_sets(const EngineSettings& s, std::vector<std::vector<bool>> on_gpu,
-                                const std::string& label) const {
+                                const std::string& label, const Stages& st = {}) const {
     Candidate c;
     c.label = label;
     c.settings = s;
     c.on_gpu = std::move(on_gpu);
+    c.stages = s.gpu ? st : Stages{};
     std::vector<LayerSplit> splits;
     for (size_t l = 0; l < c.on_gpu.size(); ++l) {
       int64_t n = 0;
@@ -406,9 +877,13 @@ class Driver {
       splits.push_back(s.gpu ? cm_.split_of(int64_t(l), c.on_gpu[l])
                              : cm_.hottest_split(int64_t(l), 0));
     }
-    c.pred = cm_.predict(splits, s);
-    c.placement = make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
-                                 s.gpu ? cm_.machine().gpu_device : "cuda:0");
+    c.pred = cm_.predict(splits, s, c.stages);
+    c.placement =
+        c.stages.empty()
+            ? make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
+                             s.gpu ? cm_.machine().gpu_device : "cuda:0")
+            : make_pipeline_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
+                                      gpu_devices(), c.stages);
     c.plan = plan_memory(opt_.model.cfg, opt_.model.bytes, c.placement, opt_.budgets);
     Predicted pr;
     pr.decode_tok_s = c.pred.decode_tok_s;
@@ -449,6 +924,8 @@ class Driver {
   static std::string signature(const Candidate& c) {
     std::string s = c.settings.key() + ":";
     for (int64_t n : c.gpu_counts) s += std::to_string(n) + ",";
+    s += ":";
+    for (int g : c.stages) s += std::to_string(g);
     return s;
   }
 
@@ -567,6 +1044,8 @@ class Driver {
   SearchResult res_;
   std::vector<Candidate> pool_;
   int64_t cpu_budget_ = -1;
+  std::map<std::string, std::vector<std::vector<double>>> tables_;
+  std::vector<EngineSettings> top_settings_[2];  // [graph]: best settings of the one-GPU search
 };
 
 }  // namespace

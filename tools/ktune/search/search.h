@@ -13,6 +13,7 @@
 #include "search/cost_model.h"
 #include "search/inputs.h"
 #include "search/optimizers.h"
+#include "search/split.h"
 
 namespace ktune::search {
 
@@ -36,6 +37,9 @@ struct Candidate {
   EngineSettings settings;
   std::vector<int64_t> gpu_counts;        // GPU experts per layer
   std::vector<std::vector<bool>> on_gpu;  // [layer][expert]
+  // Several GPUs: per layer the index (MachineCosts::gpus) of its GPU; empty: every layer's
+  // attention and GPU experts on the first GPU.
+  Stages stages;
   Prediction pred;
   MemoryPlan plan;
   Placement placement;  // resolved, with predicted and searched_on filled
@@ -45,6 +49,16 @@ struct SearchResult {
   std::vector<Candidate> ranked;  // distinct searched candidates, best (least request time) first
   std::vector<Candidate> baselines;    // at the settings of the best graph-on candidate
   std::vector<Candidate> whole_layer;  // best whole-layer placement, graph on then graph off
+  // Several GPUs: the best searched split (graph on and off) against the even layer split of
+  // the same settings (also among baselines): (label, request s of the split, of the even one).
+  struct SplitComparison {
+    std::string settings;
+    int gpus = 0;
+    double split_request_s = 0;
+    double even_request_s = 0;
+    std::vector<int64_t> layers_per_gpu, even_layers_per_gpu;
+  };
+  std::vector<SplitComparison> split_vs_even;
   int best_graph = -1;    // index into ranked: best with the graph on (or the CPU engine)
   int best_nograph = -1;  // best with the graph off (or the CPU engine)
   std::vector<std::string> notes;
@@ -76,11 +90,36 @@ struct MemoryModel {
 MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t context,
                          const std::string& gpu = "cuda:0");
 
+// The memory of a pipeline placement over several GPUs (contiguous layer ranges; a layer's GPU
+// experts on its attention GPU), as the planner computes it: derived from reference plans of
+// a two-GPU split, agreeing with plan_memory() byte for byte (tested).
+struct PipelineMemoryModel {
+  int64_t n_experts = 0;
+  std::vector<int64_t> expert_bytes;  // per layer
+  std::vector<int64_t> layer_bytes;   // per layer: attention weights + KV cache
+  int64_t base = 0;         // a GPU running attention, several GPUs, no expert: reserves, activations
+  int64_t expert_ws = 0;    // more when it holds experts
+  int64_t first_bytes = 0;  // embedding, on the first GPU
+  int64_t last_bytes = 0;   // head + logits, on the last GPU
+  int64_t single_gpu_saving = 0;  // one GPU only: no NCCL reserve, tied head counted once
+  int64_t cpu_expert_ws = 0;
+  // Bytes on GPU g (index in stage order) of a placement; 0 when it holds no layer.
+  int64_t gpu_need(const Stages& stages, const std::vector<int64_t>& gpu_counts, int g) const;
+  int64_t cpu_need(const std::vector<int64_t>& gpu_counts) const;
+};
+PipelineMemoryModel pipeline_memory_model(const ModelInfo& model, bool cuda_graph, int64_t context);
+
 // A resolved placement: every layer's attention on `gpu` (or, with settings.gpu false, every
 // part on cpu), experts as on_gpu says, runtime from settings and the workload's context.
 Placement make_placement(const ModelInfo& model, const EngineSettings& settings,
                          const std::vector<std::vector<bool>>& on_gpu, int64_t context,
                          const std::string& gpu = "cuda:0");
+// The same over several GPUs: layer l's attention and GPU experts on gpus[stages[l]].
+Placement make_pipeline_placement(const ModelInfo& model, const EngineSettings& settings,
+                                  const std::vector<std::vector<bool>>& on_gpu, int64_t context,
+                                  const std::vector<std::string>& gpus, const Stages& stages);
+// Layers per GPU of an even split of n_layers over n GPUs (the first ones get the remainder).
+std::vector<int64_t> even_split(int64_t n_layers, int n);
 // The m hottest experts of each layer on the GPU.
 std::vector<std::vector<bool>> hottest_sets(const RouterModel& router,
                                             const std::vector<int64_t>& gpu_counts);
