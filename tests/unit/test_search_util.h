@@ -53,6 +53,39 @@ inline profile::ProfileSummary h100_profile() {
   return s;
 }
 
+// The same machine with n identical GPUs, every pair linked at gb_s and latency_us (NCCL and peer
+// copies alike); gb_s <= 0: no interconnect measured.
+inline profile::ProfileSummary multi_gpu_profile(int n, double gb_s = 150, double latency_us = 10) {
+  profile::ProfileSummary s = h100_profile();
+  const profile::GpuInfo g0 = s.gpus[0];
+  const profile::GpuCosts c0 = s.gpu_costs[0];
+  s.gpus.clear();
+  s.gpu_costs.clear();
+  for (int i = 0; i < n; ++i) {
+    profile::GpuInfo g = g0;
+    g.device = "cuda:" + std::to_string(i);
+    s.gpus.push_back(g);
+    profile::GpuCosts c = c0;
+    c.device = g.device;
+    s.gpu_costs.push_back(c);
+  }
+  for (int i = 0; gb_s > 0 && i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      if (i == j) continue;
+      profile::GpuLink l;
+      l.src = "cuda:" + std::to_string(i);
+      l.dst = "cuda:" + std::to_string(j);
+      l.peer_access = true;
+      l.peer_gb_s = gb_s;
+      l.peer_latency_us = latency_us;
+      l.nccl_gb_s = gb_s;
+      l.nccl_latency_us = latency_us;
+      s.interconnect.push_back(l);
+    }
+  }
+  return s;
+}
+
 inline profile::ProfileSummary cpu_only_profile() {
   profile::ProfileSummary s = h100_profile();
   s.gpus.clear();
