@@ -7,6 +7,7 @@
 #include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
+#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -140,9 +141,18 @@ void NumaCpuMoe::compute(int64_t layer, const float* h, const int32_t* experts,
     return;
   }
   // Every driver runs its node's CpuMoe (nothing for a node without experts this call).
+  // Each driver's span carries its node, so the profiler can give every node's expert
+  // bandwidth (docs/metrics.md).
   m.drivers->run([&](int ith, int) {
     Impl::Group& g = m.groups[size_t(ith)];
-    if (g.n > 0) g.moe->compute(layer, h, g.ids.data(), g.wts.data(), g.n, g.y.data());
+    if (g.n == 0) return;
+    const int prev = trace::thread_node();
+    trace::set_thread_node(g.node);
+    {
+      trace::Scope span(trace::Phase::MoeCpu, static_cast<int32_t>(layer));
+      g.moe->compute(layer, h, g.ids.data(), g.wts.data(), g.n, g.y.data());
+    }
+    trace::set_thread_node(prev);
   });
   // Fixed order: ascending node id.
   bool first = true;

@@ -54,6 +54,7 @@ Registry& registry() {
 }
 
 thread_local ThreadBuffer* t_buffer = nullptr;
+thread_local int t_node = -1;
 thread_local uint64_t t_generation = ~uint64_t{0};
 
 ThreadBuffer* this_thread_buffer() {
@@ -148,8 +149,12 @@ void record_span(Phase p, int32_t arg, int64_t begin_ns, int64_t end_ns) noexcep
   s.arg = arg;
   s.phase = p;
   s.thread = b->index;
+  s.node = t_node;
   b->count.store(n + 1, std::memory_order_release);
 }
+
+void set_thread_node(int node) noexcept { t_node = node; }
+int thread_node() noexcept { return t_node; }
 
 void name_thread(const char* prefix, int index) noexcept {
   if (!enabled()) return;

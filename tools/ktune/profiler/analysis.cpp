@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -28,7 +30,9 @@ bool phase_from_kernel_name(const std::string& name, Phase* out) {
   std::string n(name);
   for (char& c : n) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
-  if (has("moe") || has("expert")) {
+  if (has("nccl")) {
+    *out = Phase::Transfer;
+  } else if (has("moe") || has("expert")) {
     *out = Phase::MoeGpu;
   } else if (has("attention") || has("attn")) {
     *out = Phase::Attention;
@@ -44,6 +48,21 @@ bool phase_from_kernel_name(const std::string& name, Phase* out) {
 
 bool is_cpu_wait_kernel(const std::string& name) {
   return name.find("handoff_wait") != std::string::npos;
+}
+
+bool is_peer_transfer(const Timeline& t, const GpuOp& op) {
+  if (op.kind == GpuOpKind::Memcpy) return op.peer_device >= 0 || t.str(op.name) == "Memcpy PtoP";
+  if (op.kind != GpuOpKind::Kernel) return false;
+  const std::string& n = t.str(op.name);
+  for (size_t i = 0; i + 4 <= n.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(n[i])) == 'n' &&
+        std::tolower(static_cast<unsigned char>(n[i + 1])) == 'c' &&
+        std::tolower(static_cast<unsigned char>(n[i + 2])) == 'c' &&
+        std::tolower(static_cast<unsigned char>(n[i + 3])) == 'l') {
+      return true;
+    }
+  }
+  return false;
 }
 
 namespace {
@@ -280,7 +299,9 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
   for (const ApiCall& a : t.api) {
     if (a.correlation != 0) api_by_corr[a.correlation] = &a;
   }
-  std::vector<Interval> all_kernels, all_copies;
+  std::vector<Interval> all_kernels, all_copies, all_peer;
+  std::map<int32_t, std::vector<Interval>> compute_by_device;  // merged compute kernels
+  std::map<int32_t, int32_t> first_layer;                       // smallest layer computed
   std::vector<std::vector<Interval>> cat_iv(kCatCount);
   for (int32_t d : devices) {
     GpuMetrics g;
@@ -293,7 +314,7 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
       return t.ops[a].start < t.ops[b].start;
     });
-    std::vector<Interval> kern, copies;
+    std::vector<Interval> kern, copies, peer;
     std::map<Phase, std::vector<Interval>> by_phase;
     std::set<uint32_t> launch_corr;
     std::map<uint32_t, int64_t> first_start;  // per correlation: first op start
@@ -308,9 +329,29 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
         cat_iv[kCatCpuExperts].push_back(iv);
         continue;
       }
-      if (o.kind == GpuOpKind::Kernel) {
+      const bool xfer = is_peer_transfer(t, o);
+      if (xfer) {
+        peer.push_back(iv);
+        if (o.kind == GpuOpKind::Memcpy) g.peer_bytes += o.bytes;
+      }
+      if (o.kind == GpuOpKind::Kernel && xfer) {
+        // An NCCL kernel: a transfer (it may spin waiting for its peer), not compute.
+        ++g.kernels;
+        g.phases[Phase::Transfer].count += 1;
+        by_phase[Phase::Transfer].push_back(iv);
+        g.tagged_by[tags[i].source] += 1;
+        if (o.correlation != 0) {
+          auto fs = first_start.find(o.correlation);
+          if (fs == first_start.end() || o.start < fs->second) first_start[o.correlation] = o.start;
+        }
+        cat_iv[kCatTransfer].push_back(iv);
+      } else if (o.kind == GpuOpKind::Kernel) {
         kern.push_back(iv);
         ++g.kernels;
+        if (tags[i].layer >= 0) {
+          auto fl = first_layer.find(d);
+          if (fl == first_layer.end() || tags[i].layer < fl->second) first_layer[d] = tags[i].layer;
+        }
         kmin = std::min(kmin, o.start);
         kmax = std::max(kmax, o.end);
         by_phase[tags[i].phase].push_back(iv);
@@ -339,6 +380,9 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     g.busy_us = us(total_length(merged));
     g.idle_fraction = m.wall_us > 0 ? std::clamp(1.0 - g.busy_us / m.wall_us, 0.0, 1.0) : 0;
     g.copy_us = us(total_length(merge_intervals(copies)));
+    g.peer_transfer_us = us(total_length(merge_intervals(peer)));
+    all_peer.insert(all_peer.end(), peer.begin(), peer.end());
+    compute_by_device[d] = merged;
     g.first_kernel_to_last_us = g.kernels > 0 ? us(kmax - kmin) : 0;
     all_kernels.insert(all_kernels.end(), kern.begin(), kern.end());
     all_copies.insert(all_copies.end(), copies.begin(), copies.end());
@@ -351,7 +395,8 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
       // The kernel ending last before each gap and the one starting it, for naming.
       std::vector<size_t> kidx;
       for (size_t i : idx) {
-        if (t.ops[i].kind == GpuOpKind::Kernel && !is_cpu_wait_kernel(t.str(t.ops[i].name))) {
+        if (t.ops[i].kind == GpuOpKind::Kernel && !is_peer_transfer(t, t.ops[i]) &&
+            !is_cpu_wait_kernel(t.str(t.ops[i].name))) {
           kidx.push_back(i);
         }
       }
@@ -419,8 +464,48 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     m.gpus.push_back(std::move(g));
   }
 
+  // ---- several GPUs: pipeline order, bubbles, transfers ----
+  m.peer_transfer_us = us(total_length(merge_intervals(all_peer)));
+  {
+    std::vector<int32_t> order;
+    for (const auto& [d, v] : compute_by_device) {
+      if (!v.empty()) order.push_back(d);
+    }
+    if (order.size() >= 2) {
+      auto key = [&](int32_t d) {
+        auto it = first_layer.find(d);
+        return std::make_pair(it == first_layer.end() ? INT32_MAX : it->second, d);
+      };
+      std::sort(order.begin(), order.end(),
+                [&](int32_t a, int32_t b) { return key(a) < key(b); });
+      m.pipeline_order = order;
+      for (size_t s = 0; s < order.size(); ++s) {
+        std::vector<Interval> before, after;
+        for (size_t k = 0; k < order.size(); ++k) {
+          if (k == s) continue;
+          const auto& v = compute_by_device[order[k]];
+          std::vector<Interval>& dst = k < s ? before : after;
+          dst.insert(dst.end(), v.begin(), v.end());
+        }
+        const auto& mine = compute_by_device[order[s]];
+        const auto up = merge_intervals(before);
+        const auto down = merge_intervals(after);
+        std::vector<Interval> up_or_mine = up;
+        up_or_mine.insert(up_or_mine.end(), mine.begin(), mine.end());
+        const auto covered = merge_intervals(up_or_mine);
+        for (GpuMetrics& g : m.gpus) {
+          if (g.device != order[s]) continue;
+          g.pipeline_stage = static_cast<int>(s);
+          g.bubble_us = us(total_length(up) - intersection_length(up, mine));
+          g.downstream_wait_us = us(total_length(down) - intersection_length(down, covered));
+        }
+      }
+    }
+  }
+
   // ---- CPU (host spans) ----
   std::map<Phase, std::vector<Interval>> cpu_phase;
+  std::map<int, std::vector<Interval>> node_moe;
   std::vector<Interval> cpu_all;
   std::set<uint32_t> workers;
   for (const HostSpan& s : t.spans) {
@@ -429,6 +514,7 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     cpu_phase[s.phase].push_back(iv);
     cpu_all.push_back(iv);
     workers.insert(s.thread);
+    if (s.phase == Phase::MoeCpu && s.node >= 0) node_moe[s.node].push_back(iv);
     PhaseTime& pt = m.cpu.phases[s.phase];
     pt.count += 1;
     pt.thread_us += us(iv.end - iv.start);
@@ -436,6 +522,7 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
   m.cpu.workers = static_cast<int>(workers.size());
   m.cpu.busy_us = us(total_length(merge_intervals(cpu_all)));
   for (auto& [p, v] : cpu_phase) m.cpu.phases[p].wall_us = us(total_length(merge_intervals(v)));
+  for (auto& [n, v] : node_moe) m.cpu.moe_cpu_wall_us_by_node[n] = us(total_length(merge_intervals(v)));
   const bool gpu_work = !all_kernels.empty() || !all_copies.empty();
   {
     auto add = [&](Phase p, int cat) {
@@ -466,6 +553,11 @@ WindowMetrics analyze_window(const Timeline& t, const std::vector<OpTag>& tags, 
     if (dev == "cpu") {
       eb.phase_wall_us = us(total_length(cpu_moe));
       if (eb.phase_wall_us <= 0) eb.note = "no moe_cpu spans in the window";
+    } else if (dev.rfind("cpu:", 0) == 0) {
+      const int node = std::atoi(dev.c_str() + 4);
+      auto it = m.cpu.moe_cpu_wall_us_by_node.find(node);
+      eb.phase_wall_us = it == m.cpu.moe_cpu_wall_us_by_node.end() ? 0 : it->second;
+      if (eb.phase_wall_us <= 0) eb.note = "no moe_cpu spans tagged with node " + std::to_string(node);
     } else {
       for (const GpuMetrics& g : m.gpus) {
         if ("cuda:" + std::to_string(g.device) != dev) continue;
@@ -646,11 +738,28 @@ json to_json(const WindowMetrics& m) {
                            {"delay_median_us", g.launch_delay_median_us},
                            {"call_median_us", g.launch_call_median_us}}},
                          {"phases", phase_map_json(g.phases, false)},
-                         {"kernels_tagged_by", tagged}});
+                         {"kernels_tagged_by", tagged},
+                         {"peer_transfer_us", g.peer_transfer_us},
+                         {"peer_bytes", g.peer_bytes},
+                         {"pipeline_stage", g.pipeline_stage},
+                         {"bubble_us", g.bubble_us},
+                         {"downstream_wait_us", g.downstream_wait_us}});
   }
   j["cpu"] = {{"workers", m.cpu.workers},
               {"busy_us", m.cpu.busy_us},
               {"phases", phase_map_json(m.cpu.phases, true)}};
+  j["cpu"]["moe_cpu_by_node"] = json::array();
+  for (const auto& [n, w] : m.cpu.moe_cpu_wall_us_by_node) {
+    j["cpu"]["moe_cpu_by_node"].push_back({{"node", n}, {"wall_us", w}});
+  }
+  json order = json::array();
+  for (int32_t d : m.pipeline_order) order.push_back("cuda:" + std::to_string(d));
+  double bubbles = 0;
+  for (const GpuMetrics& g : m.gpus) bubbles += g.bubble_us;
+  const double tok = std::max<double>(1.0, static_cast<double>(m.tokens));
+  j["pipeline"] = {{"order", order},
+                   {"bubble_us_per_token", bubbles / tok},
+                   {"peer_transfer_us_per_token", m.peer_transfer_us / tok}};
   j["expert_bandwidth"] = json::array();
   for (const ExpertBandwidth& e : m.expert_bandwidth) {
     json x = {{"device", e.device},

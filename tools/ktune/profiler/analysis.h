@@ -35,6 +35,9 @@ bool phase_from_kernel_name(const std::string& name, Phase* out);
 // handoff_wait_add_kernel): the GPU is waiting, not computing, while it runs. The analysis counts
 // its time as GPU idle behind CPU experts (budget category cpu_experts), not as busy or transfer.
 bool is_cpu_wait_kernel(const std::string& name);
+// An inter-GPU transfer rather than compute: a peer copy (Memcpy PtoP, peer_device set) or an
+// NCCL kernel (ncclDevKernel_SendRecv, ncclKernel_SendRecv_*, any "nccl" kernel).
+bool is_peer_transfer(const Timeline& t, const GpuOp& op);
 
 // ---- statistics helpers ----
 struct Interval {
@@ -86,7 +89,7 @@ struct PhaseTime {
 struct GpuMetrics {
   int32_t device = 0;
   double wall_us = 0;
-  double busy_us = 0;  // union of kernel intervals
+  double busy_us = 0;  // union of compute kernel intervals (NCCL kernels are transfers)
   double idle_fraction = 0;
   double copy_us = 0;  // union of memcpy/memset intervals
   double first_kernel_to_last_us = 0;  // HTA's "kernel_time" span
@@ -103,12 +106,20 @@ struct GpuMetrics {
   double launch_call_median_us = 0;     // duration of the launching API call (host cost)
   std::map<Phase, PhaseTime> phases;
   std::map<TagSource, int64_t> tagged_by;  // how many kernels each attribution source tagged
+  // Several GPUs (docs/metrics.md, "Several GPUs"):
+  double peer_transfer_us = 0;  // union of NCCL kernels and peer copies on this GPU
+  int64_t peer_bytes = 0;       // bytes of its peer copies (NCCL kernels carry none)
+  int pipeline_stage = -1;      // position in the pipeline order (-1: one GPU computed)
+  double bubble_us = 0;          // no compute here while a GPU before it in the pipeline computes
+  double downstream_wait_us = 0; // no compute here while only GPUs after it compute
 };
 
 struct CpuMetrics {
   int workers = 0;        // threads with spans in the window
   double busy_us = 0;     // union of all non-step spans
   std::map<Phase, PhaseTime> phases;
+  // moe_cpu wall time of the spans tagged with a NUMA node (NumaCpuMoe's node groups).
+  std::map<int, double> moe_cpu_wall_us_by_node;
 };
 
 struct ExpertBandwidth {
@@ -136,10 +147,13 @@ struct WindowMetrics {
   double overlap_us = 0;  // GPU kernels running while CPU experts run
   double overlap_fraction_of_cpu_experts = 0;
   std::vector<BudgetItem> budget;  // sums to wall_us / tokens
+  std::vector<int32_t> pipeline_order;  // GPUs by the first layer they compute (>= 2 GPUs)
+  double peer_transfer_us = 0;          // union of inter-GPU transfers over all GPUs
 };
 
 struct AnalysisInputs {
-  // Expert weight bytes read per device in the window, by device name ("cpu", "cuda:0").
+  // Expert weight bytes read per device in the window, by device name ("cpu", "cuda:0", and
+  // "cpu:N" for the experts of NUMA node N, whose phase wall is that node's tagged moe_cpu spans).
   std::map<std::string, double> expert_bytes;
 };
 

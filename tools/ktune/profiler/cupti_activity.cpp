@@ -279,6 +279,25 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
         p.ops.push_back(op);
         break;
       }
+      case CUPTI_ACTIVITY_KIND_MEMCPY2: {
+        // Peer copies between GPUs (cudaMemcpyPeer*): an inter-GPU transfer, not compute.
+        const auto* m = reinterpret_cast<const CUpti_ActivityMemcpyPtoP4*>(rec);
+        GpuOp op;
+        op.kind = GpuOpKind::Memcpy;
+        op.device = static_cast<int32_t>(m->deviceId);
+        op.peer_device = static_cast<int32_t>(m->srcDeviceId == m->deviceId ? m->dstDeviceId
+                                                                             : m->srcDeviceId);
+        op.stream = m->streamId;
+        op.start = static_cast<int64_t>(m->start);
+        op.end = static_cast<int64_t>(m->end);
+        op.correlation = m->correlationId;
+        op.graph_id = m->graphId;
+        op.graph_node_id = m->graphNodeId;
+        op.bytes = static_cast<int64_t>(m->bytes);
+        op.name = p.intern("Memcpy PtoP");
+        p.ops.push_back(op);
+        break;
+      }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
         GpuOp op;
@@ -396,7 +415,8 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
   }
   trace::set_node_id_resolver(resolve_node_id);
   s.kinds = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
-             CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_OVERHEAD};
+             CUPTI_ACTIVITY_KIND_MEMCPY2, CUPTI_ACTIVITY_KIND_MEMSET,
+             CUPTI_ACTIVITY_KIND_OVERHEAD};
   if (opt.runtime_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
   if (opt.driver_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_DRIVER);
   if (opt.sync) s.kinds.push_back(CUPTI_ACTIVITY_KIND_SYNCHRONIZATION);

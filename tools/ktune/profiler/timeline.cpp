@@ -58,6 +58,7 @@ void add_host_spans(Timeline& t, const trace::Collected& c, int64_t offset_ns) {
     h.thread = base + s.thread;
     h.phase = s.phase;
     h.arg = s.arg;
+    h.node = s.node;
     h.start = s.begin_ns + offset_ns;
     h.end = s.end_ns + offset_ns;
     t.spans.push_back(h);
@@ -91,7 +92,9 @@ int64_t to_ns(const json& v, int64_t origin, const std::string& file, const std:
   return origin + static_cast<int64_t>(std::llround(us * 1000.0));
 }
 
-const json& rows_of(const json& j, const char* key, const std::string& file, size_t width) {
+// Rows of `width` values; newer writers may add columns up to max_width (0: exactly width).
+const json& rows_of(const json& j, const char* key, const std::string& file, size_t width,
+                    size_t max_width = 0) {
   static const json empty = json::array();
   if (!j.contains(key)) return empty;
   const json& t = j.at(key);
@@ -100,9 +103,11 @@ const json& rows_of(const json& j, const char* key, const std::string& file, siz
   }
   for (size_t i = 0; i < t.at("rows").size(); ++i) {
     const json& r = t.at("rows")[i];
-    if (!r.is_array() || r.size() != width) {
+    if (!r.is_array() || r.size() < width || r.size() > std::max(width, max_width)) {
       bad(file, std::string(key) + ".rows[" + std::to_string(i) + "]",
-          "must be an array of " + std::to_string(width) + " values");
+          "must be an array of " + std::to_string(width) +
+              (max_width > width ? " to " + std::to_string(max_width) : std::string()) +
+              " values");
     }
     for (const json& v : r) {
       if (!v.is_number()) {
@@ -160,11 +165,11 @@ json timeline_to_json(const Timeline& t, const TimelineLimits& lim) {
   for (const GpuOp& o : ops) {
     rows.push_back({static_cast<int>(o.kind), o.device, o.stream, rel_us(o.start, origin),
                     dur_us(o.start, o.end), o.correlation, o.graph_id, o.graph_node_id, o.name,
-                    o.bytes});
+                    o.bytes, o.peer_device});
   }
   j["ops"] = {{"columns",
                {"kind", "device", "stream", "start_us", "dur_us", "correlation", "graph_id",
-                "graph_node_id", "name", "bytes"}},
+                "graph_node_id", "name", "bytes", "peer_device"}},
               {"rows", std::move(rows)}};
 
   const auto api = earliest(t.api, lim.max_api);
@@ -205,9 +210,9 @@ json timeline_to_json(const Timeline& t, const TimelineLimits& lim) {
   rows = json::array();
   for (const HostSpan& s : spans) {
     rows.push_back({s.thread, static_cast<int>(s.phase), s.arg, rel_us(s.start, origin),
-                    dur_us(s.start, s.end)});
+                    dur_us(s.start, s.end), s.node});
   }
-  j["spans"] = {{"columns", {"thread", "phase", "arg", "start_us", "dur_us"}},
+  j["spans"] = {{"columns", {"thread", "phase", "arg", "start_us", "dur_us", "node"}},
                 {"rows", std::move(rows)}};
 
   j["windows"] = json::array();
@@ -261,7 +266,7 @@ Timeline timeline_from_json(const json& j, const std::string& file) {
       t.gpus.push_back({g.value("index", 0), g.value("name", std::string())});
     }
   }
-  for (const json& r : rows_of(j, "ops", file, 10)) {
+  for (const json& r : rows_of(j, "ops", file, 10, 11)) {
     GpuOp op;
     const int kind = num<int>(r[0]);
     if (kind < 0 || kind > 2) bad(file, "ops", "unknown op kind " + std::to_string(kind));
@@ -275,6 +280,7 @@ Timeline timeline_from_json(const json& j, const std::string& file) {
     op.graph_node_id = u64(r[7]);
     op.name = name_idx(r[8], "ops");
     op.bytes = num<int64_t>(r[9]);
+    if (r.size() > 10) op.peer_device = num<int32_t>(r[10]);
     t.ops.push_back(op);
   }
   for (const json& r : rows_of(j, "api", file, 5)) {
@@ -312,7 +318,7 @@ Timeline timeline_from_json(const json& j, const std::string& file) {
                            h.value("name", std::string())});
     }
   }
-  for (const json& r : rows_of(j, "spans", file, 5)) {
+  for (const json& r : rows_of(j, "spans", file, 5, 6)) {
     HostSpan s;
     s.thread = num<uint32_t>(r[0]);
     if (s.thread >= t.threads.size()) bad(file, "spans", "names an unknown thread");
@@ -322,6 +328,7 @@ Timeline timeline_from_json(const json& j, const std::string& file) {
     s.arg = num<int32_t>(r[2]);
     s.start = to_ns(r[3], o, file, "spans");
     s.end = s.start + to_ns(r[4], 0, file, "spans");
+    if (r.size() > 5) s.node = num<int32_t>(r[5]);
     t.spans.push_back(s);
   }
   if (j.contains("windows") && j.at("windows").is_array()) {

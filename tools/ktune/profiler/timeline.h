@@ -35,6 +35,7 @@ struct GpuOp {
   uint64_t graph_node_id = 0;
   int32_t name = -1;         // Timeline::strings index (kernel name, or "Memcpy HtoD" ...)
   int64_t bytes = 0;         // copies and memsets
+  int32_t peer_device = -1;  // peer copies (Memcpy PtoP): the other GPU; -1 otherwise
   // Filled by the engine's graph-capture tags or attribute_ops (analysis.h); -1/Other: unknown.
 };
 
@@ -79,6 +80,7 @@ struct HostSpan {
   int32_t arg = -1;     // layer, or tokens for step phases
   int64_t start = 0;
   int64_t end = 0;
+  int32_t node = -1;  // NUMA node of CPU expert work (trace::set_thread_node); -1: all nodes
 };
 
 // A stretch of the run the driver measured as a whole: the decode or prefill tokens of it.

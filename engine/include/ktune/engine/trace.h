@@ -70,6 +70,7 @@ struct HostSpan {
   int32_t arg = kNoLayer;  // layer for layer phases, tokens for step phases
   Phase phase = Phase::Other;
   uint32_t thread = 0;  // index into Collected::threads
+  int32_t node = -1;    // the NUMA node the thread works for (set_thread_node); -1: all nodes
 };
 struct ThreadInfo {
   int64_t os_tid = 0;        // gettid()
@@ -87,6 +88,12 @@ Collected collect();
 
 // Records a finished span on this thread (when enabled).
 void record_span(Phase p, int32_t arg, int64_t begin_ns, int64_t end_ns) noexcept;
+// Tags this thread's spans from now on with a NUMA node (the worker group of NumaCpuMoe that
+// serves node N calls it on its threads); -1 (the default): the span is for all nodes. Works
+// whether or not a collection is on (a thread-local int).
+void set_thread_node(int node) noexcept;
+int thread_node() noexcept;
+
 // Names this thread in traces ("cpu worker" + index -> "cpu worker 3"); cheap after the first
 // call per collection. Only while enabled.
 void name_thread(const char* prefix, int index = -1) noexcept;
