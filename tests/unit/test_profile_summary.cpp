@@ -114,6 +114,71 @@ TEST(ProfileSummary, ErrorsNameTheField) {
   EXPECT_NE(error_of(nlohmann::json::array()).find("not a ktune profile"), std::string::npos);
 }
 
+// Schema 2: GPU links and per-node CPU expert curves round-trip and are validated; a version-1
+// document (without them) still reads, with both empty; a version-2 one must have them.
+ProfileSummary two_gpus() {
+  ProfileSummary s = sample();
+  s.cpu.numa_nodes = 2;
+  s.gpus.push_back(s.gpus[0]);
+  s.gpus[1].device = "cuda:1";
+  s.gpu_costs.push_back(s.gpu_costs[0]);
+  s.gpu_costs[1].device = "cuda:1";
+  s.interconnect = {{"cuda:0", "cuda:1", true, 150, 10, 140, 12},
+                    {"cuda:1", "cuda:0", true, 149, 11, 0, 0}};
+  s.cpu_costs.moe_decode_gb_s_per_node = {{0, {{1, 9}, {8, 40}}}, {1, {{1, 8}, {8, 38}}}};
+  return s;
+}
+
+TEST(ProfileSummary, SchemaTwoLinksAndNodesRoundTrip) {
+  const nlohmann::json j = doc_of(two_gpus());
+  EXPECT_EQ(error_of(j), "");
+  const ProfileSummary back = summary_from_json(j["summary"], "x.json");
+  ASSERT_EQ(back.interconnect.size(), 2u);
+  EXPECT_DOUBLE_EQ(back.interconnect[0].nccl_latency_us, 12);
+  const GpuLink* l = find_link(back, "cuda:1", "cuda:0");
+  ASSERT_NE(l, nullptr);
+  EXPECT_DOUBLE_EQ(l->peer_gb_s, 149);
+  EXPECT_EQ(find_link(back, "cuda:0", "cuda:2"), nullptr);
+  ASSERT_EQ(back.cpu_costs.moe_decode_gb_s_per_node.size(), 2u);
+  EXPECT_DOUBLE_EQ(back.cpu_costs.moe_decode_gb_s_per_node[1].gb_s[1].value, 38);
+  nlohmann::json again;
+  to_json(again, back);
+  EXPECT_EQ(again, j["summary"]);
+}
+
+TEST(ProfileSummary, VersionOneStillReadsAndVersionTwoNeedsTheNewFields) {
+  nlohmann::json j = doc_of(sample());
+  j["ktune_profile"] = 1;
+  j["summary"].erase("interconnect");
+  j["summary"]["cpu_costs"].erase("moe_decode_gb_s_per_node");
+  EXPECT_EQ(error_of(j), "");
+  const ProfileSummary v1 = parse_profile_summary(j.dump(), "v1.json");
+  EXPECT_TRUE(v1.interconnect.empty());
+  EXPECT_TRUE(v1.cpu_costs.moe_decode_gb_s_per_node.empty());
+  j["ktune_profile"] = 2;
+  EXPECT_NE(error_of(j).find("summary.cpu_costs.moe_decode_gb_s_per_node: missing"),
+            std::string::npos)
+      << error_of(j);
+  j["summary"]["cpu_costs"]["moe_decode_gb_s_per_node"] = nlohmann::json::array();
+  EXPECT_NE(error_of(j).find("summary.interconnect: missing"), std::string::npos) << error_of(j);
+}
+
+TEST(ProfileSummary, BadLinksAndNodesNameTheField) {
+  nlohmann::json j = doc_of(two_gpus());
+  j["summary"]["interconnect"][0]["dst"] = "cuda:7";
+  EXPECT_NE(error_of(j).find("summary.interconnect[0].dst"), std::string::npos) << error_of(j);
+  j = doc_of(two_gpus());
+  j["summary"]["interconnect"][1] = j["summary"]["interconnect"][0];
+  EXPECT_NE(error_of(j).find("repeats the link"), std::string::npos) << error_of(j);
+  j = doc_of(two_gpus());
+  j["summary"]["interconnect"][0]["peer_gb_s"] = -3;
+  EXPECT_NE(error_of(j).find("summary.interconnect[0].peer_gb_s"), std::string::npos);
+  j = doc_of(two_gpus());
+  j["summary"]["cpu_costs"]["moe_decode_gb_s_per_node"][1]["node"] = 5;
+  EXPECT_NE(error_of(j).find("moe_decode_gb_s_per_node[1].node"), std::string::npos)
+      << error_of(j);
+}
+
 TEST(ProfileSummary, RateInterpolatesAndClamps) {
   const std::vector<ThreadRate> c = {{1, 10}, {8, 80}, {16, 100}};
   EXPECT_DOUBLE_EQ(rate_at(c, 1), 10);
