@@ -9,6 +9,7 @@
 
 #include "ktune/engine/trace.h"
 #include "profiler/analysis.h"
+#include "profiler/report.h"
 
 namespace ktune::profiler {
 namespace {
@@ -103,6 +104,37 @@ TEST(ProfilerMultiGpu, TransfersAreNotComputeAndBubblesAreUpstreamWaits) {
   EXPECT_EQ(j["pipeline"]["order"], (nlohmann::json{"cuda:1", "cuda:0"}));
   EXPECT_DOUBLE_EQ(j["pipeline"]["bubble_us_per_token"].get<double>(), 40);
   EXPECT_DOUBLE_EQ(j["gpus"][0]["bubble_us"].get<double>(), 80);
+}
+
+// The verdict and both reports name every GPU with its stage and waits; a third GPU that ran
+// nothing is listed too.
+TEST(ProfilerMultiGpu, VerdictAndReportsShowEveryGpu) {
+  ProfileDoc doc;
+  doc.timeline = pipeline();
+  doc.timeline.gpus.push_back({2, "idle gpu"});
+  doc.run.engine = "gpu";
+  doc.run.cuda_graph = true;
+  doc.run.moe_kernel = "fused";
+  doc.windows.push_back(
+      analyze_window(doc.timeline, attribute_ops(doc.timeline), doc.timeline.windows[0], {}));
+  doc.verdict = make_verdict(doc);
+  EXPECT_NE(doc.verdict.headline.find("pipeline-bound (2 GPUs in turn)"), std::string::npos)
+      << doc.verdict.headline;
+  bool stage_line = false;
+  for (const std::string& r : doc.verdict.reasons) {
+    stage_line = stage_line || r.find("cuda:0 (stage 1): busy 44 %, waits 40.0 µs per token") !=
+                                   std::string::npos;
+  }
+  EXPECT_TRUE(stage_line);
+  const std::string text = terminal_report(doc);
+  EXPECT_NE(text.find("(pipeline cuda:1 -> cuda:0)"), std::string::npos) << text;
+  EXPECT_NE(text.find("| cuda:0 |     1 |   44.0 |   56.0 |                  40.0 |"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("| cuda:2 |"), std::string::npos);
+  const std::string html = html_report(doc);
+  EXPECT_NE(html.find("<td>cuda:2</td>"), std::string::npos);
+  EXPECT_NE(html.find("waits upstream"), std::string::npos);
 }
 
 TEST(ProfilerMultiGpu, FourGpusEachWaitForAllBeforeIt) {

@@ -27,6 +27,12 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, nlohm
 // Every GPU of this machine (none without CUDA or a device): fills gpus and gpu_costs.
 void measure_gpus(const HardwareOptions& o, profile::ProfileSummary& s, nlohmann::json* raw);
 
+// With more than one GPU in s.gpus: every directed pair's peer-copy bandwidth and latency and,
+// when libnccl.so.2 loads, NCCL send/recv's (profiler/interconnect.cpp); fills s.interconnect.
+// Nothing with one GPU or without CUDA.
+void measure_interconnect(const HardwareOptions& o, profile::ProfileSummary& s,
+                          nlohmann::json* raw);
+
 // Version, commit, creation time (ISO 8601 UTC) of a new summary.
 void stamp_summary(profile::ProfileSummary& s, const std::string& kind);
 

@@ -179,6 +179,8 @@ ProfileDoc profile_hardware(const ProfileOptions& opt) {
   doc.summary.cpu = measure_cpu(ho, &raw);
   doc.summary.cpu_costs.moe_decode_gb_s = measure_cpu_moe(ho, &raw);
   measure_gpus(ho, doc.summary, &raw);
+  measure_interconnect(ho, doc.summary, &raw);
+  if (doc.summary.gpus.size() < 2) raw["interconnect"] = "skipped: fewer than 2 GPUs";
   doc.hardware = raw;
   doc.topology = read_topology(0, {});
   doc.run.command = opt.command_line;

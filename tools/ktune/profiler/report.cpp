@@ -94,7 +94,16 @@ Verdict make_verdict(const ProfileDoc& doc) {
   const double f_tr = budget_fraction(*d, "transfers");
   const std::string dev = fmt::format("cuda:{}", g->device);
   std::string bound, fix;
-  if (f_cpu >= f_gap && f_cpu >= f_tr && f_cpu > 0) {
+  // Several GPUs in a pipeline: each waits for the others by construction (one sequence visits
+  // them in turn); when that explains most of the busiest GPU's idle time, say so.
+  const double pipe_wait = g->bubble_us + g->downstream_wait_us;
+  const bool pipeline_bound = d->pipeline_order.size() >= 2 && d->wall_us > 0 &&
+                              pipe_wait >= 0.5 * idle * d->wall_us && pipe_wait > 0;
+  if (pipeline_bound) {
+    bound = fmt::format("pipeline-bound ({} GPUs in turn)", d->pipeline_order.size());
+    fix = "one sequence visits the GPUs one after another, so each waits for the others; use "
+          "fewer GPUs if the model fits them, or give every GPU more of each token's work";
+  } else if (f_cpu >= f_gap && f_cpu >= f_tr && f_cpu > 0) {
     bound = "waiting for the CPU experts";
     fix = "move more experts to the GPU, or give the CPU experts more threads or bandwidth";
   } else if (f_tr > f_gap && f_tr > 0) {
@@ -142,6 +151,21 @@ Verdict make_verdict(const ProfileDoc& doc) {
   if (f_cpu > 0.05) {
     v.reasons.push_back(
         fmt::format("the GPU waits for CPU experts {} % of decode time", pct(f_cpu)));
+  }
+  if (d->pipeline_order.size() >= 2) {
+    const double tok = std::max<double>(1, static_cast<double>(d->tokens));
+    std::string order;
+    for (int32_t x : d->pipeline_order) order += (order.empty() ? "" : " -> ") + fmt::format("cuda:{}", x);
+    v.reasons.push_back(fmt::format("pipeline {}: inter-GPU transfers {:.1f} µs per token",
+                                    order, d->peer_transfer_us / tok));
+    for (const GpuMetrics& x : d->gpus) {
+      if (x.pipeline_stage < 0) continue;
+      v.reasons.push_back(fmt::format(
+          "cuda:{} (stage {}): busy {} %, waits {:.1f} µs per token for the GPUs before it and "
+          "{:.1f} µs for those after it, transfers {:.1f} µs",
+          x.device, x.pipeline_stage, pct(1 - x.idle_fraction), x.bubble_us / tok,
+          x.downstream_wait_us / tok, x.peer_transfer_us / tok));
+    }
   }
   for (const std::string& w : doc.topology.warnings) v.reasons.push_back(w);
   return v;
@@ -194,6 +218,34 @@ std::string terminal_report(const ProfileDoc& doc) {
         o += fmt::format("| {:<7} | {:>6} | {:>8.2f} | cpu    | {:>6} | {:>8} | {:>13} | {:>9} | "
                          "{:>11} | {:>12} | {:>14} | {:>13} |\n",
                          w.kind, w.tokens, w.tok_s, "-", "-", "-", "-", "-", "-", "-", "-");
+      }
+    }
+    for (const WindowMetrics& w : doc.windows) {
+      if (w.gpus.size() < 2) continue;
+      // Several GPUs: every GPU of the window, its place in the pipeline and its waits.
+      const double tok = std::max<double>(1, static_cast<double>(w.tokens));
+      std::string order;
+      for (int32_t x : w.pipeline_order) {
+        order += (order.empty() ? "" : " -> ") + fmt::format("cuda:{}", x);
+      }
+      o += fmt::format("\n{} per GPU{}; inter-GPU transfers {:.1f} µs per token:\n", w.kind,
+                       order.empty() ? std::string() : " (pipeline " + order + ")",
+                       w.peer_transfer_us / tok);
+      o += "| device | stage | busy % | idle % | waits upstream µs/tok | waits downstream "
+           "µs/tok | transfers µs/tok |\n";
+      o += "| ------ | ----: | -----: | -----: | --------------------: | "
+           "----------------------: | ---------------: |\n";
+      for (const GpuMetrics& g : w.gpus) {
+        if (g.kernels == 0) {
+          o += fmt::format("| cuda:{} | {:>5} | {:>6} | {:>6} | {:>21} | {:>22} | {:>16} |\n",
+                           g.device, "-", "0.0", "100.0", "-", "-", "no kernels");
+          continue;
+        }
+        o += fmt::format(
+            "| cuda:{} | {:>5} | {:>6.1f} | {:>6.1f} | {:>21.1f} | {:>22.1f} | {:>16.1f} |\n",
+            g.device, g.pipeline_stage >= 0 ? std::to_string(g.pipeline_stage) : "-",
+            100 * (1 - g.idle_fraction), 100 * g.idle_fraction, g.bubble_us / tok,
+            g.downstream_wait_us / tok, g.peer_transfer_us / tok);
       }
     }
     for (const WindowMetrics& w : doc.windows) {

@@ -55,7 +55,7 @@ std::string budget_svg(const WindowMetrics& w) {
 std::string idle_svg(const WindowMetrics& w) {
   std::string s;
   for (const GpuMetrics& g : w.gpus) {
-    if (g.kernels == 0) continue;
+    if (g.kernels == 0 && w.gpus.size() < 2) continue;
     const int width = 760;
     const double busy = (1 - g.idle_fraction) * width;
     s += fmt::format(
@@ -136,14 +136,21 @@ std::string html_report(const ProfileDoc& d) {
     h += "<h3>Where each token's time went</h3>" + budget_svg(w);
     h += idle_svg(w);
     h += "<table><tr><th>device</th><th>idle %</th><th>gaps</th><th>median gap µs</th>"
-         "<th>p90 gap µs</th><th>kernels/token</th><th>launches/token</th></tr>";
+         "<th>p90 gap µs</th><th>kernels/token</th><th>launches/token</th>"
+         "<th>pipeline stage</th><th>waits upstream µs/token</th>"
+         "<th>waits downstream µs/token</th><th>inter-GPU transfers µs/token</th></tr>";
+    const double tok = std::max<double>(1, static_cast<double>(w.tokens));
     for (const GpuMetrics& g : w.gpus) {
-      if (g.kernels == 0) continue;
+      // One GPU: only GPUs that ran kernels; several: every GPU (an unused one is news too).
+      if (g.kernels == 0 && w.gpus.size() < 2) continue;
       h += fmt::format(
           "<tr><td>cuda:{}</td><td>{:.1f}</td><td>{}</td><td>{:.2f}</td><td>{:.2f}</td>"
-          "<td>{:.1f}</td><td>{:.1f}</td></tr>",
+          "<td>{:.1f}</td><td>{:.1f}</td><td>{}</td><td>{:.1f}</td><td>{:.1f}</td>"
+          "<td>{:.1f}</td></tr>",
           g.device, 100 * g.idle_fraction, g.gaps.count, g.gaps.median_us, g.gaps.p90_us,
-          g.kernels_per_token, g.launches_per_token);
+          g.kernels_per_token, g.launches_per_token,
+          g.pipeline_stage >= 0 ? std::to_string(g.pipeline_stage) : std::string("-"),
+          g.bubble_us / tok, g.downstream_wait_us / tok, g.peer_transfer_us / tok);
     }
     h += "</table>";
     if (!w.expert_bandwidth.empty()) {
