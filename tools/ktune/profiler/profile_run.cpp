@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <iostream>
 #include <memory>
 #include <random>
@@ -359,19 +360,25 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     }
     decode_in.expert_bytes["cpu"] = cpu_bytes;
   } else {
-    // The GPU engine does not report routing: expected bytes under uniform routing.
-    double gpu_bytes = 0, cpu_bytes = 0;
+    // The GPU engine does not report routing: expected bytes under uniform routing, per device
+    // (every GPU of a multi-GPU placement; each NUMA node's experts also under cpu:N).
+    std::map<std::string, double> per_device;
     for (int64_t l = 0; l < n_layers; ++l) {
       const auto& ex = pr.placement.layers[static_cast<size_t>(l)].experts;
-      int64_t on_gpu = 0;
-      for (const Device& d : ex) on_gpu += d.is_gpu() ? 1 : 0;
       const double per = static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l))) *
                          static_cast<double>(ro.gen) / static_cast<double>(std::max<int64_t>(n_exp, 1));
-      gpu_bytes += per * static_cast<double>(on_gpu);
-      cpu_bytes += per * static_cast<double>(n_exp - on_gpu);
+      for (const Device& d : ex) {
+        if (d.is_gpu()) {
+          per_device[d.to_string()] += per;
+        } else {
+          per_device["cpu"] += per;
+          if (d.index >= 0) per_device[d.to_string()] += per;
+        }
+      }
     }
-    if (gpu_bytes > 0) decode_in.expert_bytes["cuda:0"] = gpu_bytes;
-    if (cpu_bytes > 0) decode_in.expert_bytes["cpu"] = cpu_bytes;
+    for (const auto& [dev, bytes] : per_device) {
+      if (bytes > 0) decode_in.expert_bytes[dev] = bytes;
+    }
     doc.notes.push_back(
         "expert bytes assume uniform routing (the GPU engine does not report routing yet)");
   }
