@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "ktune/engine/memory_plan.h"
 #include "ktune/engine/placement.h"
@@ -271,6 +272,49 @@ TEST_F(SearchCli, HelpTeachesWithAnExample) {
   const ProcessResult r = run_ktune({"search", "--help"});
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_NE(r.out.find("Example: ktune search"), std::string::npos) << r.out;
+}
+
+// The committed hand-made two-GPU profile: the layer split and its comparison with the even
+// split are printed, the placements put layers on both GPUs within each GPU's own budget, and the
+// llama.cpp export has the -ot list and the --tensor-split line.
+TEST_F(SearchCli, TwoGpuProfileSplitsLayersWithinEachBudget) {
+  const std::string prof = test::profiles_dir() + "/h100x2-nvlink-handmade.json";
+  const ModelConfig cfg = *find_preset("qwen3-30b-a3b");
+  const ProcessResult r =
+      run_ktune({"search", "--profile", prof, "--model", "synth:qwen3-30b-a3b:q4_0", "--gpu-mem",
+                 "cuda:0=5GiB,cuda:1=7GiB", "-o", path("best.yaml")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("searched split (layers "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("baseline-even-split.yaml  (even layer split (2 GPUs"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("cuda:0/1 GiB"), std::string::npos) << r.out;
+  Budgets b;
+  b.bytes["cuda:0"] = 5 * kGiB;
+  b.bytes["cuda:1"] = 7 * kGiB;
+  for (const char* f : {"best.yaml", "best-nograph.yaml"}) {
+    const Placement p = load_placement(path(f), &cfg);
+    std::set<std::string> devs;
+    for (const LayerPlacement& lp : p.layers) devs.insert(lp.attention.to_string());
+    EXPECT_EQ(devs, (std::set<std::string>{"cuda:0", "cuda:1"})) << f;
+    EXPECT_NO_THROW(check_fits(plan_memory(cfg, QuantType::Q4_0, QuantType::Q4_0, p, b))) << f;
+  }
+  const ProcessResult e =
+      run_ktune({"search", "--profile", prof, "--model", "synth:qwen3-30b-a3b:q4_0", "--gpu-mem",
+                 "cuda:0=5GiB,cuda:1=7GiB", "--emit", "llama-cpp", "-o", path("ot.txt")});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_NE(e.out.find("--tensor-split \"$(sed -n 2p"), std::string::npos) << e.out;
+  const std::string ot = read_all(path("ot.txt"));
+  EXPECT_EQ(count_lines(ot), 2) << ot;
+  const LlamaCppPlacement lp = read_llama_cpp_placement(ot, cfg.n_layers);
+  EXPECT_EQ(lp.layers.front(), "cuda:0");
+  EXPECT_EQ(lp.layers.back(), "cuda:1");
+  const ProcessResult j =
+      run_ktune({"search", "--profile", prof, "--model", "synth:qwen3-30b-a3b:q4_0", "--json"});
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  const nlohmann::json doc = nlohmann::json::parse(j.out);
+  ASSERT_FALSE(doc["split_vs_even"].empty());
+  EXPECT_EQ(doc["split_vs_even"][0]["gpus"], 2);
+  EXPECT_EQ(doc["candidates"][0]["layer_devices"].size(), 48u);
 }
 
 }  // namespace
