@@ -560,9 +560,9 @@ void run_search_command(const SearchFlags& f) {
           "{}) {:.2f} s: {}\n",
           c.gpus, c.settings, layers(c.layers_per_gpu), c.split_request_s,
           layers(c.even_layers_per_gpu), c.even_request_s,
-          c.split_request_s < c.even_request_s * (1 - 1e-6)
+          c.split_request_s < c.even_request_s * (1 - 1e-3)
               ? fmt::format("{:.1f} % faster", 100 * (c.even_request_s / c.split_request_s - 1))
-              : std::string("the even split is as good"));
+              : std::string("the even split is as good (within 0.1 %)"));
     } else {
       std::cout << fmt::format(
           "# {} GPUs, {}: searched split (layers {}) {:.2f} s per request; the even split "
