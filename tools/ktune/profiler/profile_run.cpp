@@ -167,6 +167,16 @@ Verdict hardware_verdict(const profile::ProfileSummary& s) {
                                     g.device, g.h2d_gb_s, g.d2h_gb_s, g.pcie_gen, g.pcie_width));
   }
   if (s.gpus.empty()) v.reasons.push_back("no GPU here: the profile describes the CPU only");
+  if (s.gpus.size() > 1 && s.interconnect.empty()) {
+    v.reasons.push_back("GPU links not measured (see hardware.interconnect for why)");
+  }
+  for (const profile::GpuLink& l : s.interconnect) {
+    v.reasons.push_back(fmt::format(
+        "{} -> {}: peer copy {:.1f} GB/s, {:.1f} µs per transfer ({}); NCCL send/recv {}", l.src,
+        l.dst, l.peer_gb_s, l.peer_latency_us, l.peer_access ? "peer access" : "through the host",
+        l.nccl_gb_s > 0 ? fmt::format("{:.1f} GB/s, {:.1f} µs", l.nccl_gb_s, l.nccl_latency_us)
+                        : std::string("not measured")));
+  }
   return v;
 }
 
