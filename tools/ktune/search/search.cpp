@@ -552,6 +552,10 @@ class Driver {
       SplitSolution sol;
       if (opt_.solver == "exhaustive") {
         sol = solve_split_exhaustive(sp, 1e7);
+        // Too many splits to enumerate: the split DP with exact ranges where they are small.
+        if (!sol.feasible() && sol.method.find("too large") != std::string::npos) {
+          sol = solve_split(sp, cm_.n_layers() <= 8 && e <= 8);
+        }
       } else {
         const bool small = cm_.n_layers() <= 8 && e <= 8;
         sol = solve_split(sp, small || opt_.solver == "dp");
