@@ -332,6 +332,17 @@ TEST(SearchMultiGpu, Qwen235bOnFourGpusFromTheHandMadeProfile) {
   const profile::ProfileSummary two =
       profile::read_profile_summary(test::profiles_dir() + "/h100x2-nvlink-handmade.json");
   EXPECT_EQ(two.gpus.size(), 2u);
+  // A host budget below what the free optimum leaves on the CPU (it keeps a few CPU experts per
+  // layer, 2.9 GiB): the split is priced into the host budget instead of failing the planner.
+  const double free_cpu = double(best.plan.per_device.at("cpu").total) / double(kGiB);
+  SearchOptions tight = options(mi, prof, "");
+  tight.budgets.bytes["cpu"] = 2 * kGiB;
+  const SearchResult rt = run_search(tight);
+  const Candidate* c = best_split(rt);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(stage_gpus(c->stages).size(), 4u);
+  EXPECT_LE(c->plan.per_device.at("cpu").total, 2 * kGiB) << "free optimum " << free_cpu;
+  for (const std::string& n : rt.notes) EXPECT_EQ(n.find("internal"), std::string::npos) << n;
 }
 
 }  // namespace

@@ -511,14 +511,20 @@ class Driver {
   SplitProblem make_split_problem(const std::vector<std::vector<double>>& tables,
                                   const PipelineMemoryModel& pm,
                                   const std::vector<int64_t>& budgets, int64_t cap,
-                                  bool whole_layers) const {
+                                  bool whole_layers, double host_price = 0) const {
     const int64_t e = cm_.n_experts();
     SplitProblem sp;
     sp.cost = tables;
-    for (auto& row : sp.cost) {
+    for (size_t l = 0; l < sp.cost.size(); ++l) {
+      auto& row = sp.cost[l];
       for (int64_t x = 0; x <= e; ++x) {
         const bool allowed = x >= e - cap && (!whole_layers || x == 0 || x == e);
-        if (!allowed) row[size_t(x)] = kInfeasible;
+        if (!allowed) {
+          row[size_t(x)] = kInfeasible;
+        } else {
+          // The host budget as a price on CPU-resident bytes (Lagrangian): GPU experts save it.
+          row[size_t(x)] -= host_price * double(x * pm.expert_bytes[l]);
+        }
       }
     }
     sp.unit_bytes = pm.expert_bytes;
@@ -539,34 +545,99 @@ class Driver {
     return sp;
   }
 
+  bool host_fits(const PipelineMemoryModel& pm, const std::vector<int64_t>& m) const {
+    return cpu_budget_ < 0 || pm.cpu_need(m) <= cpu_budget_;
+  }
+
+  // The split at a staging cap within the host budget too: the host's need falls as GPU experts
+  // rise, which couples the GPUs, so a price per CPU-resident byte is bisected until the split
+  // fits the host (the cheapest price that does); the cost is then that of the real tables.
+  SplitSolution solve_split_host(const std::vector<std::vector<double>>& tables,
+                                 const PipelineMemoryModel& pm,
+                                 const std::vector<int64_t>& budgets, int64_t cap,
+                                 bool whole_layers, double* price_out) {
+    *price_out = 0;
+    SplitSolution sol = solve_split_once(tables, pm, budgets, cap, whole_layers, 0);
+    if (!sol.feasible() || host_fits(pm, sol.m)) return sol;
+    // The host budget only adds cost: no need to price it when the free optimum already loses.
+    if (sol.cost >= host_bound_) return SplitSolution{};
+    double hi = 0;
+    for (size_t l = 0; l < tables.size(); ++l) {
+      double lo_c = kInfeasible, hi_c = -kInfeasible;
+      for (double v : tables[l]) {
+        if (v >= kInfeasible) continue;
+        lo_c = std::min(lo_c, v);
+        hi_c = std::max(hi_c, v);
+      }
+      if (hi_c >= lo_c) hi = std::max(hi, 2 * (hi_c - lo_c) / double(pm.expert_bytes[l]));
+    }
+    hi = std::max(hi, 1e-15);
+    SplitSolution at_hi = solve_split_once(tables, pm, budgets, cap, whole_layers, hi);
+    if (!at_hi.feasible() || !host_fits(pm, at_hi.m)) return SplitSolution{};
+    double lo = 0;
+    for (int it = 0; it < 10; ++it) {
+      const double mid = (lo + hi) / 2;
+      SplitSolution s = solve_split_once(tables, pm, budgets, cap, whole_layers, mid);
+      if (s.feasible() && host_fits(pm, s.m)) {
+        hi = mid;
+        at_hi = std::move(s);
+      } else {
+        lo = mid;
+      }
+    }
+    const SplitProblem plain = make_split_problem(tables, pm, budgets, cap, whole_layers);
+    at_hi.cost = split_evaluate(plain, at_hi.stage_of, at_hi.m);
+    at_hi.method += " + host price";
+    *price_out = hi;
+    return at_hi;
+  }
+
+  SplitSolution solve_split_once(const std::vector<std::vector<double>>& tables,
+                                 const PipelineMemoryModel& pm,
+                                 const std::vector<int64_t>& budgets, int64_t cap,
+                                 bool whole_layers, double price) {
+    const int64_t e = cm_.n_experts();
+    const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, whole_layers, price);
+    ++res_.solves;
+    SplitSolution sol;
+    if (opt_.solver == "exhaustive") {
+      sol = solve_split_exhaustive(sp, 1e7);
+      // Too many splits to enumerate: the split DP with exact ranges where they are small.
+      if (!sol.feasible() && sol.method.find("too large") != std::string::npos) {
+        sol = solve_split(sp, cm_.n_layers() <= 8 && e <= 8);
+      }
+    } else {
+      sol = solve_split(sp, (cm_.n_layers() <= 8 && e <= 8) || opt_.solver == "dp");
+    }
+    if (sol.feasible() && price > 0) {
+      sol.cost = split_evaluate(make_split_problem(tables, pm, budgets, cap, whole_layers),
+                                sol.stage_of, sol.m);
+    }
+    return sol;
+  }
+
   // Solves at a staging cap, then again at the largest CPU set the solution has.
   SplitSolution solve_split_at_cap(const std::vector<std::vector<double>>& tables,
                                    const PipelineMemoryModel& pm,
                                    const std::vector<int64_t>& budgets, int64_t cap,
-                                   bool whole_layers) {
+                                   bool whole_layers, double* price_out = nullptr) {
     SplitSolution best;
+    double best_price = 0;
     const int64_t e = cm_.n_experts();
     for (int round = 0; round < 4; ++round) {
-      const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, whole_layers);
-      ++res_.solves;
-      SplitSolution sol;
-      if (opt_.solver == "exhaustive") {
-        sol = solve_split_exhaustive(sp, 1e7);
-        // Too many splits to enumerate: the split DP with exact ranges where they are small.
-        if (!sol.feasible() && sol.method.find("too large") != std::string::npos) {
-          sol = solve_split(sp, cm_.n_layers() <= 8 && e <= 8);
-        }
-      } else {
-        const bool small = cm_.n_layers() <= 8 && e <= 8;
-        sol = solve_split(sp, small || opt_.solver == "dp");
-      }
+      double price = 0;
+      SplitSolution sol = solve_split_host(tables, pm, budgets, cap, whole_layers, &price);
       if (!sol.feasible()) break;
       int64_t largest = 0;
       for (int64_t m : sol.m) largest = std::max(largest, e - m);
-      if (sol.cost < best.cost) best = std::move(sol);
+      if (sol.cost < best.cost) {
+        best = std::move(sol);
+        best_price = price;
+      }
       if (largest >= cap) break;
       cap = largest;
     }
+    if (price_out != nullptr) *price_out = best_price;
     return best;
   }
 
@@ -613,19 +684,29 @@ class Driver {
       EngineSettings s;
       SplitSolution sol;
       int64_t cap = 0;
+      double price = 0;  // the host-memory price the split needed (0: the host fits anyway)
       double objective = kInfeasible;
     };
     Best best;
+    pm_now_ = &pm;
+    struct Reset {
+      const PipelineMemoryModel*& p;
+      ~Reset() { p = nullptr; }
+    } reset{pm_now_};
     for (const EngineSettings& s : sets) {
       const auto& tables = tables_for(s);
       const double constant = cm_.constant_s(s);
       for (int64_t cap : caps_set) {
-        SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, false);
+        double price = 0;
+        host_bound_ = best.objective - constant;
+        SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, false, &price);
+        host_bound_ = kInfeasible;
         if (sol.feasible() && sol.cost + constant < best.objective) {
           best.objective = sol.cost + constant;
           best.s = s;
           best.sol = std::move(sol);
           best.cap = cap;
+          best.price = price;
         }
       }
     }
@@ -638,7 +719,8 @@ class Driver {
     // which favours more GPUs and balanced stages: refine_split moves the boundaries under the
     // exact prediction.
     const auto& best_tables = tables_for(best.s);
-    const SplitProblem sp_best = make_split_problem(best_tables, pm, budgets, best.cap, false);
+    const SplitProblem sp_best =
+        make_split_problem(best_tables, pm, budgets, best.cap, false, best.price);
     const Refined ref = refine_split(best.s, sp_best, best.sol, usable);
     const Stages best_st = ref.stages;
     const std::vector<int64_t> best_m = ref.m;
@@ -659,7 +741,7 @@ class Driver {
     std::vector<int64_t> even_m(size_t(cm_.n_layers()), 0);
     bool even_ok = false;
     for (int64_t cap : caps_set) {
-      const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, false);
+      const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, false, best.price);
       std::vector<int64_t> mm(size_t(cm_.n_layers()), 0);
       bool ok = true;
       for (size_t i = 0, a = 0; i < usable.size() && ok; a += size_t(per[i]), ++i) {
@@ -669,7 +751,7 @@ class Driver {
         ok = r.feasible();
         for (int64_t k = 0; ok && k < per[i]; ++k) mm[a + size_t(k)] = r.m[size_t(k)];
       }
-      if (!ok) continue;
+      if (!ok || !host_fits(pm, mm)) continue;
       // Each cap's solution fits under its own cap; the transfers are the same: compare the
       // tables' sums.
       auto sum = [&](const std::vector<int64_t>& v) {
@@ -712,15 +794,20 @@ class Driver {
 
     // Whole layers over the GPUs (the exports).
     SplitSolution whole;
+    double whole_price = 0;
     for (int64_t cap : {e, int64_t{0}}) {
-      SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, true);
-      if (sol.feasible() && sol.cost < whole.cost) whole = std::move(sol);
+      double price = 0;
+      SplitSolution sol = solve_split_at_cap(tables, pm, budgets, cap, true, &price);
+      if (sol.feasible() && sol.cost < whole.cost) {
+        whole = std::move(sol);
+        whole_price = price;
+      }
     }
     if (whole.feasible()) {
       int64_t cap = 0;
       for (int64_t m : whole.m) cap = std::max(cap, e - m);
-      const Refined r =
-          refine_split(best.s, make_split_problem(tables, pm, budgets, cap, true), whole, usable);
+      const Refined r = refine_split(
+          best.s, make_split_problem(tables, pm, budgets, cap, true, whole_price), whole, usable);
       Candidate c = make_candidate(best.s, r.m,
                                    fmt::format("whole layers ({} GPUs, layers {})",
                                                stage_gpus(r.stages).size(),
@@ -812,7 +899,7 @@ class Driver {
       for (int64_t k = 0; ok && k < best_n[size_t(g)]; ++k) m[size_t(a + k)] = r.m[size_t(k)];
       a += best_n[size_t(g)];
     }
-    if (ok) {
+    if (ok && (pm_now_ == nullptr || host_fits(*pm_now_, m))) {
       const double t = predict_split(s, m, best.stages);
       if (t < best.request_s) {
         best.request_s = t;
@@ -848,6 +935,7 @@ class Driver {
       for (int64_t k = 0; k < n[g]; ++k) m[size_t(a + k)] = it->second.m[size_t(k)];
       a += n[g];
     }
+    if (pm_now_ != nullptr && !host_fits(*pm_now_, m)) return kInfeasible;
     const double t = predict_split(s, m, stages_from_counts(n));
     if (m_out != nullptr) *m_out = std::move(m);
     return t;
@@ -1050,6 +1138,8 @@ class Driver {
   int64_t cpu_budget_ = -1;
   std::map<std::string, std::vector<std::vector<double>>> tables_;
   std::vector<EngineSettings> top_settings_[2];  // [graph]: best settings of the one-GPU search
+  const PipelineMemoryModel* pm_now_ = nullptr;   // of the multi-GPU search under way
+  double host_bound_ = kInfeasible;  // objective to beat when pricing the host budget
 };
 
 }  // namespace
