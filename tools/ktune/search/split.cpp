@@ -334,6 +334,11 @@ SplitSolution solve_split(const SplitProblem& p, bool exact_ranges) {
       const int64_t avail = p.budget[size_t(g)] - range_info(p, a, b).fixed - p.expert_ws;
       if (avail >= 0) wc = walk(p, hulls, merged, a, b, avail, &wm);
     }
+    if (!s.feasible() && wc >= kInfeasible) {
+      out.m.clear();  // cannot happen: the range's table entry came from the same solvers
+      out.cost = kInfeasible;
+      return out;
+    }
     for (int64_t l = a; l < b; ++l) {
       out.stage_of[size_t(l)] = g;
       out.m[size_t(l)] = wc < s.cost ? wm[size_t(l - a)] : s.m[size_t(l - a)];
