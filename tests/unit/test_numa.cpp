@@ -2,6 +2,8 @@
 // per-node memory pools and budgets, binding expert weights (mbind faked: success, EPERM,
 // ENOSYS), and the per-node CpuMoe split against the one-pool CpuMoe.
 #include <gtest/gtest.h>
+
+#include <map>
 #include <unistd.h>
 
 #include <atomic>
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "ktune/engine/trace.h"
 #include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/cpu_moe_numa.h"
 #include "ktune/engine/error.h"
@@ -520,6 +523,30 @@ TEST(NumaCpuMoe, NodeSplitIsTheNodesPartialSumsInNodeOrder) {
     EXPECT_THROW(moe.compute(2, h.data(), &gpu_expert, &one, 1, y.data()), Error);
     EXPECT_THROW(moe.compute(4, h.data(), &gpu_expert, &one, 1, y.data()), Error);
   }
+}
+
+// Each node group's work is a moe_cpu span tagged with its node (the profiler's per-node expert
+// bandwidth, docs/metrics.md); the caller's thread keeps no node afterwards.
+TEST(NumaCpuMoe, NodeGroupsRecordSpansTaggedWithTheirNode) {
+  const ModelWeights& w = tiny_q8();
+  const Placement p = even_odd(w.cfg, Device{Device::Cpu, 0}, Device{Device::Cpu, 1});
+  NumaCpuMoe moe(w, p, fake_topology(2), test_options(1));
+  const std::vector<float> h = random_h(w.cfg.hidden, 7);
+  const std::vector<int32_t> ids = {0, 1, 2};  // node 0: 0, 2; node 1: 1
+  const std::vector<float> wts = {0.5f, 0.3f, 0.2f};
+  std::vector<float> y(size_t(w.cfg.hidden));
+  trace::start();
+  moe.compute(1, h.data(), ids.data(), wts.data(), 3, y.data());
+  const std::vector<int32_t> only0 = {2};
+  moe.compute(3, h.data(), only0.data(), wts.data(), 1, y.data());
+  trace::stop();
+  const trace::Collected c = trace::collect();
+  std::map<std::pair<int, int>, int> spans;  // (layer, node) -> count
+  for (const trace::HostSpan& sp : c.spans) {
+    if (sp.phase == trace::Phase::MoeCpu) spans[{sp.arg, sp.node}] += 1;
+  }
+  EXPECT_EQ(spans, (std::map<std::pair<int, int>, int>{{{1, 0}, 1}, {{1, 1}, 1}, {{3, 0}, 1}}));
+  EXPECT_EQ(trace::thread_node(), -1);
 }
 
 TEST(NumaCpuMoe, CpuZeroOnOneNodeIsExactlyTheOnePool) {
