@@ -56,8 +56,8 @@ TEST(ProfilerInterconnect, EveryDirectedPairIsMeasured) {
   const bool nccl = raw.value("interconnect_nccl", std::string()) == "libnccl loaded";
   for (const profile::GpuLink& l : s.interconnect) {
     std::printf("%s -> %s: peer access %d, peer copy %.1f GB/s, %.2f us; NCCL %.1f GB/s, %.2f us\n",
-                l.src.c_str(), l.dst.c_str(), l.peer_access ? 1 : 0, l.peer_gb_s,
-                l.peer_latency_us, l.nccl_gb_s, l.nccl_latency_us);
+                l.src.c_str(), l.dst.c_str(), l.peer_access ? 1 : 0, l.peer_gb_s, l.peer_latency_us,
+                l.nccl_gb_s, l.nccl_latency_us);
     EXPECT_GT(l.peer_gb_s, 1.0);
     EXPECT_GT(l.peer_latency_us, 0.0);
     EXPECT_LT(l.peer_latency_us, 1e4);

@@ -175,8 +175,7 @@ TEST(ProfileSummary, BadLinksAndNodesNameTheField) {
   EXPECT_NE(error_of(j).find("summary.interconnect[0].peer_gb_s"), std::string::npos);
   j = doc_of(two_gpus());
   j["summary"]["cpu_costs"]["moe_decode_gb_s_per_node"][1]["node"] = 5;
-  EXPECT_NE(error_of(j).find("moe_decode_gb_s_per_node[1].node"), std::string::npos)
-      << error_of(j);
+  EXPECT_NE(error_of(j).find("moe_decode_gb_s_per_node[1].node"), std::string::npos) << error_of(j);
 }
 
 TEST(ProfileSummary, RateInterpolatesAndClamps) {

@@ -43,8 +43,10 @@ Timeline pipeline() {
   Timeline t;
   t.gpus.push_back({0, "gpu a"});
   t.gpus.push_back({1, "gpu b"});
-  t.graph_nodes = {{11, 0, Phase::Attention}, {12, 1, Phase::MoeGpu},
-                   {21, 2, Phase::Attention}, {22, 3, Phase::Sampling}};
+  t.graph_nodes = {{11, 0, Phase::Attention},
+                   {12, 1, Phase::MoeGpu},
+                   {21, 2, Phase::Attention},
+                   {22, 3, Phase::Sampling}};
   for (int64_t o : {0, 100}) {
     op(t, GpuOpKind::Kernel, 1, "attention_decode", o, o + 30, 11);
     op(t, GpuOpKind::Kernel, 1, "moe_fused_down", o + 30, o + 40, 12);

@@ -50,8 +50,8 @@ TEST(SearchMultiGpu, LinksComeFromTheProfileElseDocumentedDefaults) {
   bool noted = false;
   for (const std::string& n : d.notes) noted = noted || n.find("not measured") != std::string::npos;
   EXPECT_TRUE(noted);
-  const MachineCosts a =
-      machine_costs(test::multi_gpu_profile(2), parse_assumptions("peer_gb_s=50,peer_latency_us=2"));
+  const MachineCosts a = machine_costs(test::multi_gpu_profile(2),
+                                       parse_assumptions("peer_gb_s=50,peer_latency_us=2"));
   EXPECT_DOUBLE_EQ(a.transfer_us(0, 1, 50e3), 2 + 1.0);
 }
 
@@ -124,8 +124,8 @@ TEST(SearchMultiGpu, SplitOptimizerIsExactOnSmallRandomInstances) {
   int fast_exact = 0, trials = 0;
   double worst_gap = 0;
   for (int trial = 0; trial < 300; ++trial) {
-    const int ng = 2 + trial % 3;           // 2..4 GPUs
-    const int64_t nl = 2 + trial % 4;       // 2..5 layers
+    const int ng = 2 + trial % 3;            // 2..4 GPUs
+    const int64_t nl = 2 + trial % 4;        // 2..5 layers
     const int64_t ne = 1 + (trial / 3) % 3;  // 1..3 experts
     SplitProblem p;
     p.n_experts = ne;
@@ -143,7 +143,8 @@ TEST(SearchMultiGpu, SplitOptimizerIsExactOnSmallRandomInstances) {
       p.unit_bytes.push_back(1 + int64_t(rng() % 4));
       p.layer_bytes.push_back(int64_t(rng() % 3));
     }
-    for (int g = 0; g < ng; ++g) p.budget.push_back(trial % 7 == 3 && g == 1 ? -1 : 4 + int64_t(rng() % 16));
+    for (int g = 0; g < ng; ++g)
+      p.budget.push_back(trial % 7 == 3 && g == 1 ? -1 : 4 + int64_t(rng() % 16));
     p.first_bytes = int64_t(rng() % 2);
     p.last_bytes = int64_t(rng() % 3);
     p.expert_ws = int64_t(rng() % 2);
@@ -162,15 +163,17 @@ TEST(SearchMultiGpu, SplitOptimizerIsExactOnSmallRandomInstances) {
     EXPECT_GE(fast.cost, ex.cost - 1e-9);
     EXPECT_NEAR(split_evaluate(p, fast.stage_of, fast.m), fast.cost, 1e-12);
     for (int g = 0; g < ng; ++g) {
-      EXPECT_LE(split_gpu_bytes(p, dp.stage_of, dp.m, g), std::max<int64_t>(0, p.budget[size_t(g)]));
+      EXPECT_LE(split_gpu_bytes(p, dp.stage_of, dp.m, g),
+                std::max<int64_t>(0, p.budget[size_t(g)]));
     }
     if (fast.cost <= ex.cost + 1e-9) ++fast_exact;
     worst_gap = std::max(worst_gap, fast.cost / ex.cost - 1);
   }
   EXPECT_GT(trials, 120);
-  std::printf("split optimizer: exact on %d feasible instances; fast one exact on %d, worst gap "
-              "%.2f %%\n",
-              trials, fast_exact, 100 * worst_gap);
+  std::printf(
+      "split optimizer: exact on %d feasible instances; fast one exact on %d, worst gap "
+      "%.2f %%\n",
+      trials, fast_exact, 100 * worst_gap);
 }
 
 TEST(SearchMultiGpu, PipelineMemoryModelAgreesWithThePlannerByteForByte) {
@@ -230,7 +233,8 @@ const Candidate* best_split(const SearchResult& r) {
 // roomier GPU more layers or more experts.
 TEST(SearchMultiGpu, EveryGpuKeepsToItsOwnBudget) {
   const ModelInfo mi = qwen30_q4();
-  for (const char* mem : {"cuda:0=4GiB,cuda:1=12GiB", "6GiB", "cuda:0=3GiB,cuda:1=3GiB,cuda:2=9GiB,cuda:3=5GiB"}) {
+  for (const char* mem :
+       {"cuda:0=4GiB,cuda:1=12GiB", "6GiB", "cuda:0=3GiB,cuda:1=3GiB,cuda:2=9GiB,cuda:3=5GiB"}) {
     const int n = std::string(mem).find("cuda:3") != std::string::npos ? 4 : 2;
     const SearchOptions o = options(mi, test::multi_gpu_profile(n), mem);
     const SearchResult r = run_search(o);
@@ -256,7 +260,8 @@ TEST(SearchMultiGpu, EveryGpuKeepsToItsOwnBudget) {
 
 TEST(SearchMultiGpu, EmittedFilesReadBackToTheSamePlacement) {
   const ModelInfo mi = qwen30_q4();
-  const SearchOptions o = options(mi, test::multi_gpu_profile(4), "cuda:0=5GiB,cuda:1=6GiB,cuda:2=5GiB,cuda:3=6GiB");
+  const SearchOptions o =
+      options(mi, test::multi_gpu_profile(4), "cuda:0=5GiB,cuda:1=6GiB,cuda:2=5GiB,cuda:3=6GiB");
   const SearchResult r = run_search(o);
   const Candidate* c = best_split(r);
   ASSERT_NE(c, nullptr);

@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <filesystem>
 #include <iostream>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "cli.h"
 #include "ktune/engine/atomic_file.h"
@@ -211,11 +211,10 @@ void run_search_command(const SearchFlags& f) {
   for (size_t i = 0; i < res.baselines.size(); ++i) {
     const std::string& label = res.baselines[i].label;
     const Candidate& b = res.baselines[i];
-    std::string name = label.find("--fit") != std::string::npos       ? "baseline-fit"
-                       : label.find("n-cpu-moe") != std::string::npos ? "baseline-n-cpu-moe"
-                       : label.find("even layer split") != std::string::npos
-                           ? "baseline-even-split"
-                           : "baseline-uniform";
+    std::string name = label.find("--fit") != std::string::npos              ? "baseline-fit"
+                       : label.find("n-cpu-moe") != std::string::npos        ? "baseline-n-cpu-moe"
+                       : label.find("even layer split") != std::string::npos ? "baseline-even-split"
+                                                                             : "baseline-uniform";
     if (name == "baseline-even-split" && b.settings.gpu && !b.settings.cuda_graph) {
       name += "-nograph";
     }
@@ -434,13 +433,13 @@ void run_search_command(const SearchFlags& f) {
     doc["baselines"] = bases;
     json split = json::array();
     for (const auto& c : res.split_vs_even) {
-      split.push_back({{"settings", c.settings},
-                       {"gpus", c.gpus},
-                       {"layers_per_gpu", c.layers_per_gpu},
-                       {"request_s", c.split_request_s},
-                       {"even_layers_per_gpu", c.even_layers_per_gpu},
-                       {"even_request_s", c.even_request_s > 0 ? json(c.even_request_s)
-                                                               : json(nullptr)}});
+      split.push_back(
+          {{"settings", c.settings},
+           {"gpus", c.gpus},
+           {"layers_per_gpu", c.layers_per_gpu},
+           {"request_s", c.split_request_s},
+           {"even_layers_per_gpu", c.even_layers_per_gpu},
+           {"even_request_s", c.even_request_s > 0 ? json(c.even_request_s) : json(nullptr)}});
     }
     doc["split_vs_even"] = split;
     doc["rounding"] = rounding;
@@ -519,8 +518,8 @@ void run_search_command(const SearchFlags& f) {
         s.gpu ? moe_kernel_name(s.kernel) : "cpu",
         s.gpu && s.cuda_graph ? cpu_handoff_name(s.handoff) : "-", s.cpu_threads,
         fmt::format("{}/{}", c.pred.gpu_experts, total_experts), s.gpu ? pct(c.pred.gpu_mass) : "-",
-        gpu_mem(c), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s,
-        c.pred.request_s, last);
+        gpu_mem(c), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s, c.pred.request_s,
+        last);
   };
   for (size_t i = 0; i < res.ranked.size(); ++i) {
     std::string mark = std::to_string(i + 1);
@@ -594,8 +593,8 @@ void run_search_command(const SearchFlags& f) {
           f.output, whole->settings.cpu_threads, f.output, f.output);
     } else {
       std::cout << fmt::format(
-          "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n",
-          f.output, whole->settings.cpu_threads, f.output);
+          "# wrote {}: llama-server -m <model.gguf> -ngl 999 -t {} -ot \"$(cat {})\"\n", f.output,
+          whole->settings.cpu_threads, f.output);
     }
   } else {
     std::cout

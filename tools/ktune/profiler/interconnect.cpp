@@ -7,14 +7,13 @@
 // library can be loaded. NCCL is opened with dlopen at run time, so ktune builds and runs without
 // it and a machine without NCCL simply reports 0 (not measured). One GPU: nothing to measure.
 #include <dlfcn.h>
+#include <fmt/format.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "ktune/engine/error.h"
 #include "profiler/hardware.h"
@@ -34,8 +33,7 @@ using nlohmann::json;
 namespace {
 
 double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // The part of NCCL's C API the probe calls, resolved from libnccl.so.2 (types as in nccl.h:
@@ -190,8 +188,10 @@ void measure_interconnect(const HardwareOptions& o, profile::ProfileSummary& s, 
       const PairResult p = peer_copy(i, j, bytes, reps, small);
       l.peer_gb_s = p.gb_s;
       l.peer_latency_us = p.latency_us;
-      json jl = {{"src", l.src},         {"dst", l.dst},
-                 {"peer_access", l.peer_access}, {"peer_gb_s", l.peer_gb_s},
+      json jl = {{"src", l.src},
+                 {"dst", l.dst},
+                 {"peer_access", l.peer_access},
+                 {"peer_gb_s", l.peer_gb_s},
                  {"peer_latency_us", l.peer_latency_us}};
       if (have_nccl) {
         try {

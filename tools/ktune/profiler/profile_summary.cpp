@@ -289,7 +289,8 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file, i
           l.fail("repeats the link " + gl.src + " -> " + gl.dst);
         }
       }
-      if (!l.at("peer_access").raw().is_boolean()) l.at("peer_access").fail("must be true or false");
+      if (!l.at("peer_access").raw().is_boolean())
+        l.at("peer_access").fail("must be true or false");
       gl.peer_access = l.at("peer_access").raw().get<bool>();
       gl.peer_gb_s = l.at("peer_gb_s").num(0, kHuge);
       gl.peer_latency_us = l.at("peer_latency_us").num(0, 1e6);

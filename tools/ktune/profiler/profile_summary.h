@@ -89,8 +89,8 @@ struct GpuCosts {
 // One directed GPU pair's link, measured by `ktune profile --hardware` on machines with more
 // than one GPU (version 2). Bandwidths of 0 mean "not measured" (the search assumes a default).
 struct GpuLink {
-  std::string src;  // "cuda:0"
-  std::string dst;  // "cuda:1"
+  std::string src;             // "cuda:0"
+  std::string dst;             // "cuda:1"
   bool peer_access = false;    // cudaDeviceCanAccessPeer
   double peer_gb_s = 0;        // cudaMemcpyPeerAsync of 256 MiB
   double peer_latency_us = 0;  // a 4-byte peer copy, round trip / 2 of back-to-back copies
@@ -121,8 +121,8 @@ struct ProfileSummary {
   std::string created;  // ISO 8601 UTC
   CpuInfo cpu;
   CpuCosts cpu_costs;
-  std::vector<GpuInfo> gpus;        // may be empty (CPU-only machine)
-  std::vector<GpuCosts> gpu_costs;  // one per GpuInfo, same order and devices
+  std::vector<GpuInfo> gpus;          // may be empty (CPU-only machine)
+  std::vector<GpuCosts> gpu_costs;    // one per GpuInfo, same order and devices
   std::vector<GpuLink> interconnect;  // GPU pairs (both directions); empty with < 2 GPUs or v1
   ModelShape model;
   RouterStats router;

@@ -97,7 +97,7 @@ std::string placement_yaml(const Candidate& c, const std::vector<std::string>& c
 namespace {
 
 std::string ktransformers_rules_one_gpu(const ModelInfo& model, const Candidate& c,
-                                       const std::string& dev) {
+                                        const std::string& dev) {
   std::vector<int64_t> gpu, cpu;
   whole_layer_sets(c, gpu, cpu, "--emit ktransformers");
   std::string s;
@@ -192,8 +192,8 @@ std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
   }
   auto alt = [](const std::vector<int64_t>& ids) { return "(" + join_ids(ids, "|") + ")"; };
   auto kw = [](const std::string& d) {
-    return fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n",
-                       d);
+    return fmt::format(
+        "    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n", d);
   };
   const std::string last = dev_of(used.back());
   s += "- match:\n    name: \"^model\\\\.embed_tokens\"\n  replace:\n    class: \"default\"\n" +
@@ -242,16 +242,18 @@ std::string ktransformers_rules(const ModelInfo& model, const Candidate& c) {
     if (!g_exp.empty()) s += experts_rule(g_exp, d, "KExpertsMarlin");
     if (!c_exp.empty()) s += experts_rule(c_exp, "cpu", "KExpertsCPU");
     // Everything else of the range (norms, attention): the range's GPU.
-    s += fmt::format("- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.\"\n  replace:\n"
-                     "    class: \"default\"\n",
-                     r);
+    s += fmt::format(
+        "- match:\n    name: \"^model\\\\.layers\\\\.{0}\\\\.\"\n  replace:\n"
+        "    class: \"default\"\n",
+        r);
     s += kw(d);
   }
   s += "- match:\n    name: \"^lm_head$\"\n    class: torch.nn.Linear\n  replace:\n"
        "    class: ktransformers.operators.linear.KTransformersLinear\n" +
-       fmt::format("    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n"
-                   "      generate_op: \"KLinearMarlin\"\n      prefill_op: \"KLinearTorch\"\n",
-                   last);
+       fmt::format(
+           "    kwargs:\n      generate_device: \"{0}\"\n      prefill_device: \"{0}\"\n"
+           "      generate_op: \"KLinearMarlin\"\n      prefill_op: \"KLinearTorch\"\n",
+           last);
   s += "- match:\n    name: \"^model\\\\.norm\"\n  replace:\n    class: \"default\"\n" + kw(last);
   return s;
 }
@@ -321,8 +323,8 @@ LlamaCppPlacement read_llama_cpp_placement(const std::string& text, int64_t n_la
     for (float& v : share) v /= sum;
     const float act = float(n_layers + 1);
     for (int64_t l = 0; l < n_layers; ++l) {
-      const size_t d = size_t(std::upper_bound(share.begin(), share.end(), float(l) / act) -
-                              share.begin());
+      const size_t d =
+          size_t(std::upper_bound(share.begin(), share.end(), float(l) / act) - share.begin());
       out.layers[size_t(l)] = "cuda:" + std::to_string(std::min(d, share.size() - 1));
     }
   }

@@ -22,8 +22,8 @@ std::string placement_yaml(const Candidate& c, const std::vector<std::string>& c
 // ktransformers optimize rules for a whole-layer candidate: layers whose experts are all on the
 // GPU get KExpertsMarlin on their GPU, the rest KExpertsCPU (out on the layer's GPU). Several
 // GPUs: one rule per GPU and module family over its layer range, the model container
-// (KQwen2MoeModel, as ktransformers' Qwen3 rules use) with transfer_map {first layer: GPU}. Throws ktune::Error
-// when the candidate splits a layer (round it first).
+// (KQwen2MoeModel, as ktransformers' Qwen3 rules use) with transfer_map {first layer: GPU}. Throws
+// ktune::Error when the candidate splits a layer (round it first).
 std::string ktransformers_rules(const ModelInfo& model, const Candidate& whole_layers);
 // llama.cpp -ot: "blk\.(3|4|9)\.ffn_(up|down|gate)_exps\.weight=CPU" for the layers whose experts
 // stay on the CPU (one line; empty when every expert is on the GPU).

@@ -486,7 +486,6 @@ class Driver {
     }
   }
 
-
   const std::vector<std::vector<double>>& tables_for(const EngineSettings& s) {
     auto it = tables_.find(s.key());
     if (it == tables_.end()) it = tables_.emplace(s.key(), cm_.layer_tables(s)).first;
@@ -553,9 +552,8 @@ class Driver {
   // rise, which couples the GPUs, so a price per CPU-resident byte is bisected until the split
   // fits the host (the cheapest price that does); the cost is then that of the real tables.
   SplitSolution solve_split_host(const std::vector<std::vector<double>>& tables,
-                                 const PipelineMemoryModel& pm,
-                                 const std::vector<int64_t>& budgets, int64_t cap,
-                                 bool whole_layers, double* price_out) {
+                                 const PipelineMemoryModel& pm, const std::vector<int64_t>& budgets,
+                                 int64_t cap, bool whole_layers, double* price_out) {
     *price_out = 0;
     SplitSolution sol = solve_split_once(tables, pm, budgets, cap, whole_layers, 0);
     if (!sol.feasible() || host_fits(pm, sol.m)) return sol;
@@ -593,9 +591,8 @@ class Driver {
   }
 
   SplitSolution solve_split_once(const std::vector<std::vector<double>>& tables,
-                                 const PipelineMemoryModel& pm,
-                                 const std::vector<int64_t>& budgets, int64_t cap,
-                                 bool whole_layers, double price) {
+                                 const PipelineMemoryModel& pm, const std::vector<int64_t>& budgets,
+                                 int64_t cap, bool whole_layers, double price) {
     const int64_t e = cm_.n_experts();
     const SplitProblem sp = make_split_problem(tables, pm, budgets, cap, whole_layers, price);
     ++res_.solves;
@@ -667,8 +664,7 @@ class Driver {
       }
       return;
     }
-    const PipelineMemoryModel pm =
-        pipeline_memory_model(opt_.model, graph, opt_.workload.context);
+    const PipelineMemoryModel pm = pipeline_memory_model(opt_.model, graph, opt_.workload.context);
     std::vector<EngineSettings> sets = top_settings_[graph ? 1 : 0];
     if (sets.empty()) {
       for (const EngineSettings& s : settings_for(graph)) {
@@ -727,8 +723,8 @@ class Driver {
     const int used = int(stage_gpus(best_st).size());
     Candidate* cand =
         add_candidate_split(best.s, best_m, best_st,
-                            fmt::format("search ({} of {} GPUs, layers {}; {} + boundaries)",
-                                        used, ng, layers_text(best_st, ng), best.sol.method));
+                            fmt::format("search ({} of {} GPUs, layers {}; {} + boundaries)", used,
+                                        ng, layers_text(best_st, ng), best.sol.method));
     const double split_t = cand != nullptr ? cand->pred.request_s : kInfeasible;
 
     // The even layer split over every GPU with a budget, experts per GPU by the same solvers.
@@ -777,18 +773,18 @@ class Driver {
       cmp.even_layers_per_gpu.push_back(ne);
     }
     if (even_ok) {
-      Candidate c = make_candidate_sets(
-          best.s, hottest_sets(cm_.router(), even_m),
-          fmt::format("baseline: even layer split ({} GPUs, layers {})", usable.size(),
-                      layers_text(even, ng)),
-          even);
+      Candidate c =
+          make_candidate_sets(best.s, hottest_sets(cm_.router(), even_m),
+                              fmt::format("baseline: even layer split ({} GPUs, layers {})",
+                                          usable.size(), layers_text(even, ng)),
+                              even);
       c.baseline = true;
       cmp.even_request_s = c.pred.request_s;
       if (fits(c)) res_.baselines.push_back(std::move(c));
     } else {
-      res_.notes.push_back(fmt::format(
-          "graph {}: the even layer split over {} GPUs does not fit the budgets",
-          graph ? "on" : "off", usable.size()));
+      res_.notes.push_back(
+          fmt::format("graph {}: the even layer split over {} GPUs does not fit the budgets",
+                      graph ? "on" : "off", usable.size()));
     }
     res_.split_vs_even.push_back(cmp);
 
@@ -808,11 +804,11 @@ class Driver {
       for (int64_t m : whole.m) cap = std::max(cap, e - m);
       const Refined r = refine_split(
           best.s, make_split_problem(tables, pm, budgets, cap, true, whole_price), whole, usable);
-      Candidate c = make_candidate(best.s, r.m,
-                                   fmt::format("whole layers ({} GPUs, layers {})",
-                                               stage_gpus(r.stages).size(),
-                                               layers_text(r.stages, ng)),
-                                   r.stages);
+      Candidate c =
+          make_candidate(best.s, r.m,
+                         fmt::format("whole layers ({} GPUs, layers {})",
+                                     stage_gpus(r.stages).size(), layers_text(r.stages, ng)),
+                         r.stages);
       c.whole_layers = true;
       if (fits(c)) {
         bool replaced = false;
@@ -918,8 +914,7 @@ class Driver {
 
   // Exact request time of `n` layers per GPU, each range's experts by the greedy solver (memo:
   // a range's solution does not depend on the others).
-  double eval_counts(const EngineSettings& s, const SplitProblem& sp,
-                     const std::vector<int64_t>& n,
+  double eval_counts(const EngineSettings& s, const SplitProblem& sp, const std::vector<int64_t>& n,
                      std::map<std::tuple<int, int64_t, int64_t>, Solution>& memo,
                      std::vector<int64_t>* m_out) const {
     std::vector<int64_t> m(size_t(cm_.n_layers()), 0);
@@ -970,12 +965,11 @@ class Driver {
                              : cm_.hottest_split(int64_t(l), 0));
     }
     c.pred = cm_.predict(splits, s, c.stages);
-    c.placement =
-        c.stages.empty()
-            ? make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
-                             s.gpu ? cm_.machine().gpu_device : "cuda:0")
-            : make_pipeline_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
-                                      gpu_devices(), c.stages);
+    c.placement = c.stages.empty()
+                      ? make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
+                                       s.gpu ? cm_.machine().gpu_device : "cuda:0")
+                      : make_pipeline_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
+                                                gpu_devices(), c.stages);
     c.plan = plan_memory(opt_.model.cfg, opt_.model.bytes, c.placement, opt_.budgets);
     Predicted pr;
     pr.decode_tok_s = c.pred.decode_tok_s;
@@ -1138,8 +1132,8 @@ class Driver {
   int64_t cpu_budget_ = -1;
   std::map<std::string, std::vector<std::vector<double>>> tables_;
   std::vector<EngineSettings> top_settings_[2];  // [graph]: best settings of the one-GPU search
-  const PipelineMemoryModel* pm_now_ = nullptr;   // of the multi-GPU search under way
-  double host_bound_ = kInfeasible;  // objective to beat when pricing the host budget
+  const PipelineMemoryModel* pm_now_ = nullptr;  // of the multi-GPU search under way
+  double host_bound_ = kInfeasible;              // objective to beat when pricing the host budget
 };
 
 }  // namespace

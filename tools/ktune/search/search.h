@@ -97,10 +97,10 @@ struct PipelineMemoryModel {
   int64_t n_experts = 0;
   std::vector<int64_t> expert_bytes;  // per layer
   std::vector<int64_t> layer_bytes;   // per layer: attention weights + KV cache
-  int64_t base = 0;         // a GPU running attention, several GPUs, no expert: reserves, activations
-  int64_t expert_ws = 0;    // more when it holds experts
-  int64_t first_bytes = 0;  // embedding, on the first GPU
-  int64_t last_bytes = 0;   // head + logits, on the last GPU
+  int64_t base = 0;       // a GPU running attention, several GPUs, no expert: reserves, activations
+  int64_t expert_ws = 0;  // more when it holds experts
+  int64_t first_bytes = 0;        // embedding, on the first GPU
+  int64_t last_bytes = 0;         // head + logits, on the last GPU
   int64_t single_gpu_saving = 0;  // one GPU only: no NCCL reserve, tied head counted once
   int64_t cpu_expert_ws = 0;
   // Bytes on GPU g (index in stage order) of a placement; 0 when it holds no layer.

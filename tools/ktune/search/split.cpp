@@ -16,9 +16,9 @@ int64_t first_allowed(const SplitProblem& p, size_t l) {
 }
 
 struct RangeInfo {
-  int64_t fixed = 0;       // layer bytes + first/last + staging
-  bool zero_ok = false;    // every layer allows m = 0
-  double zero_cost = 0;    // sum of cost[l][0]
+  int64_t fixed = 0;     // layer bytes + first/last + staging
+  bool zero_ok = false;  // every layer allows m = 0
+  double zero_cost = 0;  // sum of cost[l][0]
 };
 
 RangeInfo range_info(const SplitProblem& p, int64_t a, int64_t b) {
@@ -269,7 +269,8 @@ SplitSolution solve_split(const SplitProblem& p, bool exact_ranges) {
   std::vector<std::pair<int, std::pair<int64_t, int64_t>>> best_ranges;  // (gpu, [a, b))
   for (int f = 0; f < ng; ++f) {
     if (class_of[size_t(f)] < 0) continue;
-    std::vector<std::vector<double>> F(size_t(ng), std::vector<double>(size_t(nl) + 1, kInfeasible));
+    std::vector<std::vector<double>> F(size_t(ng),
+                                       std::vector<double>(size_t(nl) + 1, kInfeasible));
     std::vector<std::vector<From>> from(size_t(ng), std::vector<From>(size_t(nl) + 1));
     for (int64_t b = 1; b <= nl; ++b) F[size_t(f)][size_t(b)] = rcost(f, 0, b);
     for (int g = f + 1; g < ng; ++g) {
