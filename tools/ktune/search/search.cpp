@@ -786,7 +786,7 @@ class Driver {
           fmt::format("graph {}: the even layer split over {} GPUs does not fit the budgets",
                       graph ? "on" : "off", usable.size()));
     }
-    res_.split_vs_even.push_back(cmp);
+    if (cand != nullptr) res_.split_vs_even.push_back(cmp);
 
     // Whole layers over the GPUs (the exports).
     SplitSolution whole;
