@@ -19,6 +19,7 @@ void add_profile_command(CLI::App& app);
 void add_trace_command(CLI::App& app);
 void add_search_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
+void add_compare_command(CLI::App& app);
 
 // Parses argv and runs the chosen subcommand. Returns the process exit code.
 int run_cli(int argc, char** argv);

@@ -2,12 +2,42 @@
 #include "cli.h"
 #include "ktune/engine/error.h"
 #include "model_arg.h"
+#include "profiler/exec_profile.h"
 #include "profiler/profile_run.h"
 
 namespace ktune::cli {
 
+namespace {
+
+// "30s", "2m", "500ms", "1h" or a plain number of seconds.
+double parse_duration_s(const std::string& text) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    throw_usage("--duration " + text, "is not a duration", "write e.g. 30s, 2m, 500ms or 90");
+  }
+  const std::string unit = text.substr(used);
+  double scale = 0;
+  if (unit.empty() || unit == "s") scale = 1;
+  if (unit == "ms") scale = 1e-3;
+  if (unit == "m" || unit == "min") scale = 60;
+  if (unit == "h") scale = 3600;
+  if (scale == 0 || !(v > 0)) {
+    throw_usage("--duration " + text, "is not a positive duration",
+                "write e.g. 30s, 2m, 500ms or 90");
+  }
+  return v * scale;
+}
+
+}  // namespace
+
 void add_profile_command(CLI::App& app) {
   auto opt = std::make_shared<profiler::ProfileOptions>();
+  auto exec = std::make_shared<profiler::ExecOptions>();
+  auto exec_on = std::make_shared<bool>(false);
+  auto duration = std::make_shared<std::string>();
   opt->run.prompt = 32;
   opt->run.gen = 64;
   auto* sub = app.add_subcommand(
@@ -17,7 +47,8 @@ void add_profile_command(CLI::App& app) {
       "written to profile.json, with a terminal report and verdict.\n"
       "Example: ktune profile --model synth:qwen3-30b-a3b:q4_0 --experts-on-gpu 24 -n 64 \\\n"
       "           --trace trace.json --report report.html -o profile.json\n"
-      "Machine only: ktune profile --hardware -o machine.json");
+      "Machine only: ktune profile --hardware -o machine.json\n"
+      "Any CUDA program: ktune profile --exec [--duration 30s] -o p.json -- python3 run.py");
   auto* model = sub->add_option("-m,--model", opt->run.model, kModelHelp)->capture_default_str();
   sub->add_option("-c,--config", opt->run.configs, "Placement YAML to profile (one)");
   sub->add_option("--experts-on-gpu", opt->run.experts_on_gpu,
@@ -48,7 +79,46 @@ void add_profile_command(CLI::App& app) {
                 "Measure the machine alone (no model): bandwidths, launch/graph/host-node costs");
   sub->add_flag("--quick", opt->quick, "Smaller probes (fast, less precise; for tests)");
   sub->add_flag("-q,--quiet", opt->quiet, "No terminal report");
-  sub->callback([opt, model, sub] {
+  sub->add_flag("--exec", *exec_on,
+                "Profile the program given after -- (any CUDA program: PyTorch, llama.cpp, ...)\n"
+                "through an injection library: GPU idle, gaps, launches, per-step and per-NVTX-\n"
+                "range times (docs/exec.md)");
+  sub->add_option("--duration", *duration,
+                  "--exec: stop tracing after this long from CUDA's start (30s, 2m, 500ms), then\n"
+                  "stop the program");
+  sub->add_option("--step-range", exec->step_range,
+                  "--exec: the NVTX range that marks one step (default: the most repeated\n"
+                  "top-level range)");
+  sub->add_option("command", exec->command, "--exec: the program and its arguments, after --");
+  sub->callback([opt, model, sub, exec, exec_on, duration] {
+    if (*exec_on) {
+      if (model->count() > 0 || !opt->run.configs.empty() || opt->hardware) {
+        throw_usage("--exec", "profiles another program, not ktune's engine",
+                    "drop --model/--config/--hardware, or drop --exec");
+      }
+      if (exec->command.empty()) {
+        throw_usage("--exec", "needs the program to run after --",
+                    "ktune profile --exec -o p.json -- python3 script.py");
+      }
+      profiler::ExecOptions e = *exec;
+      e.duration_s = duration->empty() ? 0 : parse_duration_s(*duration);
+      e.out = opt->out;
+      e.trace = opt->trace;
+      e.report = opt->report;
+      e.quiet = opt->quiet;
+      e.command_line = "ktune profile --exec";
+      if (!duration->empty()) e.command_line += " --duration " + *duration;
+      if (!e.step_range.empty()) e.command_line += " --step-range " + e.step_range;
+      e.command_line += " --";
+      for (const std::string& a : e.command) e.command_line += " " + a;
+      bool never_cuda = false;
+      profiler::run_exec_profile(e, &never_cuda);
+      return;
+    }
+    if (!exec->command.empty() || !duration->empty() || !exec->step_range.empty()) {
+      throw_usage("--duration/--step-range/command", "only apply to --exec",
+                  "add --exec to profile a program, or drop them");
+    }
     profiler::ProfileOptions o = *opt;
     o.run.model_given = model->count() > 0;
     o.command_line = "ktune profile";

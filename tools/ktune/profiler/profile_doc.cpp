@@ -61,6 +61,7 @@ void write_profile_json(const std::string& path, const ProfileDoc& doc, size_t i
   j["router"] = to_json(doc.router);
   j["overhead"] = overhead_json(doc.overhead);
   if (!doc.hardware.is_null()) j["hardware"] = doc.hardware;
+  if (!doc.exec.is_null()) j["exec"] = doc.exec;
   TimelineLimits lim;
   lim.max_ops = inline_events;
   lim.max_spans = inline_events;

@@ -58,6 +58,7 @@ struct ProfileDoc {
   Timeline timeline;
   std::string timeline_file;  // the complete timeline beside profile.json ("" if none)
   nlohmann::json hardware;    // --hardware: the raw probe results (null otherwise)
+  nlohmann::json exec;        // profile --exec: the program, steps, NVTX ranges (null otherwise)
 };
 
 // Writes profile.json atomically: {"ktune_profile": 1, "summary": ..., "run": ..., ...,

@@ -176,6 +176,10 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file, i
   const Field root(summary, "summary", file);
   ProfileSummary s;
   s.kind = root.at("kind").str();
+  if (s.kind == "exec") {
+    root.at("kind").fail("is \"exec\": a profile of another program (ktune profile --exec) has no "
+                         "machine costs; use a model or --hardware profile here");
+  }
   if (s.kind != "model" && s.kind != "hardware") {
     root.at("kind").fail("\"" + s.kind + "\" is neither \"model\" nor \"hardware\"");
   }

@@ -115,7 +115,7 @@ struct RouterStats {   // empty (tokens == 0) when not measured
 };
 
 struct ProfileSummary {
-  std::string kind = "model";  // "model" (a run of the engine) | "hardware" (--hardware)
+  std::string kind = "model";  // "model" (engine) | "hardware" | "exec" (--exec: not for search)
   std::string ktune_version;
   std::string commit;
   std::string created;  // ISO 8601 UTC

@@ -43,6 +43,14 @@ double expert_gb_s(const WindowMetrics& w, const std::string& dev) {
 int pct(double f) { return static_cast<int>(std::lround(100.0 * f)); }
 
 std::string launch_fix(const RunInfo& r) {
+  if (r.engine == "exec") {  // another program: name the remedies in its own terms
+    if (!r.cuda_graph) {
+      return "capture the step in a CUDA graph (torch.cuda.CUDAGraph) and fuse the many small "
+             "launches (a fused MoE kernel); a host read (.item(), .tolist()) inside the step "
+             "prevents capture";
+    }
+    return "the step is graph-launched already: see the biggest gaps for what remains";
+  }
   const bool unfused = r.moe_kernel == "unfused";
   if (!r.cuda_graph && unfused) return "turn CUDA Graph on or use the fused MoE kernel";
   if (!r.cuda_graph) return "turn CUDA Graph on (--cuda-graph on)";
@@ -55,6 +63,12 @@ std::string launch_fix(const RunInfo& r) {
 Verdict make_verdict(const ProfileDoc& doc) {
   Verdict v;
   const WindowMetrics* d = find_window(doc, "decode");
+  // profile --exec: the program's steps, or its whole run when it marks no steps.
+  if (d == nullptr) d = find_window(doc, "steps");
+  if (d == nullptr) d = find_window(doc, "run");
+  const std::string of = d == nullptr || d->kind == "decode" ? "decode"
+                         : d->kind == "steps"              ? "the steps"
+                                                           : "the run";
   if (d == nullptr) {
     v.headline = "no decode window was profiled (-n 0): nothing to judge";
     v.reasons = doc.topology.warnings;
@@ -114,9 +128,9 @@ Verdict make_verdict(const ProfileDoc& doc) {
     fix = launch_fix(doc.run);
   }
   if (idle > 0.5) {
-    v.headline = fmt::format("GPU idle {} % of decode, {}: {}", pct(idle), bound, fix);
+    v.headline = fmt::format("GPU idle {} % of {}, {}: {}", pct(idle), of, bound, fix);
   } else if (idle > 0.15) {
-    v.headline = fmt::format("GPU idle {} % of decode, partly {}: {}", pct(idle), bound, fix);
+    v.headline = fmt::format("GPU idle {} % of {}, partly {}: {}", pct(idle), of, bound, fix);
   } else {
     // Busy GPU: name the phase that takes most of its time.
     Phase top = Phase::Other;
@@ -128,16 +142,17 @@ Verdict make_verdict(const ProfileDoc& doc) {
       }
     }
     v.headline = fmt::format(
-        "GPU busy {} % of decode: kernel-bound, {} takes {} % of GPU time; faster kernels or "
+        "GPU busy {} % of {}: kernel-bound, {} takes {} % of GPU time; faster kernels or "
         "fewer bytes per token (more experts on the CPU only if the CPU keeps up) are what is "
         "left",
-        pct(1 - idle), phase_name(top), g->busy_us > 0 ? pct(top_us / g->busy_us) : 0);
+        pct(1 - idle), of, phase_name(top), g->busy_us > 0 ? pct(top_us / g->busy_us) : 0);
   }
+  const char* unit = d->kind == "steps" ? "step" : d->kind == "run" ? "run" : "token";
   v.reasons.push_back(fmt::format(
-      "{}: {} kernel gaps per token, median {:.1f} µs, p90 {:.1f} µs; {:.1f} kernels and {:.1f} "
-      "launches per token",
-      dev, d->tokens > 0 ? g->gaps.count / d->tokens : 0, g->gaps.median_us, g->gaps.p90_us,
-      g->kernels_per_token, g->launches_per_token));
+      "{}: {} kernel gaps per {}, median {:.1f} µs, p90 {:.1f} µs; {:.1f} kernels and {:.1f} "
+      "launches per {}",
+      dev, d->tokens > 0 ? g->gaps.count / d->tokens : g->gaps.count, unit, g->gaps.median_us,
+      g->gaps.p90_us, g->kernels_per_token, g->launches_per_token, unit));
   const double gpu_bw = expert_gb_s(*d, dev);
   if (gpu_bw > 0 && cpu_bw > 0) {
     v.reasons.push_back(fmt::format(
@@ -177,6 +192,8 @@ std::string terminal_report(const ProfileDoc& doc) {
   o += fmt::format("# ktune profile  commit {}  (ktune {})\n", build_commit(), build_version());
   if (r.engine.empty()) {
     o += "# hardware profile (no model)\n";
+  } else if (r.engine == "exec") {
+    o += fmt::format("# program: {}\n# {}\n", r.command, r.engine_description);
   } else {
     o += fmt::format("# model: {}  placement: {}\n", r.model, r.placement);
     o += fmt::format("# engine: {} ({}){}{}\n", r.engine, r.engine_description,
@@ -249,8 +266,11 @@ std::string terminal_report(const ProfileDoc& doc) {
       }
     }
     for (const WindowMetrics& w : doc.windows) {
-      o += fmt::format("\nwhere each {} token's time went ({:.1f} µs per token):\n", w.kind,
-                       w.tokens > 0 ? w.wall_us / static_cast<double>(w.tokens) : 0.0);
+      const std::string unit = w.kind == "steps" ? "step" : w.kind == "run" ? "run" : "token";
+      o += fmt::format("\nwhere each {}{}'s time went ({:.1f} µs per {}):\n",
+                       w.kind == "steps" || w.kind == "run" ? "" : w.kind + " ", unit,
+                       w.tokens > 0 ? w.wall_us / static_cast<double>(w.tokens) : w.wall_us,
+                       unit);
       for (const BudgetItem& b : w.budget) {
         const int bar = static_cast<int>(std::lround(b.fraction * 40));
         o += fmt::format("  {:<18} {:>10.1f} µs {:>5.1f} %  {}\n", b.name, b.us_per_token,
@@ -300,6 +320,30 @@ std::string terminal_report(const ProfileDoc& doc) {
         doc.router.tokens, doc.router.n_experts, doc.router.n_used,
         100 * doc.router.mean_share_for_90, doc.router.layers.size());
     if (!doc.router.warning.empty()) o += "  warning: " + doc.router.warning + "\n";
+  }
+  if (doc.exec.is_object()) {  // profile --exec: steps and the program's NVTX ranges
+    const auto& e = doc.exec;
+    if (e.value("steps", 0) > 0) {
+      o += fmt::format("\nsteps: {} x \"{}\", {:.2f} steps/s, step ms median {:.3f} p90 {:.3f} "
+                       "(min {:.3f}, max {:.3f})\n",
+                       e.value("steps", 0), e.value("step_range", std::string()),
+                       e.value("steps_per_s", 0.0), e["step_ms"].value("median", 0.0),
+                       e["step_ms"].value("p90", 0.0), e["step_ms"].value("min", 0.0),
+                       e["step_ms"].value("max", 0.0));
+    }
+    if (e.contains("nvtx_ranges") && !e["nvtx_ranges"].empty()) {
+      o += "NVTX ranges in the window (kernels and GPU time: launched innermost in the range):\n";
+      o += fmt::format("  {:<32} {:>7} {:>12} {:>8} {:>12}\n", "range", "count", "host ms",
+                       "kernels", "GPU busy ms");
+      size_t shown = 0;
+      for (const auto& r : e["nvtx_ranges"]) {
+        if (++shown > 12) break;
+        o += fmt::format("  {:<32} {:>7} {:>12.3f} {:>8} {:>12.3f}\n",
+                         r.value("name", std::string()).substr(0, 32), r.value("count", 0),
+                         r.value("host_us", 0.0) / 1e3, r.value("kernels", 0),
+                         r.value("gpu_busy_us", 0.0) / 1e3);
+      }
+    }
   }
   const Topology& t = doc.topology;
   o += fmt::format("\ntopology: {} physical cores, {} logical CPUs, {} NUMA node{}", t.physical_cores,

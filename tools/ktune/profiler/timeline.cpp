@@ -335,8 +335,9 @@ Timeline timeline_from_json(const json& j, const std::string& file) {
     for (const json& w : j.at("windows")) {
       Window win;
       win.kind = w.value("kind", std::string());
-      if (win.kind != "decode" && win.kind != "prefill") {
-        bad(file, "windows", "kind must be decode or prefill");
+      if (win.kind != "decode" && win.kind != "prefill" && win.kind != "steps" &&
+          win.kind != "run") {
+        bad(file, "windows", "kind must be decode, prefill, steps or run");
       }
       win.tokens = w.value("tokens", int64_t{0});
       win.start = to_ns(w.value("start_us", json(0.0)), o, file, "windows");

@@ -85,7 +85,7 @@ struct HostSpan {
 
 // A stretch of the run the driver measured as a whole: the decode or prefill tokens of it.
 struct Window {
-  std::string kind;  // "decode" | "prefill"
+  std::string kind;  // "decode" | "prefill" (engine); "steps" | "run" (profile --exec)
   int64_t tokens = 0;
   int64_t start = 0;
   int64_t end = 0;
