@@ -18,9 +18,12 @@
 #include "inject/exec_capture.h"
 #include "inject/flush_trigger.h"
 #include "ktune/engine/error.h"
+#include "profiler/chrome_trace.h"
 #include "profiler/compare.h"
 #include "profiler/cupti_activity.h"
 #include "profiler/exec_profile.h"
+#include "profiler/profile_summary.h"
+#include "profiler/report.h"
 #include "subprocess.h"
 
 namespace {
@@ -322,6 +325,38 @@ TEST(ExecAnalysis, KnownLaunchPatternGivesKnownCountsAndGaps) {
   EXPECT_NE(notes.find("unavailable: expert effective bandwidth"), std::string::npos);
   EXPECT_NE(doc.verdict.headline.find("of the steps"), std::string::npos) << doc.verdict.headline;
   EXPECT_NE(doc.verdict.headline.find("CUDA graph"), std::string::npos) << doc.verdict.headline;
+}
+
+// The sinks take an exec document as they take an engine one: report, profile.json (read back
+// by ktune trace's reader and by compare), Chrome trace.
+TEST(ExecAnalysis, ReportProfileFileAndTraceWork) {
+  profiler::ExecRunInfo run;
+  run.command = {"python3", "x.py"};
+  run.exit_description = "exit code 0";
+  auto doc = profiler::analyze_exec_capture(
+      profiler::parse_exec_capture(exec_capture::to_json(steps_capture(6, 3, 10'000, 50'000)), "t"),
+      "", run);
+  const std::string rep = profiler::terminal_report(doc);
+  EXPECT_NE(rep.find("# program: python3 x.py"), std::string::npos) << rep;
+  EXPECT_NE(rep.find("steps: 6 x \"step\""), std::string::npos) << rep;
+  EXPECT_NE(rep.find("NVTX ranges in the window"), std::string::npos) << rep;
+  EXPECT_NE(rep.find("where each step's time went"), std::string::npos) << rep;
+  TempDir d;
+  const std::string p = d.path + "/p.json";
+  profiler::write_profile_json(p, doc);
+  const auto j = profile::read_profile_document(p);
+  EXPECT_EQ(j["summary"]["kind"], "exec");
+  EXPECT_EQ(j["exec"]["steps"], 6);
+  EXPECT_EQ(j["windows"]["steps"]["tokens"], 6);
+  const auto t = profiler::read_profile_timeline(p);  // the compact timeline, window "steps"
+  ASSERT_EQ(t.windows.size(), 1u);
+  EXPECT_EQ(t.windows[0].kind, "steps");
+  const auto trace =
+      nlohmann::json::parse(profiler::chrome_trace(t, profiler::attribute_ops(t), "x"));
+  EXPECT_TRUE(trace["traceEvents"].is_array());
+  const auto c = profiler::compare_profiles(j, "a", j, "b");
+  for (const auto& r : c.rows) EXPECT_FALSE(r.matters) << r.metric;
+  EXPECT_THROW(profile::read_profile_summary(p), Error);  // search refuses exec profiles
 }
 
 TEST(ExecAnalysis, NonZeroExitMarksThePartialProfile) {

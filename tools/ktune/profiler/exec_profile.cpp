@@ -130,9 +130,15 @@ std::vector<int> innermost_marker(const Timeline& t, const std::string& skip) {
   }
   std::unordered_map<uint64_t, std::vector<size_t>> by_thread;
   for (size_t i = 0; i < t.markers.size(); ++i) by_thread[t.markers[i].thread].push_back(i);
+  // Per thread, markers by start and the latest end among the first k: the backward search for
+  // an enclosing range stops where no earlier range reaches the launch (keeps it O(depth)).
+  std::unordered_map<uint64_t, std::vector<int64_t>> reach;
   for (auto& [th, v] : by_thread) {
     std::sort(v.begin(), v.end(),
               [&](size_t a, size_t b) { return t.markers[a].start < t.markers[b].start; });
+    std::vector<int64_t>& r = reach[th];
+    int64_t m = std::numeric_limits<int64_t>::min();
+    for (size_t k : v) r.push_back(m = std::max(m, t.markers[k].end));
   }
   for (size_t i = 0; i < t.ops.size(); ++i) {
     const GpuOp& op = t.ops[i];
@@ -143,16 +149,15 @@ std::vector<int> innermost_marker(const Timeline& t, const std::string& skip) {
     if (th == by_thread.end()) continue;
     const int64_t at = a->second->start;
     const auto& v = th->second;
+    const auto& r = reach[th->first];
     auto ub = std::upper_bound(v.begin(), v.end(), at,
                                [&](int64_t x, size_t k) { return x < t.markers[k].start; });
     int fallback = -1;
     for (auto k = ub; k != v.begin();) {
       --k;
+      if (r[static_cast<size_t>(k - v.begin())] < at) break;  // nothing earlier reaches `at`
       const Marker& m = t.markers[*k];
-      if (m.end < at) {
-        if (at - m.start > int64_t{60} * 1000 * 1000 * 1000) break;
-        continue;
-      }
+      if (m.end < at) continue;
       if (!skip.empty() && t.str(m.name) == skip) {
         if (fallback < 0) fallback = static_cast<int>(*k);
         continue;
@@ -680,10 +685,14 @@ ProfileDoc run_exec_profile(const ExecOptions& opt, bool* never_cuda) {
       forwarded = true;
     }
     if (opt.duration_s > 0 && !stopped_by_duration) {
+      // The writer puts "process" (with flush_reason) first: its head is enough to tell.
       for (const std::string& f : list_captures(dir)) {
-        try {
-          if (read_exec_capture(f).flush_reason == "duration") stopped_by_duration = true;
-        } catch (const Error&) {
+        std::ifstream in(f, std::ios::binary);
+        std::string head(4096, '\0');
+        in.read(head.data(), static_cast<std::streamsize>(head.size()));
+        head.resize(static_cast<size_t>(in.gcount()));
+        if (head.find("\"flush_reason\": \"duration\"") != std::string::npos) {
+          stopped_by_duration = true;
         }
       }
       if (stopped_by_duration) {

@@ -214,8 +214,13 @@ std::string terminal_report(const ProfileDoc& doc) {
         doc.overhead.traced_median, 100.0 * doc.overhead.overhead_fraction);
   }
   if (!doc.windows.empty()) {
-    o += "\n| window  | tokens |    tok/s | device | idle % | gaps/tok | median gap µs | p90 gap "
-         "µs | kernels/tok | launches/tok | launch call µs | launch lat µs |\n";
+    if (doc.run.engine == "exec") {  // the program's steps stand where tokens stand
+      o += "\n| window  |  steps |  steps/s | device | idle % | gaps/stp | median gap µs | p90 gap "
+           "µs | kernels/stp | launches/stp | launch call µs | launch lat µs |\n";
+    } else {
+      o += "\n| window  | tokens |    tok/s | device | idle % | gaps/tok | median gap µs | p90 gap "
+           "µs | kernels/tok | launches/tok | launch call µs | launch lat µs |\n";
+    }
     o += "| ------- | -----: | -------: | ------ | -----: | -------: | ------------: | "
          "---------: | ----------: | -----------: | -------------: | ------------: |\n";
     for (const WindowMetrics& w : doc.windows) {
