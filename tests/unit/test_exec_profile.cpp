@@ -224,6 +224,33 @@ TEST(ExecFlushTrigger, SigintChainsToTheProgramsHandler) {
   EXPECT_EQ(test::read_all(d.path + "/program"), "program");
 }
 
+TEST(ExecFlushTrigger, AForkedWorkerNeitherFlushesNorWakesTheParent) {
+  TempDir d;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    inject::reset_for_test();
+    signal(SIGTERM, SIG_DFL);
+    g_flush_path = d.path + "/flush";
+    inject::TriggerOptions o;
+    if (!inject::start_flush_triggers(write_reason, o).empty()) _exit(90);
+    const pid_t worker = fork();
+    if (worker == 0) {
+      raise(SIGTERM);  // the program's default action, no flush
+      _exit(92);
+    }
+    int ws = 0;
+    waitpid(worker, &ws, 0);
+    usleep(100000);  // a wrongly woken flusher would have written by now
+    const bool ok = WIFSIGNALED(ws) && WTERMSIG(ws) == SIGTERM && !inject::flushed() &&
+                    access(g_flush_path.c_str(), F_OK) != 0;
+    _exit(ok ? 0 : 1);
+  }
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+}
+
 TEST(ExecFlushTrigger, DurationFlushesWhileTheProgramRuns) {
   TempDir d;
   const pid_t pid = fork();

@@ -84,8 +84,8 @@ void add_profile_command(CLI::App& app) {
                 "through an injection library: GPU idle, gaps, launches, per-step and per-NVTX-\n"
                 "range times (docs/exec.md)");
   sub->add_option("--duration", *duration,
-                  "--exec: stop tracing after this long from CUDA's start (30s, 2m, 500ms), then\n"
-                  "stop the program");
+                  "--exec: stop tracing this long after the program's first CUDA or NVTX call\n"
+                  "(30s, 2m, 500ms), then stop the program");
   sub->add_option("--step-range", exec->step_range,
                   "--exec: the NVTX range that marks one step (default: the most repeated\n"
                   "top-level range)");

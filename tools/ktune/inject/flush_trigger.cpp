@@ -102,6 +102,21 @@ void* flusher_main(void*) {
   }
 }
 
+// A child forked (without exec) from the traced process shares our pipes but not our threads and
+// cannot use CUDA: it must neither flush nor wake the parent's flusher. It gets the program's
+// own signal dispositions back and counts as flushed (its exit writes nothing).
+void after_fork_in_child() {
+  g_state.store(2);
+  if (g_opt.signals) {
+    if (g_prev_int.sa_handler != SIG_IGN) sigaction(SIGINT, &g_prev_int, nullptr);
+    if (g_prev_term.sa_handler != SIG_IGN) sigaction(SIGTERM, &g_prev_term, nullptr);
+  }
+  for (int* fd : {&g_request[0], &g_request[1], &g_done[0], &g_done[1]}) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+  }
+}
+
 }  // namespace
 
 bool flushed() { return g_state.load() == 2; }
@@ -135,7 +150,12 @@ std::string start_flush_triggers(FlushFn fn, const TriggerOptions& opt) {
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  // The flusher starts with every signal blocked (inherited mask), so none lands on it.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
   const int e = pthread_create(&th, &attr, flusher_main, nullptr);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
   pthread_attr_destroy(&attr);
   if (e != 0) {
     close(g_request[0]);
@@ -143,6 +163,7 @@ std::string start_flush_triggers(FlushFn fn, const TriggerOptions& opt) {
     g_request[0] = g_request[1] = -1;
     return std::string("pthread_create: ") + std::strerror(e);
   }
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
   if (opt.signals) {
     struct sigaction sa {};
     sa.sa_sigaction = on_signal;

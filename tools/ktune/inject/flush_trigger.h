@@ -8,6 +8,10 @@
 // and read are async-signal-safe), at most `signal_wait_ms`; then it chains: a handler the
 // program had installed is called, SIG_IGN stays ignored, and SIG_DFL is restored and the signal
 // re-raised, so the program ends as it would have without ktune (same exit status).
+//
+// A child forked without exec (a worker process) is not traced: CUDA cannot be used there, so
+// it gets the program's signal dispositions back, never wakes the parent's flusher, and writes
+// nothing at exit. A child that execs loads the injection afresh and writes its own capture.
 #pragma once
 
 #include <cstdint>
