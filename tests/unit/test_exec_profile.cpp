@@ -368,6 +368,7 @@ TEST(ExecAnalysis, ReportProfileFileAndTraceWork) {
   EXPECT_NE(rep.find("steps: 6 x \"step\""), std::string::npos) << rep;
   EXPECT_NE(rep.find("NVTX ranges in the window"), std::string::npos) << rep;
   EXPECT_NE(rep.find("where each step's time went"), std::string::npos) << rep;
+  EXPECT_NE(profiler::html_report(doc).find("</html>"), std::string::npos);
   TempDir d;
   const std::string p = d.path + "/p.json";
   profiler::write_profile_json(p, doc);
