@@ -1,15 +1,17 @@
 # Writes version.cpp with the git commit; rewrites it only when the content changes, so a build
 # with nothing new does not relink.
-execute_process(COMMAND git -C ${SRC} rev-parse --short=10 HEAD OUTPUT_VARIABLE commit
-                OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
-if(NOT rc EQUAL 0 OR commit STREQUAL "")
-  # A copy of the tree without .git (the GPU machine gets one): the caller may say the commit.
-  if(DEFINED ENV{KTUNE_COMMIT} AND NOT "$ENV{KTUNE_COMMIT}" STREQUAL "")
-    set(commit "$ENV{KTUNE_COMMIT}")
-  else()
-    set(commit "unknown")
-  endif()
+# KTUNE_COMMIT in the environment wins: the GPU machine gets a copy of the tree whose .git (if
+# any) is not the commit being built, and the caller knows which commit it sent.
+if(DEFINED ENV{KTUNE_COMMIT} AND NOT "$ENV{KTUNE_COMMIT}" STREQUAL "")
+  set(commit "$ENV{KTUNE_COMMIT}")
   set(no_git TRUE)
+else()
+  execute_process(COMMAND git -C ${SRC} rev-parse --short=10 HEAD OUTPUT_VARIABLE commit
+                  OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0 OR commit STREQUAL "")
+    set(commit "unknown")
+    set(no_git TRUE)
+  endif()
 endif()
 set(dirty "")
 if(NOT no_git)

@@ -259,7 +259,13 @@ class Driver {
 
   std::vector<EngineSettings> settings_for(bool graph) const {
     std::vector<EngineSettings> out;
-    for (int t : res_.threads_tried) {
+    // A hybrid engine leaves one core to the host thread that drives the GPU (thread_pool.h,
+    // hybrid_cpu_threads_default: with every core the CPU experts ran 2.5x slower on the H100
+    // machine), so its pool is at most physical cores - 1.
+    const int cap = std::max(1, cm_.machine().physical_cores - 1);
+    std::set<int> hybrid_threads;
+    for (int t : res_.threads_tried) hybrid_threads.insert(std::min(t, cap));
+    for (int t : hybrid_threads) {
       EngineSettings s;
       s.cuda_graph = graph;
       s.cpu_threads = t;
