@@ -317,5 +317,26 @@ TEST_F(SearchCli, TwoGpuProfileSplitsLayersWithinEachBudget) {
   EXPECT_EQ(doc["candidates"][0]["layer_devices"].size(), 48u);
 }
 
+// The recorded profiles in profiles/ (ktune profile --hardware on the H100 machine and on the
+// 4-GPU host) drive a search on a machine without a GPU: 235B on the one-GPU machine puts part of
+// the experts on the CPU; on the 4-GPU host it uses all four GPUs.
+TEST_F(SearchCli, RecordedProfilesSearchWithoutAGpu) {
+  struct Case {
+    const char* file;
+    const char* expect;
+  };
+  for (const Case& c : {Case{"h100-16core.json", "cpu"}, Case{"h100x4-nvlink.json", "cuda:3"}}) {
+    SCOPED_TRACE(c.file);
+    const std::string out = path(std::string(c.file) + ".best.yaml");
+    const ProcessResult r = run_ktune({"search", "--profile", test::profiles_dir() + "/" + c.file,
+                                       "--model", "synth:qwen3-235b-a22b:q4_0", "-o", out});
+    ASSERT_FALSE(r.signaled) << r.err;
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("recorded"), std::string::npos) << r.out;
+    const std::string yaml = read_all(out);
+    EXPECT_NE(yaml.find(c.expect), std::string::npos) << yaml;
+  }
+}
+
 }  // namespace
 }  // namespace ktune::search
