@@ -338,5 +338,30 @@ TEST_F(SearchCli, RecordedProfilesSearchWithoutAGpu) {
   }
 }
 
+// --predict prices given placements instead of searching: the example configs of qwen3-30b-a3b,
+// every expert on the GPU faster than half of them, faster than none; a placement of another
+// model's shape is one error line naming the file.
+TEST_F(SearchCli, PredictPricesGivenPlacements) {
+  const std::string ex = test::profiles_dir() + "/../configs/examples/";
+  const std::string all = ex + "qwen3-30b-all-gpu.yaml", half = ex + "qwen3-30b-24-layers-on-cpu.yaml",
+                    none = ex + "qwen3-30b-experts-on-cpu.yaml";
+  const ProcessResult r =
+      run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0",
+                 "--predict", all + "," + half + "," + none, "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  ASSERT_EQ(doc.size(), 3u);
+  EXPECT_EQ(doc[0]["gpu_experts"].get<int64_t>(), 48 * 128);
+  EXPECT_EQ(doc[2]["gpu_experts"].get<int64_t>(), 0);
+  EXPECT_GT(doc[0]["decode_tok_s"].get<double>(), doc[1]["decode_tok_s"].get<double>());
+  EXPECT_GT(doc[1]["decode_tok_s"].get<double>(), doc[2]["decode_tok_s"].get<double>());
+  const ProcessResult bad =
+      run_ktune({"search", "--profile", kProfile, "--model", "synth:tiny", "--workload",
+                 "prompt=16,gen=16,context=512", "--predict", all});
+  EXPECT_EQ(bad.exit_code, 1) << bad.err;
+  EXPECT_EQ(count_lines(bad.err), 1) << bad.err;
+  EXPECT_NE(bad.err.find("qwen3-30b-all-gpu.yaml"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace ktune::search

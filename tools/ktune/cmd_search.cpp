@@ -4,8 +4,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+
 #include <filesystem>
 #include <iostream>
+#include <numeric>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -39,6 +41,7 @@ struct SearchFlags {
   std::string emit = "native";
   std::string output;
   std::string solver = "auto";
+  std::vector<std::string> predict;  // placement YAMLs to price instead of searching
 };
 
 // Where each candidate's file goes with -o FILE: the best graph-on placement in FILE, the best
@@ -192,7 +195,40 @@ void run_search_command(const SearchFlags& f) {
   }
   if (!f.cpu_mem.empty()) apply_budget_overrides(opt.budgets, f.cpu_mem, "--cpu-mem", Device::Cpu);
 
-  // 4. Search.
+  // 4. Predict given placements (no search), or search.
+  if (!f.predict.empty()) {
+    std::vector<Placement> ps;
+    for (const std::string& path : f.predict) ps.push_back(load_placement(path, &opt.model.cfg));
+    const std::vector<Candidate> cs = search::predict_placements(opt, ps);
+    if (f.json) {
+      json doc = json::array();
+      for (const Candidate& c : cs) {
+        doc.push_back({{"placement", c.label},
+                       {"settings", c.settings.describe()},
+                       {"gpu_experts", std::accumulate(c.gpu_counts.begin(), c.gpu_counts.end(),
+                                                       int64_t{0})},
+                       {"decode_tok_s", c.pred.decode_tok_s},
+                       {"decode_ms_per_token", c.pred.decode_ms},
+                       {"prefill_tok_s", c.pred.prefill_tok_s},
+                       {"request_s", c.pred.request_s}});
+      }
+      fmt::print("{}\n", doc.dump(2));
+      return;
+    }
+    fmt::print("# ktune search --predict  commit {}  (ktune {})\n", build_commit(),
+               build_version());
+    fmt::print("# profile: {}\n# model: {}\n# workload: {}\n\n", opt.profile_path, f.model,
+               f.workload);
+    fmt::print("| placement | settings | GPU experts | decode tok/s | decode ms/token | prefill tok/s "
+               "| request s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for (const Candidate& c : cs) {
+      fmt::print("| {} | {} | {} | {:.2f} | {:.3f} | {:.1f} | {:.2f} |\n", c.label,
+                 c.settings.describe(),
+                 std::accumulate(c.gpu_counts.begin(), c.gpu_counts.end(), int64_t{0}),
+                 c.pred.decode_tok_s, c.pred.decode_ms, c.pred.prefill_tok_s, c.pred.request_s);
+    }
+    return;
+  }
   SearchResult res = search::run_search(opt);
   const Layout lay = Layout::of(f.output.empty() ? std::string("best.yaml") : f.output);
   const bool native_files = !f.output.empty() && f.emit == "native";
@@ -647,6 +683,10 @@ void add_search_command(CLI::App& app) {
                   "or the export's file");
   sub->add_option("--solver", f->solver, "auto | greedy | dp | exhaustive (for comparisons)")
       ->capture_default_str();
+  sub->add_option("--predict", f->predict,
+                  "Price these placement YAMLs with the cost model instead of searching\n"
+                  "(e.g. to compare with `ktune run --config` on the same files)")
+      ->delimiter(',');
   sub->callback([f] { run_search_command(*f); });
 }
 

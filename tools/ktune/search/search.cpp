@@ -988,6 +988,66 @@ class Driver {
     return c;
   }
 
+public:
+  std::vector<Candidate> predict(const std::vector<Placement>& ps) const {
+    const ModelConfig& c = opt_.model.cfg;
+    const MachineCosts& m = cm_.machine();
+    std::vector<Candidate> out;
+    for (const Placement& p : ps) {
+      const std::string where = p.file.empty() ? "placement" : p.file;
+      if (p.n_layers() != c.n_layers || p.n_experts() != c.n_experts) {
+        throw Error(where,
+                    fmt::format("has {} layers x {} experts, the model {} x {}", p.n_layers(),
+                                p.n_experts(), c.n_layers, c.n_experts),
+                    "predict placements written for this model");
+      }
+      EngineSettings s;
+      s.gpu = p.layers[0].attention.is_gpu();
+      s.cuda_graph = p.runtime.cuda_graph;
+      s.kernel = p.runtime.moe_kernel;
+      s.handoff = p.runtime.cpu_handoff;
+      const int cores = std::max(1, m.physical_cores);
+      s.cpu_threads = p.runtime.cpu_threads > 0 ? p.runtime.cpu_threads
+                      : s.gpu                   ? std::max(1, cores - 1)
+                                                : cores;
+      std::vector<std::vector<bool>> on_gpu;
+      Stages st;
+      bool several = false;
+      for (const LayerPlacement& lp : p.layers) {
+        if (lp.attention.is_gpu() != s.gpu) {
+          throw Error(where, "mixes CPU and GPU attention across layers",
+                      "the cost model prices one engine per placement");
+        }
+        std::vector<bool> g;
+        for (const Device& d : lp.experts) {
+          if (d.is_gpu() && !(d == lp.attention)) {
+            throw Error(where, "puts a layer's experts on another GPU than its attention",
+                        "keep each layer's GPU experts on its attention GPU");
+          }
+          g.push_back(d.is_gpu());
+        }
+        on_gpu.push_back(std::move(g));
+        int idx = 0;
+        if (s.gpu) {
+          idx = -1;
+          for (size_t i = 0; i < m.gpus.size(); ++i) {
+            if (m.gpus[i].device == lp.attention.to_string()) idx = int(i);
+          }
+          if (idx < 0 && m.gpus.empty() && lp.attention.to_string() == m.gpu_device) idx = 0;
+          if (idx < 0) {
+            throw Error(where, lp.attention.to_string() + " is not a GPU of the profile",
+                        "use a profile recorded on the machine the placement is for");
+          }
+        }
+        several = several || idx != 0;
+        st.push_back(idx);
+      }
+      out.push_back(make_candidate_sets(s, std::move(on_gpu), where, several ? st : Stages{}));
+    }
+    return out;
+  }
+
+ private:
   // The planner's verdict: every candidate the search emits must pass it.
   bool fits(const Candidate& c) {
     try {
@@ -1145,5 +1205,10 @@ class Driver {
 }  // namespace
 
 SearchResult run_search(const SearchOptions& opt) { return Driver(opt).run(); }
+
+std::vector<Candidate> predict_placements(const SearchOptions& opt,
+                                          const std::vector<Placement>& placements) {
+  return Driver(opt).predict(placements);
+}
 
 }  // namespace ktune::search

@@ -70,6 +70,15 @@ struct SearchResult {
 };
 
 // Throws ktune::Error (exit 1) when no placement fits the budgets, naming what is short.
+// The cost model's prediction for given placements (resolved against opt.model's shape), to
+// check the model against measured runs (`ktune search --predict a.yaml,b.yaml`) or to ask what a
+// hand-written placement would do. Engine settings come from each placement's runtime block
+// (cpu_threads 0: the engine's default, one core fewer than physical for a hybrid placement).
+// Throws ktune::Error naming the file for a placement of another shape or a GPU the profile
+// does not have.
+std::vector<Candidate> predict_placements(const SearchOptions& opt,
+                                          const std::vector<Placement>& placements);
+
 SearchResult run_search(const SearchOptions& opt);
 
 // ---- pieces shared with the tests ----
