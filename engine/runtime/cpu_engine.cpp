@@ -24,6 +24,12 @@
 // Prefill (T tokens) uses the same structure with matmul_rows (weights read once per tile of
 // tokens) and groups tokens by expert for the MoE layer (about ten barriers per layer).
 //
+// Several sequences (options.max_sequences) each have their own KV cache region. A batched
+// decode step (decode_batch: one token of each of B sequences) runs the prefill region over the
+// B tokens, each with its own sequence and position (PSEQ, PPOS): the experts any of them
+// selected are read once for all (tokens grouped by expert), attention reads each token's own
+// cache.
+//
 // KTUNE_CPU_PHASES=1 prints where decode time goes (per phase, at engine destruction).
 #include "ktune/engine/cpu_engine.h"
 
@@ -102,7 +108,10 @@ struct CpuEngine::Impl {
   int64_t group;  // q heads per kv head
   float scale;
   int64_t max_ctx, max_batch;
-  int64_t pos = 0;
+  int64_t pos = 0;  // position of the current sequence `cur` (seq_pos[cur] is stale meanwhile)
+  int64_t max_seq = 1, cur = 0;
+  std::vector<int64_t> seq_pos;
+  int64_t seq_stride = 0;  // floats of one sequence's cache per layer (n_kv * max_ctx * hd)
 
   const TensorView* out_w = nullptr;  // output, or token_embd when tied
 
@@ -171,6 +180,7 @@ struct CpuEngine::Impl {
   // ---- prefill scratch ----
   Buf<float> PX, PH, PQKV, PATT, PRL, PG, PU, PY, PCS, PW;
   Buf<int32_t> PSEL, PSLOT, PTOK, PBEGIN, PUNIT;  // PUNIT: unit-range start per thread
+  Buf<int64_t> PSEQ, PPOS;  // sequence and position of each token of the chunk
   ActBuffers p_h_act, p_att_act, p_h2_act, p_gh_act, p_a_act, p_out_act;
   Buf<float> PGH;  // gathered float rows, only when gate/up multiply F32 activations
   std::vector<int32_t> cursor_;
@@ -203,6 +213,13 @@ struct CpuEngine::Impl {
     scale = 1.0f / std::sqrt(static_cast<float>(hd));
     max_ctx = std::max<int64_t>(1, opt.max_context);
     max_batch = std::max<int64_t>(1, std::min(opt.max_batch, max_ctx));
+    if (opt.max_sequences < 1 || opt.max_sequences > 4096) {
+      throw Error("max_sequences", std::to_string(opt.max_sequences) + " is not 1..4096",
+                  "ask for 1 to 4096 sequences");
+    }
+    max_seq = opt.max_sequences;
+    max_batch = std::max(max_batch, max_seq);  // a batched decode step is one chunk
+    seq_pos.assign(static_cast<size_t>(max_seq), 0);
     if (static_cast<int64_t>(w.layers.size()) != layers) {
       throw Error("model " + w.source,
                   "has " + std::to_string(w.layers.size()) +
@@ -247,7 +264,8 @@ struct CpuEngine::Impl {
     }
 
     // Allocated, not zeroed: the cache pages are touched only as positions are filled.
-    const int64_t cache_elems = max_ctx * nkv_rows;
+    seq_stride = max_ctx * nkv_rows;
+    const int64_t cache_elems = seq_stride * max_seq;
     for (int64_t l = 0; l < layers; ++l) {
       k_cache.emplace_back(new float[cache_elems]);
       v_cache.emplace_back(new float[cache_elems]);
@@ -492,6 +510,8 @@ struct CpuEngine::Impl {
     PU.resize(S * ffn);
     PY.resize(S * hidden);
     PCS.resize(B * hd);
+    PSEQ.resize(B);
+    PPOS.resize(B);
     PW.resize(S);
     PSEL.resize(S);
     PSLOT.resize(S);
@@ -510,6 +530,9 @@ struct CpuEngine::Impl {
     if (gu_f32) PGH.resize(S * hidden);
     cursor_.assign(n_exp, 0);
   }
+
+  float* k_base(int64_t l, int64_t seq) { return k_cache[l].get() + seq * seq_stride; }
+  float* v_base(int64_t l, int64_t seq) { return v_cache[l].get() + seq * seq_stride; }
 
   void embed(int32_t token, float* dst) const {
     if (token < 0 || token >= vocab) {
@@ -639,8 +662,8 @@ struct CpuEngine::Impl {
         if (hb > ha) {
           const int64_t kvh = ha / group;
           const int64_t bytes = pos * hd * static_cast<int64_t>(sizeof(float));
-          const auto* kp = reinterpret_cast<const uint8_t*>(k_cache[l].get() + kvh * max_ctx * hd);
-          const auto* vp = reinterpret_cast<const uint8_t*>(v_cache[l].get() + kvh * max_ctx * hd);
+          const auto* kp = reinterpret_cast<const uint8_t*>(k_base(l, cur) + kvh * max_ctx * hd);
+          const auto* vp = reinterpret_cast<const uint8_t*>(v_base(l, cur) + kvh * max_ctx * hd);
           const int64_t left = prefetch(kp, bytes, kv_prefetch_bytes / 2);
           prefetch(vp, bytes, kv_prefetch_bytes / 2 + left);
         }
@@ -653,8 +676,8 @@ struct CpuEngine::Impl {
     // 2. Heads. The current token's k (normed, roped) and v are needed by every q head of the
     // group: each head's thread recomputes k locally (hd elements), and the thread that owns
     // the kv head by index stores k and v into the cache for the next steps.
-    float* kc = k_cache[l].get();
-    float* vc = v_cache[l].get();
+    float* kc = k_base(l, cur);
+    float* vc = v_base(l, cur);
     int64_t h0, h1;
     cpu_ops::split(n_heads, ith, n, 1, &h0, &h1);
     // This thread's heads, one kv group at a time so each cache row is read once per group.
@@ -796,13 +819,45 @@ struct CpuEngine::Impl {
   // Prefill: T <= max_batch tokens at positions pos..pos+T-1, one parallel region.
   // ------------------------------------------------------------------------------------------
   void prefill_chunk(const int32_t* tokens, int64_t T, float* logits, bool all_positions) {
-    for (int64_t t = 0; t < T; ++t) embed(tokens[t], PX.data() + t * hidden);
     for (int64_t t = 0; t < T; ++t) {
+      embed(tokens[t], PX.data() + t * hidden);
+      PSEQ[t] = cur;
+      PPOS[t] = pos + t;
       cpu_ops::rope_table(pos + t, inv_freq.data(), hd, PCS.data() + t * hd);
     }
     trace::Scope step(trace::Phase::PrefillStep, static_cast<int32_t>(T));
     pool->run([&](int ith, int n) { prefill_region(T, logits, all_positions, ith, n); });
     pos += T;
+  }
+
+  // One token for each of the sequences 0..B-1, through the prefill region.
+  void decode_batch(const int32_t* tokens, int64_t B, float* logits) {
+    if (B < 1 || B > max_seq) {
+      throw Error("decode_batch",
+                  std::to_string(B) + " sequences, but the engine has " +
+                      std::to_string(max_seq),
+                  "create the engine with max_sequences >= the batch");
+    }
+    seq_pos[static_cast<size_t>(cur)] = pos;
+    for (int64_t b = 0; b < B; ++b) {
+      if (seq_pos[static_cast<size_t>(b)] >= max_ctx) {
+        throw Error("decode_batch",
+                    "sequence " + std::to_string(b) + " is at position " +
+                        std::to_string(seq_pos[static_cast<size_t>(b)]) +
+                        ", past the KV cache (" + std::to_string(max_ctx) + " positions)",
+                    "raise max_context or call reset()");
+      }
+      embed(tokens[b], PX.data() + b * hidden);  // throws for a token outside the vocabulary
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      PSEQ[b] = b;
+      PPOS[b] = seq_pos[static_cast<size_t>(b)];
+      cpu_ops::rope_table(PPOS[b], inv_freq.data(), hd, PCS.data() + b * hd);
+    }
+    trace::Scope step(trace::Phase::DecodeStep, static_cast<int32_t>(B));
+    pool->run([&](int ith, int n) { prefill_region(B, logits, true, ith, n); });
+    for (int64_t b = 0; b < B; ++b) ++seq_pos[static_cast<size_t>(b)];
+    pos = seq_pos[static_cast<size_t>(cur)];
   }
 
   // Matrix rows [r0, r1) of t for T activation rows; Y rows ldy floats apart.
@@ -862,9 +917,7 @@ struct CpuEngine::Impl {
     }
     pool->barrier();
 
-    // q/k norms and RoPE over (token, head) items; k and v go to the cache.
-    float* kc = k_cache[l].get();
-    float* vc = v_cache[l].get();
+    // q/k norms and RoPE over (token, head) items; k and v go to each token's sequence's cache.
     const int64_t heads_all = n_heads + n_kv;
     int64_t i0, i1;
     cpu_ops::split(T * heads_all, ith, n, 1, &i0, &i1);
@@ -879,11 +932,11 @@ struct CpuEngine::Impl {
         cpu_ops::rope_neox(q, cs, hd);
       } else {
         const int64_t kvh = h - n_heads;
-        float* kdst = kc + (kvh * max_ctx + pos + t) * hd;
+        float* kdst = k_base(l, PSEQ[t]) + (kvh * max_ctx + PPOS[t]) * hd;
         cpu_ops::rmsnorm(row + nq + kvh * hd, norms[l].k.data(), cfg.rms_eps, hd, kdst);
         cpu_ops::rope_neox(kdst, cs, hd);
-        std::memcpy(vc + (kvh * max_ctx + pos + t) * hd, row + nq + nkv_rows + kvh * hd,
-                    hd * sizeof(float));
+        std::memcpy(v_base(l, PSEQ[t]) + (kvh * max_ctx + PPOS[t]) * hd,
+                    row + nq + nkv_rows + kvh * hd, hd * sizeof(float));
       }
     }
     pool->barrier();
@@ -899,9 +952,10 @@ struct CpuEngine::Impl {
         me.qp[j] = PQKV.data() + t * nqkv + (h + j) * hd;
         me.op[j] = PATT.data() + t * nq + (h + j) * hd;
       }
-      cpu_ops::attend_group(ops, me.qp.data(), static_cast<int>(group), kc + kvh * max_ctx * hd,
-                            vc + kvh * max_ctx * hd, hd, pos + t + 1, nullptr, nullptr, hd, scale,
-                            me.scores.data(), me.op.data());
+      cpu_ops::attend_group(ops, me.qp.data(), static_cast<int>(group),
+                            k_base(l, PSEQ[t]) + kvh * max_ctx * hd,
+                            v_base(l, PSEQ[t]) + kvh * max_ctx * hd, hd, PPOS[t] + 1, nullptr,
+                            nullptr, hd, scale, me.scores.data(), me.op.data());
       if (attn_q_by_head) {
         p_att_act.quantize(PATT.data() + t * nq + h * hd, t, h * hd, (h + group) * hd, isa);
       }
@@ -1066,6 +1120,12 @@ struct CpuEngine::Impl {
 
 CpuEngine::CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt) {
   if (weights.cfg.is_deepseek2()) {
+    if (opt.max_sequences > 1) {
+      throw Error("model " + weights.source,
+                  "batched decode of " + std::to_string(opt.max_sequences) +
+                      " sequences is not implemented for deepseek2 (MLA) models yet",
+                  "run deepseek2 models with --batch 1");
+    }
     deepseek_ = std::make_unique<DeepseekCpuEngine>(weights, opt);
   } else {
     impl_ = std::make_unique<Impl>(weights, opt);
@@ -1077,8 +1137,44 @@ CpuEngine::~CpuEngine() = default;
 void CpuEngine::reset() {
   if (deepseek_) return deepseek_->reset();
   impl_->pos = 0;
+  std::fill(impl_->seq_pos.begin(), impl_->seq_pos.end(), 0);
 }
 int64_t CpuEngine::position() const { return deepseek_ ? deepseek_->position() : impl_->pos; }
+int64_t CpuEngine::position(int64_t seq) const {
+  if (deepseek_ || seq == impl_->cur) return position();
+  return impl_->seq_pos.at(static_cast<size_t>(seq));
+}
+int64_t CpuEngine::max_sequences() const { return deepseek_ ? 1 : impl_->max_seq; }
+
+void CpuEngine::set_sequence(int64_t seq) {
+  if (seq < 0 || seq >= max_sequences()) {
+    throw Error("sequence " + std::to_string(seq),
+                "outside [0, " + std::to_string(max_sequences()) + ")",
+                "create the engine with more max_sequences");
+  }
+  if (deepseek_) return;
+  Impl& m = *impl_;
+  m.seq_pos[static_cast<size_t>(m.cur)] = m.pos;
+  m.cur = seq;
+  m.pos = m.seq_pos[static_cast<size_t>(seq)];
+}
+
+void CpuEngine::decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits) {
+  if (deepseek_ || n == 1) {
+    if (n != 1) {
+      throw Error("decode_batch", "deepseek2 engines decode one sequence at a time",
+                  "use --batch 1 for deepseek2 models");
+    }
+    if (!deepseek_) set_sequence(0);
+    return decode(tokens[0], logits);
+  }
+  float* out = nullptr;
+  if (logits) {
+    logits->resize(static_cast<size_t>(n * impl_->vocab));
+    out = logits->data();
+  }
+  impl_->decode_batch(tokens, n, out);
+}
 
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits,
                         bool all_positions) {

@@ -22,6 +22,9 @@ struct CpuEngineOptions {
   int threads = 0;            // <= 0: one per physical core
   int64_t max_context = 4096; // KV cache length
   int64_t max_batch = 512;    // prefill tokens per forward chunk
+  // Sequences with their own KV cache (decode_batch); max_context positions each. qwen3moe
+  // only: a deepseek2 engine refuses more than 1.
+  int64_t max_sequences = 1;
   cpu::Isa isa = cpu::detect_isa();
   bool pin_threads = true;
 };
@@ -31,14 +34,25 @@ class CpuEngine {
   CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt);  // weights must outlive
   ~CpuEngine();
 
-  void reset();                 // empties the KV cache; position() becomes 0
-  int64_t position() const;
+  void reset();                 // empties every sequence's KV cache; positions become 0
+  int64_t position() const;     // of the current sequence
+  int64_t position(int64_t seq) const;
+  int64_t max_sequences() const;
+  // prefill() and decode() work on the current sequence (0 unless chosen here). Throws for a
+  // sequence outside [0, max_sequences).
+  void set_sequence(int64_t seq);
 
   // Runs tokens at positions position()..position()+n-1. When logits is non-null it receives
   // n * vocab floats (every position) if all_positions, else vocab floats (last position).
   void prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits, bool all_positions);
   // One decode step; logits (vocab floats) when non-null.
   void decode(int32_t token, std::vector<float>* logits);
+  // One decode step of sequences 0..n-1 at once (n <= max_sequences): tokens[b] goes to
+  // sequence b at its own position. The n tokens go through each layer together, so every
+  // expert selected by any of them is read once per step (tokens grouped by expert, as in
+  // prefill). logits (n * vocab floats, row b for sequence b) when non-null. Each row equals
+  // what decode() gives that sequence alone up to float rounding (prefill's kernels).
+  void decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits);
 
   static int32_t argmax(const float* logits, int64_t n);
 
