@@ -741,11 +741,25 @@ Tokenizer Tokenizer::synthetic(int64_t vocab) {
     }
     if (static_cast<int64_t>(d.tokens.size()) >= vocab - n_special) break;
   }
-  d.types.assign(d.tokens.size(), TokenType::Normal);
+  // The ids left over hold pairs of learned tokens, chosen by a fixed pseudo-random sequence
+  // (no merge produces them, so encoding never does; a random model that picks them prints
+  // word-like fragments). Without learned tokens the pairs are of bytes.
+  const int32_t learned_first = d.tokens.size() > 256 ? 256 : 0;
+  const uint64_t pool = d.tokens.size() - static_cast<uint64_t>(learned_first);
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto next_index = [&] {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<size_t>(learned_first + static_cast<int64_t>((state >> 33) % pool));
+  };
+  int64_t tries = 0;
   while (static_cast<int64_t>(d.tokens.size()) < vocab - n_special) {
-    d.tokens.push_back("<|ktune_unused_" + std::to_string(d.tokens.size()) + "|>");
-    d.types.push_back(TokenType::Unused);
+    std::string t = d.tokens[next_index()] + d.tokens[next_index()];
+    if (++tries > 64 * vocab) t = "<|ktune_filler_" + std::to_string(d.tokens.size()) + "|>";
+    if (id_of.emplace(t, static_cast<int32_t>(d.tokens.size())).second) {
+      d.tokens.push_back(std::move(t));
+    }
   }
+  d.types.assign(d.tokens.size(), TokenType::Normal);
   for (int64_t i = 0; i < n_special; ++i) {
     d.tokens.push_back(specials[static_cast<size_t>(i)]);
     d.types.push_back(TokenType::Control);

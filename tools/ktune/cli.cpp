@@ -75,6 +75,7 @@ int run_cli(int argc, char** argv) {
   add_trace_command(app);
   add_search_command(app);
   add_compare_command(app);
+  add_tokenize_command(app);
 
   // Ctrl-C / SIGTERM set a flag that long loops poll (interrupt.h); they throw Interrupted.
   InterruptScope interrupt_scope;

@@ -18,6 +18,7 @@ void add_info_command(CLI::App& app);
 void add_profile_command(CLI::App& app);
 void add_trace_command(CLI::App& app);
 void add_search_command(CLI::App& app);
+void add_tokenize_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_compare_command(CLI::App& app);
 

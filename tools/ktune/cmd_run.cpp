@@ -1,18 +1,32 @@
 // `ktune run`: flags -> RunOptions -> run_benchmark() (run_bench.cpp holds the work).
+#include <algorithm>
+#include <cctype>
+
 #include "cli.h"
+#include "ktune/engine/error.h"
 #include "model_arg.h"
 #include "run_bench.h"
 
 namespace ktune::cli {
 
+namespace {
+bool is_count(const std::string& s) {
+  return !s.empty() && s.size() < 19 &&
+         std::all_of(s.begin(), s.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+}
+}  // namespace
+
 void add_run_command(CLI::App& app) {
   auto opt = std::make_shared<RunOptions>();
+  auto prompt_args = std::make_shared<std::vector<std::string>>();
+  auto prompt_texts = std::make_shared<std::vector<std::string>>();
   auto* sub = app.add_subcommand(
       "run",
       "Benchmark prefill and decode speed of a model on this machine (like llama-bench).\n"
       "Example: ktune run --model synth:qwen3-30b-a3b:q4_0 -p 512 -n 128 -r 5 --threads 8,16\n"
       "Placements: ktune run --config best.yaml,best-nograph.yaml  (one model load, one row per\n"
-      "config and test), or ktune run --model M --experts-on-gpu 24 --cuda-graph on");
+      "config and test), or ktune run --model M --experts-on-gpu 24 --cuda-graph on\n"
+      "Text: ktune run --model Qwen3-30B-A3B-Q4_K_M.gguf --prompt \"The capital of France is\" -n 32");
   auto* model = sub->add_option("-m,--model", opt->model, kModelHelp)->capture_default_str();
   sub->add_option("-c,--config", opt->configs,
                   "Placement YAML(s) to run; a comma-separated list sweeps them with the model\n"
@@ -50,7 +64,20 @@ void add_run_command(CLI::App& app) {
   sub->add_option(
       "--cpu-mem", opt->cpu_mem,
       "Host memory budget for the plan, e.g. 100GiB (default: MemAvailable less 1 GiB)");
-  sub->add_option("-p,--prompt", opt->prompt, "Prefill (prompt) tokens per repetition; 0 skips")
+  sub->add_option("-p,--prompt", *prompt_args,
+                  "N: prefill tokens per repetition (default 512; 0 skips). TEXT (anything but\n"
+                  "a number): generate -n tokens from this text and print them (CPU engine;\n"
+                  "repeat --prompt for several prompts, shared round-robin by --batch sequences)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  sub->add_option("--prompt-text", *prompt_texts,
+                  "A text prompt, even one that looks like a number (as --prompt TEXT)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  sub->add_option("--batch", opt->batch,
+                  "Sequences decoded together (1..32): tg decodes B sequences per step (experts\n"
+                  "read once for all), reporting all sequences' tok/s and per sequence; the KV\n"
+                  "cache is planned per sequence. CPU engine only for now")
       ->capture_default_str();
   sub->add_option("-n,--gen", opt->gen, "Decode tokens per repetition; 0 skips")
       ->capture_default_str();
@@ -62,9 +89,24 @@ void add_run_command(CLI::App& app) {
       ->delimiter(',');
   sub->add_flag("--json", opt->json, "Print one JSON document on stdout instead of the table");
   sub->add_flag("!--no-probe", opt->probe, "Skip the DRAM bandwidth probe (no % of limit)");
-  sub->callback([opt, model] {
+  sub->callback([opt, model, prompt_args, prompt_texts] {
     RunOptions o = *opt;
     o.model_given = model->count() > 0;
+    for (const std::string& p : *prompt_args) {
+      if (p.size() > 1 && p[0] == '-' && is_count(p.substr(1))) {
+        throw_usage("--prompt", "`" + p + "` is negative", "give -p N with N >= 0 (0 skips)");
+      }
+      if (is_count(p)) {
+        if (prompt_args->size() > 1) {
+          throw_usage("--prompt", "a token count (`" + p + "`) given with other prompts",
+                      "give one -p N, or text prompts only");
+        }
+        o.prompt = std::stoll(p);
+      } else {
+        o.texts.push_back(p);
+      }
+    }
+    o.texts.insert(o.texts.end(), prompt_texts->begin(), prompt_texts->end());
     run_benchmark(o);
   });
 }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,7 @@
 #include "ktune/engine/synthetic.h"
 #include "ktune/engine/thread_pool.h"
 #include "model_arg.h"
+#include "model_tokenizer.h"
 #include "run_bench_gpu.h"
 
 namespace ktune::cli {
@@ -54,9 +56,10 @@ std::vector<std::string> split_list(const std::string& text, const char* flag) {
 
 struct RunResult {
   int threads = 0;
-  Stat prefill;       // tok/s
-  Stat decode;        // tok/s
-  int reps_done = 0;  // timed repetitions completed (< reps after Ctrl-C)
+  Stat prefill;         // tok/s
+  Stat decode;          // tok/s, all sequences of the batch together
+  Stat decode_per_seq;  // tok/s of one sequence (= decode when the batch is 1)
+  int reps_done = 0;    // timed repetitions completed (< reps after Ctrl-C)
 };
 
 // Ctrl-C / SIGTERM during the measurements (interrupt.h): the repetitions completed so far are
@@ -114,8 +117,12 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
   eo.threads = threads;
   eo.max_context = max_context;
   eo.max_batch = std::min<int64_t>(std::max<int64_t>(opt.prompt, 1), 512);
+  eo.max_sequences = opt.batch;
   CpuEngine engine(model, eo);
-  const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), model.cfg.vocab, opt.seed);
+  const int64_t V = model.cfg.vocab;
+  const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), V, opt.seed);
+  // --batch B: the sequences start from different tokens, so they route differently.
+  const auto starts = bench_tokens(opt.batch, V, opt.seed + 1);
   std::vector<float> logits;
   std::vector<double> pp, tg;
   int reps_done = 0;
@@ -131,14 +138,29 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
       pp_rate = static_cast<double>(opt.prompt) / dt;
       if (interrupted()) break;
     }
-    if (opt.gen > 0) {
+    if (opt.gen > 0 && opt.batch > 1) {
+      // B sequences from an empty context, one batched step per token, greedy; the rate counts
+      // the tokens of all sequences.
+      engine.reset();
+      std::vector<int32_t> toks = starts;
+      const double t0 = now_seconds();
+      for (int64_t i = 0; i < opt.gen && !interrupted(); ++i) {
+        engine.decode_batch(toks.data(), opt.batch, &logits);
+        for (int64_t b = 0; b < opt.batch; ++b) {
+          toks[static_cast<size_t>(b)] = CpuEngine::argmax(logits.data() + b * V, V);
+        }
+      }
+      const double dt = now_seconds() - t0;
+      if (interrupted()) break;
+      tg_rate = static_cast<double>(opt.gen * opt.batch) / dt;
+    } else if (opt.gen > 0) {
       // tg as llama-bench measures it: from an empty context, one token at a time, greedy.
       engine.reset();
       int32_t tok = prompt[0];
       const double t0 = now_seconds();
       for (int64_t i = 0; i < opt.gen && !interrupted(); ++i) {
         engine.decode(tok, &logits);
-        tok = CpuEngine::argmax(logits.data(), model.cfg.vocab);
+        tok = CpuEngine::argmax(logits.data(), V);
       }
       const double dt = now_seconds() - t0;
       if (interrupted()) break;
@@ -159,8 +181,35 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
   r.threads = engine.threads();
   r.prefill = Stat::of(pp);
   r.decode = Stat::of(tg);
+  for (double& x : tg) x /= static_cast<double>(opt.batch);
+  r.decode_per_seq = Stat::of(tg);
   r.reps_done = reps_done;
   return r;
+}
+
+// Bytes one decode step of opt.batch tokens reads: bytes_per_token_decode with each MoE layer's
+// top-k experts replaced by the expected distinct experts of the batch (uniform routing).
+double bytes_per_step(const ModelWeights& model, int64_t batch) {
+  double total = static_cast<double>(model.bytes_per_token_decode());
+  if (batch <= 1) return total;
+  const WeightBytes wb = weight_bytes(model);
+  const ModelConfig& c = model.cfg;
+  const double extra = expected_distinct_experts(c.n_experts, c.n_experts_used, batch) -
+                       static_cast<double>(c.n_experts_used);
+  for (int64_t e : wb.expert) total += extra * static_cast<double>(e);
+  return total;
+}
+
+std::string batch_line(const ModelConfig& c, int64_t batch) {
+  return fmt::format(
+      "# batch: {} sequences decoded together (tg rows: all sequences' tokens per second, and "
+      "per sequence); a step reads ~{:.1f} of {} experts per layer (uniform routing)\n",
+      batch, expected_distinct_experts(c.n_experts, c.n_experts_used, batch), c.n_experts);
+}
+
+std::string tg_label(const RunOptions& opt, bool per_seq) {
+  if (opt.batch <= 1) return fmt::format("tg{}", opt.gen);
+  return fmt::format("tg{} x{}{}", opt.gen, opt.batch, per_seq ? " /seq" : "");
 }
 
 // Checks shared by both paths; returns the thread list (default: one per physical core).
@@ -169,6 +218,10 @@ std::vector<int> check_common(const RunOptions& opt) {
     throw_usage("-p/-n", "nothing to measure", "give -p N (prefill tokens) and/or -n N (decode)");
   }
   if (opt.reps < 1 || opt.reps > 1000) throw_usage("-r", "must be 1..1000", "e.g. -r 5");
+  if (opt.batch < 1 || opt.batch > kMaxBatch) {
+    throw_usage("--batch", fmt::format("{} is not 1..{}", opt.batch, kMaxBatch),
+                "e.g. --batch 8 (sequences decoded together)");
+  }
   const int cores = physical_core_count();
   for (int t : opt.threads) {
     if (t < 1 || t > 4096) {
@@ -222,8 +275,10 @@ void run_plain(const RunOptions& opt) {
   const PartialInfo partial =
       partial_info(reps_done, opt.reps * static_cast<int>(thread_list.size()));
 
-  const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
-  const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  // With --batch B: bytes of one step of B tokens, and B tokens per step.
+  const double bytes_tok = bytes_per_step(model, opt.batch);
+  const double limit_tok_s =
+      bw.gb_per_s > 0 ? static_cast<double>(opt.batch) * bw.gb_per_s * 1e9 / bytes_tok : 0.0;
   const std::string isa = cpu::isa_name(cpu::detect_isa());
 
   if (opt.json) {
@@ -235,6 +290,8 @@ void run_plain(const RunOptions& opt) {
     doc["memory_bound_decode_tok_s"] = limit_tok_s;
     doc["prefill_tok_s"] = results.front().prefill.to_json();
     doc["decode_tok_s"] = results.front().decode.to_json();
+    doc["batch"] = opt.batch;
+    doc["decode_tok_s_per_sequence"] = results.front().decode_per_seq.to_json();
     doc["decode_fraction_of_limit"] =
         limit_tok_s > 0 ? results.front().decode.mean / limit_tok_s : 0.0;
     add_partial_json(doc, partial);
@@ -243,7 +300,8 @@ void run_plain(const RunOptions& opt) {
       runs.push_back({{"threads", r.threads},
                       {"repetitions_done", r.reps_done},
                       {"prefill_tok_s", r.prefill.to_json()},
-                      {"decode_tok_s", r.decode.to_json()}});
+                      {"decode_tok_s", r.decode.to_json()},
+                      {"decode_tok_s_per_sequence", r.decode_per_seq.to_json()}});
     }
     doc["runs"] = runs;
     std::cout << doc.dump(2) << "\n";
@@ -256,28 +314,41 @@ void run_plain(const RunOptions& opt) {
                            isa);
   std::cout << model_line(model);
   if (opt.probe) {
-    std::cout << memory_line(bw, bytes_tok, limit_tok_s, "");
+    std::cout << memory_line(bw, bytes_tok, limit_tok_s,
+                             opt.batch > 1 ? " (per step of the batch; limit for all sequences)"
+                                           : "");
   }
+  if (opt.batch > 1) std::cout << batch_line(model.cfg, opt.batch);
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
   if (partial.signal != 0) std::cout << partial_line(partial);
   std::cout << "\n";
-  std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n", "quant", "threads",
-                           "test", "tok/s", "% of limit");
-  std::cout << "| -------- | ------: | ------: | -------------------: | -----------: |\n";
+  // The test column widens for batch labels ("tg128 x32 /seq").
+  const int tw = opt.batch > 1 ? 14 : 7;
+  auto test_col = [&](const std::string& t) { return fmt::format("{:>{}}", t, tw); };
+  std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", "quant", "threads",
+                           test_col("test"), "tok/s", "% of limit");
+  std::cout << "| -------- | ------: | " << std::string(tw - 1, '-')
+            << ": | -------------------: | -----------: |\n";
   for (const auto& r : results) {
     if (r.reps_done == 0) continue;  // interrupted before its first timed repetition
     if (opt.prompt > 0) {
-      std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
-                               quant_name(model.quant), r.threads, fmt::format("pp{}", opt.prompt),
+      std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
+                               quant_name(model.quant), r.threads, test_col(fmt::format("pp{}", opt.prompt)),
                                fmt::format("{:.2f} ± {:.2f}", r.prefill.mean, r.prefill.stddev),
                                "");
     }
     if (opt.gen > 0) {
       const std::string pct =
           limit_tok_s > 0 ? fmt::format("{:.1f} %", 100.0 * r.decode.mean / limit_tok_s) : "n/a";
-      std::cout << fmt::format("| {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
-                               quant_name(model.quant), r.threads, fmt::format("tg{}", opt.gen),
+      std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
+                               quant_name(model.quant), r.threads, test_col(tg_label(opt, false)),
                                fmt::format("{:.2f} ± {:.2f}", r.decode.mean, r.decode.stddev), pct);
+      if (opt.batch > 1) {
+        std::cout << fmt::format(
+            "| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", quant_name(model.quant), r.threads,
+            test_col(tg_label(opt, true)),
+            fmt::format("{:.2f} ± {:.2f}", r.decode_per_seq.mean, r.decode_per_seq.stddev), "");
+      }
     }
   }
   if (partial.signal != 0) {
@@ -354,7 +425,8 @@ GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, 
 // (the placement's context, or what -p/-n need when that is more), plan, check budgets and
 // devices, choose the engine. Nothing is loaded.
 PlannedRun plan_run(Placement placement, const std::string& label, const ModelShape& shape,
-                    const RuntimeOverrides& ov, const Budgets& budgets, int64_t needed) {
+                    const RuntimeOverrides& ov, const Budgets& budgets, int64_t needed,
+                    int64_t batch = 1) {
   PlannedRun r;
   r.label = label;
   r.placement = std::move(placement);
@@ -362,6 +434,19 @@ PlannedRun plan_run(Placement placement, const std::string& label, const ModelSh
   apply_runtime_overrides(r.placement, ov);
   r.context = std::max(r.placement.runtime.context, needed);
   r.placement.runtime.context = r.context;
+  // The KV cache is planned per sequence (runtime.batch x context positions per layer).
+  if (batch > 1) r.placement.runtime.batch = batch;
+  if (r.placement.runtime.batch > 1) {
+    // Only the CpuEngine decodes several sequences so far; refused before anything else.
+    const EngineKind k = choose_engine(r.placement, r.label);
+    if (k != EngineKind::Cpu) {
+      throw Error(r.label,
+                  fmt::format("batch {}: the {} engine decodes one sequence at a time for now",
+                              r.placement.runtime.batch, engine_kind_name(k)),
+                  "use --batch 1 (runtime.batch: 1) with GPU placements, or put everything on "
+                  "cpu");
+    }
+  }
   r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
   check_fits(r.plan);
   check_gpus_present(r.placement);
@@ -537,7 +622,8 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
   std::vector<PlannedRun> runs;
   for (size_t i = 0; i < placements.size(); ++i) {
     for (const auto& [ov, tag] : variants) {
-      runs.push_back(plan_run(placements[i], labels[i] + tag, shape, ov, budgets, needed));
+      runs.push_back(
+          plan_run(placements[i], labels[i] + tag, shape, ov, budgets, needed, opt.batch));
     }
   }
   return PlannedSweep{spec, std::move(shape), std::move(runs)};
@@ -620,8 +706,10 @@ void run_placements(const RunOptions& opt) {
   const PartialInfo partial = partial_info(reps_done, opt.reps * planned_rows);
   if (results.empty()) stop_if_interrupted_before_measuring();
 
-  const double bytes_tok = static_cast<double>(model.bytes_per_token_decode());
-  const double limit_tok_s = bw.gb_per_s > 0 ? bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  // With --batch B (CPU engine only): bytes of one step of B tokens, B tokens per step.
+  const double bytes_tok = bytes_per_step(model, opt.batch);
+  const double limit_tok_s =
+      bw.gb_per_s > 0 ? static_cast<double>(opt.batch) * bw.gb_per_s * 1e9 / bytes_tok : 0.0;
   const std::string isa = cpu::isa_name(cpu::detect_isa());
   const GpuInfo gpus = query_gpus();
   // The memory-bound limit of a row: bytes per token / the DRAM probe for the CpuEngine, /
@@ -661,6 +749,7 @@ void run_placements(const RunOptions& opt) {
     doc["prefill_tok_s"] = results.front().prefill.to_json();
     doc["decode_tok_s"] = results.front().decode.to_json();
     doc["decode_fraction_of_limit"] = pct_of_limit(results.front());
+    doc["batch"] = opt.batch;
     add_partial_json(doc, partial);
     nlohmann::json pl = nlohmann::json::array();
     for (const PlannedRun& r : runs) pl.push_back(summary_json(r.summary));
@@ -701,6 +790,7 @@ void run_placements(const RunOptions& opt) {
   std::cout << model_line(model);
   std::cout << fmt::format("# model loaded once in {:.1f} s for {} placement{}\n", load_s,
                            runs.size(), runs.size() == 1 ? "" : "s");
+  if (opt.batch > 1) std::cout << batch_line(cfg, opt.batch);
   if (opt.probe && any_cpu) {
     std::cout << memory_line(bw, bytes_tok, limit_tok_s, " (cpu engine)");
   }
@@ -719,27 +809,29 @@ void run_placements(const RunOptions& opt) {
                              runs[i].summary.line());
   }
   std::cout << "\n";
-  std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
-                           "placement", "engine", "quant", "threads", "test", "tok/s",
+  const int tw = opt.batch > 1 ? 14 : 7;
+  auto test_col = [&](const std::string& t) { return fmt::format("{:>{}}", t, tw); };
+  std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
+                           "placement", "engine", "quant", "threads", test_col("test"), "tok/s",
                            "% of limit");
-  std::cout << "| --------: | ------ | -------- | ------: | ------: | -------------------: | "
-               "-----------: |\n";
+  std::cout << "| --------: | ------ | -------- | ------: | " << std::string(tw - 1, '-')
+            << ": | -------------------: | -----------: |\n";
   for (const ConfigResult& c : results) {
     if (c.reps_done == 0) continue;  // interrupted before its first timed repetition
     const std::string th = c.threads > 0 ? std::to_string(c.threads) : "-";
     const char* eng = engine_kind_name(runs[c.placement].engine);
     if (opt.prompt > 0) {
       std::cout << fmt::format(
-          "| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n", c.placement + 1, eng,
-          quant_name(model.quant), th, fmt::format("pp{}", opt.prompt),
+          "| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", c.placement + 1, eng,
+          quant_name(model.quant), th, test_col(fmt::format("pp{}", opt.prompt)),
           fmt::format("{:.2f} ± {:.2f}", c.prefill.mean, c.prefill.stddev), "");
     }
     if (opt.gen > 0) {
       const double f = pct_of_limit(c);
       const std::string pct = f > 0 ? fmt::format("{:.1f} %", 100.0 * f) : "n/a";
-      std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {:>7} | {:>20} | {:>12} |\n",
+      std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
                                c.placement + 1, eng, quant_name(model.quant), th,
-                               fmt::format("tg{}", opt.gen),
+                               test_col(tg_label(opt, false)),
                                fmt::format("{:.2f} ± {:.2f}", c.decode.mean, c.decode.stddev), pct);
     }
   }
@@ -756,6 +848,176 @@ void run_placements(const RunOptions& opt) {
     std::cout.flush();
     throw Interrupted(partial.signal, kPartialFix);
   }
+}
+
+// ---- text generation: --prompt TEXT ----
+
+// Generates opt.gen tokens (greedy) for opt.batch sequences from the prompt texts on the
+// CpuEngine, printing the text: one sequence streams to stdout as it is generated (a UTF-8
+// character split over tokens is printed when complete); a batch prints each sequence at the
+// end. Rates go to stderr (or into the JSON document).
+void run_generate(const RunOptions& opt) {
+  if (uses_placements(opt)) {
+    throw_usage("--prompt",
+                "text generation runs on the CPU engine (a plain --model run) for now",
+                "drop the placement flags, or give -p N to benchmark the placement");
+  }
+  std::vector<int> thread_list = check_common(opt);
+  if (thread_list.size() > 1) {
+    throw_usage("--threads", "text generation takes one thread count", "e.g. --threads 16");
+  }
+  if (opt.gen < 1) throw_usage("-n", "must be >= 1 to generate text", "e.g. -n 64");
+  // The tokenizer first: a model without a usable one fails before its weights are loaded.
+  const ModelTokenizer mt = load_model_tokenizer(opt.model);
+  const Tokenizer& tok = mt.tokenizer;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  for (const std::string& t : opt.texts) {
+    prompt_ids.push_back(tok.encode(t));
+    if (prompt_ids.back().empty()) {
+      throw_usage("--prompt", "the prompt text is empty", "give some text, e.g. --prompt \"Hi\"");
+    }
+  }
+  ModelWeights model = load_model_for_cli(opt.model, opt.json);
+  const int64_t V = model.cfg.vocab;
+  if (tok.size() > V) {
+    throw Error(opt.model,
+                fmt::format("the tokenizer has {} tokens but the model's vocabulary is {}",
+                            tok.size(), V),
+                "use a GGUF whose tokenizer matches its embedding table");
+  }
+  const int64_t B = opt.batch;
+  const size_t P = prompt_ids.size();
+  int64_t longest = 0;
+  for (const auto& p : prompt_ids) longest = std::max<int64_t>(longest, p.size());
+  const int64_t ctx = longest + opt.gen + 1;
+  if (model.cfg.context_length > 0 && ctx > model.cfg.context_length) {
+    throw_usage("--prompt/-n",
+                fmt::format("{} tokens exceed the model's context of {}", ctx,
+                            model.cfg.context_length),
+                "use a shorter prompt or a smaller -n");
+  }
+  CpuEngineOptions eo;
+  eo.threads = thread_list.front();
+  eo.max_context = ctx;
+  eo.max_batch = std::min<int64_t>(longest, 512);
+  eo.max_sequences = B;
+  CpuEngine engine(model, eo);
+  if (!opt.json) {
+    std::cerr << fmt::format("ktune: tokenizer: {}\n", mt.source);
+    if (mt.synthetic) {
+      std::cerr << "ktune: note: the model's weights are random, so the generated text is "
+                   "gibberish; the speed is real\n";
+    }
+  }
+
+  struct Seq {
+    const std::vector<int32_t>* prompt = nullptr;
+    std::string prompt_text;
+    std::vector<int32_t> ids;
+    std::string text;
+    StreamDecoder stream;
+    bool done = false;
+  };
+  std::vector<Seq> seqs(static_cast<size_t>(B));
+  std::vector<int32_t> next(static_cast<size_t>(B));
+  std::vector<float> logits;
+  const bool stream_out = B == 1 && !opt.json;
+  double prefill_s = 0.0;
+  int64_t prompt_tokens = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    Seq& s = seqs[static_cast<size_t>(b)];
+    s.prompt = &prompt_ids[static_cast<size_t>(b) % P];
+    s.prompt_text = opt.texts[static_cast<size_t>(b) % P];
+    engine.set_sequence(b);
+    const double t0 = now_seconds();
+    engine.prefill(s.prompt->data(), static_cast<int64_t>(s.prompt->size()), &logits, false);
+    prefill_s += now_seconds() - t0;
+    prompt_tokens += static_cast<int64_t>(s.prompt->size());
+    next[static_cast<size_t>(b)] = CpuEngine::argmax(logits.data(), V);
+  }
+  if (stream_out) std::cout << seqs[0].prompt_text << std::flush;
+  // Token i of every sequence comes from the previous step's logits; a sequence that reached
+  // an end-of-generation token stops printing (a batch keeps computing it until all stop).
+  int64_t steps = 0;
+  double decode_s = 0.0;
+  for (int64_t i = 0; i < opt.gen && !interrupted(); ++i) {
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      Seq& s = seqs[static_cast<size_t>(b)];
+      if (s.done) continue;
+      const int32_t t = next[static_cast<size_t>(b)];
+      s.ids.push_back(t);
+      if (tok.is_end_of_generation(t)) {
+        s.done = true;
+        continue;
+      }
+      const std::string piece = s.stream.push(tok.token_bytes(t));
+      s.text += piece;
+      if (stream_out) std::cout << piece << std::flush;
+      all_done = false;
+    }
+    if (all_done || i + 1 == opt.gen) break;
+    const double t0 = now_seconds();
+    if (B == 1) {
+      engine.decode(next[0], &logits);
+    } else {
+      engine.decode_batch(next.data(), B, &logits);
+    }
+    decode_s += now_seconds() - t0;
+    ++steps;
+    for (int64_t b = 0; b < B; ++b) {
+      next[static_cast<size_t>(b)] = CpuEngine::argmax(logits.data() + b * V, V);
+    }
+  }
+  for (Seq& s : seqs) {
+    const std::string tail = s.stream.finish();
+    s.text += tail;
+    if (stream_out) std::cout << tail;
+  }
+  const double pp_tok_s = prefill_s > 0 ? static_cast<double>(prompt_tokens) / prefill_s : 0.0;
+  const double per_seq = decode_s > 0 ? static_cast<double>(steps) / decode_s : 0.0;
+  const double aggregate = per_seq * static_cast<double>(B);
+  const int sig = interrupt_signal();
+
+  if (opt.json) {
+    nlohmann::json doc = report_header(model, engine.threads(), cpu::isa_name(engine.isa()));
+    doc["tokenizer"] = {{"source", mt.source},
+                        {"synthetic", mt.synthetic},
+                        {"pre", pre_tokenizer_name(tok.pre())}};
+    doc["batch"] = B;
+    doc["gen_tokens"] = opt.gen;
+    doc["prefill_tok_s"] = pp_tok_s;
+    doc["decode_steps"] = steps;
+    doc["decode_tok_s"] = aggregate;
+    doc["decode_tok_s_per_sequence"] = per_seq;
+    doc["partial"] = sig != 0;
+    nlohmann::json out = nlohmann::json::array();
+    for (const Seq& s : seqs) {
+      out.push_back({{"prompt", s.prompt_text},
+                     {"prompt_ids", *s.prompt},
+                     {"ids", s.ids},
+                     {"text", s.text},
+                     {"stopped", s.done ? "end_of_generation" : "length"}});
+    }
+    doc["sequences"] = out;
+    std::cout << doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  } else {
+    if (stream_out) {
+      std::cout << "\n";
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const Seq& s = seqs[static_cast<size_t>(b)];
+        std::cout << fmt::format("--- sequence {} ---\n{}{}\n", b, s.prompt_text, s.text);
+      }
+    }
+    std::cout.flush();
+    std::cerr << fmt::format(
+        "ktune: prompt {} tokens, prefill {:.1f} tok/s; {} decode steps, {:.2f} tok/s per "
+        "sequence{}\n",
+        prompt_tokens, pp_tok_s, steps, per_seq,
+        B > 1 ? fmt::format(", {:.2f} tok/s aggregate (batch {})", aggregate, B) : "");
+  }
+  if (sig != 0) throw Interrupted(sig, "the generated text above is partial");
 }
 
 }  // namespace
@@ -821,8 +1083,17 @@ bool uses_placements(const RunOptions& opt) {
          !opt.cpu_mem.empty();
 }
 
+double expected_distinct_experts(int64_t n_experts, int64_t top_k, int64_t batch) {
+  if (n_experts <= 0 || top_k <= 0 || batch <= 0) return 0.0;
+  const double e = static_cast<double>(n_experts);
+  const double p = std::min(1.0, static_cast<double>(top_k) / e);
+  return e * (1.0 - std::pow(1.0 - p, static_cast<double>(batch)));
+}
+
 void run_benchmark(const RunOptions& opt) {
-  if (uses_placements(opt)) {
+  if (!opt.texts.empty()) {
+    run_generate(opt);
+  } else if (uses_placements(opt)) {
     run_placements(opt);
   } else {
     run_plain(opt);

@@ -20,6 +20,11 @@
 namespace ktune::cli {
 
 constexpr int64_t kNotGiven = INT64_MIN;
+constexpr int64_t kMaxBatch = 32;
+
+// Expected distinct experts a decode step of `batch` tokens reads per layer of E experts with
+// top-k routing, when every token picks uniformly: E * (1 - (1 - k/E)^batch).
+double expected_distinct_experts(int64_t n_experts, int64_t top_k, int64_t batch);
 
 struct RunOptions {
   std::string model = "synth:tiny";
@@ -39,7 +44,11 @@ struct RunOptions {
   std::string gpu_mem;                 // --gpu-mem budget overrides ("" = defaults)
   std::string cpu_mem;                 // --cpu-mem
   int64_t prompt = 512;
+  // --prompt TEXT (any value that is not a plain number) or --prompt-text: generate text from
+  // these prompts instead of benchmarking (sequence b of a batch gets texts[b % size]).
+  std::vector<std::string> texts;
   int64_t gen = 128;
+  int64_t batch = 1;  // --batch: sequences decoded together (1..kMaxBatch)
   int reps = 5;
   std::vector<int> threads;
   bool json = false;

@@ -1,0 +1,156 @@
+// `ktune run --batch` and `--prompt TEXT`, `ktune tokenize`: the KV cache planned per sequence,
+// the expected distinct experts of a batch, GPU placements refusing batches, text generation on
+// the synthetic vocabulary and on a GGUF's own, and tokenizer errors naming the GGUF key.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "ktune/engine/gguf.h"
+#include "ktune/engine/memory_plan.h"
+#include "ktune/engine/placement.h"
+#include "ktune/engine/tokenizer.h"
+#include "run_bench.h"
+#include "subprocess.h"
+
+namespace {
+
+using ktune::Device;
+using ktune::QuantType;
+using ktune::test::run_ktune;
+
+ktune::Budgets no_budgets() { return ktune::Budgets{}; }
+
+TEST(BatchPlan, KvCacheCountsEverySequence) {
+  const ktune::ModelConfig& q = *ktune::find_preset("qwen3-30b-a3b");
+  auto p = ktune::make_uniform_placement(q, Device::cpu(), Device::cpu());
+  p.runtime.context = 1024;
+  p.runtime.batch = 1;
+  const auto one = ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, no_budgets());
+  p.runtime.batch = 8;
+  const auto eight = ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, no_budgets());
+  // f32 K and V on the CPU: 48 layers x 2 x 1024 positions x 4 kv heads x 128 x 4 bytes.
+  const int64_t per_seq = int64_t{48} * 2 * 1024 * 4 * 128 * 4;
+  EXPECT_EQ(one.per_device.at("cpu").kv_cache, per_seq);
+  EXPECT_EQ(eight.per_device.at("cpu").kv_cache, 8 * per_seq);  // 768 MiB
+  EXPECT_EQ(eight.per_device.at("cpu").weights, one.per_device.at("cpu").weights);
+  // deepseek-v3 on a GPU: the MLA latent + roped key (512 + 64) in f16, per sequence.
+  const ktune::ModelConfig& d = *ktune::find_preset("deepseek-v3");
+  auto g = ktune::make_uniform_placement(d, Device::cuda(0), Device::cpu());
+  g.runtime.context = 4096;
+  g.runtime.batch = 4;
+  const auto dp = ktune::plan_memory(d, QuantType::Q4_K, QuantType::Q4_K, g, no_budgets());
+  EXPECT_EQ(dp.per_device.at("cuda:0").kv_cache, int64_t{61} * 4096 * 4 * 576 * 2);
+}
+
+TEST(BatchPlan, ExpectedDistinctExpertsUnderUniformRouting) {
+  using ktune::cli::expected_distinct_experts;
+  EXPECT_DOUBLE_EQ(expected_distinct_experts(128, 8, 1), 8.0);
+  EXPECT_NEAR(expected_distinct_experts(128, 8, 2), 8 + 8 * (1 - 8.0 / 128), 1e-12);
+  EXPECT_NEAR(expected_distinct_experts(128, 8, 32), 128 * (1 - std::pow(120.0 / 128, 32)),
+              1e-9);
+  EXPECT_LT(expected_distinct_experts(128, 8, 32), 128.0);
+  EXPECT_DOUBLE_EQ(expected_distinct_experts(8, 8, 4), 8.0);
+}
+
+TEST(RunBatchCli, BadBatchesAreUsageOrRuntimeErrors) {
+  auto r = run_ktune({"run", "--batch", "33", "-p", "4", "-n", "4", "--no-probe"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--batch"), std::string::npos) << r.err;
+  // GPU placements decode one sequence: refused before the plan is checked (no GPU needed).
+  r = run_ktune({"run", "--batch", "2", "--experts-on-gpu", "0", "-p", "4", "-n", "4"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("batch 2: the hybrid engine decodes one sequence at a time"),
+            std::string::npos)
+      << r.err;
+  r = run_ktune({"run", "--model", "synth:tiny-deepseek", "--batch", "2", "-p", "4", "-n", "4",
+                 "--no-probe", "-r", "1"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("deepseek2"), std::string::npos) << r.err;
+}
+
+TEST(RunBatchCli, BatchedBenchmarkReportsAggregateAndPerSequence) {
+  const auto r = run_ktune({"run", "--batch", "3", "-p", "4", "-n", "4", "-r", "1", "-t", "2",
+                            "--no-probe", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("batch"), 3);
+  const double agg = j.at("decode_tok_s").at("mean");
+  const double per = j.at("decode_tok_s_per_sequence").at("mean");
+  EXPECT_GT(per, 0.0);
+  EXPECT_NEAR(agg, 3 * per, 1e-6 * agg);
+}
+
+TEST(RunTextCli, GeneratesTextOnTheSyntheticVocabulary) {
+  auto r = run_ktune({"run", "--prompt", "The model reads", "-n", "6", "-t", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_TRUE(j.at("tokenizer").at("synthetic").get<bool>());
+  ASSERT_EQ(j.at("sequences").size(), 1u);
+  const auto& s = j.at("sequences")[0];
+  EXPECT_EQ(s.at("prompt"), "The model reads");
+  const ktune::Tokenizer tok = ktune::Tokenizer::synthetic(1024);
+  EXPECT_EQ(s.at("prompt_ids").get<std::vector<int32_t>>(), tok.encode("The model reads"));
+  const auto ids = s.at("ids").get<std::vector<int32_t>>();
+  EXPECT_GE(ids.size(), 1u);
+  EXPECT_LE(ids.size(), 6u);
+  // A batch of two sequences of different prompts: the first equals the single run.
+  r = run_ktune({"run", "--prompt", "The model reads", "--prompt", "Experts", "--batch", "2",
+                 "-n", "6", "-t", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j.at("sequences").size(), 2u);
+  EXPECT_EQ(j.at("sequences")[0].at("ids").get<std::vector<int32_t>>(), ids);
+  EXPECT_EQ(j.at("sequences")[1].at("prompt"), "Experts");
+  // Text output streams the prompt and the continuation on stdout, rates on stderr.
+  r = run_ktune({"run", "--prompt", "Hello there", "-n", "4", "-t", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("Hello there", 0), 0u) << r.out;
+  EXPECT_NE(r.err.find("gibberish"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("tok/s per sequence"), std::string::npos) << r.err;
+  // -p N stays the benchmark's prompt length; a number as text needs --prompt-text.
+  r = run_ktune({"run", "--prompt-text", "42", "-n", "2", "-t", "1", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("sequences")[0].at("prompt"), "42");
+  r = run_ktune({"run", "-p", "-3", "-n", "2"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+}
+
+// A GGUF holding only tokenizer metadata (no tensors), written to a temporary file.
+std::string write_tokenizer_gguf(const std::string& name, const ktune::gguf::Writer& w) {
+  const std::string path = ::testing::TempDir() + name;
+  w.write(path, [](size_t, const ktune::gguf::TensorInfo&, ktune::gguf::ByteSink&) {});
+  return path;
+}
+
+TEST(TokenizeCli, ReadsTheGgufVocabularyAndNamesBadKeys) {
+  const ktune::Tokenizer t = ktune::Tokenizer::synthetic(700);
+  ktune::gguf::Writer w;
+  t.write_gguf_metadata(w);
+  const std::string good = write_tokenizer_gguf("tok_good.gguf", w);
+  const std::string text = "It's 2026: naïve 😀 <|im_start|>hi";
+  auto r = run_ktune({"tokenize", "--model", good, text, "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_FALSE(j.at("tokenizer").at("synthetic").get<bool>());
+  EXPECT_EQ(j.at("tokenizer").at("pre"), "qwen2");
+  EXPECT_EQ(j.at("ids").get<std::vector<int32_t>>(), t.encode(text));
+  r = run_ktune({"tokenize", "--model", good, "--no-special", "<|im_start|>"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.find(std::to_string(t.size() - 2)), std::string::npos) << r.out;
+
+  w.set("tokenizer.ggml.merges",
+        ktune::gguf::Value::make_array(ktune::gguf::ValueType::STRING,
+                                       {ktune::gguf::Value::string("nospace")}));
+  const std::string bad = write_tokenizer_gguf("tok_bad.gguf", w);
+  r = run_ktune({"tokenize", "--model", bad, "x"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("tokenizer.ggml.merges"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(bad), std::string::npos) << r.err;
+  r = run_ktune({"run", "--model", bad, "--prompt", "hello", "-n", "2"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("tokenizer.ggml.merges"), std::string::npos) << r.err;
+}
+
+}  // namespace
