@@ -66,6 +66,8 @@ CostModel::CostModel(MachineCosts machine, ModelInfo model, RouterModel router, 
     if (r.prompt >= kPrefillChunkTokens) sizes.insert(kPrefillChunkTokens);
     if (r.prompt % kPrefillChunkTokens != 0) sizes.insert(r.prompt % kPrefillChunkTokens);
   }
+  // A batched decode step is priced like a chunk of `batch` tokens: its distinct experts.
+  if (w_.batch > 1) sizes.insert(w_.batch);
   chunk_sizes_.assign(sizes.begin(), sizes.end());
   for (int64_t n : chunk_sizes_) {
     std::vector<std::vector<double>> per_layer;
@@ -184,6 +186,7 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
   const ModelConfig& c = model_.cfg;
   const double eb = double(model_.bytes.expert[size_t(l)]);
   const int k = static_cast<int>(c.n_experts_used);
+  if (w_.batch > 1) return decode_layer_batch_us(l, s, e, ctx);
   if (!e.gpu) {
     // The CPU engine: attention weights and the f32 KV cache at DRAM speed, the token's experts
     // at CpuMoe's bandwidth.
@@ -256,6 +259,45 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
     expected += pr * t;
   }
   return expected;
+}
+
+double CostModel::decode_layer_batch_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                                        double ctx) const {
+  // One step of B sequences (B tokens): weights are read once per step, each sequence's KV cache
+  // once; the experts read are the distinct ones the B tokens select (from the router
+  // statistics: E(1 - (1 - p_e)^B) summed per side; uniform routing gives E(1 - (1 - k/E)^B)).
+  // Decode stays memory-bound at these batch sizes, so compute is not priced.
+  const ModelConfig& c = model_.cfg;
+  const double B = double(w_.batch);
+  const double eb = double(model_.bytes.expert[size_t(l)]);
+  const size_t ci = chunk_index(w_.batch);
+  const double gpu_distinct = s.gpu_distinct[ci], cpu_distinct = s.cpu_distinct[ci];
+  if (!e.gpu) {
+    const double kv = B * 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
+    return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
+                        m_.cpu_read_at(e.cpu_threads)) +
+           us_for_bytes((gpu_distinct + cpu_distinct) * eb, m_.cpu_moe_at(e.cpu_threads));
+  }
+  const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
+  // Attention reads B caches: priced as one attention over B times the context.
+  const double pre = pre_gpu_us(l, B * ctx, graph);
+  const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
+  const double gpu_us =
+      has_gpu ? 2 * kernel_us(us_for_bytes(gpu_distinct * eb, e.kernel == MoeKernel::Fused
+                                                                  ? m_.moe_fused_gb_s
+                                                                  : m_.moe_unfused_gb_s),
+                              graph)
+              : 0.0;
+  if (!has_cpu) return pre + gpu_us;
+  const double cpu_us = us_for_bytes(cpu_distinct * eb, m_.cpu_moe_at(e.cpu_threads));
+  const double io = B * (double(c.hidden) + 2.0 * double(c.n_experts_used)) * 4.0;
+  const double d2h = kernel_us(us_for_bytes(io, m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0), graph);
+  const double merge =
+      kernel_us(us_for_bytes(B * double(c.hidden) * 4.0, m_.h2d_gb_s), graph) + kernel_us(0, graph);
+  const double handoff = graph ? (e.handoff == CpuHandoff::Flags ? m_.flag_handoff_us
+                                                                 : m_.host_node_us)
+                               : m_.handoff_host_thread_us;
+  return pre + d2h + std::max(gpu_us, handoff + cpu_us) + merge;
 }
 
 double CostModel::decode_step_fixed_us(const EngineSettings& e) const {
@@ -424,7 +466,8 @@ Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const Engin
     const double ctx = double(r.prompt) + double(r.gen) / 2;
     double step = fixed;
     for (int64_t l = 0; l < n_layers(); ++l) step += decode_layer_us(l, splits[size_t(l)], e, ctx);
-    const double dec = double(r.gen) * step * 1e-6;
+    // With a batch, B requests share each step: machine time per request is step / B.
+    const double dec = double(r.gen) * step * 1e-6 / double(w_.batch);
     pre_w += wt * pre;
     dec_w += wt * dec;
     prompt_w += wt * double(r.prompt);
@@ -460,7 +503,8 @@ double CostModel::constant_s(const EngineSettings& e) const {
                                : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
   double s = 0;
   for (const Request& r : w_.requests) {
-    s += r.weight / tw * (head_us + double(r.gen) * decode_step_fixed_us(e)) * 1e-6;
+    s += r.weight / tw *
+         (head_us + double(r.gen) * decode_step_fixed_us(e) / double(w_.batch)) * 1e-6;
   }
   return s;
 }
@@ -511,7 +555,8 @@ std::vector<std::vector<double>> CostModel::layer_tables(const EngineSettings& e
       double dec = 0;
       for (const Request& r : w_.requests) {
         const double ctx = double(r.prompt) + double(r.gen) / 2;
-        dec += r.weight / tw * double(r.gen) * decode_layer_us(l, s, e, ctx) * 1e-6;
+        dec += r.weight / tw * double(r.gen) * decode_layer_us(l, s, e, ctx) * 1e-6 /
+               double(w_.batch);
       }
       t[size_t(l)][size_t(m)] += dec;
     }

@@ -49,11 +49,12 @@ struct LayerSplit {
 };
 
 struct Prediction {
-  double request_s = 0;      // mean time of one request of the workload's mix
+  double request_s = 0;      // mean time of one request of the workload's mix (batch B: machine
+                             // time per request, B requests sharing each decode step)
   double prefill_s = 0;      // of which prefill
   double decode_s = 0;       // of which decode
   double prefill_tok_s = 0;  // prompt tokens / prefill time over the mix
-  double decode_tok_s = 0;   // generated tokens / decode time over the mix
+  double decode_tok_s = 0;   // generated tokens / decode time over the mix (all sequences)
   double decode_ms = 0;      // one decode step at the mix's mean decode context
   double gpu_mass = 0;       // share of the routing mass on GPU-resident experts (coverage)
   int64_t gpu_experts = 0;
@@ -90,8 +91,13 @@ class CostModel {
   LayerSplit hottest_split(int64_t layer, int64_t m) const;  // the m hottest experts on the GPU
   LayerSplit split_of(int64_t layer, const std::vector<bool>& on_gpu) const;
 
-  // Expected decode time (µs) of layer l's part of one step at KV context `ctx`.
+  // Expected decode time (µs) of layer l's part of one step at KV context `ctx` (with the
+  // workload's batch B > 1: one step of B sequences, see decode_layer_batch_us).
   double decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e, double ctx) const;
+  // One step of the workload's B sequences: B KV caches, the distinct experts B tokens select
+  // (GPU- and CPU-resident, from the router model), one hand-off per layer for all B.
+  double decode_layer_batch_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                               double ctx) const;
   // The per-step part outside the layers (embedding, head, argmax, graph launch), µs.
   double decode_step_fixed_us(const EngineSettings& e) const;
   // Prefill of one prompt of `prompt` tokens (s): the pipeline simulation. copy_layers (when

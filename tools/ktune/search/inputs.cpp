@@ -86,7 +86,9 @@ std::string Workload::describe() const {
     s += fmt::format("{}prompt {} + gen {}", i ? ", " : "", r.prompt, r.gen);
     if (requests.size() > 1) s += fmt::format(" ({:.0f}%)", 100.0 * r.weight / tw);
   }
-  return s + fmt::format("; context {}", context);
+  s += fmt::format("; context {}", context);
+  if (batch > 1) s += fmt::format("; batch {}", batch);
+  return s;
 }
 
 Workload chat_workload() {
@@ -101,11 +103,22 @@ Workload chat_workload() {
 
 Workload parse_workload(const std::string& text, const std::string& flag) {
   const std::string fix =
-      "write chat, or prompt=N,gen=N[,context=N][,weight=W], requests joined by ';' (e.g. "
-      "prompt=2048,gen=256,context=8192)";
+      "write chat, or prompt=N,gen=N[,context=N][,weight=W][,batch=B], requests joined by ';' "
+      "(e.g. prompt=2048,gen=256,context=8192; chat,batch=8)";
   const std::string t = trim(text);
   if (lower(t) == "chat") return chat_workload();
   if (t.empty()) throw_usage(flag, "is empty", fix);
+  constexpr int64_t kMaxBatch = 4096;  // runtime.batch's range in placements
+  if (lower(t).rfind("chat,", 0) == 0) {
+    Workload w = chat_workload();
+    for (const std::string& item : split(t.substr(5), ',')) {
+      const size_t eq = item.find('=');
+      const std::string key = eq == std::string::npos ? "" : lower(trim(item.substr(0, eq)));
+      if (key != "batch") throw_usage(flag, "`" + item + "`: chat takes only batch=B", fix);
+      w.batch = parse_count(trim(item.substr(eq + 1)), flag, key, 1, kMaxBatch, fix);
+    }
+    return w;
+  }
   Workload w;
   w.name = "custom";
   int64_t context = 0;
@@ -136,8 +149,11 @@ Workload parse_workload(const std::string& text, const std::string& flag) {
       } else if (key == "weight") {
         once(has_weight);
         r.weight = parse_positive(val, flag + " weight", fix);
+      } else if (key == "batch") {
+        w.batch = std::max(w.batch, parse_count(val, flag, key, 1, kMaxBatch, fix));
       } else {
-        throw_usage(flag, "unknown key `" + key + "`", "keys: prompt, gen, context, weight");
+        throw_usage(flag, "unknown key `" + key + "`",
+                    "keys: prompt, gen, context, weight, batch");
       }
     }
     if (!has_prompt || !has_gen) {

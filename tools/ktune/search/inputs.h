@@ -30,6 +30,9 @@ struct Workload {
   std::string name;               // "chat", or "custom" for key=value text
   std::vector<Request> requests;  // at least one
   int64_t context = 0;            // KV cache length per sequence (runtime.context)
+  // Sequences decoded together (runtime.batch): each decode step serves `batch` requests, so
+  // the experts any of their tokens select are read once per step.
+  int64_t batch = 1;
 
   std::string describe() const;  // "chat: 512+256 (50%), 2048+512 (30%), ...; context 8192"
   double total_weight() const;
@@ -37,9 +40,11 @@ struct Workload {
 
 // The default: a chat-like mix (docs/search.md, "Workload"): short, medium and long prompts.
 Workload chat_workload();
-// Parses `chat`, or `prompt=2048,gen=256[,context=8192][,weight=W]`, several requests joined
-// by `;` (`prompt=512,gen=256,weight=3;prompt=8192,gen=128`). context defaults to the longest
-// prompt + gen rounded up to a multiple of 256. Throws a usage error naming `flag`.
+// Parses `chat`, or `prompt=2048,gen=256[,context=8192][,weight=W][,batch=B]`, several requests
+// joined by `;` (`prompt=512,gen=256,weight=3;prompt=8192,gen=128`); `chat,batch=8` is the chat
+// mix decoded 8 sequences at a time. context defaults to the longest prompt + gen rounded up to
+// a multiple of 256; batch (1..4096, for the whole workload) to 1. Throws a usage error naming
+// `flag`.
 Workload parse_workload(const std::string& text, const std::string& flag = "--workload");
 // Usage error when the workload's context exceeds the model's trained context.
 void check_workload_for_model(const Workload& w, const ModelConfig& cfg,

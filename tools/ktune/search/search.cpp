@@ -36,7 +36,7 @@ int64_t MemoryModel::cpu_need(const std::vector<int64_t>& counts) const {
 
 Placement make_placement(const ModelInfo& model, const EngineSettings& s,
                          const std::vector<std::vector<bool>>& on_gpu, int64_t context,
-                         const std::string& gpu) {
+                         const std::string& gpu, int64_t batch) {
   const Device dev = Device::parse(gpu, "search");
   Placement p;
   p.model_path = model.path;
@@ -47,7 +47,7 @@ Placement make_placement(const ModelInfo& model, const EngineSettings& s,
   p.runtime.cpu_handoff = s.handoff;
   p.runtime.cpu_threads = s.cpu_threads;
   p.runtime.context = context;
-  p.runtime.batch = 1;
+  p.runtime.batch = batch;
   for (int64_t l = 0; l < model.cfg.n_layers; ++l) {
     LayerPlacement lp;
     lp.attention = s.gpu ? dev : Device::cpu();
@@ -60,7 +60,7 @@ Placement make_placement(const ModelInfo& model, const EngineSettings& s,
 }
 
 MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t context,
-                         const std::string& gpu) {
+                         const std::string& gpu, int64_t batch) {
   const ModelConfig& c = model.cfg;
   MemoryModel mm;
   mm.gpu = gpu;
@@ -74,9 +74,9 @@ MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t contex
   };
   const Budgets none;
   const MemoryPlan pg =
-      plan_memory(c, model.bytes, make_placement(model, s, all(true), context, gpu), none);
+      plan_memory(c, model.bytes, make_placement(model, s, all(true), context, gpu, batch), none);
   const MemoryPlan pc =
-      plan_memory(c, model.bytes, make_placement(model, s, all(false), context, gpu), none);
+      plan_memory(c, model.bytes, make_placement(model, s, all(false), context, gpu, batch), none);
   const DeviceUse& ug = pg.per_device.at(gpu);
   const DeviceUse& uc = pc.per_device.at(gpu);
   int64_t all_experts = 0;
@@ -89,8 +89,9 @@ MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t contex
 
 Placement make_pipeline_placement(const ModelInfo& model, const EngineSettings& s,
                                   const std::vector<std::vector<bool>>& on_gpu, int64_t context,
-                                  const std::vector<std::string>& gpus, const Stages& stages) {
-  Placement p = make_placement(model, s, on_gpu, context, gpus.at(0));
+                                  const std::vector<std::string>& gpus, const Stages& stages,
+                                  int64_t batch) {
+  Placement p = make_placement(model, s, on_gpu, context, gpus.at(0), batch);
   if (!s.gpu || stages.empty()) return p;
   for (size_t l = 0; l < p.layers.size(); ++l) {
     const Device dev = Device::parse(gpus.at(size_t(stages.at(l))), "search");
@@ -337,7 +338,8 @@ class Driver {
 
   void search_gpu(bool graph, int64_t gpu_budget) {
     const MemoryModel mm =
-        memory_model(opt_.model, graph, opt_.workload.context, cm_.machine().gpu_device);
+        memory_model(opt_.model, graph, opt_.workload.context, cm_.machine().gpu_device,
+                     opt_.workload.batch);
     const int64_t e = cm_.n_experts();
     const std::vector<int64_t> caps = staging_caps(e);
     struct Best {
@@ -973,9 +975,10 @@ class Driver {
     c.pred = cm_.predict(splits, s, c.stages);
     c.placement = c.stages.empty()
                       ? make_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
-                                       s.gpu ? cm_.machine().gpu_device : "cuda:0")
+                                       s.gpu ? cm_.machine().gpu_device : "cuda:0",
+                                       opt_.workload.batch)
                       : make_pipeline_placement(opt_.model, s, c.on_gpu, opt_.workload.context,
-                                                gpu_devices(), c.stages);
+                                                gpu_devices(), c.stages, opt_.workload.batch);
     c.plan = plan_memory(opt_.model.cfg, opt_.model.bytes, c.placement, opt_.budgets);
     Predicted pr;
     pr.decode_tok_s = c.pred.decode_tok_s;
@@ -1113,7 +1116,8 @@ public:
     const EngineSettings s = res_.ranked[size_t(res_.best_graph)].settings;
     if (!s.gpu) return;
     const MemoryModel mm =
-        memory_model(opt_.model, s.cuda_graph, opt_.workload.context, cm_.machine().gpu_device);
+        memory_model(opt_.model, s.cuda_graph, opt_.workload.context, cm_.machine().gpu_device,
+                     opt_.workload.batch);
     const int64_t gpu_budget = budget_of(cm_.machine().gpu_device);
     const int64_t nl = cm_.n_layers(), ne = cm_.n_experts();
     auto ok = [&](const std::vector<int64_t>& counts) {
@@ -1173,7 +1177,8 @@ public:
     const int64_t nl = cm_.n_layers();
     if (cm_.machine().has_gpu && gpu_budget >= 0) {
       const MemoryModel mm =
-          memory_model(opt_.model, false, opt_.workload.context, cm_.machine().gpu_device);
+          memory_model(opt_.model, false, opt_.workload.context, cm_.machine().gpu_device,
+                     opt_.workload.batch);
       problem += fmt::format(
           ": {} needs at least {} for attention, KV cache (context {}) and "
           "workspace, its budget is {}",
@@ -1182,7 +1187,8 @@ public:
     }
     EngineSettings s;
     s.gpu = false;
-    const Placement cpu = make_placement(opt_.model, s, {}, opt_.workload.context);
+    const Placement cpu = make_placement(opt_.model, s, {}, opt_.workload.context,
+                                           cm_.machine().gpu_device, opt_.workload.batch);
     const MemoryPlan plan = plan_memory(opt_.model.cfg, opt_.model.bytes, cpu, opt_.budgets);
     const DeviceUse& u = plan.per_device.at("cpu");
     problem += fmt::format("; all on the CPU needs {}, the host budget is {}", format_gib(u.total),

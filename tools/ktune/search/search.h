@@ -97,7 +97,7 @@ struct MemoryModel {
   int64_t cpu_need(const std::vector<int64_t>& gpu_counts) const;  // 0: nothing on the CPU
 };
 MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t context,
-                         const std::string& gpu = "cuda:0");
+                         const std::string& gpu = "cuda:0", int64_t batch = 1);
 
 // The memory of a pipeline placement over several GPUs (contiguous layer ranges; a layer's GPU
 // experts on its attention GPU), as the planner computes it: derived from reference plans of
@@ -119,14 +119,16 @@ struct PipelineMemoryModel {
 PipelineMemoryModel pipeline_memory_model(const ModelInfo& model, bool cuda_graph, int64_t context);
 
 // A resolved placement: every layer's attention on `gpu` (or, with settings.gpu false, every
-// part on cpu), experts as on_gpu says, runtime from settings and the workload's context.
+// part on cpu), experts as on_gpu says, runtime from settings and the workload's context and
+// batch (the KV cache is planned per sequence).
 Placement make_placement(const ModelInfo& model, const EngineSettings& settings,
                          const std::vector<std::vector<bool>>& on_gpu, int64_t context,
-                         const std::string& gpu = "cuda:0");
+                         const std::string& gpu = "cuda:0", int64_t batch = 1);
 // The same over several GPUs: layer l's attention and GPU experts on gpus[stages[l]].
 Placement make_pipeline_placement(const ModelInfo& model, const EngineSettings& settings,
                                   const std::vector<std::vector<bool>>& on_gpu, int64_t context,
-                                  const std::vector<std::string>& gpus, const Stages& stages);
+                                  const std::vector<std::string>& gpus, const Stages& stages,
+                                  int64_t batch = 1);
 // Layers per GPU of an even split of n_layers over n GPUs (the first ones get the remainder).
 std::vector<int64_t> even_split(int64_t n_layers, int n);
 // The m hottest experts of each layer on the GPU.
