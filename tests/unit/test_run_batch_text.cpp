@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -151,6 +152,22 @@ TEST(TokenizeCli, ReadsTheGgufVocabularyAndNamesBadKeys) {
   r = run_ktune({"run", "--model", bad, "--prompt", "hello", "-n", "2"});
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find("tokenizer.ggml.merges"), std::string::npos) << r.err;
+}
+
+}  // namespace
+
+namespace {
+
+TEST(ProfileBatchCli, WindowsAndRouterCountEverySequence) {
+  const std::string out = ::testing::TempDir() + "batch_profile.json";
+  const auto r = ktune::test::run_ktune({"profile", "--model", "synth:tiny", "--batch", "3", "-n",
+                                         "4", "-p", "0", "--quick", "-q", "-t", "2", "-o", out});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream in(out);
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j.at("run").at("batch"), 3);
+  EXPECT_EQ(j.at("run").at("decode_tokens"), 4);
+  EXPECT_EQ(j.at("summary").at("router").at("tokens"), 12);
 }
 
 }  // namespace

@@ -25,6 +25,7 @@ json run_json(const RunInfo& r) {
           {"threads", r.threads},
           {"prefill_tokens", r.prompt},
           {"decode_tokens", r.gen},
+          {"batch", r.batch},
           {"warmup_tokens", r.warmup},
           {"trace_mode", r.trace_mode}};
 }

@@ -27,6 +27,7 @@ struct RunInfo {
   int threads = 0;         // CPU threads of the engine (0: none)
   int64_t prompt = 0;      // prefill tokens profiled
   int64_t gen = 0;         // decode tokens per window
+  int64_t batch = 1;       // sequences decoded together (a window has gen steps of batch tokens)
   int64_t warmup = 0;      // decode tokens before the measured windows
   std::string trace_mode;  // "cupti" | "host-spans"
 };

@@ -56,20 +56,37 @@ class Stepper {
 
 class CpuStepper : public Stepper {
  public:
-  CpuStepper(const ModelWeights& m, int threads, int64_t ctx, int64_t batch)
+  // sequences > 1: decode() steps that many sequences at once (CpuEngine::decode_batch), the
+  // first starting from `first`, the others from the tokens after it.
+  CpuStepper(const ModelWeights& m, int threads, int64_t ctx, int64_t batch, int64_t sequences)
       : engine_(m, [&] {
           CpuEngineOptions o;
           o.threads = threads;
           o.max_context = ctx;
           o.max_batch = std::clamp<int64_t>(batch, 1, 512);
+          o.max_sequences = std::max<int64_t>(1, sequences);
           return o;
         }()),
-        vocab_(m.cfg.vocab) {}
+        vocab_(m.cfg.vocab),
+        sequences_(std::max<int64_t>(1, sequences)) {}
   void reset() override { engine_.reset(); }
   void prefill(const std::vector<int32_t>& t, int64_t n) override {
     engine_.prefill(t.data(), n, &logits_, false);
   }
   void decode(int32_t first, int64_t n) override {
+    if (sequences_ > 1) {
+      std::vector<int32_t> toks(static_cast<size_t>(sequences_));
+      for (int64_t b = 0; b < sequences_; ++b) {
+        toks[static_cast<size_t>(b)] = static_cast<int32_t>((first + b) % vocab_);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        engine_.decode_batch(toks.data(), sequences_, &logits_);
+        for (int64_t b = 0; b < sequences_; ++b) {
+          toks[static_cast<size_t>(b)] = CpuEngine::argmax(logits_.data() + b * vocab_, vocab_);
+        }
+      }
+      return;
+    }
     int32_t tok = first;
     for (int64_t i = 0; i < n; ++i) {
       engine_.decode(tok, &logits_);
@@ -88,6 +105,7 @@ class CpuStepper : public Stepper {
  private:
   CpuEngine engine_;
   int64_t vocab_;
+  int64_t sequences_;
   std::vector<float> logits_;
 };
 
@@ -229,7 +247,10 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   run.moe_kernel = moe_kernel_name(pr.placement.runtime.moe_kernel);
   run.prompt = ro.prompt;
   run.gen = ro.gen;
+  run.batch = ro.batch;
   run.warmup = opt.warmup;
+  // Decode windows count the tokens of every sequence of the batch.
+  const int64_t window_tokens = ro.gen * ro.batch;
 
   const CuptiAvailability avail = cupti_availability();
   const bool want_cupti = uses_gpu && avail.usable;
@@ -250,7 +271,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     }
     std::unique_ptr<Stepper> eng;
     if (pr.engine == cli::EngineKind::Cpu) {
-      auto c = std::make_unique<CpuStepper>(model, pr.threads, pr.context, ro.prompt);
+      auto c = std::make_unique<CpuStepper>(model, pr.threads, pr.context, ro.prompt, ro.batch);
       threads_used = c->threads();
       eng = std::move(c);
     } else {
@@ -289,7 +310,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       eng->reset();
       const int64_t t0 = trace::now_ns();
       eng->decode(first, ro.gen);
-      untraced.push_back(static_cast<double>(ro.gen) /
+      untraced.push_back(static_cast<double>(window_tokens) /
                          (static_cast<double>(trace::now_ns() - t0) * 1e-9));
     }
 
@@ -316,8 +337,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     eng->decode(first, ro.gen);
     const int64_t t1 = trace::now_ns();
     counts1 = eng->expert_counts();
-    decode_win = {"decode", ro.gen, t0 + offset, t1 + offset};
-    traced.push_back(static_cast<double>(ro.gen) / (static_cast<double>(t1 - t0) * 1e-9));
+    decode_win = {"decode", window_tokens, t0 + offset, t1 + offset};
+    traced.push_back(static_cast<double>(window_tokens) / (static_cast<double>(t1 - t0) * 1e-9));
     if (cupti_on) cupti->disable_and_flush();
     trace::stop();
 
@@ -392,6 +413,13 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     doc.notes.push_back(
         "expert bytes assume uniform routing (the GPU engine does not report routing yet)");
   }
+  if (ro.batch > 1) {
+    doc.notes.push_back(fmt::format(
+        "batch {}: decode windows count every sequence's tokens; expert bytes count each "
+        "token's selections, while a batched step reads an expert once for all its tokens (the "
+        "expert bandwidth is an upper bound)",
+        ro.batch));
+  }
   if (prefill_win.tokens > 0) doc.windows.push_back(analyze_window(tl, tags, prefill_win, {}));
   doc.windows.push_back(analyze_window(tl, tags, decode_win, decode_in));
   const WindowMetrics& dm = doc.windows.back();
@@ -430,9 +458,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   }
   fill_model_shape(doc.summary.model, model);
   if (!diff.empty()) {
-    doc.summary.router.tokens = ro.gen;
+    doc.summary.router.tokens = window_tokens;
     doc.summary.router.counts = diff;
-    doc.router = analyze_router(diff, ro.gen, k);
+    doc.router = analyze_router(diff, window_tokens, k);
   } else {
     doc.router.n_used = k;
     doc.router.warning = "router statistics need the CPU engine's counts (not reported by the "
