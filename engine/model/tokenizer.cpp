@@ -28,8 +28,15 @@ struct CpRange {
 constexpr CpRange kClassRanges[] = {
 #include "unicode_ranges.inc"
 };
-enum Class : uint8_t { kOther = 0, kCased = 1, kLetterOther = 2, kMark = 3, kNumber = 4,
-                       kPunct = 5, kSymbol = 6 };
+enum Class : uint8_t {
+  kOther = 0,
+  kCased = 1,
+  kLetterOther = 2,
+  kMark = 3,
+  kNumber = 4,
+  kPunct = 5,
+  kSymbol = 6
+};
 
 uint8_t cp_class(uint32_t cp) {
   if (cp < 0x80) {
@@ -158,7 +165,7 @@ size_t match_spaces(const uint32_t* c, size_t i, size_t e, bool with_newlines) {
       if (is_newline(c[k - 1])) return k - i;
     }
   }
-  if (j == e) return j - i;       // \s+(?!\S) at the end of the piece
+  if (j == e) return j - i;               // \s+(?!\S) at the end of the piece
   return std::max<size_t>(j - i - 1, 1);  // leave the last space to the next word; or \s+
 }
 
@@ -197,7 +204,7 @@ size_t match_qwen2(const uint32_t* c, size_t i, size_t e) {
   return match_spaces(c, i, e, true);
 }
 
-// GPT-2 ("default"): 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 size_t match_gpt2(const uint32_t* c, size_t i, size_t e) {
   if (size_t n = match_contraction(c, i, e, false)) return n;
   const size_t j = c[i] == ' ' && i + 1 < e ? i + 1 : i;
@@ -231,8 +238,7 @@ size_t match_ds3_words(const uint32_t* c, size_t i, size_t e) {
     return 1 + run(c, i + 1, e, is_ascii_letter);
   }
   if (is_letter_or_mark(c[i])) return run(c, i, e, is_letter_or_mark);
-  if (!is_newline(c[i]) && !is_punct_or_symbol(c[i]) && i + 1 < e &&
-      is_letter_or_mark(c[i + 1])) {
+  if (!is_newline(c[i]) && !is_punct_or_symbol(c[i]) && i + 1 < e && is_letter_or_mark(c[i + 1])) {
     return 1 + run(c, i + 1, e, is_letter_or_mark);
   }
   size_t j = i;
@@ -314,8 +320,8 @@ std::vector<Matcher> matchers_of(PreTokenizer p) {
     case PreTokenizer::DeepseekV3:
       return {match_ds3_digits, match_ds3_cjk, match_ds3_words};
     case PreTokenizer::DeepseekLlm:
-      return {match_dsllm_newline, match_dsllm_letters, match_dsllm_punct,
-              match_dsllm_trailing_space, match_dsllm_cjk, match_numbers};
+      return {match_dsllm_newline,        match_dsllm_letters, match_dsllm_punct,
+              match_dsllm_trailing_space, match_dsllm_cjk,     match_numbers};
   }
   return {match_gpt2};
 }
@@ -394,7 +400,7 @@ constexpr const char* kSyntheticCorpus =
 const char* pre_tokenizer_name(PreTokenizer p) {
   switch (p) {
     case PreTokenizer::Gpt2:
-      return "default";
+      return "gpt-2";
     case PreTokenizer::Qwen2:
       return "qwen2";
     case PreTokenizer::DeepseekV3:
@@ -402,7 +408,7 @@ const char* pre_tokenizer_name(PreTokenizer p) {
     case PreTokenizer::DeepseekLlm:
       return "deepseek-llm";
   }
-  return "default";
+  return "gpt-2";
 }
 
 struct Tokenizer::Impl {
@@ -520,7 +526,10 @@ Tokenizer::Tokenizer(VocabData data, const std::string& where) : impl_(std::make
     const auto a = m.id_of.find(left), b = m.id_of.find(right), c = m.id_of.find(left + right);
     if (a == m.id_of.end() || b == m.id_of.end() || c == m.id_of.end()) {
       bad_key(where, "tokenizer.ggml.merges",
-              at + ": `" + (a == m.id_of.end() ? left : b == m.id_of.end() ? right : left + right) +
+              at + ": `" +
+                  (a == m.id_of.end()   ? left
+                   : b == m.id_of.end() ? right
+                                        : left + right) +
                   "` is not a token");
     }
     // A repeated pair keeps its first (lowest) rank, as Hugging Face does.
@@ -529,8 +538,8 @@ Tokenizer::Tokenizer(VocabData data, const std::string& where) : impl_(std::make
   }
   auto check_id = [&](int32_t id, const char* key) {
     if (id < -1 || id >= n) {
-      bad_key(where, key, std::to_string(id) + " is outside the vocabulary [0, " +
-                              std::to_string(n) + ")");
+      bad_key(where, key,
+              std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(n) + ")");
     }
   };
   check_id(d.bos, "tokenizer.ggml.bos_token_id");
@@ -546,15 +555,15 @@ Tokenizer::Tokenizer(VocabData data, const std::string& where) : impl_(std::make
     if (t == TokenType::Control) {
       const std::string& s = d.tokens[i];
       if (s == "<|endoftext|>" || s == "<|im_end|>" || s == "<|eot_id|>" ||
-          s == "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>") {
+          s == "<\xEF\xBD\x9C"
+               "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>") {
         m.eog.insert(static_cast<int32_t>(i));
       }
     }
   }
   for (auto& v : m.added_by_byte) {
-    std::stable_sort(v.begin(), v.end(), [&](int32_t a, int32_t b) {
-      return d.tokens[a].size() > d.tokens[b].size();
-    });
+    std::stable_sort(v.begin(), v.end(),
+                     [&](int32_t a, int32_t b) { return d.tokens[a].size() > d.tokens[b].size(); });
   }
   for (int32_t id : {d.eos, d.eot}) {
     if (id >= 0) m.eog.insert(id);
@@ -574,12 +583,12 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   const std::string where = f.path();
   const gguf::Value* model = f.find("tokenizer.ggml.model");
   if (model == nullptr || (model->type == gguf::ValueType::STRING && model->s == "no_vocab")) {
-    throw Error(where,
-                "metadata key tokenizer.ggml.model: " +
-                    std::string(model ? "is \"no_vocab\"" : "missing") +
-                    " (the file carries no vocabulary)",
-                "use a GGUF with its tokenizer (llama.cpp's converter writes it), or pass token "
-                "ids");
+    throw Error(
+        where,
+        "metadata key tokenizer.ggml.model: " + std::string(model ? "is \"no_vocab\"" : "missing") +
+            " (the file carries no vocabulary)",
+        "use a GGUF with its tokenizer (llama.cpp's converter writes it), or pass token "
+        "ids");
   }
   if (model->type != gguf::ValueType::STRING) {
     bad_key(where, "tokenizer.ggml.model", "is not a string");
@@ -593,23 +602,26 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   }
   VocabData d;
   if (const gguf::Value* pre = f.find("tokenizer.ggml.pre")) {
-    if (pre->type != gguf::ValueType::STRING) bad_key(where, "tokenizer.ggml.pre", "is not a string");
+    if (pre->type != gguf::ValueType::STRING)
+      bad_key(where, "tokenizer.ggml.pre", "is not a string");
     if (pre->s == "qwen2") {
       d.pre = PreTokenizer::Qwen2;
     } else if (pre->s == "deepseek-v3") {
       d.pre = PreTokenizer::DeepseekV3;
     } else if (pre->s == "deepseek-llm") {
       d.pre = PreTokenizer::DeepseekLlm;
-    } else if (pre->s == "default" || pre->s == "gpt2" || pre->s == "gpt-2") {
+    } else if (pre->s == "gpt2" || pre->s == "gpt-2") {
       d.pre = PreTokenizer::Gpt2;
     } else {
-      throw Error(where,
-                  "metadata key tokenizer.ggml.pre: pre-tokenizer \"" + pre->s +
-                      "\" is not supported",
-                  "supported: qwen2, deepseek-v3, deepseek-llm, default (GPT-2)");
+      throw Error(
+          where,
+          "metadata key tokenizer.ggml.pre: pre-tokenizer \"" + pre->s + "\" is not supported",
+          "supported: qwen2, deepseek-v3, deepseek-llm, gpt-2");
     }
   } else {
-    d.pre = PreTokenizer::Gpt2;  // what llama.cpp assumes without the key
+    // llama.cpp falls back to a split of its own ("default"), which ktune does not implement.
+    bad_key(where, "tokenizer.ggml.pre",
+            "missing (supported: qwen2, deepseek-v3, deepseek-llm, gpt-2)");
   }
   auto strings = [&](const char* key, bool required) {
     std::vector<std::string> out;
@@ -634,7 +646,7 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
     d.types.reserve(v->array.size());
     for (size_t i = 0; i < v->array.size(); ++i) {
       const gguf::Value& e = v->array[i];
-      const int64_t t = !e.is_integer()                          ? -1
+      const int64_t t = !e.is_integer() ? -1
                         : (e.type == gguf::ValueType::INT8 || e.type == gguf::ValueType::INT16 ||
                            e.type == gguf::ValueType::INT32 || e.type == gguf::ValueType::INT64)
                             ? e.i
@@ -741,7 +753,7 @@ Tokenizer Tokenizer::synthetic(int64_t vocab) {
     }
     if (static_cast<int64_t>(d.tokens.size()) >= vocab - n_special) break;
   }
-  // The ids left over hold pairs of learned tokens, chosen by a fixed pseudo-random sequence
+  // The ids left over hold runs of learned tokens, chosen by a fixed pseudo-random sequence
   // (no merge produces them, so encoding never does; a random model that picks them prints
   // word-like fragments). Without learned tokens the pairs are of bytes.
   const int32_t learned_first = d.tokens.size() > 256 ? 256 : 0;
@@ -753,8 +765,10 @@ Tokenizer Tokenizer::synthetic(int64_t vocab) {
   };
   int64_t tries = 0;
   while (static_cast<int64_t>(d.tokens.size()) < vocab - n_special) {
+    // Two or three learned tokens (pairs alone run out: ~300 learned tokens give 90 000).
     std::string t = d.tokens[next_index()] + d.tokens[next_index()];
-    if (++tries > 64 * vocab) t = "<|ktune_filler_" + std::to_string(d.tokens.size()) + "|>";
+    if ((state >> 20) & 1) t += d.tokens[next_index()];
+    if (++tries > 8 * vocab) t = "<|ktune_filler_" + std::to_string(d.tokens.size()) + "|>";
     if (id_of.emplace(t, static_cast<int32_t>(d.tokens.size())).second) {
       d.tokens.push_back(std::move(t));
     }

@@ -24,11 +24,7 @@ ModelWeights tiny_model(QuantType q, const char* preset = "tiny") {
 }
 
 const std::vector<std::vector<int32_t>> kPrompts = {
-    {5, 77, 300, 12},
-    {900, 3},
-    {42, 42, 42, 42, 42, 7},
-    {1000, 1, 512},
-    {8},
+    {5, 77, 300, 12}, {900, 3}, {42, 42, 42, 42, 42, 7}, {1000, 1, 512}, {8},
 };
 constexpr int kGen = 6;
 

@@ -49,8 +49,7 @@ TEST(BatchPlan, ExpectedDistinctExpertsUnderUniformRouting) {
   using ktune::cli::expected_distinct_experts;
   EXPECT_DOUBLE_EQ(expected_distinct_experts(128, 8, 1), 8.0);
   EXPECT_NEAR(expected_distinct_experts(128, 8, 2), 8 + 8 * (1 - 8.0 / 128), 1e-12);
-  EXPECT_NEAR(expected_distinct_experts(128, 8, 32), 128 * (1 - std::pow(120.0 / 128, 32)),
-              1e-9);
+  EXPECT_NEAR(expected_distinct_experts(128, 8, 32), 128 * (1 - std::pow(120.0 / 128, 32)), 1e-9);
   EXPECT_LT(expected_distinct_experts(128, 8, 32), 128.0);
   EXPECT_DOUBLE_EQ(expected_distinct_experts(8, 8, 4), 8.0);
 }
@@ -72,8 +71,8 @@ TEST(RunBatchCli, BadBatchesAreUsageOrRuntimeErrors) {
 }
 
 TEST(RunBatchCli, BatchedBenchmarkReportsAggregateAndPerSequence) {
-  const auto r = run_ktune({"run", "--batch", "3", "-p", "4", "-n", "4", "-r", "1", "-t", "2",
-                            "--no-probe", "--json"});
+  const auto r = run_ktune(
+      {"run", "--batch", "3", "-p", "4", "-n", "4", "-r", "1", "-t", "2", "--no-probe", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j.at("batch"), 3);
@@ -97,8 +96,8 @@ TEST(RunTextCli, GeneratesTextOnTheSyntheticVocabulary) {
   EXPECT_GE(ids.size(), 1u);
   EXPECT_LE(ids.size(), 6u);
   // A batch of two sequences of different prompts: the first equals the single run.
-  r = run_ktune({"run", "--prompt", "The model reads", "--prompt", "Experts", "--batch", "2",
-                 "-n", "6", "-t", "2", "--json"});
+  r = run_ktune({"run", "--prompt", "The model reads", "--prompt", "Experts", "--batch", "2", "-n",
+                 "6", "-t", "2", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   j = nlohmann::json::parse(r.out);
   ASSERT_EQ(j.at("sequences").size(), 2u);

@@ -43,8 +43,8 @@ TEST(SearchBatch, CpuStepReadsTheDistinctExpertsOfTheBatch) {
   const double ctx = 100, eb = double(mi.bytes.expert[0]);
   const double kv = 2 * ctx * double(c.n_kv_heads * c.head_dim) * 4;
   const double distinct = 128 * (1 - std::pow(1 - 8.0 / 128, 8));  // 51.2 of 128
-  const double want = (double(mi.bytes.attention[0]) + 8 * kv) / (85 * 1e3) +
-                      distinct * eb / (50 * 1e3);
+  const double want =
+      (double(mi.bytes.attention[0]) + 8 * kv) / (85 * 1e3) + distinct * eb / (50 * 1e3);
   EXPECT_NEAR(eight.decode_layer_us(0, s8, e, ctx), want, 1e-6 * want);
   // Batch 1 reads k experts per token; batch 8 reads 51 per step for 8 tokens: faster per token.
   const double per_token_1 = one.decode_layer_us(0, s1, e, ctx);
@@ -57,7 +57,7 @@ TEST(SearchBatch, CpuStepReadsTheDistinctExpertsOfTheBatch) {
   }
   const Prediction p1 = one.predict(a, e), p8 = eight.predict(b, e);
   EXPECT_GT(p8.decode_tok_s, 1.3 * p1.decode_tok_s);  // ~51 experts per 8 tokens, not 64
-  EXPECT_NEAR(p8.prefill_s, p1.prefill_s, 1e-12);  // prefill is per request either way
+  EXPECT_NEAR(p8.prefill_s, p1.prefill_s, 1e-12);     // prefill is per request either way
 }
 
 TEST(SearchBatch, GpuExpertsPayOffMoreAtLargerBatches) {
@@ -103,8 +103,8 @@ TEST(SearchBatch, PlacementsPlanTheKvCachePerSequence) {
   const std::vector<std::vector<bool>> none(48, std::vector<bool>(128, false));
   const Placement p = make_placement(mi, e, none, 4096, "cuda:0", 8);
   EXPECT_EQ(p.runtime.batch, 8);
-  const MemoryModel m1 = memory_model(mi, true, 4096), m8 = memory_model(mi, true, 4096,
-                                                                         "cuda:0", 8);
+  const MemoryModel m1 = memory_model(mi, true, 4096),
+                    m8 = memory_model(mi, true, 4096, "cuda:0", 8);
   // f16 K and V of 48 layers x 4096 positions x 512 values, 7 more sequences.
   EXPECT_GE(m8.gpu_fixed - m1.gpu_fixed, int64_t{7} * 48 * 2 * 4096 * 512 * 2);
 }

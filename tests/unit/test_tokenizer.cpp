@@ -112,8 +112,7 @@ TEST(Tokenizer, BpeMergesLowestRankFirst) {
   EXPECT_EQ(t.encode("helo"), (std::vector<int32_t>{id_of(t, "he"), id_of(t, "lo")}));
   const Tokenizer u = small_bpe({"h e", "l l", "he ll", "hell o", bl(" ") + " w"});
   EXPECT_EQ(u.encode("hello"), std::vector<int32_t>{id_of(u, "hello")});
-  EXPECT_EQ(u.encode("hell wo"),
-            (std::vector<int32_t>{id_of(u, "hell"), id_of(u, bl(" w")), 'o'}));
+  EXPECT_EQ(u.encode("hell wo"), (std::vector<int32_t>{id_of(u, "hell"), id_of(u, bl(" w")), 'o'}));
   // Equal pairs: the leftmost merges first ("aaa" -> "aa" + "a").
   const Tokenizer a = small_bpe({"a a"});
   EXPECT_EQ(a.encode("aaa"), (std::vector<int32_t>{id_of(a, "aa"), 'a'}));
@@ -140,8 +139,8 @@ const std::vector<std::string> kHardStrings = {
 };
 
 TEST(Tokenizer, DecodeInvertsEncodeForEveryPreTokenizer) {
-  for (PreTokenizer pre : {PreTokenizer::Qwen2, PreTokenizer::DeepseekV3,
-                           PreTokenizer::DeepseekLlm, PreTokenizer::Gpt2}) {
+  for (PreTokenizer pre : {PreTokenizer::Qwen2, PreTokenizer::DeepseekV3, PreTokenizer::DeepseekLlm,
+                           PreTokenizer::Gpt2}) {
     VocabData d = Tokenizer::synthetic(1024).data();
     d.pre = pre;
     const Tokenizer t(std::move(d), "test");
@@ -261,6 +260,11 @@ TEST(Tokenizer, MalformedMetadataNamesTheKey) {
     auto w = base();
     w.set("tokenizer.ggml.pre", Value::string("klingon"));
     expect_error(w, "tokenizer.ggml.pre", "klingon");
+  }
+  {
+    ktune::gguf::Writer w;
+    w.set("tokenizer.ggml.model", Value::string("gpt2"));
+    expect_error(w, "tokenizer.ggml.pre", "missing");
   }
   {
     auto w = base();

@@ -54,8 +54,9 @@ ModelTokenizer load_model_tokenizer(const std::string& spec) {
   const int64_t vocab = gguf_model_vocab(f);
   if (!Tokenizer::gguf_has_vocab(f)) {
     if (vocab < 0) Tokenizer::from_gguf(f);  // throws, naming tokenizer.ggml.model
-    return synthetic_for(vocab, spec + " carries no vocabulary (tokenizer.ggml.model = "
-                                       "\"no_vocab\", as ktune gen-model writes)");
+    return synthetic_for(vocab, spec +
+                                    " carries no vocabulary (tokenizer.ggml.model = "
+                                    "\"no_vocab\", as ktune gen-model writes)");
   }
   ModelTokenizer m{Tokenizer::from_gguf(f), false, ""};
   if (vocab > 0 && m.tokenizer.size() > vocab) {

@@ -5,7 +5,7 @@
 //   1. added tokens (GGUF token types CONTROL and USER_DEFINED) are matched in the text first,
 //      longest match at the leftmost position, and become their own ids;
 //   2. the rest is split into pieces by the pre-tokenizer that tokenizer.ggml.pre names
-//      ("qwen2", "deepseek-v3", "deepseek-llm", "gpt2"/"default"; docs/models.md, "Tokenizer");
+//      ("qwen2", "deepseek-v3", "deepseek-llm", "gpt-2"; docs/models.md, "Tokenizer");
 //   3. each piece's UTF-8 bytes map to GPT-2's printable byte alphabet and are merged pair by
 //      pair, lowest merge rank first (leftmost on ties), until no listed merge applies.
 // Decoding maps token text back to bytes; StreamDecoder holds back an incomplete UTF-8 sequence
@@ -31,7 +31,13 @@ struct Value;
 
 // GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 enum class TokenType : int32_t {
-  Undefined = 0, Normal = 1, Unknown = 2, Control = 3, UserDefined = 4, Unused = 5, Byte = 6,
+  Undefined = 0,
+  Normal = 1,
+  Unknown = 2,
+  Control = 3,
+  UserDefined = 4,
+  Unused = 5,
+  Byte = 6,
 };
 
 enum class PreTokenizer { Gpt2, Qwen2, DeepseekV3, DeepseekLlm };
@@ -43,10 +49,10 @@ struct VocabData {
   std::vector<TokenType> types;     // tokenizer.ggml.token_type (empty: all Normal)
   std::vector<std::string> merges;  // tokenizer.ggml.merges, "left right", rank = index
   PreTokenizer pre = PreTokenizer::Qwen2;
-  int32_t bos = -1;                 // -1: none
+  int32_t bos = -1;  // -1: none
   int32_t eos = -1;
   int32_t eot = -1;
-  bool add_bos = false;             // tokenizer.ggml.add_bos_token
+  bool add_bos = false;  // tokenizer.ggml.add_bos_token
 };
 
 class Tokenizer {
