@@ -290,6 +290,7 @@ TEST(Tokenizer, MalformedMetadataNamesTheKey) {
   {
     ktune::gguf::Writer w;
     w.set("tokenizer.ggml.model", Value::string("gpt2"));
+    w.set("tokenizer.ggml.pre", Value::string("qwen2"));
     w.set("tokenizer.ggml.tokens", Value::make_array(ValueType::STRING, {Value::string("a")}));
     w.set("tokenizer.ggml.merges", Value::make_array(ValueType::STRING, {}));
     expect_error(w, "tokenizer.ggml.tokens", "no token for byte");
