@@ -1120,12 +1120,6 @@ struct CpuEngine::Impl {
 
 CpuEngine::CpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt) {
   if (weights.cfg.is_deepseek2()) {
-    if (opt.max_sequences > 1) {
-      throw Error("model " + weights.source,
-                  "batched decode of " + std::to_string(opt.max_sequences) +
-                      " sequences is not implemented for deepseek2 (MLA) models yet",
-                  "run deepseek2 models with --batch 1");
-    }
     deepseek_ = std::make_unique<DeepseekCpuEngine>(weights, opt);
   } else {
     impl_ = std::make_unique<Impl>(weights, opt);
@@ -1141,10 +1135,13 @@ void CpuEngine::reset() {
 }
 int64_t CpuEngine::position() const { return deepseek_ ? deepseek_->position() : impl_->pos; }
 int64_t CpuEngine::position(int64_t seq) const {
-  if (deepseek_ || seq == impl_->cur) return position();
+  if (deepseek_) return deepseek_->position(seq);
+  if (seq == impl_->cur) return position();
   return impl_->seq_pos.at(static_cast<size_t>(seq));
 }
-int64_t CpuEngine::max_sequences() const { return deepseek_ ? 1 : impl_->max_seq; }
+int64_t CpuEngine::max_sequences() const {
+  return deepseek_ ? deepseek_->max_sequences() : impl_->max_seq;
+}
 
 void CpuEngine::set_sequence(int64_t seq) {
   if (seq < 0 || seq >= max_sequences()) {
@@ -1152,7 +1149,7 @@ void CpuEngine::set_sequence(int64_t seq) {
                 "outside [0, " + std::to_string(max_sequences()) + ")",
                 "create the engine with more max_sequences");
   }
-  if (deepseek_) return;
+  if (deepseek_) return deepseek_->set_sequence(seq);
   Impl& m = *impl_;
   m.seq_pos[static_cast<size_t>(m.cur)] = m.pos;
   m.cur = seq;
@@ -1160,12 +1157,9 @@ void CpuEngine::set_sequence(int64_t seq) {
 }
 
 void CpuEngine::decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits) {
-  if (deepseek_ || n == 1) {
-    if (n != 1) {
-      throw Error("decode_batch", "deepseek2 engines decode one sequence at a time",
-                  "use --batch 1 for deepseek2 models");
-    }
-    if (!deepseek_) set_sequence(0);
+  if (deepseek_) return deepseek_->decode_batch(tokens, n, logits);
+  if (n == 1) {
+    set_sequence(0);
     return decode(tokens[0], logits);
   }
   float* out = nullptr;

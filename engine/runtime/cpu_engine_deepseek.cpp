@@ -105,7 +105,10 @@ struct DeepseekCpuEngine::Impl {
   int64_t H, nh, dq, dn, dr, dv, rq, rkv, lat, E, K, F, Fs, Fd, V, L;
   int64_t Fmax;  // rows of G and U (and of act_d): the dense FFN's or the shared experts' width
   int64_t max_ctx, B, S;  // S: (token, expert) slots of a chunk
-  int64_t pos = 0;
+  int64_t pos = 0;  // of the current sequence `cur` (seq_pos[cur] is stale meanwhile)
+  int64_t max_seq = 1, cur = 0;
+  std::vector<int64_t> seq_pos;
+  std::vector<int64_t> TSEQ, TPOS;  // sequence and position of each token of the chunk
   DeepseekRope rope;
   const TensorView* out_w = nullptr;
 
@@ -114,7 +117,7 @@ struct DeepseekCpuEngine::Impl {
   };
   std::vector<LayerConst> lc;
   std::vector<float> out_norm;
-  std::vector<std::vector<float>> cache;  // [layer][position][latent | roped key]
+  std::vector<std::vector<float>> cache;  // [layer][sequence][position][latent | roped key]
   std::vector<std::vector<uint64_t>> counts;
 
   // Chunk scratch (B tokens, S slots); each element written by one thread per phase.
@@ -155,6 +158,15 @@ struct DeepseekCpuEngine::Impl {
     L = c.n_layers;
     max_ctx = std::max<int64_t>(1, opt.max_context);
     B = std::max<int64_t>(1, std::min(opt.max_batch, max_ctx));
+    if (opt.max_sequences < 1 || opt.max_sequences > 4096) {
+      throw Error("max_sequences", std::to_string(opt.max_sequences) + " is not 1..4096",
+                  "ask for 1 to 4096 sequences");
+    }
+    max_seq = opt.max_sequences;
+    B = std::max(B, max_seq);  // a batched decode step is one chunk
+    seq_pos.assign(static_cast<size_t>(max_seq), 0);
+    TSEQ.assign(static_cast<size_t>(B), 0);
+    TPOS.assign(static_cast<size_t>(B), 0);
     S = B * std::max<int64_t>(K, 1);
     if (static_cast<int64_t>(w.layers.size()) != L) {
       throw Error(
@@ -165,7 +177,7 @@ struct DeepseekCpuEngine::Impl {
     check_shapes();
     rope = deepseek_rope(c);
     cache.resize(static_cast<size_t>(L));
-    for (auto& layer : cache) layer.resize(static_cast<size_t>(max_ctx * lat));
+    for (auto& layer : cache) layer.resize(static_cast<size_t>(max_seq * max_ctx * lat));
     counts.assign(static_cast<size_t>(L), std::vector<uint64_t>(static_cast<size_t>(E), 0));
     pool = std::make_unique<ThreadPool>(opt.threads, opt.pin_threads);
     nth = pool->size();
@@ -400,14 +412,26 @@ struct DeepseekCpuEngine::Impl {
 
   // ---- the forward pass of one chunk ----
 
-  void forward(const int32_t* tokens, int64_t T, float* logits, bool all_positions) {
+  // T tokens of the current sequence (batch false), or token t of sequence t (batch true).
+  void forward(const int32_t* tokens, int64_t T, float* logits, bool all_positions,
+               bool batch = false) {
     for (int64_t t = 0; t < T; ++t) {
       embed(tokens[t], X.data() + t * H);
-      cpu_ops::rope_table_scaled(pos + t, rope.inv_freq.data(), dr, rope.cos_sin_scale,
+      TSEQ[size_t(t)] = batch ? t : cur;
+      TPOS[size_t(t)] = batch ? seq_pos[size_t(t)] : pos + t;
+      cpu_ops::rope_table_scaled(TPOS[size_t(t)], rope.inv_freq.data(), dr, rope.cos_sin_scale,
                                  CS.data() + t * dr);
     }
     pool->run([&](int ith, int n) { region(T, logits, all_positions, ith, n); });
-    pos += T;
+    if (batch) {
+      for (int64_t t = 0; t < T; ++t) ++seq_pos[size_t(t)];
+      pos = seq_pos[size_t(cur)];
+    } else {
+      pos += T;
+    }
+  }
+  float* cache_of(int64_t l, int64_t i) {
+    return cache[size_t(l)].data() + TSEQ[size_t(i)] * max_ctx * lat;
   }
 
   void region(int64_t T, float* logits, bool all_positions, int ith, int n) {
@@ -440,7 +464,6 @@ struct DeepseekCpuEngine::Impl {
   void attention(int64_t l, int64_t T, int ith, int n) {
     const LayerWeights& t = w.layers[l];
     const LayerConst& k = lc[l];
-    float* kv_cache = cache[l].data();
     int64_t t0, t1;
     cpu_ops::split(T, ith, n, 1, &t0, &t1);
     for (int64_t i = t0; i < t1; ++i) {
@@ -456,7 +479,7 @@ struct DeepseekCpuEngine::Impl {
     pool->barrier();
 
     for (int64_t i = t0; i < t1; ++i) {
-      float* row = kv_cache + (pos + i) * lat;
+      float* row = cache_of(l, i) + TPOS[size_t(i)] * lat;
       const float* kva = KVA.data() + i * lat;
       cpu_ops::rmsnorm(kva, k.kv_a_norm.data(), c.rms_eps, rkv, row);
       std::memcpy(row + rkv, kva + rkv, dr * sizeof(float));
@@ -496,8 +519,9 @@ struct DeepseekCpuEngine::Impl {
       }
       // The cache is one head shared by every query head (MQA in the latent space): keys are
       // whole rows, values their latent part (the output's last rope_dim values are unused).
+      const float* kv_cache = cache_of(l, i);
       cpu_ops::attend_group(ops, me.qp.data(), static_cast<int>(h1 - h0), kv_cache, kv_cache, lat,
-                            pos + i + 1, nullptr, nullptr, lat, rope.softmax_scale,
+                            TPOS[size_t(i)] + 1, nullptr, nullptr, lat, rope.softmax_scale,
                             me.scores.data(), me.op.data());
       for (int64_t h = h0; h < h1; ++h) {
         unabsorb(t, h, me.op[h - h0], O.data() + i * nh * dv + h * dv, me);
@@ -693,13 +717,55 @@ struct DeepseekCpuEngine::Impl {
     embed(token, X.data());  // throws before any state changes
     forward(&token, 1, logits, false);
   }
+
+  void decode_batch(const int32_t* tokens, int64_t n, float* logits) {
+    if (n < 1 || n > max_seq) {
+      throw Error("decode_batch",
+                  std::to_string(n) + " sequences, but the engine has " + std::to_string(max_seq),
+                  "create the engine with max_sequences >= the batch");
+    }
+    seq_pos[size_t(cur)] = pos;
+    for (int64_t b = 0; b < n; ++b) {
+      if (seq_pos[size_t(b)] >= max_ctx) {
+        throw Error("decode_batch",
+                    "sequence " + std::to_string(b) + " is at position " +
+                        std::to_string(seq_pos[size_t(b)]) + ", past the KV cache (" +
+                        std::to_string(max_ctx) + " positions)",
+                    "raise max_context or call reset()");
+      }
+      embed(tokens[b], X.data());  // throws before any state changes
+    }
+    forward(tokens, n, logits, true, true);
+  }
 };
 
 DeepseekCpuEngine::DeepseekCpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt)
     : impl_(std::make_unique<Impl>(weights, opt)) {}
 DeepseekCpuEngine::~DeepseekCpuEngine() = default;
-void DeepseekCpuEngine::reset() { impl_->pos = 0; }
+void DeepseekCpuEngine::reset() {
+  impl_->pos = 0;
+  std::fill(impl_->seq_pos.begin(), impl_->seq_pos.end(), 0);
+}
 int64_t DeepseekCpuEngine::position() const { return impl_->pos; }
+int64_t DeepseekCpuEngine::position(int64_t seq) const {
+  return seq == impl_->cur ? impl_->pos : impl_->seq_pos.at(size_t(seq));
+}
+int64_t DeepseekCpuEngine::max_sequences() const { return impl_->max_seq; }
+void DeepseekCpuEngine::set_sequence(int64_t seq) {
+  Impl& m = *impl_;
+  m.seq_pos[size_t(m.cur)] = m.pos;
+  m.cur = seq;
+  m.pos = m.seq_pos[size_t(seq)];
+}
+void DeepseekCpuEngine::decode_batch(const int32_t* tokens, int64_t n,
+                                     std::vector<float>* logits) {
+  float* out = nullptr;
+  if (logits) {
+    logits->resize(size_t(n * impl_->V));
+    out = logits->data();
+  }
+  impl_->decode_batch(tokens, n, out);
+}
 void DeepseekCpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits,
                                 bool all_positions) {
   impl_->prefill(tokens, n, logits, all_positions);

@@ -48,10 +48,15 @@ class DeepseekCpuEngine {
   DeepseekCpuEngine(const ModelWeights& weights, const CpuEngineOptions& opt);
   ~DeepseekCpuEngine();
 
-  void reset();
-  int64_t position() const;
+  void reset();  // every sequence
+  int64_t position() const;  // of the current sequence
+  int64_t position(int64_t seq) const;
+  int64_t max_sequences() const;
+  void set_sequence(int64_t seq);  // the sequence prefill/decode work on (checked by CpuEngine)
   void prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits, bool all_positions);
   void decode(int32_t token, std::vector<float>* logits);
+  // One token for each of the sequences 0..n-1 in one forward pass (see CpuEngine).
+  void decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits);
 
   int threads() const;
   cpu::Isa isa() const;

@@ -1,7 +1,8 @@
 // Concurrent sequences on the CPU engine: a batched decode step (decode_batch) of B sequences
 // with different prompts generates the same greedy tokens as B separate single-sequence runs,
 // its logits agree with them up to float rounding, batching never mixes sequences (each row is
-// bit-identical whatever else is in the batch), and bad batches are refused.
+// bit-identical whatever else is in the batch), and bad batches are refused; qwen3moe and
+// deepseek2.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,7 +16,7 @@
 namespace ktune {
 namespace {
 
-ModelWeights tiny_model(QuantType q, const char* preset = "tiny") {
+ModelWeights tiny_model(QuantType q, const std::string& preset = "tiny") {
   SynthOptions o;
   o.preset = preset;
   o.quant = q;
@@ -27,6 +28,13 @@ const std::vector<std::vector<int32_t>> kPrompts = {
     {5, 77, 300, 12}, {900, 3}, {42, 42, 42, 42, 42, 7}, {1000, 1, 512}, {8},
 };
 constexpr int kGen = 6;
+
+// The prompts within the model's vocabulary.
+std::vector<int32_t> prompt_of(const ModelWeights& w, size_t b) {
+  std::vector<int32_t> p = kPrompts[b];
+  for (int32_t& t : p) t = static_cast<int32_t>(t % w.cfg.vocab);
+  return p;
+}
 
 // Greedy generation of one sequence alone: prefill, then decode() token by token.
 std::vector<int32_t> generate_alone(const ModelWeights& w, const std::vector<int32_t>& prompt,
@@ -61,7 +69,8 @@ std::vector<std::vector<int32_t>> generate_batched(
   std::vector<float> logits;
   for (size_t b = 0; b < B; ++b) {
     eng.set_sequence(static_cast<int64_t>(b));
-    eng.prefill(kPrompts[b].data(), static_cast<int64_t>(kPrompts[b].size()), &logits, false);
+    const std::vector<int32_t> p = prompt_of(w, b);
+    eng.prefill(p.data(), static_cast<int64_t>(p.size()), &logits, false);
     next[b] = CpuEngine::argmax(logits.data(), V);
   }
   std::vector<std::vector<int32_t>> out(B);
@@ -90,14 +99,14 @@ double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return num / std::max(den, 1e-30);
 }
 
-void check_batch_equals_alone(QuantType q) {
-  const ModelWeights w = tiny_model(q);
+void check_batch_equals_alone(QuantType q, const std::string& preset = "tiny") {
+  const ModelWeights w = tiny_model(q, preset);
   const size_t B = kPrompts.size();
   std::vector<std::vector<std::vector<float>>> batched_logits;
   const auto batched = generate_batched(w, B, 3, &batched_logits);
   for (size_t b = 0; b < B; ++b) {
     std::vector<std::vector<float>> alone_logits;
-    EXPECT_EQ(batched[b], generate_alone(w, kPrompts[b], &alone_logits))
+    EXPECT_EQ(batched[b], generate_alone(w, prompt_of(w, b), &alone_logits))
         << quant_name(q) << " sequence " << b;
     for (int i = 0; i < kGen; ++i) {
       EXPECT_LE(max_rel_diff(batched_logits[b][i], alone_logits[i]), 1e-4)
@@ -130,6 +139,12 @@ TEST(CpuEngineBatch, GreedyTokensEqualSeparateRunsQ8_0) {
 TEST(CpuEngineBatch, GreedyTokensEqualSeparateRunsQ4_K) {
   check_batch_equals_alone(QuantType::Q4_K);
 }
+TEST(CpuEngineBatch, GreedyTokensEqualSeparateRunsDeepseekF32) {
+  check_batch_equals_alone(QuantType::F32, "tiny-deepseek");
+}
+TEST(CpuEngineBatch, GreedyTokensEqualSeparateRunsDeepseekQ8_0) {
+  check_batch_equals_alone(QuantType::Q8_0, "tiny-deepseek");
+}
 
 TEST(CpuEngineBatch, BadBatchesAreRefused) {
   const ModelWeights w = tiny_model(QuantType::Q8_0);
@@ -151,10 +166,15 @@ TEST(CpuEngineBatch, BadBatchesAreRefused) {
   EXPECT_EQ(eng.position(0), 0);  // a refused step changes nothing
   opt.max_sequences = 0;
   EXPECT_THROW(CpuEngine(w, opt), Error);
-  // deepseek2 engines decode one sequence at a time for now.
   const ModelWeights ds = tiny_model(QuantType::F32, "tiny-deepseek");
-  opt.max_sequences = 2;
   EXPECT_THROW(CpuEngine(ds, opt), Error);
+  opt.max_sequences = 2;
+  CpuEngine d(ds, opt);
+  EXPECT_THROW(d.decode_batch(toks, 3, nullptr), Error);
+  for (int i = 0; i < 4; ++i) d.decode_batch(toks, 2, nullptr);
+  EXPECT_THROW(d.decode_batch(toks, 2, nullptr), Error);  // past the KV cache
+  d.reset();
+  EXPECT_EQ(d.position(1), 0);
 }
 
 }  // namespace

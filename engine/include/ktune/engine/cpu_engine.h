@@ -22,8 +22,7 @@ struct CpuEngineOptions {
   int threads = 0;            // <= 0: one per physical core
   int64_t max_context = 4096; // KV cache length
   int64_t max_batch = 512;    // prefill tokens per forward chunk
-  // Sequences with their own KV cache (decode_batch); max_context positions each. qwen3moe
-  // only: a deepseek2 engine refuses more than 1.
+  // Sequences with their own KV cache (decode_batch); max_context positions each.
   int64_t max_sequences = 1;
   cpu::Isa isa = cpu::detect_isa();
   bool pin_threads = true;
