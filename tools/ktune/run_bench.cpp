@@ -905,8 +905,9 @@ void run_generate(const RunOptions& opt) {
   if (!opt.json) {
     std::cerr << fmt::format("ktune: tokenizer: {}\n", mt.source);
     if (mt.synthetic) {
-      std::cerr << "ktune: note: the model's weights are random, so the generated text is "
-                   "gibberish; the speed is real\n";
+      std::cerr << "ktune: note: the model has no vocabulary of its own (synth: and gen-model "
+                   "models have random weights), so the generated text is gibberish; the speed "
+                   "is real\n";
     }
   }
 
