@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cstring>
 #include <limits>
 #include <map>
+#include <queue>
 #include <unordered_set>
 
 #include "ktune/engine/error.h"
@@ -426,31 +428,52 @@ struct Tokenizer::Impl {
   std::unordered_set<int32_t> eog;
 
   void bpe(const std::string& piece, std::vector<int32_t>& out) const {
-    std::vector<int32_t> sym;
-    sym.reserve(piece.size());
-    for (unsigned char b : piece) sym.push_back(byte_id[b]);
-    // Repeatedly merge the adjacent pair with the lowest rank (leftmost on ties). rank[i] is
-    // the rank of (sym[i], sym[i+1]), or max when no merge exists.
-    constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
-    auto rank_at = [&](size_t i) -> int32_t {
-      const auto it = merges.find(pair_key(sym[i], sym[i + 1]));
-      return it == merges.end() ? kNone : it->second.rank;
+    // Merge the adjacent pair with the lowest rank, leftmost on ties, until none applies. The
+    // symbols form a linked list over their byte positions; candidate pairs wait in a heap keyed
+    // (rank, position of the left symbol) and are checked when popped (a merge may have
+    // consumed or changed either side), so a piece of n bytes costs O(n log n), not O(n^2) (a
+    // long whitespace run or an unbroken blob is one piece).
+    struct Sym {
+      int32_t id;
+      int32_t prev, next;  // -1: none
     };
-    std::vector<int32_t> rank(sym.size() > 0 ? sym.size() - 1 : 0);
-    for (size_t i = 0; i < rank.size(); ++i) rank[i] = rank_at(i);
-    while (!rank.empty()) {
-      size_t best = 0;
-      for (size_t i = 1; i < rank.size(); ++i) {
-        if (rank[i] < rank[best]) best = i;
-      }
-      if (rank[best] == kNone) break;
-      sym[best] = merges.at(pair_key(sym[best], sym[best + 1])).result;
-      sym.erase(sym.begin() + static_cast<std::ptrdiff_t>(best) + 1);
-      rank.erase(rank.begin() + static_cast<std::ptrdiff_t>(best));
-      if (best < rank.size()) rank[best] = rank_at(best);
-      if (best > 0) rank[best - 1] = rank_at(best - 1);
+    const int32_t n = static_cast<int32_t>(piece.size());
+    std::vector<Sym> sym(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) {
+      sym[size_t(i)] = {byte_id[static_cast<unsigned char>(piece[size_t(i)])], i - 1,
+                        i + 1 < n ? i + 1 : -1};
     }
-    out.insert(out.end(), sym.begin(), sym.end());
+    struct Cand {
+      int32_t rank, left, left_id, right_id;
+      bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+    };
+    std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+    auto push = [&](int32_t left) {
+      if (left < 0 || sym[size_t(left)].next < 0) return;
+      const int32_t a = sym[size_t(left)].id, b = sym[size_t(sym[size_t(left)].next)].id;
+      const auto it = merges.find(pair_key(a, b));
+      if (it != merges.end()) heap.push({it->second.rank, left, a, b});
+    };
+    for (int32_t i = 0; i + 1 < n; ++i) push(i);
+    std::vector<bool> dead(static_cast<size_t>(n), false);
+    while (!heap.empty()) {
+      const Cand c = heap.top();
+      heap.pop();
+      Sym& l = sym[size_t(c.left)];
+      if (dead[size_t(c.left)] || l.next < 0 || l.id != c.left_id ||
+          sym[size_t(l.next)].id != c.right_id) {
+        continue;  // stale: one side was merged since
+      }
+      const int32_t r = l.next;
+      l.id = merges.at(pair_key(c.left_id, c.right_id)).result;
+      dead[size_t(r)] = true;
+      l.next = sym[size_t(r)].next;
+      if (l.next >= 0) sym[size_t(l.next)].prev = c.left;
+      push(l.prev);
+      push(c.left);
+    }
+    for (int32_t i = n > 0 ? 0 : -1; i >= 0; i = sym[size_t(i)].next)
+      out.push_back(sym[size_t(i)].id);
   }
 
   std::vector<std::string> pieces(std::string_view text) const {
@@ -848,7 +871,9 @@ std::string Tokenizer::token_bytes(int32_t id) const {
     case TokenType::UserDefined:
       return t;
     case TokenType::Byte:
-      if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>') {
+      if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
+          std::isxdigit(static_cast<unsigned char>(t[3])) &&
+          std::isxdigit(static_cast<unsigned char>(t[4]))) {
         return std::string(1, static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16)));
       }
       return t;

@@ -6,7 +6,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "ktune/engine/error.h"
 #include "ktune/engine/gguf.h"
@@ -116,6 +118,55 @@ TEST(Tokenizer, BpeMergesLowestRankFirst) {
   // Equal pairs: the leftmost merges first ("aaa" -> "aa" + "a").
   const Tokenizer a = small_bpe({"a a"});
   EXPECT_EQ(a.encode("aaa"), (std::vector<int32_t>{id_of(a, "aa"), 'a'}));
+}
+
+// BPE the slow, obvious way: merge the lowest-rank adjacent pair (leftmost on ties), repeat.
+std::vector<int32_t> naive_bpe(const Tokenizer& t, const std::string& piece) {
+  const VocabData& d = t.data();
+  std::map<std::pair<std::string, std::string>, size_t> rank;
+  for (size_t r = 0; r < d.merges.size(); ++r) {
+    const size_t sp = d.merges[r].find(' ', 1);
+    rank.emplace(std::make_pair(d.merges[r].substr(0, sp), d.merges[r].substr(sp + 1)), r);
+  }
+  std::vector<std::string> sym;
+  for (unsigned char b : piece) sym.push_back(d.tokens[b]);  // synthetic: id = byte
+  for (;;) {
+    size_t best = SIZE_MAX, at = 0;
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      const auto it = rank.find({sym[i], sym[i + 1]});
+      if (it != rank.end() && it->second < best) {
+        best = it->second;
+        at = i;
+      }
+    }
+    if (best == SIZE_MAX) break;
+    sym[at] += sym[at + 1];
+    sym.erase(sym.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+  }
+  std::vector<int32_t> ids;
+  for (const std::string& s : sym) ids.push_back(id_of(t, s));
+  return ids;
+}
+
+TEST(Tokenizer, BpeEqualsTheNaiveAlgorithmAndScalesToLongPieces) {
+  const Tokenizer t = Tokenizer::synthetic(1024);
+  std::mt19937 rng(5);
+  const std::string alphabet = "the expert model tokens read and prompt aaaa eeee";
+  for (int k = 0; k < 300; ++k) {
+    std::string text;
+    const int n = 1 + static_cast<int>(rng() % 40);
+    for (int i = 0; i < n; ++i) text += alphabet[rng() % alphabet.size()];
+    std::vector<int32_t> want;
+    for (const std::string& p : t.pre_tokenize(text)) {
+      const auto ids = naive_bpe(t, p);
+      want.insert(want.end(), ids.begin(), ids.end());
+    }
+    EXPECT_EQ(t.encode(text), want) << text;
+  }
+  // One piece of 300 000 bytes (a whitespace run, a blob): n log n, and still exact.
+  const std::string spaces(300000, ' '), blob(300000, 'e');
+  EXPECT_EQ(t.decode(t.encode(spaces)), spaces);
+  EXPECT_EQ(t.decode(t.encode(blob)), blob);
 }
 
 const std::vector<std::string> kHardStrings = {
