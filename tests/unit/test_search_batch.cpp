@@ -42,7 +42,7 @@ TEST(SearchBatch, CpuStepReadsTheDistinctExpertsOfTheBatch) {
   const ModelConfig& c = mi.cfg;
   const double ctx = 100, eb = double(mi.bytes.expert[0]);
   const double kv = 2 * ctx * double(c.n_kv_heads * c.head_dim) * 4;
-  const double distinct = 128 * (1 - std::pow(1 - 8.0 / 128, 8));  // 51.2 of 128
+  const double distinct = 128 * (1 - std::pow(1 - 8.0 / 128, 8));  // 51.6 of 128
   const double want =
       (double(mi.bytes.attention[0]) + 8 * kv) / (85 * 1e3) + distinct * eb / (50 * 1e3);
   EXPECT_NEAR(eight.decode_layer_us(0, s8, e, ctx), want, 1e-6 * want);
