@@ -10,7 +10,9 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace ktune::exec_capture {
 
@@ -66,12 +68,59 @@ void put_us(std::string& o, int64_t ns) {
   std::snprintf(b, sizeof b, "%s%" PRIu64 ".%03" PRIu64, sign, a / 1000, a % 1000);
   o += b;
 }
-void put_i(std::string& o, int64_t v) { o += std::to_string(v); }
-void put_u(std::string& o, uint64_t v) { o += std::to_string(v); }
 void put_str(std::string& o, const std::string& s) {
   o += '"';
   o += json_escape(s);
   o += '"';
+}
+
+// A table cell: integers as they are, times (Micros) as put_us writes them.
+struct Micros {
+  int64_t ns;
+};
+void put_cell(std::string& o, Micros t) { put_us(o, t.ns); }
+template <typename T>
+void put_cell(std::string& o, T v) {
+  static_assert(std::is_integral_v<T>, "a cell is an integer or Micros");
+  if constexpr (std::is_signed_v<T>) {
+    o += std::to_string(static_cast<int64_t>(v));
+  } else {
+    o += std::to_string(static_cast<uint64_t>(v));
+  }
+}
+// A row's cells, comma-separated.
+template <typename First, typename... Rest>
+void put_cells(std::string& o, const First& first, const Rest&... rest) {
+  put_cell(o, first);
+  ((o += ',', put_cell(o, rest)), ...);
+}
+
+// `,\n"name": {"columns": [...], "rows": [...]}` with one row per record that completed
+// (end >= start > 0: a record still open at the flush has no end). put_row writes the cells.
+template <typename Record, typename PutRow>
+void put_table(std::string& o, const char* name, std::initializer_list<const char*> columns,
+               const std::vector<Record>& records, PutRow put_row) {
+  o += ",\n\"";
+  o += name;
+  o += "\": {\"columns\": [";
+  const char* sep = "";
+  for (const char* col : columns) {
+    o += sep;
+    o += '"';
+    o += col;
+    o += '"';
+    sep = ", ";
+  }
+  o += "], \"rows\": [";
+  bool first = true;
+  for (const Record& x : records) {
+    if (x.end < x.start || x.start <= 0) continue;  // incomplete at the flush
+    o += first ? "\n[" : ",\n[";
+    first = false;
+    put_row(x);
+    o += ']';
+  }
+  o += "]}";
 }
 
 }  // namespace
@@ -87,13 +136,16 @@ std::string to_json(const Capture& c) {
   for (const Range& x : c.ranges) low(x.start);
   low(c.trace_start);
   if (origin == std::numeric_limits<int64_t>::max()) origin = 0;
+  // A record's start (relative to the origin) and duration cells.
+  auto since_origin = [&](int64_t t) { return Micros{t - origin}; };
+  auto duration = [](int64_t start, int64_t end) { return Micros{end - start}; };
 
   std::string o;
   o.reserve(256 + 96 * (c.ops.size() + c.api.size() + c.ranges.size()));
   o += "{\"ktune_exec_capture\": 1,\n\"process\": {\"pid\": ";
-  put_i(o, c.pid);
+  put_cell(o, c.pid);
   o += ", \"ppid\": ";
-  put_i(o, c.ppid);
+  put_cell(o, c.ppid);
   o += ", \"command\": ";
   put_str(o, c.command);
   o += ", \"flush_reason\": ";
@@ -111,9 +163,9 @@ std::string to_json(const Capture& c) {
   o += ", \"trace_end_us\": ";
   put_us(o, c.trace_end > 0 ? c.trace_end - origin : 0);
   o += ", \"open_ranges\": ";
-  put_i(o, c.open_ranges);
+  put_cell(o, c.open_ranges);
   o += "},\n\"timeline\": {\"clock\": \"cupti\", \"origin_ns\": ";
-  put_i(o, origin);
+  put_cell(o, origin);
   o += ", \"time_unit\": \"us relative to origin_ns\", \"cupti\": ";
   o += c.cupti_ok ? "true" : "false";
   o += ", \"source_note\": ";
@@ -122,7 +174,7 @@ std::string to_json(const Capture& c) {
                                                                                   "initialized")
                                                                     : c.cupti_error));
   o += ", \"dropped_records\": ";
-  put_u(o, c.dropped_records);
+  put_cell(o, c.dropped_records);
   o += ", \"dropped_spans\": 0, \"cupti_overhead_us\": ";
   put_us(o, c.cupti_overhead_ns);
   o += ",\n\"strings\": [";
@@ -134,98 +186,37 @@ std::string to_json(const Capture& c) {
   for (size_t i = 0; i < c.gpus.size(); ++i) {
     if (i) o += ", ";
     o += "{\"index\": ";
-    put_i(o, c.gpus[i].first);
+    put_cell(o, c.gpus[i].first);
     o += ", \"name\": ";
     put_str(o, c.gpus[i].second);
     o += "}";
   }
-  o += "],\n\"ops\": {\"columns\": [\"kind\", \"device\", \"stream\", \"start_us\", \"dur_us\", "
-       "\"correlation\", \"graph_id\", \"graph_node_id\", \"name\", \"bytes\"], \"rows\": [";
-  bool first = true;
-  for (const Op& x : c.ops) {
-    if (x.end < x.start || x.start <= 0) continue;  // incomplete at the flush
-    o += first ? "\n[" : ",\n[";
-    first = false;
-    put_i(o, x.kind);
-    o += ',';
-    put_i(o, x.device);
-    o += ',';
-    put_u(o, x.stream);
-    o += ',';
-    put_us(o, x.start - origin);
-    o += ',';
-    put_us(o, x.end - x.start);
-    o += ',';
-    put_u(o, x.correlation);
-    o += ',';
-    put_u(o, x.graph_id);
-    o += ',';
-    put_u(o, x.graph_node_id);
-    o += ',';
-    put_i(o, x.name);
-    o += ',';
-    put_i(o, x.bytes);
-    o += ']';
-  }
-  o += "]},\n\"api\": {\"columns\": [\"name\", \"thread\", \"start_us\", \"dur_us\", "
-       "\"correlation\"], \"rows\": [";
-  first = true;
-  for (const Api& x : c.api) {
-    if (x.end < x.start || x.start <= 0) continue;
-    o += first ? "\n[" : ",\n[";
-    first = false;
-    put_i(o, x.name);
-    o += ',';
-    put_u(o, x.thread);
-    o += ',';
-    put_us(o, x.start - origin);
-    o += ',';
-    put_us(o, x.end - x.start);
-    o += ',';
-    put_u(o, x.correlation);
-    o += ']';
-  }
-  o += "]},\n\"syncs\": {\"columns\": [\"name\", \"stream\", \"start_us\", \"dur_us\", "
-       "\"correlation\"], \"rows\": [";
-  first = true;
-  for (const Sync& x : c.syncs) {
-    if (x.end < x.start || x.start <= 0) continue;
-    o += first ? "\n[" : ",\n[";
-    first = false;
-    put_i(o, x.name);
-    o += ',';
-    put_u(o, x.stream);
-    o += ',';
-    put_us(o, x.start - origin);
-    o += ',';
-    put_us(o, x.end - x.start);
-    o += ',';
-    put_u(o, x.correlation);
-    o += ']';
-  }
-  o += "]},\n\"markers\": {\"columns\": [\"name\", \"domain\", \"thread\", \"start_us\", "
-       "\"dur_us\", \"payload\", \"has_payload\"], \"rows\": [";
-  first = true;
-  for (const Range& x : c.ranges) {
-    if (x.end < x.start || x.start <= 0) continue;
-    o += first ? "\n[" : ",\n[";
-    first = false;
-    put_i(o, x.name);
-    o += ',';
-    put_i(o, x.domain);
-    o += ',';
-    put_u(o, x.thread);
-    o += ',';
-    put_us(o, x.start - origin);
-    o += ',';
-    put_us(o, x.end - x.start);
-    o += ',';
-    put_i(o, x.payload);
-    o += ',';
-    o += x.has_payload ? '1' : '0';
-    o += ']';
-  }
-  o += "]}\n}}\n";
+  o += "]";
+  put_table(o, "ops",
+            {"kind", "device", "stream", "start_us", "dur_us", "correlation", "graph_id",
+             "graph_node_id", "name", "bytes"},
+            c.ops, [&](const Op& x) {
+              put_cells(o, x.kind, x.device, x.stream, since_origin(x.start),
+                        duration(x.start, x.end), x.correlation, x.graph_id, x.graph_node_id,
+                        x.name, x.bytes);
+            });
+  put_table(o, "api", {"name", "thread", "start_us", "dur_us", "correlation"}, c.api,
+            [&](const Api& x) {
+              put_cells(o, x.name, x.thread, since_origin(x.start), duration(x.start, x.end),
+                        x.correlation);
+            });
+  put_table(o, "syncs", {"name", "stream", "start_us", "dur_us", "correlation"}, c.syncs,
+            [&](const Sync& x) {
+              put_cells(o, x.name, x.stream, since_origin(x.start), duration(x.start, x.end),
+                        x.correlation);
+            });
+  put_table(o, "markers",
+            {"name", "domain", "thread", "start_us", "dur_us", "payload", "has_payload"}, c.ranges,
+            [&](const Range& x) {
+              put_cells(o, x.name, x.domain, x.thread, since_origin(x.start),
+                        duration(x.start, x.end), x.payload, x.has_payload ? 1 : 0);
+            });
+  o += "\n}}\n";
   return o;
 }
 
