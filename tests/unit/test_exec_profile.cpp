@@ -165,39 +165,56 @@ struct TempDir {
   }
 };
 
-TEST(ExecFlushTrigger, FlushRunsOnceAcrossTriggers) {
-  TempDir d;
+// Runs body in a forked child with a fresh flush gate; the child exits with body's value.
+// Returns the child's wait status.
+template <typename Body>
+int run_in_child(Body body) {
   const pid_t pid = fork();
   if (pid == 0) {
     inject::reset_for_test();
-    g_flush_path = d.path + "/flush";
+    _exit(body());
+  }
+  int st = 0;
+  EXPECT_EQ(waitpid(pid, &st, 0), pid);
+  return st;
+}
+
+// In a child: flushes write their reason to <dir>/flush. False if the triggers did not start.
+bool start_triggers(const std::string& dir, const inject::TriggerOptions& o = {}) {
+  g_flush_path = dir + "/flush";
+  return inject::start_flush_triggers(write_reason, o).empty();
+}
+
+testing::AssertionResult exited_with(int st, int code) {
+  if (!WIFEXITED(st)) {
+    return testing::AssertionFailure() << "not exited: wait status " << st;
+  }
+  if (WEXITSTATUS(st) != code) {
+    return testing::AssertionFailure() << "exit status " << WEXITSTATUS(st) << ", not " << code;
+  }
+  return testing::AssertionSuccess();
+}
+
+TEST(ExecFlushTrigger, FlushRunsOnceAcrossTriggers) {
+  const int st = run_in_child([] {
     int runs = 0;
     static int* counter = &runs;
     auto fn = [](const char*) { ++*counter; };
     const bool first = inject::flush_once(fn, "exit");
     const bool second = inject::flush_once(fn, "signal SIGINT");
-    _exit(first && !second && runs == 1 && inject::flushed() ? 0 : 1);
-  }
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  ASSERT_TRUE(WIFEXITED(st));
-  EXPECT_EQ(WEXITSTATUS(st), 0);
+    return first && !second && runs == 1 && inject::flushed() ? 0 : 1;
+  });
+  EXPECT_TRUE(exited_with(st, 0));
 }
 
 TEST(ExecFlushTrigger, SigtermFlushesThenEndsTheProcessByTheSignal) {
   TempDir d;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    inject::reset_for_test();
+  const int st = run_in_child([&] {
     signal(SIGTERM, SIG_DFL);
-    g_flush_path = d.path + "/flush";
-    inject::TriggerOptions o;
-    if (!inject::start_flush_triggers(write_reason, o).empty()) _exit(90);
+    if (!start_triggers(d.path)) return 90;
     raise(SIGTERM);
-    _exit(91);  // not reached: the default action ends the process
-  }
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+    return 91;  // not reached: the default action ends the process
+  });
   ASSERT_TRUE(WIFSIGNALED(st)) << "exit status " << WEXITSTATUS(st);
   EXPECT_EQ(WTERMSIG(st), SIGTERM);
   EXPECT_EQ(test::read_all(d.path + "/flush"), "signal SIGTERM");
@@ -205,34 +222,23 @@ TEST(ExecFlushTrigger, SigtermFlushesThenEndsTheProcessByTheSignal) {
 
 TEST(ExecFlushTrigger, SigintChainsToTheProgramsHandler) {
   TempDir d;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    inject::reset_for_test();
-    g_flush_path = d.path + "/flush";
+  const int st = run_in_child([&] {
     g_program_path = d.path + "/program";
     signal(SIGINT, program_handler);  // installed before the injection, like Python's
-    inject::TriggerOptions o;
-    if (!inject::start_flush_triggers(write_reason, o).empty()) _exit(90);
+    if (!start_triggers(d.path)) return 90;
     raise(SIGINT);
-    _exit(3);  // the program's handler returned: the program goes on and exits by itself
-  }
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  ASSERT_TRUE(WIFEXITED(st));
-  EXPECT_EQ(WEXITSTATUS(st), 3);
+    return 3;  // the program's handler returned: the program goes on and exits by itself
+  });
+  ASSERT_TRUE(exited_with(st, 3));
   EXPECT_EQ(test::read_all(d.path + "/flush"), "signal SIGINT");
   EXPECT_EQ(test::read_all(d.path + "/program"), "program");
 }
 
 TEST(ExecFlushTrigger, AForkedWorkerNeitherFlushesNorWakesTheParent) {
   TempDir d;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    inject::reset_for_test();
+  const int st = run_in_child([&] {
     signal(SIGTERM, SIG_DFL);
-    g_flush_path = d.path + "/flush";
-    inject::TriggerOptions o;
-    if (!inject::start_flush_triggers(write_reason, o).empty()) _exit(90);
+    if (!start_triggers(d.path)) return 90;
     const pid_t worker = fork();
     if (worker == 0) {
       raise(SIGTERM);  // the program's default action, no flush
@@ -243,31 +249,22 @@ TEST(ExecFlushTrigger, AForkedWorkerNeitherFlushesNorWakesTheParent) {
     usleep(100000);  // a wrongly woken flusher would have written by now
     const bool ok = WIFSIGNALED(ws) && WTERMSIG(ws) == SIGTERM && !inject::flushed() &&
                     access(g_flush_path.c_str(), F_OK) != 0;
-    _exit(ok ? 0 : 1);
-  }
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  ASSERT_TRUE(WIFEXITED(st));
-  EXPECT_EQ(WEXITSTATUS(st), 0);
+    return ok ? 0 : 1;
+  });
+  EXPECT_TRUE(exited_with(st, 0));
 }
 
 TEST(ExecFlushTrigger, DurationFlushesWhileTheProgramRuns) {
   TempDir d;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    inject::reset_for_test();
-    g_flush_path = d.path + "/flush";
+  const int st = run_in_child([&] {
     inject::TriggerOptions o;
     o.duration_ms = 30;
     o.signals = false;
-    if (!inject::start_flush_triggers(write_reason, o).empty()) _exit(90);
+    if (!start_triggers(d.path, o)) return 90;
     for (int i = 0; i < 500 && !inject::flushed(); ++i) usleep(10000);  // up to 5 s
-    _exit(inject::flushed() ? 0 : 1);
-  }
-  int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  ASSERT_TRUE(WIFEXITED(st));
-  EXPECT_EQ(WEXITSTATUS(st), 0);
+    return inject::flushed() ? 0 : 1;
+  });
+  ASSERT_TRUE(exited_with(st, 0));
   EXPECT_EQ(test::read_all(d.path + "/flush"), "duration");
 }
 
