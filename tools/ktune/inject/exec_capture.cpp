@@ -14,16 +14,11 @@
 #include <limits>
 #include <type_traits>
 
+#include "inject/string_intern.h"
+
 namespace ktune::exec_capture {
 
-int32_t Capture::intern(const std::string& s) {
-  auto it = string_index.find(s);
-  if (it != string_index.end()) return it->second;
-  strings.push_back(s);
-  const auto i = static_cast<int32_t>(strings.size() - 1);
-  string_index.emplace(s, i);
-  return i;
-}
+int32_t Capture::intern(const std::string& s) { return intern_string(strings, string_index, s); }
 
 std::string json_escape(const std::string& s) {
   std::string o;

@@ -43,6 +43,7 @@
 
 #include "inject/exec_capture.h"
 #include "inject/flush_trigger.h"
+#include "inject/string_intern.h"
 
 namespace {
 
@@ -107,12 +108,7 @@ NvtxState& N() {
 int32_t nvtx_intern(const std::string& s) {
   NvtxState& n = N();
   std::lock_guard<std::mutex> l(n.mu);
-  auto it = n.name_index.find(s);
-  if (it != n.name_index.end()) return it->second;
-  n.names.push_back(s);
-  const auto i = static_cast<int32_t>(n.names.size() - 1);
-  n.name_index.emplace(s, i);
-  return i;
+  return ktune::exec_capture::intern_string(n.names, n.name_index, s);
 }
 
 // Names repeat (one per step, per layer): a per-thread cache keeps the lock off the hot path.

@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "inject/string_intern.h"
 #include "ktune/engine/trace.h"
 
 #if KTUNE_WITH_CUPTI
@@ -68,12 +69,7 @@ struct Parsed {
   uint64_t dropped = 0;
   int64_t overhead_ns = 0;
   int32_t intern(const std::string& s) {
-    auto it = string_index.find(s);
-    if (it != string_index.end()) return it->second;
-    strings.push_back(s);
-    const auto i = static_cast<int32_t>(strings.size() - 1);
-    string_index.emplace(s, i);
-    return i;
+    return exec_capture::intern_string(strings, string_index, s);
   }
 };
 
