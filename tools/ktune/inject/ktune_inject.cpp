@@ -345,6 +345,30 @@ const char* sync_name(CUpti_ActivitySynchronizationType t) {
   }
 }
 
+// What kernel, memcpy and memset records share (they name those fields alike).
+template <typename Record>
+ktune::exec_capture::Op gpu_op(const Record* r, uint8_t kind) {
+  ktune::exec_capture::Op op;
+  op.kind = kind;
+  op.device = static_cast<int32_t>(r->deviceId);
+  op.stream = r->streamId;
+  op.start = static_cast<int64_t>(r->start);
+  op.end = static_cast<int64_t>(r->end);
+  op.correlation = r->correlationId;
+  op.graph_id = r->graphId;
+  op.graph_node_id = r->graphNodeId;
+  return op;
+}
+// The interval and correlation of an API call or synchronization record.
+template <typename Out, typename Record>
+Out timed(const Record* r) {
+  Out x;
+  x.start = static_cast<int64_t>(r->start);
+  x.end = static_cast<int64_t>(r->end);
+  x.correlation = r->correlationId;
+  return x;
+}
+
 void parse(uint8_t* buffer, size_t valid) {
   State& s = S();
   Capture& c = s.capture;
@@ -354,15 +378,7 @@ void parse(uint8_t* buffer, size_t valid) {
     switch (rec->kind) {
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
         const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
-        ktune::exec_capture::Op op;
-        op.kind = 0;
-        op.device = static_cast<int32_t>(k->deviceId);
-        op.stream = k->streamId;
-        op.start = static_cast<int64_t>(k->start);
-        op.end = static_cast<int64_t>(k->end);
-        op.correlation = k->correlationId;
-        op.graph_id = k->graphId;
-        op.graph_node_id = k->graphNodeId;
+        ktune::exec_capture::Op op = gpu_op(k, 0);
         auto it = s.kernel_names.find(k->name);
         if (it == s.kernel_names.end()) {
           it = s.kernel_names.emplace(k->name, c.intern(short_kernel_name(k->name))).first;
@@ -373,15 +389,7 @@ void parse(uint8_t* buffer, size_t valid) {
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
-        ktune::exec_capture::Op op;
-        op.kind = 1;
-        op.device = static_cast<int32_t>(m->deviceId);
-        op.stream = m->streamId;
-        op.start = static_cast<int64_t>(m->start);
-        op.end = static_cast<int64_t>(m->end);
-        op.correlation = m->correlationId;
-        op.graph_id = m->graphId;
-        op.graph_node_id = m->graphNodeId;
+        ktune::exec_capture::Op op = gpu_op(m, 1);
         op.bytes = static_cast<int64_t>(m->bytes);
         op.name = c.intern(copy_name(m->copyKind));
         c.ops.push_back(op);
@@ -389,15 +397,7 @@ void parse(uint8_t* buffer, size_t valid) {
       }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
-        ktune::exec_capture::Op op;
-        op.kind = 2;
-        op.device = static_cast<int32_t>(m->deviceId);
-        op.stream = m->streamId;
-        op.start = static_cast<int64_t>(m->start);
-        op.end = static_cast<int64_t>(m->end);
-        op.correlation = m->correlationId;
-        op.graph_id = m->graphId;
-        op.graph_node_id = m->graphNodeId;
+        ktune::exec_capture::Op op = gpu_op(m, 2);
         op.bytes = static_cast<int64_t>(m->bytes);
         op.name = c.intern("Memset");
         c.ops.push_back(op);
@@ -405,23 +405,17 @@ void parse(uint8_t* buffer, size_t valid) {
       }
       case CUPTI_ACTIVITY_KIND_RUNTIME: {
         const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
-        ktune::exec_capture::Api x;
+        auto x = timed<ktune::exec_capture::Api>(a);
         x.name = c.intern(api_name(a->cbid));
         x.thread = a->threadId;
-        x.start = static_cast<int64_t>(a->start);
-        x.end = static_cast<int64_t>(a->end);
-        x.correlation = a->correlationId;
         c.api.push_back(x);
         break;
       }
       case CUPTI_ACTIVITY_KIND_SYNCHRONIZATION: {
         const auto* y = reinterpret_cast<const CUpti_ActivitySynchronization2*>(rec);
-        ktune::exec_capture::Sync x;
+        auto x = timed<ktune::exec_capture::Sync>(y);
         x.name = c.intern(sync_name(y->type));
         x.stream = y->streamId;
-        x.start = static_cast<int64_t>(y->start);
-        x.end = static_cast<int64_t>(y->end);
-        x.correlation = y->correlationId;
         c.syncs.push_back(x);
         break;
       }
