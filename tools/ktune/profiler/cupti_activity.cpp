@@ -230,6 +230,21 @@ uint64_t resolve_node_id(const void* node) {
   return id;
 }
 
+// What kernel, memcpy and memset records share (they name those fields alike).
+template <typename Record>
+GpuOp gpu_op(const Record* r, GpuOpKind kind) {
+  GpuOp op;
+  op.kind = kind;
+  op.device = static_cast<int32_t>(r->deviceId);
+  op.stream = r->streamId;
+  op.start = static_cast<int64_t>(r->start);
+  op.end = static_cast<int64_t>(r->end);
+  op.correlation = r->correlationId;
+  op.graph_id = r->graphId;
+  op.graph_node_id = r->graphNodeId;
+  return op;
+}
+
 }  // namespace
 
 void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
@@ -242,15 +257,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
         // Kernel10 in CUDA 13.0; later records extend it, so its fields stay readable.
         const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
-        GpuOp op;
-        op.kind = GpuOpKind::Kernel;
-        op.device = static_cast<int32_t>(k->deviceId);
-        op.stream = k->streamId;
-        op.start = static_cast<int64_t>(k->start);
-        op.end = static_cast<int64_t>(k->end);
-        op.correlation = k->correlationId;
-        op.graph_id = k->graphId;
-        op.graph_node_id = k->graphNodeId;
+        GpuOp op = gpu_op(k, GpuOpKind::Kernel);
         auto it = kernel_name_cache.find(k->name);
         if (it == kernel_name_cache.end()) {
           it = kernel_name_cache.emplace(k->name, p.intern(short_kernel_name(k->name))).first;
@@ -261,15 +268,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
-        GpuOp op;
-        op.kind = GpuOpKind::Memcpy;
-        op.device = static_cast<int32_t>(m->deviceId);
-        op.stream = m->streamId;
-        op.start = static_cast<int64_t>(m->start);
-        op.end = static_cast<int64_t>(m->end);
-        op.correlation = m->correlationId;
-        op.graph_id = m->graphId;
-        op.graph_node_id = m->graphNodeId;
+        GpuOp op = gpu_op(m, GpuOpKind::Memcpy);
         op.bytes = static_cast<int64_t>(m->bytes);
         op.name = p.intern(copy_kind_name(m->copyKind));
         p.ops.push_back(op);
@@ -278,17 +277,9 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_MEMCPY2: {
         // Peer copies between GPUs (cudaMemcpyPeer*): an inter-GPU transfer, not compute.
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpyPtoP4*>(rec);
-        GpuOp op;
-        op.kind = GpuOpKind::Memcpy;
-        op.device = static_cast<int32_t>(m->deviceId);
-        op.peer_device = static_cast<int32_t>(m->srcDeviceId == m->deviceId ? m->dstDeviceId
-                                                                             : m->srcDeviceId);
-        op.stream = m->streamId;
-        op.start = static_cast<int64_t>(m->start);
-        op.end = static_cast<int64_t>(m->end);
-        op.correlation = m->correlationId;
-        op.graph_id = m->graphId;
-        op.graph_node_id = m->graphNodeId;
+        GpuOp op = gpu_op(m, GpuOpKind::Memcpy);
+        op.peer_device =
+            static_cast<int32_t>(m->srcDeviceId == m->deviceId ? m->dstDeviceId : m->srcDeviceId);
         op.bytes = static_cast<int64_t>(m->bytes);
         op.name = p.intern("Memcpy PtoP");
         p.ops.push_back(op);
@@ -296,15 +287,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
-        GpuOp op;
-        op.kind = GpuOpKind::Memset;
-        op.device = static_cast<int32_t>(m->deviceId);
-        op.stream = m->streamId;
-        op.start = static_cast<int64_t>(m->start);
-        op.end = static_cast<int64_t>(m->end);
-        op.correlation = m->correlationId;
-        op.graph_id = m->graphId;
-        op.graph_node_id = m->graphNodeId;
+        GpuOp op = gpu_op(m, GpuOpKind::Memset);
         op.bytes = static_cast<int64_t>(m->bytes);
         op.name = p.intern("Memset");
         p.ops.push_back(op);
