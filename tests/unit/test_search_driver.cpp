@@ -25,15 +25,7 @@ ModelInfo qwen30_q4() {
 SearchOptions options(const ModelInfo& mi, const std::string& gpu_mem,
                       const std::string& workload = "chat",
                       profile::ProfileSummary prof = test::h100_profile()) {
-  SearchOptions o;
-  o.profile_path = "test-profile.json";
-  o.profile = prof;
-  o.model = mi;
-  for (const auto& g : prof.gpus) o.budgets.bytes[g.device] = g.mem_bytes - kGpuBudgetHeadroom;
-  o.budgets.bytes["cpu"] = prof.cpu.mem_available_bytes - kHostBudgetHeadroom;
-  if (!gpu_mem.empty()) apply_budget_overrides(o.budgets, gpu_mem, "--gpu-mem", Device::Cuda);
-  o.workload = parse_workload(workload);
-  return o;
+  return test::search_options(mi, prof, gpu_mem, workload);
 }
 
 std::vector<const Candidate*> everything(const SearchResult& r) {

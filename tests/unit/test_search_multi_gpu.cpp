@@ -211,15 +211,7 @@ TEST(SearchMultiGpu, PipelineMemoryModelAgreesWithThePlannerByteForByte) {
 
 SearchOptions options(const ModelInfo& mi, const profile::ProfileSummary& prof,
                       const std::string& gpu_mem, const std::string& workload = "chat") {
-  SearchOptions o;
-  o.profile_path = "test-profile.json";
-  o.profile = prof;
-  o.model = mi;
-  for (const auto& g : prof.gpus) o.budgets.bytes[g.device] = g.mem_bytes - kGpuBudgetHeadroom;
-  o.budgets.bytes["cpu"] = prof.cpu.mem_available_bytes - kHostBudgetHeadroom;
-  if (!gpu_mem.empty()) apply_budget_overrides(o.budgets, gpu_mem, "--gpu-mem", Device::Cuda);
-  o.workload = parse_workload(workload);
-  return o;
+  return test::search_options(mi, prof, gpu_mem, workload);
 }
 
 const Candidate* best_split(const SearchResult& r) {

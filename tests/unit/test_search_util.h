@@ -6,7 +6,9 @@
 #include <string>
 
 #include "ktune/engine/model.h"
+#include "ktune/engine/memory_plan.h"
 #include "profiler/profile_summary.h"
+#include "search/search.h"
 
 namespace ktune::search::test {
 
@@ -116,6 +118,21 @@ inline ModelConfig deepseek_v3_shape() {
 }
 
 // The repository's profiles/ folder (tests/data is KTUNE_TEST_DATA).
+// SearchOptions as `ktune search` builds them: the profile's budgets (less the headroom), then
+// --gpu-mem overrides, and the workload.
+inline SearchOptions search_options(const ModelInfo& mi, const profile::ProfileSummary& prof,
+                                    const std::string& gpu_mem, const std::string& workload) {
+  SearchOptions o;
+  o.profile_path = "test-profile.json";
+  o.profile = prof;
+  o.model = mi;
+  for (const auto& g : prof.gpus) o.budgets.bytes[g.device] = g.mem_bytes - kGpuBudgetHeadroom;
+  o.budgets.bytes["cpu"] = prof.cpu.mem_available_bytes - kHostBudgetHeadroom;
+  if (!gpu_mem.empty()) apply_budget_overrides(o.budgets, gpu_mem, "--gpu-mem", Device::Cuda);
+  o.workload = parse_workload(workload);
+  return o;
+}
+
 inline std::string profiles_dir() { return std::string(KTUNE_TEST_DATA) + "/../../profiles"; }
 
 }  // namespace ktune::search::test
