@@ -80,10 +80,12 @@ TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
 TEST(SearchCostModel, HybridLayerIsTheExpectationOverRouting) {
   // GPU experts nearly free (their two kernels cost 2 graph nodes) and a negligible hand-off: a
   // graph-mode hybrid layer then costs its fixed kernels, E[j] CPU experts with
-  // j ~ Binomial(k, CPU share), the merge when j > 0 and the empty GPU kernels when j = 0.
+  // j ~ Binomial(k, CPU share), the CpuMoe call's fixed cost f and the merge when j > 0, and the
+  // empty GPU kernels when j = 0.
   const ModelInfo mi = qwen30_q4();
-  const CostModel cm = make(mi, "prompt=512,gen=128", "moe_fused_gb_s=1e12,flag_handoff_us=1e-9");
-  const double k = 8, g = 1.0;
+  const CostModel cm =
+      make(mi, "prompt=512,gen=128", "moe_fused_gb_s=1e12,flag_handoff_us=1e-9,cpu_call_us=5");
+  const double k = 8, g = 1.0, f = 5.0;
   const double c = double(mi.bytes.expert[0]) / (68 * 1e3);             // µs per CPU expert
   const double merge = 2 * g + double(mi.cfg.hidden) * 4 / (52 * 1e3);  // H2D + add nodes
   // Every expert on the CPU: j = k always.
@@ -92,7 +94,7 @@ TEST(SearchCostModel, HybridLayerIsTheExpectationOverRouting) {
     const double q = 1.0 - double(m) / 128;  // uniform routing: the share on the CPU
     const double p0 = std::pow(1 - q, k);    // no CPU expert selected
     const double t = cm.decode_layer_us(0, cm.hottest_split(0, m), settings(true), 0);
-    const double expected = t_all - k * c * (1 - q) + p0 * (2 * g - merge);
+    const double expected = t_all - k * c * (1 - q) + p0 * (2 * g - merge - f);
     EXPECT_NEAR(t, expected, 1e-6) << m;
   }
 }

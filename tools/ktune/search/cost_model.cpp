@@ -195,7 +195,9 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
                         m_.cpu_read_at(e.cpu_threads)) +
            us_for_bytes(k * eb, m_.cpu_moe_at(e.cpu_threads));
   }
-  const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
+  // The engine captures both MoE paths: fused, and unfused as per-slot graph nodes that read the
+  // expert id from device memory (no host read, so no sync).
+  const bool graph = e.cuda_graph;
   const double L = m_.launch_eager_us;
   const double pre = pre_gpu_us(l, ctx, graph);
   const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
@@ -213,11 +215,21 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
     return kernel_us(us_for_bytes(bytes * 2 / 3, m_.moe_fused_gb_s), graph) +
            kernel_us(us_for_bytes(bytes / 3, m_.moe_fused_gb_s), graph);
   };
-  // Unfused: gate, up, SwiGLU, down, axpy per selected GPU expert (never in a graph).
+  // Unfused: gate, up, SwiGLU, down, axpy per selected GPU expert (eager launches).
   const double unfused_expert =
       3 * kernel_us(us_for_bytes(eb / 3, m_.moe_unfused_gb_s), false) + 2 * kernel_us(0, false);
+  // Unfused in a graph: those 5 nodes for every top-k slot (a slot whose expert is on the CPU
+  // runs them empty), the GPU slots' matrices at the unfused kernels' bandwidth.
+  auto unfused_graph = [&](double ng) {
+    if (!has_gpu) return 0.0;
+    return k * (3 * kernel_us(0, true) + 2 * kernel_us(0, true)) +
+           ng * 3 * us_for_bytes(eb / 3, m_.moe_unfused_gb_s);
+  };
+  auto gpu_moe = [&](double ng) {
+    return e.kernel == MoeKernel::Fused ? fused(ng) : unfused_graph(ng);
+  };
 
-  if (!has_cpu && e.kernel == MoeKernel::Fused) return pre + fused(k);
+  if (!has_cpu && (e.kernel == MoeKernel::Fused || graph)) return pre + gpu_moe(k);
   const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
   std::vector<double> pj;
   binomial(k, has_cpu ? q : 0.0, pj);
@@ -225,12 +237,12 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
   for (int j = 0; j <= k; ++j) {
     const double pr = pj[size_t(j)];
     if (pr == 0) continue;
-    const double cpu = j * cpu_us_per_expert;
+    const double cpu = j > 0 ? m_.cpu_call_us + j * cpu_us_per_expert : 0.0;
     const double ng = has_gpu ? double(k - j) : 0.0;
     double t = 0;
     if (graph) {
       const double h = e.handoff == CpuHandoff::Flags ? m_.flag_handoff_us : m_.host_node_us;
-      t = pre + d2h + std::max(fused(ng), h + cpu) + (j > 0 ? merge : 0.0);
+      t = pre + d2h + std::max(gpu_moe(ng), h + cpu) + (j > 0 ? merge : 0.0);
     } else if (e.kernel == MoeKernel::Fused) {
       // Host and GPU clocks from a synchronised start (the previous layer's hand-off): the host
       // enqueues the layer, waits for the routing event, runs the CPU experts, enqueues the
@@ -304,7 +316,7 @@ double CostModel::decode_step_fixed_us(const EngineSettings& e) const {
   const ModelConfig& c = model_.cfg;
   const double head = double(model_.bytes.head);
   if (!e.gpu) return us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
-  const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
+  const bool graph = e.cuda_graph;  // both MoE paths are captured (decode_layer_us)
   // embedding, output head (norm prologue), argmax, advance; a graph is one launch per step.
   return kernel_us(0, graph) + kernel_us(us_for_bytes(head, m_.matvec_gb_s), graph) +
          kernel_us(us_for_bytes(4.0 * double(c.vocab), m_.gpu_read_gb_s), graph) +

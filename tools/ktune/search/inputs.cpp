@@ -194,6 +194,8 @@ const std::vector<AssumptionKey>& assumption_keys() {
       {"flag_handoff_us", "CPU hand-off through mapped flags, per hybrid layer (default 3.4)"},
       {"sync_us", "stream synchronisation round trip (default 10)"},
       {"handoff_host_thread_us", "CPU hand-off by the host thread without a graph (default 20)"},
+      {"cpu_call_us",
+       "fixed cost of one CpuMoe call per hybrid layer with CPU experts selected (default 8)"},
       {"kernel_fixed_us", "latency each kernel adds to bytes / bandwidth (default 0)"},
       {"matvec_gb_s", "GPU attention/router/head matvec bandwidth"},
       {"moe_fused_gb_s", "GPU fused MoE kernel bandwidth"},
@@ -313,6 +315,9 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
   }
   m.handoff_host_thread_us = pick("handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us,
                                   20.0, "event sync + waking the CPU pool");
+  // bench_cpu_moe on the H100 machine (b10cc68): waking the spinning pool ~2 µs, quantizing h
+  // ~3, the uneven finish and return ~3-4 per call, whatever the bytes.
+  m.cpu_call_us = pick("cpu_call_us", 0.0, 8.0, "waking the pool, quantizing h, uneven finish");
   m.cpu_mem_available_bytes = s.cpu.mem_available_bytes;
 
   m.n_gpus = static_cast<int>(s.gpus.size());

@@ -87,6 +87,7 @@ struct MachineCosts {
   std::vector<profile::ThreadRate> cpu_moe_gb_s;         // CpuMoe decode bandwidth by threads
   std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
   double handoff_host_thread_us = 0;                     // per hybrid layer without a graph
+  double cpu_call_us = 0;  // fixed cost of one CpuMoe call (wake, quantize h, uneven finish)
   int64_t cpu_mem_available_bytes = 0;
 
   // The GPU the search places on (cuda:0); absent on a CPU-only profile.
