@@ -1,5 +1,6 @@
 // profile.json's summary: round trip, and the validating reader's errors name the field.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -58,7 +59,10 @@ nlohmann::json doc_of(const ProfileSummary& s) {
 }
 
 std::string error_of(const nlohmann::json& doc) {
-  const std::string path = ::testing::TempDir() + "profile_summary_test.json";
+  // One file per process and test: ctest runs these tests as parallel processes.
+  const std::string path =
+      ::testing::TempDir() + "profile_summary_test_" + std::to_string(getpid()) + "_" +
+      ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".json";
   {
     std::ofstream out(path);
     out << doc.dump();

@@ -2,6 +2,7 @@
 // the expected distinct experts of a batch, GPU placements refusing batches, text generation on
 // the synthetic vocabulary and on a GGUF's own, and tokenizer errors naming the GGUF key.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <fstream>
@@ -158,7 +159,8 @@ TEST(TokenizeCli, ReadsTheGgufVocabularyAndNamesBadKeys) {
 namespace {
 
 TEST(ProfileBatchCli, WindowsAndRouterCountEverySequence) {
-  const std::string out = ::testing::TempDir() + "batch_profile.json";
+  const std::string out =
+      ::testing::TempDir() + "batch_profile_" + std::to_string(getpid()) + ".json";
   const auto r = ktune::test::run_ktune({"profile", "--model", "synth:tiny", "--batch", "3", "-n",
                                          "4", "-p", "0", "--quick", "-q", "-t", "2", "-o", out});
   ASSERT_EQ(r.exit_code, 0) << r.err;
