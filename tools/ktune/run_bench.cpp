@@ -213,6 +213,19 @@ std::string tg_label(const RunOptions& opt, bool per_seq) {
 }
 
 // Checks shared by both paths; returns the thread list (default: one per physical core).
+// The CPU threads of a run that --threads does not size: the placement's runtime.cpu_threads,
+// else the engine's default (every physical core for the CPU engine, one fewer for a hybrid
+// one: thread_pool.h).
+int default_threads(const Placement& p, EngineKind engine) {
+  if (p.runtime.cpu_threads > 0) return p.runtime.cpu_threads;
+  return engine == EngineKind::Hybrid ? hybrid_cpu_threads_default() : physical_core_count();
+}
+
+// --threads, else the run's default: one benchmark row per entry.
+std::vector<int> thread_rows(const RunOptions& opt, const Placement& p, EngineKind engine) {
+  return opt.threads.empty() ? std::vector<int>{default_threads(p, engine)} : opt.threads;
+}
+
 std::vector<int> check_common(const RunOptions& opt) {
   if (opt.prompt < 0 || opt.gen < 0 || (opt.prompt == 0 && opt.gen == 0)) {
     throw_usage("-p/-n", "nothing to measure", "give -p N (prefill tokens) and/or -n N (decode)");
@@ -648,10 +661,8 @@ void run_placements(const RunOptions& opt) {
   for (const PlannedRun& r : runs) {
     if (r.engine != EngineKind::Cpu) continue;
     any_cpu = true;
-    const int t = opt.threads.empty()
-                      ? (r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
-                                                             : physical_core_count())
-                      : thread_list.back();
+    const int t =
+        opt.threads.empty() ? default_threads(r.placement, r.engine) : thread_list.back();
     probe_threads = std::max(probe_threads, t);
   }
   BandwidthResult bw;
@@ -671,24 +682,14 @@ void run_placements(const RunOptions& opt) {
   for (size_t i = 0; i < runs.size() && !interrupted(); ++i) {
     const PlannedRun& r = runs[i];
     if (r.engine == EngineKind::Cpu) {
-      std::vector<int> ts = opt.threads;
-      if (ts.empty()) {
-        ts = {r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
-                                                  : physical_core_count()};
-      }
-      for (int t : ts) {
+      for (int t : thread_rows(opt, r.placement, r.engine)) {
         if (interrupted()) break;
         RunResult rr = bench_one(model, opt, t, r.context);
         results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done, 0.0});
       }
     } else if (r.engine == EngineKind::Hybrid) {
       // A hybrid row per thread count too: the CPU experts' pool is what --threads sizes.
-      std::vector<int> ts = opt.threads;
-      if (ts.empty()) {
-        ts = {r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
-                                                  : hybrid_cpu_threads_default()};
-      }
-      for (int t : ts) {
+      for (int t : thread_rows(opt, r.placement, r.engine)) {
         if (interrupted()) break;
         const GpuBenchSettings s = gpu_bench_settings(r, opt, t, !opt.json);
         GpuBenchResult g = bench_gpu_engine(model, s, prompt);
@@ -1053,9 +1054,8 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
     throw_if_interrupted("verification stopped");
     MeasuredPlacement m;
     if (r.engine == EngineKind::Cpu) {
-      const int t = r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
-                                                        : physical_core_count();
-      const RunResult rr = bench_one(model, opt, t, r.context);
+      const RunResult rr =
+          bench_one(model, opt, default_threads(r.placement, r.engine), r.context);
       m.prefill = rr.prefill;
       m.decode = rr.decode;
       m.engine = "cpu";
@@ -1312,10 +1312,7 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
   r.engine = p.engine;
   r.summary = p.summary;
   r.context = p.context;
-  r.threads = !opt.threads.empty()                  ? opt.threads.front()
-              : r.placement.runtime.cpu_threads > 0 ? r.placement.runtime.cpu_threads
-              : r.engine == EngineKind::Hybrid      ? hybrid_cpu_threads_default()
-                                                    : physical_core_count();
+  r.threads = opt.threads.empty() ? default_threads(r.placement, r.engine) : opt.threads.front();
   r.model =
       sweep.shape.opened ? std::move(*sweep.shape.opened) : load_model_for_cli(sweep.spec, true);
   return r;

@@ -258,12 +258,14 @@ class Driver {
     return it == opt_.budgets.bytes.end() ? -1 : it->second;
   }
 
+  // A hybrid engine leaves one core to the host thread that drives the GPU (thread_pool.h,
+  // hybrid_cpu_threads_default: with every core the CPU experts ran 2.5x slower on the H100
+  // machine), so on the profile's machine its pool is at most physical cores - 1.
+  int hybrid_thread_cap() const { return std::max(1, cm_.machine().physical_cores - 1); }
+
   std::vector<EngineSettings> settings_for(bool graph) const {
     std::vector<EngineSettings> out;
-    // A hybrid engine leaves one core to the host thread that drives the GPU (thread_pool.h,
-    // hybrid_cpu_threads_default: with every core the CPU experts ran 2.5x slower on the H100
-    // machine), so its pool is at most physical cores - 1.
-    const int cap = std::max(1, cm_.machine().physical_cores - 1);
+    const int cap = hybrid_thread_cap();
     std::set<int> hybrid_threads;
     for (int t : res_.threads_tried) hybrid_threads.insert(std::min(t, cap));
     for (int t : hybrid_threads) {
@@ -1009,10 +1011,9 @@ public:
       s.cuda_graph = p.runtime.cuda_graph;
       s.kernel = p.runtime.moe_kernel;
       s.handoff = p.runtime.cpu_handoff;
-      const int cores = std::max(1, m.physical_cores);
       s.cpu_threads = p.runtime.cpu_threads > 0 ? p.runtime.cpu_threads
-                      : s.gpu                   ? std::max(1, cores - 1)
-                                                : cores;
+                      : s.gpu                   ? hybrid_thread_cap()
+                                                : std::max(1, m.physical_cores);
       std::vector<std::vector<bool>> on_gpu;
       Stages st;
       bool several = false;
