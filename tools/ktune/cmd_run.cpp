@@ -84,8 +84,9 @@ void add_run_command(CLI::App& app) {
   sub->add_option("-r,--repetitions", opt->reps, "Timed repetitions (after one warm-up)")
       ->capture_default_str();
   sub->add_option("-t,--threads", opt->threads,
-                  "CPU threads; a list sweeps (e.g. 8,16). Default: one per physical core\n"
-                  "(or the placement's runtime.cpu_threads)")
+                  "CPU threads; a list sweeps (e.g. 8,16). Default: the placement's\n"
+                  "runtime.cpu_threads, else one per physical core (CPU engine) or one fewer\n"
+                  "(hybrid: the thread driving the GPU keeps a core)")
       ->delimiter(',');
   sub->add_flag("--json", opt->json, "Print one JSON document on stdout instead of the table");
   sub->add_flag("!--no-probe", opt->probe, "Skip the DRAM bandwidth probe (no % of limit)");
