@@ -17,8 +17,9 @@
 // launch_attention_decode_qknorm_rope (the decode engine's) is one launch on sm_90 instead
 // (attn_decode_cluster): a cluster of kClusterBlocks blocks per kv head, one warp per query head
 // of the group. Block r of the cluster takes chunks r, r + 8, ... of kKvChunk positions; it copies
-// each chunk's K and V rows (fp16) to shared memory with cp.async - the first chunk before
-// pdl_wait(), since cached positions < pos were written by earlier steps - then normalizes and
+// each chunk's K and V rows (fp16) to shared memory with cp.async, two buffers so the next chunk
+// streams in while one is scored - the first chunk before pdl_wait(), since cached positions <
+// pos were written by earlier steps - then normalizes and
 // rotates its group's q heads and k_new, scores one position per lane (K rows XOR-swizzled in
 // 16-byte units so a warp's row reads do not collide in banks), and keeps a running (max, sum,
 // unnormalized p.V) per head across its chunks. The blocks then merge in rank order through
@@ -198,7 +199,12 @@ int64_t n_splits(int64_t max_ctx) { return (max_ctx + kAttnChunk - 1) / kAttnChu
 // ---- one-launch cluster kernel (sm_90) ---------------------------------------------------------
 
 constexpr int kClusterBlocks = 8;
-constexpr int kKvChunk = 64;  // positions per chunk: 2 per lane
+// Positions per chunk, kKvPerLane per lane. 32 rather than 64: a chunk is the serial work of one
+// block, and at the short contexts of most decode steps (P < 256) a chunk of 32 spreads P over
+// P / 32 + 1 ranks instead of P / 64 + 1 (tg128 on the H100: see docs/performance.md).
+constexpr int kKvChunk = 32;
+constexpr int kKvPerLane = kKvChunk / 32;
+static_assert(kKvChunk % 32 == 0, "whole positions per lane");
 constexpr int kMaxGroup = 16;
 constexpr int kMaxHd = 256;
 
@@ -210,10 +216,10 @@ struct ClusterSmem {
 __host__ __device__ inline ClusterSmem cluster_smem(int hd, int group) {
   ClusterSmem l{};
   int o = 0;
-  l.kbuf = o;
-  o += kKvChunk * hd * 2;
+  l.kbuf = o;  // two chunk buffers each: the next chunk streams in while this one is scored
+  o += 2 * kKvChunk * hd * 2;
   l.vbuf = o;
-  o += kKvChunk * hd * 2;
+  o += 2 * kKvChunk * hd * 2;
   l.qs = o;
   o += group * hd * 4;
   l.kn = o;
@@ -348,20 +354,32 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
     float s_cur = 0.0f;
     for (int d = lane; d < hd; d += 32) s_cur = fmaf(qh[d], kn[d], s_cur);
     s_cur = detail::warp_sum(s_cur) * scale;
-    for (int c = rank; c * kKvChunk <= P; c += kClusterBlocks) {
+    const int buf_bytes = kKvChunk * hd * 2;
+    for (int c = rank, it = 0; c * kKvChunk <= P; c += kClusterBlocks, ++it) {
       const int p0 = c * kKvChunk;
       const int len = min(kKvChunk, P + 1 - p0);
-      detail::cp_async_wait<0>();
-      __syncthreads();  // chunk c in kbuf/vbuf
-      // scores: lane -> positions p0 + lane, p0 + lane + 32
-      float sc[2];
+      // The next chunk of this block into the other buffer (freed by the previous iteration's
+      // closing barrier), then wait for this one only.
+      const int cn = c + kClusterBlocks;
+      if (cn * kKvChunk < P) {
+        issue_kv_chunk(k_cache, v_cache, row0, hd, cn * kKvChunk, min(P, (cn + 1) * kKvChunk),
+                       kbuf + ((it + 1) & 1) * buf_bytes, vbuf + ((it + 1) & 1) * buf_bytes);
+        detail::cp_async_wait<1>();
+      } else {
+        detail::cp_async_wait<0>();
+      }
+      __syncthreads();  // chunk c in its buffers
+      const uint8_t* kb = kbuf + (it & 1) * buf_bytes;
+      const uint8_t* vb = vbuf + (it & 1) * buf_bytes;
+      // scores: lane -> positions p0 + lane + 32 j, j < kKvPerLane
+      float sc[kKvPerLane];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < kKvPerLane; ++j) {
         const int t = lane + 32 * j;
         const int p = p0 + t;
         float acc = 0.0f;
         if (t < len && p < P) {
-          const uint8_t* krow = kbuf + t * units * 16;
+          const uint8_t* krow = kb + t * units * 16;
           for (int u = 0; u < units; ++u) {
             const uint4 kw = *reinterpret_cast<const uint4*>(krow + ((u ^ (t & 7)) * 16));
             const float4 qa = *reinterpret_cast<const float4*>(qh + 8 * u);
@@ -386,11 +404,20 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
           sc[j] = -INFINITY;
         }
       }
-      const float m_c = detail::warp_max(fmaxf(sc[0], sc[1]));
+      float m_c = sc[0];
+#pragma unroll
+      for (int j = 1; j < kKvPerLane; ++j) m_c = fmaxf(m_c, sc[j]);
+      m_c = detail::warp_max(m_c);
       const float m_new = fmaxf(m_run, m_c);
       const float alpha = expf(m_run - m_new);
-      const float e0 = expf(sc[0] - m_new), e1 = expf(sc[1] - m_new);
-      l_run = fmaf(l_run, alpha, detail::warp_sum(e0 + e1));
+      float e[kKvPerLane];
+      float e_sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kKvPerLane; ++j) {
+        e[j] = expf(sc[j] - m_new);
+        e_sum += e[j];
+      }
+      l_run = fmaf(l_run, alpha, detail::warp_sum(e_sum));
       m_run = m_new;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -399,35 +426,35 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
         o_run[i].z *= alpha;
         o_run[i].w *= alpha;
       }
-      for (int t = 0; t < len; ++t) {
-        const float pt = __shfl_sync(0xffffffffu, t < 32 ? e0 : e1, t & 31);
-        const bool cur = p0 + t == P;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int d = 4 * (lane + 32 * i);
-          if (d < hd) {
-            float4 vv;
-            if (cur) {
-              vv = *reinterpret_cast<const float4*>(vn + d);
-            } else {
-              const uint2 w2 = *reinterpret_cast<const uint2*>(vbuf + (t * hd + d) * 2);
-              const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&w2.x));
-              const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&w2.y));
-              vv = make_float4(a.x, a.y, b.x, b.y);
+      for (int j = 0; j < kKvPerLane; ++j) {
+        const int t_end = min(32, len - 32 * j);
+        for (int tt = 0; tt < t_end; ++tt) {
+          const int t = 32 * j + tt;
+          const float pt = __shfl_sync(0xffffffffu, e[j], tt);
+          const bool cur = p0 + t == P;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int d = 4 * (lane + 32 * i);
+            if (d < hd) {
+              float4 vv;
+              if (cur) {
+                vv = *reinterpret_cast<const float4*>(vn + d);
+              } else {
+                const uint2 w2 = *reinterpret_cast<const uint2*>(vb + (t * hd + d) * 2);
+                const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&w2.x));
+                const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&w2.y));
+                vv = make_float4(a.x, a.y, b.x, b.y);
+              }
+              o_run[i].x = fmaf(pt, vv.x, o_run[i].x);
+              o_run[i].y = fmaf(pt, vv.y, o_run[i].y);
+              o_run[i].z = fmaf(pt, vv.z, o_run[i].z);
+              o_run[i].w = fmaf(pt, vv.w, o_run[i].w);
             }
-            o_run[i].x = fmaf(pt, vv.x, o_run[i].x);
-            o_run[i].y = fmaf(pt, vv.y, o_run[i].y);
-            o_run[i].z = fmaf(pt, vv.z, o_run[i].z);
-            o_run[i].w = fmaf(pt, vv.w, o_run[i].w);
           }
         }
       }
-      __syncthreads();  // everyone done with kbuf/vbuf
-      const int cn = c + kClusterBlocks;
-      if (cn * kKvChunk < P) {
-        issue_kv_chunk(k_cache, v_cache, row0, hd, cn * kKvChunk, min(P, (cn + 1) * kKvChunk),
-                       kbuf, vbuf);
-      }
+      __syncthreads();  // everyone done with this chunk's buffers before they are refilled
     }
   }
   // ---- this block's partial: (m, l, unnormalized o) per head ----

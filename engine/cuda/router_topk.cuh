@@ -128,14 +128,26 @@ __device__ __forceinline__ void block_router_topk(const float* l, int n, int k, 
                                                   int32_t* sel_id, float* sel_w) {
   if (threadIdx.x < kWarp) warp_router_softmax(l, n, nullptr, p);
   __syncthreads();
-  for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    const float pe = p[e] == p[e] ? p[e] : -1.0f;
+  // `sub` neighbouring lanes (a power of two, within one warp) share an expert, each counting
+  // over every sub-th other expert, then add their counts with shuffles: with 512 threads and
+  // 128 experts a 32-step loop instead of 128 (this runs in the one block left at the end of the
+  // router launch, so every step is on the critical path). Integer counts: same ranks, same bits.
+  int sub = 1;
+  while (sub < kWarp && 2 * sub * n <= static_cast<int>(blockDim.x)) sub *= 2;
+  for (int base = 0; base < n * sub; base += blockDim.x) {  // the same trip count in every thread
+    const int t = base + static_cast<int>(threadIdx.x);
+    const int e = t / sub, part = t % sub;
     int rank = 0;
-    for (int f = 0; f < n; ++f) {
-      const float pf = p[f] == p[f] ? p[f] : -1.0f;
-      rank += (pf > pe) | ((pf == pe) & (f < e));
+    float pe = -1.0f;
+    if (e < n) {
+      pe = p[e] == p[e] ? p[e] : -1.0f;
+      for (int f = part; f < n; f += sub) {
+        const float pf = p[f] == p[f] ? p[f] : -1.0f;
+        rank += (pf > pe) | ((pf == pe) & (f < e));
+      }
     }
-    if (rank < k) {
+    for (int o = sub / 2; o > 0; o >>= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
+    if (e < n && part == 0 && rank < k) {
       sel_id[rank] = e;
       sel_w[rank] = p[e];
     }
