@@ -51,6 +51,7 @@
 #include "runtime/act_buffers.h"
 #include "runtime/cpu_engine_deepseek.h"
 #include "runtime/cpu_ops.h"
+#include "runtime/grouped_moe.h"
 #include "runtime/prefill_chunks.h"
 
 namespace ktune {
@@ -999,93 +1000,45 @@ struct CpuEngine::Impl {
     }
     pool->barrier();
 
-    // Group (token, expert) pairs by expert: slots of expert e are PBEGIN[e]..PBEGIN[e+1),
-    // tokens in ascending order. Serial, O(T * k).
-    if (ith == 0) group_by_expert(l, T, n);
+    // Group (token, expert) pairs by expert (runtime/grouped_moe.h), then balance the thread
+    // ranges over (active expert, unit) items by token count.
+    if (ith == 0) {
+      p_n_active = rt::group_by_expert(PSEL.data(), T, top_k, n_exp, PBEGIN.data(),
+                                       PACTIVE.data(), PSLOT.data(), PTOK.data(), cursor_.data(),
+                                       counts[l].data());
+      balance_units(n);
+    }
     pool->barrier();
 
     // Gather each slot's activation rows (gate/up forms) so an expert's tokens are contiguous.
-    const int64_t S = T * top_k;
+    float* gh = PGH.size() > 0 ? PGH.data() : nullptr;
     int64_t s0, s1;
-    cpu_ops::split(S, ith, n, 1, &s0, &s1);
-    for (int64_t s = s0; s < s1; ++s) {
-      const float* h = PH.data() + PTOK[s] * hidden;
-      p_gh_act.quantize_row(h, s, isa);
-      if (PGH.size() > 0) std::memcpy(PGH.data() + s * hidden, h, hidden * sizeof(float));
-    }
+    cpu_ops::split(T * top_k, ith, n, 1, &s0, &s1);
+    rt::gather_slot_rows(s0, s1, PTOK.data(), PH.data(), hidden, p_gh_act, gh, isa);
     pool->barrier();
 
     // Gate+up over (active expert, unit) items, ranges weighted by the expert's token count.
-    const uint8_t* gbase = p_gh_act.rows(L.gate_exps.type, PGH.data());
-    const uint8_t* ubase = p_gh_act.rows(L.up_exps.type, PGH.data());
-    const int64_t gstride = p_gh_act.stride(L.gate_exps.type);
-    const int64_t ustride = p_gh_act.stride(L.up_exps.type);
-    for (int64_t it = PUNIT[ith]; it < PUNIT[ith + 1]; ++it) {
-      const int64_t e = PACTIVE[it / units_per_expert];
-      const int64_t a = (it % units_per_expert) * unit;
-      const int64_t b = std::min(ffn, a + unit);
-      const int64_t sb = PBEGIN[e];
-      const int64_t ne = PBEGIN[e + 1] - sb;
-      float* G = PG.data() + sb * ffn;
-      float* U = PU.data() + sb * ffn;
-      matmul(L.gate_exps, L.gate_exps.matrix(e), a, b, gbase + sb * gstride, gstride, ne, G, ffn);
-      matmul(L.up_exps, L.up_exps.matrix(e), a, b, ubase + sb * ustride, ustride, ne, U, ffn);
-      for (int64_t s = 0; s < ne; ++s) {
-        float* gs = G + s * ffn;
-        const float* us = U + s * ffn;
-        for (int64_t i = a; i < b; ++i) gs[i] = cpu_ops::silu(gs[i]) * us[i];
-        p_a_act.quantize(gs + a, sb + s, a, b, isa);
-      }
-    }
+    const rt::GroupedExperts g{&L.gate_exps, &L.up_exps,  &L.down_exps,  PBEGIN.data(),
+                               PACTIVE.data(), ffn,         unit,          units_per_expert};
+    auto mm = [this](auto&&... a) { matmul(a...); };
+    rt::gate_up_items(g, PUNIT[ith], PUNIT[ith + 1], p_gh_act, gh, PG.data(), PU.data(), p_a_act,
+                      isa, mm);
     pool->barrier();
 
     // Down over hidden rows for every active expert; then each thread combines its rows.
     cpu_ops::split(hidden, ith, n, kRowAlign, &r0, &r1);
     if (r1 > r0) {
-      const int64_t astride = p_a_act.stride(L.down_exps.type);
-      const uint8_t* abase = p_a_act.rows(L.down_exps.type, PG.data());
-      for (int64_t i = 0; i < p_n_active; ++i) {
-        const int64_t e = PACTIVE[i];
-        const int64_t sb = PBEGIN[e];
-        matmul(L.down_exps, L.down_exps.matrix(e), r0, r1, abase + sb * astride, astride,
-               PBEGIN[e + 1] - sb, PY.data() + sb * hidden, hidden);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* wt = PW.data() + t * top_k;
-        const int32_t* slot = PSLOT.data() + t * top_k;
-        float* xt = PX.data() + t * hidden;
-        for (int64_t r = r0; r < r1; ++r) {
-          float s = 0.0f;
-          for (int64_t j = 0; j < top_k; ++j) s += wt[j] * PY[slot[j] * hidden + r];
-          xt[r] += s;
-        }
-      }
+      rt::down_rows(g, p_n_active, r0, r1, p_a_act, PG.data(), hidden, PY.data(), mm);
+      rt::combine_rows(T, top_k, hidden, r0, r1, PW.data(), PSLOT.data(), PY.data(), nullptr,
+                       PX.data());
     }
     pool->barrier();
   }
 
-  void group_by_expert(int64_t l, int64_t T, int n) {
-    std::vector<uint64_t>& cnt = counts[l];
-    int32_t* begin = PBEGIN.data();
-    for (int64_t e = 0; e <= n_exp; ++e) begin[e] = 0;
-    for (int64_t i = 0; i < T * top_k; ++i) ++begin[PSEL[i] + 1];
-    p_n_active = 0;
-    for (int64_t e = 0; e < n_exp; ++e) {
-      cnt[e] += begin[e + 1];
-      if (begin[e + 1] > 0) PACTIVE[p_n_active++] = static_cast<int32_t>(e);
-      begin[e + 1] += begin[e];
-    }
-    // Fill slots in token order; PSLOT[t*k + j] is where token t's j-th expert output lands.
-    for (int64_t e = 0; e < n_exp; ++e) cursor_[e] = begin[e];
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t j = 0; j < top_k; ++j) {
-        const int32_t e = PSEL[t * top_k + j];
-        const int32_t s = cursor_[e]++;
-        PSLOT[t * top_k + j] = s;
-        PTOK[s] = static_cast<int32_t>(t);
-      }
-    }
-    // Thread ranges over (active expert, unit) items, balanced by token count.
+  // Thread ranges PUNIT[th]..PUNIT[th+1) over the (active expert, unit) items of the grouping,
+  // balanced by the experts' token counts.
+  void balance_units(int n) {
+    const int32_t* begin = PBEGIN.data();
     const int64_t items = p_n_active * units_per_expert;
     int64_t total = 0;
     for (int64_t i = 0; i < p_n_active; ++i) {

@@ -22,6 +22,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/thread_pool.h"
 #include "runtime/act_buffers.h"
+#include "runtime/grouped_moe.h"
 #include "runtime/cpu_ops.h"
 #include "runtime/prefill_chunks.h"
 
@@ -322,6 +323,7 @@ struct DeepseekCpuEngine::Impl {
       t.scores.resize(nh * (max_ctx + 1));
       t.tmp.resize(std::max(rkv, dr));
       t.route.resize(2 * E + std::max<int64_t>(c.n_expert_groups, 1));
+      t.cursor.resize(E);  // group_by_expert's (thread 0's is used)
       // Q8 forms are larger than the floats' row; F32 ones are the floats (4 bytes a value).
       t.qn_act.resize(static_cast<size_t>(4 * dn + 64));
       t.ctx_act.resize(static_cast<size_t>(4 * rkv + 64));
@@ -605,96 +607,45 @@ struct DeepseekCpuEngine::Impl {
     if (Fs > 0) swiglu_rows(t0, t1, Fs);
     pool->barrier();
 
-    if (ith == 0) group_by_expert(l, T);
+    if (ith == 0) {
+      n_active = rt::group_by_expert(PSEL.data(), T, K, E, PBEGIN.data(), PACTIVE.data(),
+                                     PSLOT.data(), PTOK.data(), local[0].cursor.data(),
+                                     counts[l].data());
+    }
     pool->barrier();
 
     // Each slot's input rows (gate/up forms), so that an expert's tokens are contiguous.
+    float* gh = PGH.empty() ? nullptr : PGH.data();
     int64_t s0, s1;
     cpu_ops::split(T * K, ith, n, 1, &s0, &s1);
-    for (int64_t s = s0; s < s1; ++s) {
-      const float* h = HN.data() + PTOK[s] * H;
-      act_g.quantize_row(h, s, isa);
-      if (!PGH.empty()) std::memcpy(PGH.data() + s * H, h, H * sizeof(float));
-    }
+    rt::gather_slot_rows(s0, s1, PTOK.data(), HN.data(), H, act_g, gh, isa);
     pool->barrier();
 
-    // Gate + up + SwiGLU over (active expert, unit of rows) items, a fixed share per thread.
-    const int64_t items = n_active * units_per_expert;
+    // Gate + up + SwiGLU over (active expert, unit of rows) items, a fixed share per thread
+    // (runtime/grouped_moe.h).
+    const rt::GroupedExperts g{&t.gate_exps,    &t.up_exps, &t.down_exps, PBEGIN.data(),
+                               PACTIVE.data(), F,          unit,         units_per_expert};
+    auto mmf = [this](auto&&... a) { mm(a...); };
     int64_t i0, i1;
-    cpu_ops::split(items, ith, n, 1, &i0, &i1);
-    const int64_t gstride = act_g.stride(t.gate_exps.type), ustride = act_g.stride(t.up_exps.type);
-    const uint8_t* gbase = act_g.rows(t.gate_exps.type, PGH.data());
-    const uint8_t* ubase = act_g.rows(t.up_exps.type, PGH.data());
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t e = PACTIVE[it / units_per_expert];
-      const int64_t a = (it % units_per_expert) * unit, b = std::min(F, a + unit);
-      const int64_t sb = PBEGIN[e], ne = PBEGIN[e + 1] - sb;
-      float* g = PG.data() + sb * F;
-      float* u = PU.data() + sb * F;
-      mm(t.gate_exps, t.gate_exps.matrix(e), a, b, gbase + sb * gstride, gstride, ne, g, F);
-      mm(t.up_exps, t.up_exps.matrix(e), a, b, ubase + sb * ustride, ustride, ne, u, F);
-      for (int64_t s = 0; s < ne; ++s) {
-        float* gs = g + s * F;
-        const float* us = u + s * F;
-        for (int64_t j = a; j < b; ++j) gs[j] = cpu_ops::silu(gs[j]) * us[j];
-        act_e.quantize(gs + a, sb + s, a, b, isa);
-      }
-    }
+    cpu_ops::split(n_active * units_per_expert, ith, n, 1, &i0, &i1);
+    rt::gate_up_items(g, i0, i1, act_g, gh, PG.data(), PU.data(), act_e, isa, mmf);
     pool->barrier();
 
     // Down rows of every active expert and of the shared experts; then each thread sums its
-    // rows: routed experts in id order (weighted), then the shared experts, into the residual.
+    // rows: routed experts (weighted, in selection order), then the shared experts, into the
+    // residual.
     int64_t r0, r1;
     cpu_ops::split(H, ith, n, kRowAlign, &r0, &r1);
     if (r1 > r0) {
-      const int64_t estride = act_e.stride(t.down_exps.type);
-      const uint8_t* ebase = act_e.rows(t.down_exps.type, PG.data());
-      for (int64_t a = 0; a < n_active; ++a) {
-        const int64_t e = PACTIVE[a];
-        const int64_t sb = PBEGIN[e];
-        mm(t.down_exps, t.down_exps.matrix(e), r0, r1, ebase + sb * estride, estride,
-           PBEGIN[e + 1] - sb, PY.data() + sb * H, H);
-      }
+      rt::down_rows(g, n_active, r0, r1, act_e, PG.data(), H, PY.data(), mmf);
       if (Fs > 0) {
         mm(t.down_shexp, t.down_shexp.data, r0, r1, act_d.rows(t.down_shexp.type, G.data()),
            act_d.stride(t.down_shexp.type), T, Y.data(), H);
       }
-      for (int64_t i = 0; i < T; ++i) {
-        const float* wt = PW.data() + i * K;
-        const int32_t* slot = PSLOT.data() + i * K;
-        float* x = X.data() + i * H;
-        for (int64_t r = r0; r < r1; ++r) {
-          float s = 0.0f;
-          for (int64_t j = 0; j < K; ++j) s += wt[j] * PY[slot[j] * H + r];
-          if (Fs > 0) s += Y[i * H + r];
-          x[r] += s;
-        }
-      }
+      rt::combine_rows(T, K, H, r0, r1, PW.data(), PSLOT.data(), PY.data(),
+                       Fs > 0 ? Y.data() : nullptr, X.data());
     }
     pool->barrier();
-  }
-
-  // Slots of expert e are PBEGIN[e]..PBEGIN[e+1), tokens ascending; PSLOT[t*K + j] is where
-  // token t's j-th expert output lands. Serial, O(T * K + E).
-  void group_by_expert(int64_t l, int64_t T) {
-    int32_t* begin = PBEGIN.data();
-    std::fill(begin, begin + E + 1, 0);
-    for (int64_t i = 0; i < T * K; ++i) ++begin[PSEL[i] + 1];
-    n_active = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      counts[l][e] += static_cast<uint64_t>(begin[e + 1]);
-      if (begin[e + 1] > 0) PACTIVE[n_active++] = static_cast<int32_t>(e);
-      begin[e + 1] += begin[e];
-    }
-    std::vector<int32_t>& cursor = local[0].cursor;
-    cursor.assign(begin, begin + E);
-    for (int64_t i = 0; i < T; ++i) {
-      for (int64_t j = 0; j < K; ++j) {
-        const int32_t s = cursor[PSEL[i * K + j]]++;
-        PSLOT[i * K + j] = s;
-        PTOK[s] = static_cast<int32_t>(i);
-      }
-    }
   }
 
   void prefill(const int32_t* tokens, int64_t n_tok, std::vector<float>* logits,
