@@ -1,5 +1,6 @@
 // `ktune profile`: flags -> ProfileOptions -> run_profile() (profiler/profile_run.cpp).
 #include "cli.h"
+#include "inject/trace_level.h"
 #include "ktune/engine/error.h"
 #include "model_arg.h"
 #include "profiler/exec_profile.h"
@@ -31,6 +32,23 @@ double parse_duration_s(const std::string& text) {
   return v * scale;
 }
 
+// --trace-level: light | full, and for the engine also both (light then full). "" = light.
+std::vector<trace_level::Level> parse_trace_levels(const std::string& text, bool exec) {
+  if (text.empty()) return {trace_level::Level::Light};
+  trace_level::Level l;
+  if (trace_level::parse_level(text, &l)) return {l};
+  if (text == "both") {
+    if (exec) {
+      throw_usage("--trace-level both", "applies to the engine's profile only",
+                  "--exec runs the program once: pass light or full (and time the program "
+                  "without ktune for the overhead)");
+    }
+    return {trace_level::Level::Light, trace_level::Level::Full};
+  }
+  throw_usage("--trace-level " + text, "is not a trace level",
+              exec ? "use light (the default) or full" : "use light (the default), full or both");
+}
+
 }  // namespace
 
 void add_profile_command(CLI::App& app) {
@@ -38,6 +56,7 @@ void add_profile_command(CLI::App& app) {
   auto exec = std::make_shared<profiler::ExecOptions>();
   auto exec_on = std::make_shared<bool>(false);
   auto duration = std::make_shared<std::string>();
+  auto level = std::make_shared<std::string>();
   opt->run.prompt = 32;
   opt->run.gen = 64;
   auto* sub = app.add_subcommand(
@@ -76,6 +95,13 @@ void add_profile_command(CLI::App& app) {
   sub->add_option("--baseline-windows", opt->untraced_windows,
                   "Untraced decode windows measured for the overhead figure")
       ->capture_default_str();
+  sub->add_option("--trace-level", *level,
+                  "What CUPTI records in the traced window (docs/metrics.md \"Trace levels\"):\n"
+                  "light (default): kernels, copies, memsets and only the runtime calls that\n"
+                  "launch, copy or block - every metric of the report, at the lowest overhead;\n"
+                  "full: also every runtime API call, synchronizations, NVTX markers and CUPTI's\n"
+                  "overhead records (the complete Chrome trace); both (engine only): one decode\n"
+                  "window at each level, back to back, reporting the overhead of each");
   sub->add_option("--trace", opt->trace, "Also write a Chrome trace (Perfetto, chrome://tracing)");
   sub->add_option("--report", opt->report, "Also write a self-contained HTML report");
   sub->add_option("-o,--output", opt->out, "profile.json to write")->capture_default_str();
@@ -94,7 +120,7 @@ void add_profile_command(CLI::App& app) {
                   "--exec: the NVTX range that marks one step (default: the most repeated\n"
                   "top-level range)");
   sub->add_option("command", exec->command, "--exec: the program and its arguments, after --");
-  sub->callback([opt, model, sub, exec, exec_on, duration] {
+  sub->callback([opt, model, sub, exec, exec_on, duration, level] {
     if (*exec_on) {
       if (model->count() > 0 || !opt->run.configs.empty() || opt->hardware) {
         throw_usage("--exec", "profiles another program, not ktune's engine",
@@ -105,6 +131,7 @@ void add_profile_command(CLI::App& app) {
                     "ktune profile --exec -o p.json -- python3 script.py");
       }
       profiler::ExecOptions e = *exec;
+      e.level = parse_trace_levels(*level, true).front();
       e.duration_s = duration->empty() ? 0 : parse_duration_s(*duration);
       e.out = opt->out;
       e.trace = opt->trace;
@@ -112,6 +139,7 @@ void add_profile_command(CLI::App& app) {
       e.quiet = opt->quiet;
       e.command_line = "ktune profile --exec";
       if (!duration->empty()) e.command_line += " --duration " + *duration;
+      if (!level->empty()) e.command_line += " --trace-level " + *level;
       if (!e.step_range.empty()) e.command_line += " --step-range " + e.step_range;
       e.command_line += " --";
       for (const std::string& a : e.command) e.command_line += " " + a;
@@ -125,6 +153,11 @@ void add_profile_command(CLI::App& app) {
     }
     profiler::ProfileOptions o = *opt;
     o.run.model_given = model->count() > 0;
+    if (o.hardware && !level->empty()) {
+      throw_usage("--trace-level", "applies to traced runs; --hardware traces nothing",
+                  "drop --trace-level, or profile a model");
+    }
+    o.trace_levels = parse_trace_levels(*level, false);
     o.command_line = "ktune profile";
     for (const std::string& a : sub->remaining()) o.command_line += " " + a;
     if (o.hardware && (o.run.model_given || !o.run.configs.empty())) {

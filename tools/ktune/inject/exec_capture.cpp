@@ -153,6 +153,8 @@ std::string to_json(const Capture& c) {
   put_str(o, c.cupti_error);
   o += ", \"notes\": ";
   put_str(o, c.notes);
+  o += ", \"trace_level\": ";
+  put_str(o, c.trace_level);
   o += ", \"trace_start_us\": ";
   put_us(o, c.trace_start > 0 ? c.trace_start - origin : 0);
   o += ", \"trace_end_us\": ";

@@ -68,6 +68,7 @@ struct Capture {
   bool cupti_ok = false;
   std::string cupti_error;  // why tracing did not work, when !cupti_ok
   std::string notes;        // what worked only in part (an optional CUPTI kind refused, ...)
+  std::string trace_level = "light";  // what was recorded: "light" | "full" (trace_level.h)
   int64_t trace_start = 0;  // ns, CUPTI's clock: tracing on
   int64_t trace_end = 0;    // flush time
   uint64_t dropped_records = 0;

@@ -2,8 +2,10 @@
 //
 // Loaded twice by name, one library:
 //   - CUDA_INJECTION64_PATH: the CUDA driver calls InitializeInjection() inside cuInit, so CUPTI
-//     activity tracing (kernels, copies, memsets, runtime API calls, synchronizations, CUPTI's
-//     overhead, device names) starts before the program's first kernel;
+//     activity tracing starts before the program's first kernel. What it records is the trace
+//     level in $KTUNE_EXEC_TRACE_LEVEL (inject/trace_level.h): `light` (the default) kernels,
+//     copies, memsets, device names and only the runtime calls that launch, copy or block;
+//     `full` also every runtime API call, synchronizations and CUPTI's overhead records;
 //   - NVTX_INJECTION64_PATH: NVTX v3 (header-only, compiled into the program or into PyTorch)
 //     calls InitializeInjectionNvtx2() on the program's first NVTX call; we fill NVTX's function
 //     tables (export table NVTX_ETID_CALLBACKS, modules CORE and CORE2) with recorders for
@@ -41,9 +43,12 @@
 #define NVTX_NO_IMPL
 #include <nvtx3/nvToolsExt.h>
 
+#include "inject/activity_buffers.h"
 #include "inject/exec_capture.h"
 #include "inject/flush_trigger.h"
 #include "inject/string_intern.h"
+#include "inject/trace_level.h"
+#include "inject/trace_level_cupti.h"
 
 namespace {
 
@@ -51,6 +56,7 @@ using ktune::exec_capture::Capture;
 
 constexpr size_t kBufferBytes = size_t{8} << 20;
 constexpr size_t kMaxBuffers = 512;  // 4 GiB of records at most; then CUPTI drops and counts
+constexpr size_t kKeptBuffers = 16;  // zeroed buffers kept for reuse (inject/activity_buffers.h)
 
 int64_t mono_ns() {
   timespec ts{};
@@ -64,9 +70,11 @@ struct State {
   std::mutex mu;  // guards capture
   Capture capture;
   std::unordered_map<const char*, int32_t> kernel_names;  // CUPTI-owned name pointers
-  std::atomic<size_t> buffers_out{0};
+  std::unordered_map<uint32_t, int32_t> api_names;         // runtime cbid -> interned name
+  ktune::exec_capture::ActivityBufferPool buffers{kBufferBytes, kMaxBuffers, kKeptBuffers};
   std::atomic<bool> cupti_on{false};
   std::vector<CUpti_ActivityKind> kinds;
+  std::vector<CUpti_CallbackId> runtime_ids;  // light: the runtime calls recorded one by one
   std::string out_dir;
   int64_t duration_ms = 0;
 };
@@ -406,7 +414,11 @@ void parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_RUNTIME: {
         const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
         auto x = timed<ktune::exec_capture::Api>(a);
-        x.name = c.intern(api_name(a->cbid));
+        auto it = s.api_names.find(a->cbid);
+        if (it == s.api_names.end()) {
+          it = s.api_names.emplace(a->cbid, c.intern(api_name(a->cbid))).first;
+        }
+        x.name = it->second;
         x.thread = a->threadId;
         c.api.push_back(x);
         break;
@@ -438,21 +450,10 @@ void parse(uint8_t* buffer, size_t valid) {
 }
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
-  *buffer = nullptr;
-  *size = 0;
-  *max_records = 0;
   State& s = S();
-  if (s.buffers_out.fetch_add(1) >= kMaxBuffers) {
-    s.buffers_out.fetch_sub(1);
-    return;  // CUPTI drops the records and counts them
-  }
-  void* p = std::aligned_alloc(8, kBufferBytes);
-  if (p == nullptr) {
-    s.buffers_out.fetch_sub(1);
-    return;
-  }
-  *buffer = static_cast<uint8_t*>(p);
-  *size = kBufferBytes;
+  *max_records = 0;
+  *buffer = s.buffers.take();  // nullptr: CUPTI drops the records and counts them
+  *size = *buffer != nullptr ? s.buffers.bytes() : 0;
 }
 
 void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t* buffer, size_t,
@@ -466,8 +467,7 @@ void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t* buffer, 
       s.capture.dropped_records += dropped;
     }
   }
-  std::free(buffer);
-  s.buffers_out.fetch_sub(1);
+  s.buffers.give_back(buffer);
 }
 
 std::string cupti_error(CUptiResult r, const char* call) {
@@ -515,6 +515,7 @@ void flush(const char* reason) {
   n.enabled.store(false);
   if (s.cupti_on.load()) {
     for (CUpti_ActivityKind k : s.kinds) cuptiActivityDisable(k);
+    ktune::trace_level::enable_runtime_api_ids(s.runtime_ids, false);
     cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
   }
   const int64_t off = mono_to_cupti();
@@ -556,11 +557,27 @@ void flush(const char* reason) {
 
 void at_exit() { ktune::inject::flush_once(flush, "exit"); }
 
+// The level `ktune profile --exec --trace-level` asked for (inject/trace_level.h): light when the
+// variable is unset; an unknown value (ktune checks it, so only a hand-set one) is noted.
+ktune::trace_level::Level requested_level(std::string* note) {
+  ktune::trace_level::Level l = ktune::trace_level::Level::Light;
+  const char* v = std::getenv(ktune::trace_level::kExecEnvVar);
+  if (v != nullptr && *v != 0 && !ktune::trace_level::parse_level(v, &l) && note != nullptr) {
+    *note += std::string(ktune::trace_level::kExecEnvVar) + "=" + v +
+             " is not a trace level: traced at level light; ";
+  }
+  return l;
+}
+
 // Reads the variables `ktune profile --exec` sets and arms the triggers (once).
 void arm() {
   static std::once_flag once;
   std::call_once(once, [] {
     State& s = S();
+    {
+      std::lock_guard<std::mutex> l(s.mu);
+      s.capture.trace_level = ktune::trace_level::level_name(requested_level(nullptr));
+    }
     const char* dir = std::getenv("KTUNE_EXEC_OUT_DIR");
     s.out_dir = dir != nullptr && *dir != 0 ? dir : ".";
     const char* dur = std::getenv("KTUNE_EXEC_DURATION_MS");
@@ -595,33 +612,59 @@ __attribute__((visibility("default"))) int InitializeInjection(void) {
   if (r != CUPTI_SUCCESS) degraded += cupti_error(r, "cuptiSetThreadIdType") + "; ";
   r = cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed);
   if (r != CUPTI_SUCCESS) err = cupti_error(r, "cuptiActivityRegisterCallbacks");
-  if (err.empty()) {
-    // Required: without these there is nothing to analyze.
-    for (CUpti_ActivityKind k : {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
-                                 CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_RUNTIME}) {
-      r = cuptiActivityEnable(k);
-      if (r != CUPTI_SUCCESS) {
-        err = cupti_error(r, "cuptiActivityEnable");
-        break;
-      }
-      s.kinds.push_back(k);
-    }
-    if (!err.empty()) {
-      for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
-      s.kinds.clear();
+  namespace tl = ktune::trace_level;
+  const tl::Selection sel = tl::select_kinds(requested_level(&degraded), tl::Tracer::Injection);
+  // Before any kind is on: our buffers come zeroed (inject/activity_buffers.h).
+  if (err.empty() && !tl::promise_zeroed_buffers()) {
+    degraded += "CUPTI zeroes its activity buffers itself (ZEROED_OUT_ACTIVITY_BUFFER refused); ";
+  }
+  // Required: without kernels, copies, memsets and launch records there is nothing to analyze.
+  // Optional (device names, synchronizations, CUPTI's overhead): a refusal is noted.
+  auto required = [](tl::Kind k) {
+    return k == tl::Kind::ConcurrentKernel || k == tl::Kind::Memcpy || k == tl::Kind::Memset ||
+           k == tl::Kind::Runtime;
+  };
+  for (tl::Kind k : sel.kinds) {
+    if (!err.empty() || !required(k)) continue;
+    r = cuptiActivityEnable(tl::to_cupti(k));
+    if (r != CUPTI_SUCCESS) {
+      err = cupti_error(r, "cuptiActivityEnable") + " (" + tl::kind_name(k) + ")";
+    } else {
+      s.kinds.push_back(tl::to_cupti(k));
     }
   }
-  if (err.empty()) {
-    // Optional: device names, synchronizations, CUPTI's overhead; a refusal is noted.
-    for (CUpti_ActivityKind k : {CUPTI_ACTIVITY_KIND_DEVICE, CUPTI_ACTIVITY_KIND_SYNCHRONIZATION,
-                                 CUPTI_ACTIVITY_KIND_OVERHEAD}) {
-      r = cuptiActivityEnable(k);
-      if (r == CUPTI_SUCCESS) {
-        s.kinds.push_back(k);
+  if (err.empty() && sel.runtime_api_subset) {
+    // Light: runtime API records for the launching, copying and blocking calls only. Without
+    // per-call selection, every call is recorded (as at level full) rather than none.
+    s.runtime_ids = tl::kept_runtime_api_ids();
+    std::string e = s.runtime_ids.empty() ? "no runtime API callback names from CUPTI"
+                                          : tl::enable_runtime_api_ids(s.runtime_ids, true);
+    if (!e.empty()) {
+      tl::enable_runtime_api_ids(s.runtime_ids, false);
+      s.runtime_ids.clear();
+      r = cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME);
+      if (r != CUPTI_SUCCESS) {
+        err = cupti_error(r, "cuptiActivityEnable") + " (RUNTIME)";
       } else {
-        degraded += cupti_error(r, "cuptiActivityEnable") + " (kind " +
-                    std::to_string(static_cast<int>(k)) + "); ";
+        s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
+        degraded += "level light could not select runtime calls (" + e +
+                    "): every runtime API call is recorded, as at level full; ";
       }
+    }
+  }
+  if (!err.empty()) {
+    for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
+    s.kinds.clear();
+    tl::enable_runtime_api_ids(s.runtime_ids, false);
+    s.runtime_ids.clear();
+  }
+  for (tl::Kind k : sel.kinds) {
+    if (!err.empty() || required(k)) continue;
+    r = cuptiActivityEnable(tl::to_cupti(k));
+    if (r == CUPTI_SUCCESS) {
+      s.kinds.push_back(tl::to_cupti(k));
+    } else {
+      degraded += cupti_error(r, "cuptiActivityEnable") + " (" + tl::kind_name(k) + "); ";
     }
   }
   {

@@ -17,6 +17,9 @@
 #include <cupti.h>
 #include <cxxabi.h>
 #include <dlfcn.h>
+
+#include "inject/activity_buffers.h"
+#include "inject/trace_level_cupti.h"
 #endif
 #if KTUNE_WITH_CUDA
 #include <cuda_runtime.h>
@@ -136,16 +139,27 @@ const char* sync_name(CUpti_ActivitySynchronizationType t) {
 }  // namespace
 
 struct CuptiSession::State {
+  explicit State(const CuptiOptions& o)
+      : opt(o),
+        level(o.level),
+        buffers(std::make_shared<exec_capture::ActivityBufferPool>(o.buffer_bytes, o.max_buffers,
+                                                                   o.kept_buffers)) {}
   CuptiOptions opt;
+  trace_level::Level level;
   std::string error;
+  std::string notes;
   bool ok = true;
   bool enabled = false;
   CUpti_SubscriberHandle subscriber = nullptr;
   std::mutex mu;
   Parsed parsed;
   std::unordered_map<const char*, int32_t> kernel_name_cache;  // CUPTI-owned name pointers
-  size_t buffers_out = 0;
-  std::vector<CUpti_ActivityKind> kinds;
+  std::unordered_map<uint64_t, int32_t> api_name_cache;  // (domain << 32 | cbid) -> name
+  // Shared with g_pool: the callbacks take and zero buffers without holding g_state_mu.
+  std::shared_ptr<exec_capture::ActivityBufferPool> buffers;
+  std::vector<CUpti_ActivityKind> kinds;       // enabled now
+  std::vector<CUpti_CallbackId> runtime_ids;   // light: runtime calls enabled one by one, now
+  std::vector<CUpti_CallbackId> kept_ids;      // light's selection (found once)
 
   bool check(CUptiResult r, const char* call) {
     if (r == CUPTI_SUCCESS) return true;
@@ -162,46 +176,45 @@ namespace {
 
 CuptiSession::State* g_state = nullptr;  // CUPTI's callbacks are plain functions
 std::mutex g_state_mu;
+// The session's buffers, behind their own lock: a buffer request (from an engine thread whose
+// buffer filled) never waits behind a parse, which holds g_state_mu on CUPTI's worker thread.
+std::shared_ptr<exec_capture::ActivityBufferPool> g_pool;
+std::mutex g_pool_mu;
+
+std::shared_ptr<exec_capture::ActivityBufferPool> current_pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  return g_pool;
+}
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
   *buffer = nullptr;
   *size = 0;
   *max_records = 0;
-  std::lock_guard<std::mutex> lock(g_state_mu);
-  CuptiSession::State* s = g_state;
-  if (s == nullptr) return;
-  size_t bytes = s->opt.buffer_bytes;
-  {
-    std::lock_guard<std::mutex> l2(s->mu);
-    if (s->buffers_out >= s->opt.max_buffers) return;  // CUPTI drops and counts
-    ++s->buffers_out;
-  }
-  void* p = std::aligned_alloc(8, bytes);
-  if (p == nullptr) {
-    std::lock_guard<std::mutex> l2(s->mu);
-    --s->buffers_out;
-    return;
-  }
-  *buffer = static_cast<uint8_t*>(p);
-  *size = bytes;
+  const std::shared_ptr<exec_capture::ActivityBufferPool> pool = current_pool();
+  if (pool == nullptr) return;
+  *buffer = pool->take();  // zeroed; nullptr: CUPTI drops the records and counts them
+  if (*buffer != nullptr) *size = pool->bytes();
 }
 
 void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t* buffer, size_t,
                                size_t valid) {
-  std::lock_guard<std::mutex> lock(g_state_mu);
-  CuptiSession::State* s = g_state;
-  if (s != nullptr && buffer != nullptr) {
-    s->parse(buffer, valid);
-    size_t dropped = 0;
-    if (cuptiActivityGetNumDroppedRecords(ctx, stream, &dropped) == CUPTI_SUCCESS) {
-      std::lock_guard<std::mutex> l2(s->mu);
-      s->parsed.dropped += dropped;
+  {
+    std::lock_guard<std::mutex> lock(g_state_mu);
+    CuptiSession::State* s = g_state;
+    if (s != nullptr && buffer != nullptr) {
+      s->parse(buffer, valid);
+      size_t dropped = 0;
+      if (cuptiActivityGetNumDroppedRecords(ctx, stream, &dropped) == CUPTI_SUCCESS) {
+        std::lock_guard<std::mutex> l2(s->mu);
+        s->parsed.dropped += dropped;
+      }
     }
   }
-  std::free(buffer);
-  if (s != nullptr) {
-    std::lock_guard<std::mutex> l2(s->mu);
-    if (s->buffers_out > 0) --s->buffers_out;
+  const std::shared_ptr<exec_capture::ActivityBufferPool> pool = current_pool();
+  if (pool != nullptr && buffer != nullptr) {
+    pool->give_back(buffer);  // zeroed for reuse, outside g_state_mu
+  } else {
+    std::free(buffer);  // the session ended: a late buffer is freed unparsed
   }
 }
 
@@ -296,11 +309,16 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_RUNTIME:
       case CUPTI_ACTIVITY_KIND_DRIVER: {
         const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
+        const CUpti_CallbackDomain domain = rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME
+                                                ? CUPTI_CB_DOMAIN_RUNTIME_API
+                                                : CUPTI_CB_DOMAIN_DRIVER_API;
+        const uint64_t key = (static_cast<uint64_t>(domain) << 32) | a->cbid;
+        auto it = api_name_cache.find(key);
+        if (it == api_name_cache.end()) {
+          it = api_name_cache.emplace(key, p.intern(api_name(domain, a->cbid))).first;
+        }
         ApiCall c;
-        c.name = p.intern(api_name(rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME
-                                       ? CUPTI_CB_DOMAIN_RUNTIME_API
-                                       : CUPTI_CB_DOMAIN_DRIVER_API,
-                                   a->cbid));
+        c.name = it->second;
         c.thread = a->threadId;
         c.start = static_cast<int64_t>(a->start);
         c.end = static_cast<int64_t>(a->end);
@@ -365,9 +383,8 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
   }
 }
 
-CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<State>()) {
+CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<State>(opt)) {
   State& s = *state_;
-  s.opt = opt;
   const CuptiAvailability a = cupti_availability();
   if (!a.usable) {
     s.ok = false;
@@ -383,26 +400,23 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
     }
     g_state = &s;
   }
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    g_pool = s.buffers;
+  }
   if (!s.check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed),
                "cuptiActivityRegisterCallbacks")) {
     return;
   }
+  // Our buffers come zeroed (inject/activity_buffers.h): CUPTI need not zero them on the
+  // engine's threads. Refused, CUPTI zeroes them itself; nothing else changes.
+  trace_level::promise_zeroed_buffers();
   if (s.check(cuptiSubscribe(&s.subscriber, resource_callback, nullptr), "cuptiSubscribe")) {
     s.check(cuptiEnableCallback(1, s.subscriber, CUPTI_CB_DOMAIN_RESOURCE,
                                 CUPTI_CBID_RESOURCE_GRAPHNODE_CLONED),
             "cuptiEnableCallback(GRAPHNODE_CLONED)");
   }
   trace::set_node_id_resolver(resolve_node_id);
-  s.kinds = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
-             CUPTI_ACTIVITY_KIND_MEMCPY2, CUPTI_ACTIVITY_KIND_MEMSET,
-             CUPTI_ACTIVITY_KIND_OVERHEAD};
-  if (opt.runtime_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
-  if (opt.driver_api) s.kinds.push_back(CUPTI_ACTIVITY_KIND_DRIVER);
-  if (opt.sync) s.kinds.push_back(CUPTI_ACTIVITY_KIND_SYNCHRONIZATION);
-  if (opt.nvtx) {
-    s.kinds.push_back(CUPTI_ACTIVITY_KIND_MARKER);
-    s.kinds.push_back(CUPTI_ACTIVITY_KIND_MARKER_DATA);
-  }
 }
 
 CuptiSession::~CuptiSession() {
@@ -414,19 +428,58 @@ CuptiSession::~CuptiSession() {
   if (g_state == &s) {
     // Late buffers (none expected after the forced flush) are freed without parsing.
     g_state = nullptr;
+    std::lock_guard<std::mutex> pl(g_pool_mu);
+    g_pool.reset();
   }
 }
 
 bool CuptiSession::ok() const { return state_->ok; }
 const std::string& CuptiSession::error() const { return state_->error; }
+trace_level::Level CuptiSession::level() const { return state_->level; }
+const std::string& CuptiSession::notes() const { return state_->notes; }
 
-void CuptiSession::enable() {
+void CuptiSession::enable() { enable(state_->opt.level); }
+
+void CuptiSession::enable(trace_level::Level level) {
   State& s = *state_;
   if (!s.ok || s.enabled) return;
-  for (CUpti_ActivityKind k : s.kinds) {
-    if (!s.check(cuptiActivityEnable(k), "cuptiActivityEnable")) {
-      for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
+  s.level = level;
+  const trace_level::Selection sel = trace_level::select_kinds(level, trace_level::Tracer::Engine);
+  s.kinds.clear();
+  s.runtime_ids.clear();
+  auto undo = [&] {
+    for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
+    trace_level::enable_runtime_api_ids(s.runtime_ids, false);
+    s.kinds.clear();
+    s.runtime_ids.clear();
+  };
+  for (trace_level::Kind k : sel.kinds) {
+    if (!s.check(cuptiActivityEnable(trace_level::to_cupti(k)),
+                 (std::string("cuptiActivityEnable(") + trace_level::kind_name(k) + ")").c_str())) {
+      undo();
       return;
+    }
+    s.kinds.push_back(trace_level::to_cupti(k));
+  }
+  if (sel.runtime_api_subset) {
+    // Light: only the launching, copying and blocking runtime calls. Without per-call selection
+    // every call is recorded (as at level full), so launch latency stays measured.
+    if (s.kept_ids.empty()) s.kept_ids = trace_level::kept_runtime_api_ids();
+    s.runtime_ids = s.kept_ids;
+    const std::string e = s.runtime_ids.empty()
+                              ? std::string("no runtime API callback names from CUPTI")
+                              : trace_level::enable_runtime_api_ids(s.runtime_ids, true);
+    if (!e.empty()) {
+      trace_level::enable_runtime_api_ids(s.runtime_ids, false);
+      s.runtime_ids.clear();
+      if (!s.check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME),
+                   "cuptiActivityEnable(RUNTIME)")) {
+        undo();
+        return;
+      }
+      s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
+      s.notes = "level light could not select runtime calls (" + e +
+                "): every runtime API call was recorded, as at level full";
     }
   }
   s.enabled = true;
@@ -437,6 +490,9 @@ void CuptiSession::disable_and_flush() {
   if (!s.enabled) return;
   cudaDeviceSynchronize();  // complete timestamps before the flush
   for (CUpti_ActivityKind k : s.kinds) cuptiActivityDisable(k);
+  trace_level::enable_runtime_api_ids(s.runtime_ids, false);
+  s.kinds.clear();
+  s.runtime_ids.clear();
   s.enabled = false;
   s.check(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED), "cuptiActivityFlushAll");
 }
@@ -449,6 +505,7 @@ void CuptiSession::drain_into(Timeline& t) {
     p = std::move(s.parsed);
     s.parsed = Parsed{};
     s.kernel_name_cache.clear();
+    s.api_name_cache.clear();
   }
   // Re-intern names into the timeline's table.
   std::vector<int32_t> remap(p.strings.size());
@@ -536,15 +593,21 @@ std::string setup_nvtx_injection() {
 
 struct CuptiSession::State {
   std::string error;
+  std::string notes;
+  trace_level::Level level = trace_level::Level::Full;
 };
 
-CuptiSession::CuptiSession(const CuptiOptions&) : state_(std::make_unique<State>()) {
+CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<State>()) {
   state_->error = cupti_availability().reason;
+  state_->level = opt.level;
 }
 CuptiSession::~CuptiSession() = default;
 bool CuptiSession::ok() const { return false; }
 const std::string& CuptiSession::error() const { return state_->error; }
+trace_level::Level CuptiSession::level() const { return state_->level; }
+const std::string& CuptiSession::notes() const { return state_->notes; }
 void CuptiSession::enable() {}
+void CuptiSession::enable(trace_level::Level) {}
 void CuptiSession::disable_and_flush() {}
 void CuptiSession::drain_into(Timeline&) {}
 int64_t CuptiSession::timestamp() { return 0; }

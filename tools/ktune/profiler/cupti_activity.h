@@ -1,6 +1,8 @@
-// The CUPTI activity layer (design §4): the only code that includes cupti.h. It records kernels,
-// memcpy, memset, runtime API calls, synchronizations, NVTX ranges (as marker records) and
-// CUPTI's own overhead, with per-node kernel records for graph replays (graphNodeId), through
+// The CUPTI activity layer (design §4): the only code of ktune's CLI that includes cupti.h. It
+// records, at the trace level asked for (inject/trace_level.h), kernels, memcpy, memset, runtime
+// API calls (light: only those that launch, copy or block), and at level full also
+// synchronizations, NVTX ranges (as marker records) and CUPTI's own overhead, with per-node
+// kernel records for graph replays (graphNodeId), through
 // CUPTI's buffer request/complete callbacks; records are parsed as buffers complete and moved
 // into a Timeline (timeline.h) by drain_into().
 //
@@ -15,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "inject/trace_level.h"
 #include "profiler/timeline.h"
 
 namespace ktune::profiler {
@@ -32,12 +35,13 @@ CuptiAvailability cupti_availability();
 std::string setup_nvtx_injection();
 
 struct CuptiOptions {
-  bool runtime_api = true;  // API records: launch latency, launches per token, flows
-  bool sync = true;         // synchronization records
-  bool nvtx = true;         // NVTX markers (needs setup_nvtx_injection() first)
-  bool driver_api = false;  // driver API records (many; off by default)
+  // What enable() records (inject/trace_level.h): light = kernels, copies, memsets and the
+  // launching/copying/blocking runtime calls; full = also every runtime API call,
+  // synchronizations, NVTX markers and CUPTI's overhead records.
+  trace_level::Level level = trace_level::Level::Full;
   size_t buffer_bytes = size_t{8} << 20;
   size_t max_buffers = 256;  // beyond this many buffers in flight, records are dropped (counted)
+  size_t kept_buffers = 16;  // zeroed buffers kept for reuse (inject/activity_buffers.h)
 };
 
 class CuptiSession {
@@ -52,7 +56,14 @@ class CuptiSession {
   bool ok() const;
   const std::string& error() const;
 
-  void enable();  // activity kinds on (start of a traced window)
+  void enable();  // activity kinds of the options' level on (start of a traced window)
+  // The kinds of `level` on: a session may trace one window at one level and the next at another
+  // (`ktune profile --trace-level both`).
+  void enable(trace_level::Level level);
+  // The level of the last enable(); what was degraded (e.g. light could not select runtime
+  // calls and recorded all of them), "" when nothing.
+  trace_level::Level level() const;
+  const std::string& notes() const;
   // Synchronizes the device, turns the kinds off and forces CUPTI to hand over every buffer.
   void disable_and_flush();
   // Moves what was recorded into t: GPU ops, API calls, syncs, markers, the graph-node clone

@@ -67,6 +67,7 @@ ExecCapture parse_exec_capture(const std::string& text, const std::string& path)
     c.cupti_ok = p.value("cupti_ok", false);
     c.cupti_error = p.value("cupti_error", std::string());
     c.notes = p.value("notes", std::string());
+    c.trace_level = p.value("trace_level", std::string("full"));
     c.open_ranges = p.value("open_ranges", int64_t{0});
   } catch (const json::exception& e) {
     throw Error(path + ": process", std::string("bad field (") + e.what() + ")",
@@ -408,8 +409,19 @@ ProfileDoc analyze_exec_capture(ExecCapture cap, const std::string& step_range,
   r.cuda_graph = graph_launches > 0;
   r.moe_kernel = "";
   r.gen = w.tokens;
-  r.trace_mode = t.cupti ? "cupti (injection: libktune_inject.so) + the program's NVTX ranges"
+  r.trace_level = t.cupti ? cap.trace_level : "none";
+  r.trace_mode = t.cupti ? "cupti level " + cap.trace_level +
+                               " (injection: libktune_inject.so) + the program's NVTX ranges"
                          : "none (" + t.source_note + ")";
+  // What the level leaves out (no overhead is measured here: one run of the program).
+  trace_level::Level level = trace_level::Level::Full;
+  std::vector<std::string> not_recorded;
+  if (t.cupti && trace_level::parse_level(cap.trace_level, &level)) {
+    not_recorded = trace_level::select_kinds(level, trace_level::Tracer::Injection).not_recorded;
+  }
+  doc.overhead.trace_level = r.trace_level;
+  doc.overhead.not_recorded = not_recorded;
+  doc.overhead.mode = r.trace_mode;
 
   // Notes: what is missing and why.
   auto& n = doc.notes;
@@ -422,6 +434,13 @@ ProfileDoc analyze_exec_capture(ExecCapture cap, const std::string& step_range,
                     run.duration_s));
   }
   if (!cap.notes.empty()) n.push_back("injection: " + cap.notes);
+  if (!not_recorded.empty()) {
+    std::string what;
+    for (const std::string& x : not_recorded) what += (what.empty() ? "" : "; ") + x;
+    n.push_back("trace level " + r.trace_level +
+                ": every metric of this report is measured; not recorded: " + what +
+                " (--trace-level full records them)");
+  }
   if (cap.open_ranges > 0) {
     n.push_back(
         fmt::format("{} NVTX ranges were still open when the trace was written (left "
@@ -472,6 +491,8 @@ ProfileDoc analyze_exec_capture(ExecCapture cap, const std::string& step_range,
   e["partial_reason"] = run.partial_reason;
   e["flush_reason"] = cap.flush_reason;
   e["duration_s"] = run.duration_s;
+  e["trace_level"] = r.trace_level;
+  e["not_recorded"] = not_recorded;
   e["step_range"] = steps.name;
   e["step_range_auto"] = steps.auto_detected;
   e["steps"] = static_cast<int64_t>(steps.steps.size());
@@ -626,7 +647,8 @@ ProfileDoc run_exec_profile(const ExecOptions& opt, bool* never_cuda) {
       {"CUDA_INJECTION64_PATH", lib},
       {"NVTX_INJECTION64_PATH", lib},
       {"KTUNE_EXEC_OUT_DIR", dir},
-      {"KTUNE_EXEC_DURATION_MS", std::to_string(static_cast<int64_t>(opt.duration_s * 1000.0))}};
+      {"KTUNE_EXEC_DURATION_MS", std::to_string(static_cast<int64_t>(opt.duration_s * 1000.0))},
+      {trace_level::kExecEnvVar, trace_level::level_name(opt.level)}};
   for (char** e = environ; *e != nullptr; ++e) {
     bool replaced = false;
     for (const auto& [k, v] : ours) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "inject/trace_level.h"
 #include "profiler/profile_doc.h"
 
 namespace ktune::profiler {
@@ -29,6 +30,7 @@ struct ExecCapture {
   bool cupti_ok = false;
   std::string cupti_error;
   std::string notes;  // the injection's: what worked only in part
+  std::string trace_level = "full";  // what the injection recorded (older captures: full)
   int64_t open_ranges = 0;
   int64_t trace_start = 0;  // ns on the timeline's clock (0: unknown)
   int64_t trace_end = 0;
@@ -90,6 +92,7 @@ struct ExecOptions {
   std::string trace;
   std::string report;
   bool quiet = false;
+  trace_level::Level level = trace_level::Level::Light;  // --trace-level: KTUNE_EXEC_TRACE_LEVEL
   std::string inject_library;  // "" = find it beside the ktune binary
   std::string command_line;
 };

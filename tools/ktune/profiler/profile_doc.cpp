@@ -27,16 +27,27 @@ json run_json(const RunInfo& r) {
           {"decode_tokens", r.gen},
           {"batch", r.batch},
           {"warmup_tokens", r.warmup},
-          {"trace_mode", r.trace_mode}};
+          {"trace_mode", r.trace_mode},
+          {"trace_level", r.trace_level}};
 }
 
 json overhead_json(const Overhead& o) {
+  json levels = json::array();
+  for (const Overhead::Level& l : o.levels) {
+    levels.push_back({{"trace_level", l.trace_level},
+                      {"traced_decode_tok_s", l.traced_tok_s},
+                      {"traced_median_tok_s", l.traced_median},
+                      {"overhead_fraction", l.overhead_fraction}});
+  }
   return {{"mode", o.mode},
+          {"trace_level", o.trace_level},
+          {"not_recorded", o.not_recorded},
           {"untraced_decode_tok_s", o.untraced_tok_s},
           {"traced_decode_tok_s", o.traced_tok_s},
           {"untraced_median_tok_s", o.untraced_median},
           {"traced_median_tok_s", o.traced_median},
-          {"overhead_fraction", o.overhead_fraction}};
+          {"overhead_fraction", o.overhead_fraction},
+          {"levels", levels}};
 }
 
 std::string base_dir(const std::string& path) {

@@ -29,10 +29,13 @@ struct RunInfo {
   int64_t gen = 0;         // decode tokens per window
   int64_t batch = 1;       // sequences decoded together (a window has gen steps of batch tokens)
   int64_t warmup = 0;      // decode tokens before the measured windows
-  std::string trace_mode;  // "cupti" | "host-spans"
+  std::string trace_mode;  // "cupti (...)" | "host spans only (...)"
+  std::string trace_level = "none";  // light | full: what CUPTI recorded; none: no CUPTI
 };
 
-// Decode speed with and without tracing, measured side by side in one process.
+// Decode speed with and without tracing, measured side by side in one process. The top-level
+// figures are the analyzed window's level; `levels` has one entry per traced level measured
+// (`--trace-level both`: light, then full), the analyzed one first.
 struct Overhead {
   std::vector<double> untraced_tok_s;  // per window
   std::vector<double> traced_tok_s;
@@ -40,6 +43,15 @@ struct Overhead {
   double traced_median = 0;
   double overhead_fraction = 0;  // 1 - traced / untraced
   std::string mode;  // what the traced windows recorded
+  std::string trace_level = "none";       // light | full; none: no CUPTI (host spans only)
+  std::vector<std::string> not_recorded;  // what that level leaves out (trace_level.h)
+  struct Level {
+    std::string trace_level;
+    std::vector<double> traced_tok_s;
+    double traced_median = 0;
+    double overhead_fraction = 0;
+  };
+  std::vector<Level> levels;
 };
 
 struct Verdict {

@@ -252,19 +252,31 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   // Decode windows count the tokens of every sequence of the batch.
   const int64_t window_tokens = ro.gen * ro.batch;
 
+  if (opt.trace_levels.empty() || opt.trace_levels.size() > 2) {
+    throw_usage("--trace-level", "needs one or two levels", "use light, full or both");
+  }
+  const std::vector<trace_level::Level>& levels = opt.trace_levels;
   const CuptiAvailability avail = cupti_availability();
   const bool want_cupti = uses_gpu && avail.usable;
-  if (want_cupti) setup_nvtx_injection();  // before any NVTX call of this process
+  // The engine's NVTX ranges reach CUPTI (as markers, recorded at level full only) when NVTX's
+  // injection names libcupti before the process's first NVTX call. At level light alone the
+  // ranges stay no-ops: the host spans carry the same phases.
+  const bool any_full =
+      std::find(levels.begin(), levels.end(), trace_level::Level::Full) != levels.end();
+  if (want_cupti && any_full) setup_nvtx_injection();
 
   Timeline tl;
-  std::vector<double> untraced, traced;
+  std::vector<double> untraced;
+  std::vector<std::vector<double>> traced_by_level(levels.size());
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
   int threads_used = 0;
   {
     std::unique_ptr<CuptiSession> cupti;
     if (want_cupti) {
-      cupti = std::make_unique<CuptiSession>();
+      CuptiOptions co;
+      co.level = levels.front();
+      cupti = std::make_unique<CuptiSession>(co);
       if (!cupti->ok()) {
         doc.notes.push_back("CUPTI could not start (" + cupti->error() + "): host spans only");
       }
@@ -314,51 +326,81 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
                          (static_cast<double>(trace::now_ns() - t0) * 1e-9));
     }
 
-    // Traced windows.
+    // Traced windows: the analyzed level first (with prefill), then any other level's decode
+    // window for its overhead only. Without CUPTI the level changes nothing: one pass.
     const bool cupti_on = cupti && cupti->ok();
-    trace::start();
-    trace::name_thread("main (engine driver)");
-    if (cupti_on) cupti->enable();
-    const int64_t offset = cupti_on ? CuptiSession::steady_to_cupti_offset() : 0;
-    {
-      // A short traced warm-up, so the measured window does not pay CUPTI's first-launch costs.
-      eng->reset();
-      eng->decode(first, std::min<int64_t>(ro.gen, 4));
-    }
-    if (ro.prompt > 0) {
-      eng->reset();
-      const int64_t t0 = trace::now_ns();
-      eng->prefill(prompt, ro.prompt);
-      prefill_win = {"prefill", ro.prompt, t0 + offset, trace::now_ns() + offset};
-    }
-    eng->reset();
-    counts0 = eng->expert_counts();
-    const int64_t t0 = trace::now_ns();
-    eng->decode(first, ro.gen);
-    const int64_t t1 = trace::now_ns();
-    counts1 = eng->expert_counts();
-    decode_win = {"decode", window_tokens, t0 + offset, t1 + offset};
-    traced.push_back(static_cast<double>(window_tokens) / (static_cast<double>(t1 - t0) * 1e-9));
-    if (cupti_on) cupti->disable_and_flush();
-    trace::stop();
-
-    if (cupti_on) {
-      cupti->drain_into(tl);
-      tl.source_note = "cupti";
-      run.trace_mode = "cupti (kernels, copies, runtime API, syncs, NVTX) + host spans";
-    } else {
-      const std::string why = !uses_gpu ? "CPU engine"
-                              : cupti   ? cupti->error()
-                                        : avail.reason;
-      tl.source_note = "host spans only: " + why;
-      run.trace_mode = "host spans only (" + why + ")";
-      if (uses_gpu) {
-        doc.notes.push_back("no GPU events were recorded (" + why +
-                            "): GPU idle time, gaps and kernels are unknown");
+    const size_t passes = cupti_on ? levels.size() : 1;
+    for (size_t pass = 0; pass < passes; ++pass) {
+      const bool analyzed = pass == 0;
+      trace::start();
+      trace::name_thread("main (engine driver)");
+      if (cupti_on) cupti->enable(levels[pass]);
+      const int64_t offset = cupti_on ? CuptiSession::steady_to_cupti_offset() : 0;
+      {
+        // A short traced warm-up, so the measured window does not pay CUPTI's first-launch costs.
+        eng->reset();
+        eng->decode(first, std::min<int64_t>(ro.gen, 4));
       }
+      if (analyzed && ro.prompt > 0) {
+        eng->reset();
+        const int64_t t0 = trace::now_ns();
+        eng->prefill(prompt, ro.prompt);
+        prefill_win = {"prefill", ro.prompt, t0 + offset, trace::now_ns() + offset};
+      }
+      eng->reset();
+      if (analyzed) counts0 = eng->expert_counts();
+      const int64_t t0 = trace::now_ns();
+      eng->decode(first, ro.gen);
+      const int64_t t1 = trace::now_ns();
+      if (analyzed) {
+        counts1 = eng->expert_counts();
+        decode_win = {"decode", window_tokens, t0 + offset, t1 + offset};
+      }
+      traced_by_level[pass].push_back(static_cast<double>(window_tokens) /
+                                      (static_cast<double>(t1 - t0) * 1e-9));
+      if (cupti_on) cupti->disable_and_flush();
+      trace::stop();
+      if (!analyzed) {
+        Timeline scratch;  // the overhead pass: its records are not analyzed
+        cupti->drain_into(scratch);
+        trace::collect();
+        continue;
+      }
+      if (cupti_on) {
+        cupti->drain_into(tl);
+        tl.source_note = "cupti";
+        run.trace_level = trace_level::level_name(levels[pass]);
+        run.trace_mode = levels[pass] == trace_level::Level::Light
+                             ? "cupti level light (kernels, copies, memsets, launching/copying/"
+                               "blocking runtime calls) + host spans"
+                             : "cupti level full (kernels, copies, every runtime API call, syncs, "
+                               "NVTX, CUPTI overhead) + host spans";
+        if (!cupti->notes().empty()) doc.notes.push_back("CUPTI: " + cupti->notes());
+      } else {
+        const std::string why = !uses_gpu ? "CPU engine"
+                                : cupti   ? cupti->error()
+                                          : avail.reason;
+        tl.source_note = "host spans only: " + why;
+        run.trace_mode = "host spans only (" + why + ")";
+        run.trace_level = "none";
+        if (uses_gpu) {
+          doc.notes.push_back("no GPU events were recorded (" + why +
+                              "): GPU idle time, gaps and kernels are unknown");
+        }
+      }
+      add_host_spans(tl, trace::collect(), offset);
+      add_graph_tags(tl, trace::graph_node_tags());
     }
-    add_host_spans(tl, trace::collect(), offset);
-    add_graph_tags(tl, trace::graph_node_tags());
+    if (cupti_on && levels.size() > 1) {
+      doc.notes.push_back(fmt::format(
+          "--trace-level both: the analysis is of the level {} windows; a second decode window "
+          "was traced at level {} for its overhead only",
+          trace_level::level_name(levels[0]), trace_level::level_name(levels[1])));
+    }
+    if (!cupti_on && levels.size() > 1) {
+      doc.notes.push_back("--trace-level both: without CUPTI tracing records host spans only, at "
+                          "any level: one traced window");
+    }
   }
   if (prefill_win.tokens > 0) tl.windows.push_back(prefill_win);
   tl.windows.push_back(decode_win);
@@ -425,15 +467,36 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   const WindowMetrics& dm = doc.windows.back();
 
   // ---- overhead ----
-  doc.overhead.untraced_tok_s = untraced;
-  doc.overhead.traced_tok_s = traced;
-  doc.overhead.untraced_median = median(untraced);
-  doc.overhead.traced_median = median(traced);
-  doc.overhead.overhead_fraction =
-      doc.overhead.untraced_median > 0 ? 1.0 - doc.overhead.traced_median /
-                                                   doc.overhead.untraced_median
-                                       : 0;
-  doc.overhead.mode = run.trace_mode;
+  Overhead& oh = doc.overhead;
+  oh.untraced_tok_s = untraced;
+  oh.untraced_median = median(untraced);
+  oh.mode = run.trace_mode;
+  oh.trace_level = run.trace_level;
+  for (size_t i = 0; i < traced_by_level.size(); ++i) {
+    if (traced_by_level[i].empty()) continue;
+    Overhead::Level l;
+    l.trace_level = run.trace_level == "none" ? "none" : trace_level::level_name(levels[i]);
+    l.traced_tok_s = traced_by_level[i];
+    l.traced_median = median(l.traced_tok_s);
+    l.overhead_fraction = oh.untraced_median > 0 ? 1.0 - l.traced_median / oh.untraced_median : 0;
+    oh.levels.push_back(l);
+  }
+  if (!oh.levels.empty()) {
+    oh.traced_tok_s = oh.levels.front().traced_tok_s;
+    oh.traced_median = oh.levels.front().traced_median;
+    oh.overhead_fraction = oh.levels.front().overhead_fraction;
+  }
+  if (run.trace_level != "none") {
+    oh.not_recorded =
+        trace_level::select_kinds(levels.front(), trace_level::Tracer::Engine).not_recorded;
+    if (!oh.not_recorded.empty()) {
+      std::string what;
+      for (const std::string& x : oh.not_recorded) what += (what.empty() ? "" : "; ") + x;
+      doc.notes.push_back("trace level " + run.trace_level +
+                          ": every metric of this report is measured; not recorded: " + what +
+                          " (--trace-level full records them)");
+    }
+  }
 
   // ---- summary for the search ----
   stamp_summary(doc.summary, "model");

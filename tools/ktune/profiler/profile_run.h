@@ -6,12 +6,16 @@
 // A model profile, in order: CUPTI session (when the engine uses a GPU and CUPTI works here)
 // created before the engine so graph capture is seen; the engine; `warmup` decode tokens (the
 // graph is captured here); `untraced_windows` decode windows of n tokens with tracing off (the
-// overhead baseline); then tracing on (host spans + CUPTI): a short traced warm-up, the prefill
-// window (-p tokens, when > 0) and the decode window (n tokens); tracing off; analysis.
+// overhead baseline); then tracing on (host spans + CUPTI at the first trace level): a short
+// traced warm-up, the prefill window (-p tokens, when > 0) and the decode window (n tokens);
+// tracing off; with a second level (`--trace-level both`), a traced warm-up and decode window at
+// that level, for its overhead only; analysis of the first level's windows.
 #pragma once
 
 #include <string>
+#include <vector>
 
+#include "inject/trace_level.h"
 #include "profiler/profile_doc.h"
 #include "run_bench.h"
 
@@ -28,6 +32,10 @@ struct ProfileOptions {
   bool quick = false;  // --hardware: small buffers (tests)
   bool quiet = false;  // no terminal report
   bool gpu_probes = true;  // model profiles: measure the GPU costs for the summary
+  // What CUPTI records in the traced windows (inject/trace_level.h), one traced decode window per
+  // level: {light} (the default), {full}, or {light, full} (`--trace-level both`: the overhead of
+  // each, measured back to back; the first level's window is the one analyzed).
+  std::vector<trace_level::Level> trace_levels{trace_level::Level::Light};
   std::string command_line;
 };
 

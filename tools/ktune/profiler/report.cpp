@@ -206,12 +206,23 @@ std::string terminal_report(const ProfileDoc& doc) {
   }
   o += fmt::format("# tracing: {}\n", r.trace_mode.empty() ? "-" : r.trace_mode);
   for (const std::string& n : doc.notes) o += "# note: " + n + "\n";
-  if (!doc.overhead.traced_tok_s.empty() && doc.overhead.untraced_median > 0) {
-    o += fmt::format(
-        "# overhead: decode {:.2f} tok/s untraced (median of {}), {:.2f} tok/s traced: tracing "
-        "cost {:.1f} % (negative: within noise)\n",
-        doc.overhead.untraced_median, doc.overhead.untraced_tok_s.size(),
-        doc.overhead.traced_median, 100.0 * doc.overhead.overhead_fraction);
+  const Overhead& oh = doc.overhead;
+  if (!oh.traced_tok_s.empty() && oh.untraced_median > 0) {
+    // One line per traced level (`--trace-level both`: light and full, measured back to back).
+    std::vector<Overhead::Level> levels = oh.levels;
+    if (levels.empty()) {
+      levels.push_back({oh.trace_level, oh.traced_tok_s, oh.traced_median, oh.overhead_fraction});
+    }
+    for (const Overhead::Level& l : levels) {
+      const std::string which = l.trace_level == "none" || l.trace_level.empty()
+                                    ? std::string("host spans only")
+                                    : "level " + l.trace_level;
+      o += fmt::format(
+          "# tracing overhead ({}): {:.1f} % (decode {:.2f} tok/s traced vs {:.2f} tok/s "
+          "untraced, median of {}; negative: within noise)\n",
+          which, 100.0 * l.overhead_fraction, l.traced_median, oh.untraced_median,
+          oh.untraced_tok_s.size());
+    }
   }
   if (!doc.windows.empty()) {
     if (doc.run.engine == "exec") {  // the program's steps stand where tokens stand

@@ -125,9 +125,11 @@ std::string html_report(const ProfileDoc& d) {
   row("engine", d.run.engine + " (" + d.run.engine_description + ")");
   row("tracing", d.run.trace_mode);
   if (d.overhead.untraced_median > 0) {
-    row("overhead", fmt::format("{:.2f} tok/s untraced, {:.2f} tok/s traced ({:+.1f} %)",
-                                d.overhead.untraced_median, d.overhead.traced_median,
-                                -100 * d.overhead.overhead_fraction));
+    for (const Overhead::Level& l : d.overhead.levels) {  // one per traced level
+      row("overhead (" + l.trace_level + ")",
+          fmt::format("{:.2f} tok/s untraced, {:.2f} tok/s traced ({:+.1f} %)",
+                      d.overhead.untraced_median, l.traced_median, -100 * l.overhead_fraction));
+    }
   }
   for (const std::string& n : d.notes) row("note", n);
   h += "</table>\n";
