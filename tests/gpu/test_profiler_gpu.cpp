@@ -13,6 +13,7 @@
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/trace.h"
+#include "inject/trace_level.h"
 #include "profiler/analysis.h"
 #include "profiler/chrome_trace.h"
 #include "profiler/cupti_activity.h"
@@ -177,6 +178,71 @@ TEST(ProfilerGpu, EagerKernelsAreAttributedThroughHostSpansAndNvtxReachesCupti) 
   if (kNvtxInjected) EXPECT_EQ(ktune_markers, 4);
 }
 
+// Level light: the same attribution and launch latency from fewer records. Runtime API records
+// only for the calls that launch, copy or block (no cudaGetLastError of the launch helpers), no
+// synchronization records, no NVTX markers (the host spans carry the phases).
+TEST(ProfilerGpu, LevelLightKeepsLaunchLatencyAndDropsTheRest) {
+  KTUNE_REQUIRE_GPU();
+  profiler::CuptiOptions co;
+  co.level = trace_level::Level::Light;
+  profiler::CuptiSession cupti(co);
+  ASSERT_TRUE(cupti.ok()) << cupti.error();
+  Bufs m;
+  cuda::Stream stream;
+  enqueue_tagged(m, stream);
+  stream.synchronize();
+  trace::start();
+  cupti.enable();
+  EXPECT_EQ(cupti.level(), trace_level::Level::Light);
+  const int64_t offset = profiler::CuptiSession::steady_to_cupti_offset();
+  enqueue_tagged(m, stream);
+  stream.synchronize();
+  cupti.disable_and_flush();
+  trace::stop();
+  EXPECT_EQ(cupti.notes(), "");  // per-call selection worked
+  profiler::Timeline t;
+  cupti.drain_into(t);
+  profiler::add_host_spans(t, trace::collect(), offset);
+  const auto op_tags = profiler::attribute_ops(t);
+  int kernels = 0;
+  for (size_t i = 0; i < t.ops.size(); ++i) {
+    if (t.ops[i].kind != profiler::GpuOpKind::Kernel) continue;
+    ++kernels;
+    Expect e;
+    ASSERT_TRUE(expected_for(t.str(t.ops[i].name), &e)) << t.str(t.ops[i].name);
+    EXPECT_EQ(op_tags[i].source, TagSource::HostSpan) << t.str(t.ops[i].name);
+    EXPECT_EQ(op_tags[i].phase, e.phase);
+  }
+  EXPECT_EQ(kernels, 5);
+  profiler::Window w{"decode", 1, t.first_time(), t.first_time() + 1000000000};
+  const auto wm = profiler::analyze_window(t, op_tags, w, {});
+  ASSERT_FALSE(wm.gpus.empty());
+  EXPECT_EQ(wm.gpus[0].latency_samples, 5);
+  EXPECT_GT(wm.gpus[0].launch_latency_median_us, 0.0);
+  std::string names;
+  for (const auto& a : t.api) {
+    names += t.str(a.name) + " ";
+    EXPECT_TRUE(trace_level::keep_runtime_api(t.str(a.name))) << t.str(a.name);
+  }
+  EXPECT_GE(t.api.size(), 6u) << names;  // 5 launches + the stream synchronize
+  EXPECT_TRUE(t.syncs.empty());
+  EXPECT_TRUE(t.markers.empty());
+  EXPECT_EQ(t.cupti_overhead_ns, 0);
+  std::printf("level light: %zu runtime API records (%s)\n", t.api.size(), names.c_str());
+
+  // The same session at level full next (as `--trace-level both` does): every call again.
+  cupti.enable(trace_level::Level::Full);
+  enqueue_tagged(m, stream);
+  stream.synchronize();
+  cupti.disable_and_flush();
+  profiler::Timeline f;
+  cupti.drain_into(f);
+  EXPECT_GT(f.api.size(), 0u);
+  EXPECT_FALSE(f.syncs.empty());
+  std::printf("level full after light: %zu runtime API records, %zu syncs\n", f.api.size(),
+              f.syncs.size());
+}
+
 TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
   KTUNE_REQUIRE_GPU();
   profiler::ProfileOptions o;
@@ -190,11 +256,22 @@ TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
   o.quick = true;
   o.quiet = true;
   o.gpu_probes = false;
+  o.trace_levels = {trace_level::Level::Light, trace_level::Level::Full};  // --trace-level both
   const std::string dir = ::testing::TempDir();
   o.out = dir + "/gpu_profile.json";
   o.trace = dir + "/gpu_trace.json";
   const profiler::ProfileDoc d = profiler::run_profile(o);
   ASSERT_TRUE(d.timeline.cupti) << d.timeline.source_note;
+  // Both levels' overheads, the analysis of the light window.
+  EXPECT_EQ(d.run.trace_level, "light");
+  EXPECT_EQ(d.overhead.trace_level, "light");
+  ASSERT_EQ(d.overhead.levels.size(), 2u);
+  EXPECT_EQ(d.overhead.levels[0].trace_level, "light");
+  EXPECT_EQ(d.overhead.levels[1].trace_level, "full");
+  for (const auto& l : d.overhead.levels) EXPECT_GT(l.traced_median, 0.0);
+  std::printf("engine tracing overhead (tiny, 16 tokens): light %.1f %%, full %.1f %%\n",
+              100 * d.overhead.levels[0].overhead_fraction,
+              100 * d.overhead.levels[1].overhead_fraction);
   ASSERT_FALSE(d.windows.empty());
   const auto& w = d.windows.back();
   ASSERT_EQ(w.kind, "decode");
