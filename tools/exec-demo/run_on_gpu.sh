@@ -16,7 +16,7 @@ mkdir -p "$D"
 : > "$D/rates.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-git log -1 --format='commit %h'
+git log -1 --format='commit %h' 2>/dev/null || true
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   "$B/tests/ktune_gpu_tests" --gtest_filter='ExecProfileGpu.*' || echo "EXEC GPU TESTS FAILED"
   "$B/tests/ktune_tests" --gtest_filter='Exec*:Compare*:TraceLevel*' | tail -3 ||
