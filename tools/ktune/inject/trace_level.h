@@ -95,10 +95,17 @@ inline Selection select_kinds(Level level, Tracer tracer) {
     }
     return s;
   }
-  s.runtime_api_subset = true;
-  s.not_recorded.push_back(
-      "runtime API calls other than launches, copies, memsets and blocking synchronizations "
-      "(cudaGetDevice, cudaEventRecord, cudaStreamIsCapturing, ... are not in the trace)");
+  if (tracer == Tracer::Engine) {
+    // The engine makes few runtime calls besides its launches, and on the H100 its per-call
+    // selection (cuptiActivityEnableRuntimeApi after the context exists) recorded no calls at
+    // all, where the injection's (at CUDA's initialization) works: all runtime calls, as at full.
+    s.kinds.push_back(Kind::Runtime);
+  } else {
+    s.runtime_api_subset = true;
+    s.not_recorded.push_back(
+        "runtime API calls other than launches, copies, memsets and blocking synchronizations "
+        "(cudaGetDevice, cudaEventRecord, cudaStreamIsCapturing, ... are not in the trace)");
+  }
   s.not_recorded.push_back("synchronization records (no cuda_sync tracks in the Chrome trace)");
   s.not_recorded.push_back("CUPTI's own overhead records (timeline cupti_overhead_us is 0)");
   if (tracer == Tracer::Engine) {
