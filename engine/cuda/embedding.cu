@@ -2,8 +2,11 @@
 // with the token id read from device memory (written by argmax.cu for the next decode step, so
 // the whole step can live in one CUDA graph). One thread per output element, the weight type a
 // run-time switch (the kernel is a few microseconds of a step; one small .cu instead of five
-// instantiations). Out-of-range ids give NaN rows rather than out-of-bounds reads.
+// instantiations). Out-of-range ids give NaN rows rather than out-of-bounds reads. K-quant tables
+// (Q4_K, Q5_K, Q6_K) dequantize 8 elements per thread with rowdot_kquant.cuh's decoder, the
+// values of the CPU's dequantize_row bit for bit.
 #include "cuda/common.cuh"
+#include "cuda/rowdot_kquant.cuh"
 #include "ktune/engine/cuda/kernels.h"
 
 namespace ktune::cuda {
@@ -48,6 +51,31 @@ __global__ void embedding_kernel(QuantType type, const uint8_t* __restrict__ tab
   out[t * n_embd + i] = v;
 }
 
+template <QuantType T>
+__global__ void embedding_kquant_kernel(const uint8_t* __restrict__ table, int64_t row_bytes,
+                                        int64_t n_vocab, int64_t n_embd,
+                                        const int32_t* __restrict__ tokens,
+                                        float* __restrict__ out) {
+  detail::pdl_wait();
+  detail::pdl_trigger();
+  const int64_t slice = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (slice * 8 >= n_embd) return;
+  const int64_t t = blockIdx.y;
+  const int32_t tok = tokens[t];
+  float w[8];
+  if (tok >= 0 && tok < n_vocab) {
+    using D = detail::RowDot<T>;
+    const typename D::Frag f =
+        D::load(table + tok * row_bytes, static_cast<int>(slice / 4), static_cast<int>(slice % 4));
+    D::values(f, w);
+  } else {
+    for (float& v : w) v = __int_as_float(0x7fc00000);
+  }
+  float* o = out + t * n_embd + slice * 8;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = w[i];
+}
+
 }  // namespace
 
 cudaError_t launch_embedding(QuantType type, const void* table, int64_t n_vocab, int64_t n_embd,
@@ -68,6 +96,34 @@ cudaError_t launch_embedding(QuantType type, const void* table, int64_t n_vocab,
     case QuantType::Q4_0:
       row_bytes = n_embd / 32 * 18;
       break;
+    case QuantType::Q4_K:
+    case QuantType::Q5_K:
+    case QuantType::Q6_K: {
+      if (n_vocab <= 0 || n_embd <= 0 || n_embd % 256 != 0 || n_embd > (int64_t{1} << 28) ||
+          n_tokens < 0 || n_tokens > 65535 ||
+          (reinterpret_cast<uintptr_t>(table) & (type == QuantType::Q6_K ? 1u : 3u)) != 0) {
+        return cudaErrorInvalidValue;
+      }
+      if (n_tokens == 0) return cudaSuccess;
+      const int64_t rb = n_embd / 256 *
+                         (type == QuantType::Q4_K   ? 144
+                          : type == QuantType::Q5_K ? 176
+                                                    : 210);
+      const dim3 grid(static_cast<unsigned>((n_embd / 8 + 127) / 128),
+                      static_cast<unsigned>(n_tokens));
+      const auto* tb = static_cast<const uint8_t*>(table);
+      switch (type) {
+        case QuantType::Q4_K:
+          return detail::launch_kernel(&embedding_kquant_kernel<QuantType::Q4_K>, grid, dim3(128),
+                                       0, stream, 1, tb, rb, n_vocab, n_embd, tokens, out);
+        case QuantType::Q5_K:
+          return detail::launch_kernel(&embedding_kquant_kernel<QuantType::Q5_K>, grid, dim3(128),
+                                       0, stream, 1, tb, rb, n_vocab, n_embd, tokens, out);
+        default:
+          return detail::launch_kernel(&embedding_kquant_kernel<QuantType::Q6_K>, grid, dim3(128),
+                                       0, stream, 1, tb, rb, n_vocab, n_embd, tokens, out);
+      }
+    }
     default:
       return cudaErrorInvalidValue;
   }

@@ -8,6 +8,7 @@
 // a warp butterfly: deterministic.
 #include "cuda/common.cuh"
 #include "ktune/engine/cuda/kernels.h"
+#include "ktune/engine/cuda/kquant_kernels.h"
 
 namespace ktune::cuda {
 namespace {
@@ -101,6 +102,10 @@ cudaError_t launch_matvec(QuantType type, const void* w, const float* x, int64_t
       return launch_matvec_q8_0(w, x, rows, cols, y, stream);
     case QuantType::BF16:
       return launch_matvec_bf16(w, x, rows, cols, y, stream);
+    case QuantType::Q4_K:
+    case QuantType::Q5_K:
+    case QuantType::Q6_K:
+      return launch_matvec_kquant(type, w, x, rows, cols, y, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -283,7 +283,12 @@ cudaError_t run_setup() {
                    kernel_ptr<QuantType::Q4_0, 2>(), kernel_ptr<QuantType::Q4_0, 4>(),
                    kernel_ptr<QuantType::BF16, 1>(), kernel_ptr<QuantType::BF16, 2>(),
                    kernel_ptr<QuantType::BF16, 4>(), kernel_ptr<QuantType::F32, 1>(),
-                   kernel_ptr<QuantType::F32, 2>(),  kernel_ptr<QuantType::F32, 4>()};
+                   kernel_ptr<QuantType::F32, 2>(),  kernel_ptr<QuantType::F32, 4>(),
+                   kernel_ptr<QuantType::Q4_K, 1>(), kernel_ptr<QuantType::Q4_K, 2>(),
+                   kernel_ptr<QuantType::Q4_K, 4>(), kernel_ptr<QuantType::Q5_K, 1>(),
+                   kernel_ptr<QuantType::Q5_K, 2>(), kernel_ptr<QuantType::Q5_K, 4>(),
+                   kernel_ptr<QuantType::Q6_K, 1>(), kernel_ptr<QuantType::Q6_K, 2>(),
+                   kernel_ptr<QuantType::Q6_K, 4>()};
     for (void* f : fns) {
       if (s.err != cudaSuccess) break;
       s.err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem_limit);
@@ -295,20 +300,10 @@ cudaError_t run_setup() {
 template <int R>
 cudaError_t launch_r(QuantType type, unsigned grid, size_t smem, const MvParams& p,
                      cudaStream_t st) {
-  switch (type) {
-    case QuantType::Q8_0:
-      return detail::launch_kernel(&matvec_fused_kernel<QuantType::Q8_0, R>, grid, kThreads, smem,
-                                   st, 1, p);
-    case QuantType::Q4_0:
-      return detail::launch_kernel(&matvec_fused_kernel<QuantType::Q4_0, R>, grid, kThreads, smem,
-                                   st, 1, p);
-    case QuantType::BF16:
-      return detail::launch_kernel(&matvec_fused_kernel<QuantType::BF16, R>, grid, kThreads, smem,
-                                   st, 1, p);
-    default:
-      return detail::launch_kernel(&matvec_fused_kernel<QuantType::F32, R>, grid, kThreads, smem,
-                                   st, 1, p);
-  }
+  return detail::with_rowdot_type(type, [&](auto tag) {
+    return detail::launch_kernel(&matvec_fused_kernel<decltype(tag)::value, R>, grid, kThreads,
+                                 smem, st, 1, p);
+  });
 }
 
 }  // namespace
@@ -316,7 +311,7 @@ cudaError_t launch_r(QuantType type, unsigned grid, size_t smem, const MvParams&
 cudaError_t matvec_fused_prepare() { return run_setup(); }
 
 cudaError_t launch_matvec_fused(const MatvecFused& a, cudaStream_t stream) {
-  if (!detail::rowdot_supported(a.type) || a.cols <= 0 || a.cols % 32 != 0 ||
+  if (!detail::rowdot_supported(a.type) || !detail::rowdot_cols_ok(a.type, a.cols) ||
       a.cols > 16384 || a.n_seg < 1 || a.n_seg > 3 || a.x == nullptr ||
       (a.norm_out != nullptr && a.norm_w == nullptr)) {
     return cudaErrorInvalidValue;
@@ -358,17 +353,21 @@ cudaError_t launch_matvec_fused(const MatvecFused& a, cudaStream_t stream) {
   const int64_t rb = row_bytes(a.type, a.cols);
 
   // One block per SM (fewer for few rows); rows split evenly; one tile per block when its rows
-  // fit kSingleTileBytes, else tiles of up to kTileBytes through the ring.
+  // fit kSingleTileBytes, else tiles of up to kTileBytes through the ring. Rows per block and
+  // per tile are multiples of `gran`, so every run of rows copied starts 16-byte aligned and
+  // moves by cp.async (Q6_K rows of 630 bytes would otherwise take the 2-byte copy path).
+  const int64_t gran = detail::rows_per_16_bytes(rb);
   const int64_t sms = std::max(1, setup().sms);
   int64_t grid = std::min<int64_t>(total, sms);
-  const int64_t rpb = (total + grid - 1) / grid;
+  const int64_t rpb = ((total + grid - 1) / grid + gran - 1) / gran * gran;
   grid = (total + rpb - 1) / rpb;
   const int64_t x_bytes = 4 * (a.cols + (topk ? a.seg[0].rows : 0));
   const int64_t avail = setup().smem_limit - x_bytes;
   int64_t tile_rows =
       rpb * rb + 15 <= std::min(kSingleTileBytes, avail)
           ? rpb
-          : std::max<int64_t>(1, std::min(kTileBytes, avail / kStages - 15) / rb);
+          : std::max<int64_t>(gran, std::min(kTileBytes, avail / kStages - 15) / rb / gran * gran);
+  tile_rows = std::min(tile_rows, rpb);
   // Streaming tiles: a whole number of 2-row groups per warp when they are that large.
   if (tile_rows < rpb && tile_rows >= 2 * kWarps) tile_rows -= tile_rows % (2 * kWarps);
   const int64_t tiles = (rpb + tile_rows - 1) / tile_rows;

@@ -1,7 +1,7 @@
-// Decode matvec with one warp per row (rowwarp_dot.cuh): y[r] = dot(W row r, x). It exists for
-// two callers: the router (F32 weights, which launch_matvec does not take) and the unfused MoE
-// path, whose per-expert gate/up/down launches must compute each row exactly as the fused MoE
-// kernels do, so that fused and unfused give bit-identical logits.
+// Decode matvec with one warp per row (rowwarp_dot.cuh; K-quants: rowdot_kquant.cuh): y[r] =
+// dot(W row r, x). It exists for two callers: the router (F32 weights, which launch_matvec does not
+// take) and the unfused MoE path, whose per-expert gate/up/down launches must compute each row
+// exactly as the fused MoE kernels do, so that fused and unfused give bit-identical logits.
 #include "cuda/common.cuh"
 #include "cuda/rowwarp_dot.cuh"
 #include "ktune/engine/cuda/kernels.h"
@@ -27,8 +27,8 @@ __global__ void matvec_rowwarp_kernel(const uint8_t* __restrict__ w, const float
 
 cudaError_t launch_matvec_rowwarp(QuantType type, const void* w, const float* x, int64_t rows,
                                   int64_t cols, float* y, cudaStream_t stream) {
-  if (!detail::rowdot_supported(type) || rows < 0 || rows > 0x7fffffff || cols <= 0 ||
-      cols % 32 != 0 || cols > (1 << 28) || !detail::rowdot_aligned(type, w) ||
+  if (!detail::rowdot_supported(type) || rows < 0 || rows > 0x7fffffff ||
+      !detail::rowdot_cols_ok(type, cols) || cols > (1 << 28) || !detail::rowdot_aligned(type, w) ||
       (reinterpret_cast<uintptr_t>(x) & 15u) != 0) {
     return cudaErrorInvalidValue;
   }
@@ -38,20 +38,10 @@ cudaError_t launch_matvec_rowwarp(QuantType type, const void* w, const float* x,
   const auto* wb = static_cast<const uint8_t*>(w);
   const unsigned grid = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
   const int r = static_cast<int>(rows);
-  switch (type) {
-    case QuantType::Q8_0:
-      matvec_rowwarp_kernel<QuantType::Q8_0><<<grid, 32 * kWarps, 0, stream>>>(wb, x, r, nb, rb, y);
-      break;
-    case QuantType::Q4_0:
-      matvec_rowwarp_kernel<QuantType::Q4_0><<<grid, 32 * kWarps, 0, stream>>>(wb, x, r, nb, rb, y);
-      break;
-    case QuantType::BF16:
-      matvec_rowwarp_kernel<QuantType::BF16><<<grid, 32 * kWarps, 0, stream>>>(wb, x, r, nb, rb, y);
-      break;
-    default:
-      matvec_rowwarp_kernel<QuantType::F32><<<grid, 32 * kWarps, 0, stream>>>(wb, x, r, nb, rb, y);
-      break;
-  }
+  detail::with_rowdot_type(type, [&](auto tag) {
+    matvec_rowwarp_kernel<decltype(tag)::value>
+        <<<grid, 32 * kWarps, 0, stream>>>(wb, x, r, nb, rb, y);
+  });
   return cudaGetLastError();
 }
 

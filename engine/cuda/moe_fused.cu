@@ -191,14 +191,18 @@ struct Tiling {
   int per_block = 0, tile = 0, stage_bytes = 0, n_stages = 0, grid = 0;
 };
 
-// Units of unit_bytes each, split over one block per SM.
-Tiling make_tiling(int64_t units, int64_t unit_bytes, int sms) {
+// Units of unit_bytes each, split over one block per SM; units per block and per tile are
+// multiples of `gran` (rowwarp_dot.cuh's rows_per_16_bytes), so the runs of rows the tiles copy
+// start 16-byte aligned and move by cp.async.
+Tiling make_tiling(int64_t units, int64_t unit_bytes, int sms, int64_t gran) {
   Tiling t;
   int64_t grid = std::min<int64_t>(units, std::max(1, sms));
-  const int64_t per = (units + grid - 1) / grid;
+  const int64_t per = ((units + grid - 1) / grid + gran - 1) / gran * gran;
   grid = (units + per - 1) / per;
   const int64_t tile =
-      per * unit_bytes <= kSingleTileBytes ? per : std::max<int64_t>(1, kTileBytes / unit_bytes);
+      per * unit_bytes <= kSingleTileBytes
+          ? per
+          : std::min(per, std::max<int64_t>(gran, kTileBytes / unit_bytes / gran * gran));
   const int64_t tiles = (per + tile - 1) / tile;
   t.per_block = static_cast<int>(per);
   t.tile = static_cast<int>(tile);
@@ -470,10 +474,16 @@ const StagedSetup& staged_setup() {
                          reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q4_0>),
                          reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::BF16>),
                          reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::F32>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q4_K>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q5_K>),
+                         reinterpret_cast<const void*>(&moe_gate_up_staged<QuantType::Q6_K>),
                          reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q8_0>),
                          reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q4_0>),
                          reinterpret_cast<const void*>(&moe_down_staged<QuantType::BF16>),
-                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::F32>)};
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::F32>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q4_K>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q5_K>),
+                         reinterpret_cast<const void*>(&moe_down_staged<QuantType::Q6_K>)};
     for (const void* f : fns) {
       if (s.err != cudaSuccess) break;
       s.err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, s.smem_limit);
@@ -486,8 +496,8 @@ bool moe_args_ok(QuantType type, const void* w, int64_t expert_bytes, const floa
                  int64_t n_experts, int64_t rows, int64_t cols) {
   return detail::rowdot_supported(type) && w != nullptr && detail::rowdot_aligned(type, w) &&
          (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && k >= 1 && k <= 65535 && n_experts >= 1 &&
-         rows >= 1 && rows <= 0x7fffffff && cols > 0 && cols % 32 == 0 && cols <= (1 << 28) &&
-         expert_bytes >= rows * row_bytes(type, cols) &&
+         rows >= 1 && rows <= 0x7fffffff && detail::rowdot_cols_ok(type, cols) &&
+         cols <= (1 << 28) && expert_bytes >= rows * row_bytes(type, cols) &&
          detail::rowdot_aligned(type, reinterpret_cast<const void*>(expert_bytes));
 }
 
@@ -496,24 +506,10 @@ void launch_down(QuantType type, unsigned grid, size_t smem, cudaStream_t stream
                  const uint8_t* d, int64_t expert_bytes, const int32_t* ids, const float* weights,
                  int kk, int ne, const float* act, int h, int f, int nb, int64_t rb, float* x,
                  const int32_t* slot) {
-  switch (type) {
-    case QuantType::Q8_0:
-      moe_down_kernel<QuantType::Q8_0, Masked><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
-      break;
-    case QuantType::Q4_0:
-      moe_down_kernel<QuantType::Q4_0, Masked><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
-      break;
-    case QuantType::BF16:
-      moe_down_kernel<QuantType::BF16, Masked><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
-      break;
-    default:
-      moe_down_kernel<QuantType::F32, Masked><<<grid, kDownThreads, smem, stream>>>(
-          d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
-      break;
-  }
+  detail::with_rowdot_type(type, [&](auto tag) {
+    moe_down_kernel<decltype(tag)::value, Masked><<<grid, kDownThreads, smem, stream>>>(
+        d, expert_bytes, ids, weights, kk, ne, act, h, f, nb, rb, x, slot);
+  });
 }
 
 }  // namespace
@@ -537,7 +533,9 @@ cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const vo
     const StagedSetup& st = staged_setup();
     if (st.err != cudaSuccess) return st.err;
     GuParams p{};
-    p.tl = make_tiling(k * ffn, 2 * rb, st.sms * st.blocks_per_sm);
+    // Runs of one expert's rows start at unit j * ffn + a multiple of gran when ffn is one.
+    const int64_t gran = detail::rows_per_16_bytes(rb);
+    p.tl = make_tiling(k * ffn, 2 * rb, st.sms * st.blocks_per_sm, ffn % gran == 0 ? gran : 1);
     const int64_t smem = int64_t{p.tl.n_stages} * p.tl.stage_bytes + 4 * hidden;
     if (smem <= st.smem_limit) {
       p.gate = g;
@@ -555,46 +553,18 @@ cudaError_t launch_moe_gate_up_swiglu(QuantType type, const void* gate, const vo
       p.act = act;
       const dim3 sg(static_cast<unsigned>(p.tl.grid));
       const size_t sm = static_cast<size_t>(smem);
-      switch (type) {
-        case QuantType::Q8_0:
-          return detail::launch_kernel(&moe_gate_up_staged<QuantType::Q8_0>, sg, kStagedThreads,
-                                       sm, stream, 1, p);
-        case QuantType::Q4_0:
-          return detail::launch_kernel(&moe_gate_up_staged<QuantType::Q4_0>, sg, kStagedThreads,
-                                       sm, stream, 1, p);
-        case QuantType::BF16:
-          return detail::launch_kernel(&moe_gate_up_staged<QuantType::BF16>, sg, kStagedThreads,
-                                       sm, stream, 1, p);
-        default:
-          return detail::launch_kernel(&moe_gate_up_staged<QuantType::F32>, sg, kStagedThreads,
-                                       sm, stream, 1, p);
-      }
+      return detail::with_rowdot_type(type, [&](auto tag) {
+        return detail::launch_kernel(&moe_gate_up_staged<decltype(tag)::value>, sg, kStagedThreads,
+                                     sm, stream, 1, p);
+      });
     }
   }
   // Shapes whose staging does not fit shared memory: the one-warp-per-row kernel.
   const dim3 grid(static_cast<unsigned>((ffn + kWarps - 1) / kWarps), static_cast<unsigned>(k));
-  switch (type) {
-    case QuantType::Q8_0:
-      moe_gate_up_kernel<QuantType::Q8_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
-                                                             expert_slot);
-      break;
-    case QuantType::Q4_0:
-      moe_gate_up_kernel<QuantType::Q4_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
-                                                             expert_slot);
-      break;
-    case QuantType::BF16:
-      moe_gate_up_kernel<QuantType::BF16>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
-                                                             expert_slot);
-      break;
-    default:
-      moe_gate_up_kernel<QuantType::F32>
-          <<<grid, 32 * kWarps, 0, stream>>>(g, u, expert_bytes, ids, ne, x, f, nb, rb, act,
-                                                             expert_slot);
-      break;
-  }
+  detail::with_rowdot_type(type, [&](auto tag) {
+    moe_gate_up_kernel<decltype(tag)::value><<<grid, 32 * kWarps, 0, stream>>>(
+        g, u, expert_bytes, ids, ne, x, f, nb, rb, act, expert_slot);
+  });
   return cudaGetLastError();
 }
 
@@ -617,7 +587,7 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
     const StagedSetup& st = staged_setup();
     if (st.err != cudaSuccess) return st.err;
     DnParams p{};
-    p.tl = make_tiling(hidden, k * rb, st.sms * st.blocks_per_sm);
+    p.tl = make_tiling(hidden, k * rb, st.sms * st.blocks_per_sm, detail::rows_per_16_bytes(rb));
     const int64_t smem = int64_t{p.tl.n_stages} * p.tl.stage_bytes +
                          4 * (k * ffn + int64_t{kStagedWarps} * k + 3 * k);
     if (smem <= st.smem_limit && k * ffn <= 0x7fffffff) {
@@ -636,20 +606,10 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
       p.x = x;
       const dim3 sg(static_cast<unsigned>(p.tl.grid));
       const size_t sm = static_cast<size_t>(smem);
-      switch (type) {
-        case QuantType::Q8_0:
-          return detail::launch_kernel(&moe_down_staged<QuantType::Q8_0>, sg, kStagedThreads, sm,
-                                       stream, 1, p);
-        case QuantType::Q4_0:
-          return detail::launch_kernel(&moe_down_staged<QuantType::Q4_0>, sg, kStagedThreads, sm,
-                                       stream, 1, p);
-        case QuantType::BF16:
-          return detail::launch_kernel(&moe_down_staged<QuantType::BF16>, sg, kStagedThreads, sm,
-                                       stream, 1, p);
-        default:
-          return detail::launch_kernel(&moe_down_staged<QuantType::F32>, sg, kStagedThreads, sm,
-                                       stream, 1, p);
-      }
+      return detail::with_rowdot_type(type, [&](auto tag) {
+        return detail::launch_kernel(&moe_down_staged<decltype(tag)::value>, sg, kStagedThreads, sm,
+                                     stream, 1, p);
+      });
     }
   }
   // Shapes whose staging does not fit shared memory: the two-warps-per-row kernel.

@@ -63,8 +63,9 @@ cudaError_t launch_matvec_rowwarp_slot(QuantType type, const void* base, int64_t
                                        const float* x, int64_t rows, int64_t cols, float* y,
                                        cudaStream_t stream) {
   if (!detail::rowdot_supported(type) || !slot_args_ok(ids, j) || rows < 0 || rows > 0x7fffffff ||
-      cols <= 0 || cols % 32 != 0 || cols > (1 << 28) || !detail::rowdot_aligned(type, base) ||
-      (reinterpret_cast<uintptr_t>(x) & 15u) != 0 || matrix_bytes < rows * row_bytes(type, cols) ||
+      !detail::rowdot_cols_ok(type, cols) || cols > (1 << 28) ||
+      !detail::rowdot_aligned(type, base) || (reinterpret_cast<uintptr_t>(x) & 15u) != 0 ||
+      matrix_bytes < rows * row_bytes(type, cols) ||
       !detail::rowdot_aligned(
           type, reinterpret_cast<const void*>(static_cast<uintptr_t>(matrix_bytes)))) {
     return cudaErrorInvalidValue;
@@ -76,24 +77,10 @@ cudaError_t launch_matvec_rowwarp_slot(QuantType type, const void* base, int64_t
   const unsigned grid = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
   const int r = static_cast<int>(rows);
   const int jj = static_cast<int>(j);
-  switch (type) {
-    case QuantType::Q8_0:
-      matvec_slot_kernel<QuantType::Q8_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(wb, matrix_bytes, ids, jj, slot_map, x, r, nb, rb, y);
-      break;
-    case QuantType::Q4_0:
-      matvec_slot_kernel<QuantType::Q4_0>
-          <<<grid, 32 * kWarps, 0, stream>>>(wb, matrix_bytes, ids, jj, slot_map, x, r, nb, rb, y);
-      break;
-    case QuantType::BF16:
-      matvec_slot_kernel<QuantType::BF16>
-          <<<grid, 32 * kWarps, 0, stream>>>(wb, matrix_bytes, ids, jj, slot_map, x, r, nb, rb, y);
-      break;
-    default:
-      matvec_slot_kernel<QuantType::F32>
-          <<<grid, 32 * kWarps, 0, stream>>>(wb, matrix_bytes, ids, jj, slot_map, x, r, nb, rb, y);
-      break;
-  }
+  detail::with_rowdot_type(type, [&](auto tag) {
+    matvec_slot_kernel<decltype(tag)::value>
+        <<<grid, 32 * kWarps, 0, stream>>>(wb, matrix_bytes, ids, jj, slot_map, x, r, nb, rb, y);
+  });
   return cudaGetLastError();
 }
 

@@ -9,12 +9,15 @@
 // dequantized in registers; x stays float32. Each lane accumulates its slices with explicit
 // fmaf in block order, then a warp butterfly (fixed order): deterministic.
 //
-// Alignment: x 16 bytes; rows 2 bytes (Q8_0, Q4_0) or 16 bytes (BF16, F32); cols % 32 == 0.
+// Alignment: x 16 bytes; rows 2 bytes (Q8_0, Q4_0, Q6_K), 4 bytes (Q4_K, Q5_K) or 16 bytes (BF16,
+// F32); cols % 32 == 0 (% 256 for the K-quants, whose RowDot lives in rowdot_kquant.cuh).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/rowdot_kquant.cuh"
 #include "ktune/engine/quant.h"
 
 namespace ktune::cuda::detail {
@@ -388,11 +391,60 @@ __device__ __forceinline__ float swiglu(float g, float u) {
 // The supported-type check shared by the launchers.
 inline bool rowdot_supported(QuantType t) {
   return t == QuantType::Q8_0 || t == QuantType::Q4_0 || t == QuantType::BF16 ||
-         t == QuantType::F32;
+         t == QuantType::F32 || is_kquant(t);
 }
 inline bool rowdot_aligned(QuantType t, const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  return (t == QuantType::Q8_0 || t == QuantType::Q4_0) ? (a & 1u) == 0 : (a & 15u) == 0;
+  switch (t) {
+    case QuantType::Q8_0:
+    case QuantType::Q4_0:
+    case QuantType::Q6_K:
+      return (a & 1u) == 0;
+    case QuantType::Q4_K:
+    case QuantType::Q5_K:
+      return (a & 3u) == 0;
+    default:
+      return (a & 15u) == 0;
+  }
+}
+// Row lengths the row dot takes: whole 32-element blocks, whole 256-element super-blocks for the
+// K-quants (checked before row_bytes(), which throws on a partial block).
+inline bool rowdot_cols_ok(QuantType t, int64_t cols) {
+  return cols > 0 && cols % (is_kquant(t) ? 256 : 32) == 0;
+}
+// Host-side dispatch of a launcher over the row-dot types: f(std::integral_constant<QuantType,
+// T>{}) for t's T (F32 for any type rowdot_supported() refuses: launchers check it first). Every
+// call of f must return the same type.
+template <QuantType T>
+using RowDotTag = std::integral_constant<QuantType, T>;
+template <class F>
+decltype(auto) with_rowdot_type(QuantType t, F&& f) {
+  switch (t) {
+    case QuantType::Q8_0:
+      return f(RowDotTag<QuantType::Q8_0>{});
+    case QuantType::Q4_0:
+      return f(RowDotTag<QuantType::Q4_0>{});
+    case QuantType::BF16:
+      return f(RowDotTag<QuantType::BF16>{});
+    case QuantType::Q4_K:
+      return f(RowDotTag<QuantType::Q4_K>{});
+    case QuantType::Q5_K:
+      return f(RowDotTag<QuantType::Q5_K>{});
+    case QuantType::Q6_K:
+      return f(RowDotTag<QuantType::Q6_K>{});
+    default:
+      return f(RowDotTag<QuantType::F32>{});
+  }
+}
+
+// Rows per run of a staged copy that keeps cp.async's 16-byte alignment: rows of `row_bytes`
+// bytes, runs starting at a multiple of this many rows from a 16-byte aligned base, move in
+// whole 16-byte pieces. 1 for rows of 256k elements in every type but Q6_K, whose 210-byte
+// super-blocks need up to 8 rows (qwen3-30b-a3b's ffn_down rows: 3 super-blocks, 630 bytes).
+inline int64_t rows_per_16_bytes(int64_t row_bytes) {
+  int64_t g = 1;
+  while ((row_bytes * g) % 16 != 0) g *= 2;
+  return g;
 }
 
 }  // namespace ktune::cuda::detail

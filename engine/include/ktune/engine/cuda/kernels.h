@@ -37,7 +37,8 @@ std::vector<float> rope_inv_freq(float theta, int64_t head_dim);
 // Decode matvec: y[r] = dot(W row r, x) for r < rows, W rows of `cols` elements stored back to
 // back in ggml layout (row_bytes(type, cols) bytes each), x and y float32. Weights are read once
 // and dequantized in registers; x stays float32 (no activation quantization), so the only error
-// against the float64 reference is float32 accumulation. Supported: Q4_0, Q8_0, BF16.
+// against the float64 reference is float32 accumulation. Supported: Q4_0, Q8_0, BF16, and the
+// K-quants Q4_K, Q5_K, Q6_K (kquant_kernels.h; cols % 256 == 0, W 4- / 2-byte aligned).
 // cols must be a multiple of 32 for Q4_0/Q8_0; x must be 16-byte aligned for Q4_0/Q8_0 (arena
 // slices are); W 2-byte aligned. Fastest when rows start 4-byte (quant) / 16-byte (BF16) aligned.
 cudaError_t launch_matvec(QuantType type, const void* w, const float* x, int64_t rows, int64_t cols,
@@ -65,8 +66,9 @@ cudaError_t launch_argmax(const float* logits, int64_t rows, int64_t n, int32_t*
                           cudaStream_t stream);
 
 // out[t][0..n_embd) = dequantized row tokens[t] of the embedding table (n_vocab rows of n_embd
-// elements of `type`: F32, F16, BF16, Q8_0 or Q4_0). Token ids are read from device memory; an id
-// outside [0, n_vocab) gives a row of NaN rather than a wild read. n_tokens <= 65535.
+// elements of `type`: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K). Token ids are read from
+// device memory; an id outside [0, n_vocab) gives a row of NaN rather than a wild read.
+// n_tokens <= 65535.
 cudaError_t launch_embedding(QuantType type, const void* table, int64_t n_vocab, int64_t n_embd,
                              const int32_t* tokens, int64_t n_tokens, float* out,
                              cudaStream_t stream);
@@ -98,7 +100,8 @@ cudaError_t launch_spin(uint64_t ns, cudaStream_t stream);
 
 // ---- MoE (moe_fused.cu, matvec_rowwarp.cu, moe_elementwise.cu) ----
 // One warp per row: y[r] = dot(W row r, x); F32, BF16, Q8_0, Q4_0 (cols % 32 == 0, x 16-byte
-// aligned, W 2-byte (quant) or 16-byte (F32/BF16) aligned). The router (F32) and the unfused MoE
+// aligned, W 2-byte (quant) or 16-byte (F32/BF16) aligned) and Q4_K, Q5_K, Q6_K (cols % 256 == 0,
+// W 4-byte (Q4_K, Q5_K) or 2-byte (Q6_K) aligned); the MoE launchers below take the same types. The router (F32) and the unfused MoE
 // path use it; its row dot is the fused MoE kernels' own, so both paths agree bit for bit.
 cudaError_t launch_matvec_rowwarp(QuantType type, const void* w, const float* x, int64_t rows,
                                   int64_t cols, float* y, cudaStream_t stream);
@@ -139,8 +142,9 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
 //               device memory (reset by the kernel). With advance_pos: then, as
 //               launch_decode_advance, advance_history[*advance_pos] = token (when *advance_pos <
 //               advance_len) and ++*advance_pos. Not with topk_ids.
-// Types: Q4_0, Q8_0, BF16, F32; cols % 32 == 0, cols <= 16384; weights 2-byte (quant) or 16-byte
-// (BF16/F32) aligned (16-byte rows stream fastest); x any float alignment. Each row's dot is a
+// Types: Q4_0, Q8_0, BF16, F32 (cols % 32 == 0), Q4_K, Q5_K, Q6_K (cols % 256 == 0); cols <=
+// 16384; weights aligned as launch_matvec_rowwarp's (16-byte rows stream fastest); x any float
+// alignment. Each row's dot is a
 // fixed-order sum (rowwarp_dot.cuh layout, rows and x staged in shared memory): deterministic.
 // With KTUNE_PDL=1, launched with programmatic dependent launch on a non-default stream
 // (common.cuh): the weights are copied before the kernel waits for the previous launch.

@@ -4,9 +4,11 @@
 // activation quantization), fixed-order reductions (bit-identical on every run), nothing
 // allocated or synchronised, cudaErrorInvalidValue for arguments the kernels cannot take.
 //
-// Requirements: cols a multiple of 256 (one super-block); x 16-byte aligned; W 16-byte aligned
-// for Q4_K and Q5_K (their 144- and 176-byte blocks keep every row and block 16-byte aligned),
-// 2-byte aligned for Q6_K (210-byte blocks). GGUF tensor data and arena slices satisfy these.
+// Requirements: cols a multiple of 256 (one super-block); x 16-byte aligned; W 4-byte aligned
+// for Q4_K and Q5_K (32-bit loads), 2-byte aligned for Q6_K (210-byte blocks: 16-bit loads).
+// GGUF tensor data and arena slices satisfy these. The row dot is engine/cuda/rowdot_kquant.cuh's,
+// shared with the engine's fused matvec and MoE kernels (launch_matvec_fused,
+// launch_moe_gate_up_swiglu, ... take these types too).
 #pragma once
 
 #include <cuda_runtime.h>
