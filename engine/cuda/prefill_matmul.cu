@@ -1,5 +1,7 @@
 // Tensor-core matmul for prefill: Y = A · W^T with A fp16 activations and W a quantized weight
 // matrix in ggml layout (Q4_0, Q8_0, BF16, F32), dense or grouped by expert (the MoE of a chunk).
+// K-quant weights (Q4_K, Q5_K, Q6_K) take prefill_matmul_kquant.cu's kernel, with the same tile
+// and epilogue (prefill_mma.cuh).
 //
 // Prefill is compute-bound (a 512-token chunk multiplies every weight 512 times), so the inner
 // product runs on tensor cores: mma.sync m16n8k16, fp16 inputs, fp32 accumulation.
@@ -26,17 +28,13 @@
 
 #include "cuda/common.cuh"
 #include "cuda/per_device.cuh"
+#include "cuda/prefill_mma.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
 
 namespace ktune::cuda {
 namespace {
 
-constexpr int kBM = kPrefillTileM;
-constexpr int kBN = 64;
-constexpr int kBK = 64;
-constexpr int kThreads = 128;
-constexpr int kAStride = kBK + 8;  // halves per A row in shared memory (ldmatrix conflict-free)
-constexpr int kAStageBytes = kBM * kAStride * 2;
+using namespace prefill_detail;
 
 // Per weight type: bytes of one row per stage (kBK elements), the padded row stride of the raw
 // stage in shared memory, the cp.async piece size, and the pipeline depth.
@@ -67,45 +65,6 @@ template <QuantType T, bool Swiglu>
 __host__ __device__ constexpr int smem_bytes() {
   return Fmt<T>::kStages * stage_bytes<T, Swiglu>();
 }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// cp.async of `Bytes` (4 or 16) bytes; src_bytes 0 fills the destination with zeros.
-template <int Bytes>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
-  if constexpr (Bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes));
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 bits_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
 // The B fragments of one quant-block-sized k32 slice (elements 32*bi .. 32*bi + 31 of the stage)
 // of weight row `row` (raw stage bytes): f[0], f[1] for the first k16 (elements 2t, 2t+1 and
@@ -177,10 +136,6 @@ __device__ __forceinline__ void b_frags<QuantType::F32>(const uint8_t* row, int 
   f[3] = cv(p[12]);
 }
 
-__device__ __forceinline__ float silu_mul(float g, float u) {
-  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
-}
-
 template <QuantType T, bool Swiglu>
 __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillMatmul args) {
   using F = Fmt<T>;
@@ -199,19 +154,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
   int64_t row0;
   int rows;
   const uint8_t* wm[kMats];
-  if (args.tiles != nullptr) {
-    if (static_cast<int>(blockIdx.y) >= *args.n_tiles) return;
-    const int4 ti = reinterpret_cast<const int4*>(args.tiles)[blockIdx.y];
-    row0 = ti.y;
-    rows = ti.z;
-    wm[0] = static_cast<const uint8_t*>(args.w_table[ti.x]);
-    if constexpr (Swiglu) wm[kMats - 1] = static_cast<const uint8_t*>(args.w2_table[ti.x]);
-  } else {
-    row0 = static_cast<int64_t>(blockIdx.y) * kBM;
-    rows = args.m - row0 < kBM ? static_cast<int>(args.m - row0) : kBM;
-    wm[0] = static_cast<const uint8_t*>(args.w);
-    if constexpr (Swiglu) wm[kMats - 1] = static_cast<const uint8_t*>(args.w2);
-  }
+  if (!tile_of_block<kMats>(args, &row0, &rows, wm)) return;
   const int k_tiles = static_cast<int>(args.k / kBK);
   const int64_t row_bytes = static_cast<int64_t>(k_tiles) * F::kStep;
   const int64_t n = args.n;
@@ -308,44 +251,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
   }
   cp_async_wait<0>();
 
-  // Epilogue: fragment c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at (row g + 8, same cols).
-#pragma unroll
-  for (int mf = 0; mf < 4; ++mf)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = mf * 16 + g + 8 * h;
-      if (r >= rows) continue;
-      const int64_t orow = row0 + r;
-#pragma unroll
-      for (int nf = 0; nf < 2; ++nf) {
-        const int64_t col = n0 + warp * 16 + nf * 8 + 2 * t;
-        if (col >= n) continue;
-        const float v0 = acc[0][mf][nf][2 * h], v1 = acc[0][mf][nf][2 * h + 1];
-        if constexpr (Swiglu) {
-          const float o0 = silu_mul(v0, acc[kMats - 1][mf][nf][2 * h]);
-          const float o1 = silu_mul(v1, acc[kMats - 1][mf][nf][2 * h + 1]);
-          uint16_t* out = args.y16 + orow * args.ldy + col;
-          if (col + 1 < n) {
-            *reinterpret_cast<__half2*>(out) = __floats2half2_rn(o0, o1);
-          } else {
-            *out = __half_as_ushort(__float2half_rn(o0));
-          }
-        } else {
-          float* out = args.y + orow * args.ldy + col;
-          if (col + 1 < n) {
-            float2 o = make_float2(v0, v1);
-            if (args.accumulate) {
-              const float2 old = *reinterpret_cast<const float2*>(out);
-              o.x = __fadd_rn(old.x, o.x);
-              o.y = __fadd_rn(old.y, o.y);
-            }
-            *reinterpret_cast<float2*>(out) = o;
-          } else {
-            out[0] = args.accumulate ? __fadd_rn(out[0], v0) : v0;
-          }
-        }
-      }
-    }
+  store_tile<kMats>(args, acc, row0, rows, n0, warp, g, t);
 }
 
 template <QuantType T, bool Swiglu>
@@ -397,14 +303,22 @@ cudaError_t launch_prefill_matmul(const PrefillMatmul& a, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
   } else {
-    if (a.m < 0 || a.m > int64_t{65535} * kBM || a.w == nullptr || (a.swiglu && a.w2 == nullptr) ||
-        (reinterpret_cast<uintptr_t>(a.w) & 3) != 0 ||
-        (a.swiglu && (reinterpret_cast<uintptr_t>(a.w2) & 3) != 0)) {
+    if (a.m < 0 || a.m > int64_t{65535} * kBM || a.w == nullptr || (a.swiglu && a.w2 == nullptr)) {
       return cudaErrorInvalidValue;
     }
   }
   if (a.swiglu ? a.y16 == nullptr : a.y == nullptr) return cudaErrorInvalidValue;
-  // BF16 / F32 rows are copied in 16-byte pieces.
+  if (a.type == QuantType::Q4_K || a.type == QuantType::Q5_K || a.type == QuantType::Q6_K) {
+    // Whole super-blocks; rows read with 32-bit (Q4_K, Q5_K) or 16-bit (Q6_K) loads.
+    const uintptr_t kal = a.type == QuantType::Q6_K ? 1 : 3;
+    if (a.k % 256 != 0 ||
+        (!grouped && ((reinterpret_cast<uintptr_t>(a.w) & kal) != 0 ||
+                      (a.swiglu && (reinterpret_cast<uintptr_t>(a.w2) & kal) != 0)))) {
+      return cudaErrorInvalidValue;
+    }
+    return detail::launch_prefill_matmul_kquant(a, stream);
+  }
+  // Raw stages: BF16 / F32 rows are copied in 16-byte pieces, Q4_0 / Q8_0 rows in 4-byte ones.
   const uintptr_t wal = (a.type == QuantType::BF16 || a.type == QuantType::F32) ? 15 : 3;
   if (!grouped && ((reinterpret_cast<uintptr_t>(a.w) & wal) != 0 ||
                    (a.swiglu && (reinterpret_cast<uintptr_t>(a.w2) & wal) != 0))) {
