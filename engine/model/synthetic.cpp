@@ -216,9 +216,27 @@ double parse_router_skew(const std::string& text, const std::string& where) {
   return s;
 }
 
+void set_synth_quant(SynthOptions& opt, const std::string& text, const std::string& where) {
+  if (const std::optional<QuantMix> mix = parse_quant_mix(text)) {
+    opt.mix = *mix;
+    opt.quant = quant_mix_base(*mix);
+    return;
+  }
+  if (!parse_quant_name(text)) {
+    throw_usage(where, "unknown quant '" + text + "'",
+                "use f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, or a mix: q4_k_m, q5_k_m");
+  }
+  opt.mix = QuantMix::None;
+  opt.quant = parse_quant_or_throw(text, where);
+}
+
+std::string synth_quant_label(const SynthOptions& opt) {
+  return lower(opt.mix != QuantMix::None ? quant_mix_name(opt.mix) : quant_name(opt.quant));
+}
+
 SynthOptions parse_synth_spec(const std::string& spec) {
   const std::string fix = "use synth:PRESET[:QUANT], presets: " + preset_list() +
-                          "; quant: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k";
+                          "; quant: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m";
   if (spec.rfind("synth:", 0) != 0) throw_usage(spec, "not a synthetic model spec", fix);
   const std::string rest = spec.substr(6);
   const size_t colon = rest.find(':');
@@ -233,7 +251,7 @@ SynthOptions parse_synth_spec(const std::string& spec) {
   if (colon != std::string::npos) {
     const std::string quant = rest.substr(colon + 1);
     if (quant.find(':') != std::string::npos) throw_usage(spec, "too many ':' fields", fix);
-    opt.quant = parse_quant_or_throw(quant, spec);
+    set_synth_quant(opt, quant, spec);
   }
   return opt;
 }
@@ -254,10 +272,25 @@ SyntheticGenerator::SyntheticGenerator(const SynthOptions& opt) : opt_(opt) {
   cfg_ = *preset;
   opt_.preset = cfg_.name;
   specs_ = model_tensor_specs(cfg_);
+  // A mix: the types `ktune quantize --mixed` would give this model's tensors.
+  TensorTypeQuery mixq;
+  mixq.n_layers = cfg_.n_layers;
+  mixq.n_experts = cfg_.n_experts;
+  mixq.tied_embeddings = true;
+  for (const TensorSpec& s : specs_) {
+    if (s.base == "output") mixq.tied_embeddings = false;
+  }
   for (const TensorSpec& s : specs_) {
     const bool f32 =
         s.role == TensorRole::Norm || s.role == TensorRole::Router || s.role == TensorRole::Bias;
-    types_.push_back(f32 ? QuantType::F32 : synthetic_row_type(opt.quant, s.ne[0]));
+    QuantType t = synthetic_row_type(opt.quant, s.ne[0]);
+    if (opt.mix != QuantMix::None && !f32) {
+      mixq.name = s.name;
+      mixq.ne.assign(s.ne.begin(), s.ne.begin() + s.n_dims);
+      mixq.source = QuantType::F32;
+      t = choose_quant_type(mixq, opt.quant, opt.mix);
+    }
+    types_.push_back(f32 ? QuantType::F32 : t);
     // Validates that the row length fits the block size of the type (throws otherwise).
     (void)row_bytes(types_.back(), s.ne[0]);
     seeds_.push_back(hash_name(opt.seed, s.name));
@@ -389,6 +422,8 @@ gguf::Writer SyntheticGenerator::gguf_writer() const {
   ModelConfig named = cfg_;
   named.name = "ktune synthetic " + cfg_.name;
   set_gguf_model_metadata(w, named, opt_.quant);
+  if (opt_.mix == QuantMix::Q4_K_M) w.set("general.file_type", gguf::Value::u32(15));
+  if (opt_.mix == QuantMix::Q5_K_M) w.set("general.file_type", gguf::Value::u32(17));
   // Provenance: enough to regenerate the same bytes.
   w.set("ktune.synthetic.seed", gguf::Value::u64(opt_.seed));
   w.set("ktune.synthetic.preset", gguf::Value::string(cfg_.name));
@@ -448,7 +483,7 @@ ModelWeights make_synthetic_model(const SynthOptions& opt) {
 
   ModelWeights w;
   w.cfg = gen.config();
-  w.source = "synth:" + w.cfg.name + ":" + lower(quant_name(opt.quant));
+  w.source = "synth:" + w.cfg.name + ":" + synth_quant_label(opt);
   w.quant = opt.quant;
   const std::vector<TensorView*> slots = w.tensor_slots();
   for (size_t i = 0; i < specs.size(); ++i) {
@@ -466,7 +501,7 @@ ModelWeights synthetic_model_shape(const SynthOptions& opt) {
   const SyntheticGenerator gen(opt);
   ModelWeights w;
   w.cfg = gen.config();
-  w.source = "synth:" + w.cfg.name + ":" + lower(quant_name(opt.quant));
+  w.source = "synth:" + w.cfg.name + ":" + synth_quant_label(opt);
   w.quant = opt.quant;
   const std::vector<TensorView*> slots = w.tensor_slots();
   for (size_t i = 0; i < gen.tensors().size(); ++i) {

@@ -22,7 +22,7 @@ struct GenModelOptions {
 void run_gen_model(const GenModelOptions& opt) {
   SynthOptions so;
   so.preset = opt.preset;
-  so.quant = parse_quant_or_throw(opt.quant, "--quant");
+  set_synth_quant(so, opt.quant, "--quant");
   so.seed = opt.seed;
   so.zipf_s = parse_router_skew(opt.skew, "--router-skew");
   if (!find_preset(so.preset)) {
@@ -53,9 +53,9 @@ void add_gen_model_command(CLI::App& app) {
          "tiny, qwen3-30b-a3b, qwen3-235b-a22b, tiny-deepseek, deepseek-v2-lite or deepseek-v3")
       ->capture_default_str();
   sub->add_option("--quant", opt->quant,
-                  "Type of the large matrices: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k "
-                  "(case-insensitive; for a llama.cpp-style mix such as Q4_K_M, write f16 and "
-                  "run `ktune quantize --mixed q4_k_m`)")
+                  "Type of the large matrices: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, "
+                  "or llama.cpp's per-tensor mix q4_k_m / q5_k_m (the types `ktune quantize "
+                  "--mixed` gives; case-insensitive)")
       ->capture_default_str();
   sub->add_option("--seed", opt->seed, "Random seed; same seed, same bytes")->capture_default_str();
   sub->add_option("--router-skew", opt->skew,

@@ -15,7 +15,7 @@ const char* const kModelHelp =
     "Model: a GGUF file, a Hugging Face checkpoint folder (config.json + *.safetensors), or\n"
     "synth:PRESET[:QUANT] for a random-weight model built in memory (presets: tiny,\n"
     "qwen3-30b-a3b, qwen3-235b-a22b, tiny-deepseek, deepseek-v2-lite, deepseek-v3; quants: f32\n"
-    "f16 bf16 q8_0 q4_0 q4_k q5_k q6_k)";
+    "f16 bf16 q8_0 q4_0 q4_k q5_k q6_k, or the per-tensor mixes q4_k_m q5_k_m)";
 
 ModelWeights load_model_for_cli(const std::string& spec, bool quiet) {
   const double t0 = now_seconds();

@@ -390,7 +390,9 @@ ModelShape model_shape(const std::string& spec, bool quiet) {
     const ModelConfig* c = find_preset(so.preset);
     if (c != nullptr) {
       s.cfg = *c;
-      s.bytes = weight_bytes(s.cfg, so.quant, so.quant);  // synthetic models: one matrix type
+      // One matrix type, or a mix's types per tensor (the shape's own sizes; nothing built).
+      s.bytes = so.mix == QuantMix::None ? weight_bytes(s.cfg, so.quant, so.quant)
+                                         : weight_bytes(synthetic_model_shape(so));
       return s;
     }
   }

@@ -416,6 +416,12 @@ ModelInfo load_model_info(const std::string& spec) {
   if (spec.rfind("synth:", 0) == 0) {
     const SynthOptions so = parse_synth_spec(spec);  // usage error on a bad preset or quant
     const ModelConfig* c = find_preset(so.preset);
+    if (so.mix != QuantMix::None) {  // types per tensor: the shape's own sizes (no data built)
+      ModelInfo m = model_info(*c, so.quant, so.quant, spec);
+      m.bytes = weight_bytes(synthetic_model_shape(so));
+      m.quant = synth_quant_label(so);
+      return m;
+    }
     return model_info(*c, so.quant, so.quant, spec);
   }
   // A file or folder: opened (mmap), never read beyond its headers.

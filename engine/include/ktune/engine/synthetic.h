@@ -13,6 +13,7 @@
 
 #include "ktune/engine/gguf.h"
 #include "ktune/engine/model.h"
+#include "ktune/engine/quantize.h"
 
 namespace ktune {
 
@@ -24,6 +25,9 @@ struct SynthOptions {
   // Replaces the preset's shape when set (tests build variants of a preset this way, e.g. a
   // tiny deepseek2 with V2-style routing); `preset` then only names the model.
   std::optional<ModelConfig> shape;
+  // A llama.cpp mix (Q4_K_M, Q5_K_M): each matrix gets the type `ktune quantize --mixed` gives
+  // it (choose_quant_type; quant is then the mix's base type). None: every matrix `quant`.
+  QuantMix mix = QuantMix::None;
 };
 
 // The type a synthetic model (and gen-model) stores a matrix of `wanted` type in: `wanted`, or for
@@ -47,8 +51,14 @@ using ProgressFn = std::function<void(uint64_t done, uint64_t total)>;
 void write_synthetic_gguf(const SynthOptions& opt, const std::string& path,
                           const ProgressFn& progress = {});
 
-// Parses "synth:PRESET[:QUANT]" into options (seed 1, no skew). Throws on a bad spec.
+// Parses "synth:PRESET[:QUANT]" into options (seed 1, no skew). QUANT: a weight type (f32 f16
+// bf16 q8_0 q4_0 q4_k q5_k q6_k) or a mix (q4_k_m, q5_k_m). Throws on a bad spec.
 SynthOptions parse_synth_spec(const std::string& spec);
+// Sets opt.quant and opt.mix from "q4_0", "q4_k_m", ... (case-insensitive); throws a usage error
+// naming `where` otherwise.
+void set_synth_quant(SynthOptions& opt, const std::string& text, const std::string& where);
+// The quant part of a synth spec: "q4_k_m" for a mix, else the type's name in lower case.
+std::string synth_quant_label(const SynthOptions& opt);
 
 // The streaming writer hands out at most this many bytes per ByteSink::write (one row when a
 // single row is larger), so writing never holds a whole tensor.
