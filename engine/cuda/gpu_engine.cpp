@@ -18,6 +18,7 @@
 #include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
+#include "ktune/engine/gpu_weight_types.h"
 #include "ktune/engine/trace.h"
 
 namespace ktune {
@@ -48,6 +49,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
                     std::to_string(cfg.n_layers),
                 "give each GPU a non-empty range of the model's layers");
   }
+  // Tensor types first (host only): a model the kernels cannot take fails here, naming the
+  // tensor, before any device memory is touched.
+  check_gpu_tensor_types(w, lb, le, spec.embedding || (spec.head && !w.output.data), spec.head);
   const bool want_map = !opt.expert_on_gpu.empty();
   if (want_map) {
     bool ok = static_cast<int64_t>(opt.expert_on_gpu.size()) == cfg.n_layers;
@@ -167,7 +171,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     d.data = p;
     return d;
   };
-  auto check_shape = [&](const TensorView& t, int64_t row_len, int64_t rows, bool matrix,
+  auto check_shape = [&](const TensorView& t, int64_t row_len, int64_t rows,
                          const std::string& what) {
     if (t.row_len() != row_len || t.n_rows() != rows) {
       throw Error(t.name.empty() ? what : t.name,
@@ -176,39 +180,31 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
                       std::to_string(rows),
                   "use a qwen3moe model whose tensors match its configuration");
     }
-    const bool ok = matrix ? (t.type == QuantType::Q4_0 || t.type == QuantType::Q8_0 ||
-                              t.type == QuantType::BF16 || t.type == QuantType::F32)
-                           : t.type == QuantType::F32;
-    if (!ok) {
-      throw Error(t.name.empty() ? what : t.name,
-                  std::string("type ") + quant_name(t.type) + " not supported by the GPU engine",
-                  matrix ? "use Q4_0, Q8_0, BF16 or F32 matrices" : "norm weights must be F32");
-    }
   };
   if (spec.embedding || (spec.head && !w.output.data)) tok_embd = upload(w.tok_embd);
   if (spec.head) {
-    check_shape(w.output_norm, hidden, 1, false, "output_norm");
+    check_shape(w.output_norm, hidden, 1, "output_norm");
     output_norm = upload(w.output_norm);
     const TensorView& out_w = w.output.data ? w.output : w.tok_embd;
-    check_shape(out_w, hidden, vocab, true, "output");
+    check_shape(out_w, hidden, vocab, "output");
     output = w.output.data ? upload(w.output) : tok_embd;
   }
   L.resize(static_cast<size_t>(layers));
   for (int64_t l = lb; l < le; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     const std::string blk = "blk." + std::to_string(l) + ".";
-    check_shape(lw.attn_norm, hidden, 1, false, blk + "attn_norm");
-    check_shape(lw.q_norm, hd, 1, false, blk + "attn_q_norm");
-    check_shape(lw.k_norm, hd, 1, false, blk + "attn_k_norm");
-    check_shape(lw.ffn_norm, hidden, 1, false, blk + "ffn_norm");
-    check_shape(lw.wq, hidden, nq, true, blk + "attn_q");
-    check_shape(lw.wk, hidden, nkv_rows, true, blk + "attn_k");
-    check_shape(lw.wv, hidden, nkv_rows, true, blk + "attn_v");
-    check_shape(lw.wo, nq, hidden, true, blk + "attn_output");
-    check_shape(lw.router, hidden, n_exp, true, blk + "ffn_gate_inp");
-    check_shape(lw.gate_exps, hidden, ffn * n_exp, true, blk + "ffn_gate_exps");
-    check_shape(lw.up_exps, hidden, ffn * n_exp, true, blk + "ffn_up_exps");
-    check_shape(lw.down_exps, ffn, hidden * n_exp, true, blk + "ffn_down_exps");
+    check_shape(lw.attn_norm, hidden, 1, blk + "attn_norm");
+    check_shape(lw.q_norm, hd, 1, blk + "attn_q_norm");
+    check_shape(lw.k_norm, hd, 1, blk + "attn_k_norm");
+    check_shape(lw.ffn_norm, hidden, 1, blk + "ffn_norm");
+    check_shape(lw.wq, hidden, nq, blk + "attn_q");
+    check_shape(lw.wk, hidden, nkv_rows, blk + "attn_k");
+    check_shape(lw.wv, hidden, nkv_rows, blk + "attn_v");
+    check_shape(lw.wo, nq, hidden, blk + "attn_output");
+    check_shape(lw.router, hidden, n_exp, blk + "ffn_gate_inp");
+    check_shape(lw.gate_exps, hidden, ffn * n_exp, blk + "ffn_gate_exps");
+    check_shape(lw.up_exps, hidden, ffn * n_exp, blk + "ffn_up_exps");
+    check_shape(lw.down_exps, ffn, hidden * n_exp, blk + "ffn_down_exps");
     DevLayer& d = L[static_cast<size_t>(l)];
     d.attn_norm = upload(lw.attn_norm);
     d.wq = upload(lw.wq);
