@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/cpu_expert_driver.h"
+#include "cuda/gpu_engine_deepseek.h"
 #include "cuda/gpu_engine_impl.h"
 #include "cuda/gpu_engine_prefill.h"
 #include "cuda/gpu_pipeline.h"
@@ -485,6 +486,17 @@ void GpuEngine::Impl::set_token(int32_t t) {
 }
 
 GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt) {
+  if (weights.cfg.is_deepseek2()) {  // its own step (gpu_engine_deepseek.h), one GPU
+    if (!opt.layer_device.empty() &&
+        static_cast<int64_t>(opt.layer_device.size()) != weights.cfg.n_layers) {
+      throw Error("gpu engine",
+                  "layer_device names " + std::to_string(opt.layer_device.size()) +
+                      " layers, the model has " + std::to_string(weights.cfg.n_layers),
+                  "give one CUDA device per layer", ErrorKind::Usage);
+    }
+    ds_ = std::make_unique<Deepseek>(weights, opt);
+    return;
+  }
   if (opt.layer_device.empty()) {
     impl_ = std::make_unique<Impl>(weights, opt);
     return;
@@ -506,6 +518,7 @@ GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt) {
 GpuEngine::~GpuEngine() = default;
 
 void GpuEngine::reset() {
+  if (ds_) return ds_->reset();
   if (pipe_) return pipe_->reset();
   Impl& m = *impl_;
   m.sync();
@@ -518,9 +531,13 @@ void GpuEngine::reset() {
   m.host_pos = 0;
 }
 
-int64_t GpuEngine::position() const { return pipe_ ? pipe_->position() : impl_->host_pos; }
+int64_t GpuEngine::position() const {
+  if (ds_) return ds_->position();
+  return pipe_ ? pipe_->position() : impl_->host_pos;
+}
 
 void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
+  if (ds_) return ds_->decode(token, logits);
   if (pipe_) return pipe_->decode(token, logits);
   Impl& m = *impl_;
   m.set_token(token);
@@ -535,6 +552,7 @@ void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
 }
 
 std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) {
+  if (ds_) return ds_->generate_greedy(first_token, n);
   if (pipe_) return pipe_->generate_greedy(first_token, n);
   Impl& m = *impl_;
   if (n <= 0) return {};
@@ -556,16 +574,19 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) 
 }
 
 const GpuEngineOptions& GpuEngine::options() const {
+  if (ds_) return ds_->options();
   return pipe_ ? pipe_->options() : impl_->opt;
 }
 
 int64_t GpuEngine::device_bytes() const {
+  if (ds_) return ds_->device_bytes();
   if (pipe_) return pipe_->device_bytes();
   return static_cast<int64_t>(impl_->weights_arena.capacity() + impl_->work_arena.capacity() +
                               impl_->prefill_state->arena.capacity());  // prefill
 }
 
 std::string GpuEngine::describe() const {
+  if (ds_) return ds_->describe();
   if (pipe_) return pipe_->describe();
   const Impl& m = *impl_;
   std::string s = "cuda:" + std::to_string(m.spec.device) + " " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
@@ -591,6 +612,9 @@ std::string GpuEngine::describe() const {
   return s;
 }
 
-bool GpuEngine::hybrid() const { return pipe_ ? pipe_->hybrid() : impl_->is_hybrid; }
+bool GpuEngine::hybrid() const {
+  if (ds_) return ds_->hybrid();
+  return pipe_ ? pipe_->hybrid() : impl_->is_hybrid;
+}
 
 }  // namespace ktune

@@ -45,6 +45,7 @@
 #include <string>
 #include <utility>
 
+#include "cuda/gpu_engine_deepseek.h"
 #include "cuda/gpu_engine_impl.h"
 #include "cuda/gpu_pipeline.h"
 #include "ktune/engine/cuda/kernels.h"
@@ -509,6 +510,7 @@ void GpuEngine::Impl::prefill_chunk(const int32_t* toks, int64_t n, bool last,
 }
 
 void GpuEngine::prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits) {
+  if (ds_) return ds_->prefill(tokens, n, logits);  // token by token (gpu_engine_deepseek.h)
   if (pipe_) return pipe_->prefill(tokens, n, logits);
   Impl& m = *impl_;
   if (n <= 0) return;

@@ -12,6 +12,7 @@ struct GpuEngine::Impl {
   GpuEngineOptions opt;
 };
 struct GpuEngine::Pipeline {};
+struct GpuEngine::Deepseek {};
 
 GpuEngine::GpuEngine(const ModelWeights&, const GpuEngineOptions&) {
   throw Error("gpu engine", "this ktune was built without CUDA (KTUNE_CUDA=OFF)",

@@ -54,7 +54,7 @@ void check_expert_tensor(const TensorView& t, int64_t row_len, int64_t rows,
                 "missing or shaped [" + std::to_string(t.ne[0]) + ", " + std::to_string(t.ne[1]) +
                     ", " + std::to_string(t.ne[2]) + "], expected " + std::to_string(row_len) +
                     " x " + std::to_string(rows),
-                "use a qwen3moe model whose expert tensors match its configuration");
+                "use a MoE model whose expert tensors match its configuration");
   }
   cpu::vec_dot(t.type, isa);  // throws for a type the CPU kernels cannot multiply
 }
@@ -186,12 +186,13 @@ struct CpuMoe::Impl {
     if (static_cast<int64_t>(w.layers.size()) != layers || c.n_experts_used < 1 ||
         c.n_experts_used > n_exp) {
       throw Error("model " + w.source, "has no usable MoE layers for the CPU experts",
-                  "use a qwen3moe model with n_experts_used in 1..n_experts");
+                  "use a MoE model with n_experts_used in 1..n_experts");
     }
     int64_t ga_bytes = 0, ua_bytes = 0, da_bytes = 0;
     int64_t da_block = 1;  // largest block of the down activations (32 Q8_0, 256 Q8_K)
     bool down_f32 = false;
     for (int64_t l = 0; l < layers; ++l) {
+      if (c.is_dense_layer(l)) continue;  // deepseek2's leading dense layers have no experts
       const LayerWeights& L = w.layers[l];
       const std::string blk = "blk." + std::to_string(l) + ".";
       check_expert_tensor(L.gate_exps, hidden, ffn * n_exp, blk + "ffn_gate_exps", isa);
@@ -598,6 +599,10 @@ void CpuMoe::compute(int64_t layer, const float* h, const int32_t* experts, cons
                 std::to_string(n) + " experts for one token (at most " + std::to_string(m.k_max) +
                     ", the model's experts per layer)",
                 "pass a subset of the token's selected experts");
+  }
+  if (m.w.cfg.is_dense_layer(layer)) {
+    throw Error("cpu moe", "layer " + std::to_string(layer) + " is a dense layer (no experts)",
+                "pass a MoE layer");
   }
   for (int j = 0; j < n; ++j) {
     if (experts[j] < 0 || experts[j] >= m.n_exp) {

@@ -225,8 +225,10 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     DeviceUse& a = use(lp.attention);
     a.attention = true;
     a.weights += bytes.attention[size_t(l)];
-    // Every position of every sequence: f16 on GPUs, f32 on the CPU (the CPU engine's cache).
-    const int64_t elem = lp.attention.is_gpu() ? 2 : 4;
+    // Every position of every sequence: f16 on GPUs, f32 on the CPU (the CPU engine's cache);
+    // deepseek2's latent cache is f32 on the GPU too (the GPU engine keeps the CPU engine's
+    // numbers, engine/cuda/gpu_engine_deepseek.h).
+    const int64_t elem = lp.attention.is_gpu() && !cfg.is_deepseek2() ? 2 : 4;
     a.kv_cache += rt.context * rt.batch * kv_values * elem;
     if (lp.attention.is_gpu()) gpus.insert(lp.attention);
     for (const Device& d : lp.experts) {
@@ -252,14 +254,22 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     if (u.experts > 0) act += expert_activation_bytes(cfg, tokens);
     // A GPU that runs attention runs the batched prefill of its layers too, every expert of them
     // included (CPU-resident ones from staging): its workspace may exceed the estimate above.
-    if (gpu && u.attention) act = std::max(act, prefill_workspace_bytes(cfg, opt.prefill_chunk));
+    // deepseek2's GPU prefill runs the decode step token by token: no prefill workspace.
+    const bool batched_prefill = gpu && u.attention && !cfg.is_deepseek2();
+    if (batched_prefill) act = std::max(act, prefill_workspace_bytes(cfg, opt.prefill_chunk));
     ws += act;
     if (u.attention) ws += 4 * cfg.n_heads * rt.context * rt.batch;  // a row of scores per head
+    if (gpu && u.attention && cfg.is_deepseek2()) {
+      // The MLA attention's split partial sums (mla_attention_workspace_bytes: up to 64 spans of
+      // kv_lora_rank + 2 floats per head).
+      const int64_t spans = std::min<int64_t>(64, (rt.context + 255) / 256);
+      ws += 4 * spans * cfg.n_heads * (cfg.kv_lora_rank + 2);
+    }
     if (name == pool_of(last)) ws += 4 * cfg.vocab * rt.batch;  // logits
     if (gpu) {
       ws += kGpuContextReserve;
       if (gpus.size() > 1) ws += kGpuCommReserve;
-      if (u.attention && opt.stage_cpu_experts_for_prefill) {
+      if (batched_prefill && opt.stage_cpu_experts_for_prefill) {
         int64_t largest = 0;
         for (int64_t l = 0; l < cfg.n_layers; ++l) {
           const LayerPlacement& lp = p.layers[size_t(l)];

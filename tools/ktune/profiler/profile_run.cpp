@@ -143,7 +143,11 @@ std::vector<profile::ThreadRate> moe_curve_on(const ModelWeights& w, int threads
     std::shuffle(all.begin(), all.end(), rng);
     std::copy(all.begin(), all.begin() + k, ids.begin());
     std::sort(ids.begin(), ids.end());
-    const size_t l = static_cast<size_t>(it) % w.layers.size();
+    size_t l = static_cast<size_t>(it) % w.layers.size();
+    // deepseek2's leading dense layers have no experts: take the first MoE layer instead.
+    for (size_t i = 0; i < w.layers.size() && w.cfg.is_dense_layer(static_cast<int64_t>(l)); ++i) {
+      l = (l + 1) % w.layers.size();
+    }
     const int64_t t0 = trace::now_ns();
     moe.compute(static_cast<int64_t>(l), h.data(), ids.data(), wts.data(), static_cast<int>(k),
                 y.data());
@@ -163,7 +167,10 @@ void fill_model_shape(profile::ModelShape& s, const ModelWeights& m) {
   s.n_layers = m.cfg.n_layers;
   s.n_experts = m.cfg.n_experts;
   s.n_experts_used = m.cfg.n_experts_used;
-  s.expert_bytes = m.layers.empty() ? 0 : expert_bytes_of_layer(m, 0);
+  s.expert_bytes = 0;  // of the first layer with experts (deepseek2 leads with dense layers)
+  for (size_t l = 0; l < m.layers.size() && s.expert_bytes == 0; ++l) {
+    s.expert_bytes = expert_bytes_of_layer(m, l);
+  }
 }
 
 Verdict hardware_verdict(const profile::ProfileSummary& s) {

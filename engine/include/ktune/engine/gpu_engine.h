@@ -39,6 +39,11 @@
 // one stage per GPU with its own stream and graph, the hidden state moved between them by NCCL
 // or peer copies (engine/cuda/gpu_pipeline.h); tokens and logits equal the one-GPU engine's.
 //
+// deepseek2 (DeepSeek-V2/V2-Lite/V3/R1, MLA): its own step behind the same API
+// (engine/cuda/gpu_engine_deepseek.h): absorbed MLA over a float32 latent cache, the deepseek
+// router on the device, shared experts and dense layers on the GPU, routed experts on cuda:0 or
+// the CPU as for qwen3moe; one GPU only, prefill token by token.
+//
 // Prefill runs batched (engine/cuda/gpu_engine_prefill.cpp): chunks of up to max_prefill_chunk
 // tokens through tensor-core matmuls, a causal attention kernel and expert-grouped MoE matmuls;
 // with a hybrid placement, chunks of 16+ tokens copy the CPU experts' weights to the GPU, shorter
@@ -107,8 +112,10 @@ class GpuEngine {
  private:
   struct Impl;
   struct Pipeline;                  // several GPUs (or one other than cuda:0)
+  struct Deepseek;                  // deepseek2 models (engine/cuda/gpu_engine_deepseek.h)
   std::unique_ptr<Impl> impl_;      // set for the one-GPU engine on cuda:0
   std::unique_ptr<Pipeline> pipe_;  // else this
+  std::unique_ptr<Deepseek> ds_;    // or this, for deepseek2 (one GPU)
 };
 
 
