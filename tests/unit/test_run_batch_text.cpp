@@ -37,13 +37,14 @@ TEST(BatchPlan, KvCacheCountsEverySequence) {
   EXPECT_EQ(one.per_device.at("cpu").kv_cache, per_seq);
   EXPECT_EQ(eight.per_device.at("cpu").kv_cache, 8 * per_seq);  // 768 MiB
   EXPECT_EQ(eight.per_device.at("cpu").weights, one.per_device.at("cpu").weights);
-  // deepseek-v3 on a GPU: the MLA latent + roped key (512 + 64) in f16, per sequence.
+  // deepseek-v3 on a GPU: the MLA latent + roped key (512 + 64) in f32 (the GPU engine keeps
+  // the CPU engine's numbers), per sequence.
   const ktune::ModelConfig& d = *ktune::find_preset("deepseek-v3");
   auto g = ktune::make_uniform_placement(d, Device::cuda(0), Device::cpu());
   g.runtime.context = 4096;
   g.runtime.batch = 4;
   const auto dp = ktune::plan_memory(d, QuantType::Q4_K, QuantType::Q4_K, g, no_budgets());
-  EXPECT_EQ(dp.per_device.at("cuda:0").kv_cache, int64_t{61} * 4096 * 4 * 576 * 2);
+  EXPECT_EQ(dp.per_device.at("cuda:0").kv_cache, int64_t{61} * 4096 * 4 * 576 * 4);
 }
 
 TEST(BatchPlan, ExpectedDistinctExpertsUnderUniformRouting) {
