@@ -126,7 +126,7 @@ TEST(DeepseekCpuMoe, ComputesRoutedExpertsAndRefusesDenseLayers) {
 // GpuEngine picks the deepseek2 engine by architecture and checks what it cannot run before it
 // looks for a GPU, so these refusals read the same on any machine.
 TEST(DeepseekGpuEngine, RefusalsBeforeTouchingTheGpu) {
-#if !KTUNE_WITH_CUDA
+#if !defined(KTUNE_WITH_CUDA)
   GTEST_SKIP() << "built without CUDA (the GpuEngine refuses everything)";
 #else
   SynthOptions o;
