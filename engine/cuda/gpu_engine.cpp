@@ -34,8 +34,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
                       const gpu_detail::StageSpec& stage_spec)
     : cfg(w.cfg), opt(options), spec(stage_spec) {
   if (w.cfg.is_deepseek2()) {
-    throw Error("gpu engine", "deepseek2 (MLA) models do not run on the GPU engine yet",
-                "run on the CPU: a plain --model run, or a placement with every layer on cpu");
+    // GpuEngine hands deepseek2 to GpuEngine::Deepseek; this step is qwen3moe's.
+    throw Error("gpu engine", "deepseek2 (MLA) models do not run on the qwen3moe step",
+                "construct a GpuEngine, which picks the deepseek2 engine by architecture");
   }
   if (opt.handoff_timeout_ms < 1 || opt.handoff_timeout_ms > 3600 * 1000) {
     throw Error("gpu engine",
