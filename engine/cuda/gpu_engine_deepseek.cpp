@@ -48,7 +48,8 @@ void check_tensor(const TensorView& t, int64_t row_len, int64_t rows, bool matri
                 kFix);
   }
   if (matrix && !gpu_matrix_type(t.type)) {
-    throw Error(name, std::string("type ") + quant_name(t.type) + " not supported by the GPU engine",
+    throw Error(name,
+                std::string("type ") + quant_name(t.type) + " not supported by the GPU engine",
                 "use Q4_0, Q8_0, BF16 or F32 matrices for deepseek2 on the GPU (K-quants run on "
                 "the CPU engine)");
   }
@@ -58,8 +59,11 @@ void check_tensor(const TensorView& t, int64_t row_len, int64_t rows, bool matri
   }
   if (embedding) {
     if (!gpu_matrix_type(t.type) && t.type != QuantType::F16) {
-      throw Error(name, std::string("type ") + quant_name(t.type) + " not supported by the GPU "
-                  "embedding lookup", "use F32, F16, BF16, Q8_0 or Q4_0 token embeddings");
+      throw Error(name,
+                  std::string("type ") + quant_name(t.type) +
+                      " not supported by the GPU "
+                      "embedding lookup",
+                  "use F32, F16, BF16, Q8_0 or Q4_0 token embeddings");
     }
     return;
   }
@@ -99,7 +103,8 @@ void check_deepseek_gpu_support(const ModelWeights& w, const GpuEngineOptions& o
   }
   if (!opt.expert_on_gpu.empty()) {
     bool ok = static_cast<int64_t>(opt.expert_on_gpu.size()) == c.n_layers;
-    for (const auto& row : opt.expert_on_gpu) ok = ok && static_cast<int64_t>(row.size()) == c.n_experts;
+    for (const auto& row : opt.expert_on_gpu)
+      ok = ok && static_cast<int64_t>(row.size()) == c.n_experts;
     if (!ok) {
       throw Error("gpu engine",
                   "expert placement map is not " + std::to_string(c.n_layers) + " layers x " +
@@ -108,16 +113,14 @@ void check_deepseek_gpu_support(const ModelWeights& w, const GpuEngineOptions& o
     }
   }
   const int64_t H = c.hidden, nh = c.n_heads, dq = c.head_dim, dr = c.rope_dim,
-                dn = c.qk_nope_dim(), dv = c.v_head_dim, rq = c.q_lora_rank,
-                rkv = c.kv_lora_rank, E = c.n_experts, F = c.expert_ffn, Fs = c.shared_ffn(),
-                Fd = c.dense_ffn;
+                dn = c.qk_nope_dim(), dv = c.v_head_dim, rq = c.q_lora_rank, rkv = c.kv_lora_rank,
+                E = c.n_experts, F = c.expert_ffn, Fs = c.shared_ffn(), Fd = c.dense_ffn;
   // Limits of the kernels (mla_kernels.h, kernels.h: matvec_fused takes rows of <= 16384).
   check_limit(H <= 16384, "hidden " + std::to_string(H), "is over 16384");
   check_limit(rq <= 16384, "q_lora_rank " + std::to_string(rq), "is over 16384");
-  check_limit(nh * dv <= 16384, "n_heads * v_head_dim " + std::to_string(nh * dv),
-              "is over 16384");
-  check_limit(rkv + dr <= 1024 && rkv <= 1024, "kv_lora_rank + rope_dim " +
-              std::to_string(rkv + dr), "is over 1024");
+  check_limit(nh * dv <= 16384, "n_heads * v_head_dim " + std::to_string(nh * dv), "is over 16384");
+  check_limit(rkv + dr <= 1024 && rkv <= 1024,
+              "kv_lora_rank + rope_dim " + std::to_string(rkv + dr), "is over 1024");
   check_limit(dr >= 2 && dr % 2 == 0 && dr <= 1024, "rope_dim " + std::to_string(dr),
               "is not an even number in 2..1024");
   check_limit(nh <= 65535, "n_heads " + std::to_string(nh), "is over 65535");
@@ -129,14 +132,15 @@ void check_deepseek_gpu_support(const ModelWeights& w, const GpuEngineOptions& o
   check_limit(E <= 1024 && c.n_experts_used <= 64,
               std::to_string(E) + " experts, top-" + std::to_string(c.n_experts_used),
               "exceed the router kernel's 1024 experts / top-64");
-  check_limit(F % 32 == 0 && Fs % 32 == 0 && Fd % 32 == 0,
-              "FFN widths " + std::to_string(F) + "/" + std::to_string(Fs) + "/" + std::to_string(Fd),
-              "are not multiples of 32");
+  check_limit(
+      F % 32 == 0 && Fs % 32 == 0 && Fd % 32 == 0,
+      "FFN widths " + std::to_string(F) + "/" + std::to_string(Fs) + "/" + std::to_string(Fd),
+      "are not multiples of 32");
   if (static_cast<int64_t>(w.layers.size()) != c.n_layers) {
-    throw Error("model " + w.source,
-                "has " + std::to_string(w.layers.size()) + " layers, config " +
-                    std::to_string(c.n_layers),
-                "use a complete deepseek2 model");
+    throw Error(
+        "model " + w.source,
+        "has " + std::to_string(w.layers.size()) + " layers, config " + std::to_string(c.n_layers),
+        "use a complete deepseek2 model");
   }
   check_tensor(w.tok_embd, H, c.vocab, false, "token_embd", /*embedding=*/true);
   check_tensor(w.output_norm, H, 1, false, "output_norm");
@@ -175,8 +179,8 @@ void check_deepseek_gpu_support(const ModelWeights& w, const GpuEngineOptions& o
     check_tensor(t.down_exps, F, H * E, true, b + "ffn_down_exps");
     if (t.gate_exps.type != t.up_exps.type) {
       throw Error(b + "ffn_gate_exps",
-                  std::string("type ") + quant_name(t.gate_exps.type) + " differs from ffn_up_exps' " +
-                      quant_name(t.up_exps.type),
+                  std::string("type ") + quant_name(t.gate_exps.type) +
+                      " differs from ffn_up_exps' " + quant_name(t.up_exps.type),
                   "the fused MoE kernel reads gate and up of one type");
     }
     if (Fs > 0) {
@@ -242,9 +246,10 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   for (int64_t l = 0; l < L; ++l) {
     const LayerWeights& t = w.layers[static_cast<size_t>(l)];
     for (const TensorView* v :
-         {&t.attn_norm, &t.wq, &t.wq_a, &t.q_a_norm, &t.wq_b, &t.wkv_a, &t.kv_a_norm, &t.wk_b,
-          &t.wv_b, &t.wkv_b, &t.wo, &t.ffn_norm, &t.ffn_gate, &t.ffn_up, &t.ffn_down, &t.router,
-          &t.exp_probs_b, &t.gate_shexp, &t.up_shexp, &t.down_shexp}) {
+         {&t.attn_norm, &t.wq,          &t.wq_a,       &t.q_a_norm, &t.wq_b,
+          &t.wkv_a,     &t.kv_a_norm,   &t.wk_b,       &t.wv_b,     &t.wkv_b,
+          &t.wo,        &t.ffn_norm,    &t.ffn_gate,   &t.ffn_up,   &t.ffn_down,
+          &t.router,    &t.exp_probs_b, &t.gate_shexp, &t.up_shexp, &t.down_shexp}) {
       if (v->data != nullptr) all.push_back(v);
     }
     if (cfg.is_dense_layer(l)) continue;
@@ -333,8 +338,7 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
         const int32_t sl = d.host_slot[static_cast<size_t>(e)];
         if (sl < 0) continue;
         KTUNE_CUDA_CHECK(cudaMemcpy(p + sl * dt.matrix_bytes, v.matrix(e),
-                                    static_cast<size_t>(dt.matrix_bytes),
-                                    cudaMemcpyHostToDevice));
+                                    static_cast<size_t>(dt.matrix_bytes), cudaMemcpyHostToDevice));
       }
       dt.data = p;
       return dt;
@@ -358,12 +362,17 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   stage_ids_off = static_cast<size_t>(H) * f;
   stage_wts_off = stage_ids_off + (static_cast<size_t>(K) * 4 + 15) / 16 * 16;
   stage_bytes = stage_wts_off + static_cast<size_t>(K) * 4;
-  size_t work = static_cast<size_t>(L) * align_up(cache_bytes) + align_up(ws_bytes) +
-                align_up(stage_bytes);
-  const std::vector<int64_t> float_bufs = {H,       std::max<int64_t>(rq, 1), nh * dq, lat,
-                                           nh * lat, nh * rkv, nh * dv, E,       K * F,
-                                           ffn_max,  ffn_max,  F,       F,       H,       H,
-                                           V,        dr / 2};
+  size_t work =
+      static_cast<size_t>(L) * align_up(cache_bytes) + align_up(ws_bytes) + align_up(stage_bytes);
+  const std::vector<int64_t> float_bufs = {H,        std::max<int64_t>(rq, 1),
+                                           nh * dq,  lat,
+                                           nh * lat, nh * rkv,
+                                           nh * dv,  E,
+                                           K * F,    ffn_max,
+                                           ffn_max,  F,
+                                           F,        H,
+                                           H,        V,
+                                           dr / 2};
   for (int64_t n : float_bufs) work += align_up(static_cast<size_t>(n) * f);
   // token, pos, epoch, head_key[2]; history and the prompt staging (max_ctx int32 each).
   work += 5 * kAlign + 2 * align_up(static_cast<size_t>(max_ctx) * 4);
@@ -403,8 +412,8 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   KTUNE_CUDA_CHECK(cudaMemset(pos, 0, sizeof(int32_t)));
   KTUNE_CUDA_CHECK(cudaMemset(token, 0, sizeof(int32_t)));
   KTUNE_CUDA_CHECK(cudaMemset(history, 0xff, static_cast<size_t>(max_ctx) * 4));
-  KTUNE_CUDA_CHECK(cudaMemcpy(inv_freq, rope.inv_freq.data(), rope.inv_freq.size() * f,
-                              cudaMemcpyHostToDevice));
+  KTUNE_CUDA_CHECK(
+      cudaMemcpy(inv_freq, rope.inv_freq.data(), rope.inv_freq.size() * f, cudaMemcpyHostToDevice));
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
 
   KTUNE_CUDA_CHECK(cudaMallocHost(&h_token, sizeof(int32_t)));
@@ -596,11 +605,11 @@ void GpuEngine::Deepseek::prefill(const int32_t* tokens, int64_t n, std::vector<
     }
   }
   sync();
-  KTUNE_CUDA_CHECK(cudaMemcpy(prompt, tokens, static_cast<size_t>(n) * sizeof(int32_t),
-                              cudaMemcpyHostToDevice));
+  KTUNE_CUDA_CHECK(
+      cudaMemcpy(prompt, tokens, static_cast<size_t>(n) * sizeof(int32_t), cudaMemcpyHostToDevice));
   for (int64_t i = 0; i < n; ++i) {
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(token, prompt + i, sizeof(int32_t), cudaMemcpyDeviceToDevice,
-                                     stream));
+    KTUNE_CUDA_CHECK(
+        cudaMemcpyAsync(token, prompt + i, sizeof(int32_t), cudaMemcpyDeviceToDevice, stream));
     run_step();
   }
   if (out) {

@@ -47,8 +47,8 @@ struct GpuEngine::Deepseek {
   struct Layer {
     bool dense = false;
     DevTensor attn_norm, wq, wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wk_b, wv_b, wkv_b, wo;
-    DevTensor ffn_norm, ffn_gate, ffn_up, ffn_down;  // dense layers
-    DevTensor router, bias, gate_sh, up_sh, down_sh;   // MoE layers
+    DevTensor ffn_norm, ffn_gate, ffn_up, ffn_down;   // dense layers
+    DevTensor router, bias, gate_sh, up_sh, down_sh;  // MoE layers
     DevTensor gate, up, down;  // routed experts on the GPU (compacted when the layer mixes)
     int64_t n_gpu_experts = 0;
     int64_t n_cpu_experts = 0;
@@ -89,10 +89,10 @@ struct GpuEngine::Deepseek {
   // routing block the CPU side reads (CpuExpertDriver's layout, as the qwen3moe engine's).
   float *x = nullptr, *h = nullptr, *qa = nullptr, *q = nullptr, *kva = nullptr, *qabs = nullptr,
         *ctx = nullptr, *o = nullptr, *rlog = nullptr, *wts = nullptr, *act = nullptr,
-        *act_ffn = nullptr, *up_ffn = nullptr, *g = nullptr, *u = nullptr, *ye = nullptr, *acc = nullptr,
-        *logits = nullptr, *inv_freq = nullptr, *one_weight = nullptr;
-  int32_t *ids = nullptr, *token = nullptr, *pos = nullptr, *history = nullptr,
-          *one_id = nullptr, *prompt = nullptr;
+        *act_ffn = nullptr, *up_ffn = nullptr, *g = nullptr, *u = nullptr, *ye = nullptr,
+        *acc = nullptr, *logits = nullptr, *inv_freq = nullptr, *one_weight = nullptr;
+  int32_t *ids = nullptr, *token = nullptr, *pos = nullptr, *history = nullptr, *one_id = nullptr,
+          *prompt = nullptr;
   void* attn_ws = nullptr;
   void* stage = nullptr;
   size_t stage_bytes = 0, stage_ids_off = 0, stage_wts_off = 0;

@@ -21,8 +21,8 @@ void GpuEngine::Deepseek::enqueue_step() {
     attention(d, l);
     if (d.dense) {
       trace::Scope ffn(trace::Phase::Other, static_cast<int32_t>(l));
-      check_launch(cuda::launch_rmsnorm(x, static_cast<const float*>(d.ffn_norm.data),
-                                        cfg.rms_eps, 1, H, h, s),
+      check_launch(cuda::launch_rmsnorm(x, static_cast<const float*>(d.ffn_norm.data), cfg.rms_eps,
+                                        1, H, h, s),
                    "launch_rmsnorm ffn");
       dense_ffn(d.ffn_gate, d.ffn_up, d.ffn_down, Fd);
     } else {
@@ -85,9 +85,9 @@ void GpuEngine::Deepseek::attention(const Layer& d, int64_t l) {
     check_launch(cuda::launch_matvec_fused(qb, s), "launch_matvec_fused q_b");
   }
   // Latent norm + k_pe RoPE into the cache row at pos; q_pe RoPE into the absorbed queries' tails.
-  check_launch(cuda::launch_mla_rope_store(kva, static_cast<const float*>(d.kv_a_norm.data), eps,
-                                           q, dq, dn, inv_freq, rope.cos_sin_scale, pos, nh, rkv,
-                                           dr, max_ctx, d.cache, qabs, lat, s),
+  check_launch(cuda::launch_mla_rope_store(kva, static_cast<const float*>(d.kv_a_norm.data), eps, q,
+                                           dq, dn, inv_freq, rope.cos_sin_scale, pos, nh, rkv, dr,
+                                           max_ctx, d.cache, qabs, lat, s),
                "launch_mla_rope_store");
   // q_abs[h] = W_kb[h]^T q_nope[h] into the absorbed queries' heads.
   if (cfg.split_kv_b) {
@@ -95,8 +95,8 @@ void GpuEngine::Deepseek::attention(const Layer& d, int64_t l) {
                                           qabs, lat, s),
                  "launch_head_matvec k_b");
   } else {
-    check_launch(cuda::launch_head_matvec_t(d.wkv_b.type, d.wkv_b.data, dn + dv, 0, dn, rkv, nh,
-                                            q, dq, qabs, lat, s),
+    check_launch(cuda::launch_head_matvec_t(d.wkv_b.type, d.wkv_b.data, dn + dv, 0, dn, rkv, nh, q,
+                                            dq, qabs, lat, s),
                  "launch_head_matvec_t kv_b");
   }
   check_launch(cuda::launch_mla_attention(qabs, lat, d.cache, pos, nh, rkv, dr, max_ctx,
@@ -104,12 +104,12 @@ void GpuEngine::Deepseek::attention(const Layer& d, int64_t l) {
                "launch_mla_attention");
   // o[h] = W_vb[h] ctx[h].
   if (cfg.split_kv_b) {
-    check_launch(cuda::launch_head_matvec(d.wv_b.type, d.wv_b.data, dv, 0, dv, rkv, nh, ctx, rkv,
-                                          o, dv, s),
-                 "launch_head_matvec v_b");
+    check_launch(
+        cuda::launch_head_matvec(d.wv_b.type, d.wv_b.data, dv, 0, dv, rkv, nh, ctx, rkv, o, dv, s),
+        "launch_head_matvec v_b");
   } else {
-    check_launch(cuda::launch_head_matvec(d.wkv_b.type, d.wkv_b.data, dn + dv, dn, dv, rkv, nh,
-                                          ctx, rkv, o, dv, s),
+    check_launch(cuda::launch_head_matvec(d.wkv_b.type, d.wkv_b.data, dn + dv, dn, dv, rkv, nh, ctx,
+                                          rkv, o, dv, s),
                  "launch_head_matvec kv_b values");
   }
   cuda::MatvecFused wo;
@@ -164,8 +164,8 @@ void GpuEngine::Deepseek::moe(const Layer& d, int64_t l) {
     check_launch(cuda::launch_matvec_fused(router, s), "launch_matvec_fused router");
     check_launch(cuda::launch_deepseek_router(
                      rlog, E, K, cfg.gating == ExpertGating::Sigmoid,
-                     static_cast<const float*>(d.bias.data), cfg.n_expert_groups,
-                     cfg.n_groups_used, cfg.norm_topk_prob, cfg.expert_weights_scale, ids, wts, s),
+                     static_cast<const float*>(d.bias.data), cfg.n_expert_groups, cfg.n_groups_used,
+                     cfg.norm_topk_prob, cfg.expert_weights_scale, ids, wts, s),
                  "launch_deepseek_router");
   }
   // CPU experts: routing handed over first, so the CPU computes while the GPU works.
@@ -179,10 +179,10 @@ void GpuEngine::Deepseek::moe(const Layer& d, int64_t l) {
     if (opt.moe_kernel == MoeKernel::Unfused) {
       routed_unfused(d, l);
     } else {
-      check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data,
-                                                   d.gate.matrix_bytes, ids, K, E, h, F, H, act,
-                                                   s, d.slot_map),
-                   "launch_moe_gate_up_swiglu");
+      check_launch(
+          cuda::launch_moe_gate_up_swiglu(d.gate.type, d.gate.data, d.up.data, d.gate.matrix_bytes,
+                                          ids, K, E, h, F, H, act, s, d.slot_map),
+          "launch_moe_gate_up_swiglu");
       check_launch(cuda::launch_moe_down_sum(d.down.type, d.down.data, d.down.matrix_bytes, ids,
                                              wts, K, E, act, H, F, x, s, d.slot_map),
                    "launch_moe_down_sum");
@@ -226,8 +226,7 @@ void GpuEngine::Deepseek::begin_handoff(int64_t l) {
         "launch_handoff_signal");
   } else {
     KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
-    KTUNE_CUDA_CHECK(
-        cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, driver->host_node_ctx(l)));
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, driver->host_node_ctx(l)));
   }
 }
 
@@ -237,8 +236,7 @@ void GpuEngine::Deepseek::end_handoff(int64_t l) {
   trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
   cudaStream_t s = stream;
   if (opt.cpu_handoff == CpuHandoff::HostNode) {
-    KTUNE_CUDA_CHECK(
-        cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
+    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
   }
   const uint64_t timeout_ns = static_cast<uint64_t>(opt.handoff_timeout_ms) * 1000000u;
   check_launch(

@@ -42,8 +42,8 @@ template <int R>
 __global__ void __launch_bounds__(kThreads)
     mla_partial_kernel(const float* __restrict__ q, int64_t q_stride,
                        const float* __restrict__ cache, const int32_t* __restrict__ pos,
-                       int n_heads, int hb, int rank, int lat, int max_ctx, int splits,
-                       float scale, float* __restrict__ part, float* __restrict__ ml) {
+                       int n_heads, int hb, int rank, int lat, int max_ctx, int splits, float scale,
+                       float* __restrict__ part, float* __restrict__ ml) {
   extern __shared__ float smem[];
   constexpr int kQ = R * detail::kWarp;
   float* qs = smem;                    // [hb][kQ]
@@ -231,8 +231,8 @@ cudaError_t launch_mla_attention(const float* q, int64_t q_stride, const float* 
   const int64_t lat = rank + rope;
   const int regs = row_regs(lat);
   if (q == nullptr || cache == nullptr || pos == nullptr || workspace == nullptr ||
-      out == nullptr || n_heads < 1 || n_heads > 65535 || rank < 1 || rank > kMaxRank ||
-      rope < 0 || regs == 0 || q_stride < lat || out_stride < rank || max_ctx < 1 ||
+      out == nullptr || n_heads < 1 || n_heads > 65535 || rank < 1 || rank > kMaxRank || rope < 0 ||
+      regs == 0 || q_stride < lat || out_stride < rank || max_ctx < 1 ||
       max_ctx > (int64_t{1} << 24)) {
     return cudaErrorInvalidValue;
   }
@@ -243,11 +243,11 @@ cudaError_t launch_mla_attention(const float* q, int64_t q_stride, const float* 
   float* ml = part + static_cast<int64_t>(splits) * n_heads * rank;
   const size_t smem = static_cast<size_t>(4 * hb * (regs * 32 + kMlaChunk + 3));
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-  const int nh = static_cast<int>(n_heads), rk = static_cast<int>(rank),
-            lt = static_cast<int>(lat), mc = static_cast<int>(max_ctx);
-#define KTUNE_MLA_PARTIAL(R)                                                                   \
-  mla_partial_kernel<R><<<grid, kThreads, smem, stream>>>(q, q_stride, cache, pos, nh, hb, rk, \
-                                                          lt, mc, splits, scale, part, ml)
+  const int nh = static_cast<int>(n_heads), rk = static_cast<int>(rank), lt = static_cast<int>(lat),
+            mc = static_cast<int>(max_ctx);
+#define KTUNE_MLA_PARTIAL(R)                                                                       \
+  mla_partial_kernel<R><<<grid, kThreads, smem, stream>>>(q, q_stride, cache, pos, nh, hb, rk, lt, \
+                                                          mc, splits, scale, part, ml)
   switch (regs) {
     case 4:
       KTUNE_MLA_PARTIAL(4);

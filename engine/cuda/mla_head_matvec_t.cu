@@ -39,8 +39,8 @@ __device__ __forceinline__ float element(const uint8_t* __restrict__ row, int c)
 template <QuantType T>
 __global__ void __launch_bounds__(kThreads)
     head_matvec_t_kernel(const uint8_t* __restrict__ w, int64_t head_rows, int64_t row0, int rows,
-                         int cols, int64_t row_bytes, const float* __restrict__ x,
-                         int64_t x_stride, float* __restrict__ y, int64_t y_stride) {
+                         int cols, int64_t row_bytes, const float* __restrict__ x, int64_t x_stride,
+                         float* __restrict__ y, int64_t y_stride) {
   const int h = blockIdx.y;
   const int c = blockIdx.x * kThreads + threadIdx.x;
   if (c >= cols) return;
@@ -58,14 +58,14 @@ cudaError_t launch_head_matvec_t(QuantType type, const void* w, int64_t head_row
                                  int64_t x_stride, float* y, int64_t y_stride,
                                  cudaStream_t stream) {
   const bool quant = type == QuantType::Q8_0 || type == QuantType::Q4_0;
-  const bool ok_type = quant || type == QuantType::F32 || type == QuantType::F16 ||
-                       type == QuantType::BF16;
+  const bool ok_type =
+      quant || type == QuantType::F32 || type == QuantType::F16 || type == QuantType::BF16;
   const uintptr_t wa = reinterpret_cast<uintptr_t>(w);
   if (!ok_type || w == nullptr || x == nullptr || y == nullptr || rows < 1 ||
       rows > (int64_t{1} << 24) || row0 < 0 || head_rows < row0 + rows || heads < 1 ||
       heads > 65535 || cols < 1 || cols > (1 << 24) || (quant && cols % 32 != 0) ||
-      (type == QuantType::F32 ? (wa & 3u) != 0 : (wa & 1u) != 0) || x_stride < 0 ||
-      y_stride < 0 || (heads > 1 && y_stride < cols)) {
+      (type == QuantType::F32 ? (wa & 3u) != 0 : (wa & 1u) != 0) || x_stride < 0 || y_stride < 0 ||
+      (heads > 1 && y_stride < cols)) {
     return cudaErrorInvalidValue;
   }
   const int64_t rb = row_bytes(type, cols);

@@ -33,8 +33,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -89,7 +89,8 @@ std::vector<float> dequantize(QuantType t, const std::vector<uint8_t>& q, int64_
   const int64_t rb = row_bytes(t, cols);
   const int64_t rows = static_cast<int64_t>(q.size()) / rb;
   std::vector<float> out(static_cast<size_t>(rows * cols));
-  for (int64_t r = 0; r < rows; ++r) dequantize_row(t, q.data() + r * rb, out.data() + r * cols, cols);
+  for (int64_t r = 0; r < rows; ++r)
+    dequantize_row(t, q.data() + r * rb, out.data() + r * cols, cols);
   return out;
 }
 
@@ -101,8 +102,8 @@ TEST(CudaMla, RopeStoreMatchesCpuOps) {
   Rng rng;
   SCOPED_TRACE(rng.trace());
   const ModelConfig& c = *find_preset("tiny-deepseek");  // YaRN: all three frequency regimes
-  for (const auto& [nh, rank, rope, max_ctx] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{4, 64, 16, 64},
-                                                {128, 512, 64, 4096}}) {
+  for (const auto& [nh, rank, rope, max_ctx] :
+       {std::tuple<int64_t, int64_t, int64_t, int64_t>{4, 64, 16, 64}, {128, 512, 64, 4096}}) {
     ModelConfig cc = c;
     cc.rope_dim = rope;
     cc.kv_lora_rank = rank;
@@ -119,8 +120,8 @@ TEST(CudaMla, RopeStoreMatchesCpuOps) {
       cache.poison();
       qout.poison();
       ASSERT_EQ(cuda::launch_mla_rope_store(dkv.ptr(), dw.ptr(), 1e-6f, dq_.ptr(), dq, dn,
-                                            dfreq.ptr(), r.cos_sin_scale, pos.ptr(), nh, rank,
-                                            rope, max_ctx, cache.ptr(), qout.ptr(), lat, nullptr),
+                                            dfreq.ptr(), r.cos_sin_scale, pos.ptr(), nh, rank, rope,
+                                            max_ctx, cache.ptr(), qout.ptr(), lat, nullptr),
                 cudaSuccess);
       const auto gc = cache.download();
       const auto gq = qout.download();
@@ -307,10 +308,10 @@ void check_router(int64_t n, int64_t k, bool sigmoid, bool bias, int64_t groups,
     const std::vector<float> b = rng.normal(static_cast<size_t>(n), 0.05f);
     dl.upload(logits);
     db.upload(b);
-    ASSERT_EQ(cuda::launch_deepseek_router(dl.ptr(), n, k, sigmoid, bias ? db.ptr() : nullptr,
-                                           groups, groups_used, norm, scale, ids.ptr(), w.ptr(),
-                                           nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        cuda::launch_deepseek_router(dl.ptr(), n, k, sigmoid, bias ? db.ptr() : nullptr, groups,
+                                     groups_used, norm, scale, ids.ptr(), w.ptr(), nullptr),
+        cudaSuccess);
     cpu_ops::route_grouped(logits.data(), n, k, sigmoid, bias ? b.data() : nullptr, groups,
                            groups_used, norm, scale, scratch.data(), want_ids.data(),
                            want_w.data());
@@ -488,14 +489,16 @@ void check_exact_path(const ModelConfig& c, QuantType q, test::Split split, bool
     tok = toks[i];
   }
   EXPECT_LE(near_ties, 1);
-  std::printf("[DeepseekGpu %s] logits worst %.3g of max|logit|; greedy 16: %d same, %d near-ties\n",
-              tag.c_str(), worst, same, near_ties);
+  std::printf(
+      "[DeepseekGpu %s] logits worst %.3g of max|logit|; greedy 16: %d same, %d near-ties\n",
+      tag.c_str(), worst, same, near_ties);
 }
 
 TEST(DeepseekGpu, F32MatchesCpuEngineAllOnGpu) {
   KTUNE_REQUIRE_GPU();
   for (const ModelConfig& c : {v3_config(), v2_config()}) {
-    for (bool graph : {false, true}) check_exact_path(c, QuantType::F32, test::Split::AllOnGpu, graph);
+    for (bool graph : {false, true})
+      check_exact_path(c, QuantType::F32, test::Split::AllOnGpu, graph);
   }
 }
 
@@ -508,13 +511,12 @@ TEST(DeepseekGpu, Bf16MatchesCpuEngine) {
 TEST(DeepseekGpu, F32MatchesCpuEngineHybrid) {
   KTUNE_REQUIRE_GPU();
   for (const ModelConfig& c : {v3_config(), v2_config()}) {
-    for (test::Split s : {test::Split::EvenOnGpu, test::Split::AllOnCpu,
-                          test::Split::FirstHalfLayersOnGpu}) {
+    for (test::Split s :
+         {test::Split::EvenOnGpu, test::Split::AllOnCpu, test::Split::FirstHalfLayersOnGpu}) {
       for (bool graph : {false, true}) check_exact_path(c, QuantType::F32, s, graph);
     }
   }
-  check_exact_path(v3_config(), QuantType::F32, test::Split::EvenOnGpu, true,
-                   CpuHandoff::HostNode);
+  check_exact_path(v3_config(), QuantType::F32, test::Split::EvenOnGpu, true, CpuHandoff::HostNode);
 }
 
 // The Hugging Face fixture (tests/data/deepseek-v3-tiny-hf: F32, attn_kv_b kept whole) against
@@ -594,9 +596,9 @@ TEST(DeepseekGpu, GraphFusedUnfusedAndRunToRunBitIdentical) {
     for (test::Split s : {test::Split::AllOnGpu, test::Split::EvenOnGpu}) {
       SCOPED_TRACE(c.name + " " + test::split_name(s));
       const auto base = gpu_logits(m, gpu_opt(c, s, false));
-      for (const auto& [graph, kernel] :
-           {std::pair<bool, MoeKernel>{true, MoeKernel::Fused}, {false, MoeKernel::Unfused},
-            {true, MoeKernel::Unfused}}) {
+      for (const auto& [graph, kernel] : {std::pair<bool, MoeKernel>{true, MoeKernel::Fused},
+                                          {false, MoeKernel::Unfused},
+                                          {true, MoeKernel::Unfused}}) {
         const auto other = gpu_logits(m, gpu_opt(c, s, graph, kernel));
         for (size_t i = 0; i < base.size(); ++i) {
           EXPECT_EQ(std::memcmp(base[i].data(), other[i].data(), base[i].size() * 4), 0)

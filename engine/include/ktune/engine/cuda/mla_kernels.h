@@ -67,8 +67,7 @@ cudaError_t launch_head_matvec(QuantType type, const void* w, int64_t head_rows,
 // over dequantized rows). Types: F32, F16, BF16, Q8_0, Q4_0 (cols % 32 == 0 for the quants).
 cudaError_t launch_head_matvec_t(QuantType type, const void* w, int64_t head_rows, int64_t row0,
                                  int64_t rows, int64_t cols, int64_t heads, const float* x,
-                                 int64_t x_stride, float* y, int64_t y_stride,
-                                 cudaStream_t stream);
+                                 int64_t x_stride, float* y, int64_t y_stride, cudaStream_t stream);
 
 // Absorbed MLA attention of one token over the latent cache (mla_attention.cu):
 //   q:     [n_heads][q_stride] absorbed queries, lat = rank + rope values each (q_abs, then the
