@@ -67,7 +67,9 @@ __device__ __forceinline__ void norm_rope_head(float* v, const float* __restrict
 
 // kFuse: q / k_new are the raw projections, normalized and rotated here (q_norm, k_norm, eps,
 // inv_freq); else they are final and the norm arguments are unused.
-template <bool kFuse>
+// kBatch: sequence b = blockIdx.z reads q, k_new, v_new and pos at its own row, its cache at
+// b * seq_stride elements and its own workspace slice (launch_attention_decode_batch).
+template <bool kFuse, bool kBatch>
 __global__ void attn_decode_partial(const float* __restrict__ q, const float* __restrict__ k_new,
                                     const float* __restrict__ v_new, uint16_t* __restrict__ k_cache,
                                     uint16_t* __restrict__ v_cache, const int32_t* __restrict__ pos,
@@ -75,7 +77,19 @@ __global__ void attn_decode_partial(const float* __restrict__ q, const float* __
                                     float* __restrict__ ws_o, float* __restrict__ ws_ml,
                                     const float* __restrict__ q_norm,
                                     const float* __restrict__ k_norm, float eps,
-                                    const float* __restrict__ inv_freq) {
+                                    const float* __restrict__ inv_freq, int64_t seq_stride) {
+  if constexpr (kBatch) {
+    const int64_t b = blockIdx.z;
+    const int64_t n_heads = gridDim.x, n_kv = gridDim.x / group, ns = gridDim.y;
+    q += b * n_heads * hd;
+    k_new += b * n_kv * hd;
+    v_new += b * n_kv * hd;
+    k_cache += b * seq_stride;
+    v_cache += b * seq_stride;
+    pos += b;
+    ws_o += b * n_heads * ns * hd;
+    ws_ml += b * n_heads * ns * 2;
+  }
   extern __shared__ float smem[];
   float* qs = smem;           // hd
   float* kn = smem + hd;      // hd: this token's key (normalized and rotated when kFuse)
@@ -168,9 +182,18 @@ __global__ void attn_decode_partial(const float* __restrict__ q, const float* __
   }
 }
 
+template <bool kBatch>
 __global__ void attn_decode_combine(const int32_t* __restrict__ pos, int hd, int max_ctx,
                                     int nsplit, const float* __restrict__ ws_o,
                                     const float* __restrict__ ws_ml, float* __restrict__ out) {
+  if constexpr (kBatch) {  // sequence b = blockIdx.y
+    const int64_t b = blockIdx.y;
+    const int64_t n_heads = gridDim.x;
+    pos += b;
+    ws_o += b * n_heads * nsplit * hd;
+    ws_ml += b * n_heads * nsplit * 2;
+    out += b * n_heads * hd;
+  }
   const int h = blockIdx.x;
   const int P = *pos;
   float* oh = out + static_cast<int64_t>(h) * hd;
@@ -252,14 +275,28 @@ __device__ __forceinline__ void issue_kv_chunk(const uint16_t* __restrict__ k_ca
   detail::cp_async_commit();
 }
 
+// kBatch: sequence b = blockIdx.y (the cluster spans x only), as attn_decode_partial.
+template <bool kBatch>
 __global__ void __launch_bounds__(kMaxGroup * 32)
     attn_decode_cluster(const float* __restrict__ q_raw, const float* __restrict__ k_raw,
                         const float* __restrict__ v_new, const float* __restrict__ q_norm,
                         const float* __restrict__ k_norm, float eps,
                         const float* __restrict__ inv_freq, uint16_t* __restrict__ k_cache,
-                        uint16_t* __restrict__ v_cache, const int32_t* __restrict__ pos,
-                        int group, int hd, int max_ctx, float scale, float* __restrict__ out) {
+                        uint16_t* __restrict__ v_cache, const int32_t* __restrict__ pos, int group,
+                        int hd, int max_ctx, float scale, float* __restrict__ out,
+                        int64_t seq_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kBatch) {
+    const int64_t b = blockIdx.y;
+    const int64_t n_kv = gridDim.x / kClusterBlocks;
+    q_raw += b * n_kv * group * hd;
+    k_raw += b * n_kv * hd;
+    v_new += b * n_kv * hd;
+    out += b * n_kv * group * hd;
+    k_cache += b * seq_stride;
+    v_cache += b * seq_stride;
+    pos += b;
+  }
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   extern __shared__ float4 smem4[];
@@ -507,7 +544,10 @@ bool cluster_path_ok(int64_t n_heads, int64_t n_kv, int64_t head_dim) {
     const bool yes =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         major >= 9 &&
-        cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster),
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster<false>),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             cluster_smem(kMaxHd, kMaxGroup).total) == cudaSuccess &&
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(&attn_decode_cluster<true>),
                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                              cluster_smem(kMaxHd, kMaxGroup).total) == cudaSuccess;
     if (!yes) cudaGetLastError();
@@ -521,41 +561,79 @@ size_t attention_decode_workspace_bytes(int64_t n_heads, int64_t head_dim, int64
   return static_cast<size_t>(n_heads * n_splits(max_ctx) * (head_dim + 2)) * sizeof(float);
 }
 
+size_t attention_decode_batch_workspace_bytes(int64_t sequences, int64_t n_heads, int64_t head_dim,
+                                              int64_t max_ctx) {
+  return static_cast<size_t>(sequences) *
+         attention_decode_workspace_bytes(n_heads, head_dim, max_ctx);
+}
+
 namespace {
 
+bool attention_args_ok(int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t max_ctx) {
+  return n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0 && n_heads <= 65535 && head_dim > 0 &&
+         head_dim % 2 == 0 && head_dim <= 256 && max_ctx > 0 && max_ctx <= (int64_t{1} << 24);
+}
+
+// The two-launch path; batch > 0: `batch` sequences (grid z / y), else the single-sequence
+// kernels exactly as before.
+template <bool kBatch>
 cudaError_t attention_impl(const float* q, const float* k_new, const float* v_new,
                            uint16_t* k_cache, uint16_t* v_cache, const int32_t* pos,
                            int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t max_ctx,
                            void* workspace, float* out, const float* q_norm, const float* k_norm,
-                           float eps, const float* inv_freq, cudaStream_t stream) {
-  if (n_heads <= 0 || n_kv <= 0 || n_heads % n_kv != 0 || n_heads > 65535 || head_dim <= 0 ||
-      head_dim % 2 != 0 || head_dim > 256 || max_ctx <= 0 || max_ctx > (int64_t{1} << 24) ||
-      workspace == nullptr) {
+                           float eps, const float* inv_freq, int64_t batch, int64_t seq_stride,
+                           cudaStream_t stream) {
+  if (!attention_args_ok(n_heads, n_kv, head_dim, max_ctx) || workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
   const int64_t ns = n_splits(max_ctx);
   float* ws_o = static_cast<float*>(workspace);
-  float* ws_ml = ws_o + n_heads * ns * head_dim;
+  // Batched: each sequence's slice is laid out as one single-sequence workspace.
+  float* ws_ml = ws_o + n_heads * ns * head_dim * (kBatch ? batch : 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const size_t smem = static_cast<size_t>(2 * head_dim + kAttnChunk) * sizeof(float);
-  const dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>(ns));
+  const unsigned nb = kBatch ? static_cast<unsigned>(batch) : 1u;
+  const dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>(ns), nb);
   const int group = static_cast<int>(n_heads / n_kv);
   const int hd = static_cast<int>(head_dim);
   const int mc = static_cast<int>(max_ctx);
   if (q_norm != nullptr) {
-    attn_decode_partial<true><<<grid, kThreads, smem, stream>>>(
+    attn_decode_partial<true, kBatch><<<grid, kThreads, smem, stream>>>(
         q, k_new, v_new, k_cache, v_cache, pos, group, hd, mc, scale, ws_o, ws_ml, q_norm, k_norm,
-        eps, inv_freq);
+        eps, inv_freq, seq_stride);
   } else {
-    attn_decode_partial<false><<<grid, kThreads, smem, stream>>>(
-        q, k_new, v_new, k_cache, v_cache, pos, group, hd, mc, scale, ws_o, ws_ml, nullptr,
-        nullptr, 0.0f, nullptr);
+    attn_decode_partial<false, kBatch><<<grid, kThreads, smem, stream>>>(
+        q, k_new, v_new, k_cache, v_cache, pos, group, hd, mc, scale, ws_o, ws_ml, nullptr, nullptr,
+        0.0f, nullptr, seq_stride);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  attn_decode_combine<<<static_cast<unsigned>(n_heads), kThreads, 0, stream>>>(
+  attn_decode_combine<kBatch><<<dim3(static_cast<unsigned>(n_heads), nb), kThreads, 0, stream>>>(
       pos, hd, mc, static_cast<int>(ns), ws_o, ws_ml, out);
   return cudaGetLastError();
+}
+
+template <bool kBatch>
+cudaError_t launch_cluster(const float* q_raw, const float* k_raw, const float* v_new,
+                           const float* q_norm, const float* k_norm, float eps,
+                           const float* inv_freq, uint16_t* k_cache, uint16_t* v_cache,
+                           const int32_t* pos, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                           int64_t max_ctx, float* out, int64_t batch, int64_t seq_stride,
+                           cudaStream_t stream) {
+  const int group = static_cast<int>(n_heads / n_kv);
+  const int hd = static_cast<int>(head_dim);
+  return detail::launch_kernel(
+      &attn_decode_cluster<kBatch>,
+      dim3(static_cast<unsigned>(n_kv * kClusterBlocks), static_cast<unsigned>(batch)),
+      dim3(static_cast<unsigned>(32 * group)), static_cast<size_t>(cluster_smem(hd, group).total),
+      stream, kClusterBlocks, q_raw, k_raw, v_new, q_norm, k_norm, eps, inv_freq, k_cache, v_cache,
+      pos, group, hd, static_cast<int>(max_ctx), 1.0f / std::sqrt(static_cast<float>(head_dim)),
+      out, seq_stride);
+}
+
+bool batch_args_ok(int64_t batch, int64_t n_kv, int64_t head_dim, int64_t max_ctx,
+                   int64_t seq_stride) {
+  return batch >= 1 && batch <= 65535 && seq_stride >= n_kv * max_ctx * head_dim;
 }
 
 }  // namespace
@@ -565,8 +643,9 @@ cudaError_t launch_attention_decode(const float* q, const float* k_new, const fl
                                     int64_t n_heads, int64_t n_kv, int64_t head_dim,
                                     int64_t max_ctx, void* workspace, float* out,
                                     cudaStream_t stream) {
-  return attention_impl(q, k_new, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim, max_ctx,
-                        workspace, out, nullptr, nullptr, 0.0f, nullptr, stream);
+  return attention_impl<false>(q, k_new, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
+                               max_ctx, workspace, out, nullptr, nullptr, 0.0f, nullptr, 1, 0,
+                               stream);
 }
 
 cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float* k_raw,
@@ -578,19 +657,45 @@ cudaError_t launch_attention_decode_qknorm_rope(const float* q_raw, const float*
                                                 int64_t max_ctx, void* workspace, float* out,
                                                 cudaStream_t stream) {
   if (q_norm == nullptr || k_norm == nullptr || inv_freq == nullptr) return cudaErrorInvalidValue;
-  if (n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0 && n_heads <= 65535 && max_ctx > 0 &&
-      max_ctx <= (int64_t{1} << 24) && cluster_path_ok(n_heads, n_kv, head_dim)) {
-    const int group = static_cast<int>(n_heads / n_kv);
-    const int hd = static_cast<int>(head_dim);
-    return detail::launch_kernel(
-        &attn_decode_cluster, dim3(static_cast<unsigned>(n_kv * kClusterBlocks)),
-        dim3(static_cast<unsigned>(32 * group)),
-        static_cast<size_t>(cluster_smem(hd, group).total), stream, kClusterBlocks, q_raw, k_raw,
-        v_new, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, pos, group, hd,
-        static_cast<int>(max_ctx), 1.0f / std::sqrt(static_cast<float>(head_dim)), out);
+  if (attention_args_ok(n_heads, n_kv, head_dim, max_ctx) &&
+      cluster_path_ok(n_heads, n_kv, head_dim)) {
+    return launch_cluster<false>(q_raw, k_raw, v_new, q_norm, k_norm, eps, inv_freq, k_cache,
+                                 v_cache, pos, n_heads, n_kv, head_dim, max_ctx, out, 1, 0, stream);
   }
-  return attention_impl(q_raw, k_raw, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
-                        max_ctx, workspace, out, q_norm, k_norm, eps, inv_freq, stream);
+  return attention_impl<false>(q_raw, k_raw, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
+                               max_ctx, workspace, out, q_norm, k_norm, eps, inv_freq, 1, 0,
+                               stream);
+}
+
+cudaError_t launch_attention_decode_batch(const float* q, const float* k_new, const float* v_new,
+                                          uint16_t* k_cache, uint16_t* v_cache, int64_t seq_stride,
+                                          const int32_t* pos, int64_t batch, int64_t n_heads,
+                                          int64_t n_kv, int64_t head_dim, int64_t max_ctx,
+                                          void* workspace, float* out, cudaStream_t stream) {
+  if (!batch_args_ok(batch, n_kv, head_dim, max_ctx, seq_stride)) return cudaErrorInvalidValue;
+  return attention_impl<true>(q, k_new, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
+                              max_ctx, workspace, out, nullptr, nullptr, 0.0f, nullptr, batch,
+                              seq_stride, stream);
+}
+
+cudaError_t launch_attention_decode_qknorm_rope_batch(
+    const float* q_raw, const float* k_raw, const float* v_new, const float* q_norm,
+    const float* k_norm, float eps, const float* inv_freq, uint16_t* k_cache, uint16_t* v_cache,
+    int64_t seq_stride, const int32_t* pos, int64_t batch, int64_t n_heads, int64_t n_kv,
+    int64_t head_dim, int64_t max_ctx, void* workspace, float* out, cudaStream_t stream) {
+  if (q_norm == nullptr || k_norm == nullptr || inv_freq == nullptr ||
+      !batch_args_ok(batch, n_kv, head_dim, max_ctx, seq_stride)) {
+    return cudaErrorInvalidValue;
+  }
+  if (attention_args_ok(n_heads, n_kv, head_dim, max_ctx) &&
+      cluster_path_ok(n_heads, n_kv, head_dim)) {
+    return launch_cluster<true>(q_raw, k_raw, v_new, q_norm, k_norm, eps, inv_freq, k_cache,
+                                v_cache, pos, n_heads, n_kv, head_dim, max_ctx, out, batch,
+                                seq_stride, stream);
+  }
+  return attention_impl<true>(q_raw, k_raw, v_new, k_cache, v_cache, pos, n_heads, n_kv, head_dim,
+                              max_ctx, workspace, out, q_norm, k_norm, eps, inv_freq, batch,
+                              seq_stride, stream);
 }
 
 }  // namespace ktune::cuda

@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "ktune/engine/trace.h"
+#include "runtime/cpu_moe_batch.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -77,10 +78,19 @@ CpuExpertDriver::~CpuExpertDriver() {
   }
 }
 
-void CpuExpertDriver::arm(uint64_t seq) {
+void CpuExpertDriver::enable_batch(const BatchShared& shared, CpuMoeBatch* moe) {
+  std::lock_guard<std::mutex> lk(mu_);
+  batch_ = shared;
+  batch_moe_ = moe;
+  bsel_ids_.assign(static_cast<size_t>(shared.max_tokens * top_k_), 0);
+  bsel_w_.assign(static_cast<size_t>(shared.max_tokens * top_k_), 0.0f);
+  bsel_n_.assign(static_cast<size_t>(shared.max_tokens), 0);
+}
+
+void CpuExpertDriver::arm(uint64_t seq, int64_t tokens) {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    armed_.push_back(seq);
+    armed_.push_back({seq, tokens});
   }
   cv_.notify_one();
 }
@@ -114,7 +124,7 @@ void CpuExpertDriver::host_post(void* ctx) {
   {
     std::lock_guard<std::mutex> lk(self->mu_);
     if (self->armed_.empty()) return;  // cancelled or failed: the wait side times out cleanly
-    seq = self->armed_.front();
+    seq = self->armed_.front().seq;
   }
   c->seq = seq;
   store_release(&self->shared_.words[c->layer].request, seq);
@@ -175,6 +185,37 @@ int CpuExpertDriver::select_and_compute(const Layer& layer) {
   return n;
 }
 
+int CpuExpertDriver::select_and_compute_batch(const Layer& layer, int64_t tokens) {
+  if (batch_moe_ == nullptr || tokens > batch_.max_tokens) {
+    throw std::runtime_error("a batched step of " + std::to_string(tokens) +
+                             " tokens without (or beyond) the batch blocks");
+  }
+  int pairs = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    int n = 0;
+    for (int64_t j = 0; j < top_k_; ++j) {
+      const int32_t id = batch_.ids[t * top_k_ + j];
+      if (id < 0 || id >= n_experts_) {
+        throw std::runtime_error("layer " + std::to_string(layer.index) + ", sequence " +
+                                 std::to_string(t) + ": router chose expert " + std::to_string(id) +
+                                 " of " + std::to_string(n_experts_));
+      }
+      if ((*layer.slot)[static_cast<size_t>(id)] >= 0) continue;  // a GPU expert
+      bsel_ids_[static_cast<size_t>(t * top_k_ + n)] = id;
+      bsel_w_[static_cast<size_t>(t * top_k_ + n)] = batch_.wts[t * top_k_ + j];
+      ++n;
+    }
+    bsel_n_[static_cast<size_t>(t)] = n;
+    pairs += n;
+  }
+  if (pairs > 0) {
+    trace::Scope cpu_experts(trace::Phase::MoeCpu, static_cast<int32_t>(layer.index));
+    batch_moe_->compute(layer.index, tokens, batch_.h, bsel_ids_.data(), bsel_w_.data(),
+                        bsel_n_.data(), top_k_, batch_.y);
+  }
+  return pairs;
+}
+
 void CpuExpertDriver::fail(const std::string& what) {
   std::lock_guard<std::mutex> lk(mu_);
   if (error_.empty()) error_ = what;
@@ -183,6 +224,7 @@ void CpuExpertDriver::fail(const std::string& what) {
 void CpuExpertDriver::loop() {
   for (;;) {
     uint64_t seq = 0;
+    int64_t tokens = 0;
     trace::name_thread("cpu expert driver");
     {
       // Spin briefly (the next step usually follows at once), then sleep.
@@ -205,7 +247,8 @@ void CpuExpertDriver::loop() {
         cv_.wait(lk, [&] { return !armed_.empty() || stop_; });
       }
       if (stop_) return;
-      seq = armed_.front();
+      seq = armed_.front().seq;
+      tokens = armed_.front().tokens;
     }
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
@@ -229,7 +272,7 @@ void CpuExpertDriver::loop() {
       int n = 0;
       try {
         if (test_stall_.count() > 0) std::this_thread::sleep_for(test_stall_);
-        n = select_and_compute(layer);
+        n = tokens > 0 ? select_and_compute_batch(layer, tokens) : select_and_compute(layer);
       } catch (const std::exception& e) {
         fail(std::string("CPU experts: ") + e.what());
         n = 0;

@@ -17,6 +17,11 @@
 // order and drops a step from the queue before publishing its last layer, so the host-node
 // callbacks can read the running step's seq as the queue's front.
 //
+// Batched steps (GpuEngine::decode_batch, B tokens): armed with their token count, they use a
+// second routing block (enable_batch: B normed states, B top-k lists) and y block (B sums),
+// computed by CpuMoeBatch (experts grouped over the tokens); the words and the protocol are the
+// same. n_cpu is then the number of (token, CPU expert) pairs.
+//
 // Two ways to publish a request (GpuEngineOptions::cpu_handoff):
 //   flags      the GPU kernel launch_handoff_signal writes the request word;
 //   host_node  a cudaLaunchHostFunc callback (host_post) writes it, and a second one (host_wait)
@@ -40,6 +45,8 @@
 
 namespace ktune {
 
+class CpuMoeBatch;
+
 class CpuExpertDriver {
  public:
   struct Shared {               // host views of the mapped block
@@ -53,6 +60,14 @@ class CpuExpertDriver {
   struct Layer {
     int64_t index;                     // model layer
     const std::vector<int32_t>* slot;  // expert id -> GPU slot, -1 = CPU expert
+  };
+  struct BatchShared {   // host views of the batched steps' blocks (mapped memory)
+    const float* h;      // [max_tokens][hidden] normed hidden states
+    const int32_t* ids;  // [max_tokens][top_k]
+    const float* wts;    // [max_tokens][top_k]
+    float* y;            // [max_tokens][hidden] CPU experts' sums (zeros: no CPU expert)
+    int64_t hidden;
+    int64_t max_tokens;
   };
 
   // Error codes written to *Shared::error: kErrorTimeoutBase + layer from the GPU's wait kernel,
@@ -68,8 +83,13 @@ class CpuExpertDriver {
   CpuExpertDriver(const CpuExpertDriver&) = delete;
   CpuExpertDriver& operator=(const CpuExpertDriver&) = delete;
 
-  // The host is about to launch the step whose seq is `seq` (epoch << 32 | position).
-  void arm(uint64_t seq);
+  // Batched steps: their blocks and the grouped CPU MoE (both must outlive the driver). Call
+  // before the first batched arm().
+  void enable_batch(const BatchShared& shared, CpuMoeBatch* moe);
+
+  // The host is about to launch the step whose seq is `seq` (epoch << 32 | position); tokens > 0:
+  // a batched step of that many tokens (enable_batch), 0: a single-token step.
+  void arm(uint64_t seq, int64_t tokens = 0);
   // The host could not launch the armed steps: forget them.
   void cancel();
   // Once the stream is synchronised: waits (bounded) until every armed step is processed, and
@@ -91,6 +111,7 @@ class CpuExpertDriver {
   // Spins until *word == seq; false on timeout, stop, or (until_cancelled) an empty queue.
   bool wait_word(const uint64_t* word, uint64_t seq, bool until_cancelled);
   int select_and_compute(const Layer& layer);  // returns n CPU experts (throws)
+  int select_and_compute_batch(const Layer& layer, int64_t tokens);  // returns pairs (throws)
   void fail(const std::string& what);
 
   CpuMoe& moe_;
@@ -102,11 +123,19 @@ class CpuExpertDriver {
   std::chrono::milliseconds test_stall_{0};  // KTUNE_TEST_HANDOFF_STALL_MS (tests only)
   std::vector<int32_t> sel_ids_;
   std::vector<float> sel_w_;
+  BatchShared batch_{};
+  CpuMoeBatch* batch_moe_ = nullptr;
+  std::vector<int32_t> bsel_ids_, bsel_n_;  // [max_tokens][top_k], [max_tokens]
+  std::vector<float> bsel_w_;
 
+  struct Armed {
+    uint64_t seq;
+    int64_t tokens;  // 0: single-token step
+  };
   std::mutex mu_;
   std::condition_variable cv_;       // armed steps / stop, for the driver
   std::condition_variable idle_cv_;  // queue drained, for finish()
-  std::deque<uint64_t> armed_;
+  std::deque<Armed> armed_;
   bool stop_ = false;
   std::string error_;
   // KTUNE_HANDOFF_STATS=1: time spent waiting for the GPU's requests and computing, printed to

@@ -13,13 +13,14 @@
 
 #include "cuda/cpu_expert_driver.h"
 #include "cuda/gpu_engine_deepseek.h"
+#include "cuda/gpu_engine_batch.h"
 #include "cuda/gpu_engine_impl.h"
 #include "cuda/gpu_engine_prefill.h"
 #include "cuda/gpu_pipeline.h"
-#include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_weight_types.h"
+#include "ktune/engine/gpu_stages.h"
 #include "ktune/engine/trace.h"
 
 namespace ktune {
@@ -108,6 +109,17 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     throw Error("gpu engine", "max_context " + std::to_string(max_ctx) + " out of range",
                 "use 1..16777216", ErrorKind::Usage);
   }
+  max_seq = opt.max_sequences;
+  if (max_seq < 1 || max_seq > kMaxGpuSequences) {
+    throw Error("gpu engine", "max_sequences " + std::to_string(max_seq) + " out of range",
+                "use 1.." + std::to_string(kMaxGpuSequences), ErrorKind::Usage);
+  }
+  if (max_seq > 1 && (lb != 0 || le != layers || spec.device != 0)) {
+    throw Error("gpu engine",
+                std::to_string(max_seq) + " concurrent sequences on a layer split over GPUs",
+                "decode several sequences on one GPU (cuda:0) for now", ErrorKind::Usage);
+  }
+  seq_pos.assign(static_cast<size_t>(max_seq), 0);
   if (static_cast<int64_t>(w.layers.size()) != layers) {
     throw Error("gpu engine",
                 "model has " + std::to_string(w.layers.size()) + " layers, config " +
@@ -264,8 +276,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     }
   }
 
-  // ---- KV cache, activations, workspace: one arena ----
-  const size_t kv_bytes = static_cast<size_t>(n_kv * max_ctx * hd) * sizeof(uint16_t);
+  // ---- KV cache (one region per sequence), activations, workspace: one arena ----
+  kv_seq_elems = n_kv * max_ctx * hd;
+  const size_t kv_bytes = static_cast<size_t>(kv_seq_elems * max_seq) * sizeof(uint16_t);
   const size_t ws_bytes = cuda::attention_decode_workspace_bytes(n_heads, hd, max_ctx);
   const size_t f = sizeof(float);
   size_t work = 2 * static_cast<size_t>(le - lb) * align_up(kv_bytes) + align_up(ws_bytes);
@@ -282,8 +295,8 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   work_arena = cuda::DeviceArena(work, "gpu engine workspace");
   for (int64_t l = lb; l < le; ++l) {
     DevLayer& d = L[static_cast<size_t>(l)];
-    d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
-    d.v_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
+    d.k_seq0 = d.k_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
+    d.v_seq0 = d.v_cache = static_cast<uint16_t*>(work_arena.alloc(kv_bytes));
   }
   attn_ws = work_arena.alloc(std::max<size_t>(ws_bytes, 1));
   auto fl = [&](int64_t n) { return work_arena.alloc_n<float>(static_cast<size_t>(n)); };
@@ -366,8 +379,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     sel_w.resize(static_cast<size_t>(top_k));
     ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
     // The host-driven unfused step (no graph) computes CPU experts on the calling thread; every
-    // other hybrid step hands them to the driver thread.
-    if (opt.moe_kernel == MoeKernel::Fused || opt.cuda_graph) {
+    // other hybrid step (batched steps too) hands them to the driver thread.
+    single_handoff = opt.moe_kernel == MoeKernel::Fused || opt.cuda_graph;
+    if (single_handoff || max_seq > 1) {
       std::vector<CpuExpertDriver::Layer> hl;
       for (int64_t l = 0; l < layers; ++l) {
         if (L[static_cast<size_t>(l)].n_cpu_experts > 0) {
@@ -393,6 +407,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     }
   }
   prefill_setup(w);  // prefill: its workspace arena, staging, pinned host ranges
+  if (max_seq > 1) batch_setup(w);  // batched decode: its arena, mapped blocks, CpuMoeBatch
 }
 
 GpuEngine::Impl::~Impl() {
@@ -400,6 +415,7 @@ GpuEngine::Impl::~Impl() {
   // (it reads the mapped block and runs CpuMoe) when their memory goes.
   cudaStreamSynchronize(stream);
   driver.reset();
+  batch_state.reset();  // its graphs and mapped blocks (the driver that read them is gone)
   if (graph_exec) cudaGraphExecDestroy(graph_exec);
   if (graph) cudaGraphDestroy(graph);
   if (h_token) cudaFreeHost(h_token);
@@ -412,11 +428,12 @@ void GpuEngine::Impl::run_step() {
                 "raise max_context or reset()");
   }
   trace::Scope step(trace::Phase::DecodeStep, 1);
-  if (driver) driver->arm(step_seq());
+  const bool arm = driver && single_handoff;
+  if (arm) driver->arm(step_seq());
   try {
     launch_step();
   } catch (...) {
-    if (driver) driver->cancel();
+    if (arm) driver->cancel();
     throw;
   }
   ++host_pos;
@@ -523,6 +540,8 @@ void GpuEngine::reset() {
   if (pipe_) return pipe_->reset();
   Impl& m = *impl_;
   m.sync();
+  std::fill(m.seq_pos.begin(), m.seq_pos.end(), 0);
+  m.single_pos_stale = false;
   // A new epoch: hand-off words left from before never match the new steps' seq.
   ++m.host_epoch;
   KTUNE_CUDA_CHECK(
@@ -541,6 +560,7 @@ void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
   if (ds_) return ds_->decode(token, logits);
   if (pipe_) return pipe_->decode(token, logits);
   Impl& m = *impl_;
+  m.sync_single_pos();
   m.set_token(token);
   m.run_step();
   if (logits) {
@@ -564,6 +584,7 @@ std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) 
                     std::to_string(m.max_ctx),
                 "raise max_context or reset()");
   }
+  m.sync_single_pos();
   const int64_t p0 = m.host_pos;
   m.set_token(first_token);
   for (int64_t i = 0; i < n; ++i) m.run_step();
@@ -583,7 +604,8 @@ int64_t GpuEngine::device_bytes() const {
   if (ds_) return ds_->device_bytes();
   if (pipe_) return pipe_->device_bytes();
   return static_cast<int64_t>(impl_->weights_arena.capacity() + impl_->work_arena.capacity() +
-                              impl_->prefill_state->arena.capacity());  // prefill
+                              impl_->prefill_state->arena.capacity() +  // prefill
+                              (impl_->batch_state ? impl_->batch_state->arena.capacity() : 0));
 }
 
 std::string GpuEngine::describe() const {
@@ -608,7 +630,7 @@ std::string GpuEngine::describe() const {
          " experts on cpu (" + std::to_string(m.pool->size()) + " threads, workers on cpus " +
          (cpus.empty() ? "-" : cpus) +
          (unpinned > 0 ? " + " + std::to_string(unpinned) + " unpinned" : "") + ", handoff " +
-         (m.driver ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread") + ")";
+         (m.single_handoff ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread") + ")";
   }
   return s;
 }

@@ -3,6 +3,7 @@
 //   gpu_engine_decode.cpp   the decode step's launches (fused step, legacy step)
 //   gpu_engine_moe.cpp      the MoE of a layer: fused, unfused, CPU experts and their hand-off
 //   gpu_engine_prefill.cpp  batched prefill (state: gpu_engine_prefill.h)
+//   gpu_engine_batch.cpp    concurrent sequences: batched decode steps (state: gpu_engine_batch.h)
 // Private to the engine: nothing outside engine/cuda includes it.
 #pragma once
 
@@ -23,6 +24,7 @@
 namespace ktune {
 
 struct PrefillState;  // gpu_engine_prefill.h
+struct BatchState;    // gpu_engine_batch.h
 
 namespace gpu_detail {
 
@@ -47,8 +49,11 @@ struct DevLayer {
   int64_t n_cpu_experts = 0;
   const int32_t* slot_map = nullptr;
   std::vector<int32_t> host_slot;  // the same map on the host (unfused path); empty: slot = id
+  // The current sequence's cache; sequence s's starts s * Impl::kv_seq_elems after k_seq0.
   uint16_t* k_cache = nullptr;
   uint16_t* v_cache = nullptr;
+  uint16_t* k_seq0 = nullptr;
+  uint16_t* v_seq0 = nullptr;
 };
 
 inline void check_launch(cudaError_t err, const char* what) {
@@ -172,6 +177,35 @@ struct GpuEngine::Impl {
   uint64_t step_seq() const;  // seq of the step at host_pos
   void sync();                // stream sync + hand-off errors -> ktune::Error
   void set_token(int32_t t);
+
+  // Concurrent sequences (gpu_engine_batch.cpp). host_pos is the current sequence's position;
+  // seq_pos[s] the others' (seq_pos[cur_seq] is stale while it is current). The device `pos`
+  // word serves the single-sequence steps of the current sequence and is re-uploaded before one
+  // when a batched step or set_sequence moved it (single_pos_stale).
+  int64_t max_seq = 1;
+  int64_t kv_seq_elems = 0;  // fp16 elements of one sequence's K (or V) cache of one layer
+  int64_t cur_seq = 0;
+  std::vector<int64_t> seq_pos;
+  bool single_pos_stale = false;
+  // The single-sequence steps hand CPU experts to the driver (fused, or any step in a graph);
+  // the driver may also exist for batched steps alone.
+  bool single_handoff = false;
+  std::unique_ptr<BatchState> batch_state;
+  int64_t& seq_position(int64_t s) {
+    return s == cur_seq ? host_pos : seq_pos[static_cast<size_t>(s)];
+  }
+  int64_t seq_position(int64_t s) const {
+    return s == cur_seq ? host_pos : seq_pos[static_cast<size_t>(s)];
+  }
+  void select_sequence(int64_t s);  // sync, switch caches and position (gpu_engine_batch.cpp)
+  void sync_single_pos();           // re-uploads host_pos to `pos` when stale
+  void batch_setup(const ModelWeights& w);
+  void enqueue_batch_step(int64_t n);
+  void batch_moe(const DevLayer& d, int64_t l, int64_t n);
+  void launch_batch_step(int64_t n);  // its graph for n sequences (captured once) or eager
+  void run_batch_step(int64_t n);     // arms the driver, launches, advances the positions
+  void batch_upload(const int32_t* tokens, int64_t n);  // tokens and every position
+  uint64_t batch_seq() const;
 
   // prefill: the batched prefill's state and steps (gpu_engine_prefill.{h,cpp}); set up at the
   // end of the constructor.

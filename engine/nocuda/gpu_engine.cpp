@@ -24,6 +24,14 @@ int64_t GpuEngine::position() const { return 0; }
 void GpuEngine::decode(int32_t, std::vector<float>*) {}
 void GpuEngine::prefill(const int32_t*, int64_t, std::vector<float>*) {}
 std::vector<int32_t> GpuEngine::generate_greedy(int32_t, int64_t) { return {}; }
+int64_t GpuEngine::max_sequences() const { return 1; }
+void GpuEngine::set_sequence(int64_t) {}
+int64_t GpuEngine::sequence() const { return 0; }
+int64_t GpuEngine::position(int64_t) const { return 0; }
+void GpuEngine::decode_batch(const int32_t*, int64_t, std::vector<float>*) {}
+std::vector<int32_t> GpuEngine::generate_greedy_batch(const int32_t*, int64_t, int64_t) {
+  return {};
+}
 const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
 int64_t GpuEngine::device_bytes() const { return 0; }
 std::string GpuEngine::describe() const { return "no CUDA"; }

@@ -180,6 +180,26 @@ int64_t prefill_workspace_bytes(const ModelConfig& c, int64_t tokens) {
          + al(8 * 3 * e * c.n_layers);                // per-expert matrix pointers
 }
 
+int64_t batch_decode_workspace_bytes(const ModelConfig& c, int64_t sequences, int64_t context) {
+  auto al = [](int64_t b) { return (b + 255) / 256 * 256; };  // arena slices are 256-aligned
+  const int64_t s = sequences, h = c.hidden, e = c.n_experts, k = c.n_experts_used;
+  const int64_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  const int64_t pairs = s * k;
+  const int64_t tiles = pairs / kPrefillTileRows + e;
+  const int64_t splits = (context + kAttnDecodeChunk - 1) / kAttnDecodeChunk;
+  return al(4 * 2 * s) + al(4 * s * context) + al(4)         // tokens + positions, history, step
+         + al(4 * s * h) + al(2 * s * h) + al(4 * s * h)     // residual, fp16 and f32 normed input
+         + al(4 * s * q) + 2 * al(4 * s * kv)                // q, k, v projections
+         + al(4 * s * q) + al(2 * s * q)                     // attention output (f32, fp16)
+         + al(4 * s * e) + 3 * al(4 * pairs)                 // router logits, ids, weights, GPU ids
+         + 2 * al(4 * pairs) + al(16 * tiles) + al(4)        // grouping: tokens, positions, tiles
+         + al(2 * pairs * c.expert_ffn) + al(4 * pairs * h)  // SwiGLU output, expert outputs
+         + al(4 * s * h)                                     // CPU experts' sums
+         + al(4 * s * c.vocab)                               // logits
+         + al(8 * 3 * e * c.n_layers) + al(4 * e)            // matrix pointers, all-CPU slot map
+         + al(4 * s * c.n_heads * splits * (c.head_dim + 2));  // attention workspace
+}
+
 MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
                        const Budgets& budgets, const PlanOptions& opt) {
   if (!p.resolved() || p.n_layers() != cfg.n_layers || p.n_experts() != cfg.n_experts ||
@@ -192,6 +212,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
   }
   MemoryPlan plan;
   plan.budgets = budgets;
+  plan.batch = p.runtime.batch;
   // NUMA: a placement that names nodes counts each cpu:N in its own pool (docs/placement.md).
   const bool per_node = !placement_numa_nodes(p).empty();
   auto pool_of = [per_node](const Device& d) {
@@ -258,6 +279,10 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const P
     const bool batched_prefill = gpu && u.attention && !cfg.is_deepseek2();
     if (batched_prefill) act = std::max(act, prefill_workspace_bytes(cfg, opt.prefill_chunk));
     ws += act;
+    // Concurrent sequences: the batched decode step's own state, beside the prefill's.
+    if (gpu && u.attention && rt.batch > 1) {
+      ws += batch_decode_workspace_bytes(cfg, rt.batch, rt.context);
+    }
     if (u.attention) ws += 4 * cfg.n_heads * rt.context * rt.batch;  // a row of scores per head
     if (gpu && u.attention && cfg.is_deepseek2()) {
       // The MLA attention's split partial sums (mla_attention_workspace_bytes: up to 64 spans of
@@ -373,8 +398,11 @@ void check_fits(const MemoryPlan& plan) {
     throw Error(name,
                 "the plan needs " + gib(u.total, dec) + " GiB (" + parts + ") but the budget is " +
                     gib(u.budget, dec) + " GiB",
-                "put fewer experts on " + name + ", lower runtime.context, or raise " +
-                    (gpu ? "--gpu-mem" : "--cpu-mem"));
+                "put fewer experts on " + name + ", lower runtime.context" +
+                    (plan.batch > 1 ? " or the batch (runtime.batch " + std::to_string(plan.batch) +
+                                          ", --batch)"
+                                    : std::string()) +
+                    ", or raise " + (gpu ? "--gpu-mem" : "--cpu-mem"));
   }
 }
 

@@ -19,6 +19,7 @@
 #include "ktune/engine/cpu_moe.h"
 #include "ktune/engine/model.h"
 #include "ktune/engine/thread_pool.h"
+#include "runtime/cpu_moe_batch.h"
 
 namespace ktune {
 namespace {
@@ -214,6 +215,88 @@ TEST(CpuExpertDriver, StallsEndInErrorsNotHangs) {
     const std::string e = driver.finish();
     EXPECT_NE(e.find("router chose expert -7"), std::string::npos) << e;
   }
+}
+
+// Batched steps (GpuEngine::decode_batch): the "GPU" writes B tokens' routing into the batch
+// blocks; the driver's per-token sums equal CpuMoe's over each token's CPU experts, n_cpu counts
+// the (token, CPU expert) pairs, and single-token steps still work between batched ones.
+TEST(CpuExpertDriver, BatchedStepsGiveCpuMoeSumsPerToken) {
+  const ModelWeights& m = tiny();
+  Fixture f(m);
+  const int64_t T = 5;
+  ThreadPool pool(2, false);
+  CpuMoe moe(m, pool);
+  CpuMoeBatch batch_moe(m, pool, T, f.top_k);
+  ThreadPool ref_pool(1, false);
+  CpuMoe ref(m, ref_pool);
+  std::vector<float> bh(static_cast<size_t>(T * f.hidden)), bw(static_cast<size_t>(T * f.top_k));
+  std::vector<float> by(static_cast<size_t>(T * f.hidden));
+  std::vector<int32_t> bids(static_cast<size_t>(T * f.top_k));
+  CpuExpertDriver driver(moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
+                         std::chrono::milliseconds(5000));
+  driver.enable_batch({bh.data(), bids.data(), bw.data(), by.data(), f.hidden, T}, &batch_moe);
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd;
+  uint32_t step = 0x40000000u;
+  for (int round = 0; round < 2; ++round) {
+    for (int64_t n : {int64_t{T}, int64_t{2}}) {
+      const uint64_t seq = (uint64_t{1} << 32) | step++;
+      driver.arm(seq, n);
+      for (int64_t l = 0; l < f.layers; ++l) {
+        for (float& v : bh) v = nd(gen);
+        for (int64_t t = 0; t < n; ++t) {
+          std::vector<int32_t> all(static_cast<size_t>(f.n_exp));
+          for (int64_t e = 0; e < f.n_exp; ++e) all[static_cast<size_t>(e)] = int32_t(e);
+          std::shuffle(all.begin(), all.end(), gen);
+          std::sort(all.begin(), all.begin() + f.top_k);
+          for (int64_t j = 0; j < f.top_k; ++j) {
+            bids[static_cast<size_t>(t * f.top_k + j)] = all[static_cast<size_t>(j)];
+            bw[static_cast<size_t>(t * f.top_k + j)] = 0.3f + 0.1f * static_cast<float>(j + t);
+          }
+        }
+        __atomic_store_n(&f.words[static_cast<size_t>(l)].request, seq, __ATOMIC_RELEASE);
+        ASSERT_TRUE(
+            wait_for(&f.words[static_cast<size_t>(l)].done, seq, std::chrono::milliseconds(5000)))
+            << "batch of " << n << ", layer " << l;
+        uint32_t pairs = 0;
+        for (int64_t t = 0; t < n; ++t) {
+          std::vector<int32_t> cpu_ids;
+          std::vector<float> cpu_w;
+          for (int64_t j = 0; j < f.top_k; ++j) {
+            const int32_t id = bids[static_cast<size_t>(t * f.top_k + j)];
+            if (id % 2 == 1) {
+              cpu_ids.push_back(id);
+              cpu_w.push_back(bw[static_cast<size_t>(t * f.top_k + j)]);
+            }
+          }
+          pairs += static_cast<uint32_t>(cpu_ids.size());
+          if (cpu_ids.empty()) continue;
+          std::vector<float> want(static_cast<size_t>(f.hidden));
+          ref.compute(l, bh.data() + t * f.hidden, cpu_ids.data(), cpu_w.data(),
+                      static_cast<int>(cpu_ids.size()), want.data());
+          EXPECT_EQ(std::memcmp(want.data(), by.data() + t * f.hidden, want.size() * 4), 0)
+              << "batch of " << n << ", layer " << l << ", token " << t;
+        }
+        EXPECT_EQ(f.words[static_cast<size_t>(l)].n_cpu, pairs);
+      }
+    }
+    // A single-token step between batched ones: the single blocks.
+    const uint64_t seq = (uint64_t{2} << 32) | static_cast<uint32_t>(round);
+    driver.arm(seq);
+    for (int64_t l = 0; l < f.layers; ++l) {
+      for (float& v : f.h) v = nd(gen);
+      f.ids[0] = 1;
+      f.ids[1] = 4;
+      f.wts[0] = 0.6f;
+      f.wts[1] = 0.4f;
+      __atomic_store_n(&f.words[static_cast<size_t>(l)].request, seq, __ATOMIC_RELEASE);
+      ASSERT_TRUE(
+          wait_for(&f.words[static_cast<size_t>(l)].done, seq, std::chrono::milliseconds(5000)));
+      EXPECT_EQ(f.words[static_cast<size_t>(l)].n_cpu, 1u);
+    }
+  }
+  EXPECT_EQ(driver.finish(), "");
+  EXPECT_EQ(f.error, 0u);
 }
 
 }  // namespace

@@ -175,8 +175,10 @@ TEST(MemoryPlan, LayerSplitAndRuntimeTerms) {
   EXPECT_EQ(g.weights, 24 * 128 * kExpert + 48 * kAttentionLayer + kEmbedding + kHead);
   EXPECT_EQ(g.kv_cache, kKvGpu * 8 * 2);  // 8x context, 2 sequences
   EXPECT_EQ(g.graph_pool, 0);
+  // With 2 sequences the GPU adds the batched decode step's state.
   EXPECT_EQ(g.workspace, kAttnAct + 4 * 32 * 32768 * 2 + kExpertAct + 2 * kLogits +
-                             ktune::kGpuContextReserve + 2 * 128 * kExpert);
+                             ktune::kGpuContextReserve + 2 * 128 * kExpert +
+                             ktune::batch_decode_workspace_bytes(qwen(), 2, 32768));
   EXPECT_EQ(plan.per_device.at("cpu").weights, 24 * 128 * kExpert);
 
   // Attention on the CPU: K and V in f32 there; no graph pool, no GPU reserve.

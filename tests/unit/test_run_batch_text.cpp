@@ -1,6 +1,7 @@
 // `ktune run --batch` and `--prompt TEXT`, `ktune tokenize`: the KV cache planned per sequence,
-// the expected distinct experts of a batch, GPU placements refusing batches, text generation on
-// the synthetic vocabulary and on a GGUF's own, and tokenizer errors naming the GGUF key.
+// the expected distinct experts of a batch, layer splits over GPUs refusing batches, batch lists,
+// text generation on the synthetic vocabulary and on a GGUF's own, and tokenizer errors naming
+// the GGUF key.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "ktune/engine/error.h"
 #include "ktune/engine/gguf.h"
 #include "ktune/engine/memory_plan.h"
 #include "ktune/engine/placement.h"
@@ -60,12 +62,19 @@ TEST(RunBatchCli, BadBatchesAreUsageOrRuntimeErrors) {
   auto r = run_ktune({"run", "--batch", "33", "-p", "4", "-n", "4", "--no-probe"});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_NE(r.err.find("--batch"), std::string::npos) << r.err;
-  // GPU placements decode one sequence: refused before the plan is checked (no GPU needed).
-  r = run_ktune({"run", "--batch", "2", "--experts-on-gpu", "0", "-p", "4", "-n", "4"});
+  r = run_ktune({"run", "--batch", "1,33", "-p", "4", "-n", "4", "--no-probe"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("33 is not 1..32"), std::string::npos) << r.err;
+  // A layer split over GPUs decodes one sequence: refused before the plan is checked (no GPU
+  // needed); one GPU takes the batch (here: no GPU, so the device check refuses it).
+  r = run_ktune({"run", "--batch", "2", "--gpus", "2", "-p", "4", "-n", "4"});
   EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_NE(r.err.find("batch 2: the hybrid engine decodes one sequence at a time"),
+  EXPECT_NE(r.err.find("batch 2: the gpu engine decodes several sequences on cuda:0 alone"),
             std::string::npos)
       << r.err;
+  r = run_ktune({"run", "--batch", "2", "--experts-on-gpu", "0", "-p", "4", "-n", "4"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(r.err.find("decodes several sequences"), std::string::npos) << r.err;
   // deepseek2 (MLA) batches too.
   r = run_ktune({"run", "--model", "synth:tiny-deepseek", "--batch", "2", "-p", "4", "-n", "4",
                  "--no-probe", "-r", "1", "-t", "2"});
@@ -82,6 +91,73 @@ TEST(RunBatchCli, BatchedBenchmarkReportsAggregateAndPerSequence) {
   const double per = j.at("decode_tok_s_per_sequence").at("mean");
   EXPECT_GT(per, 0.0);
   EXPECT_NEAR(agg, 3 * per, 1e-6 * agg);
+}
+
+TEST(RunBatchCli, BatchListGivesRowsPerBatch) {
+  const auto r = run_ktune({"run", "--batch", "1,3", "-p", "4", "-n", "4", "-r", "1", "-t", "2",
+                            "--no-probe", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("batches"), nlohmann::json::array({1, 3}));
+  const auto& runs = j.at("runs");
+  ASSERT_EQ(runs.size(), 2u);
+  EXPECT_EQ(runs[0].at("batch"), 1);
+  EXPECT_EQ(runs[1].at("batch"), 3);
+  // Prefill is measured once per thread count (with the first batch).
+  EXPECT_EQ(runs[0].at("prefill_tok_s").at("samples").size(), 1u);
+  EXPECT_EQ(runs[1].at("prefill_tok_s").at("samples").size(), 0u);
+  const double agg = runs[1].at("decode_tok_s").at("mean");
+  const double per = runs[1].at("decode_tok_s_per_sequence").at("mean");
+  EXPECT_NEAR(agg, 3 * per, 1e-6 * agg);
+  // The table: a tg row per batch, the batched one with its per-sequence row.
+  const auto t = run_ktune(
+      {"run", "--batch", "1,3", "-p", "0", "-n", "4", "-r", "1", "-t", "2", "--no-probe"});
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  EXPECT_NE(t.out.find(" tg4 |"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("tg4 x3 /seq"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("# batch: 3 sequences"), std::string::npos) << t.out;
+  // Text generation takes one batch size.
+  const auto g = run_ktune({"run", "--prompt", "Hi", "--batch", "1,2", "-n", "2"});
+  EXPECT_EQ(g.exit_code, 2) << g.err;
+}
+
+TEST(BatchPlan, GpuKvCacheAndBatchWorkspacePerSequenceAndRefusal) {
+  const ktune::ModelConfig& q = *ktune::find_preset("qwen3-30b-a3b");
+  auto p = ktune::make_uniform_placement(q, Device::cuda(0), Device::cuda(0));
+  p.runtime.context = 4096;
+  p.runtime.batch = 1;
+  const auto one = ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, no_budgets());
+  p.runtime.batch = 32;
+  const auto many = ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, no_budgets());
+  // f16 K and V on the GPU: 48 layers x 2 x 4096 positions x 4 kv heads x 128 x 2 bytes each.
+  const int64_t per_seq = int64_t{48} * 2 * 4096 * 4 * 128 * 2;
+  const auto& g1 = one.per_device.at("cuda:0");
+  const auto& g32 = many.per_device.at("cuda:0");
+  EXPECT_EQ(g1.kv_cache, per_seq);
+  EXPECT_EQ(g32.kv_cache, 32 * per_seq);  // 12 GiB
+  EXPECT_EQ(g32.weights, g1.weights);
+  // The batched decode state (the engine's arena, by the same formula) is counted on top.
+  const int64_t bw = ktune::batch_decode_workspace_bytes(q, 32, 4096);
+  EXPECT_GT(bw, 32 * 4 * q.vocab);  // at least the logits
+  EXPECT_GE(g32.workspace - g1.workspace, bw);
+  EXPECT_GT(bw, ktune::batch_decode_workspace_bytes(q, 16, 4096));
+  // A batch that does not fit is refused naming the device, the need and the budget (and the
+  // batch in the advice); the same placement with one sequence fits.
+  ktune::Budgets b;
+  b.bytes["cuda:0"] = 24 * ktune::kGiB;
+  p.runtime.batch = 1;
+  EXPECT_NO_THROW(ktune::check_fits(ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, b)));
+  p.runtime.batch = 32;
+  try {
+    ktune::check_fits(ktune::plan_memory(q, QuantType::Q4_0, QuantType::Q4_0, p, b));
+    FAIL() << "a batch of 32 fits 24 GiB";
+  } catch (const ktune::Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("cuda:0: the plan needs"), std::string::npos) << m;
+    EXPECT_NE(m.find("KV cache 12.0"), std::string::npos) << m;
+    EXPECT_NE(m.find("but the budget is 24.0 GiB"), std::string::npos) << m;
+    EXPECT_NE(m.find("runtime.batch 32, --batch"), std::string::npos) << m;
+  }
 }
 
 TEST(RunTextCli, GeneratesTextOnTheSyntheticVocabulary) {

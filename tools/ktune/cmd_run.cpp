@@ -20,6 +20,7 @@ void add_run_command(CLI::App& app) {
   auto opt = std::make_shared<RunOptions>();
   auto prompt_args = std::make_shared<std::vector<std::string>>();
   auto prompt_texts = std::make_shared<std::vector<std::string>>();
+  auto batches = std::make_shared<std::vector<int64_t>>();
   auto* sub = app.add_subcommand(
       "run",
       "Benchmark prefill and decode speed of a model on this machine (like llama-bench).\n"
@@ -74,11 +75,12 @@ void add_run_command(CLI::App& app) {
                   "A text prompt, even one that looks like a number (as --prompt TEXT)")
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
-  sub->add_option("--batch", opt->batch,
-                  "Sequences decoded together (1..32): tg decodes B sequences per step (experts\n"
-                  "read once for all), reporting all sequences' tok/s and per sequence; the KV\n"
-                  "cache is planned per sequence. CPU engine only for now")
-      ->capture_default_str();
+  sub->add_option("--batch", *batches,
+                  "Sequences decoded together (1..32; a list sweeps, e.g. 1,4,16,32): tg decodes\n"
+                  "B sequences per step (experts read once for all), reporting all sequences'\n"
+                  "tok/s and per sequence; the KV cache is planned per sequence (for the\n"
+                  "largest B). CPU engine, and GPU placements on one GPU (default 1)")
+      ->delimiter(',');
   sub->add_option("-n,--gen", opt->gen, "Decode tokens per repetition; 0 skips")
       ->capture_default_str();
   sub->add_option("-r,--repetitions", opt->reps, "Timed repetitions (after one warm-up)")
@@ -90,9 +92,13 @@ void add_run_command(CLI::App& app) {
       ->delimiter(',');
   sub->add_flag("--json", opt->json, "Print one JSON document on stdout instead of the table");
   sub->add_flag("!--no-probe", opt->probe, "Skip the DRAM bandwidth probe (no % of limit)");
-  sub->callback([opt, model, prompt_args, prompt_texts] {
+  sub->callback([opt, model, prompt_args, prompt_texts, batches] {
     RunOptions o = *opt;
     o.model_given = model->count() > 0;
+    if (!batches->empty()) {
+      o.batches = *batches;  // check_common refuses values outside 1..32
+      o.batch = *std::max_element(batches->begin(), batches->end());
+    }
     for (const std::string& p : *prompt_args) {
       if (p.size() > 1 && p[0] == '-' && is_count(p.substr(1))) {
         throw_usage("--prompt", "`" + p + "` is negative", "give -p N with N >= 0 (0 skips)");

@@ -56,6 +56,7 @@ std::vector<std::string> split_list(const std::string& text, const char* flag) {
 
 struct RunResult {
   int threads = 0;
+  int64_t batch = 1;    // sequences decoded together in the tg rows
   Stat prefill;         // tok/s
   Stat decode;          // tok/s, all sequences of the batch together
   Stat decode_per_seq;  // tok/s of one sequence (= decode when the batch is 1)
@@ -184,6 +185,7 @@ RunResult bench_one(const ModelWeights& model, const RunOptions& opt, int thread
   for (double& x : tg) x /= static_cast<double>(opt.batch);
   r.decode_per_seq = Stat::of(tg);
   r.reps_done = reps_done;
+  r.batch = opt.batch;
   return r;
 }
 
@@ -200,16 +202,32 @@ double bytes_per_step(const ModelWeights& model, int64_t batch) {
   return total;
 }
 
-std::string batch_line(const ModelConfig& c, int64_t batch) {
+// "# batch: 4, 16 sequences decoded together (...); a step reads ~3.6, 11.1 of 128 experts ..."
+// for the batches > 1 of the run ("" when there are none).
+std::string batch_line(const ModelConfig& c, const std::vector<int64_t>& batches) {
+  std::string sizes, reads;
+  for (int64_t b : batches) {
+    if (b <= 1) continue;
+    sizes += (sizes.empty() ? "" : ", ") + std::to_string(b);
+    reads += (reads.empty() ? "" : ", ") +
+             fmt::format("{:.1f}", expected_distinct_experts(c.n_experts, c.n_experts_used, b));
+  }
+  if (sizes.empty()) return "";
   return fmt::format(
       "# batch: {} sequences decoded together (tg rows: all sequences' tokens per second, and "
-      "per sequence); a step reads ~{:.1f} of {} experts per layer (uniform routing)\n",
-      batch, expected_distinct_experts(c.n_experts, c.n_experts_used, batch), c.n_experts);
+      "per sequence); a step reads ~{} of {} experts per layer (uniform routing)\n",
+      sizes, reads, c.n_experts);
 }
 
-std::string tg_label(const RunOptions& opt, bool per_seq) {
-  if (opt.batch <= 1) return fmt::format("tg{}", opt.gen);
-  return fmt::format("tg{} x{}{}", opt.gen, opt.batch, per_seq ? " /seq" : "");
+std::string tg_label(int64_t gen, int64_t batch, bool per_seq) {
+  if (batch <= 1) return fmt::format("tg{}", gen);
+  return fmt::format("tg{} x{}{}", gen, batch, per_seq ? " /seq" : "");
+}
+
+// The memory-bound decode limit of a step of `batch` tokens for a memory read at gb_s: batch
+// tokens per bytes_per_step (0 when gb_s is unknown).
+double batch_limit_tok_s(const ModelWeights& model, int64_t batch, double gb_s) {
+  return gb_s > 0 ? static_cast<double>(batch) * gb_s * 1e9 / bytes_per_step(model, batch) : 0.0;
 }
 
 // Checks shared by both paths; returns the thread list (default: one per physical core).
@@ -231,9 +249,11 @@ std::vector<int> check_common(const RunOptions& opt) {
     throw_usage("-p/-n", "nothing to measure", "give -p N (prefill tokens) and/or -n N (decode)");
   }
   if (opt.reps < 1 || opt.reps > 1000) throw_usage("-r", "must be 1..1000", "e.g. -r 5");
-  if (opt.batch < 1 || opt.batch > kMaxBatch) {
-    throw_usage("--batch", fmt::format("{} is not 1..{}", opt.batch, kMaxBatch),
-                "e.g. --batch 8 (sequences decoded together)");
+  for (int64_t b : batch_list(opt)) {
+    if (b < 1 || b > kMaxBatch) {
+      throw_usage("--batch", fmt::format("{} is not 1..{}", b, kMaxBatch),
+                  "e.g. --batch 8 (sequences decoded together), or a list --batch 1,4,16");
+    }
   }
   const int cores = physical_core_count();
   for (int t : opt.threads) {
@@ -278,21 +298,33 @@ void run_plain(const RunOptions& opt) {
     bw = measure_read_bandwidth(pool, default_probe_bytes(), 3);
   }
   stop_if_interrupted_before_measuring();
+  // One result per thread count and batch; prefill is measured with the first batch only.
+  const std::vector<int64_t> batches = batch_list(opt);
   std::vector<RunResult> results;
   int reps_done = 0;
   for (int t : thread_list) {
-    if (interrupted()) break;
-    results.push_back(bench_one(model, opt, t, max_context));
-    reps_done += results.back().reps_done;
+    for (size_t i = 0; i < batches.size() && (i == 0 || opt.gen > 0); ++i) {
+      if (interrupted()) break;
+      RunOptions ob = opt;
+      ob.batch = batches[i];
+      if (i > 0) ob.prompt = 0;
+      results.push_back(bench_one(model, ob, t, max_context));
+      reps_done += results.back().reps_done;
+    }
   }
-  const PartialInfo partial =
-      partial_info(reps_done, opt.reps * static_cast<int>(thread_list.size()));
+  const int planned_rows =
+      static_cast<int>(thread_list.size() * (opt.gen > 0 ? batches.size() : 1));
+  const PartialInfo partial = partial_info(reps_done, opt.reps * planned_rows);
 
   // With --batch B: bytes of one step of B tokens, and B tokens per step.
-  const double bytes_tok = bytes_per_step(model, opt.batch);
-  const double limit_tok_s =
-      bw.gb_per_s > 0 ? static_cast<double>(opt.batch) * bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  const double bytes_tok = bytes_per_step(model, batches.front());
+  const double limit_tok_s = batch_limit_tok_s(model, batches.front(), bw.gb_per_s);
+  auto row_limit = [&](const RunResult& r) {
+    return batch_limit_tok_s(model, r.batch, bw.gb_per_s);
+  };
   const std::string isa = cpu::isa_name(cpu::detect_isa());
+  const bool any_batch =
+      std::any_of(batches.begin(), batches.end(), [](int64_t b) { return b > 1; });
 
   if (opt.json) {
     nlohmann::json doc = report_header(model, results.front().threads, isa);
@@ -303,18 +335,23 @@ void run_plain(const RunOptions& opt) {
     doc["memory_bound_decode_tok_s"] = limit_tok_s;
     doc["prefill_tok_s"] = results.front().prefill.to_json();
     doc["decode_tok_s"] = results.front().decode.to_json();
-    doc["batch"] = opt.batch;
+    doc["batch"] = results.front().batch;
+    doc["batches"] = batches;
     doc["decode_tok_s_per_sequence"] = results.front().decode_per_seq.to_json();
     doc["decode_fraction_of_limit"] =
         limit_tok_s > 0 ? results.front().decode.mean / limit_tok_s : 0.0;
     add_partial_json(doc, partial);
     nlohmann::json runs = nlohmann::json::array();
     for (const auto& r : results) {
+      const double lim = row_limit(r);
       runs.push_back({{"threads", r.threads},
+                      {"batch", r.batch},
                       {"repetitions_done", r.reps_done},
                       {"prefill_tok_s", r.prefill.to_json()},
                       {"decode_tok_s", r.decode.to_json()},
-                      {"decode_tok_s_per_sequence", r.decode_per_seq.to_json()}});
+                      {"decode_tok_s_per_sequence", r.decode_per_seq.to_json()},
+                      {"memory_bound_decode_tok_s", lim},
+                      {"decode_fraction_of_limit", lim > 0 ? r.decode.mean / lim : 0.0}});
     }
     doc["runs"] = runs;
     std::cout << doc.dump(2) << "\n";
@@ -327,16 +364,16 @@ void run_plain(const RunOptions& opt) {
                            isa);
   std::cout << model_line(model);
   if (opt.probe) {
-    std::cout << memory_line(bw, bytes_tok, limit_tok_s,
-                             opt.batch > 1 ? " (per step of the batch; limit for all sequences)"
-                                           : "");
+    std::cout << memory_line(
+        bw, bytes_tok, limit_tok_s,
+        batches.front() > 1 ? " (per step of the batch; limit for all sequences)" : "");
   }
-  if (opt.batch > 1) std::cout << batch_line(model.cfg, opt.batch);
+  std::cout << batch_line(model.cfg, batches);
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
   if (partial.signal != 0) std::cout << partial_line(partial);
   std::cout << "\n";
   // The test column widens for batch labels ("tg128 x32 /seq").
-  const int tw = opt.batch > 1 ? 14 : 7;
+  const int tw = any_batch ? 14 : 7;
   auto test_col = [&](const std::string& t) { return fmt::format("{:>{}}", t, tw); };
   std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", "quant", "threads",
                            test_col("test"), "tok/s", "% of limit");
@@ -344,22 +381,24 @@ void run_plain(const RunOptions& opt) {
             << ": | -------------------: | -----------: |\n";
   for (const auto& r : results) {
     if (r.reps_done == 0) continue;  // interrupted before its first timed repetition
-    if (opt.prompt > 0) {
+    if (!r.prefill.samples.empty()) {
       std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
                                quant_name(model.quant), r.threads, test_col(fmt::format("pp{}", opt.prompt)),
                                fmt::format("{:.2f} ± {:.2f}", r.prefill.mean, r.prefill.stddev),
                                "");
     }
     if (opt.gen > 0) {
+      const double lim = row_limit(r);
       const std::string pct =
-          limit_tok_s > 0 ? fmt::format("{:.1f} %", 100.0 * r.decode.mean / limit_tok_s) : "n/a";
+          lim > 0 ? fmt::format("{:.1f} %", 100.0 * r.decode.mean / lim) : "n/a";
       std::cout << fmt::format("| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
-                               quant_name(model.quant), r.threads, test_col(tg_label(opt, false)),
+                               quant_name(model.quant), r.threads,
+                               test_col(tg_label(opt.gen, r.batch, false)),
                                fmt::format("{:.2f} ± {:.2f}", r.decode.mean, r.decode.stddev), pct);
-      if (opt.batch > 1) {
+      if (r.batch > 1) {
         std::cout << fmt::format(
             "| {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", quant_name(model.quant), r.threads,
-            test_col(tg_label(opt, true)),
+            test_col(tg_label(opt.gen, r.batch, true)),
             fmt::format("{:.2f} ± {:.2f}", r.decode_per_seq.mean, r.decode_per_seq.stddev), "");
       }
     }
@@ -409,6 +448,7 @@ struct PlannedRun {
   EngineKind engine = EngineKind::Cpu;
   PlacementSummary summary;
   int64_t context = 0;  // KV cache length the engine gets (= the plan's)
+  int64_t shape_vocab = 1;  // the model's vocabulary (first tokens of batched rows)
 };
 
 // The GpuEngine benchmark's settings for a planned GPU or hybrid run; cpu_threads for the CPU
@@ -430,6 +470,10 @@ GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, 
   s.fused = r.placement.runtime.moe_kernel == MoeKernel::Fused;
   s.prompt = opt.prompt;
   s.gen = opt.gen;
+  s.batches = batch_list(opt);
+  const int64_t most = *std::max_element(s.batches.begin(), s.batches.end());
+  // As the CPU engine's batched rows: sequence b starts from token b of this list.
+  s.batch_starts = bench_tokens(most, r.shape_vocab, opt.seed + 1);
   s.reps = opt.reps;
   s.progress = progress;
   s.label = r.label;
@@ -449,17 +493,21 @@ PlannedRun plan_run(Placement placement, const std::string& label, const ModelSh
   apply_runtime_overrides(r.placement, ov);
   r.context = std::max(r.placement.runtime.context, needed);
   r.placement.runtime.context = r.context;
+  r.shape_vocab = shape.cfg.vocab;
   // The KV cache is planned per sequence (runtime.batch x context positions per layer).
   if (batch > 1) r.placement.runtime.batch = batch;
   if (r.placement.runtime.batch > 1) {
-    // Only the CpuEngine decodes several sequences so far; refused before anything else.
+    // The GPU engine decodes several sequences on one GPU (cuda:0); refused before anything
+    // else for a layer split.
     const EngineKind k = choose_engine(r.placement, r.label);
-    if (k != EngineKind::Cpu) {
+    const std::vector<int> devs = layer_devices(r.placement);
+    if (k != EngineKind::Cpu &&
+        std::any_of(devs.begin(), devs.end(), [](int d) { return d != 0; })) {
       throw Error(r.label,
-                  fmt::format("batch {}: the {} engine decodes one sequence at a time for now",
+                  fmt::format("batch {}: the {} engine decodes several sequences on cuda:0 "
+                              "alone for now, not on a layer split over GPUs",
                               r.placement.runtime.batch, engine_kind_name(k)),
-                  "use --batch 1 (runtime.batch: 1) with GPU placements, or put everything on "
-                  "cpu");
+                  "use --batch 1 (runtime.batch: 1) with this placement, or one GPU (cuda:0)");
     }
   }
   r.plan = plan_memory(shape.cfg, shape.bytes, r.placement, budgets);
@@ -474,10 +522,12 @@ PlannedRun plan_run(Placement placement, const std::string& label, const ModelSh
 struct ConfigResult {
   size_t placement = 0;  // index into the planned runs
   int threads = 0;       // 0 for the GpuEngine
-  Stat prefill, decode;
+  Stat prefill, decode;  // decode: all sequences of the batch together
   std::string engine_desc;
   int reps_done = 0;
   double device_gb_s = 0.0;  // GpuEngine rows: cuda:0's measured bandwidth (0: unknown)
+  int64_t batch = 1;         // sequences decoded together
+  Stat decode_per_seq;       // tok/s of one sequence
 };
 
 std::string layer_signature(const LayerPlacement& lp) {
@@ -674,34 +724,68 @@ void run_placements(const RunOptions& opt) {
   }
   const auto prompt = bench_tokens(std::max<int64_t>(opt.prompt, 1), cfg.vocab, opt.seed);
   stop_if_interrupted_before_measuring();
+  // One result per placement, thread count and batch (--batch B[,B...]); prefill is measured
+  // with the first batch only. The GPU engine runs every batch with one engine (made for the
+  // largest); the CPU engine one per batch.
+  const std::vector<int64_t> batches = batch_list(opt);
+  const size_t batch_rows = opt.gen > 0 ? batches.size() : 1;
   std::vector<ConfigResult> results;
   int planned_rows = 0;
   for (const PlannedRun& r : runs) {
-    planned_rows += r.engine != EngineKind::Gpu && !opt.threads.empty()
-                        ? static_cast<int>(opt.threads.size())
-                        : 1;
+    planned_rows +=
+        (r.engine != EngineKind::Gpu && !opt.threads.empty() ? static_cast<int>(opt.threads.size())
+                                                             : 1) *
+        static_cast<int>(batch_rows);
   }
+  // The rows of one GPU benchmark, one per batch.
+  auto add_gpu_rows = [&](size_t i, int t, const GpuBenchResult& g) {
+    for (size_t b = 0; b < g.batch_rows.size() && b < batch_rows; ++b) {
+      ConfigResult c;
+      c.placement = i;
+      c.threads = t;
+      if (b == 0) c.prefill = g.prefill;
+      c.decode = g.batch_rows[b].decode;
+      c.engine_desc = g.describe;
+      c.reps_done = opt.reps;
+      c.device_gb_s = g.device_gb_s;
+      c.batch = g.batch_rows[b].batch;
+      c.decode_per_seq = g.batch_rows[b].decode_per_seq;
+      results.push_back(c);
+    }
+  };
   for (size_t i = 0; i < runs.size() && !interrupted(); ++i) {
     const PlannedRun& r = runs[i];
     if (r.engine == EngineKind::Cpu) {
       for (int t : thread_rows(opt, r.placement, r.engine)) {
-        if (interrupted()) break;
-        RunResult rr = bench_one(model, opt, t, r.context);
-        results.push_back({i, rr.threads, rr.prefill, rr.decode, "cpu", rr.reps_done, 0.0});
+        for (size_t b = 0; b < batch_rows; ++b) {
+          if (interrupted()) break;
+          RunOptions ob = opt;
+          ob.batch = batches[b];
+          if (b > 0) ob.prompt = 0;
+          RunResult rr = bench_one(model, ob, t, r.context);
+          ConfigResult c;
+          c.placement = i;
+          c.threads = rr.threads;
+          c.prefill = rr.prefill;
+          c.decode = rr.decode;
+          c.engine_desc = "cpu";
+          c.reps_done = rr.reps_done;
+          c.batch = rr.batch;
+          c.decode_per_seq = rr.decode_per_seq;
+          results.push_back(c);
+        }
       }
     } else if (r.engine == EngineKind::Hybrid) {
       // A hybrid row per thread count too: the CPU experts' pool is what --threads sizes.
       for (int t : thread_rows(opt, r.placement, r.engine)) {
         if (interrupted()) break;
         const GpuBenchSettings s = gpu_bench_settings(r, opt, t, !opt.json);
-        GpuBenchResult g = bench_gpu_engine(model, s, prompt);
-        results.push_back({i, t, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});
+        add_gpu_rows(i, t, bench_gpu_engine(model, s, prompt));
       }
     } else {
       const GpuBenchSettings s = gpu_bench_settings(r, opt, 0, !opt.json);
       // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
-      GpuBenchResult g = bench_gpu_engine(model, s, prompt);
-      results.push_back({i, 0, g.prefill, g.decode, g.describe, opt.reps, g.device_gb_s});
+      add_gpu_rows(i, 0, bench_gpu_engine(model, s, prompt));
     }
   }
   int reps_done = 0;
@@ -709,21 +793,22 @@ void run_placements(const RunOptions& opt) {
   const PartialInfo partial = partial_info(reps_done, opt.reps * planned_rows);
   if (results.empty()) stop_if_interrupted_before_measuring();
 
-  // With --batch B (CPU engine only): bytes of one step of B tokens, B tokens per step.
-  const double bytes_tok = bytes_per_step(model, opt.batch);
-  const double limit_tok_s =
-      bw.gb_per_s > 0 ? static_cast<double>(opt.batch) * bw.gb_per_s * 1e9 / bytes_tok : 0.0;
+  // With --batch B: bytes of one step of B tokens, B tokens per step (per row's batch).
+  const double bytes_tok = bytes_per_step(model, batches.front());
+  const double limit_tok_s = batch_limit_tok_s(model, batches.front(), bw.gb_per_s);
   const std::string isa = cpu::isa_name(cpu::detect_isa());
   const GpuInfo gpus = query_gpus();
-  // The memory-bound limit of a row: bytes per token / the DRAM probe for the CpuEngine, /
-  // cuda:0's measured bandwidth for the GpuEngine (every weight on the GPU); none for hybrid
-  // rows (two memories at once).
+  const bool any_batch =
+      std::any_of(batches.begin(), batches.end(), [](int64_t b) { return b > 1; });
+  // The memory-bound limit of a row: bytes per step of its batch / the DRAM probe for the
+  // CpuEngine, / cuda:0's measured bandwidth for the GpuEngine (every weight on the GPU); none
+  // for hybrid rows (two memories at once).
   auto row_limit = [&](const ConfigResult& c) -> double {
     switch (runs[c.placement].engine) {
       case EngineKind::Cpu:
-        return limit_tok_s;
+        return batch_limit_tok_s(model, c.batch, bw.gb_per_s);
       case EngineKind::Gpu:
-        return c.device_gb_s * 1e9 / bytes_tok;
+        return batch_limit_tok_s(model, c.batch, c.device_gb_s);
       default:
         return 0.0;
     }
@@ -752,7 +837,8 @@ void run_placements(const RunOptions& opt) {
     doc["prefill_tok_s"] = results.front().prefill.to_json();
     doc["decode_tok_s"] = results.front().decode.to_json();
     doc["decode_fraction_of_limit"] = pct_of_limit(results.front());
-    doc["batch"] = opt.batch;
+    doc["batch"] = results.front().batch;
+    doc["batches"] = batches;
     add_partial_json(doc, partial);
     nlohmann::json pl = nlohmann::json::array();
     for (const PlannedRun& r : runs) pl.push_back(summary_json(r.summary));
@@ -767,7 +853,9 @@ void run_placements(const RunOptions& opt) {
                           {"prefill_tok_s", c.prefill.to_json()},
                           {"decode_tok_s", c.decode.to_json()},
                           {"decode_fraction_of_limit", pct_of_limit(c)},
-                          {"memory_bound_decode_tok_s", row_limit(c)}};
+                          {"memory_bound_decode_tok_s", row_limit(c)},
+                          {"batch", c.batch},
+                          {"decode_tok_s_per_sequence", c.decode_per_seq.to_json()}};
       if (runs[c.placement].engine == EngineKind::Gpu) j["device_gb_s"] = c.device_gb_s;
       j["threads"] = c.threads > 0 ? nlohmann::json(c.threads) : nlohmann::json(nullptr);
       out.push_back(j);
@@ -793,7 +881,7 @@ void run_placements(const RunOptions& opt) {
   std::cout << model_line(model);
   std::cout << fmt::format("# model loaded once in {:.1f} s for {} placement{}\n", load_s,
                            runs.size(), runs.size() == 1 ? "" : "s");
-  if (opt.batch > 1) std::cout << batch_line(cfg, opt.batch);
+  std::cout << batch_line(cfg, batches);
   if (opt.probe && any_cpu) {
     std::cout << memory_line(bw, bytes_tok, limit_tok_s, " (cpu engine)");
   }
@@ -801,8 +889,10 @@ void run_placements(const RunOptions& opt) {
     if (runs[c.placement].engine != EngineKind::Gpu || c.device_gb_s <= 0) continue;
     std::cout << fmt::format(
         "# memory: cuda:0 device-to-device copy {:.0f} GB/s (read + write); decode reads {} per "
-        "token => memory-bound limit {:.1f} tok/s (gpu engine)\n",
-        c.device_gb_s, format_bytes(bytes_tok), row_limit(c));
+        "{} => memory-bound limit {:.1f} tok/s (gpu engine{})\n",
+        c.device_gb_s, format_bytes(bytes_per_step(model, c.batch)),
+        c.batch > 1 ? fmt::format("step of {} tokens", c.batch) : std::string("token"),
+        row_limit(c), any_batch ? "; each batch row has its own limit" : "");
     break;
   }
   std::cout << fmt::format("# repetitions: {} (after 1 warm-up), mean ± stddev\n", opt.reps);
@@ -812,7 +902,7 @@ void run_placements(const RunOptions& opt) {
                              runs[i].summary.line());
   }
   std::cout << "\n";
-  const int tw = opt.batch > 1 ? 14 : 7;
+  const int tw = any_batch ? 14 : 7;
   auto test_col = [&](const std::string& t) { return fmt::format("{:>{}}", t, tw); };
   std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
                            "placement", "engine", "quant", "threads", test_col("test"), "tok/s",
@@ -823,7 +913,7 @@ void run_placements(const RunOptions& opt) {
     if (c.reps_done == 0) continue;  // interrupted before its first timed repetition
     const std::string th = c.threads > 0 ? std::to_string(c.threads) : "-";
     const char* eng = engine_kind_name(runs[c.placement].engine);
-    if (opt.prompt > 0) {
+    if (opt.prompt > 0 && !c.prefill.samples.empty()) {
       std::cout << fmt::format(
           "| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", c.placement + 1, eng,
           quant_name(model.quant), th, test_col(fmt::format("pp{}", opt.prompt)),
@@ -834,15 +924,25 @@ void run_placements(const RunOptions& opt) {
       const std::string pct = f > 0 ? fmt::format("{:.1f} %", 100.0 * f) : "n/a";
       std::cout << fmt::format("| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n",
                                c.placement + 1, eng, quant_name(model.quant), th,
-                               test_col(tg_label(opt, false)),
+                               test_col(tg_label(opt.gen, c.batch, false)),
                                fmt::format("{:.2f} ± {:.2f}", c.decode.mean, c.decode.stddev), pct);
+      if (c.batch > 1) {
+        std::cout << fmt::format(
+            "| {:>9} | {:<6} | {:<8} | {:>7} | {} | {:>20} | {:>12} |\n", c.placement + 1, eng,
+            quant_name(model.quant), th, test_col(tg_label(opt.gen, c.batch, true)),
+            fmt::format("{:.2f} ± {:.2f}", c.decode_per_seq.mean, c.decode_per_seq.stddev), "");
+      }
     }
   }
   // Layer splits over several GPUs: what ran (GPUs, stages, the transport auto chose and its
   // measured hop times), after the table so single-GPU output keeps its shape.
   bool split_header = false;
-  for (const ConfigResult& c : results) {
+  for (size_t k = 0; k < results.size(); ++k) {
+    const ConfigResult& c = results[k];
     if (!runs[c.placement].summary.gpu_transport) continue;
+    if (k > 0 && results[k - 1].placement == c.placement && results[k - 1].threads == c.threads) {
+      continue;  // another batch row of the same engine
+    }
     if (!split_header) std::cout << "\n";
     split_header = true;
     std::cout << fmt::format("# engine of placement {}: {}\n", c.placement + 1, c.engine_desc);
@@ -868,6 +968,9 @@ void run_generate(const RunOptions& opt) {
   std::vector<int> thread_list = check_common(opt);
   if (thread_list.size() > 1) {
     throw_usage("--threads", "text generation takes one thread count", "e.g. --threads 16");
+  }
+  if (batch_list(opt).size() > 1) {
+    throw_usage("--batch", "text generation takes one batch size", "e.g. --batch 4");
   }
   if (opt.gen < 1) throw_usage("-n", "must be >= 1 to generate text", "e.g. -n 64");
   // The tokenizer first: a model without a usable one fails before its weights are loaded.
@@ -1055,15 +1158,18 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
   for (const PlannedRun& r : runs) {
     throw_if_interrupted("verification stopped");
     MeasuredPlacement m;
+    // The placement's concurrent sequences (a search for a workload with batch B): decode rows
+    // of B sequences, all sequences' tokens per second.
+    RunOptions ob = opt;
+    ob.batch = std::clamp<int64_t>(r.placement.runtime.batch, 1, kMaxBatch);
     if (r.engine == EngineKind::Cpu) {
-      const RunResult rr =
-          bench_one(model, opt, default_threads(r.placement, r.engine), r.context);
+      const RunResult rr = bench_one(model, ob, default_threads(r.placement, r.engine), r.context);
       m.prefill = rr.prefill;
       m.decode = rr.decode;
       m.engine = "cpu";
       m.threads = rr.threads;
     } else {
-      const GpuBenchSettings s = gpu_bench_settings(r, opt, 0, !ms.quiet);
+      const GpuBenchSettings s = gpu_bench_settings(r, ob, 0, !ms.quiet);
       const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
       m.prefill = g.prefill;
       m.decode = g.decode;
@@ -1073,6 +1179,10 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
     out.push_back(m);
   }
   return out;
+}
+
+std::vector<int64_t> batch_list(const RunOptions& opt) {
+  return opt.batches.empty() ? std::vector<int64_t>{opt.batch} : opt.batches;
 }
 
 const char* engine_kind_name(EngineKind k) {

@@ -48,13 +48,18 @@ struct RunOptions {
   // these prompts instead of benchmarking (sequence b of a batch gets texts[b % size]).
   std::vector<std::string> texts;
   int64_t gen = 128;
-  int64_t batch = 1;  // --batch: sequences decoded together (1..kMaxBatch)
+  int64_t batch = 1;  // --batch: sequences decoded together (1..kMaxBatch; the largest of a list)
+  // --batch B[,B...]: one tg row (set) per entry, the engine made for the largest; empty = {batch}
+  std::vector<int64_t> batches;
   int reps = 5;
   std::vector<int> threads;
   bool json = false;
   bool probe = true;
   uint64_t seed = 42;
 };
+
+// The batch sizes of the tg rows: opt.batches, or {opt.batch} when that is empty.
+std::vector<int64_t> batch_list(const RunOptions& opt);
 
 // True when the run goes through placements (any of --config, --experts-on-gpu, --cuda-graph,
 // --moe-kernel, --gpu-mem, --cpu-mem); a plain --model run keeps the CpuEngine-only table.

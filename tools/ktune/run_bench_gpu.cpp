@@ -2,9 +2,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "cli.h"
+#include "ktune/engine/error.h"
 #include "ktune/engine/gpu_engine.h"
 #if KTUNE_WITH_CUDA
 #include <cuda_runtime.h>
@@ -64,9 +66,18 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   o.cpu_handoff = s.handoff_host_node ? CpuHandoff::HostNode : CpuHandoff::Flags;
   o.layer_device = s.layer_device;
   o.gpu_transport = parse_gpu_transport(s.gpu_transport, "--gpu-transport");
+  const std::vector<int64_t> batches = s.batches.empty() ? std::vector<int64_t>{1} : s.batches;
+  o.max_sequences = *std::max_element(batches.begin(), batches.end());
+  if (o.max_sequences > 1 && static_cast<int64_t>(s.batch_starts.size()) < o.max_sequences) {
+    throw Error("gpu benchmark",
+                "batch of " + std::to_string(o.max_sequences) + " sequences with " +
+                    std::to_string(s.batch_starts.size()) + " first tokens",
+                "give one first token per sequence");
+  }
   GpuEngine engine(model, o);
   std::vector<float> logits;
-  std::vector<double> pp, tg;
+  std::vector<double> pp;
+  std::vector<std::vector<double>> tg(batches.size());  // aggregate tok/s per batch row
   const bool tty = s.progress && isatty(STDERR_FILENO);
   for (int rep = 0; rep <= s.reps; ++rep) {  // rep 0 warms up (and captures the graph)
     if (s.prompt > 0) {
@@ -76,12 +87,19 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
       const double dt = now_seconds() - t0;
       if (rep > 0) pp.push_back(static_cast<double>(s.prompt) / dt);
     }
-    if (s.gen > 0) {
+    for (size_t i = 0; i < batches.size() && s.gen > 0; ++i) {
+      const int64_t B = batches[i];
       engine.reset();
       const double t0 = now_seconds();
-      engine.generate_greedy(prompt_tokens[0], s.gen);  // reads the tokens back: synchronised
+      // Both read the tokens back: synchronised.
+      if (B == 1) {
+        engine.set_sequence(0);
+        engine.generate_greedy(prompt_tokens[0], s.gen);
+      } else {
+        engine.generate_greedy_batch(s.batch_starts.data(), B, s.gen);
+      }
       const double dt = now_seconds() - t0;
-      if (rep > 0) tg.push_back(static_cast<double>(s.gen) / dt);
+      if (rep > 0) tg[i].push_back(static_cast<double>(s.gen * B) / dt);
     }
     if (tty && rep > 0) {
       std::fprintf(stderr, "\rktune: %s: repetition %d/%d", s.label.c_str(), rep, s.reps);
@@ -90,7 +108,16 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   if (tty) std::fprintf(stderr, "\r%60s\r", "");
   GpuBenchResult r;
   r.prefill = Stat::of(pp);
-  r.decode = Stat::of(tg);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    GpuBenchResult::BatchRow row;
+    row.batch = batches[i];
+    row.decode = Stat::of(tg[i]);
+    std::vector<double> per = tg[i];
+    for (double& x : per) x /= static_cast<double>(batches[i]);
+    row.decode_per_seq = Stat::of(per);
+    r.batch_rows.push_back(row);
+  }
+  r.decode = r.batch_rows.front().decode;
   r.describe = engine.describe();
   r.device_bytes = engine.device_bytes();
   r.device_gb_s = device_gb_s;

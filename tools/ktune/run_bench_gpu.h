@@ -25,6 +25,11 @@ struct GpuBenchSettings {
   std::string gpu_transport = "auto";
   int64_t prompt = 0;  // prefill tokens per repetition (0 skips)
   int64_t gen = 0;     // decode tokens per repetition (0 skips)
+  // Decode rows, one per entry: 1 = one sequence (generate_greedy), B > 1 = B sequences decoded
+  // together (generate_greedy_batch, sequence b from batch_starts[b]); the engine is made for
+  // the largest B. Empty = {1}.
+  std::vector<int64_t> batches;
+  std::vector<int32_t> batch_starts;
   int reps = 1;
   bool progress = false;
   std::string label;  // for progress lines
@@ -32,7 +37,13 @@ struct GpuBenchSettings {
 
 struct GpuBenchResult {
   Stat prefill;  // tok/s
-  Stat decode;   // tok/s
+  Stat decode;   // tok/s (the first batch row's)
+  struct BatchRow {
+    int64_t batch = 1;
+    Stat decode;          // tok/s, all sequences of the batch together
+    Stat decode_per_seq;  // tok/s of one sequence
+  };
+  std::vector<BatchRow> batch_rows;  // one per GpuBenchSettings::batches entry
   std::string describe;
   int64_t device_bytes = 0;
   // cuda:0's memory bandwidth measured before the engine was built: device-to-device copies of
@@ -41,7 +52,8 @@ struct GpuBenchResult {
 };
 
 // Builds a GpuEngine (weights copied to cuda:0), runs rep 0 as warm-up and `reps` timed
-// repetitions: pp = prefill(prompt) from position 0, tg = generate_greedy from an empty context.
+// repetitions: pp = prefill(prompt) from position 0, tg = generate_greedy from an empty context
+// (per batch row B > 1: generate_greedy_batch of B sequences from empty contexts).
 // Throws ktune::Error (no GPU, CPU-only build, unsupported tensors).
 GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSettings& s,
                                 const std::vector<int32_t>& prompt_tokens);

@@ -111,16 +111,33 @@ class CpuStepper : public Stepper {
 
 class GpuStepper : public Stepper {
  public:
-  GpuStepper(const ModelWeights& m, const GpuEngineOptions& o) : engine_(m, o) {}
+  // o.max_sequences > 1: decode() steps that many sequences at once
+  // (GpuEngine::generate_greedy_batch), the first starting from `first`, the others from the
+  // tokens after it (as CpuStepper).
+  GpuStepper(const ModelWeights& m, const GpuEngineOptions& o)
+      : engine_(m, o), vocab_(m.cfg.vocab), sequences_(std::max<int64_t>(1, o.max_sequences)) {}
   void reset() override { engine_.reset(); }
   void prefill(const std::vector<int32_t>& t, int64_t n) override {
+    engine_.set_sequence(0);
     engine_.prefill(t.data(), n, nullptr);
   }
-  void decode(int32_t first, int64_t n) override { engine_.generate_greedy(first, n); }
+  void decode(int32_t first, int64_t n) override {
+    if (sequences_ > 1) {
+      std::vector<int32_t> toks(static_cast<size_t>(sequences_));
+      for (int64_t b = 0; b < sequences_; ++b) {
+        toks[static_cast<size_t>(b)] = static_cast<int32_t>((first + b) % vocab_);
+      }
+      engine_.generate_greedy_batch(toks.data(), sequences_, n);
+      return;
+    }
+    engine_.generate_greedy(first, n);
+  }
   std::string describe() const override { return engine_.describe(); }
 
  private:
   GpuEngine engine_;
+  int64_t vocab_;
+  int64_t sequences_;
 };
 
 int64_t expert_bytes_of_layer(const ModelWeights& m, size_t l) {
@@ -304,6 +321,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         go.layer_device = devs;
       }
       go.gpu_transport = pr.placement.runtime.gpu_transport;
+      go.max_sequences = std::max<int64_t>(1, ro.batch);  // concurrent sequences (one GPU)
       if (pr.engine == cli::EngineKind::Hybrid) {
         go.expert_on_gpu.resize(static_cast<size_t>(pr.placement.n_layers()));
         for (int64_t l = 0; l < pr.placement.n_layers(); ++l) {

@@ -48,6 +48,18 @@
 // tokens through tensor-core matmuls, a causal attention kernel and expert-grouped MoE matmuls;
 // with a hybrid placement, chunks of 16+ tokens copy the CPU experts' weights to the GPU, shorter
 // ones run decode steps.
+//
+// Concurrent sequences (GpuEngineOptions::max_sequences > 1; engine/cuda/gpu_engine_batch.cpp):
+// each sequence has its own KV cache region and position. decode(), prefill() and
+// generate_greedy() work on the current sequence (set_sequence); decode_batch() and
+// generate_greedy_batch() advance sequences 0..B-1 by one token per step, as a prefill chunk of B
+// tokens at B positions of B caches: the prefill's tensor-core matmuls (every weight read once
+// per step), the decode attention with a batch dimension (each query over its own cache), the
+// expert-grouped MoE (an expert read once for all tokens that chose it; CPU experts of a hybrid
+// placement grouped the same way by the driver thread), greedy sampling per sequence on the
+// device; one CUDA graph per batch size. Each sequence's tokens and logits do not depend on
+// which other sequences share the step (B sequences give the bits each gives alone, B = 1); they
+// differ from decode()'s by the prefill's fp16 rounding. One GPU only (no layer split).
 // Not thread-safe. Throws ktune::Error (no GPU, unsupported tensor types, context exhausted).
 #pragma once
 
@@ -78,6 +90,9 @@ struct GpuEngineOptions {
   // GPU experts (expert_on_gpu) live on its device.
   std::vector<int> layer_device;
   GpuTransport gpu_transport = GpuTransport::Auto;  // how activations move between the GPUs
+  // Sequences with their own KV cache (max_context positions each) for decode_batch (1..4096;
+  // > 1 needs one GPU). The memory planner counts the cache per sequence (runtime.batch).
+  int64_t max_sequences = 1;
 };
 
 class GpuEngine {
@@ -87,8 +102,25 @@ class GpuEngine {
   GpuEngine(const GpuEngine&) = delete;
   GpuEngine& operator=(const GpuEngine&) = delete;
 
-  void reset();  // position 0 (the KV cache is overwritten as positions are reached)
-  int64_t position() const;
+  void reset();  // every sequence at position 0 (caches are overwritten as positions are reached)
+  int64_t position() const;  // of the current sequence
+
+  // Concurrent sequences (see above). set_sequence throws for a sequence outside
+  // [0, max_sequences()).
+  int64_t max_sequences() const;
+  void set_sequence(int64_t seq);
+  int64_t sequence() const;
+  int64_t position(int64_t seq) const;
+  // One decode step of sequences 0..n-1 at once (n <= max_sequences): tokens[b] goes to sequence
+  // b at its own position. logits (n * vocab floats, row b for sequence b) when non-null.
+  // Synchronises before returning. On an engine made for one sequence, n = 1 is decode() on
+  // sequence 0.
+  void decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits);
+  // Greedy generation of sequences 0..n-1: `steps` batched steps from first_tokens[b], each
+  // sequence's next token chosen on the device; read back once at the end. Returns n * steps
+  // tokens, sequence b's at [b * steps, (b + 1) * steps). Throws before running when a sequence
+  // would pass max_context.
+  std::vector<int32_t> generate_greedy_batch(const int32_t* first_tokens, int64_t n, int64_t steps);
 
   // One decode step on `token` at position(); logits (vocab floats) copied to the host only when
   // non-null. Synchronises the stream before returning.

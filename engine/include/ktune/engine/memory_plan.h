@@ -27,6 +27,7 @@ constexpr int64_t kGpuBudgetHeadroom = 256 * kMiB;  // default budget = total - 
 constexpr int64_t kHostBudgetHeadroom = 1 * kGiB;   // default budget = MemAvailable - this
 constexpr int64_t kPrefillChunkTokens = 512;        // prefill runs in chunks of at most this
 constexpr int64_t kPrefillTileRows = 64;            // rows per tile of the GPU prefill matmuls
+constexpr int64_t kAttnDecodeChunk = 256;           // positions per split of the decode attention
 
 // Orders device names as devices (cpu < cuda:0 < cuda:2 < cuda:10); unknown names last, by text.
 struct DeviceNameLess {
@@ -78,6 +79,7 @@ struct MemoryPlan {
   // cpu:N (node N's memory), and may not use plain cpu as well (plan_memory throws).
   std::map<std::string, DeviceUse, DeviceNameLess> per_device;
   Budgets budgets;              // what the plan was checked against (for check_fits' messages)
+  int64_t batch = 1;            // the placement's runtime.batch (check_fits' advice)
   std::string summary() const;  // one line per device
 };
 
@@ -117,7 +119,16 @@ struct PlanOptions {
 // the engine allocates them); staging buffers not included (DeviceUse::staging).
 int64_t prefill_workspace_bytes(const ModelConfig& cfg, int64_t tokens);
 
-// The plan for a resolved placement; budgets are copied into DeviceUse::budget.
+// Device bytes of the GPU engine's batched decode state for `sequences` concurrent sequences of
+// `context` positions (GpuEngineOptions::max_sequences > 1): B rows of every activation, the
+// expert grouping, logits, per-sequence token history, per-expert matrix pointers and the
+// batched attention's workspace (each slice 256-byte aligned, as the engine allocates them).
+// The KV cache is not included (DeviceUse::kv_cache counts it per sequence).
+int64_t batch_decode_workspace_bytes(const ModelConfig& cfg, int64_t sequences, int64_t context);
+
+// The plan for a resolved placement; budgets are copied into DeviceUse::budget. The KV cache is
+// counted per sequence (runtime.batch x runtime.context positions of every layer), and with
+// runtime.batch > 1 a GPU that runs attention adds batch_decode_workspace_bytes.
 MemoryPlan plan_memory(const ModelConfig& cfg, const WeightBytes& bytes, const Placement& p,
                        const Budgets& budgets, const PlanOptions& opt = {});
 MemoryPlan plan_memory(const ModelConfig& cfg, QuantType expert_type, QuantType dense_type,
