@@ -614,6 +614,7 @@ std::string GpuEngine::describe() const {
   const Impl& m = *impl_;
   std::string s = "cuda:" + std::to_string(m.spec.device) + " " + m.device_name + ", moe " + moe_kernel_name(m.opt.moe_kernel) +
                   ", graph " + (m.opt.cuda_graph ? "on" : "off");
+  if (m.max_seq > 1) s += ", up to " + std::to_string(m.max_seq) + " sequences per step";
   if (m.is_hybrid) {
     // Where the workers run: a pool squeezed onto fewer cores than threads is the first thing
     // to rule out when the CPU experts are slow.

@@ -69,7 +69,6 @@ BatchState::~BatchState() {
 }
 
 void GpuEngine::Impl::batch_setup(const ModelWeights& w) {
-  (void)w;
   std::string why;
   if (hidden % 64 != 0 || nq % 64 != 0 || ffn % 64 != 0) {
     why = "matrix rows that are not a multiple of 64 elements";

@@ -87,8 +87,9 @@ void add_profile_command(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("-n,--gen", opt->run.gen, "Decode tokens per window")->capture_default_str();
   sub->add_option("--batch", opt->run.batch,
-                  "Sequences decoded together (1..32, CPU engine): each decode step runs one\n"
-                  "token of each; tok/s and router statistics count all of them")
+                  "Sequences decoded together (1..32; CPU engine, or GPU placements on one\n"
+                  "GPU): each decode step runs one token of each; tok/s and router statistics\n"
+                  "count all of them")
       ->capture_default_str();
   sub->add_option("--warmup", opt->warmup, "Decode tokens before any measurement")
       ->capture_default_str();

@@ -135,7 +135,8 @@ class GpuEngine {
 
   const GpuEngineOptions& options() const;
   int64_t device_bytes() const;  // weights + KV cache + workspace on the device
-  // "cuda:0 NAME, moe fused, graph on[, N/M experts on cpu (T threads, handoff flags)]"; with
+  // "cuda:0 NAME, moe fused, graph on[, up to B sequences per step][, N/M experts on cpu (T
+  // threads, handoff flags)]"; with
   // several GPUs "cuda:0 NAME + cuda:1 NAME (cuda:0 layers 0-23 -> cuda:1 layers 24-47,
   // transport nccl [auto: ...]), moe fused, graph on (one per GPU)[, ...]"
   std::string describe() const;
