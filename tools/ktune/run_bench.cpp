@@ -1161,7 +1161,7 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
     // The placement's concurrent sequences (a search for a workload with batch B): decode rows
     // of B sequences, all sequences' tokens per second.
     RunOptions ob = opt;
-    ob.batch = std::clamp<int64_t>(r.placement.runtime.batch, 1, kMaxBatch);
+    ob.batch = std::max<int64_t>(r.placement.runtime.batch, 1);
     if (r.engine == EngineKind::Cpu) {
       const RunResult rr = bench_one(model, ob, default_threads(r.placement, r.engine), r.context);
       m.prefill = rr.prefill;
