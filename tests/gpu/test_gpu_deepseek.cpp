@@ -266,7 +266,11 @@ void check_attention(int64_t nh, int64_t rank, int64_t rope, int64_t max_ctx,
     }
     std::printf("[CudaMla attention] heads %lld rank %lld pos %d: worst %.3g of max|out|\n",
                 static_cast<long long>(nh), static_cast<long long>(rank), p, worst);
-    EXPECT_LE(worst, 2e-5) << "pos " << p;
+    // float32 sums over p + 1 positions in another order (spans, online rescaling, merge) than
+    // the CPU's: the difference grows like sqrt(p); 2e-5 at 1k positions (measured 3.8e-6 at
+    // 1023 on the H100, 2.6e-5 at 19999).
+    const double tol = 2e-5 * std::max(1.0, std::sqrt((p + 1) / 1024.0));
+    EXPECT_LE(worst, tol) << "pos " << p;
     // Run to run: bit-identical.
     ASSERT_EQ(cuda::launch_mla_attention(dq.ptr(), lat, dc.ptr(), pos.ptr(), nh, rank, rope,
                                          max_ctx, scale, ws.data(), out.ptr(), rank, nullptr),
