@@ -431,9 +431,10 @@ void GpuEngine::Impl::sync_single_pos() {
 
 // ---- public API ----
 
-int64_t GpuEngine::max_sequences() const { return pipe_ ? 1 : impl_->max_seq; }
+// One sequence where there is no Impl: the layer-split pipeline and the deepseek2 engine.
+int64_t GpuEngine::max_sequences() const { return impl_ ? impl_->max_seq : 1; }
 
-int64_t GpuEngine::sequence() const { return pipe_ ? 0 : impl_->cur_seq; }
+int64_t GpuEngine::sequence() const { return impl_ ? impl_->cur_seq : 0; }
 
 void GpuEngine::set_sequence(int64_t seq) {
   if (seq < 0 || seq >= max_sequences()) {
@@ -441,7 +442,7 @@ void GpuEngine::set_sequence(int64_t seq) {
                 "outside [0, " + std::to_string(max_sequences()) + ")",
                 "create the engine with more max_sequences");
   }
-  if (pipe_) return;
+  if (!impl_) return;
   impl_->select_sequence(seq);
 }
 
@@ -451,7 +452,7 @@ int64_t GpuEngine::position(int64_t seq) const {
                 "outside [0, " + std::to_string(max_sequences()) + ")",
                 "create the engine with more max_sequences");
   }
-  if (pipe_) return pipe_->position();
+  if (!impl_) return position();
   return static_cast<const Impl&>(*impl_).seq_position(seq);
 }
 
@@ -471,7 +472,7 @@ void check_batch(int64_t n, int64_t max_seq, const void* tokens, const char* whe
 }  // namespace
 
 void GpuEngine::decode_batch(const int32_t* tokens, int64_t n, std::vector<float>* logits) {
-  if (pipe_ || !impl_->batch_state) {
+  if (!impl_ || !impl_->batch_state) {
     check_batch(n, 1, tokens, "decode_batch");
     set_sequence(0);
     return decode(tokens[0], logits);
@@ -491,7 +492,7 @@ void GpuEngine::decode_batch(const int32_t* tokens, int64_t n, std::vector<float
 
 std::vector<int32_t> GpuEngine::generate_greedy_batch(const int32_t* first_tokens, int64_t n,
                                                       int64_t steps) {
-  if (pipe_ || !impl_->batch_state) {
+  if (!impl_ || !impl_->batch_state) {
     check_batch(n, 1, first_tokens, "generate_greedy_batch");
     set_sequence(0);
     return generate_greedy(first_tokens[0], steps);

@@ -648,6 +648,19 @@ TEST(DeepseekGpu, ErrorsAreClear) {
   e.reset();
   const int32_t bad = 100000;
   EXPECT_THROW(e.prefill(&bad, 1, nullptr), Error);
+  // The sequence API (what `ktune run` calls for every GPU placement): one sequence, batch of 1
+  // through the single-sequence step, a larger batch refused. (It dereferenced the qwen3moe
+  // engine's state and crashed `ktune run` on deepseek2 models before.)
+  e.reset();
+  EXPECT_EQ(e.max_sequences(), 1);
+  EXPECT_EQ(e.sequence(), 0);
+  e.set_sequence(0);
+  EXPECT_THROW(e.set_sequence(1), Error);
+  EXPECT_EQ(e.position(0), 0);
+  const int32_t one = 1, two[2] = {1, 2};
+  EXPECT_EQ(e.generate_greedy_batch(&one, 1, 2).size(), 2u);
+  EXPECT_EQ(e.position(0), 2);
+  EXPECT_THROW(e.decode_batch(two, 2, nullptr), Error);
   // A layer split over several GPUs is refused for deepseek2 (before any GPU work).
   GpuEngineOptions split = gpu_opt(c, test::Split::AllOnGpu, true);
   split.layer_device = {0, 0, 1, 1};
