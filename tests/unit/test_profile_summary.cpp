@@ -77,6 +77,76 @@ std::string error_of(const nlohmann::json& doc) {
   return "";
 }
 
+TEST(ProfileSummary, KernelCurvesAndHandOffAreOptionalAndRoundTrip) {
+  // Files written before the curves read as before: empty curves, zeros.
+  const nlohmann::json old_doc = doc_of(sample());
+  ASSERT_FALSE(old_doc["summary"]["gpu_costs"][0].contains("kernel_us_by_bytes"));
+  ASSERT_FALSE(old_doc["summary"]["cpu_costs"].contains("moe_call_us"));
+  const ProfileSummary old = summary_from_json(old_doc["summary"], "p.json");
+  EXPECT_TRUE(old.gpu_costs[0].matvec_us.empty());
+  EXPECT_TRUE(old.gpu_costs[0].moe_fused_us.empty());
+  EXPECT_DOUBLE_EQ(old.gpu_costs[0].eager_gap_us, 0);
+  EXPECT_DOUBLE_EQ(old.gpu_costs[0].handoff_us, 0);
+  EXPECT_DOUBLE_EQ(old.cpu_costs.moe_call_us, 0);
+  // New fields survive a round trip (a version-1 document may carry them too).
+  ProfileSummary s = sample();
+  GpuCosts& c = s.gpu_costs[0];
+  c.matvec_us = {{5898240, 9.4}, {113246208, 117.3}};
+  c.router_us = {{1048576, 11.7}};
+  c.moe_fused_us = {{21233664, 24.2}, {84934656, 74.2}};
+  c.moe_unfused_us = {{884736, 2.5}};
+  c.eager_gap_us = 2.3;
+  c.handoff_us = 8.6;
+  s.cpu_costs.moe_call_us = 8;
+  const nlohmann::json doc = doc_of(s);
+  for (int version : {1, kProfileSchemaVersion}) {
+    const ProfileSummary r = summary_from_json(doc["summary"], "p.json", version);
+    ASSERT_EQ(r.gpu_costs[0].moe_fused_us.size(), 2u);
+    EXPECT_DOUBLE_EQ(r.gpu_costs[0].moe_fused_us[1].bytes, 84934656);
+    EXPECT_DOUBLE_EQ(r.gpu_costs[0].moe_fused_us[1].us, 74.2);
+    EXPECT_EQ(r.gpu_costs[0].matvec_us.size(), 2u);
+    EXPECT_EQ(r.gpu_costs[0].router_us.size(), 1u);
+    EXPECT_EQ(r.gpu_costs[0].moe_unfused_us.size(), 1u);
+    EXPECT_DOUBLE_EQ(r.gpu_costs[0].eager_gap_us, 2.3);
+    EXPECT_DOUBLE_EQ(r.gpu_costs[0].handoff_us, 8.6);
+    EXPECT_DOUBLE_EQ(r.cpu_costs.moe_call_us, 8);
+  }
+  // Bad curves name the point.
+  nlohmann::json bad = doc;
+  bad["summary"]["gpu_costs"][0]["kernel_us_by_bytes"]["moe_fused"][1]["bytes"] = 1000;
+  EXPECT_NE(error_of(bad).find("summary.gpu_costs[0].kernel_us_by_bytes.moe_fused[1].bytes: bytes "
+                               "must increase"),
+            std::string::npos)
+      << error_of(bad);
+  bad = doc;
+  bad["summary"]["gpu_costs"][0]["kernel_us_by_bytes"]["matvec"][0]["us"] = 0;
+  EXPECT_NE(error_of(bad).find("kernel_us_by_bytes.matvec[0].us: must be > 0"), std::string::npos)
+      << error_of(bad);
+  bad = doc;
+  bad["summary"]["gpu_costs"][0]["kernel_us_by_bytes"] = 3;
+  EXPECT_NE(error_of(bad).find("kernel_us_by_bytes: must be an object"), std::string::npos)
+      << error_of(bad);
+  bad = doc;
+  bad["summary"]["gpu_costs"][0]["handoff_us"] = -1;
+  EXPECT_NE(error_of(bad).find("gpu_costs[0].handoff_us"), std::string::npos) << error_of(bad);
+}
+
+TEST(ProfileSummary, RecordedProfilesReadWithTheirCurves) {
+  // The committed recordings carry the (derived) curves; the hand-made examples do not.
+  const std::string dir = std::string(KTUNE_TEST_DATA) + "/../../profiles/";
+  for (const char* name : {"h100-16core.json", "h100x4-nvlink.json"}) {
+    const ProfileSummary s = read_profile_summary(dir + name);
+    for (const GpuCosts& c : s.gpu_costs) {
+      EXPECT_GE(c.matvec_us.size(), 2u) << name;
+      EXPECT_GE(c.moe_fused_us.size(), 2u) << name;
+      EXPECT_GT(c.handoff_us, 0) << name;
+      EXPECT_GT(c.eager_gap_us, 0) << name;
+    }
+  }
+  const ProfileSummary hand = read_profile_summary(dir + "h100-16core-handmade.json");
+  EXPECT_TRUE(hand.gpu_costs[0].moe_fused_us.empty());
+}
+
 TEST(ProfileSummary, RoundTripsThroughJson) {
   const ProfileSummary s = sample();
   const nlohmann::json j = doc_of(s);

@@ -55,10 +55,11 @@ TEST(SearchCostModel, AGraphSavesTheLaunchOverheadOfEveryKernel) {
   const auto all_gpu = hottest(cm, std::vector<int64_t>(48, 128));
   const double graph = step_us(cm, all_gpu, settings(true), 1000);
   const double eager = step_us(cm, all_gpu, settings(false), 1000);
-  // 7 kernels per layer and 4 per step each cost launch_eager_us instead of graph_node_us; the
-  // graph itself is launched once per step.
+  // 6 kernels per layer (q/k/v, attention, o, router; the two fused MoE launches) and 2 per step
+  // (embedding, head + argmax) each cost launch_eager_us instead of graph_node_us (the test
+  // profile has no eager gap); the graph itself is launched once per step.
   const double L = 3.3, g = 1.0;
-  EXPECT_NEAR(eager - graph, (7 * 48 + 4) * (L - g) - L, 1e-6);
+  EXPECT_NEAR(eager - graph, (6 * 48 + 2) * (L - g) - L, 1e-6);
 }
 
 TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
@@ -69,8 +70,10 @@ TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
   const double flags = cm.decode_layer_us(0, cpu, settings(true), 1000);
   const double host =
       cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Fused, CpuHandoff::HostNode), 1000);
-  EXPECT_NEAR(host - flags, 27.0 - 3.4, 1e-9);
-  // And the CPU part is the top-k experts' bytes at CpuMoe's bandwidth (68 GB/s at 16 threads).
+  // The host-node hand-off posts and waits through two host nodes where flags take one trip.
+  EXPECT_NEAR(host - flags, 2 * 27.0 - 3.4, 1e-9);
+  // And the CPU part is the top-k experts' bytes at CpuMoe's bandwidth (68 GB/s at 16 threads,
+  // below the DRAM read of 110); a rate given with --assume is taken as it is.
   const CostModel fast = make(mi, "prompt=512,gen=128", "cpu_moe_gb_s=136");
   const double faster = fast.decode_layer_us(0, cpu, settings(true), 1000);
   const double cpu_us = 8.0 * double(mi.bytes.expert[0]) / (68 * 1e3);
@@ -78,25 +81,109 @@ TEST(SearchCostModel, AHandOffCostsWhatTheProfileSaysPerHybridLayer) {
 }
 
 TEST(SearchCostModel, HybridLayerIsTheExpectationOverRouting) {
-  // GPU experts nearly free (their two kernels cost 2 graph nodes) and a negligible hand-off: a
-  // graph-mode hybrid layer then costs its fixed kernels, E[j] CPU experts with
-  // j ~ Binomial(k, CPU share), the CpuMoe call's fixed cost f and the merge when j > 0, and the
-  // empty GPU kernels when j = 0.
+  // GPU experts nearly free (their two kernels cost 2 graph nodes) and a negligible flag trip: a
+  // graph-mode hybrid layer then costs its fixed kernels and the hand-off on every token, plus
+  // max(GPU experts, CPU experts) with j ~ Binomial(k, CPU share) CPU experts: j of them cost the
+  // CpuMoe call's fixed cost f and their bytes, j = 0 leaves the empty GPU kernels.
   const ModelInfo mi = qwen30_q4();
   const CostModel cm =
       make(mi, "prompt=512,gen=128", "moe_fused_gb_s=1e12,flag_handoff_us=1e-9,cpu_call_us=5");
   const double k = 8, g = 1.0, f = 5.0;
-  const double c = double(mi.bytes.expert[0]) / (68 * 1e3);             // µs per CPU expert
-  const double merge = 2 * g + double(mi.cfg.hidden) * 4 / (52 * 1e3);  // H2D + add nodes
+  const double c = double(mi.bytes.expert[0]) / (68 * 1e3);  // µs per CPU expert
   // Every expert on the CPU: j = k always.
   const double t_all = cm.decode_layer_us(0, cm.hottest_split(0, 0), settings(true), 0);
   for (int64_t m : {16, 64, 112}) {
     const double q = 1.0 - double(m) / 128;  // uniform routing: the share on the CPU
     const double p0 = std::pow(1 - q, k);    // no CPU expert selected
     const double t = cm.decode_layer_us(0, cm.hottest_split(0, m), settings(true), 0);
-    const double expected = t_all - k * c * (1 - q) + p0 * (2 * g - merge - f);
+    const double expected = t_all - k * c * (1 - q) + p0 * (2 * g - f);
     EXPECT_NEAR(t, expected, 1e-6) << m;
   }
+}
+
+// A profile with kernel-time curves, an eager gap and a measured hand-off, numbers chosen for
+// hand arithmetic: a matvec costs 3 µs + 1 µs per MB, the fused MoE 5 µs + 1 µs per MB.
+profile::ProfileSummary curved_profile() {
+  profile::ProfileSummary s = test::h100_profile();
+  profile::GpuCosts& c = s.gpu_costs[0];
+  c.matvec_us = {{1e6, 4}, {101e6, 104}};
+  c.router_us = {{1048576, 11}};
+  c.moe_fused_us = {{10e6, 15}, {30e6, 35}};
+  c.moe_unfused_us = {{1e6, 3}};
+  c.eager_gap_us = 2;
+  c.handoff_us = 9;
+  s.cpu_costs.moe_call_us = 6;
+  return s;
+}
+
+TEST(SearchCostModel, KernelsArePricedFromTheProfileCurves) {
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=1,gen=64", "", curved_profile());
+  // qwen3-30b-a3b Q4_0: q/k/v 5898240 bytes, o 4718592, router (F32) 1048576, 8 experts 21233664.
+  const double qkv = 3 + 5.898240, o = 3 + 4.718592, router = 11, attn = 6;  // attention at ctx 0
+  const double moe = 5 + 21.233664;
+  const double g = 1.0;
+  const LayerSplit gpu = cm.hottest_split(0, 128);
+  EXPECT_NEAR(cm.decode_layer_us(0, gpu, settings(true), 0), qkv + o + router + attn + moe + 6 * g,
+              1e-6);
+  // Without a graph each of these kernels (all longer than launch_eager_us - eager_gap_us) adds
+  // the eager gap (2 µs) instead of a graph node (1 µs).
+  EXPECT_NEAR(cm.decode_layer_us(0, gpu, settings(false), 0) -
+                  cm.decode_layer_us(0, gpu, settings(true), 0),
+              6 * (2 - g), 1e-6);
+  // The step's own kernels: the embedding (empty: its launch, host-bound without a graph:
+  // max(0 + 2, 3.3)) and the head (151936 x 2048 Q4_0, 175.0 MB), plus the graph launch.
+  const double head_mb = double(mi.bytes.head) / 1e6;
+  EXPECT_NEAR(cm.decode_step_fixed_us(settings(true)), g + (3 + head_mb + g) + 3.3, 1e-6);
+  EXPECT_NEAR(cm.decode_step_fixed_us(settings(false)), 3.3 + (3 + head_mb + 2), 1e-6);
+  // Every expert on the CPU: the fixed kernels, the measured hand-off (9 µs) and one CpuMoe call
+  // (6 µs) over the 8 experts at 68 GB/s; the host-node hand-off two host nodes for the flag trip.
+  const LayerSplit cpu = cm.hottest_split(0, 0);
+  const double cpu_us = 6 + 21233664 / (68 * 1e3);
+  const double pre = qkv + o + router + attn + 4 * g;
+  EXPECT_NEAR(cm.decode_layer_us(0, cpu, settings(true), 0), pre + 9 + cpu_us, 1e-6);
+  EXPECT_NEAR(
+      cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Fused, CpuHandoff::HostNode), 0),
+      pre + 9 + 2 * 27 - 3.4 + cpu_us, 1e-6);
+  // Eagerly launched: the pre-MoE kernels and the hand-off's two kernels each add 2 - 1 µs more.
+  EXPECT_NEAR(cm.decode_layer_us(0, cpu, settings(false), 0),
+              pre + 4 * (2 - g) + 9 + 2 * (3.3 - g) + cpu_us, 1e-6);
+}
+
+TEST(SearchCostModel, GpuExpertsOverlapTheCpuExpertsOfTheirLayer) {
+  // Half the experts on the GPU, uniform routing: per token j ~ Binomial(8, 1/2) CPU experts,
+  // and the layer waits for the slower side: max(fused MoE of 8 - j experts, CpuMoe of j).
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=1,gen=64", "", curved_profile());
+  const double eb = double(mi.bytes.expert[0]);
+  const double pre = (3 + 5.898240) + (3 + 4.718592) + 11 + 6 + 4 * 1.0;
+  double expected = 0;
+  for (int j = 0; j <= 8; ++j) {
+    double choose = 1;
+    for (int i = 0; i < j; ++i) choose = choose * (8 - i) / (i + 1);
+    const double p = choose / 256.0;
+    // Fused MoE of n experts: the curve's line (5 µs + 1 µs per MB; below its first point, 10 MB,
+    // never under that point's proportional share) and its two graph nodes.
+    const double mb = (8 - j) * eb / 1e6;
+    const double gpu = (mb < 10 ? std::max(5 + mb, 15 * mb / 10) : 5 + mb) + 2 * 1.0;
+    const double cpu = j > 0 ? 6 + j * eb / (68 * 1e3) : 0.0;
+    expected += p * (pre + 9 + std::max(gpu, cpu));
+  }
+  EXPECT_NEAR(cm.decode_layer_us(0, cm.hottest_split(0, 64), settings(true), 0), expected, 1e-6);
+}
+
+TEST(SearchCostModel, CpuExpertsNeverStreamFasterThanDram) {
+  // A CpuMoe probe above the DRAM read (its small working set cached): decode takes the read.
+  profile::ProfileSummary s = curved_profile();
+  s.cpu_costs.moe_decode_gb_s = {{1, 8}, {16, 200}};  // read: 110 at 16 threads
+  const ModelInfo mi = qwen30_q4();
+  const CostModel capped = make(mi, "prompt=1,gen=64", "", s);
+  const CostModel plain = make(mi, "prompt=1,gen=64", "", curved_profile());
+  const LayerSplit cpu = capped.hottest_split(0, 0);
+  const double eb8 = 21233664;
+  EXPECT_NEAR(capped.decode_layer_us(0, cpu, settings(true), 0) -
+                  plain.decode_layer_us(0, cpu, settings(true), 0),
+              eb8 / (110 * 1e3) - eb8 / (68 * 1e3), 1e-6);
 }
 
 TEST(SearchCostModel, CpuEngineDecodeIsBytesOverBandwidth) {

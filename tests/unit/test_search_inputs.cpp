@@ -90,6 +90,68 @@ TEST(SearchMachine, ProfileNumbersAssumptionsAndNamedDefaults) {
   EXPECT_FALSE(mentions("flag_handoff_us"));
 }
 
+TEST(SearchMachine, KernelCurvesInterpolateAndExtrapolateAlongTheirEnds) {
+  KernelCurve k;
+  k.points = {{1e6, 5}, {3e6, 7}, {5e6, 11}};  // 1 µs per MB, then 2 µs per MB
+  EXPECT_DOUBLE_EQ(k.us(2e6), 6);
+  EXPECT_DOUBLE_EQ(k.us(4e6), 9);
+  EXPECT_DOUBLE_EQ(k.us(6e6), 13);   // beyond: the last segment's rate
+  EXPECT_DOUBLE_EQ(k.us(0.5e6), 4.5);  // below: the first segment down towards its latency
+  EXPECT_DOUBLE_EQ(k.us(0), 4);
+  k.points = {{1e6, 2}, {2e6, 10}};  // a steep first segment would cross zero below 1 MB
+  EXPECT_DOUBLE_EQ(k.us(0.5e6), 1);  // floored at the first point's proportional share
+  k.points = {{1e6, 5}, {2e6, 4}};   // noise sloping down: beyond, the last point's average rate
+  EXPECT_DOUBLE_EQ(k.us(3e6), 6);
+  k.points = {{2e6, 4}};  // one point: proportional
+  EXPECT_DOUBLE_EQ(k.us(1e6), 2);
+  k.points.clear();  // none: bytes / the single bandwidth
+  k.gb_s = 500;
+  EXPECT_DOUBLE_EQ(k.us(1e6), 2);
+}
+
+TEST(SearchMachine, KernelCurvesComeFromTheProfileUnlessABandwidthIsAssumed) {
+  profile::ProfileSummary s = test::h100_profile();
+  auto mentions = [](const MachineCosts& m, const char* what) {
+    for (const std::string& n : m.notes) {
+      if (n.find(what) != std::string::npos) return true;
+    }
+    return false;
+  };
+  // An older profile: no curves, bandwidths only, and a note saying so; the CpuMoe call's cost
+  // assumed.
+  const MachineCosts old = machine_costs(s, {});
+  EXPECT_TRUE(old.matvec.points.empty());
+  EXPECT_DOUBLE_EQ(old.matvec.us(44e6), 100);  // 440 GB/s
+  EXPECT_DOUBLE_EQ(old.router.us(44e6), 100);  // the router as a matvec
+  EXPECT_DOUBLE_EQ(old.eager_gap_us, 0);
+  EXPECT_DOUBLE_EQ(old.handoff_us, 0);
+  EXPECT_DOUBLE_EQ(old.cpu_call_us, 8);
+  EXPECT_TRUE(mentions(old, "no kernel times by size"));
+  EXPECT_TRUE(mentions(old, "cpu_call_us"));
+  // A newer one: its curves, gap, hand-off and CpuMoe call cost.
+  s.gpu_costs[0].matvec_us = {{1e6, 4}, {101e6, 104}};
+  s.gpu_costs[0].router_us = {{1e6, 10}};
+  s.gpu_costs[0].moe_fused_us = {{1e6, 6}, {2e6, 7}};
+  s.gpu_costs[0].eager_gap_us = 2.5;
+  s.gpu_costs[0].handoff_us = 9;
+  s.cpu_costs.moe_call_us = 7;
+  const MachineCosts m = machine_costs(s, {});
+  EXPECT_DOUBLE_EQ(m.matvec.us(51e6), 54);
+  EXPECT_DOUBLE_EQ(m.router.us(2e6), 20);
+  EXPECT_DOUBLE_EQ(m.moe_fused.us(3e6), 8);
+  EXPECT_DOUBLE_EQ(m.moe_unfused.us(3.7e6), 10);  // no curve: 370 GB/s
+  EXPECT_DOUBLE_EQ(m.eager_gap_us, 2.5);
+  EXPECT_DOUBLE_EQ(m.handoff_us, 9);
+  EXPECT_DOUBLE_EQ(m.cpu_call_us, 7);
+  EXPECT_FALSE(mentions(m, "no kernel times by size"));
+  EXPECT_FALSE(mentions(m, "cpu_call_us"));
+  // --assume of a bandwidth replaces that kernel's curve (a what-if).
+  const MachineCosts a = machine_costs(s, parse_assumptions("moe_fused_gb_s=1000,handoff_us=4"));
+  EXPECT_DOUBLE_EQ(a.moe_fused.us(3e6), 3);
+  EXPECT_DOUBLE_EQ(a.matvec.us(51e6), 54);
+  EXPECT_DOUBLE_EQ(a.handoff_us, 4);
+}
+
 TEST(SearchMachine, ThreadCandidatesNeverExceedCoresAndDropDominated) {
   profile::ProfileSummary s = test::h100_profile();
   s.cpu.physical_cores = 12;

@@ -101,6 +101,29 @@ json curve_json(const std::vector<ThreadRate>& c) {
   return a;
 }
 
+// A kernel-time curve: points of strictly increasing bytes, each time > 0 (may be empty).
+std::vector<BytesTime> bytes_curve(const Field& f) {
+  std::vector<BytesTime> out;
+  for (size_t i = 0; i < f.array_size(); ++i) {
+    Field p = f.at(i);
+    BytesTime b;
+    b.bytes = p.at("bytes").num(1, 1e15);
+    b.us = p.at("us").num(0, 1e7);
+    if (b.us <= 0) p.at("us").fail("must be > 0");
+    if (!out.empty() && b.bytes <= out.back().bytes) {
+      p.at("bytes").fail("bytes must increase along the curve");
+    }
+    out.push_back(b);
+  }
+  return out;
+}
+
+json bytes_curve_json(const std::vector<BytesTime>& c) {
+  json a = json::array();
+  for (const BytesTime& b : c) a.push_back({{"bytes", b.bytes}, {"us", b.us}});
+  return a;
+}
+
 }  // namespace
 
 void to_json(json& j, const ProfileSummary& s) {
@@ -120,6 +143,7 @@ void to_json(json& j, const ProfileSummary& s) {
   j["cpu_costs"] = {{"moe_decode_gb_s", curve_json(s.cpu_costs.moe_decode_gb_s)},
                     {"prefill_gflop_s", curve_json(s.cpu_costs.prefill_gflop_s)},
                     {"handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us}};
+  if (s.cpu_costs.moe_call_us > 0) j["cpu_costs"]["moe_call_us"] = s.cpu_costs.moe_call_us;
   j["cpu_costs"]["moe_decode_gb_s_per_node"] = json::array();
   for (const CpuCosts::NodeCurve& n : s.cpu_costs.moe_decode_gb_s_per_node) {
     j["cpu_costs"]["moe_decode_gb_s_per_node"].push_back(
@@ -140,6 +164,12 @@ void to_json(json& j, const ProfileSummary& s) {
   }
   j["gpu_costs"] = json::array();
   for (const GpuCosts& c : s.gpu_costs) {
+    json k = json::object();
+    for (const auto& [name, curve] :
+         {std::pair{"matvec", &c.matvec_us}, std::pair{"router", &c.router_us},
+          std::pair{"moe_fused", &c.moe_fused_us}, std::pair{"moe_unfused", &c.moe_unfused_us}}) {
+      if (!curve->empty()) k[name] = bytes_curve_json(*curve);
+    }
     j["gpu_costs"].push_back({{"device", c.device},
                               {"launch_eager_us", c.launch_eager_us},
                               {"graph_node_us", c.graph_node_us},
@@ -152,6 +182,11 @@ void to_json(json& j, const ProfileSummary& s) {
                               {"attention_us", c.attention_us},
                               {"attention_us_per_1k_ctx", c.attention_us_per_1k_ctx},
                               {"prefill_gflop_s", c.prefill_gflop_s}});
+    // Optional fields: written only when measured, so older readers see what they know.
+    json& last = j["gpu_costs"].back();
+    if (!k.empty()) last["kernel_us_by_bytes"] = k;
+    if (c.eager_gap_us > 0) last["eager_gap_us"] = c.eager_gap_us;
+    if (c.handoff_us > 0) last["handoff_us"] = c.handoff_us;
   }
   j["interconnect"] = json::array();
   for (const GpuLink& l : s.interconnect) {
@@ -208,6 +243,7 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file, i
   s.cpu_costs.moe_decode_gb_s = curve(cc.at("moe_decode_gb_s"), true);
   s.cpu_costs.prefill_gflop_s = curve(cc.at("prefill_gflop_s"), false);
   s.cpu_costs.handoff_host_thread_us = cc.at("handoff_host_thread_us").num(0, 1e6);
+  if (cc.has("moe_call_us")) s.cpu_costs.moe_call_us = cc.at("moe_call_us").num(0, 1e6);
   if (version >= 2 || cc.has("moe_decode_gb_s_per_node")) {
     const Field pn = cc.at("moe_decode_gb_s_per_node");
     for (size_t i = 0; i < pn.array_size(); ++i) {
@@ -269,6 +305,19 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file, i
     gc.attention_us = c.at("attention_us").num(0, 1e6);
     gc.attention_us_per_1k_ctx = c.at("attention_us_per_1k_ctx").num(0, 1e6);
     gc.prefill_gflop_s = c.at("prefill_gflop_s").num(0, kHuge);
+    // Optional in every version (older files do not have them).
+    if (c.has("kernel_us_by_bytes")) {
+      const Field k = c.at("kernel_us_by_bytes");
+      if (!k.raw().is_object()) k.fail("must be an object");
+      for (const auto& [name, curve] :
+           {std::pair{"matvec", &gc.matvec_us}, std::pair{"router", &gc.router_us},
+            std::pair{"moe_fused", &gc.moe_fused_us},
+            std::pair{"moe_unfused", &gc.moe_unfused_us}}) {
+        if (k.has(name)) *curve = bytes_curve(k.at(name));
+      }
+    }
+    if (c.has("eager_gap_us")) gc.eager_gap_us = c.at("eager_gap_us").num(0, 1e6);
+    if (c.has("handoff_us")) gc.handoff_us = c.at("handoff_us").num(0, 1e6);
     s.gpu_costs.push_back(gc);
   }
 

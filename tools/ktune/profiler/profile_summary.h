@@ -41,6 +41,12 @@ struct CpuInfo {
   std::vector<ThreadRate> read_gb_s;  // DRAM read probe by thread count (required, >= 1 point)
 };
 
+// One point of a kernel-time curve: the GPU time of one launch that reads `bytes` of weights.
+struct BytesTime {
+  double bytes = 0;
+  double us = 0;
+};
+
 struct CpuCosts {
   // CpuMoe (one token's selected experts of one layer) effective bandwidth: expert weight bytes
   // read ÷ wall time of compute(), by thread count, at the model's top-k (or 8 on --hardware).
@@ -54,6 +60,9 @@ struct CpuCosts {
     std::vector<ThreadRate> gb_s;
   };
   std::vector<NodeCurve> moe_decode_gb_s_per_node;
+  // Fixed cost of one CpuMoe call at the full thread count (waking the pool, quantizing h, the
+  // uneven finish): the intercept of call time against selected experts. 0: not measured.
+  double moe_call_us = 0;
 };
 
 struct GpuInfo {
@@ -84,6 +93,22 @@ struct GpuCosts {
   double attention_us = 0;             // attention kernel per layer at context ~0 (graph replay)
   double attention_us_per_1k_ctx = 0;  // its growth with context
   double prefill_gflop_s = 0;          // batched expert/attention matmuls (0 = not measured)
+  // Optional (absent in older files, then empty / 0, and the search uses the single bandwidths
+  // above as bytes ÷ bandwidth): GPU time of one launch by the weight bytes it reads, points of
+  // increasing bytes, measured in a replayed graph less one graph node (docs/profile-format.md).
+  //   matvec       a dense decode matvec (launch_matvec_fused, RMSNorm prologue, Q4_0)
+  //   router       the router matvec (F32) with the softmax top-k tail
+  //   moe_fused    one layer's fused MoE: gate/up/SwiGLU + down/sum over the selected experts
+  //                (two launches together), by the selected experts' bytes
+  //   moe_unfused  one expert matrix of the per-slot path (launch_matvec_rowwarp_slot)
+  std::vector<BytesTime> matvec_us, router_us, moe_fused_us, moe_unfused_us;
+  // GPU-side gap between eager kernels already queued (the host ahead): what an eager launch adds
+  // to a kernel of non-trivial length. 0: not measured (the search charges launch_eager_us).
+  double eager_gap_us = 0;
+  // The CPU hand-off of one layer as the engine runs it with mapped flags, inside a graph: the
+  // signal kernel (routing block to mapped memory), the CPU side answering at once, the wait +
+  // add kernel. 0: not measured (the search composes it from flag_handoff_us and copies).
+  double handoff_us = 0;
 };
 
 // One directed GPU pair's link, measured by `ktune profile --hardware` on machines with more

@@ -111,7 +111,7 @@ std::vector<int> CostModel::thread_candidates() const {
     bool dominated = false;
     for (int u : all) {
       if (u == t) continue;
-      const double dm = m_.cpu_moe_at(u) - m_.cpu_moe_at(t);
+      const double dm = cpu_expert_gb_s(u) - cpu_expert_gb_s(t);
       const double dp = m_.cpu_prefill_at(u) - m_.cpu_prefill_at(t);
       const double dr = m_.cpu_read_at(u) - m_.cpu_read_at(t);
       const bool ge = dm >= 0 && dp >= 0 && dr >= 0;
@@ -167,18 +167,60 @@ LayerSplit CostModel::split_of(int64_t l, const std::vector<bool>& on_gpu) const
 // ------------------------------------------------------------------------------------ decode --
 
 double CostModel::kernel_us(double work_us, bool graph) const {
-  // A kernel costs its work plus a per-launch overhead: a graph node's, or an eager launch's
-  // (the host enqueues back to back, so the launch rate bounds a stream of short kernels).
-  return work_us + m_.kernel_fixed_us + (graph ? m_.graph_node_us : m_.launch_eager_us);
+  // A kernel costs its GPU time plus a per-launch overhead: a graph node's; without a graph the
+  // host enqueues ahead, so a queued kernel adds the GPU's gap between eager kernels, and the
+  // host's launch rate bounds a run of short ones (max). Profiles without the eager gap: the
+  // eager launch cost on top of every kernel.
+  const double fixed = m_.kernel_fixed_us;
+  if (graph) return work_us + fixed + m_.graph_node_us;
+  if (m_.eager_gap_us > 0) return std::max(work_us + m_.eager_gap_us, m_.launch_eager_us) + fixed;
+  return work_us + fixed + m_.launch_eager_us;
+}
+
+double CostModel::cpu_expert_gb_s(int threads) const {
+  // CpuMoe streams the experts' weights from DRAM: never faster than the read probe at the same
+  // threads (the CpuMoe probe's small working set partly stays in the last-level cache). A rate
+  // given with --assume is taken as it is.
+  if (m_.cpu_moe_assumed) return m_.cpu_moe_at(threads);
+  return std::min(m_.cpu_moe_at(threads), m_.cpu_read_at(threads));
 }
 
 double CostModel::pre_gpu_us(int64_t l, double ctx, bool graph) const {
   const double attn = m_.attention_us + m_.attention_us_per_1k_ctx * ctx / 1000.0;
-  // q/k/v (norm prologue), attention partial + combine, o + residual, norm + router + top-k.
-  return kernel_us(us_for_bytes(qkv_bytes_[size_t(l)], m_.matvec_gb_s), graph) +
-         kernel_us(attn, graph) + kernel_us(0, graph) +
-         kernel_us(us_for_bytes(o_bytes_[size_t(l)], m_.matvec_gb_s), graph) +
-         kernel_us(us_for_bytes(router_bytes_[size_t(l)], m_.matvec_gb_s), graph);
+  // The engine's 4 launches before the MoE: q/k/v (norm prologue), attention (q/k norms and
+  // RoPE folded in), o + residual, norm + router + top-k.
+  return kernel_us(m_.matvec.us(qkv_bytes_[size_t(l)]), graph) + kernel_us(attn, graph) +
+         kernel_us(m_.matvec.us(o_bytes_[size_t(l)]), graph) +
+         kernel_us(m_.router.us(router_bytes_[size_t(l)]), graph);
+}
+
+double CostModel::fused_moe_us(double bytes, bool graph) const {
+  // The layer's two fused launches (gate/up/SwiGLU, down/sum): the curve gives their GPU time
+  // together; 2/3 of it to the first (gate and up: 2 of the 3 matrices), 1/3 to the second.
+  const double t = m_.moe_fused.us(bytes);
+  return kernel_us(t * 2 / 3, graph) + kernel_us(t / 3, graph);
+}
+
+double CostModel::handoff_us(const EngineSettings& e, bool graph) const {
+  const ModelConfig& c = model_.cfg;
+  const bool host_node = e.handoff == CpuHandoff::HostNode;
+  if (m_.handoff_us > 0) {
+    // Measured with the engine's signal and wait kernels in a graph; eager launches add their
+    // overhead over a node's to both; host nodes post and wait instead of the flag trip.
+    double h = m_.handoff_us;
+    if (!graph) h += 2 * (kernel_us(0, false) - kernel_us(0, true));
+    if (host_node) h += 2 * m_.host_node_us - m_.flag_handoff_us;
+    return h;
+  }
+  // Composed: the routing block (h, top-k ids and weights) to pinned memory, the trip (a flag
+  // round trip, or a host node to post and one to wait), the CPU sum back and added.
+  const double d2h = kernel_us(
+      us_for_bytes((double(c.hidden) + 2.0 * double(c.n_experts_used)) * 4.0,
+                   m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0),
+      graph);
+  const double merge =
+      kernel_us(us_for_bytes(double(c.hidden) * 4.0, m_.h2d_gb_s), graph) + kernel_us(0, graph);
+  return d2h + (host_node ? 2 * m_.host_node_us : m_.flag_handoff_us) + merge;
 }
 
 double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
@@ -187,13 +229,14 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
   const double eb = double(model_.bytes.expert[size_t(l)]);
   const int k = static_cast<int>(c.n_experts_used);
   if (w_.batch > 1) return decode_layer_batch_us(l, s, e, ctx);
+  const double cpu_bw = cpu_expert_gb_s(e.cpu_threads);
   if (!e.gpu) {
     // The CPU engine: attention weights and the f32 KV cache at DRAM speed, the token's experts
     // at CpuMoe's bandwidth.
     const double kv = 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
     return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
                         m_.cpu_read_at(e.cpu_threads)) +
-           us_for_bytes(k * eb, m_.cpu_moe_at(e.cpu_threads));
+           us_for_bytes(k * eb, cpu_bw);
   }
   // The engine captures both MoE paths: fused, and unfused as per-slot graph nodes that read the
   // expert id from device memory (no host read, so no sync).
@@ -201,72 +244,63 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
   const double L = m_.launch_eager_us;
   const double pre = pre_gpu_us(l, ctx, graph);
   const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
-  const double cpu_us_per_expert = us_for_bytes(eb, m_.cpu_moe_at(e.cpu_threads));
-  // Routing block to pinned memory: h, top-k ids and weights.
-  const double d2h = kernel_us(
-      us_for_bytes((double(c.hidden) + 2.0 * k) * 4.0, m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0), graph);
-  // CPU result back and added: H2D copy + add kernel.
-  const double merge =
-      kernel_us(us_for_bytes(double(c.hidden) * 4.0, m_.h2d_gb_s), graph) + kernel_us(0, graph);
-  // Fused GPU experts: gate/up/SwiGLU (2/3 of the bytes) and down + weighted sum (1/3).
-  auto fused = [&](double ng) {
+  // j of the token's experts on the CPU: one CpuMoe call (its fixed cost) and their bytes.
+  auto cpu_experts = [&](int j) {
+    return j > 0 ? m_.cpu_call_us + j * us_for_bytes(eb, cpu_bw) : 0.0;
+  };
+  // Fused GPU experts, n of the token's: the layer's two launches (they run, empty, when none of
+  // the token's experts is on the GPU).
+  auto fused = [&](double n) { return has_gpu ? fused_moe_us(n * eb, graph) : 0.0; };
+  // Unfused in a graph: memset, 5 nodes for every top-k slot (a slot whose expert is on the CPU
+  // runs them empty), the add; the GPU slots' three matrices at the per-expert kernel's time.
+  const double unfused_matrix = m_.moe_unfused.us(eb / 3);
+  auto unfused_graph = [&](double n) {
     if (!has_gpu) return 0.0;
-    const double bytes = ng * eb;
-    return kernel_us(us_for_bytes(bytes * 2 / 3, m_.moe_fused_gb_s), graph) +
-           kernel_us(us_for_bytes(bytes / 3, m_.moe_fused_gb_s), graph);
+    return 2 * kernel_us(0, true) + k * (3 * kernel_us(0, true) + 2 * kernel_us(0, true)) +
+           n * 3 * unfused_matrix;
   };
-  // Unfused: gate, up, SwiGLU, down, axpy per selected GPU expert (eager launches).
-  const double unfused_expert =
-      3 * kernel_us(us_for_bytes(eb / 3, m_.moe_unfused_gb_s), false) + 2 * kernel_us(0, false);
-  // Unfused in a graph: those 5 nodes for every top-k slot (a slot whose expert is on the CPU
-  // runs them empty), the GPU slots' matrices at the unfused kernels' bandwidth.
-  auto unfused_graph = [&](double ng) {
-    if (!has_gpu) return 0.0;
-    return k * (3 * kernel_us(0, true) + 2 * kernel_us(0, true)) +
-           ng * 3 * us_for_bytes(eb / 3, m_.moe_unfused_gb_s);
+  auto gpu_moe = [&](double n) {
+    return e.kernel == MoeKernel::Fused ? fused(n) : unfused_graph(n);
   };
-  auto gpu_moe = [&](double ng) {
-    return e.kernel == MoeKernel::Fused ? fused(ng) : unfused_graph(ng);
-  };
+  const bool host_synced = e.kernel == MoeKernel::Unfused && !graph;
+  if (!has_cpu && !host_synced) return pre + gpu_moe(k);
 
-  if (!has_cpu && (e.kernel == MoeKernel::Fused || graph)) return pre + gpu_moe(k);
   const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
   std::vector<double> pj;
   binomial(k, has_cpu ? q : 0.0, pj);
+  // The hand-off runs on every token in a layer holding CPU experts, whether or not the token
+  // selected one of them (the CPU side answers "nothing to add").
+  const double h = has_cpu && !host_synced ? handoff_us(e, graph) : 0.0;
+  // Unfused without a graph: routing copied to the host and the stream synchronised, the GPU
+  // experts launched one matrix at a time, then the host runs the CPU experts and enqueues their
+  // copy and add.
+  const double d2h = kernel_us(
+      us_for_bytes((double(c.hidden) + 2.0 * k) * 4.0, m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0),
+      false);
+  const double merge =
+      kernel_us(us_for_bytes(double(c.hidden) * 4.0, m_.h2d_gb_s), false) + kernel_us(0, false);
+  const double unfused_expert = 3 * kernel_us(unfused_matrix, false) + 2 * kernel_us(0, false);
   double expected = 0;
   for (int j = 0; j <= k; ++j) {
     const double pr = pj[size_t(j)];
     if (pr == 0) continue;
-    const double cpu = j > 0 ? m_.cpu_call_us + j * cpu_us_per_expert : 0.0;
+    const double cpu = cpu_experts(j);
     const double ng = has_gpu ? double(k - j) : 0.0;
     double t = 0;
-    if (graph) {
-      const double h = e.handoff == CpuHandoff::Flags ? m_.flag_handoff_us : m_.host_node_us;
-      t = pre + d2h + std::max(gpu_moe(ng), h + cpu) + (j > 0 ? merge : 0.0);
-    } else if (e.kernel == MoeKernel::Fused) {
-      // Host and GPU clocks from a synchronised start (the previous layer's hand-off): the host
-      // enqueues the layer, waits for the routing event, runs the CPU experts, enqueues the
-      // merge; the GPU runs its experts meanwhile.
-      const double gpu_pre_end = pre + d2h;
-      const double host_launched = (6 + (has_gpu ? 2 : 0)) * L;
-      const double host_wait_end = std::max(host_launched, gpu_pre_end) + m_.handoff_host_thread_us;
-      const double gpu_exp_end = std::max(gpu_pre_end, host_launched) + fused(ng);
-      const double host_cpu_end = host_wait_end + cpu;
-      t = std::max(gpu_exp_end, host_cpu_end) + (j > 0 ? merge : 0.0);
+    if (!host_synced) {
+      // GPU experts run while the CPU computes its own; the wait kernel joins them.
+      t = pre + h + std::max(gpu_moe(ng), cpu);
     } else {
-      // Unfused: routing to the host and a stream sync, then 5 launches per selected GPU expert
-      // (plus a memset and an add), then the CPU experts on the host thread.
-      const double after_sync = pre + d2h + m_.sync_us;
-      double gpu_end = after_sync, host_free = after_sync;
+      // Sync to sync: the host enqueues this layer's GPU experts, runs the CPU experts, enqueues
+      // their merge, then the next layer's kernels and routing copy, and synchronises.
+      double gpu_end = 0, host_free = 0;
       if (has_gpu) {
-        gpu_end = after_sync + 2 * kernel_us(0, false) + ng * unfused_expert;
-        host_free = after_sync + (2 + 5 * ng) * L;
+        gpu_end = 2 * kernel_us(0, false) + ng * unfused_expert;
+        host_free = (2 + 5 * ng) * L;
       }
       t = gpu_end;
-      if (has_cpu) {
-        const double host_cpu_end = host_free + m_.handoff_host_thread_us + cpu;
-        t = std::max(gpu_end, host_cpu_end) + (j > 0 ? merge : 0.0);
-      }
+      if (j > 0) t = std::max(gpu_end, host_free + cpu) + merge;
+      t += pre + d2h + m_.sync_us;
     }
     expected += pr * t;
   }
@@ -284,43 +318,40 @@ double CostModel::decode_layer_batch_us(int64_t l, const LayerSplit& s, const En
   const double eb = double(model_.bytes.expert[size_t(l)]);
   const size_t ci = chunk_index(w_.batch);
   const double gpu_distinct = s.gpu_distinct[ci], cpu_distinct = s.cpu_distinct[ci];
+  const double cpu_bw = cpu_expert_gb_s(e.cpu_threads);
   if (!e.gpu) {
     const double kv = B * 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
     return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
                         m_.cpu_read_at(e.cpu_threads)) +
-           us_for_bytes((gpu_distinct + cpu_distinct) * eb, m_.cpu_moe_at(e.cpu_threads));
+           us_for_bytes((gpu_distinct + cpu_distinct) * eb, cpu_bw);
   }
   const bool graph = e.cuda_graph && e.kernel == MoeKernel::Fused;
   // Attention reads B caches: priced as one attention over B times the context.
   const double pre = pre_gpu_us(l, B * ctx, graph);
   const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
-  const double gpu_us =
-      has_gpu ? 2 * kernel_us(us_for_bytes(gpu_distinct * eb, e.kernel == MoeKernel::Fused
-                                                                  ? m_.moe_fused_gb_s
-                                                                  : m_.moe_unfused_gb_s),
-                              graph)
-              : 0.0;
+  double gpu_us = 0;
+  if (has_gpu) {
+    gpu_us = e.kernel == MoeKernel::Fused
+                 ? fused_moe_us(gpu_distinct * eb, graph)
+                 : 2 * kernel_us(0, graph) +
+                       gpu_distinct * 3 * kernel_us(m_.moe_unfused.us(eb / 3), graph);
+  }
   if (!has_cpu) return pre + gpu_us;
-  const double cpu_us = us_for_bytes(cpu_distinct * eb, m_.cpu_moe_at(e.cpu_threads));
-  const double io = B * (double(c.hidden) + 2.0 * double(c.n_experts_used)) * 4.0;
-  const double d2h = kernel_us(us_for_bytes(io, m_.d2h_gb_s > 0 ? m_.d2h_gb_s : 1.0), graph);
-  const double merge =
-      kernel_us(us_for_bytes(B * double(c.hidden) * 4.0, m_.h2d_gb_s), graph) + kernel_us(0, graph);
-  const double handoff = graph ? (e.handoff == CpuHandoff::Flags ? m_.flag_handoff_us
-                                                                 : m_.host_node_us)
-                               : m_.handoff_host_thread_us;
-  return pre + d2h + std::max(gpu_us, handoff + cpu_us) + merge;
+  // One hand-off per layer for all B tokens (the routing block and the sum scale with B).
+  const double cpu_us = m_.cpu_call_us + us_for_bytes(cpu_distinct * eb, cpu_bw);
+  const double io = (B - 1) * (2.0 * double(c.hidden) + 2.0 * double(c.n_experts_used)) * 4.0;
+  const double extra_io = us_for_bytes(io, m_.h2d_gb_s > 0 ? m_.h2d_gb_s : 1.0);
+  return pre + handoff_us(e, graph) + extra_io + std::max(gpu_us, cpu_us);
 }
 
 double CostModel::decode_step_fixed_us(const EngineSettings& e) const {
-  const ModelConfig& c = model_.cfg;
   const double head = double(model_.bytes.head);
   if (!e.gpu) return us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
   const bool graph = e.cuda_graph;  // both MoE paths are captured (decode_layer_us)
-  // embedding, output head (norm prologue), argmax, advance; a graph is one launch per step.
-  return kernel_us(0, graph) + kernel_us(us_for_bytes(head, m_.matvec_gb_s), graph) +
-         kernel_us(us_for_bytes(4.0 * double(c.vocab), m_.gpu_read_gb_s), graph) +
-         kernel_us(0, graph) + (graph ? m_.launch_eager_us : 0.0);
+  // The embedding, and the output head with its norm prologue and the greedy tail (argmax,
+  // history, position) in one launch; a graph is one launch per step.
+  return kernel_us(0, graph) + kernel_us(m_.matvec.us(head), graph) +
+         (graph ? m_.launch_eager_us : 0.0);
 }
 
 // ----------------------------------------------------------------------------------- prefill --
@@ -338,7 +369,7 @@ CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
                             4 * nd * (double(c0) + (nd + 1) / 2) * double(c.n_heads * c.head_dim);
   const double expert_flops = 6 * h * double(c.expert_ffn);  // per token-expert pair
   const double cpu_rate = m_.cpu_prefill_at(e.cpu_threads);
-  const double cpu_moe_bw = m_.cpu_moe_at(e.cpu_threads);
+  const double cpu_moe_bw = cpu_expert_gb_s(e.cpu_threads);
   PrefillLayer r;
   if (!e.gpu) {
     const double kv = 2.0 * (double(c0) + nd) * double(c.n_kv_heads * c.head_dim) * 4.0;
@@ -455,7 +486,7 @@ double CostModel::prefill_s(const std::vector<LayerSplit>& splits, const EngineS
   // The output head for the last position, on the last GPU.
   const double head = double(model_.bytes.head);
   double end = gpu[ns - 1];
-  end += e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
+  end += e.gpu ? kernel_us(m_.matvec.us(head), false)
                : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
   return end * 1e-6;
 }
@@ -511,7 +542,7 @@ Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const Engin
 double CostModel::constant_s(const EngineSettings& e) const {
   const double tw = w_.total_weight();
   const double head = double(model_.bytes.head);
-  const double head_us = e.gpu ? kernel_us(us_for_bytes(head, m_.matvec_gb_s), false)
+  const double head_us = e.gpu ? kernel_us(m_.matvec.us(head), false)
                                : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
   double s = 0;
   for (const Request& r : w_.requests) {

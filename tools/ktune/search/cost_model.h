@@ -139,6 +139,11 @@ class CostModel {
  private:
   double kernel_us(double work_us, bool graph) const;          // one kernel: work + launch overhead
   double pre_gpu_us(int64_t l, double ctx, bool graph) const;  // attention + router kernels, µs
+  double fused_moe_us(double bytes, bool graph) const;  // the two fused MoE launches, µs
+  // One layer's CPU hand-off (GPU side: signal, trip, wait + add), paid on every token by a layer
+  // holding CPU experts.
+  double handoff_us(const EngineSettings& e, bool graph) const;
+  double cpu_expert_gb_s(int threads) const;  // CpuMoe's rate, capped by the DRAM read probe
   size_t chunk_index(int64_t n) const;
   const std::vector<std::vector<double>>& prefill_table(int cpu_threads, bool gpu) const;
 

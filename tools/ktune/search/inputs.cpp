@@ -196,10 +196,16 @@ const std::vector<AssumptionKey>& assumption_keys() {
       {"handoff_host_thread_us", "CPU hand-off by the host thread without a graph (default 20)"},
       {"cpu_call_us",
        "fixed cost of one CpuMoe call per hybrid layer with CPU experts selected (default 8)"},
-      {"kernel_fixed_us", "latency each kernel adds to bytes / bandwidth (default 0)"},
-      {"matvec_gb_s", "GPU attention/router/head matvec bandwidth"},
-      {"moe_fused_gb_s", "GPU fused MoE kernel bandwidth"},
-      {"moe_unfused_gb_s", "GPU per-expert MoE kernel bandwidth"},
+      {"kernel_fixed_us", "latency each kernel adds to its time (default 0)"},
+      {"eager_gap_us",
+       "GPU-side gap of a queued eager kernel (default: the profile's, else launch_eager_us is "
+       "charged per kernel)"},
+      {"handoff_us",
+       "one layer's flag hand-off with the engine's kernels, graph replay (default: the "
+       "profile's, else composed from flag_handoff_us)"},
+      {"matvec_gb_s", "GPU attention/router/head matvec bandwidth (replaces the kernel curve)"},
+      {"moe_fused_gb_s", "GPU fused MoE kernel bandwidth (replaces the kernel curve)"},
+      {"moe_unfused_gb_s", "GPU per-expert MoE kernel bandwidth (replaces the kernel curve)"},
       {"h2d_gb_s", "host-to-device copy bandwidth"},
       {"gpu_prefill_gflop_s", "GPU batched matmul rate (default 50000)"},
       {"cpu_prefill_gflop_s_per_thread", "CPU batched matmul rate per thread (default 40)"},
@@ -297,6 +303,7 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
   m.cpu_moe_gb_s = s.cpu_costs.moe_decode_gb_s;
   if (const double* v = given("cpu_moe_gb_s")) {
     for (auto& r : m.cpu_moe_gb_s) r.value = *v;
+    m.cpu_moe_assumed = true;
     m.notes.push_back(fmt::format("cpu_moe_gb_s = {} at every thread count (--assume)", *v));
   }
   m.cpu_prefill_gflop_s = s.cpu_costs.prefill_gflop_s;
@@ -317,7 +324,8 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
                                   20.0, "event sync + waking the CPU pool");
   // bench_cpu_moe on the H100 machine (b10cc68): waking the spinning pool ~2 µs, quantizing h
   // ~3, the uneven finish and return ~3-4 per call, whatever the bytes.
-  m.cpu_call_us = pick("cpu_call_us", 0.0, 8.0, "waking the pool, quantizing h, uneven finish");
+  m.cpu_call_us = pick("cpu_call_us", s.cpu_costs.moe_call_us, 8.0,
+                       "waking the pool, quantizing h, uneven finish");
   m.cpu_mem_available_bytes = s.cpu.mem_available_bytes;
 
   m.n_gpus = static_cast<int>(s.gpus.size());
@@ -339,6 +347,36 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
     m.matvec_gb_s = pick("matvec_gb_s", c.matvec_gb_s, 500.0, "");
     m.moe_fused_gb_s = pick("moe_fused_gb_s", c.moe_fused_gb_s, 500.0, "");
     m.moe_unfused_gb_s = pick("moe_unfused_gb_s", c.moe_unfused_gb_s, 200.0, "");
+    // Kernel times by bytes: the profile's curves, unless --assume gives that kernel's bandwidth
+    // (then bytes / bandwidth, as profiles without curves are priced).
+    auto curve = [&](const char* key, const std::vector<profile::BytesTime>& pts, double gb_s) {
+      KernelCurve k;
+      k.gb_s = gb_s;
+      if (given(key) == nullptr) k.points = pts;
+      return k;
+    };
+    m.matvec = curve("matvec_gb_s", c.matvec_us, m.matvec_gb_s);
+    m.moe_fused = curve("moe_fused_gb_s", c.moe_fused_us, m.moe_fused_gb_s);
+    m.moe_unfused = curve("moe_unfused_gb_s", c.moe_unfused_us, m.moe_unfused_gb_s);
+    // Without its own curve the router is priced as a matvec of its bytes.
+    m.router = c.router_us.empty() || given("matvec_gb_s") ? m.matvec
+                                                           : curve("", c.router_us, m.matvec_gb_s);
+    if (c.matvec_us.empty() && c.moe_fused_us.empty()) {
+      m.notes.push_back(
+          "the profile has no kernel times by size (recorded before they were measured): "
+          "kernels priced as bytes / one bandwidth each (re-record with `ktune profile "
+          "--hardware`)");
+    }
+    m.eager_gap_us = c.eager_gap_us;
+    m.handoff_us = c.handoff_us;
+    if (const double* v = given("eager_gap_us")) {
+      m.eager_gap_us = *v;
+      m.notes.push_back(fmt::format("eager_gap_us = {} (--assume)", *v));
+    }
+    if (const double* v = given("handoff_us")) {
+      m.handoff_us = *v;
+      m.notes.push_back(fmt::format("handoff_us = {} (--assume)", *v));
+    }
     m.attention_us = c.attention_us;
     m.attention_us_per_1k_ctx = c.attention_us_per_1k_ctx;
     m.gpu_prefill_gflop_s = pick("gpu_prefill_gflop_s", c.prefill_gflop_s, 50000.0,
@@ -392,6 +430,25 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
     }
   }
   return m;
+}
+
+double KernelCurve::us(double bytes) const {
+  const auto& p = points;
+  if (p.empty()) return gb_s > 0 ? bytes / (gb_s * 1e3) : 0.0;
+  if (p.size() == 1) return p[0].us * bytes / p[0].bytes;
+  // The segment that holds `bytes`, or the end segment it extends.
+  size_t i = 1;
+  while (i + 1 < p.size() && bytes > p[i].bytes) ++i;
+  const double slope = (p[i].us - p[i - 1].us) / (p[i].bytes - p[i - 1].bytes);
+  if (bytes >= p.back().bytes) {
+    // Beyond the largest point: its segment's marginal rate, or its average rate when the
+    // points are noisy enough to slope down.
+    return p.back().us + (bytes - p.back().bytes) * (slope > 0 ? slope : p.back().us / p.back().bytes);
+  }
+  const double t = p[i - 1].us + (bytes - p[i - 1].bytes) * slope;
+  // Below the smallest point: the first segment's line down to its latency, never below the
+  // first point's proportional share (a steep first segment would cross zero).
+  return bytes < p[0].bytes ? std::max(t, p[0].us * bytes / p[0].bytes) : t;
 }
 
 double MachineCosts::transfer_us(int i, int j, double bytes) const {

@@ -76,6 +76,17 @@ std::string find_profile(const std::string& arg);
 
 // ---------------------------------------------------------------------------------- machine --
 
+// GPU time of one kernel launch as a function of the weight bytes it reads (docs/search.md,
+// "Kernels"): the profile's measured points, interpolated linearly, and beyond them extrapolated
+// along the end segments (latency + bytes / bandwidth of that stretch), never below the
+// proportional share of the first point; one point scales proportionally; no points: bytes /
+// gb_s (profiles recorded before the curves, or an --assume override).
+struct KernelCurve {
+  std::vector<profile::BytesTime> points;  // increasing bytes
+  double gb_s = 0;                         // the single bandwidth, when there are no points
+  double us(double bytes) const;
+};
+
 // The machine's costs as the cost model uses them: the profile's numbers, with --assume values
 // applied over them and documented defaults for numbers the profile did not measure (0 / empty);
 // every default used is named in `notes`.
@@ -85,8 +96,9 @@ struct MachineCosts {
   int physical_cores = 1;
   std::vector<profile::ThreadRate> cpu_read_gb_s;        // DRAM read by threads
   std::vector<profile::ThreadRate> cpu_moe_gb_s;         // CpuMoe decode bandwidth by threads
+  bool cpu_moe_assumed = false;  // --assume cpu_moe_gb_s: taken as given (not capped by DRAM)
   std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
-  double handoff_host_thread_us = 0;                     // per hybrid layer without a graph
+  double handoff_host_thread_us = 0;                     // prefill: CPU experts by the host
   double cpu_call_us = 0;  // fixed cost of one CpuMoe call (wake, quantize h, uneven finish)
   int64_t cpu_mem_available_bytes = 0;
 
@@ -102,6 +114,14 @@ struct MachineCosts {
   double attention_us = 0, attention_us_per_1k_ctx = 0;
   double gpu_prefill_gflop_s = 0;
   double kernel_fixed_us = 0;  // latency every kernel adds to bytes / bandwidth (default 0)
+  // Kernel times by bytes (the profile's curves; bandwidth-only without them).
+  KernelCurve matvec, router, moe_fused, moe_unfused;
+  // GPU-side gap of a queued eager kernel; 0: not measured, an eager kernel costs
+  // launch_eager_us on top of its time (the older model).
+  double eager_gap_us = 0;
+  // One layer's flag hand-off with the engine's kernels (signal, CPU answer, wait + add), graph
+  // replay; 0: not measured (composed from flag_handoff_us, a D2H and an H2D copy and an add).
+  double handoff_us = 0;
   int n_gpus = 0;              // GPUs in the profile
 
   // Every GPU of the profile, in order (gpus[0] is the one above). The search prices every GPU
