@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include "ktune/engine/cuda/cuda_check.h"
+#include "ktune/engine/cuda/hybrid_kernels.h"
 #include "ktune/engine/cuda/kernels.h"
 #include "profiler/hardware_kernels.h"
 #endif
@@ -94,7 +95,8 @@ profile::CpuInfo measure_cpu(const HardwareOptions& o, json* raw) {
   return c;
 }
 
-std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json* raw) {
+std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json* raw,
+                                                 double* call_us) {
   // Experts of qwen3-30b-a3b's shape from the synthetic generator (only the expert tensors of a
   // few layers, so it fits anywhere), cycling layers so the caches do not hold them.
   SynthOptions so;
@@ -104,7 +106,8 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json*
   SyntheticGenerator gen(so);
   ModelWeights w;
   w.cfg = gen.config();
-  const int64_t n_layers = o.quick ? 1 : 2;
+  // 6 layers (2 GB of experts): a working set far above the last-level cache, as a model's.
+  const int64_t n_layers = o.quick ? 1 : 6;
   w.cfg.n_layers = n_layers;
   w.layers.resize(static_cast<size_t>(n_layers));
   w.quant = so.quant;
@@ -180,6 +183,33 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json*
     }
     curve.push_back({t, std::max(best, 1e-3)});
     points.push_back({{"threads", t}, {"gb_s", best}});
+    if (t == thread_list(o).back()) {
+      // The call's fixed cost at the full thread count: mean call time with 1 and with k
+      // experts, t(n) = call + n * per_expert, so call = (k * t(1) - t(k)) / (k - 1).
+      auto mean_us = [&](int n) {
+        double secs = 0;
+        for (int it = 0; it < iters; ++it) {
+          std::vector<int32_t> all(static_cast<size_t>(n_exp));
+          for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+          std::shuffle(all.begin(), all.end(), rng);
+          std::copy(all.begin(), all.begin() + n, ids.begin());
+          std::sort(ids.begin(), ids.begin() + n);
+          const double t0 = now_s();
+          moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), n, y.data());
+          secs += now_s() - t0;
+        }
+        return secs * 1e6 / iters;
+      };
+      double t1 = 1e30, tk = 1e30;
+      for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) {
+        t1 = std::min(t1, mean_us(1));
+        tk = std::min(tk, mean_us(static_cast<int>(k)));
+      }
+      const double call = std::max(0.0, (double(k) * t1 - tk) / double(k - 1));
+      if (call_us != nullptr) *call_us = call;
+      if (raw) (*raw)["cpu_moe_call"] = {{"threads", t}, {"one_expert_us", t1},
+                                         {"top_k_us", tk}, {"call_us", call}};
+    }
   }
   if (raw) {
     (*raw)["cpu_moe"] = {{"shape", "qwen3-30b-a3b experts, q4_0, top-8 of 128"},
@@ -217,6 +247,274 @@ void flag_responder(volatile uint32_t* to_host, volatile uint32_t* from_host, in
       *from_host = v;
     }
   }
+}
+
+
+// A captured graph, destroyed with its executable.
+struct CapturedGraph {
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t ge = nullptr;
+  CapturedGraph() = default;
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  ~CapturedGraph() {
+    if (ge != nullptr) cudaGraphExecDestroy(ge);
+    if (g != nullptr) cudaGraphDestroy(g);
+  }
+};
+
+// Time per call (µs) of fn(0..n-1) captured into one graph and replayed: the best of `reps`
+// timed replays after a warm one. What a kernel costs inside the engine's decode graph.
+template <class Fn>
+double graph_us_per_call(cudaStream_t s, int n, int reps, Fn&& fn) {
+  CapturedGraph cg;
+  KTUNE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < n; ++i) fn(i);
+  KTUNE_CUDA_CHECK(cudaStreamEndCapture(s, &cg.g));
+  KTUNE_CUDA_CHECK(cudaGraphInstantiate(&cg.ge, cg.g, 0));
+  Timer tm;
+  KTUNE_CUDA_CHECK(cudaGraphLaunch(cg.ge, s));
+  KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    tm.start(s);
+    KTUNE_CUDA_CHECK(cudaGraphLaunch(cg.ge, s));
+    best = std::min(best, tm.stop_ms(s) * 1e3 / n);
+  }
+  return best;
+}
+
+// Copies of a call's weights cycled so that consecutive calls miss the 50 MB L2, as a decode
+// step's layers do: at least 2, enough for 256 MB, as many as fit `pool` bytes.
+int64_t copies_for(int64_t bytes, int64_t pool) {
+  const int64_t want = std::max<int64_t>(2, (int64_t{256} << 20) / std::max<int64_t>(bytes, 1) + 1);
+  return std::max<int64_t>(1, std::min(want, pool / std::max<int64_t>(bytes, 1)));
+}
+
+// Kernel time by weight bytes (profile_summary.h, GpuCosts::*_us): the engine's decode kernels at
+// the sizes of qwen3-30b-a3b, qwen3-235b-a22b and DeepSeek-V3 (Q4_0 weights, F32 router), each
+// timed in a replayed graph less its graph nodes (the search adds a node or an eager launch per
+// kernel itself). Also the GPU-side gap of queued eager launches.
+json measure_kernel_curves(const HardwareOptions& o, profile::GpuCosts& c, cudaStream_t s) {
+  const QuantType q = QuantType::Q4_0;
+  const int64_t pool_bytes = o.quick ? (int64_t{96} << 20) : (int64_t{768} << 20);
+  cuda::DeviceBuffer pool(static_cast<size_t>(pool_bytes));
+  // 0x11 bytes: small normal Q4_0 scales and tiny F32 values (no NaN); values do not change time.
+  KTUNE_CUDA_CHECK(cudaMemsetAsync(pool.data(), 0x11, pool.size(), s));
+  const int64_t max_cols = 7168, max_rows = 151936;
+  cuda::DeviceBuffer x(max_cols * 4), norm(max_cols * 4), y(max_rows * 4), act(8 * 2048 * 4),
+      ids_d(8 * 4), w_d(8 * 4), topk_ids(64 * 4), topk_w(64 * 4), counter(64);
+  KTUNE_CUDA_CHECK(cudaMemsetAsync(x.data(), 0, x.size(), s));
+  KTUNE_CUDA_CHECK(cudaMemsetAsync(norm.data(), 0, norm.size(), s));
+  KTUNE_CUDA_CHECK(cudaMemsetAsync(counter.data(), 0, counter.size(), s));
+  const std::vector<int32_t> ids = {0, 1, 2, 3, 4, 5, 6, 7};
+  const std::vector<float> wts(8, 0.125f);
+  KTUNE_CUDA_CHECK(cudaMemcpyAsync(ids_d.data(), ids.data(), 32, cudaMemcpyHostToDevice, s));
+  KTUNE_CUDA_CHECK(cudaMemcpyAsync(w_d.data(), wts.data(), 32, cudaMemcpyHostToDevice, s));
+  KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
+  KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
+  auto* base = pool.as<uint8_t>();
+  const int calls = o.quick ? 8 : 48, reps = o.quick ? 2 : 5;
+  const double node = c.graph_node_us;
+  auto point = [&](std::vector<profile::BytesTime>& curve, json& raw, int64_t bytes,
+                   double per_call_us, int kernels, const std::string& what) {
+    const double us = std::max(per_call_us - kernels * node, 0.05);
+    curve.push_back({static_cast<double>(bytes), us});
+    raw.push_back({{"shape", what}, {"bytes", bytes}, {"us", us}, {"graph_us", per_call_us}});
+  };
+  json raw = json::object();
+  // Dense matvec with the RMSNorm prologue (q/k/v, router, head as the engine launches them).
+  {
+    json r = json::array();
+    const std::pair<int64_t, int64_t> shapes[] = {
+        {2048, 2048}, {5120, 2048}, {9216, 4096}, {32768, 4096}, {151936, 2048}};
+    for (const auto& [rows, cols] : shapes) {
+      const int64_t bytes = rows * row_bytes(q, cols);
+      if (bytes > pool_bytes) continue;
+      const int64_t copies = copies_for(bytes, pool_bytes);
+      const double t = graph_us_per_call(s, calls, reps, [&](int i) {
+        cuda::MatvecFused m;
+        m.type = q;
+        m.cols = cols;
+        m.x = x.as<float>();
+        m.norm_w = norm.as<float>();
+        m.eps = 1e-6f;
+        m.seg[0] = {base + (i % copies) * bytes, y.as<float>(), rows};
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_fused(m, s));
+      });
+      point(c.matvec_us, r, bytes, t, 1, fmt::format("{} x {} q4_0", rows, cols));
+    }
+    raw["matvec"] = r;
+  }
+  // Router: F32 matvec of the normed x, then the softmax top-8 tail.
+  {
+    json r = json::array();
+    const std::pair<int64_t, int64_t> shapes[] = {{128, 2048}, {128, 4096}, {256, 7168}};
+    for (const auto& [rows, cols] : shapes) {
+      const int64_t bytes = rows * cols * 4;
+      const int64_t copies = copies_for(bytes, pool_bytes);
+      const double t = graph_us_per_call(s, calls, reps, [&](int i) {
+        cuda::MatvecFused m;
+        m.type = QuantType::F32;
+        m.cols = cols;
+        m.x = x.as<float>();
+        m.norm_w = norm.as<float>();
+        m.eps = 1e-6f;
+        // 16-byte aligned rows: copies start at multiples of the matrix size (a multiple of 16).
+        m.seg[0] = {base + (i % copies) * bytes, y.as<float>(), rows};
+        m.topk_ids = topk_ids.as<int32_t>();
+        m.topk_w = topk_w.as<float>();
+        m.topk_k = 8;
+        m.counter = counter.as<unsigned>();
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_fused(m, s));
+      });
+      point(c.router_us, r, bytes, t, 1, fmt::format("{} experts x {} f32, top-8", rows, cols));
+    }
+    raw["router"] = r;
+  }
+  // Fused MoE of one layer (gate/up/SwiGLU + down/sum) over n selected experts.
+  double eager_gap = 0;
+  {
+    json r = json::array();
+    struct Shape {
+      int64_t hidden, ffn, n;
+      const char* name;
+    };
+    const Shape shapes[] = {{2048, 768, 1, "qwen3-30b-a3b"},   {2048, 768, 2, "qwen3-30b-a3b"},
+                            {2048, 768, 4, "qwen3-30b-a3b"},   {2048, 768, 8, "qwen3-30b-a3b"},
+                            {4096, 1536, 8, "qwen3-235b-a22b"}, {7168, 2048, 8, "deepseek-v3"}};
+    for (const Shape& sh : shapes) {
+      const int64_t mat = row_bytes(q, sh.hidden) * sh.ffn;  // gate or up of one expert
+      const int64_t down = row_bytes(q, sh.ffn) * sh.hidden;
+      const int64_t layer = 8 * (2 * mat + down);  // 8 experts (ids 0..7) per copy
+      if (layer > pool_bytes) continue;
+      const int64_t copies = copies_for(layer, pool_bytes);
+      auto gate = [&](int64_t i) { return base + (i % copies) * layer; };
+      auto launch = [&](int i) {
+        KTUNE_CUDA_CHECK(cuda::launch_moe_gate_up_swiglu(
+            q, gate(i), gate(i) + 8 * mat, mat, ids_d.as<int32_t>(), sh.n, 8, x.as<float>(),
+            sh.ffn, sh.hidden, act.as<float>(), s));
+        KTUNE_CUDA_CHECK(cuda::launch_moe_down_sum(q, gate(i) + 16 * mat, down,
+                                                   ids_d.as<int32_t>(), w_d.as<float>(), sh.n, 8,
+                                                   act.as<float>(), sh.hidden, sh.ffn,
+                                                   y.as<float>(), s));
+      };
+      const double t = graph_us_per_call(s, calls, reps, launch);
+      const int64_t bytes = sh.n * (2 * mat + down);
+      point(c.moe_fused_us, r, bytes, t, 2, fmt::format("{} x {} experts", sh.n, sh.name));
+      if (sh.n == 8 && sh.hidden == 2048) {
+        // The same pairs launched eagerly back to back (the host runs ahead: each kernel takes
+        // longer than a launch): what an eager launch adds over a graph node.
+        for (int i = 0; i < 4; ++i) launch(i);
+        Timer tm;
+        tm.start(s);
+        for (int i = 0; i < calls; ++i) launch(i);
+        const double eager = tm.stop_ms(s) * 1e3 / calls;
+        eager_gap = std::max((eager - t) / 2 + node, node);
+        raw["eager_pair_us"] = eager;
+      }
+    }
+    raw["moe_fused"] = r;
+  }
+  c.eager_gap_us = eager_gap;
+  // One expert matrix of the per-slot unfused path (expert id read from device memory).
+  {
+    json r = json::array();
+    const std::pair<int64_t, int64_t> shapes[] = {{768, 2048}, {1536, 4096}, {2048, 7168}};
+    for (const auto& [rows, cols] : shapes) {
+      const int64_t mat = rows * row_bytes(q, cols);
+      const int64_t copies = copies_for(8 * mat, pool_bytes);
+      const double t = graph_us_per_call(s, calls, reps, [&](int i) {
+        KTUNE_CUDA_CHECK(cuda::launch_matvec_rowwarp_slot(
+            q, base + (i / 8 % copies) * 8 * mat, mat, ids_d.as<int32_t>(), i % 8, nullptr,
+            x.as<float>(), rows, cols, y.as<float>(), s));
+      });
+      point(c.moe_unfused_us, r, mat, t, 1, fmt::format("{} x {} q4_0 slot", rows, cols));
+    }
+    raw["moe_unfused"] = r;
+  }
+  raw["eager_gap_us"] = c.eager_gap_us;
+  return raw;
+}
+
+// The engine's flag hand-off of one layer in a replayed graph (cpu_handoff.cu's signal and
+// wait + add kernels, qwen3-30b-a3b's routing block), a CPU thread answering every layer at once
+// with one expert's sum: the GPU-side cost a layer with CPU experts pays on every token.
+json measure_handoff(const HardwareOptions& o, profile::GpuCosts& c, cudaStream_t s) {
+  const int layers = o.quick ? 16 : 96;
+  const int reps = o.quick ? 2 : 6;
+  const int64_t hidden = 2048, k = 8;
+  const size_t stage_bytes = static_cast<size_t>((hidden + 2 * k) * 4);
+  void* host = nullptr;
+  const size_t words_bytes = sizeof(cuda::HandoffWords) * static_cast<size_t>(layers);
+  const size_t host_bytes = words_bytes + stage_bytes + static_cast<size_t>(hidden) * 4;
+  KTUNE_CUDA_CHECK(cudaHostAlloc(&host, host_bytes, cudaHostAllocMapped));
+  std::unique_ptr<void, decltype(&cudaFreeHost)> guard(host, &cudaFreeHost);
+  std::memset(host, 0, host_bytes);
+  void* dhost = nullptr;
+  KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(&dhost, host, 0));
+  auto* words = static_cast<cuda::HandoffWords*>(host);
+  auto* dwords = static_cast<cuda::HandoffWords*>(dhost);
+  auto* dstage_mapped = static_cast<uint8_t*>(dhost) + words_bytes;
+  auto* dy_mapped = reinterpret_cast<float*>(static_cast<uint8_t*>(dhost) + words_bytes + stage_bytes);
+  cuda::DeviceBuffer stage(stage_bytes), pos(4), epoch(4), error(4), x(hidden * 4);
+  for (auto* b : {&stage, &pos, &epoch, &error, &x}) {
+    KTUNE_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->size(), s));
+  }
+  const uint64_t timeout_ns = uint64_t{2} * 1000 * 1000 * 1000;
+  CapturedGraph cg;
+  KTUNE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int l = 0; l < layers; ++l) {
+    KTUNE_CUDA_CHECK(cuda::launch_handoff_signal(stage.data(), stage_bytes, dstage_mapped,
+                                                 pos.as<int32_t>(), epoch.as<uint32_t>(),
+                                                 dwords + l, s));
+    KTUNE_CUDA_CHECK(cuda::launch_handoff_wait_add(dwords + l, dy_mapped, pos.as<int32_t>(),
+                                                   epoch.as<uint32_t>(), error.as<uint32_t>(),
+                                                   1000u + static_cast<uint32_t>(l), timeout_ns,
+                                                   x.as<float>(), hidden, s));
+  }
+  KTUNE_CUDA_CHECK(cudaStreamEndCapture(s, &cg.g));
+  KTUNE_CUDA_CHECK(cudaGraphInstantiate(&cg.ge, cg.g, 0));
+  // The CPU side: for each replay (epoch e, position 0 so seq = e << 32), every layer in order.
+  std::atomic<bool> stop{false};
+  std::atomic<int> answered{0};
+  std::thread cpu([&] {
+    for (int e = 1; e <= reps + 1 && !stop; ++e) {
+      const uint64_t seq = static_cast<uint64_t>(e) << 32;
+      for (int l = 0; l < layers && !stop; ++l) {
+        while (!stop && __atomic_load_n(&words[l].request, __ATOMIC_ACQUIRE) != seq) {
+        }
+        words[l].n_cpu = 1;
+        __atomic_store_n(&words[l].done, seq, __ATOMIC_RELEASE);
+        answered.fetch_add(1);
+      }
+    }
+  });
+  Timer tm;
+  double best = 1e30;
+  bool ok = true;
+  for (int e = 1; e <= reps + 1 && ok; ++e) {
+    const uint32_t ep = static_cast<uint32_t>(e);
+    KTUNE_CUDA_CHECK(cudaMemcpyAsync(epoch.data(), &ep, 4, cudaMemcpyHostToDevice, s));
+    KTUNE_CUDA_CHECK(cudaStreamSynchronize(s));
+    tm.start(s);
+    KTUNE_CUDA_CHECK(cudaGraphLaunch(cg.ge, s));
+    const double us = tm.stop_ms(s) * 1e3 / layers;
+    uint32_t err = 0;
+    KTUNE_CUDA_CHECK(cudaMemcpy(&err, error.data(), 4, cudaMemcpyDeviceToHost));
+    ok = err == 0;
+    if (e > 1) best = std::min(best, us);  // the first replay warms up
+  }
+  stop = true;
+  cpu.join();
+  json raw = {{"layers", layers}, {"stage_bytes", stage_bytes}, {"answered", answered.load()}};
+  if (ok && best < 1e30) {
+    c.handoff_us = best;
+    raw["us_per_layer"] = best;
+  } else {
+    raw["note"] = "the CPU thread did not answer in 2 s: handoff_us not measured";
+  }
+  return raw;
 }
 
 json probe_one_gpu(int d, const HardwareOptions& o, profile::GpuInfo& info,
@@ -448,32 +746,35 @@ json probe_one_gpu(int d, const HardwareOptions& o, profile::GpuInfo& info,
                       {"moe_bytes_per_layer_token", moe_bytes},
                       {"layers_cycled", layers}};
   }
-  // Attention at context ~0 and ~4k (qwen3-30b-a3b heads).
+  // Attention at context ~0 and ~4k (qwen3-30b-a3b heads): the engine's kernel (q/k norms and
+  // RoPE folded in), in a replayed graph less its node.
   {
     const int64_t nh = 32, nkv = 4, hd = 128, ctx = 4096;
     cuda::DeviceBuffer q(nh * hd * 4), kn(nkv * hd * 4), vn(nkv * hd * 4), out(nh * hd * 4),
-        kc(nkv * ctx * hd * 2), vc(nkv * ctx * hd * 2), pos(4),
-        ws(cuda::attention_decode_workspace_bytes(nh, hd, ctx));
-    for (auto* b : {&q, &kn, &vn, &kc, &vc}) {
+        kc(nkv * ctx * hd * 2), vc(nkv * ctx * hd * 2), pos(4), qw(hd * 4), kw(hd * 4),
+        inv(hd / 2 * 4), ws(cuda::attention_decode_workspace_bytes(nh, hd, ctx));
+    for (auto* b : {&q, &kn, &vn, &kc, &vc, &qw, &kw, &inv}) {
       KTUNE_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->size(), s));
     }
     auto time_at = [&](int32_t p) {
       KTUNE_CUDA_CHECK(cudaMemcpyAsync(pos.data(), &p, 4, cudaMemcpyHostToDevice, s));
       stream.synchronize();
-      const int n = o.quick ? 20 : 200;
-      tm.start(s);
-      for (int i = 0; i < n; ++i) {
-        KTUNE_CUDA_CHECK(cuda::launch_attention_decode(
-            q.as<float>(), kn.as<float>(), vn.as<float>(), kc.as<uint16_t>(), vc.as<uint16_t>(),
-            pos.as<int32_t>(), nh, nkv, hd, ctx, ws.data(), out.as<float>(), s));
-      }
-      return tm.stop_ms(s) * 1e3 / n;
+      const double t = graph_us_per_call(s, o.quick ? 20 : 200, o.quick ? 2 : 5, [&](int) {
+        KTUNE_CUDA_CHECK(cuda::launch_attention_decode_qknorm_rope(
+            q.as<float>(), kn.as<float>(), vn.as<float>(), qw.as<float>(), kw.as<float>(), 1e-6f,
+            inv.as<float>(), kc.as<uint16_t>(), vc.as<uint16_t>(), pos.as<int32_t>(), nh, nkv, hd,
+            ctx, ws.data(), out.as<float>(), s));
+      });
+      return std::max(t - c.graph_node_us, 0.05);
     };
     const double t0 = time_at(0);
     const double t4k = time_at(static_cast<int32_t>(ctx - 1));
     c.attention_us = t0;
     c.attention_us_per_1k_ctx = std::max(0.0, (t4k - t0) / (static_cast<double>(ctx - 1) / 1000));
   }
+  // Kernel times by size, the eager gap, the hand-off with the engine's kernels.
+  raw["kernel_us_by_bytes"] = measure_kernel_curves(o, c, s);
+  raw["handoff"] = measure_handoff(o, c, s);
   raw["device"] = info.device;
   return raw;
 }

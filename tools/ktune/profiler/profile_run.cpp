@@ -230,7 +230,8 @@ ProfileDoc profile_hardware(const ProfileOptions& opt) {
   json raw = json::object();
   stamp_summary(doc.summary, "hardware");
   doc.summary.cpu = measure_cpu(ho, &raw);
-  doc.summary.cpu_costs.moe_decode_gb_s = measure_cpu_moe(ho, &raw);
+  doc.summary.cpu_costs.moe_decode_gb_s =
+      measure_cpu_moe(ho, &raw, &doc.summary.cpu_costs.moe_call_us);
   measure_gpus(ho, doc.summary, &raw);
   measure_interconnect(ho, doc.summary, &raw);
   if (doc.summary.gpus.size() < 2) raw["interconnect"] = "skipped: fewer than 2 GPUs";
