@@ -292,6 +292,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   // Small device words, one aligned slot each: token, pos, router_counter, epoch, head_key[2].
   constexpr size_t kSmallSlots = 5;
   work += align_up(stage_bytes) + kSmallSlots * kAlign + align_up(static_cast<size_t>(max_ctx) * 4);
+  const size_t count_bytes =
+      opt.count_experts ? static_cast<size_t>((le - lb) * n_exp) * sizeof(int32_t) : 0;
+  work += count_bytes > 0 ? align_up(count_bytes) : 0;
   work_arena = cuda::DeviceArena(work, "gpu engine workspace");
   for (int64_t l = lb; l < le; ++l) {
     DevLayer& d = L[static_cast<size_t>(l)];
@@ -331,6 +334,10 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   head_key = work_arena.alloc_n<unsigned long long>(2);  // decode-speed: key, then the counter
   head_counter = reinterpret_cast<unsigned*>(head_key + 1);
   KTUNE_CUDA_CHECK(cudaMemset(head_key, 0, 2 * sizeof(unsigned long long)));
+  if (count_bytes > 0) {
+    expert_counts_d = static_cast<int32_t*>(work_arena.alloc(count_bytes));
+    KTUNE_CUDA_CHECK(cudaMemset(expert_counts_d, 0, count_bytes));
+  }
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
   if (const char* e = std::getenv("KTUNE_GPU_LEGACY")) legacy = e[0] != '\0' && e[0] != '0';
   if (is_hybrid) legacy = false;  // the one-launch-per-op step has no hybrid MoE
@@ -639,6 +646,38 @@ std::string GpuEngine::describe() const {
 bool GpuEngine::hybrid() const {
   if (ds_) return ds_->hybrid();
   return pipe_ ? pipe_->hybrid() : impl_->is_hybrid;
+}
+
+void GpuEngine::Impl::add_expert_counts(std::vector<std::vector<uint64_t>>& out) {
+  if (expert_counts_d == nullptr || legacy) return;
+  std::vector<int32_t> h(static_cast<size_t>((le - lb) * n_exp));
+  KTUNE_CUDA_CHECK(cudaMemcpyAsync(h.data(), expert_counts_d, h.size() * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream));
+  KTUNE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t l = lb; l < le; ++l) {
+    for (int64_t e = 0; e < n_exp; ++e) {
+      out[static_cast<size_t>(l)][static_cast<size_t>(e)] +=
+          static_cast<uint64_t>(h[static_cast<size_t>((l - lb) * n_exp + e)]);
+    }
+  }
+}
+
+std::vector<std::vector<uint64_t>> GpuEngine::expert_counts() const {
+  const GpuEngineOptions& o = options();
+  const ModelConfig* cfg = pipe_ ? &pipe_->stages.front()->cfg : &impl_->cfg;
+  if (!o.count_experts) return {};
+  std::vector<std::vector<uint64_t>> out(static_cast<size_t>(cfg->n_layers),
+                                         std::vector<uint64_t>(static_cast<size_t>(cfg->n_experts)));
+  if (pipe_) {
+    for (size_t i = 0; i < pipe_->stages.size(); ++i) {
+      pipe_->set_device(i);
+      pipe_->stages[i]->add_expert_counts(out);
+    }
+  } else {
+    if (impl_->legacy) return {};
+    impl_->add_expert_counts(out);
+  }
+  return out;
 }
 
 }  // namespace ktune

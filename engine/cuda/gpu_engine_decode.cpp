@@ -98,6 +98,7 @@ void GpuEngine::Impl::enqueue_step_fused() {
       router.topk_k = top_k;
       router.topk_norm = cfg.norm_topk_prob;
       router.counter = router_counter;
+      router.topk_counts = expert_counts_d != nullptr ? expert_counts_d + (l - lb) * n_exp : nullptr;
       check_launch(cuda::launch_matvec_fused(router, s), "launch_matvec_fused router");
     }
     moe(d, l);

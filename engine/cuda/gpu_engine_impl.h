@@ -97,6 +97,8 @@ struct GpuEngine::Impl {
       *inv_freq;
   int32_t *ids, *token, *pos, *history;
   unsigned* router_counter = nullptr;  // launch_matvec_fused's router tail (self-resetting)
+  // opt.count_experts: selections of layers lb..le-1, (le - lb) x n_exp int32 (router tail).
+  int32_t* expert_counts_d = nullptr;
   void* attn_ws = nullptr;
   // KTUNE_GPU_LEGACY=1: the step as one launch per op (separate norms, rope, residual adds,
   // router top-k; launch_matvec), for A/B timing against the fused step.
@@ -177,6 +179,8 @@ struct GpuEngine::Impl {
   uint64_t step_seq() const;  // seq of the step at host_pos
   void sync();                // stream sync + hand-off errors -> ktune::Error
   void set_token(int32_t t);
+  // Adds this Impl's counted selections to out (rows lb..le-1 of n_layers x n_exp).
+  void add_expert_counts(std::vector<std::vector<uint64_t>>& out);
 
   // Concurrent sequences (gpu_engine_batch.cpp). host_pos is the current sequence's position;
   // seq_pos[s] the others' (seq_pos[cur_seq] is stale while it is current). The device `pos`

@@ -98,6 +98,7 @@ struct MvParams {
   float* topk_w;
   int topk_k;
   int topk_norm;
+  int32_t* topk_counts;
   unsigned* counter;
   unsigned long long* argmax_key;
   int32_t* argmax_out;
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) matvec_fused_kernel(const MvParams p
   __threadfence();
   if (p.topk_ids != nullptr) {  // the whole (last) block: is_last is uniform over it
     detail::block_router_topk(p.y[0], p.rows_end[0], p.topk_k, p.topk_norm != 0, p.topk_ids,
-                              p.topk_w, sx + p.cols, sel_id, sel_w);
+                              p.topk_w, sx + p.cols, sel_id, sel_w, p.topk_counts);
   }
   if (threadIdx.x == 0) {
     if (p.argmax_key != nullptr) {
@@ -393,6 +394,7 @@ cudaError_t launch_matvec_fused(const MatvecFused& a, cudaStream_t stream) {
   p.topk_w = a.topk_w;
   p.topk_k = static_cast<int>(a.topk_k);
   p.topk_norm = a.topk_norm ? 1 : 0;
+  p.topk_counts = topk ? a.topk_counts : nullptr;
   p.counter = topk || greedy ? a.counter : nullptr;
   p.argmax_key = greedy ? a.argmax_key : nullptr;
   p.argmax_out = a.argmax_out;

@@ -122,10 +122,13 @@ __device__ __forceinline__ void warp_router_topk(const float* l, int n, int k, b
 // same order (by value, then index) as warp_router_topk, so the renormalizing sum adds the same
 // values in the same order and the results are the same bits. A NaN ranks below everything
 // (warp_router_topk never picks one). sel_id/sel_w: k entries of shared memory.
+// counts (optional, n int32 in device memory): counts[id] += 1 for each chosen expert (router
+// statistics; integer atomics, so the totals are exact and order-independent).
 __device__ __forceinline__ void block_router_topk(const float* l, int n, int k, bool norm,
                                                   int32_t* __restrict__ ids,
                                                   float* __restrict__ weights, float* p,
-                                                  int32_t* sel_id, float* sel_w) {
+                                                  int32_t* sel_id, float* sel_w,
+                                                  int32_t* counts = nullptr) {
   if (threadIdx.x < kWarp) warp_router_softmax(l, n, nullptr, p);
   __syncthreads();
   // `sub` neighbouring lanes (a power of two, within one warp) share an expert, each counting
@@ -166,6 +169,7 @@ __device__ __forceinline__ void block_router_topk(const float* l, int n, int k, 
     }
     ids[pos] = id;
     weights[pos] = w;
+    if (counts != nullptr) atomicAdd(counts + id, 1);
   }
 }
 

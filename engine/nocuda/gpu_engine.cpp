@@ -36,5 +36,6 @@ const GpuEngineOptions& GpuEngine::options() const { return impl_->opt; }
 int64_t GpuEngine::device_bytes() const { return 0; }
 std::string GpuEngine::describe() const { return "no CUDA"; }
 bool GpuEngine::hybrid() const { return false; }
+std::vector<std::vector<uint64_t>> GpuEngine::expert_counts() const { return {}; }
 
 }  // namespace ktune

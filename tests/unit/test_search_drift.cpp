@@ -2,6 +2,11 @@
 // is flagged with the numbers; the same model's routing is not.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "ktune/engine/cpu_engine.h"
@@ -9,6 +14,7 @@
 #include "ktune/engine/synthetic.h"
 #include "search/drift.h"
 #include "search/search.h"
+#include "test_search_util.h"
 
 namespace ktune::search {
 namespace {
@@ -66,6 +72,44 @@ TEST(SearchDrift, FlagsRoutingThatMovedAwayFromTheSearchedStatistics) {
   // Shapes that disagree are an error, not a verdict.
   other.counts.pop_back();
   EXPECT_THROW(routing_drift(p, other, searched_live), Error);
+}
+
+// `ktune run --config` (run_bench.cpp): the profile the placement names is read from disk, as
+// written or beside the placement's file; a run routed elsewhere gets one warning line.
+TEST(SearchDrift, RunWarningReadsTheProfileThePlacementNames) {
+  const ModelConfig cfg = *find_preset("tiny");
+  const auto searched_live = live_counts(3, 1.5, 512);
+  profile::ProfileSummary prof = test::h100_profile();
+  prof.kind = "model";
+  prof.model = {"tiny", "q8_0", cfg.n_layers, cfg.n_experts, cfg.n_experts_used, 1000};
+  prof.router.tokens = 512;
+  for (const auto& row : searched_live) prof.router.counts.emplace_back(row.begin(), row.end());
+  const std::string dir = ::testing::TempDir() + "drift_" + std::to_string(getpid()) + "/";
+  std::filesystem::create_directories(dir);
+  {
+    nlohmann::json doc;
+    doc["ktune_profile"] = profile::kProfileSchemaVersion;
+    doc["summary"] = prof;
+    std::ofstream(dir + "searched.json") << doc.dump();
+  }
+  const RouterModel r = router_from_counts(prof.router.counts, prof.router.tokens, cfg);
+  const ModelInfo mi = model_info(cfg, QuantType::Q8_0, QuantType::Q8_0, "synth:tiny");
+  Placement p = make_placement(mi, EngineSettings{}, hottest_sets(r, std::vector<int64_t>(4, 3)),
+                               4096);
+  EXPECT_FALSE(wants_drift_check(p));  // not searched: nothing to count
+  EXPECT_EQ(drift_warning(p, searched_live), "");
+  p.searched_on = SearchedOn{"searched.json", r.digest};
+  p.file = dir + "best.yaml";  // the profile beside the placement
+  EXPECT_TRUE(wants_drift_check(p));
+  EXPECT_EQ(drift_warning(p, live_counts(3, 1.5, 512)), "");
+  const std::string moved = drift_warning(p, live_counts(4, 1.5, 512));
+  EXPECT_NE(moved.find("routing drifted"), std::string::npos) << moved;
+  EXPECT_EQ(drift_warning(p, {}), "");  // no live counts (an engine that does not count)
+  p.searched_on->profile = dir + "missing.json";
+  EXPECT_NE(drift_warning(p, searched_live).find("not checked"), std::string::npos);
+  p.searched_on->router_stats = "uniform";  // searched without statistics: nothing to compare
+  EXPECT_FALSE(wants_drift_check(p));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

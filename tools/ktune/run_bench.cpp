@@ -31,6 +31,7 @@
 #include "model_arg.h"
 #include "model_tokenizer.h"
 #include "run_bench_gpu.h"
+#include "search/drift.h"
 
 namespace ktune::cli {
 namespace {
@@ -477,7 +478,14 @@ GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, 
   s.reps = opt.reps;
   s.progress = progress;
   s.label = r.label;
+  s.count_experts = search::wants_drift_check(r.placement);
   return s;
+}
+
+// A placement searched on measured routing: warn when this run's routing moved away from it.
+void warn_on_drift(const PlannedRun& r, const GpuBenchResult& g) {
+  const std::string w = search::drift_warning(r.placement, g.expert_counts);
+  if (!w.empty()) std::fprintf(stderr, "ktune: warning: %s: %s\n", r.label.c_str(), w.c_str());
 }
 
 // Step 2 for one placement: resolve against the model, apply the overrides, size the KV cache
@@ -780,12 +788,16 @@ void run_placements(const RunOptions& opt) {
       for (int t : thread_rows(opt, r.placement, r.engine)) {
         if (interrupted()) break;
         const GpuBenchSettings s = gpu_bench_settings(r, opt, t, !opt.json);
-        add_gpu_rows(i, t, bench_gpu_engine(model, s, prompt));
+        const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
+        warn_on_drift(r, g);
+        add_gpu_rows(i, t, g);
       }
     } else {
       const GpuBenchSettings s = gpu_bench_settings(r, opt, 0, !opt.json);
       // The GPU benchmark does not poll Ctrl-C yet: its rows are complete or absent.
-      add_gpu_rows(i, 0, bench_gpu_engine(model, s, prompt));
+      const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
+      warn_on_drift(r, g);
+      add_gpu_rows(i, 0, g);
     }
   }
   int reps_done = 0;
@@ -1169,7 +1181,8 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
       m.engine = "cpu";
       m.threads = rr.threads;
     } else {
-      const GpuBenchSettings s = gpu_bench_settings(r, ob, 0, !ms.quiet);
+      GpuBenchSettings s = gpu_bench_settings(r, ob, 0, !ms.quiet);
+      s.count_experts = false;  // verification measures speed only
       const GpuBenchResult g = bench_gpu_engine(model, s, prompt);
       m.prefill = g.prefill;
       m.decode = g.decode;

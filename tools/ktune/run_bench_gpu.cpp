@@ -74,6 +74,7 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
                     std::to_string(s.batch_starts.size()) + " first tokens",
                 "give one first token per sequence");
   }
+  o.count_experts = s.count_experts;
   GpuEngine engine(model, o);
   std::vector<float> logits;
   std::vector<double> pp;
@@ -121,6 +122,7 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   r.describe = engine.describe();
   r.device_bytes = engine.device_bytes();
   r.device_gb_s = device_gb_s;
+  r.expert_counts = engine.expert_counts();
   return r;
 }
 

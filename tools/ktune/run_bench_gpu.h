@@ -33,6 +33,7 @@ struct GpuBenchSettings {
   int reps = 1;
   bool progress = false;
   std::string label;  // for progress lines
+  bool count_experts = false;  // router statistics of the run (GpuBenchResult::expert_counts)
 };
 
 struct GpuBenchResult {
@@ -49,6 +50,8 @@ struct GpuBenchResult {
   // cuda:0's memory bandwidth measured before the engine was built: device-to-device copies of
   // 256 MiB, bytes read + written per second (0 when it could not be measured).
   double device_gb_s = 0.0;
+  // count_experts: each expert's selections per layer over the run's decode steps.
+  std::vector<std::vector<uint64_t>> expert_counts;
 };
 
 // Builds a GpuEngine (weights copied to cuda:0), runs rep 0 as warm-up and `reps` timed

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 
 #include "ktune/engine/error.h"
 #include "search/inputs.h"
@@ -65,6 +66,41 @@ RoutingDrift routing_drift(const Placement& p, const profile::RouterStats& searc
         d.digest_matches ? "" : "; the profile's statistics also differ from the ones searched on");
   }
   return d;
+}
+
+bool wants_drift_check(const Placement& p) {
+  return p.searched_on && p.searched_on->router_stats.rfind("sha256:", 0) == 0;
+}
+
+std::string drift_warning(const Placement& p, const std::vector<std::vector<uint64_t>>& live) {
+  if (!wants_drift_check(p) || live.empty()) return "";
+  namespace fs = std::filesystem;
+  const std::string& named = p.searched_on->profile;
+  std::string path = named;
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec) && !p.file.empty() && fs::path(named).is_relative()) {
+    const fs::path beside = fs::path(p.file).parent_path() / named;
+    if (fs::is_regular_file(beside, ec)) path = beside.string();
+  }
+  profile::ProfileSummary s;
+  try {
+    s = profile::read_profile_summary(path);
+  } catch (const Error& e) {
+    return fmt::format("routing drift not checked: the profile the placement was searched on "
+                       "could not be read ({})",
+                       e.what());
+  }
+  if (s.router.tokens <= 0 || s.router.counts.size() != p.layers.size() ||
+      (!s.router.counts.empty() && s.router.counts[0].size() != p.layers[0].experts.size())) {
+    return fmt::format("routing drift not checked: {} has no router statistics of this model's "
+                       "shape",
+                       path);
+  }
+  try {
+    return routing_drift(p, s.router, live).message;
+  } catch (const Error& e) {
+    return fmt::format("routing drift not checked: {}", e.what());
+  }
 }
 
 }  // namespace ktune::search

@@ -26,4 +26,12 @@ struct RoutingDrift {
 RoutingDrift routing_drift(const Placement& p, const profile::RouterStats& searched,
                            const std::vector<std::vector<uint64_t>>& live);
 
+// `ktune run --config`: whether a run of p should count its routing (p was searched on measured
+// router statistics, searched_on.router_stats "sha256:...").
+bool wants_drift_check(const Placement& p);
+// The run's live counts against the statistics of the profile p names (searched_on.profile: as
+// written, else beside p's file). Empty when there is nothing to compare or nothing to say;
+// otherwise one line: the drift message, or why the statistics could not be compared.
+std::string drift_warning(const Placement& p, const std::vector<std::vector<uint64_t>>& live);
+
 }  // namespace ktune::search

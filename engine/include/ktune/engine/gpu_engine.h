@@ -93,6 +93,9 @@ struct GpuEngineOptions {
   // Sequences with their own KV cache (max_context positions each) for decode_batch (1..4096;
   // > 1 needs one GPU). The memory planner counts the cache per sequence (runtime.batch).
   int64_t max_sequences = 1;
+  // Router statistics (expert_counts()): each decode step's selected experts counted per layer on
+  // the device, in the router's top-k tail (integer atomics). Off: nothing counted, no cost.
+  bool count_experts = false;
 };
 
 class GpuEngine {
@@ -141,6 +144,10 @@ class GpuEngine {
   // transport nccl [auto: ...]), moe fused, graph on (one per GPU)[, ...]"
   std::string describe() const;
   bool hybrid() const;           // some expert computed on the CPU
+  // With count_experts: times expert e of layer l was selected by a decode step since
+  // construction (n_layers x n_experts; prefill chunks run batched are not counted, nor the
+  // KTUNE_GPU_LEGACY=1 step). Empty when not counting. Synchronises the streams.
+  std::vector<std::vector<uint64_t>> expert_counts() const;
 
  private:
   struct Impl;

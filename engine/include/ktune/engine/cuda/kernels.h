@@ -133,7 +133,8 @@ cudaError_t launch_moe_down_sum(QuantType type, const void* down, int64_t expert
 //   accumulate  y[r] = y[r] + dot (the residual add), else y[r] = dot.
 //   topk_ids    router tail: after all rows, softmax top-k of segment 0's outputs (n_experts =
 //               seg[0].rows <= 1024, 1 <= topk_k <= 64) as launch_router_topk writes them
-//               (ids/weights sorted by expert id, renormalized when topk_norm). Needs counter: one
+//               (ids/weights sorted by expert id, renormalized when topk_norm); topk_counts
+//               (optional, seg[0].rows int32): += 1 for each chosen expert. Needs counter: one
 //               zero-initialized unsigned in device memory per concurrent launch (reset by the
 //               kernel, so a captured graph replays it).
 //   argmax_out  greedy tail: *argmax_out = index of the largest output over all rows (ties: the
@@ -168,6 +169,7 @@ struct MatvecFused {
   float* topk_w = nullptr;
   int64_t topk_k = 0;
   bool topk_norm = false;
+  int32_t* topk_counts = nullptr;
   unsigned* counter = nullptr;
   unsigned long long* argmax_key = nullptr;
   int32_t* argmax_out = nullptr;
