@@ -478,7 +478,17 @@ json measure_handoff(const HardwareOptions& o, profile::GpuCosts& c, cudaStream_
   // The CPU side: for each replay (epoch e, position 0 so seq = e << 32), every layer in order.
   std::atomic<bool> stop{false};
   std::atomic<int> answered{0};
-  std::thread cpu([&] {
+  std::thread cpu;
+  // Stops and joins the CPU side on every exit, a CUDA error's exception included.
+  struct Join {
+    std::atomic<bool>& stop;
+    std::thread& t;
+    ~Join() {
+      stop = true;
+      if (t.joinable()) t.join();
+    }
+  } join{stop, cpu};
+  cpu = std::thread([&] {
     for (int e = 1; e <= reps + 1 && !stop; ++e) {
       const uint64_t seq = static_cast<uint64_t>(e) << 32;
       for (int l = 0; l < layers && !stop; ++l) {
