@@ -663,6 +663,7 @@ void GpuEngine::Impl::add_expert_counts(std::vector<std::vector<uint64_t>>& out)
 }
 
 std::vector<std::vector<uint64_t>> GpuEngine::expert_counts() const {
+  if (ds_) return {};  // the deepseek2 engine does not count its routing (yet)
   const GpuEngineOptions& o = options();
   const ModelConfig* cfg = pipe_ ? &pipe_->stages.front()->cfg : &impl_->cfg;
   if (!o.count_experts) return {};
