@@ -107,7 +107,7 @@ BandwidthResult measure_read_bandwidth(ThreadPool& pool, uint64_t bytes, int rep
   void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) {
     throw Error("probe", "cannot allocate " + std::to_string(bytes >> 20) + " MiB",
-                "free memory or pass a smaller --bytes");
+                "free host memory (ktune probe --size-mib N measures with a smaller buffer)");
   }
   std::unique_ptr<void, std::function<void(void*)>> guard(mem, [bytes](void* m) {
     munmap(m, bytes);

@@ -11,6 +11,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #if defined(__linux__)
@@ -24,6 +25,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+
+#include "ktune/engine/error.h"
 
 namespace ktune {
 namespace {
@@ -188,7 +191,22 @@ void ThreadPool::start(int n_threads, const std::vector<int>& cores) {
   pinned_cpus_.assign(n_threads_, -1);
   workers_.reserve(n_threads_ - 1);
   for (int i = 1; i < n_threads_; ++i) {
-    workers_.emplace_back([this, i] { worker_loop(i); });
+    try {
+      workers_.emplace_back([this, i] { worker_loop(i); });
+    } catch (const std::system_error& e) {
+      // The system refused a thread (address-space or process limits, memory pressure): stop
+      // the threads already started, so the pool unwinds as an error instead of terminating.
+      shared_.stop.store(true, std::memory_order_seq_cst);
+      shared_.generation.fetch_add(1, std::memory_order_seq_cst);
+      futex_wake_all(&shared_.generation);
+      for (auto& t : workers_) t.join();
+      workers_.clear();
+      throw Error("threads",
+                  "cannot start thread " + std::to_string(i + 1) + " of " +
+                      std::to_string(n_threads_) + " (" + e.what() + ")",
+                  "use fewer threads (this machine has " + std::to_string(physical_core_count()) +
+                      " physical cores), or raise the process limits (ulimit -v, ulimit -u)");
+    }
     // Thread i gets core i; core 0 is left to the caller (thread 0), which is not pinned because
     // threads it creates later would inherit the mask. Threads beyond the core count are left
     // to the scheduler. Failures (containers may forbid affinity) are not errors.

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <random>
@@ -25,6 +26,18 @@ std::string folder_of(const std::string& path) {
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
+}
+
+// Test hook (tests/unit/test_faults_writes.cpp, docs/reliability.md): with
+// KTUNE_TEST_PAUSE_BEFORE_RENAME=SUFFIX, a commit whose output path ends with SUFFIX waits up to a
+// minute with the finished, fsynced temp file in place and the rename not done, so a test can
+// kill -9 the process at the last moment a partial output could exist. Ctrl-C ends the wait.
+void pause_before_rename_for_tests(const std::string& path) {
+  const char* suffix = std::getenv("KTUNE_TEST_PAUSE_BEFORE_RENAME");
+  if (suffix == nullptr || *suffix == 0) return;
+  const size_t n = std::strlen(suffix);
+  if (path.size() < n || path.compare(path.size() - n, n, suffix) != 0) return;
+  for (int i = 0; i < 600 && !interrupted(); ++i) ::usleep(100000);
 }
 
 std::string random_suffix() {
@@ -146,6 +159,7 @@ void AtomicFile::commit() {
     throw Error(path_, "cannot close '" + temp_path_ + "' (" + errno_text(e) + ")",
                 "check free disk space and the disk's health");
   }
+  pause_before_rename_for_tests(path_);
   if (::rename(temp_path_.c_str(), path_.c_str()) != 0) {
     const int e = errno;
     throw Error(

@@ -117,6 +117,15 @@ class Checkpoint {
     const json config = read_json(fs::path(dir) / "config.json");
     tied_ = get_bool_or(config, "tie_word_embeddings", false, where("config.json"));
     open_files();
+    // Every layer has several tensors: a layer count the checkpoint cannot hold is refused
+    // before the loops over layers below (4 billion layers would take hours to look up).
+    const int64_t n_tensors = static_cast<int64_t>(by_name_.size());
+    if (cfg_.n_layers > n_tensors) {
+      throw Error(where("config.json"),
+                  "num_hidden_layers is " + std::to_string(cfg_.n_layers) +
+                      " but the checkpoint holds only " + std::to_string(n_tensors) + " tensors",
+                  "config.json does not match the weights; download the checkpoint again");
+    }
     for (int64_t l = 0; l < cfg_.n_layers && !fused_; ++l) {
       fused_ = has(layer_name(l, "mlp.experts.gate_up_proj")) ||
                has(layer_name(l, "mlp.experts.gate_up_proj.weight"));

@@ -9,6 +9,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -554,6 +555,14 @@ Placement Parser::parse(const std::string& text) {
   if (text.size() > kMaxFileBytes) {
     throw Error(file_, "the file is " + std::to_string(text.size() >> 20) + " MiB",
                 "a placement file is a few KiB; check that this is the right file");
+  }
+  // YAML text has no NUL byte; a file with one is binary (a model passed as --config, say),
+  // whose bytes would only make a confusing syntax or nesting error.
+  if (text.find('\0') != std::string::npos) {
+    std::string head = text.substr(0, 4);
+    for (char& c : head) c = std::isprint(static_cast<unsigned char>(c)) ? c : '?';
+    throw Error(file_, "a binary file (it starts with '" + head + "'), not a placement YAML",
+                "pass a placement YAML (docs/placement.md); a model goes to --model");
   }
   check_flow_depth(text, file_);
   YAML::Node root;

@@ -64,7 +64,7 @@ std::vector<std::string> big_gen(const fs::path& out) {
 
 // Starts the 17 GB gen-model and waits until its temp file holds data (the write is under way).
 void wait_for_write(ChildProcess& child, const fs::path& out) {
-  ASSERT_TRUE(wait_until([&] { return temp_bytes(out) >= (64u << 20) || !child.running(); }, 8.0))
+  ASSERT_TRUE(wait_until([&] { return temp_bytes(out) >= (64u << 20) || !child.running(); }, 60.0))
       << "no temp file with data appeared; stderr: " << child.err();
   ASSERT_EQ(temps_of(out).size(), 1u);
 }
@@ -83,7 +83,7 @@ TEST(FaultsSignal, SigintDuringRunPrintsPartialTableAndExits130) {
   ChildProcess child(
       {"run", "--model", "synth:tiny", "-p", "64", "-n", "128", "-r", "1000", "--no-probe"});
   // Progress: CPU time adapts to a loaded machine (model build + warm-up + a few repetitions).
-  ASSERT_TRUE(wait_until([&] { return child.cpu_seconds() >= 1.5 || !child.running(); }, 8.0));
+  ASSERT_TRUE(wait_until([&] { return child.cpu_seconds() >= 1.5 || !child.running(); }, 60.0));
   child.signal(SIGINT);
   const auto w = child.wait(2.0);
   ASSERT_FALSE(w.timed_out) << "did not stop within 2 s of SIGINT";
@@ -104,7 +104,7 @@ TEST(FaultsSignal, SigintDuringRunPrintsPartialTableAndExits130) {
 TEST(FaultsSignal, SigtermDuringJsonRunMarksPartialAndExits143) {
   ChildProcess child({"run", "--model", "synth:tiny", "-p", "64", "-n", "128", "-r", "1000",
                       "--no-probe", "--json"});
-  ASSERT_TRUE(wait_until([&] { return child.cpu_seconds() >= 1.5 || !child.running(); }, 8.0));
+  ASSERT_TRUE(wait_until([&] { return child.cpu_seconds() >= 1.5 || !child.running(); }, 60.0));
   child.signal(SIGTERM);
   const auto w = child.wait(2.0);
   ASSERT_FALSE(w.timed_out) << "did not stop within 2 s of SIGTERM";

@@ -94,7 +94,8 @@ void add_logits_command(CLI::App& app) {
   sub->add_option("--then", opt->then,
                   "Token ids decoded one at a time after the prompt (teacher-forced)")
       ->delimiter(',');
-  sub->add_option("-t,--threads", opt->threads, "CPU threads (default: physical cores)");
+  sub->add_option("-t,--threads", opt->threads, "CPU threads (default: physical cores)")
+      ->check(CLI::Range(1, 4096));
   sub->add_flag("--json", opt->json,
                 "One JSON document: {\"prefill\": [[...], ...], \"decode\": [[...], ...]}");
   sub->callback([opt] { run_logits(*opt); });

@@ -17,7 +17,8 @@ namespace {
 
 struct ProbeOptions {
   std::vector<int> threads;
-  double size_mib = 0;  // 0 = default
+  double size_mib = 0;
+  bool size_mib_given = false;  // else 4 x L3, at least 1 GiB
   int reps = 5;
   bool json = false;
 };
@@ -34,9 +35,22 @@ void run_probe(const ProbeOptions& opt) {
     if (t < 1 || t > 4096) throw_usage("--threads", fmt::format("bad thread count {}", t), "use 1..N");
   }
   if (opt.reps < 1 || opt.reps > 1000) throw_usage("-r", "must be 1..1000", "e.g. -r 5");
-  if (opt.size_mib < 0) throw_usage("--size-mib", "must be positive", "e.g. --size-mib 2048");
-  const uint64_t bytes = opt.size_mib > 0 ? static_cast<uint64_t>(opt.size_mib * 1048576.0)
-                                          : default_probe_bytes();
+  // 1 PiB: far beyond any machine, and far from the uint64 overflow of the byte count.
+  if (opt.size_mib_given && !(opt.size_mib >= 1 && opt.size_mib <= 1073741824.0)) {
+    throw_usage("--size-mib", fmt::format("{} is not 1..1073741824", opt.size_mib),
+                "e.g. --size-mib 2048 (leave it out for 4 x L3, at least 1 GiB)");
+  }
+  const uint64_t bytes = opt.size_mib_given ? static_cast<uint64_t>(opt.size_mib * 1048576.0)
+                                            : default_probe_bytes();
+  // A buffer beyond the memory the host has free would be swapped or OOM-killed mid-probe
+  // (with overcommit on, the mmap itself succeeds): refuse it up front.
+  const int64_t avail = host_available_bytes();
+  if (avail > 0 && bytes > static_cast<uint64_t>(avail)) {
+    throw Error("--size-mib",
+                fmt::format("a {} MiB buffer is more than the {} MiB of memory available", bytes >> 20,
+                            avail >> 20),
+                "give a smaller --size-mib (the default, 4 x L3, is enough to measure DRAM)");
+  }
   std::vector<BandwidthResult> results;
   for (int t : list) {
     ThreadPool pool(t);
@@ -79,11 +93,15 @@ void add_probe_command(CLI::App& app) {
       "Example: ktune probe --threads 1,8,16 --json");
   sub->add_option("-t,--threads", opt->threads, "Thread counts to measure, comma-separated")
       ->delimiter(',');
-  sub->add_option("--size-mib", opt->size_mib,
-                  "Buffer size in MiB (default: 4 x L3, at least 1 GiB)");
+  auto* size = sub->add_option("--size-mib", opt->size_mib,
+                               "Buffer size in MiB (default: 4 x L3, at least 1 GiB)");
   sub->add_option("-r,--repetitions", opt->reps, "Passes over the buffer")->capture_default_str();
   sub->add_flag("--json", opt->json, "One JSON document on stdout");
-  sub->callback([opt] { run_probe(*opt); });
+  sub->callback([opt, size] {
+    ProbeOptions o = *opt;
+    o.size_mib_given = size->count() > 0;
+    run_probe(o);
+  });
 }
 
 }  // namespace ktune::cli

@@ -29,6 +29,11 @@ double parse_duration_s(const std::string& text) {
     throw_usage("--duration " + text, "is not a positive duration",
                 "write e.g. 30s, 2m, 500ms or 90");
   }
+  // A week bounds a profile and keeps the value far from overflowing a nanosecond count.
+  if (!(v * scale <= 7 * 24 * 3600.0)) {
+    throw_usage("--duration " + text, "is longer than a week",
+                "write e.g. 30s, 2m, 500ms or 90 (or leave --duration out: until the program ends)");
+  }
   return v * scale;
 }
 

@@ -88,7 +88,8 @@ void add_quantize_command(CLI::App& app) {
   sub->add_option("--type", opt->type,
                   "Target type of the matrices: q4_k, q5_k, q6_k, q8_0, q4_0, f16, bf16, f32");
   sub->add_option("--mixed", opt->mixed, "A per-tensor mix instead of one type: q4_k_m, q5_k_m");
-  sub->add_option("--threads", opt->threads, "Threads (default: one per physical core)");
+  sub->add_option("--threads", opt->threads, "Threads (default: one per physical core)")
+      ->check(CLI::Range(1, 4096));
   sub->add_flag("-q,--quiet", opt->quiet, "No progress or summary on stderr");
   sub->callback([opt] { run_quantize(*opt); });
 }

@@ -246,7 +246,10 @@ std::vector<int> thread_rows(const RunOptions& opt, const Placement& p, EngineKi
 }
 
 std::vector<int> check_common(const RunOptions& opt) {
-  if (opt.prompt < 0 || opt.gen < 0 || (opt.prompt == 0 && opt.gen == 0)) {
+  if (opt.gen < 0) {
+    throw_usage("-n", fmt::format("{} is negative", opt.gen), "give -n N with N >= 0 (0 skips)");
+  }
+  if (opt.prompt < 0 || (opt.prompt == 0 && opt.gen == 0)) {
     throw_usage("-p/-n", "nothing to measure", "give -p N (prefill tokens) and/or -n N (decode)");
   }
   if (opt.reps < 1 || opt.reps > 1000) throw_usage("-r", "must be 1..1000", "e.g. -r 5");
@@ -1191,6 +1194,9 @@ std::vector<MeasuredPlacement> measure_placements(const std::string& model_spec,
     }
     out.push_back(m);
   }
+  // A run cut short by Ctrl-C returns what it measured; a measurement of part of a run must
+  // not choose the placement (it read as 0 tok/s and a best.yaml was written).
+  throw_if_interrupted("verification stopped");
   return out;
 }
 

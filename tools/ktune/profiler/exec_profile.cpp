@@ -23,6 +23,7 @@
 #include <unordered_map>
 
 #include "inject/exec_capture.h"
+#include "ktune/engine/atomic_file.h"
 #include "ktune/engine/build_info.h"
 #include "ktune/engine/error.h"
 #include "ktune/engine/interrupt.h"
@@ -797,11 +798,7 @@ ProfileDoc run_exec_profile(const ExecOptions& opt, bool* never_cuda) {
   }
   write_profile_json(opt.out, doc);
   if (!opt.trace.empty()) write_chrome_trace(opt.trace, doc.timeline, opt.out);
-  if (!opt.report.empty()) {
-    std::ofstream h(opt.report, std::ios::binary);
-    h << html_report(doc);
-    if (!h) throw Error(opt.report, "cannot write", "check the folder's permissions");
-  }
+  if (!opt.report.empty()) write_file_atomic(opt.report, html_report(doc));
   if (!opt.quiet) std::cout << terminal_report(doc);
   std::cout << "wrote " << opt.out << " (timeline: " << side << ")"
             << (opt.trace.empty() ? "" : ", " + opt.trace)

@@ -2,6 +2,7 @@
 #include "profiler/profile_doc.h"
 
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "ktune/engine/atomic_file.h"
@@ -94,12 +95,22 @@ Timeline read_profile_timeline(const std::string& profile_path, std::string* whi
   const json doc = profile::read_profile_document(profile_path);
   if (doc.contains("timeline_file") && doc["timeline_file"].is_string() &&
       !doc["timeline_file"].get<std::string>().empty()) {
-    const std::string side = base_dir(profile_path) + doc["timeline_file"].get<std::string>();
+    const std::string name = doc["timeline_file"].get<std::string>();
+    // ktune writes the bare name of a file beside the profile; a path from a profile of
+    // unknown origin could point anywhere on this machine.
+    if (name.find('/') != std::string::npos || name == "." || name == "..") {
+      throw Error(profile_path + ": timeline_file", "`" + name + "` is not a file name",
+                  "a profile names its timeline file beside it; re-record the profile with "
+                  "`ktune profile`");
+    }
+    const std::string side = base_dir(profile_path) + name;
     std::ifstream ts(side, std::ios::binary);
     if (ts) {
       json tj;
+      const std::string text((std::istreambuf_iterator<char>(ts)), std::istreambuf_iterator<char>());
+      profile::check_json_depth(text, side, profile::kMaxJsonDepth);
       try {
-        tj = json::parse(ts, nullptr, true, false);
+        tj = json::parse(text, nullptr, true, false);
       } catch (const json::exception& e) {
         throw Error(side, std::string("not valid JSON (") + e.what() + ")",
                     "re-record the profile with `ktune profile`, or delete this file to use "

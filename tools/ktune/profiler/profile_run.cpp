@@ -15,6 +15,7 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_engine.h"
 #include "ktune/engine/gpu_stages.h"
+#include "ktune/engine/interrupt.h"
 #include "ktune/engine/thread_pool.h"
 #include "ktune/engine/trace.h"
 #include "profiler/chrome_trace.h"
@@ -41,6 +42,9 @@ std::vector<int32_t> tokens_for(int64_t n, int64_t vocab, uint64_t seed) {
   for (auto& x : t) x = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
   return t;
 }
+
+// Ctrl-C / SIGTERM (interrupt.h): polled between tokens, windows and probes; nothing is written.
+void stop_if_interrupted() { throw_if_interrupted("no profile was written"); }
 
 // The engine under the profiler: the CpuEngine or the GpuEngine behind one interface.
 class Stepper {
@@ -80,6 +84,7 @@ class CpuStepper : public Stepper {
         toks[static_cast<size_t>(b)] = static_cast<int32_t>((first + b) % vocab_);
       }
       for (int64_t i = 0; i < n; ++i) {
+        stop_if_interrupted();
         engine_.decode_batch(toks.data(), sequences_, &logits_);
         for (int64_t b = 0; b < sequences_; ++b) {
           toks[static_cast<size_t>(b)] = CpuEngine::argmax(logits_.data() + b * vocab_, vocab_);
@@ -89,6 +94,7 @@ class CpuStepper : public Stepper {
     }
     int32_t tok = first;
     for (int64_t i = 0; i < n; ++i) {
+      stop_if_interrupted();
       engine_.decode(tok, &logits_);
       tok = CpuEngine::argmax(logits_.data(), vocab_);
     }
@@ -230,9 +236,12 @@ ProfileDoc profile_hardware(const ProfileOptions& opt) {
   json raw = json::object();
   stamp_summary(doc.summary, "hardware");
   doc.summary.cpu = measure_cpu(ho, &raw);
+  stop_if_interrupted();
   doc.summary.cpu_costs.moe_decode_gb_s =
       measure_cpu_moe(ho, &raw, &doc.summary.cpu_costs.moe_call_us);
+  stop_if_interrupted();
   measure_gpus(ho, doc.summary, &raw);
+  stop_if_interrupted();
   measure_interconnect(ho, doc.summary, &raw);
   if (doc.summary.gpus.size() < 2) raw["interconnect"] = "skipped: fewer than 2 GPUs";
   doc.hardware = raw;
@@ -254,6 +263,10 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   if (opt.warmup < 0) throw_usage("--warmup", "must be >= 0", "e.g. --warmup 8");
   if (opt.untraced_windows < 1 || opt.untraced_windows > 100) {
     throw_usage("--baseline-windows", "must be 1..100", "e.g. --baseline-windows 3");
+  }
+  if (ro.batch < 1 || ro.batch > cli::kMaxBatch) {
+    throw_usage("--batch", fmt::format("{} is not 1..{}", ro.batch, cli::kMaxBatch),
+                "e.g. --batch 8 (sequences decoded together)");
   }
   cli::RunOptions planned = ro;
   // The engine's context must hold the longest window (warm-up and windows start at 0).
@@ -345,6 +358,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       eng->decode(first, opt.warmup);
     }
     for (int i = 0; i < opt.untraced_windows; ++i) {
+      stop_if_interrupted();
       eng->reset();
       const int64_t t0 = trace::now_ns();
       eng->decode(first, ro.gen);
@@ -584,6 +598,7 @@ std::string timeline_path_for(const std::string& p) {
 ProfileDoc run_profile(const ProfileOptions& opt) {
   if (opt.out.empty()) throw_usage("-o", "needs a file name", "e.g. -o profile.json");
   ProfileDoc doc = opt.hardware ? profile_hardware(opt) : profile_model(opt);
+  stop_if_interrupted();
   if (!opt.hardware) {
     const std::string side = timeline_path_for(opt.out);
     write_timeline_json(side, doc.timeline);

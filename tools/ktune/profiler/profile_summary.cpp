@@ -2,6 +2,7 @@
 #include "profiler/profile_summary.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -421,6 +422,13 @@ void check_json_depth(const std::string& text, const std::string& file, int max_
 }
 
 json parse_profile_document(const std::string& text, const std::string& path) {
+  // JSON text has no NUL byte: a binary file (a model, say) is named as such, not as deep JSON.
+  if (text.find('\0') != std::string::npos) {
+    std::string head = text.substr(0, 4);
+    for (char& c : head) c = std::isprint(static_cast<unsigned char>(c)) ? c : '?';
+    throw Error(path, "a binary file (it starts with '" + head + "'), not a ktune profile",
+                "pass a profile.json written by `ktune profile`");
+  }
   check_json_depth(text, path, kMaxJsonDepth);
   json doc;
   try {
