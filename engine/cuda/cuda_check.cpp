@@ -1,14 +1,58 @@
 // Error checking and RAII handles of the CUDA backend (see ktune/engine/cuda/cuda_check.h).
 #include "ktune/engine/cuda/cuda_check.h"
 
+#include <cstdio>
 #include <utility>
 
 #include "ktune/engine/error.h"
 
 namespace ktune::cuda {
 
+namespace {
+
+// "7.7 MiB" below a GiB, "17.1 GiB" above.
+std::string mib_or_gib(size_t bytes) {
+  char buf[48];
+  const double b = static_cast<double>(bytes);
+  if (bytes < (size_t{1} << 30)) {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", b / 1048576.0);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f GiB", b / 1073741824.0);
+  }
+  return buf;
+}
+
+// Out of memory is a user-level condition (another process holds the GPU's memory, or the
+// placement asks for more than the GPU has): name the device, the need when known, and what is
+// free, not a source line. cudaErrorMemoryAllocation is not sticky; it is cleared here.
+// `what` is a buffer's name (need > 0), or a CUDA call (need 0; cudaMallocHost reports host
+// pinned memory with the same code, so the call is named as it is).
+[[noreturn]] void throw_out_of_memory(const std::string& what, size_t need) {
+  cudaGetLastError();
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  size_t free_b = 0, total_b = 0;
+  const bool known = cudaMemGetInfo(&free_b, &total_b) == cudaSuccess;
+  cudaGetLastError();
+  const std::string device = dev >= 0 ? "cuda:" + std::to_string(dev) : "GPU";
+  const std::string free_text =
+      known ? mib_or_gib(free_b) + " of " + mib_or_gib(total_b) + " is free"
+            : "free memory unknown";
+  const std::string problem =
+      need > 0 ? "out of GPU memory: " + what + " needs " + mib_or_gib(need) + " but only " +
+                     free_text
+               : what + " failed: out of memory (cudaErrorMemoryAllocation; on " + device +
+                     " " + free_text + ")";
+  throw Error(device, problem,
+              "free GPU memory (other processes show in nvidia-smi), put fewer experts or layers "
+              "on " + device + ", or lower the context");
+}
+
+}  // namespace
+
 void check(cudaError_t err, const char* call, const char* file, int line) {
   if (err == cudaSuccess) return;
+  if (err == cudaErrorMemoryAllocation) throw_out_of_memory(call, 0);
   const std::string where = std::string(file) + ":" + std::to_string(line);
   std::string problem = std::string(call) + " failed: " + cudaGetErrorString(err) + " (" +
                         cudaGetErrorName(err) + ")";
@@ -18,8 +62,15 @@ void check(cudaError_t err, const char* call, const char* file, int line) {
 }
 
 // --- DeviceBuffer ---------------------------------------------------------------------------
-DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
-  if (bytes > 0) KTUNE_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+DeviceBuffer::DeviceBuffer(size_t bytes) : DeviceBuffer(bytes, "a device buffer") {}
+DeviceBuffer::DeviceBuffer(size_t bytes, const std::string& what) : bytes_(bytes) {
+  if (bytes == 0) return;
+  const cudaError_t err = cudaMalloc(&ptr_, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    ptr_ = nullptr;
+    throw_out_of_memory(what, bytes);
+  }
+  KTUNE_CUDA_CHECK(err);
 }
 DeviceBuffer::~DeviceBuffer() {
   if (ptr_) cudaFree(ptr_);
@@ -77,7 +128,7 @@ float Event::elapsed_ms_since(const Event& start) const {
 
 // --- DeviceArena ----------------------------------------------------------------------------
 DeviceArena::DeviceArena(size_t capacity, std::string name)
-    : buf_(capacity), name_(std::move(name)) {}
+    : buf_(capacity, name), name_(std::move(name)) {}
 
 void* DeviceArena::alloc(size_t bytes, size_t align) {
   if (align == 0 || (align & (align - 1)) != 0) {

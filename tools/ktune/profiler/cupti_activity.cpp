@@ -31,6 +31,12 @@ CuptiAvailability cupti_availability() {
   CuptiAvailability a;
 #if KTUNE_WITH_CUPTI
   a.built = true;
+  // The switch for a machine where CUPTI misbehaves or another tool owns it: host spans only.
+  if (const char* off = std::getenv("KTUNE_NO_CUPTI"); off != nullptr && *off != 0 &&
+                                                         std::string(off) != "0") {
+    a.reason = "CUPTI switched off (KTUNE_NO_CUPTI=" + std::string(off) + ")";
+    return a;
+  }
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
@@ -400,6 +406,21 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
     }
     g_state = &s;
   }
+  // Subscribe first: CUPTI allows one subscriber per process, and when another profiler holds
+  // it (Nsight Systems, Nsight Compute, compute-sanitizer, a test's subscriber) ktune must not
+  // take over that profiler's activity buffers by registering its own callbacks.
+  const CUptiResult sub = cuptiSubscribe(&s.subscriber, resource_callback, nullptr);
+  if (sub != CUPTI_SUCCESS) s.subscriber = nullptr;
+  if (!s.check(sub, "cuptiSubscribe")) {
+    if (sub == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) {
+      s.error += " (another profiler is attached: Nsight Systems, Nsight Compute, "
+                 "compute-sanitizer or another CUPTI client)";
+    }
+    return;
+  }
+  s.check(cuptiEnableCallback(1, s.subscriber, CUPTI_CB_DOMAIN_RESOURCE,
+                              CUPTI_CBID_RESOURCE_GRAPHNODE_CLONED),
+          "cuptiEnableCallback(GRAPHNODE_CLONED)");
   {
     std::lock_guard<std::mutex> lock(g_pool_mu);
     g_pool = s.buffers;
@@ -411,11 +432,6 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
   // Our buffers come zeroed (inject/activity_buffers.h): CUPTI need not zero them on the
   // engine's threads. Refused, CUPTI zeroes them itself; nothing else changes.
   trace_level::promise_zeroed_buffers();
-  if (s.check(cuptiSubscribe(&s.subscriber, resource_callback, nullptr), "cuptiSubscribe")) {
-    s.check(cuptiEnableCallback(1, s.subscriber, CUPTI_CB_DOMAIN_RESOURCE,
-                                CUPTI_CBID_RESOURCE_GRAPHNODE_CLONED),
-            "cuptiEnableCallback(GRAPHNODE_CLONED)");
-  }
   trace::set_node_id_resolver(resolve_node_id);
 }
 

@@ -29,6 +29,9 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t bytes);
+  // `what` names the buffer in the error when the device is out of memory ("gpu engine
+  // weights needs 17.1 GiB but only 3.2 GiB of 79.2 GiB is free").
+  DeviceBuffer(size_t bytes, const std::string& what);
   ~DeviceBuffer();
   DeviceBuffer(DeviceBuffer&& o) noexcept;
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
