@@ -7,6 +7,8 @@
 #   tools/gpu-sanitize.sh --tool racecheck --tool initcheck --tool synccheck
 #   tools/gpu-sanitize.sh --filter 'CudaMoe*' --leaks
 #   tools/gpu-sanitize.sh --build /tmp/b        # default: build-gpu, else build
+#   tools/gpu-sanitize.sh --timeout 150         # stop each tool's run after 150 s (the summary
+#                                               # then covers the tests that ran: partial)
 #   --api-errors: also count CUDA API calls that return an error (off by default: ktune checks
 #   every call itself, and some calls fail on purpose, e.g. a capability probe with a fallback)
 #
@@ -28,6 +30,7 @@ filter='Cuda*:GpuEngine.*:GpuEngineGraph.*:GpuEngineHybrid.*:GpuPrefill.*:GpuPre
 tools=()
 leaks=0
 api_errors=no
+limit=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build="$2"; shift 2 ;;
@@ -35,7 +38,8 @@ while [ $# -gt 0 ]; do
     --tool) tools+=("$2"); shift 2 ;;
     --leaks) leaks=1; shift ;;
     --api-errors) api_errors=explicit; shift ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --timeout) limit="$2"; shift 2 ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "ktune: error: tools/gpu-sanitize.sh: unknown argument '$1'; see --help" >&2; exit 2 ;;
   esac
 done
@@ -80,7 +84,9 @@ for tool in "${tools[@]}"; do
   [ "$tool" = memcheck ] && [ "$leaks" = 1 ] && extra+=(--leak-check full)
   start=$(date +%s)
   # --error-exitcode: the process fails when the tool saw an error even if every test passed.
-  "$cs" --tool "$tool" "${extra[@]}" --report-api-errors "$api_errors" --error-exitcode 86 \
+  stopper=()
+  [ "$limit" != 0 ] && stopper=(timeout --signal=TERM --kill-after=10 "$limit")
+  "${stopper[@]}" "$cs" --tool "$tool" "${extra[@]}" --report-api-errors "$api_errors" --error-exitcode 86 \
     --print-limit 200 \
     --log-file "$log.tool" "$bin" --gtest_filter="$filter" --gtest_brief=1 >"$log.tests" 2>&1
   rc=$?
@@ -91,6 +97,7 @@ for tool in "${tools[@]}"; do
   passed=$(sed -n 's/^\[  PASSED  \] \([0-9][0-9]*\) test.*/\1/p' "$log" | tail -1)
   failed=$(grep -c '^\[  FAILED  \] [A-Za-z]' "$log")
   skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9][0-9]*\) test.*/\1/p' "$log" | tail -1)
+  [ "$rc" -eq 124 ] && echo "== $tool: stopped after $limit s (--timeout): partial"
   echo "== $tool: rc=$rc, ${errors:-?} sanitizer errors, tests: ${passed:-0} passed," \
        "${skipped:-0} skipped, $failed failed lines, ${secs} s (log $log)"
   if [ "${errors:-1}" != 0 ] || [ "$rc" -ne 0 ]; then
