@@ -601,6 +601,11 @@ TEST_F(Hostile, EveryNumericOptionNegativeZeroOrAbsurd) {
     expect_error(with(search, {"--assume", a}), 2, "launch_eager_us");
   }
   // gen-model
+  for (const std::string v : {"-1", "18446744073709551616", "99999999999999999999999", "1e3", "1.5",
+                              "abc"}) {
+    expect_error({"gen-model", "--preset", "tiny", "--seed", v, "-q", "-o", path("g.gguf")}, 2,
+                 "--seed");
+  }
   for (const std::string s : {"zipf:-1", "zipf:nan", "zipf:1e308", "zipf:", "pareto:1"}) {
     expect_error({"gen-model", "--preset", "tiny", "--router-skew", s, "-q", "-o", path("g.gguf")},
                  2, "--router-skew");

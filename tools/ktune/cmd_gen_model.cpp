@@ -57,7 +57,18 @@ void add_gen_model_command(CLI::App& app) {
                   "or llama.cpp's per-tensor mix q4_k_m / q5_k_m (the types `ktune quantize "
                   "--mixed` gives; case-insensitive)")
       ->capture_default_str();
-  sub->add_option("--seed", opt->seed, "Random seed; same seed, same bytes")->capture_default_str();
+  // CLI11 reads "-1" as 2^64-1 and saturates values beyond 64 bits, so two different seeds
+  // could silently give the same bytes: only whole numbers 0..2^64-1 are seeds.
+  sub->add_option("--seed", opt->seed, "Random seed; same seed, same bytes")
+      ->capture_default_str()
+      ->check(
+          [](const std::string& v) -> std::string {
+            const bool digits = !v.empty() && v.size() <= 20 &&
+                                v.find_first_not_of("0123456789") == std::string::npos;
+            if (digits && (v.size() < 20 || v <= "18446744073709551615")) return "";
+            return "`" + v + "` is not a whole number from 0 to 18446744073709551615";
+          },
+          "SEED");
   sub->add_option("--router-skew", opt->skew,
                   "Expert popularity per layer: none, or zipf:S (Zipf law of exponent S)")
       ->capture_default_str();
