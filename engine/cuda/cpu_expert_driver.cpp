@@ -10,6 +10,8 @@
 #include <exception>
 #include <stdexcept>
 
+#include "ktune/engine/cuda/cuda_check.h"
+#include "ktune/engine/error.h"
 #include "ktune/engine/trace.h"
 #include "runtime/cpu_moe_batch.h"
 
@@ -294,6 +296,26 @@ void CpuExpertDriver::loop() {
       }
     }
   }
+}
+
+void raise_step_errors(int err, uint32_t* error_word, const std::string& cpu_side,
+                       int64_t timeout_ms) {
+  const uint32_t code = __atomic_load_n(error_word, __ATOMIC_ACQUIRE);
+  if (err == cudaSuccess && code == 0 && cpu_side.empty()) return;
+  __atomic_store_n(error_word, 0u, __ATOMIC_RELEASE);
+  if (err != cudaSuccess) KTUNE_CUDA_CHECK(static_cast<cudaError_t>(err));
+  std::string what = cpu_side;
+  if (code != 0) {
+    const bool host = code >= CpuExpertDriver::kErrorHostWait;
+    const uint32_t layer =
+        code - (host ? CpuExpertDriver::kErrorHostWait : CpuExpertDriver::kErrorTimeoutBase);
+    what = (what.empty() ? "" : what + "; ") + "layer " + std::to_string(layer) +
+           ": the CPU experts did not answer within " + std::to_string(timeout_ms) + " ms (" +
+           (host ? "host node" : "GPU wait") + "), the step's result is wrong";
+  }
+  throw Error("cpu experts", what,
+              "check that the CPU is not oversubscribed (fewer --threads), or raise the hand-off "
+              "timeout; reset() before decoding again");
 }
 
 }  // namespace ktune

@@ -145,4 +145,11 @@ class CpuExpertDriver {
   std::thread thread_;
 };
 
+// After a step's stream synchronization (`err`, its status): throws one ktune::Error for what
+// went wrong in the step - a CUDA error, a hand-off timeout that the wait kernel or a host node
+// wrote to *error_word (cleared here), the CPU side's failure (`cpu_side`, the driver's finish())
+// - or returns when nothing did. Shared by the qwen3moe and deepseek2 GPU engines.
+void raise_step_errors(int err, uint32_t* error_word, const std::string& cpu_side,
+                       int64_t timeout_ms);
+
 }  // namespace ktune

@@ -485,22 +485,7 @@ void GpuEngine::Impl::sync() {
   }
   CpuExpertDriver* drv = cpu_side_driver();  // a pipeline's stage 0 finishes the shared driver
   std::string cpu_side = drv ? drv->finish() : std::string();
-  const uint32_t code = __atomic_load_n(h_error, __ATOMIC_ACQUIRE);
-  if (err == cudaSuccess && code == 0 && cpu_side.empty()) return;
-  __atomic_store_n(h_error, 0u, __ATOMIC_RELEASE);
-  if (err != cudaSuccess) KTUNE_CUDA_CHECK(err);
-  std::string what = cpu_side;
-  if (code != 0) {
-    const bool host = code >= CpuExpertDriver::kErrorHostWait;
-    const uint32_t layer =
-        code - (host ? CpuExpertDriver::kErrorHostWait : CpuExpertDriver::kErrorTimeoutBase);
-    what = (what.empty() ? "" : what + "; ") + "layer " + std::to_string(layer) +
-           ": the CPU experts did not answer within " + std::to_string(opt.handoff_timeout_ms) +
-           " ms (" + (host ? "host node" : "GPU wait") + "), the step's result is wrong";
-  }
-  throw Error("cpu experts", what,
-              "check that the CPU is not oversubscribed (fewer --threads), or raise the hand-off "
-              "timeout; reset() before decoding again");
+  raise_step_errors(err, h_error, cpu_side, opt.handoff_timeout_ms);
 }
 
 void GpuEngine::Impl::set_token(int32_t t) {
