@@ -338,6 +338,19 @@ TEST_F(SearchCli, RecordedProfilesSearchWithoutAGpu) {
   }
 }
 
+// DeepSeek-V3 over four GPUs from a recorded profile: the totals count the 58 MoE layers' routed
+// experts (58 x 256), not the 3 dense leading layers' empty slots.
+TEST_F(SearchCli, DeepseekTotalsCountOnlyRoutedExperts) {
+  const std::string out = path("ds3.best.yaml");
+  const ProcessResult r =
+      run_ktune({"search", "--profile", test::profiles_dir() + "/h200x4-nvlink.json", "--model",
+                 "synth:deepseek-v3:q4_0", "-o", out});
+  ASSERT_FALSE(r.signaled) << r.err;
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(read_all(out).find(" of 14848 ("), std::string::npos) << read_all(out);
+  EXPECT_NE(r.out.find("/14848 "), std::string::npos) << r.out;
+}
+
 // --predict prices given placements instead of searching: the example configs of qwen3-30b-a3b,
 // every expert on the GPU faster than half of them, faster than none; a placement of another
 // model's shape is one error line naming the file.

@@ -222,5 +222,27 @@ TEST(SearchSha256, KnownVectors) {
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
 }
 
+// deepseek2's dense leading layers route nothing: no routing mass in their expert slots (uniform
+// or measured), so the search counts and shares only the MoE layers' experts.
+TEST(SearchRouter, DenseLeadingLayersCarryNoMass) {
+  const ModelConfig cfg = *find_preset("deepseek-v3");
+  ASSERT_GT(cfg.n_dense_lead, 0);
+  const RouterModel u = uniform_router(cfg);
+  std::vector<std::vector<int64_t>> counts(size_t(cfg.n_layers),
+                                           std::vector<int64_t>(size_t(cfg.n_experts), 3));
+  const RouterModel m = router_from_counts(counts, 100, cfg);
+  for (const RouterModel* r : {&u, &m}) {
+    for (int64_t l = 0; l < cfg.n_layers; ++l) {
+      const double mass = std::accumulate(r->p[size_t(l)].begin(), r->p[size_t(l)].end(), 0.0);
+      if (cfg.is_dense_layer(l)) {
+        EXPECT_EQ(mass, 0.0) << l;
+        EXPECT_EQ(r->hot_share(l, cfg.n_experts), 0.0) << l;
+      } else {
+        EXPECT_NEAR(mass, double(cfg.n_experts_used), 1e-9) << l;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ktune::search

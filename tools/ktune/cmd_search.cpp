@@ -521,7 +521,9 @@ void run_search_command(const SearchFlags& f) {
   }
   for (const std::string& l : verify_lines) std::cout << l << "\n";
   std::cout << "\n";
-  const int64_t total_experts = mc.n_layers * mc.n_experts;
+  int64_t moe_layers = 0;  // deepseek2's dense leading layers have no routed experts
+  for (int64_t l = 0; l < mc.n_layers; ++l) moe_layers += mc.is_dense_layer(l) ? 0 : 1;
+  const int64_t total_experts = moe_layers * mc.n_experts;
   const std::string gpu = res.machine.has_gpu ? res.machine.gpu_device : std::string("cuda:0");
   // Several GPUs: one memory figure per GPU, "a/b/c/d" (- for a GPU the candidate leaves empty).
   const bool multi = res.machine.gpus.size() > 1;

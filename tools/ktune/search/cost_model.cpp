@@ -528,6 +528,7 @@ Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const Engin
   for (int64_t l = 0; l < n_layers(); ++l) {
     const LayerSplit& s = splits[size_t(l)];
     step += decode_layer_us(l, s, e, mean_ctx);
+    if (model_.bytes.expert[size_t(l)] == 0) continue;  // a dense layer: no routed experts
     p.gpu_experts += s.n_gpu;
     if (s.n_gpu > 0 && s.n_cpu > 0) ++p.hybrid_layers;
     if (s.n_gpu == 0) ++p.cpu_layers;

@@ -70,8 +70,12 @@ std::vector<std::string> candidate_comments(const Candidate& c, const SearchOpti
       "{:.2f} + decode {:.2f})",
       c.pred.decode_tok_s, c.pred.prefill_tok_s, c.pred.request_s, c.pred.prefill_s,
       c.pred.decode_s));
-  int64_t total = 0;
-  for (const auto& row : c.on_gpu) total += static_cast<int64_t>(row.size());
+  int64_t total = 0;  // routed experts (deepseek2's dense leading layers have none)
+  for (size_t l = 0; l < c.on_gpu.size(); ++l) {
+    if (!opt.model.cfg.is_dense_layer(static_cast<int64_t>(l))) {
+      total += static_cast<int64_t>(c.on_gpu[l].size());
+    }
+  }
   if (c.settings.gpu) {
     out.push_back(fmt::format(
         "GPU experts: {} of {} ({:.1f} % of the routing mass); hybrid layers {}, all-CPU layers "

@@ -524,6 +524,10 @@ RouterModel uniform_router(const ModelConfig& cfg) {
   r.digest = "uniform";
   const double p = static_cast<double>(cfg.n_experts_used) / static_cast<double>(cfg.n_experts);
   r.p.assign(static_cast<size_t>(cfg.n_layers), std::vector<double>(size_t(cfg.n_experts), p));
+  // A dense leading layer (deepseek2) routes nothing: its expert slots carry no mass.
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    if (cfg.is_dense_layer(l)) std::fill(r.p[size_t(l)].begin(), r.p[size_t(l)].end(), 0.0);
+  }
   finish_router(r);
   return r;
 }
@@ -537,6 +541,11 @@ RouterModel router_from_counts(const std::vector<std::vector<int64_t>>& counts, 
   const double alpha = 0.5;  // add-half smoothing per expert
   std::string raw;
   for (const auto& row : counts) {
+    if (cfg.is_dense_layer(static_cast<int64_t>(r.p.size()))) {  // routes nothing
+      r.p.emplace_back(row.size(), 0.0);
+      for (int64_t c : row) raw.append(reinterpret_cast<const char*>(&c), sizeof c);
+      continue;
+    }
     double sum = 0;
     for (int64_t c : row) sum += static_cast<double>(c);
     std::vector<double> p(row.size());
