@@ -667,6 +667,9 @@ TEST_F(Hostile, OutputPathsThatCannotBeWritten) {
     expect_error({"gen-model", "--preset", "tiny", "-q", "-o", out}, 1, "");
     expect_error({"trace", profile_, "-o", out}, 1, "");
     expect_error({"profile", "--model", "synth:tiny", "-n", "2", "-q", "-o", out}, 1, "");
+    // Refused before the run: nothing beside it either (a folder as -o left
+    // "<folder>.timeline.json" behind).
+    EXPECT_FALSE(fs::exists(out + ".timeline.json")) << out;
     if (out.find("no-folder") == std::string::npos) {  // search makes -o's folder
       expect_error({"search", "--profile", profiles_dir() + "/h100-16core-handmade.json",
                     "--model", "synth:tiny", "--workload", "prompt=64,gen=16", "-o", out},

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <iostream>
 #include <memory>
@@ -595,8 +596,33 @@ std::string timeline_path_for(const std::string& p) {
   return p + ".timeline.json";
 }
 
+namespace {
+
+// An output that cannot be written is refused before the run (a profile takes minutes), and
+// before the timeline beside profile.json is written (a folder given as -o left
+// "<folder>.timeline.json" behind).
+void check_output_path(const std::string& path, const char* example) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    throw Error(path, "is a folder", std::string("give a file name, e.g. ") +
+                                         (fs::path(path) / example).string());
+  }
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty() && !fs::is_directory(parent, ec)) {
+    throw Error(path, "its folder " + parent.string() + " does not exist",
+                "create it, or write somewhere else");
+  }
+}
+
+}  // namespace
+
 ProfileDoc run_profile(const ProfileOptions& opt) {
   if (opt.out.empty()) throw_usage("-o", "needs a file name", "e.g. -o profile.json");
+  check_output_path(opt.out, "profile.json");
+  if (!opt.hardware) check_output_path(timeline_path_for(opt.out), "profile.timeline.json");
+  if (!opt.trace.empty()) check_output_path(opt.trace, "trace.json");
+  if (!opt.report.empty()) check_output_path(opt.report, "report.html");
   ProfileDoc doc = opt.hardware ? profile_hardware(opt) : profile_model(opt);
   stop_if_interrupted();
   if (!opt.hardware) {
