@@ -103,11 +103,11 @@ void add_profile_command(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--trace-level", *level,
                   "What CUPTI records in the traced window (docs/metrics.md \"Trace levels\"):\n"
-                  "light (default): kernels, copies, memsets and only the runtime calls that\n"
-                  "launch, copy or block - every metric of the report, at the lowest overhead;\n"
-                  "full: also every runtime API call, synchronizations, NVTX markers and CUPTI's\n"
-                  "overhead records (the complete Chrome trace); both (engine only): one decode\n"
-                  "window at each level, back to back, reporting the overhead of each");
+                  "light (default): kernels, copies, memsets and the runtime calls (--exec: only\n"
+                  "those that launch, copy or block) - every metric of the report, at the lowest\n"
+                  "overhead; full: also every runtime API call, synchronizations, NVTX markers\n"
+                  "and CUPTI's overhead records (the complete Chrome trace); both (engine only):\n"
+                  "one decode window at each level, back to back, reporting the overhead of each");
   sub->add_option("--trace", opt->trace, "Also write a Chrome trace (Perfetto, chrome://tracing)");
   sub->add_option("--report", opt->report, "Also write a self-contained HTML report");
   sub->add_option("-o,--output", opt->out, "profile.json to write")->capture_default_str();

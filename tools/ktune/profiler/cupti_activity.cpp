@@ -164,8 +164,6 @@ struct CuptiSession::State {
   // Shared with g_pool: the callbacks take and zero buffers without holding g_state_mu.
   std::shared_ptr<exec_capture::ActivityBufferPool> buffers;
   std::vector<CUpti_ActivityKind> kinds;       // enabled now
-  std::vector<CUpti_CallbackId> runtime_ids;   // light: runtime calls enabled one by one, now
-  std::vector<CUpti_CallbackId> kept_ids;      // light's selection (found once)
 
   bool check(CUptiResult r, const char* call) {
     if (r == CUPTI_SUCCESS) return true;
@@ -462,12 +460,11 @@ void CuptiSession::enable(trace_level::Level level) {
   s.level = level;
   const trace_level::Selection sel = trace_level::select_kinds(level, trace_level::Tracer::Engine);
   s.kinds.clear();
-  s.runtime_ids.clear();
+  // The engine's selection is whole activity kinds at every level (trace_level.h: per-call
+  // runtime selection is the injection's alone).
   auto undo = [&] {
     for (CUpti_ActivityKind j : s.kinds) cuptiActivityDisable(j);
-    trace_level::enable_runtime_api_ids(s.runtime_ids, false);
     s.kinds.clear();
-    s.runtime_ids.clear();
   };
   for (trace_level::Kind k : sel.kinds) {
     if (!s.check(cuptiActivityEnable(trace_level::to_cupti(k)),
@@ -477,27 +474,6 @@ void CuptiSession::enable(trace_level::Level level) {
     }
     s.kinds.push_back(trace_level::to_cupti(k));
   }
-  if (sel.runtime_api_subset) {
-    // Light: only the launching, copying and blocking runtime calls. Without per-call selection
-    // every call is recorded (as at level full), so launch latency stays measured.
-    if (s.kept_ids.empty()) s.kept_ids = trace_level::kept_runtime_api_ids();
-    s.runtime_ids = s.kept_ids;
-    const std::string e = s.runtime_ids.empty()
-                              ? std::string("no runtime API callback names from CUPTI")
-                              : trace_level::enable_runtime_api_ids(s.runtime_ids, true);
-    if (!e.empty()) {
-      trace_level::enable_runtime_api_ids(s.runtime_ids, false);
-      s.runtime_ids.clear();
-      if (!s.check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME),
-                   "cuptiActivityEnable(RUNTIME)")) {
-        undo();
-        return;
-      }
-      s.kinds.push_back(CUPTI_ACTIVITY_KIND_RUNTIME);
-      s.notes = "level light could not select runtime calls (" + e +
-                "): every runtime API call was recorded, as at level full";
-    }
-  }
   s.enabled = true;
 }
 
@@ -506,9 +482,7 @@ void CuptiSession::disable_and_flush() {
   if (!s.enabled) return;
   cudaDeviceSynchronize();  // complete timestamps before the flush
   for (CUpti_ActivityKind k : s.kinds) cuptiActivityDisable(k);
-  trace_level::enable_runtime_api_ids(s.runtime_ids, false);
   s.kinds.clear();
-  s.runtime_ids.clear();
   s.enabled = false;
   s.check(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED), "cuptiActivityFlushAll");
 }

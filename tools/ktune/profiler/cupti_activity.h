@@ -36,8 +36,7 @@ std::string setup_nvtx_injection();
 
 struct CuptiOptions {
   // What enable() records (inject/trace_level.h): light = kernels, copies, memsets and the
-  // launching/copying/blocking runtime calls; full = also every runtime API call,
-  // synchronizations, NVTX markers and CUPTI's overhead records.
+  // runtime calls; full = also synchronizations, NVTX markers and CUPTI's overhead records.
   trace_level::Level level = trace_level::Level::Full;
   size_t buffer_bytes = size_t{8} << 20;
   size_t max_buffers = 256;  // beyond this many buffers in flight, records are dropped (counted)

@@ -412,8 +412,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         tl.source_note = "cupti";
         run.trace_level = trace_level::level_name(levels[pass]);
         run.trace_mode = levels[pass] == trace_level::Level::Light
-                             ? "cupti level light (kernels, copies, memsets, launching/copying/"
-                               "blocking runtime calls) + host spans"
+                             ? "cupti level light (kernels, copies, memsets, runtime calls) + "
+                               "host spans"
                              : "cupti level full (kernels, copies, every runtime API call, syncs, "
                                "NVTX, CUPTI overhead) + host spans";
         if (!cupti->notes().empty()) doc.notes.push_back("CUPTI: " + cupti->notes());
