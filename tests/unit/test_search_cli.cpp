@@ -187,7 +187,13 @@ TEST_F(SearchCli, VerifyRunsTheTopCandidatesOnThisMachine) {
                  "prompt=32,gen=8", "--verify", "2", "-r", "1", "--json", "-o", path("best.yaml")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto doc = nlohmann::json::parse(r.out);
-  ASSERT_EQ(doc["verify"].size(), 2u) << r.out;
+  // The top 2 first, then every baseline the search compares with (measured in the same process).
+  ASSERT_EQ(doc["verify"].size(), 2u + doc["baselines"].size()) << r.out;
+  EXPECT_EQ(doc["verify"][0]["rank"], 1);
+  EXPECT_EQ(doc["verify"][1]["rank"], 2);
+  for (size_t i = 2; i < doc["verify"].size(); ++i) {
+    EXPECT_EQ(doc["verify"][i]["baseline"], doc["baselines"][i - 2]["label"]) << r.out;
+  }
   for (const auto& v : doc["verify"]) {
     EXPECT_EQ(v["engine"], "cpu");
     EXPECT_GT(v["decode_tok_s"]["mean"].get<double>(), 0);
