@@ -136,6 +136,46 @@ TEST_F(SearchCli, JsonIsTheWholePlan) {
   EXPECT_EQ(doc["workload"]["name"], "chat");
 }
 
+// --router-stats: the machine from one profile, the routing from another (a model profile).
+// With experts 0-39 of every layer taking all the routing, a 10 GiB budget (about half the
+// experts) holds every hot expert: the GPU carries the whole routing mass, where uniform
+// routing gives it only its share of experts; best.yaml names the router file for `run`'s drift
+// check.
+TEST_F(SearchCli, RouterStatsFromAnotherProfile) {
+  profile::ProfileSummary r = test::h100_profile();
+  r.kind = "model";
+  r.model = {"qwen3-30b-a3b", "q4_0", 48, 128, 8, 2654208};
+  r.router.tokens = 2000;
+  r.router.counts.assign(48, std::vector<int64_t>(128, 0));
+  for (auto& row : r.router.counts) {
+    for (int e = 0; e < 40; ++e) row[size_t(e)] = 400;  // 40 x 400 = 2000 tokens x top-8
+  }
+  const std::string stats = write_profile("router.json", r);
+  auto share = [&](bool with_stats) {
+    std::vector<std::string> a = {"search",   "--profile", kProfile, "--model",
+                                  "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB", "--json",
+                                  "-o",       path(with_stats ? "hot.yaml" : "flat.yaml")};
+    if (with_stats) {
+      a.push_back("--router-stats");
+      a.push_back(stats);
+    }
+    const ProcessResult res = run_ktune(a);
+    EXPECT_EQ(res.exit_code, 0) << res.err;
+    const auto doc = nlohmann::json::parse(res.out);
+    EXPECT_EQ(doc["router"]["measured"].get<bool>(), with_stats);
+    const auto& best = doc["candidates"][doc["best"].get<int>() - 1];
+    return best["predicted"]["gpu_routing_share"].get<double>();
+  };
+  const double flat = share(false), hot = share(true);
+  EXPECT_LT(flat, 0.7);
+  EXPECT_GT(hot, 0.97);
+  EXPECT_NE(read_all(path("hot.yaml")).find("profile: " + stats), std::string::npos);
+  const ProcessResult none = run_ktune({"search", "--profile", kProfile, "--router-stats",
+                                        kProfile, "--model", "synth:qwen3-30b-a3b:q4_0"});
+  EXPECT_EQ(none.exit_code, 1);
+  EXPECT_NE(none.err.find("has no router statistics"), std::string::npos) << none.err;
+}
+
 TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
   const std::vector<std::string> common = {
       "search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB"};

@@ -30,6 +30,7 @@ using search::SearchResult;
 
 struct SearchFlags {
   std::string profile;
+  std::string router_stats;  // another profile whose router statistics replace --profile's
   std::string model;
   std::string gpu_mem, cpu_mem;
   std::string workload = "chat";
@@ -175,6 +176,18 @@ void run_search_command(const SearchFlags& f) {
   // 2. The profile, validated before anything else is read.
   opt.profile_path = search::find_profile(f.profile);
   opt.profile = profile::read_profile_summary(opt.profile_path);
+  if (!f.router_stats.empty()) {
+    // A machine profile recorded once (profiles/*.json, `profile --hardware`) and the routing of
+    // this model measured by `ktune profile --model`: the machine's costs, the model's routing.
+    const profile::ProfileSummary r = profile::read_profile_summary(f.router_stats);
+    if (r.router.tokens <= 0) {
+      throw Error(f.router_stats, "has no router statistics",
+                  "record them with `ktune profile --model <model> -n 1024 -o <file>`");
+    }
+    opt.profile.router = r.router;
+    opt.profile.model = r.model;
+    opt.router_stats_path = f.router_stats;
+  }
   // 3. The model's shape (no weights read) and the budgets of the profile's machine.
   opt.model = search::load_model_info(f.model);
   search::check_workload_for_model(opt.workload, opt.model.cfg);
@@ -695,6 +708,9 @@ void add_search_command(CLI::App& app) {
                   "profile.json from `ktune profile`, or the name of one in profiles/\n"
                   "(e.g. h100-16core-handmade; also looked up in $KTUNE_PROFILES)")
       ->required();
+  sub->add_option("--router-stats", f->router_stats,
+                  "Another profile whose router statistics to use (a `ktune profile --model M`\n"
+                  "run of this model; --profile then only describes the machine)");
   sub->add_option("-m,--model", f->model, kModelHelp)->required();
   sub->add_option("--gpu-mem", f->gpu_mem,
                   "GPU budgets: 70GiB (every GPU) or cuda:0=70GiB (default: the profile's GPU "

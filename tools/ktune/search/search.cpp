@@ -989,7 +989,9 @@ class Driver {
       pr.memory_gib[Device::parse(dev, "plan")] = double(u.total) / double(kGiB);
     }
     c.placement.predicted = pr;
-    c.placement.searched_on = SearchedOn{opt_.profile_path, cm_.router().digest};
+    c.placement.searched_on = SearchedOn{
+        opt_.router_stats_path.empty() ? opt_.profile_path : opt_.router_stats_path,
+        cm_.router().digest};
     return c;
   }
 

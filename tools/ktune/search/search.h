@@ -19,6 +19,9 @@ namespace ktune::search {
 
 struct SearchOptions {
   std::string profile_path;  // for searched_on.profile and messages
+  // --router-stats: the profile the router statistics came from (searched_on.profile names it
+  // then, so `ktune run`'s drift check reads the counts the placement was searched on).
+  std::string router_stats_path;
   profile::ProfileSummary profile;
   ModelInfo model;
   Budgets budgets;  // "cuda:0", "cpu"; a missing cpu budget is not checked
