@@ -7,11 +7,13 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "gpu_test_util.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "ktune/engine/cuda/kernels.h"
+#include "ktune/engine/model.h"
 #include "ktune/engine/trace.h"
 #include "inject/trace_level.h"
 #include "profiler/analysis.h"
@@ -284,6 +286,44 @@ TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
   int flows = 0;
   for (const auto& e : tj["traceEvents"]) flows += e["ph"] == "f" ? 1 : 0;
   EXPECT_GT(flows, 0);
+  // Router statistics from the GPU engine's own counts: every decode token of the analysed
+  // window selects top-k experts in every layer, and they ride in the summary for the search.
+  const ModelConfig cfg = *find_preset("tiny");
+  ASSERT_EQ(d.summary.router.tokens, 16);
+  ASSERT_EQ(d.summary.router.counts.size(), static_cast<size_t>(cfg.n_layers));
+  for (const auto& row : d.summary.router.counts) {
+    int64_t n = 0;
+    for (int64_t c : row) n += c;
+    EXPECT_EQ(n, 16 * cfg.n_experts_used);
+  }
+}
+
+// A hybrid placement: the measured counts put each selection's bytes on the device holding the
+// expert (tiny: layers 0-1 on cuda:0, 2-3 on cpu), so both devices have an expert bandwidth.
+TEST(ProfilerGpu, HybridExpertBytesFollowTheMeasuredRouting) {
+  KTUNE_REQUIRE_GPU();
+  profiler::ProfileOptions o;
+  o.run.model = "synth:tiny";
+  o.run.model_given = true;
+  o.run.experts_on_gpu = {2};
+  o.run.prompt = 0;
+  o.run.gen = 16;
+  o.warmup = 2;
+  o.untraced_windows = 1;
+  o.quick = true;
+  o.quiet = true;
+  o.gpu_probes = false;
+  o.out = ::testing::TempDir() + "/gpu_hybrid_profile.json";
+  const profiler::ProfileDoc d = profiler::run_profile(o);
+  ASSERT_EQ(d.summary.router.tokens, 16);
+  const auto& w = d.windows.back();
+  std::set<std::string> devs;
+  for (const auto& e : w.expert_bandwidth) {
+    if (e.bytes > 0) devs.insert(e.device);
+  }
+  EXPECT_EQ(devs.count("cuda:0"), 1u);
+  EXPECT_EQ(devs.count("cpu"), 1u);
+  for (const auto& n : d.notes) EXPECT_EQ(n.find("assume uniform routing"), std::string::npos) << n;
 }
 
 }  // namespace

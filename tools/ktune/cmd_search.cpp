@@ -4,11 +4,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-
 #include <filesystem>
 #include <iostream>
-#include <numeric>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <set>
 
 #include "cli.h"
@@ -216,14 +215,14 @@ void run_search_command(const SearchFlags& f) {
     if (f.json) {
       json doc = json::array();
       for (const Candidate& c : cs) {
-        doc.push_back({{"placement", c.label},
-                       {"settings", c.settings.describe()},
-                       {"gpu_experts", std::accumulate(c.gpu_counts.begin(), c.gpu_counts.end(),
-                                                       int64_t{0})},
-                       {"decode_tok_s", c.pred.decode_tok_s},
-                       {"decode_ms_per_token", c.pred.decode_ms},
-                       {"prefill_tok_s", c.pred.prefill_tok_s},
-                       {"request_s", c.pred.request_s}});
+        doc.push_back(
+            {{"placement", c.label},
+             {"settings", c.settings.describe()},
+             {"gpu_experts", std::accumulate(c.gpu_counts.begin(), c.gpu_counts.end(), int64_t{0})},
+             {"decode_tok_s", c.pred.decode_tok_s},
+             {"decode_ms_per_token", c.pred.decode_ms},
+             {"prefill_tok_s", c.pred.prefill_tok_s},
+             {"request_s", c.pred.request_s}});
       }
       fmt::print("{}\n", doc.dump(2));
       return;
@@ -232,8 +231,9 @@ void run_search_command(const SearchFlags& f) {
                build_version());
     fmt::print("# profile: {}\n# model: {}\n# workload: {}\n\n", opt.profile_path, f.model,
                f.workload);
-    fmt::print("| placement | settings | GPU experts | decode tok/s | decode ms/token | prefill tok/s "
-               "| request s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    fmt::print(
+        "| placement | settings | GPU experts | decode tok/s | decode ms/token | prefill tok/s "
+        "| request s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for (const Candidate& c : cs) {
       fmt::print("| {} | {} | {} | {:.2f} | {:.3f} | {:.1f} | {:.2f} |\n", c.label,
                  c.settings.describe(),

@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <map>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <random>
 
@@ -64,14 +64,15 @@ class CpuStepper : public Stepper {
   // sequences > 1: decode() steps that many sequences at once (CpuEngine::decode_batch), the
   // first starting from `first`, the others from the tokens after it.
   CpuStepper(const ModelWeights& m, int threads, int64_t ctx, int64_t batch, int64_t sequences)
-      : engine_(m, [&] {
-          CpuEngineOptions o;
-          o.threads = threads;
-          o.max_context = ctx;
-          o.max_batch = std::clamp<int64_t>(batch, 1, 512);
-          o.max_sequences = std::max<int64_t>(1, sequences);
-          return o;
-        }()),
+      : engine_(m,
+                [&] {
+                  CpuEngineOptions o;
+                  o.threads = threads;
+                  o.max_context = ctx;
+                  o.max_batch = std::clamp<int64_t>(batch, 1, 512);
+                  o.max_sequences = std::max<int64_t>(1, sequences);
+                  return o;
+                }()),
         vocab_(m.cfg.vocab),
         sequences_(std::max<int64_t>(1, sequences)) {}
   void reset() override { engine_.reset(); }
@@ -200,14 +201,16 @@ void fill_model_shape(profile::ModelShape& s, const ModelWeights& m) {
 Verdict hardware_verdict(const profile::ProfileSummary& s) {
   Verdict v;
   const double dram = s.cpu.read_gb_s.empty() ? 0 : s.cpu.read_gb_s.back().value;
-  const double moe = s.cpu_costs.moe_decode_gb_s.empty() ? 0 : s.cpu_costs.moe_decode_gb_s.back().value;
+  const double moe =
+      s.cpu_costs.moe_decode_gb_s.empty() ? 0 : s.cpu_costs.moe_decode_gb_s.back().value;
   v.headline = fmt::format("CPU reads {:.1f} GB/s ({} threads), CPU experts {:.1f} GB/s", dram,
                            s.cpu.read_gb_s.empty() ? 0 : s.cpu.read_gb_s.back().threads, moe);
   for (size_t i = 0; i < s.gpus.size(); ++i) {
     const profile::GpuInfo& g = s.gpus[i];
     const profile::GpuCosts& c = s.gpu_costs[i];
-    v.headline += fmt::format("; {} reads {:.0f} GB/s, fused MoE {:.0f} GB/s vs unfused {:.0f} GB/s",
-                              g.device, g.read_gb_s, c.moe_fused_gb_s, c.moe_unfused_gb_s);
+    v.headline +=
+        fmt::format("; {} reads {:.0f} GB/s, fused MoE {:.0f} GB/s vs unfused {:.0f} GB/s",
+                    g.device, g.read_gb_s, c.moe_fused_gb_s, c.moe_unfused_gb_s);
     v.reasons.push_back(fmt::format(
         "{}: eager launch {:.2f} µs vs graph node {:.2f} µs (keep CUDA Graph on for decode); "
         "host node {:.1f} µs vs mapped-flag round trip {:.1f} µs per CPU hand-off",
@@ -337,6 +340,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       }
       go.gpu_transport = pr.placement.runtime.gpu_transport;
       go.max_sequences = std::max<int64_t>(1, ro.batch);  // concurrent sequences (one GPU)
+      // Router statistics for the search (integer counters in the router's top-k tail; the
+      // engines that cannot count return none and the analysis assumes uniform routing).
+      go.count_experts = true;
       if (pr.engine == cli::EngineKind::Hybrid) {
         go.expert_on_gpu.resize(static_cast<size_t>(pr.placement.n_layers()));
         for (int64_t l = 0; l < pr.placement.n_layers(); ++l) {
@@ -418,9 +424,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
                                "NVTX, CUPTI overhead) + host spans";
         if (!cupti->notes().empty()) doc.notes.push_back("CUPTI: " + cupti->notes());
       } else {
-        const std::string why = !uses_gpu ? "CPU engine"
-                                : cupti   ? cupti->error()
-                                          : avail.reason;
+        const std::string why = !uses_gpu ? "CPU engine" : cupti ? cupti->error() : avail.reason;
         tl.source_note = "host spans only: " + why;
         run.trace_mode = "host spans only (" + why + ")";
         run.trace_level = "none";
@@ -439,21 +443,23 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
           trace_level::level_name(levels[0]), trace_level::level_name(levels[1])));
     }
     if (!cupti_on && levels.size() > 1) {
-      doc.notes.push_back("--trace-level both: without CUPTI tracing records host spans only, at "
-                          "any level: one traced window");
+      doc.notes.push_back(
+          "--trace-level both: without CUPTI tracing records host spans only, at "
+          "any level: one traced window");
     }
   }
   if (prefill_win.tokens > 0) tl.windows.push_back(prefill_win);
   tl.windows.push_back(decode_win);
   tl.origin = tl.first_time();
   if (tl.dropped_records > 0) {
-    doc.notes.push_back(fmt::format("CUPTI dropped {} records (buffers full): GPU metrics "
-                                    "undercount; profile fewer tokens (-n)",
-                                    tl.dropped_records));
+    doc.notes.push_back(
+        fmt::format("CUPTI dropped {} records (buffers full): GPU metrics "
+                    "undercount; profile fewer tokens (-n)",
+                    tl.dropped_records));
   }
   if (tl.dropped_spans > 0) {
-    doc.notes.push_back(fmt::format("{} host spans were dropped (per-thread buffers full)",
-                                    tl.dropped_spans));
+    doc.notes.push_back(
+        fmt::format("{} host spans were dropped (per-thread buffers full)", tl.dropped_spans));
   }
 
   // ---- analysis ----
@@ -463,24 +469,40 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   AnalysisInputs decode_in;
   std::vector<std::vector<int64_t>> diff;
   if (!counts1.empty() && counts1.size() == counts0.size()) {
+    // Measured routing: each selection's expert bytes to the device that holds the expert (the
+    // CPU engine holds them all; a NUMA node's experts count under cpu and cpu:N).
     diff.assign(counts1.size(), std::vector<int64_t>(static_cast<size_t>(n_exp), 0));
-    double cpu_bytes = 0;
+    std::map<std::string, double> per_device;
     for (size_t l = 0; l < counts1.size(); ++l) {
+      const double eb = static_cast<double>(expert_bytes_of_layer(model, l));
+      const std::vector<Device>* ex =
+          pr.engine == cli::EngineKind::Cpu || l >= pr.placement.layers.size()
+              ? nullptr
+              : &pr.placement.layers[l].experts;
       for (size_t e = 0; e < counts1[l].size() && e < diff[l].size(); ++e) {
         diff[l][e] = static_cast<int64_t>(counts1[l][e] - counts0[l][e]);
-        cpu_bytes += static_cast<double>(diff[l][e]) *
-                     static_cast<double>(expert_bytes_of_layer(model, l));
+        const double bytes = static_cast<double>(diff[l][e]) * eb;
+        if (bytes <= 0) continue;
+        if (ex == nullptr || e >= ex->size() || !(*ex)[e].is_gpu()) {
+          per_device["cpu"] += bytes;
+          if (ex != nullptr && e < ex->size() && (*ex)[e].index >= 0) {
+            per_device[(*ex)[e].to_string()] += bytes;
+          }
+        } else {
+          per_device[(*ex)[e].to_string()] += bytes;
+        }
       }
     }
-    decode_in.expert_bytes["cpu"] = cpu_bytes;
+    for (const auto& [dev, bytes] : per_device) decode_in.expert_bytes[dev] = bytes;
   } else {
-    // The GPU engine does not report routing: expected bytes under uniform routing, per device
+    // The engine did not count routing: expected bytes under uniform routing, per device
     // (every GPU of a multi-GPU placement; each NUMA node's experts also under cpu:N).
     std::map<std::string, double> per_device;
     for (int64_t l = 0; l < n_layers; ++l) {
       const auto& ex = pr.placement.layers[static_cast<size_t>(l)].experts;
-      const double per = static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l))) *
-                         static_cast<double>(ro.gen) / static_cast<double>(std::max<int64_t>(n_exp, 1));
+      const double per =
+          static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l))) *
+          static_cast<double>(ro.gen) / static_cast<double>(std::max<int64_t>(n_exp, 1));
       for (const Device& d : ex) {
         if (d.is_gpu()) {
           per_device[d.to_string()] += per;
@@ -494,7 +516,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       if (bytes > 0) decode_in.expert_bytes[dev] = bytes;
     }
     doc.notes.push_back(
-        "expert bytes assume uniform routing (the GPU engine does not report routing yet)");
+        "expert bytes assume uniform routing (this engine does not count its routing: deepseek2 "
+        "on the GPU, or the KTUNE_GPU_LEGACY step)");
   }
   if (ro.batch > 1) {
     doc.notes.push_back(fmt::format(
@@ -567,8 +590,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     doc.router = analyze_router(diff, window_tokens, k);
   } else {
     doc.router.n_used = k;
-    doc.router.warning = "router statistics need the CPU engine's counts (not reported by the "
-                         "GPU engine yet)";
+    doc.router.warning =
+        "no router statistics: this engine does not count its routing (deepseek2 "
+        "on the GPU); profile it on the CPU engine for them";
   }
 
   // ---- topology and verdict ----
@@ -605,8 +629,8 @@ void check_output_path(const std::string& path, const char* example) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (fs::is_directory(path, ec)) {
-    throw Error(path, "is a folder", std::string("give a file name, e.g. ") +
-                                         (fs::path(path) / example).string());
+    throw Error(path, "is a folder",
+                std::string("give a file name, e.g. ") + (fs::path(path) / example).string());
   }
   const fs::path parent = fs::path(path).parent_path();
   if (!parent.empty() && !fs::is_directory(parent, ec)) {
