@@ -141,6 +141,9 @@ class GpuStepper : public Stepper {
     engine_.generate_greedy(first, n);
   }
   std::string describe() const override { return engine_.describe(); }
+  std::vector<std::vector<uint64_t>> expert_counts() const override {
+    return engine_.expert_counts();
+  }
 
  private:
   GpuEngine engine_;
