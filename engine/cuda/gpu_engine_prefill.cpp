@@ -25,8 +25,9 @@
 // experts (1 - (15/16)^32), and copying only those would need the routing before the copy,
 // which would serialise the copy behind the layer's own attention instead of overlapping it
 // with the previous layer. Shorter chunks run as decode steps (CpuMoe per token): copying a
-// layer's experts costs the same whatever the chunk, a decode step of the CPU experts
-// ~20 ms per token (qwen3-30b-a3b, H100 machine), so below ~16 tokens the decode steps win.
+// layer's experts costs the same whatever the chunk, so below hybrid_prefill_min_staged()
+// tokens (memory_plan.h: the copy's time against n decode steps' CPU reads; ~28 tokens for
+// qwen3-30b-a3b with half or all of its experts on the CPU) the decode steps win.
 // The host expert tensors are registered (cudaHostRegister) once at construction; if that
 // fails (or KTUNE_PREFILL_PIN=0), copies go through two pinned bounce buffers.
 //
@@ -64,7 +65,6 @@ static_assert(cuda::kPrefillTileM == kPrefillTileRows,
 
 namespace {
 
-constexpr int64_t kDefaultMinStaged = 16;
 constexpr int64_t kMaxPrefillChunk = 16384;
 
 int64_t env_int(const char* name, int64_t dflt) {
@@ -151,12 +151,12 @@ void GpuEngine::Impl::prefill_setup(const ModelWeights& w) {
   ps.enabled = ps.reason.empty();
   if (!ps.enabled) return;
   ps.profile = env_flag("KTUNE_PREFILL_PROFILE", false);
-  ps.min_staged = std::max<int64_t>(1, env_int("KTUNE_PREFILL_MIN_STAGED", kDefaultMinStaged));
 
   // Staging plan: per layer with CPU experts, the copies of runs of consecutive CPU expert ids
   // into [gate of its CPU experts][up ...][down ...], in id order.
   ps.staged_of.assign(static_cast<size_t>(layers), -1);
   size_t largest = 0;
+  double copy_bytes = 0, cpu_bytes_per_token = 0;  // per chunk / per decode step, all layers
   if (is_hybrid) {
     for (int64_t l = 0; l < layers; ++l) {
       const DevLayer& d = L[static_cast<size_t>(l)];
@@ -186,8 +186,16 @@ void GpuEngine::Impl::prefill_setup(const ModelWeights& w) {
       ps.staged_of[static_cast<size_t>(l)] = static_cast<int64_t>(ps.staged.size());
       ps.staged.push_back(std::move(sl));
       largest = std::max(largest, ncpu * (gb + ub + db));
+      copy_bytes += static_cast<double>(ncpu * (gb + ub + db));
+      cpu_bytes_per_token += static_cast<double>(top_k) * static_cast<double>(ncpu) /
+                             static_cast<double>(n_exp) * static_cast<double>(gb + ub + db);
     }
   }
+  // Staged chunks from the length where copying the CPU experts beats reading them in decode
+  // steps (memory_plan.h); KTUNE_PREFILL_MIN_STAGED overrides.
+  ps.min_staged = std::max<int64_t>(
+      1, env_int("KTUNE_PREFILL_MIN_STAGED",
+                 hybrid_prefill_min_staged(copy_bytes, cpu_bytes_per_token)));
 
   // Device memory: the workspace the planner counts, plus two staging buffers when the device
   // has room for them (without them hybrid prefill runs as decode steps).

@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <set>
 
 #include "ktune/engine/error.h"
@@ -162,6 +163,17 @@ int64_t expert_activation_bytes(const ModelConfig& c, int64_t tokens) {
 }
 
 }  // namespace
+
+int64_t hybrid_prefill_min_staged(double copy_bytes, double cpu_bytes_per_token, double pcie_gb_s,
+                                  double cpu_gb_s) {
+  if (!(copy_bytes > 0)) return 1;  // nothing to copy: staging costs nothing
+  if (!(cpu_bytes_per_token > 0) || !(pcie_gb_s > 0) || !(cpu_gb_s > 0)) {
+    return std::numeric_limits<int32_t>::max();  // decode steps read nothing: never stage
+  }
+  const double n = (copy_bytes / pcie_gb_s) / (cpu_bytes_per_token / cpu_gb_s);
+  if (!(n < 1e9)) return std::numeric_limits<int32_t>::max();
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(n - 1e-9)));
+}
 
 int64_t prefill_workspace_bytes(const ModelConfig& c, int64_t tokens) {
   auto al = [](int64_t b) { return (b + 255) / 256 * 256; };  // arena slices are 256-aligned

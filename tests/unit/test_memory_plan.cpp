@@ -342,4 +342,25 @@ TEST(MemoryPlanBudgets, DefaultsAndDeviceOrder) {
   EXPECT_TRUE(less("cuda:10", "zzz"));
 }
 
+// Hybrid prefill's staging threshold: the copy's time against n decode steps' CPU reads.
+TEST(HybridPrefillPolicy, StagesOnceDecodeStepsReadLongerThanTheCopy) {
+  // qwen3-30b-a3b Q4_0, 2987 of 6144 experts on the CPU (the H100 verify run): 7.93 GB to copy;
+  // a decode step reads 8 * 2987/6144 experts of 2.654 MB in each of 48 layers.
+  const double eb = 2654208.0;
+  const double copy = 2987 * eb;
+  const double per_token = 48 * 8.0 * (2987.0 / 6144.0) * eb;
+  // (copy / 45 GB/s) / (per_token / 85 GB/s) = 2987 * 85 / (45 * 48 * 8 * 2987 / 6144) = 30.2.
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(copy, per_token), 31);
+  // Twice the copy bandwidth halves the threshold; an exact ratio is not rounded up.
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(100, 10, 10, 10), 10);
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(100, 10, 20, 10), 5);
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(100, 30, 10, 10), 4);  // 3.33 -> 4
+  // Nothing on the CPU to copy: every chunk stages (there is nothing to stage).
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(0, 0), 1);
+  // Huge CPU reads per token: even one token stages.
+  EXPECT_EQ(ktune::hybrid_prefill_min_staged(1e6, 1e12), 1);
+  // Decode steps that read nothing never lose to a copy.
+  EXPECT_GT(ktune::hybrid_prefill_min_staged(1e9, 0), int64_t{1} << 30);
+}
+
 }  // namespace

@@ -119,6 +119,23 @@ struct PlanOptions {
 // the engine allocates them); staging buffers not included (DeviceUse::staging).
 int64_t prefill_workspace_bytes(const ModelConfig& cfg, int64_t tokens);
 
+// Hybrid prefill (the GPU engine's choice, priced the same way by `ktune search`): a chunk of
+// n tokens either copies its layers' CPU-resident experts to the GPU and computes them there
+// (staged: the copy, about copy_bytes over PCIe, bounds the chunk) or runs n decode steps whose
+// CPU experts read cpu_bytes_per_token from host memory each. Staging pays once n decode steps'
+// CPU reads take longer than the copy:
+//   min_staged = ceil((copy_bytes / pcie_gb_s) / (cpu_bytes_per_token / cpu_gb_s)),
+// at least 1; chunks shorter than that run as decode steps. cpu_bytes_per_token counts the
+// routed share of the CPU experts (uniform routing: k * n_cpu / n_experts per layer). Measured
+// on the H100 machine (qwen3-30b-a3b Q4_0, 2987 of 6144 experts on the CPU): a 16-token staged
+// chunk copied 7.8 GB in ~155 ms (~50 GB/s), 99 tok/s, where decode steps ran 16 tokens at
+// 211-227 tok/s; the fixed threshold of 16 tokens this replaces staged it.
+constexpr double kPrefillCopyGbS = 45;  // pinned host -> device copies, PCIe Gen5 x16 (derated)
+constexpr double kPrefillCpuGbS = 85;   // CpuMoe's DRAM read on the 16-core machine
+int64_t hybrid_prefill_min_staged(double copy_bytes, double cpu_bytes_per_token,
+                                  double pcie_gb_s = kPrefillCopyGbS,
+                                  double cpu_gb_s = kPrefillCpuGbS);
+
 // Device bytes of the GPU engine's batched decode state for `sequences` concurrent sequences of
 // `context` positions (GpuEngineOptions::max_sequences > 1): B rows of every activation, the
 // expert grouping, logits, per-sequence token history, per-expert matrix pointers and the
