@@ -64,6 +64,15 @@ TEST(SearchDrift, FlagsRoutingThatMovedAwayFromTheSearchedStatistics) {
   EXPECT_NE(moved.message.find(" %"), std::string::npos);
   std::printf("[ drift ] %s\n", moved.message.c_str());
 
+  // A short run of the same model (6 tokens against 512 searched) differs by sampling alone:
+  // its raw distance is large, not drift.
+  const RoutingDrift brief = routing_drift(p, stats, live_counts(3, 1.5, 6));
+  std::printf("[ drift ] 6 tokens: distance %.3f, sampling %.3f\n", brief.distance,
+              brief.sampling_distance);
+  EXPECT_GT(brief.distance, 0.15);
+  EXPECT_GT(brief.sampling_distance, 0.1);
+  EXPECT_FALSE(brief.drifted) << brief.message;
+
   // Statistics other than the ones named in the placement.
   profile::RouterStats other = stats;
   other.counts[0][0] += 1;

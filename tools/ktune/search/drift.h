@@ -16,8 +16,14 @@ struct RoutingDrift {
   double searched_gpu_share = 0;  // routing share on the placement's GPU experts, searched stats
   double live_gpu_share = 0;      // the same share in the live counts
   double distance = 0;  // mean over layers of the total-variation distance of the selection shares
+  // The part of `distance` two samples of these sizes show with nothing changed (expected value
+  // under the searched shares).
+  double sampling_distance = 0;
+  double sampling_share = 0;  // standard deviation of the GPU share's difference by sampling
   bool digest_matches = true;  // the statistics are the ones the placement names (sha256)
-  bool drifted = false;        // share moved by more than 5 points or distance above 0.15
+  // share moved by more than 5 points + 2 sampling_share, or distance beyond the sampling
+  // distance above 0.15
+  bool drifted = false;
   std::string message;         // one line with the numbers (empty when nothing to say)
 };
 
