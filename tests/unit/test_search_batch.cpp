@@ -82,7 +82,7 @@ TEST(SearchBatch, GpuExpertsPayOffMoreAtLargerBatches) {
 TEST(SearchBatch, TablesSumToThePrediction) {
   const ModelInfo mi =
       model_info(*find_preset("qwen3-30b-a3b"), QuantType::Q4_0, QuantType::Q4_0, "synth:q");
-  const CostModel cm = make(mi, "prompt=16,gen=100;prompt=40,gen=7,weight=2,batch=4");
+  const CostModel cm = make(mi, "prompt=8,gen=100;prompt=12,gen=7,weight=2,batch=4");
   EngineSettings e;
   e.cpu_threads = 16;
   const auto t = cm.layer_tables(e);

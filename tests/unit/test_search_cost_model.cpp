@@ -219,17 +219,68 @@ TEST(SearchCostModel, LaunchBoundWithoutGraphFewerGpuExpertsAreFaster) {
   EXPECT_GT(g[0][64], g[0][128]);
 }
 
-TEST(SearchCostModel, PrefillCopiesCpuExpertsOnlyForLargeChunks) {
+TEST(SearchCostModel, ShortHybridPromptRunsAsDecodeSteps) {
+  // The engine runs a hybrid placement's chunk of fewer than 16 tokens as decode steps (each
+  // decode() copies its token in, runs the step and synchronises), then syncs once more; from 16
+  // tokens on it copies every hybrid layer's CPU experts to the GPU and runs batched.
   const ModelInfo mi = qwen30_q4();
-  const CostModel cm = make(mi, "prompt=512,gen=1;prompt=8,gen=1");
-  const LayerSplit s = cm.hottest_split(0, 32);
-  const auto& sizes = cm.chunk_sizes();
-  ASSERT_EQ(sizes.size(), 2u);  // 8 and 512
-  const auto small = cm.prefill_layer(0, s, settings(true), 0, 8, 0);
-  const auto large = cm.prefill_layer(0, s, settings(true), 1, 512, 0);
-  EXPECT_FALSE(small.copies);  // 96 experts over PCIe for 8 tokens: compute them on the CPU
-  EXPECT_TRUE(large.copies);   // 512 tokens x 6 CPU experts each: copying wins
-  EXPECT_NEAR(large.copy_us, 96.0 * double(mi.bytes.expert[0]) / (52 * 1e3), 1e-6);
+  const CostModel cm = make(mi, "prompt=15,gen=1;prompt=16,gen=1");
+  const EngineSettings e = settings(true);
+  const auto half = hottest(cm, std::vector<int64_t>(48, 64));
+  const double L = 3.3, sync = 8;  // the test profile: no eager gap, so a copy is one launch
+  double expected = sync;
+  for (int i = 0; i < 15; ++i) expected += step_us(cm, half, e, i) + L + sync;
+  int copies = -1;
+  EXPECT_NEAR(cm.prefill_s(half, e, 15, &copies), expected * 1e-6, 1e-12);
+  EXPECT_EQ(copies, 0);
+  cm.prefill_s(half, e, 16, &copies);
+  EXPECT_EQ(copies, 48);
+  // A chunk of 16 moves 48 x 64 experts over PCIe (52 GB/s): slower than 15 decode steps here.
+  EXPECT_GT(cm.prefill_s(half, e, 16), 48 * 64 * double(mi.bytes.expert[0]) / 52e9);
+  EXPECT_GT(cm.prefill_s(half, e, 16), cm.prefill_s(half, e, 15));
+  // Every expert on the GPU: short chunks run batched too, far faster than decode steps.
+  const auto all = hottest(cm, std::vector<int64_t>(48, 128));
+  double steps = 0;
+  for (int i = 0; i < 15; ++i) steps += step_us(cm, all, e, i);
+  EXPECT_LT(cm.prefill_s(all, e, 15), 0.5 * steps * 1e-6);
+}
+
+TEST(SearchCostModel, BatchedPrefillLayerIsFlopsAtTheGpuRate) {
+  // qwen3-30b-a3b, a chunk of 512 tokens at position 0, every expert on the GPU: hand-computed.
+  // Dense q/k/v/o: 2048 x (4096 + 2 x 512) + 4096 x 2048 = 18874368 parameters, 2 FLOPs each per
+  // token; the router 2 x 2048 x 128 per token; causal attention 4 x 512 x 256.5 x 4096:
+  //   2 x 512 x 18874368 + 2 x 512 x 2048 x 128 + 4 x 512 x 256.5 x 4096 = 21747466240 FLOPs;
+  // experts: 512 tokens x 8 x 6 x 2048 x 768 = 38654705664 FLOPs; both at 50000 GFLOP/s (their
+  // bytes at 3000 GB/s take less), plus 14 eager launches of 3.3 µs (no eager gap).
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=1");
+  const auto pl = cm.prefill_layer(0, cm.hottest_split(0, 128), settings(true), 0, 512, 0);
+  const double att = 21747466240.0 / 50000e3, exp = 38654705664.0 / 50000e3;
+  EXPECT_NEAR(pl.gpu_us, att + exp + 14 * 3.3, 1e-6);
+  EXPECT_NEAR(pl.pre_us, att + 11 * 3.3, 1e-6);
+  EXPECT_FALSE(pl.copies);
+  // Half the experts on the CPU: the same compute (staged experts run on the same kernels), and
+  // the layer's 64 CPU experts copied whatever the routing.
+  const auto hy = cm.prefill_layer(0, cm.hottest_split(0, 64), settings(true), 0, 512, 0);
+  EXPECT_NEAR(hy.gpu_us, pl.gpu_us, 1e-9);
+  EXPECT_TRUE(hy.copies);
+  EXPECT_NEAR(hy.copy_us, 64.0 * double(mi.bytes.expert[0]) / (52 * 1e3), 1e-6);
+}
+
+TEST(SearchCostModel, CopyBoundPrefillIsTheCopiesBackToBack) {
+  // Every expert on the CPU, a 512-token prompt: each layer's copy (128 experts over PCIe) takes
+  // far longer than its compute, so the copy engine never waits for a staging buffer; the prompt
+  // takes the 48 copies, the last layer's expert matmuls after its copy, and the fixed parts.
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=512,gen=1");
+  const EngineSettings e = settings(true);
+  const auto none = hottest(cm, std::vector<int64_t>(48, 0));
+  const auto pl = cm.prefill_layer(47, none[47], e, 0, 512, 0);
+  ASSERT_GT(pl.copy_us, pl.gpu_us);
+  const double expected =
+      48 * pl.copy_us + (pl.gpu_us - pl.pre_us) + cm.prefill_fixed_us(e, 512, true);
+  EXPECT_NEAR(cm.prefill_s(none, e, 512), expected * 1e-6, 1e-12);
+  EXPECT_NEAR(48 * pl.copy_us, 48 * 128 * double(mi.bytes.expert[0]) / (52 * 1e3), 1e-6);
 }
 
 TEST(SearchCostModel, LayerOrderMattersForPrefill) {
@@ -252,12 +303,12 @@ TEST(SearchCostModel, LayerOrderMattersForPrefill) {
 }
 
 TEST(SearchCostModel, TablesSumToThePredictionWhenNothingIsCopied) {
-  // Short prompts: CPU experts are computed on the CPU, so each layer's prefill is independent
-  // and predict() equals the constant plus the tables' entries exactly.
+  // Prompts under 16 tokens of a hybrid placement run as decode steps, so each layer's prefill
+  // is independent and predict() equals the constant plus the tables' entries exactly.
   const ModelInfo mi = qwen30_q4();
   for (const EngineSettings& e :
        {settings(true), settings(false), settings(false, MoeKernel::Unfused)}) {
-    const CostModel cm = make(mi, "prompt=16,gen=100;prompt=40,gen=7,weight=2");
+    const CostModel cm = make(mi, "prompt=8,gen=100;prompt=15,gen=7,weight=2");
     const auto t = cm.layer_tables(e);
     std::vector<int64_t> counts(48);
     double sum = cm.constant_s(e);
@@ -299,6 +350,129 @@ TEST(SearchCostModel, HottestSplitEqualsTheSetOfTheHottestExperts) {
   for (size_t c = 0; c < h.cpu_distinct.size(); ++c) {
     EXPECT_NEAR(h.cpu_distinct[c], s.cpu_distinct[c], 1e-9);
     EXPECT_NEAR(h.gpu_distinct[c], s.gpu_distinct[c], 1e-9);
+  }
+}
+
+// ---------------------------------------------------------------------------------- deepseek2 --
+
+ModelInfo v2lite_q4() {
+  return model_info(*find_preset("deepseek-v2-lite"), QuantType::Q4_0, QuantType::Q4_0,
+                    "synth:deepseek-v2-lite:q4_0");
+}
+
+TEST(SearchCostModel, MlaLaunchBytesAreTheLayersTensors) {
+  // DeepSeek-V2-Lite Q4_0 (18 bytes per 32 values): hidden 2048, 16 heads x (128 + 64), values
+  // 128, kv_lora_rank 512, no q compression, 64 experts, 2 shared of 1408, dense FFN 10944.
+  const ModelInfo mi = v2lite_q4();
+  ASSERT_EQ(mi.mla.size(), 27u);
+  const MlaLayerBytes& b = mi.mla[1];
+  EXPECT_EQ(b.q_in, 1152.0 * 3072);  // attn_q: 3072 rows of 2048
+  EXPECT_EQ(b.kv_a, 1152.0 * 576);   // attn_kv_a_mqa: 512 + 64 rows
+  EXPECT_FALSE(b.kv_a_apart);
+  EXPECT_EQ(b.q_b, 0.0);
+  EXPECT_EQ(b.k_b, 72.0 * 512 * 16);    // attn_k_b: rows of 128, 512 per head
+  EXPECT_EQ(b.v_b, 288.0 * 128 * 16);   // attn_v_b: rows of 512, 128 per head
+  EXPECT_EQ(b.o, 1152.0 * 2048);        // attn_output: 2048 rows of 16 x 128
+  EXPECT_EQ(b.router, 4.0 * 2048 * 64);
+  EXPECT_EQ(b.ffn, 3.0 * 1152 * 2816);  // shared gate, up (2816 rows of 2048), down (2048 of 2816)
+  EXPECT_EQ(mi.mla[0].router, 0.0);     // the dense layer
+  EXPECT_EQ(mi.mla[0].ffn, 3.0 * 1152 * 10944);
+  // With the norms they are every byte the planner counts with the layer's attention.
+  for (size_t l : {size_t(0), size_t(1)}) {
+    const MlaLayerBytes& x = mi.mla[l];
+    const double norms = 4.0 * (2 * 2048 + 512);
+    EXPECT_EQ(x.q_in + x.kv_a + x.q_b + x.k_b + x.v_b + x.o + x.router + x.ffn + norms,
+              double(mi.bytes.attention[l]))
+        << l;
+  }
+}
+
+TEST(SearchCostModel, MlaAttentionReadsTheLatentCacheOncePerHeadGroup) {
+  // 4096 cached positions of 512 + 64 float32 values; V2-Lite's 16 heads are one group, V3's 128
+  // are 8 groups of 16. FLOPs: per position and head, the score over 576 values and the weighted
+  // sum of 512: 2 x 4096 x 16 x 1088.
+  const ModelInfo lite = v2lite_q4();
+  const CostModel cm = make(lite, "prompt=16,gen=16");
+  EXPECT_EQ(cm.mla_attention_bytes(4096), 4096.0 * 576 * 4);
+  EXPECT_EQ(cm.mla_attention_flops(4096), 2.0 * 4096 * 16 * 1088);
+  const ModelInfo v3 = model_info(*find_preset("deepseek-v3"), QuantType::Q4_0, QuantType::Q4_0,
+                                  "synth:deepseek-v3:q4_0");
+  const CostModel cm3 = make(v3, "prompt=16,gen=16");
+  EXPECT_EQ(cm3.mla_attention_bytes(4096), 8.0 * 4096 * 576 * 4);
+  // The context's cost: the FLOPs at the MLA rate (5000 GFLOP/s, slower here than the cache's
+  // 9.4 MB at 3000 GB/s), on top of the same launches.
+  const double growth = cm.mla_attention_us(1, 4096, true) - cm.mla_attention_us(1, 0, true);
+  EXPECT_NEAR(growth, 2.0 * 4096 * 16 * 1088 / 5000e3, 1e-6);
+  const CostModel fast = make(lite, "prompt=16,gen=16", "mla_attention_gflop_s=1e9");
+  EXPECT_NEAR(fast.mla_attention_us(1, 4096, true) - fast.mla_attention_us(1, 0, true),
+              4096.0 * 576 * 4 / 3000e3, 1e-6);
+}
+
+TEST(SearchCostModel, MlaLayerPricesItsOwnLaunches) {
+  // Curves for hand arithmetic: a matvec 3 µs + 1 µs per MB, the fused MoE 5 µs + 1 µs per MB
+  // (never below 1.5 µs per MB under 10 MB), the router 11 µs per MiB (one point: proportional;
+  // V2-Lite's is half a MiB), attention 6 µs at context 0, graph nodes 1 µs. A V2-Lite MoE layer
+  // with every expert on the GPU at context 0:
+  //   q + kv_a (one launch), RoPE, k_b, attention + merge, v_b, o; router + router kernel;
+  //   shared experts (9.73 MB) and 6 routed experts (6 x 4.87 MB) on the fused kernels.
+  const ModelInfo mi = v2lite_q4();
+  const CostModel cm = make(mi, "prompt=1,gen=16", "", curved_profile());
+  const MlaLayerBytes& b = mi.mla[1];
+  auto mv = [](double bytes) { return 3 + bytes / 1e6 + 1; };
+  auto moe = [](double bytes) {
+    const double mb = bytes / 1e6;
+    return (mb < 10 ? std::max(5 + mb, 1.5 * mb) : 5 + mb) + 2;  // two launches, two nodes
+  };
+  const double attention =
+      mv(b.q_in + b.kv_a) + 1 + mv(b.k_b) + (6 + 1) + 1 + mv(b.v_b) + mv(b.o);
+  EXPECT_NEAR(cm.mla_attention_us(1, 0, true), attention, 1e-6);
+  const double eb = double(mi.bytes.expert[1]);
+  const double gpu = cm.decode_layer_us(1, cm.hottest_split(1, 64), settings(true), 0);
+  EXPECT_NEAR(gpu, attention + (5.5 + 1) + 1 + moe(b.ffn) + moe(6 * eb), 1e-6);
+  // The dense layer: attention, ffn_norm, the dense FFN; no routed expert, no hand-off, whatever
+  // its (empty) expert slots say.
+  const double dense = attention - mv(b.q_in + b.kv_a) - mv(b.k_b) - mv(b.v_b) - mv(b.o) +
+                       mv(mi.mla[0].q_in + mi.mla[0].kv_a) + mv(mi.mla[0].k_b) +
+                       mv(mi.mla[0].v_b) + mv(mi.mla[0].o) + 1 + moe(mi.mla[0].ffn);
+  EXPECT_NEAR(cm.decode_layer_us(0, cm.hottest_split(0, 0), settings(true), 0), dense, 1e-6);
+  EXPECT_NEAR(cm.decode_layer_us(0, cm.hottest_split(0, 64), settings(true), 0), dense, 1e-6);
+  // Every routed expert on the CPU: the hand-off (9 µs) and one CpuMoe call over 6 experts at
+  // 68 GB/s, overlapped with the shared experts on the GPU.
+  const double cpu = 6 + 6 * eb / (68 * 1e3);
+  EXPECT_NEAR(cm.decode_layer_us(1, cm.hottest_split(1, 0), settings(true), 0),
+              attention + 6.5 + 1 + 9 + std::max(moe(b.ffn), cpu), 1e-6);
+}
+
+TEST(SearchCostModel, DeepseekPrefillIsDecodeStepsTokenByToken) {
+  // The deepseek2 GPU engine prefills through its decode step: per token a copy of the token on
+  // the stream (one eager launch) and the step; one synchronisation at the end. Hybrid or not.
+  const ModelInfo mi = v2lite_q4();
+  const CostModel cm = make(mi, "prompt=40,gen=1");
+  for (int64_t m : {64, 32}) {
+    const auto s = hottest(cm, std::vector<int64_t>(27, m));
+    for (const EngineSettings& e : {settings(true), settings(false)}) {
+      double expected = 8;  // sync_us
+      for (int i = 0; i < 40; ++i) expected += step_us(cm, s, e, i) + 3.3;
+      int copies = -1;
+      EXPECT_NEAR(cm.prefill_s(s, e, 40, &copies), expected * 1e-6, 1e-12) << m;
+      EXPECT_EQ(copies, 0);
+    }
+  }
+}
+
+TEST(SearchCostModel, DeepseekTablesSumToThePrediction) {
+  const ModelInfo mi = v2lite_q4();
+  const CostModel cm = make(mi, "prompt=700,gen=30;prompt=20,gen=9,weight=3");
+  for (const EngineSettings& e : {settings(true), settings(false, MoeKernel::Unfused)}) {
+    const auto t = cm.layer_tables(e);
+    std::vector<int64_t> counts(27);
+    double sum = cm.constant_s(e);
+    for (int l = 0; l < 27; ++l) {
+      counts[size_t(l)] = (l * 23) % 65;
+      sum += t[size_t(l)][size_t(counts[size_t(l)])];
+    }
+    const Prediction p = cm.predict(hottest(cm, counts), e);
+    EXPECT_NEAR(p.request_s, sum, 1e-9 * sum) << e.describe();
   }
 }
 

@@ -96,6 +96,13 @@ CostModel::CostModel(MachineCosts machine, ModelInfo model, RouterModel router, 
     o_bytes_.push_back(matrices * q / (2 * q + 2 * kv));
     router_bytes_.push_back(router);
   }
+  mla_ = c.is_deepseek2() && model_.mla.size() == size_t(c.n_layers);
+  if (mla_ && m_.has_gpu && !m_.mla_attention_assumed) {
+    m_.notes.push_back(fmt::format(
+        "mla_attention_gflop_s not measured (no probe yet): assumed {} for deepseek2's MLA "
+        "attention over the latent cache (--assume mla_attention_gflop_s=...)",
+        m_.mla_attention_gflop_s));
+  }
 }
 
 std::vector<int> CostModel::thread_candidates() const {
@@ -186,6 +193,14 @@ double CostModel::cpu_expert_gb_s(int threads) const {
 }
 
 double CostModel::pre_gpu_us(int64_t l, double ctx, bool graph) const {
+  if (mla_) {
+    // MLA, then the router logits (ffn_norm prologue) and the one-warp deepseek router kernel;
+    // a dense layer's ffn_norm instead.
+    const double router = model_.mla[size_t(l)].router;
+    return mla_attention_us(l, ctx, graph) +
+           (router > 0 ? kernel_us(m_.router.us(router), graph) + kernel_us(0, graph)
+                       : kernel_us(0, graph));
+  }
   const double attn = m_.attention_us + m_.attention_us_per_1k_ctx * ctx / 1000.0;
   // The engine's 4 launches before the MoE: q/k/v (norm prologue), attention (q/k norms and
   // RoPE folded in), o + residual, norm + router + top-k.
@@ -225,19 +240,26 @@ double CostModel::handoff_us(const EngineSettings& e, bool graph) const {
 
 double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
                                   double ctx) const {
+  if (w_.batch > 1) return decode_layer_batch_us(l, s, e, ctx);
+  return decode_layer_one_us(l, s, e, ctx);
+}
+
+double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                                      double ctx) const {
   const ModelConfig& c = model_.cfg;
   const double eb = double(model_.bytes.expert[size_t(l)]);
   const int k = static_cast<int>(c.n_experts_used);
-  if (w_.batch > 1) return decode_layer_batch_us(l, s, e, ctx);
   const double cpu_bw = cpu_expert_gb_s(e.cpu_threads);
   if (!e.gpu) {
     // The CPU engine: attention weights and the f32 KV cache at DRAM speed, the token's experts
-    // at CpuMoe's bandwidth.
-    const double kv = 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
+    // at CpuMoe's bandwidth (deepseek2: the latent cache; its attention bytes hold the dense
+    // FFN or shared experts; a dense layer has no expert bytes).
+    const double kv = ctx * double(c.kv_cache_values()) * 4.0;
     return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
                         m_.cpu_read_at(e.cpu_threads)) +
            us_for_bytes(k * eb, cpu_bw);
   }
+  if (mla_) return decode_layer_mla_us(l, s, e, ctx);
   // The engine captures both MoE paths: fused, and unfused as per-slot graph nodes that read the
   // expert id from device memory (no host read, so no sync).
   const bool graph = e.cuda_graph;
@@ -307,6 +329,81 @@ double CostModel::decode_layer_us(int64_t l, const LayerSplit& s, const EngineSe
   return expected;
 }
 
+// ------------------------------------------------------------------------------- deepseek2 --
+
+double CostModel::mla_attention_bytes(double ctx) const {
+  const ModelConfig& c = model_.cfg;
+  const double groups = std::ceil(double(c.n_heads) / double(kMlaHeadsPerBlock));
+  return groups * ctx * double(c.kv_cache_values()) * 4.0;  // f32 latent + roped key rows
+}
+
+double CostModel::mla_attention_flops(double ctx) const {
+  const ModelConfig& c = model_.cfg;
+  // Per position and head: the score over the latent and the roped key, and the weighted sum of
+  // the latent (kv_lora_rank values), two FLOPs per multiply-add.
+  return 2.0 * ctx * double(c.n_heads) * double(c.kv_cache_values() + c.kv_lora_rank);
+}
+
+double CostModel::mla_attention_us(int64_t l, double ctx, bool graph) const {
+  const MlaLayerBytes& b = model_.mla[size_t(l)];
+  auto mv = [&](double bytes) { return kernel_us(m_.matvec.us(bytes), graph); };
+  // attn_norm-prologue matvec of q_a (or q) and kv_a, one launch when their types agree.
+  double t = b.kv_a_apart ? mv(b.q_in) + mv(b.kv_a) : mv(b.q_in + b.kv_a);
+  if (b.q_b > 0) t += mv(b.q_b);
+  t += kernel_us(0, graph);  // latent norm + RoPE into the cache row, q_pe RoPE
+  t += mv(b.k_b);            // q_abs = W_kb^T q_nope, per head
+  // The attention over the cache (split in spans, head groups) and the merge of the spans: the
+  // probe's attention kernel time at context 0 as the fixed part, the cache at the GPU's read
+  // bandwidth or its FLOPs at the MLA rate, whichever is slower.
+  const double cache = std::max(us_for_bytes(mla_attention_bytes(ctx), m_.gpu_read_gb_s),
+                                us_for_flops(mla_attention_flops(ctx), m_.mla_attention_gflop_s));
+  t += kernel_us(m_.attention_us + cache, graph) + kernel_us(0, graph);
+  t += mv(b.v_b);  // o_h = W_vb ctx_h
+  t += mv(b.o);    // attn_output + residual
+  return t;
+}
+
+double CostModel::decode_layer_mla_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                                      double ctx) const {
+  // engine/cuda/gpu_engine_deepseek_step.cpp: every launch is captured (graph on), or enqueued
+  // eagerly (graph off); the unfused routed experts are per-slot launches either way (deepseek2
+  // has no host-synchronised routing).
+  const ModelConfig& c = model_.cfg;
+  const bool graph = e.cuda_graph;
+  const MlaLayerBytes& b = model_.mla[size_t(l)];
+  const double pre = pre_gpu_us(l, ctx, graph);
+  const double eb = double(model_.bytes.expert[size_t(l)]);
+  // The dense FFN (and a MoE layer's shared experts) runs on the fused MoE kernels as one
+  // always-selected expert: their two launches at its bytes.
+  const double ffn = b.ffn > 0 ? fused_moe_us(b.ffn, graph) : 0.0;
+  if (c.is_dense_layer(l) || eb == 0) return pre + ffn;
+  const int k = static_cast<int>(c.n_experts_used);
+  const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
+  const double unfused_matrix = m_.moe_unfused.us(eb / 3);
+  // The GPU side of the layer: shared experts, then the routed GPU experts (n of the token's).
+  auto gpu_side = [&](double n) {
+    if (!has_gpu) return ffn;
+    if (e.kernel == MoeKernel::Fused) return ffn + fused_moe_us(n * eb, graph);
+    return ffn + 2 * kernel_us(0, graph) + k * 5 * kernel_us(0, graph) + n * 3 * unfused_matrix;
+  };
+  if (!has_cpu) return pre + gpu_side(k);
+  const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
+  std::vector<double> pj;
+  binomial(k, q, pj);
+  // The routing block goes to the CPU before the shared experts: the CPU computes its experts
+  // while the GPU runs the shared and its own routed experts; the wait kernel joins them.
+  const double h = handoff_us(e, graph);
+  const double cpu_bw = cpu_expert_gb_s(e.cpu_threads);
+  double expected = 0;
+  for (int j = 0; j <= k; ++j) {
+    const double pr = pj[size_t(j)];
+    if (pr == 0) continue;
+    const double cpu = j > 0 ? m_.cpu_call_us + j * us_for_bytes(eb, cpu_bw) : 0.0;
+    expected += pr * (pre + h + std::max(gpu_side(double(k - j)), cpu));
+  }
+  return expected;
+}
+
 double CostModel::decode_layer_batch_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
                                         double ctx) const {
   // One step of B sequences (B tokens): weights are read once per step, each sequence's KV cache
@@ -320,7 +417,7 @@ double CostModel::decode_layer_batch_us(int64_t l, const LayerSplit& s, const En
   const double gpu_distinct = s.gpu_distinct[ci], cpu_distinct = s.cpu_distinct[ci];
   const double cpu_bw = cpu_expert_gb_s(e.cpu_threads);
   if (!e.gpu) {
-    const double kv = B * 2.0 * ctx * double(c.n_kv_heads * c.head_dim) * 4.0;
+    const double kv = B * ctx * double(c.kv_cache_values()) * 4.0;
     return us_for_bytes(double(model_.bytes.attention[size_t(l)]) + kv,
                         m_.cpu_read_at(e.cpu_threads)) +
            us_for_bytes((gpu_distinct + cpu_distinct) * eb, cpu_bw);
@@ -356,9 +453,32 @@ double CostModel::decode_step_fixed_us(const EngineSettings& e) const {
 
 // ----------------------------------------------------------------------------------- prefill --
 
+double CostModel::eager_launches_us(double work_us, int count) const {
+  // As kernel_us without a graph, for a run of launches queued back to back: the GPU pays a gap
+  // per launch, the host's launch rate bounds a run of short ones.
+  const double n = double(count), fixed = n * m_.kernel_fixed_us;
+  if (m_.eager_gap_us > 0) {
+    return std::max(work_us + n * m_.eager_gap_us, n * m_.launch_eager_us) + fixed;
+  }
+  return work_us + n * m_.launch_eager_us + fixed;
+}
+
+bool CostModel::hybrid(const std::vector<LayerSplit>& splits) const {
+  for (size_t l = 0; l < splits.size(); ++l) {
+    if (splits[l].n_cpu > 0 && model_.bytes.expert[l] > 0) return true;
+  }
+  return false;
+}
+
+bool CostModel::prefill_decode_steps(bool hybrid, const EngineSettings& e, int64_t n) const {
+  if (!e.gpu) return false;  // the CPU engine's prefill
+  if (model_.cfg.is_deepseek2()) return true;  // token by token (no batched MLA prefill yet)
+  return hybrid && n < kPrefillMinStagedTokens;
+}
+
 CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
                                                  const EngineSettings& e, size_t ci, int64_t n,
-                                                 int64_t c0) const {
+                                                 int64_t c0, bool decode_steps) const {
   const ModelConfig& c = model_.cfg;
   const double eb = double(model_.bytes.expert[size_t(l)]);
   const double nd = double(n), h = double(c.hidden);
@@ -368,53 +488,73 @@ CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
   const double attn_flops = 2 * nd * attn_params_ + 2 * nd * h * double(c.n_experts) +
                             4 * nd * (double(c0) + (nd + 1) / 2) * double(c.n_heads * c.head_dim);
   const double expert_flops = 6 * h * double(c.expert_ffn);  // per token-expert pair
-  const double cpu_rate = m_.cpu_prefill_at(e.cpu_threads);
-  const double cpu_moe_bw = cpu_expert_gb_s(e.cpu_threads);
   PrefillLayer r;
   if (!e.gpu) {
-    const double kv = 2.0 * (double(c0) + nd) * double(c.n_kv_heads * c.head_dim) * 4.0;
+    const double cpu_rate = m_.cpu_prefill_at(e.cpu_threads);
+    const double kv = (double(c0) + nd) * double(c.kv_cache_values()) * 4.0;
     const double distinct = s.gpu_distinct[ci] + s.cpu_distinct[ci];
     r.gpu_us = std::max(us_for_flops(attn_flops, cpu_rate),
                         us_for_bytes(attn_bytes + kv, m_.cpu_read_at(e.cpu_threads))) +
                std::max(us_for_flops(nd * k * expert_flops, cpu_rate),
-                        us_for_bytes(distinct * eb, cpu_moe_bw));
-    r.isolated_us = r.gpu_us;
+                        us_for_bytes(distinct * eb, cpu_expert_gb_s(e.cpu_threads)));
+    r.isolated_us = r.pre_us = r.gpu_us;
     return r;
   }
+  if (decode_steps) {
+    // n decode steps at positions c0 .. c0 + n - 1: the layer's decode price is linear in the
+    // context, so n times its price at the middle position.
+    r.gpu_us = nd * decode_layer_one_us(l, s, e, double(c0) + (nd - 1) / 2);
+    r.isolated_us = r.pre_us = r.gpu_us;
+    return r;
+  }
+  // Batched (engine/cuda/gpu_engine_prefill.cpp): tensor-core matmuls for q/k/v/o, the causal
+  // attention, the F32 router; then the grouped expert matmuls over every expert the chunk routes
+  // to, resident or staged (one gate/up and one down launch), each expert's weights read once.
   const double g_rate = m_.gpu_prefill_gflop_s;
   const double t_att =
       std::max(us_for_flops(attn_flops, g_rate), us_for_bytes(attn_bytes, m_.gpu_read_gb_s));
-  const double t_ge = s.n_gpu > 0
-                          ? std::max(us_for_flops(nd * s.gpu_mass * expert_flops, g_rate),
-                                     us_for_bytes(s.gpu_distinct[ci] * eb, m_.gpu_read_gb_s))
-                          : 0.0;
-  if (s.n_cpu == 0) {
-    r.gpu_us = r.isolated_us = t_att + t_ge;
-    return r;
-  }
-  const double pairs_cpu = nd * std::max(0.0, k - s.gpu_mass);
-  // (a) the CPU computes its experts while the GPU computes its own; activations go over PCIe
-  // both ways and the host thread hands the work over.
-  const double t_cpu = std::max(us_for_flops(pairs_cpu * expert_flops, cpu_rate),
-                                us_for_bytes(s.cpu_distinct[ci] * eb, cpu_moe_bw));
-  const double xfer = us_for_bytes(2 * nd * h * 4, m_.h2d_gb_s);
-  const double a = t_att + std::max(t_ge, m_.handoff_host_thread_us + xfer + t_cpu);
-  // (b) every CPU-resident expert of the layer is copied into a staging buffer (prefetched,
-  // double-buffered: the planner's staging) and computed on the GPU.
-  const double copy = us_for_bytes(double(s.n_cpu) * eb, m_.h2d_gb_s);
-  const double t_gc = std::max(us_for_flops(pairs_cpu * expert_flops, g_rate),
-                               us_for_bytes(s.cpu_distinct[ci] * eb, m_.gpu_read_gb_s));
-  const double b_gpu = t_att + t_ge + t_gc;
-  const double b = std::max(copy, b_gpu);
-  if (b < a) {
+  const double distinct = s.gpu_distinct[ci] + s.cpu_distinct[ci];
+  const double t_exp = eb > 0 ? std::max(us_for_flops(nd * k * expert_flops, g_rate),
+                                         us_for_bytes(distinct * eb, m_.gpu_read_gb_s))
+                              : 0.0;
+  r.gpu_us = eager_launches_us(t_att + t_exp, kPrefillLaunchesPerLayer);
+  r.pre_us = eager_launches_us(t_att, kPrefillLaunchesBeforeExperts);
+  r.isolated_us = r.gpu_us;
+  if (s.n_cpu > 0 && eb > 0) {
+    // A hybrid layer: all its CPU-resident experts are copied into a staging buffer (whole,
+    // whatever the routing: the copy starts before the layer routes), double-buffered.
     r.copies = true;
-    r.gpu_us = b_gpu;
-    r.copy_us = copy;
-    r.isolated_us = b;
-  } else {
-    r.gpu_us = r.isolated_us = a;
+    r.copy_us = us_for_bytes(double(s.n_cpu) * eb, m_.h2d_gb_s);
+    r.isolated_us = std::max(r.copy_us, r.gpu_us);
   }
   return r;
+}
+
+double CostModel::prefill_fixed_us(const EngineSettings& e, int64_t prompt, bool hybrid) const {
+  const double head = double(model_.bytes.head);
+  if (!e.gpu) return us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
+  const double eager0 = kernel_us(0, false);
+  if (model_.cfg.is_deepseek2()) {
+    // Each token copied on the stream into the step's token slot, then the step (its embedding,
+    // head and graph launch); one synchronisation at the end.
+    return double(prompt) * (eager0 + decode_step_fixed_us(e)) + m_.sync_us;
+  }
+  double t = m_.sync_us;  // prefill() synchronises once at the end
+  bool last_batched = false;
+  for (int64_t c0 = 0; c0 < prompt; c0 += kPrefillChunkTokens) {
+    const int64_t n = std::min<int64_t>(kPrefillChunkTokens, prompt - c0);
+    if (prefill_decode_steps(hybrid, e, n)) {
+      // decode(): the token copied in, the step, a synchronisation.
+      t += double(n) * (eager0 + decode_step_fixed_us(e) + m_.sync_us);
+      last_batched = false;
+    } else {
+      t += 3 * eager0;  // the tokens and the position copied in, the embedding
+      last_batched = true;
+    }
+  }
+  // After the last batched chunk: the output head for the last position, argmax, position.
+  if (last_batched) t += kernel_us(m_.matvec.us(head), false) + 2 * eager0;
+  return t;
 }
 
 Stages stages_from_counts(const std::vector<int64_t>& layers_per_gpu) {
@@ -444,23 +584,45 @@ double CostModel::decode_transfer_us(const Stages& st) const {
 
 double CostModel::prefill_s(const std::vector<LayerSplit>& splits, const EngineSettings& e,
                             int64_t prompt, int* copy_layers, const Stages& stages) const {
-  // Per GPU two engines: the compute stream and the copy engine; two staging buffers. A copy
-  // starts when the copy engine and its buffer are free (the buffer's last user finished), a
-  // layer computes when the previous layer is done and its copy has arrived. Several GPUs: a
-  // chunk enters a GPU when it has finished the previous chunk and the chunk's activations
-  // arrived from the GPU before it.
+  // Per GPU two engines: the compute stream and the copy engine; two staging buffers, the i-th
+  // hybrid layer of a chunk using buffer i % 2. A copy starts when the copy engine and its
+  // buffer are free (the buffer's last user has run its expert matmuls); a layer's attention and
+  // routing run when the layer before it is done, its expert matmuls when its copy has arrived.
+  // Several GPUs: a chunk enters a GPU when it has finished the previous chunk and the chunk's
+  // activations arrived from the GPU before it. A chunk run as decode steps goes through every
+  // layer (and GPU) token by token once everything before it is done.
   const std::vector<int> gpus_used = stage_gpus(stages);
   const size_t ns = std::max<size_t>(1, gpus_used.size());
   std::vector<double> gpu(ns, 0.0), copy_engine(ns, 0.0);
   std::vector<std::array<double, 2>> buf_free(ns, {0.0, 0.0});
-  std::vector<int> next_buf(ns, 0);
   int copies_full_chunk = 0;
   const double hidden_bytes = 4.0 * double(model_.cfg.hidden);
+  const bool hyb = hybrid(splits);
+  if (e.gpu && model_.cfg.is_deepseek2() && prompt > 0) {
+    // Token by token through the decode step: the prompt's tokens at their middle position (the
+    // step's price is linear in the context).
+    double t = double(prompt) * decode_transfer_us(stages);
+    for (int64_t l = 0; l < n_layers(); ++l) {
+      t += double(prompt) * decode_layer_one_us(l, splits[size_t(l)], e, double(prompt - 1) / 2);
+    }
+    if (copy_layers != nullptr) *copy_layers = 0;
+    return (t + prefill_fixed_us(e, prompt, hyb)) * 1e-6;
+  }
   for (int64_t c0 = 0; c0 < prompt; c0 += kPrefillChunkTokens) {
     const int64_t n = std::min<int64_t>(kPrefillChunkTokens, prompt - c0);
     const size_t ci = chunk_index(n);
+    if (prefill_decode_steps(hyb, e, n)) {
+      double t = double(n) * decode_transfer_us(stages);
+      for (int64_t l = 0; l < n_layers(); ++l) {
+        t += prefill_layer(l, splits[size_t(l)], e, ci, n, c0, true).gpu_us;
+      }
+      const double end = *std::max_element(gpu.begin(), gpu.end()) + t;
+      std::fill(gpu.begin(), gpu.end(), end);
+      continue;
+    }
     int copies = 0;
     size_t s = 0;
+    std::vector<int> next_buf(ns, 0);
     for (int64_t l = 0; l < n_layers(); ++l) {
       if (!stages.empty() && l > 0 && stages[size_t(l)] != stages[size_t(l) - 1]) {
         const double arrive =
@@ -474,21 +636,17 @@ double CostModel::prefill_s(const std::vector<LayerSplit>& splits, const EngineS
         continue;
       }
       ++copies;
-      const double start = std::max(copy_engine[s], buf_free[s][size_t(next_buf[s])]);
+      const size_t b = size_t(next_buf[s]);
+      const double start = std::max(copy_engine[s], buf_free[s][b]);
       copy_engine[s] = start + pl.copy_us;
-      gpu[s] = std::max(gpu[s], copy_engine[s]) + pl.gpu_us;
-      buf_free[s][size_t(next_buf[s])] = gpu[s];
+      gpu[s] = std::max(gpu[s] + pl.pre_us, copy_engine[s]) + (pl.gpu_us - pl.pre_us);
+      buf_free[s][b] = gpu[s];
       next_buf[s] ^= 1;
     }
     if (n == kPrefillChunkTokens || copies_full_chunk == 0) copies_full_chunk = copies;
   }
   if (copy_layers != nullptr) *copy_layers = copies_full_chunk;
-  // The output head for the last position, on the last GPU.
-  const double head = double(model_.bytes.head);
-  double end = gpu[ns - 1];
-  end += e.gpu ? kernel_us(m_.matvec.us(head), false)
-               : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
-  return end * 1e-6;
+  return (gpu[ns - 1] + prefill_fixed_us(e, prompt, hyb)) * 1e-6;
 }
 
 Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const EngineSettings& e,
@@ -541,14 +699,15 @@ Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const Engin
 }
 
 double CostModel::constant_s(const EngineSettings& e) const {
+  // The tables price a chunk below kPrefillMinStagedTokens as decode steps, as a hybrid
+  // placement runs it: their fixed parts are here.
   const double tw = w_.total_weight();
-  const double head = double(model_.bytes.head);
-  const double head_us = e.gpu ? kernel_us(m_.matvec.us(head), false)
-                               : us_for_bytes(head, m_.cpu_read_at(e.cpu_threads));
   double s = 0;
   for (const Request& r : w_.requests) {
     s += r.weight / tw *
-         (head_us + double(r.gen) * decode_step_fixed_us(e) / double(w_.batch)) * 1e-6;
+         (prefill_fixed_us(e, r.prompt, true) +
+          double(r.gen) * decode_step_fixed_us(e) / double(w_.batch)) *
+         1e-6;
   }
   return s;
 }
@@ -562,7 +721,8 @@ double CostModel::transfer_constant_s(const Stages& stages) const {
 }
 
 const std::vector<std::vector<double>>& CostModel::prefill_table(int threads, bool gpu) const {
-  const std::string key = fmt::format("{}{}", gpu ? 'g' : 'c', threads);
+  // The GPU's batched chunks use no CPU thread: one table serves every thread count.
+  const std::string key = gpu ? std::string("g") : fmt::format("c{}", threads);
   auto it = prefill_cache_.find(key);
   if (it != prefill_cache_.end()) return it->second;
   EngineSettings e;
@@ -579,6 +739,7 @@ const std::vector<std::vector<double>>& CostModel::prefill_table(int threads, bo
         double us = 0;
         for (int64_t c0 = 0; c0 < r.prompt; c0 += kPrefillChunkTokens) {
           const int64_t n = std::min<int64_t>(kPrefillChunkTokens, r.prompt - c0);
+          if (prefill_decode_steps(true, e, n)) continue;  // layer_tables prices these
           us += prefill_layer(l, s, e, chunk_index(n), n, c0).isolated_us;
         }
         sum += r.weight / tw * us * 1e-6;
@@ -593,16 +754,38 @@ std::vector<std::vector<double>> CostModel::layer_tables(const EngineSettings& e
   std::vector<std::vector<double>> t = prefill_table(e.cpu_threads, e.gpu);
   const double tw = w_.total_weight();
   const int64_t ne = n_experts();
+  // Per request: the decode contexts, and the prompt's chunks run as decode steps (a hybrid
+  // placement's short chunks; deepseek2's whole prompt): tokens and middle position of each.
+  struct Steps {
+    double weight, gen, ctx;
+    std::vector<std::pair<double, double>> chunks;  // (tokens, middle position)
+  };
+  std::vector<Steps> req;
+  for (const Request& r : w_.requests) {
+    Steps st{r.weight / tw, double(r.gen), double(r.prompt) + double(r.gen) / 2, {}};
+    if (e.gpu && model_.cfg.is_deepseek2()) {  // the whole prompt, as prefill_s prices it
+      if (r.prompt > 0) st.chunks.emplace_back(double(r.prompt), double(r.prompt - 1) / 2);
+      req.push_back(std::move(st));
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < r.prompt; c0 += kPrefillChunkTokens) {
+      const int64_t n = std::min<int64_t>(kPrefillChunkTokens, r.prompt - c0);
+      if (prefill_decode_steps(true, e, n)) {
+        st.chunks.emplace_back(double(n), double(c0) + double(n - 1) / 2);
+      }
+    }
+    req.push_back(std::move(st));
+  }
   for (int64_t l = 0; l < n_layers(); ++l) {
     for (int64_t m = 0; m <= ne; ++m) {
       const LayerSplit s = hottest_split(l, e.gpu ? m : 0);
-      double dec = 0;
-      for (const Request& r : w_.requests) {
-        const double ctx = double(r.prompt) + double(r.gen) / 2;
-        dec += r.weight / tw * double(r.gen) * decode_layer_us(l, s, e, ctx) * 1e-6 /
-               double(w_.batch);
+      double us = 0;
+      for (const Steps& r : req) {
+        double x = r.gen * decode_layer_us(l, s, e, r.ctx) / double(w_.batch);
+        for (const auto& [n, mid] : r.chunks) x += n * decode_layer_one_us(l, s, e, mid);
+        us += r.weight * x;
       }
-      t[size_t(l)][size_t(m)] += dec;
+      t[size_t(l)][size_t(m)] += us * 1e-6;
     }
   }
   return t;

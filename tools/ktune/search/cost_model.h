@@ -25,6 +25,19 @@
 
 namespace ktune::search {
 
+// The GPU engine's prefill (engine/cuda/gpu_engine_prefill.cpp, kDefaultMinStaged there): with a
+// hybrid placement a chunk of fewer tokens runs as decode steps (CpuMoe per token); a chunk of
+// this many or more copies every hybrid layer's CPU experts to the GPU and runs batched.
+constexpr int64_t kPrefillMinStagedTokens = 16;
+// Launches of one layer of a batched prefill chunk (rmsnorm, q, k, v, q/k norm + RoPE,
+// attention, o, rmsnorm, router, top-k, grouping, gate/up, down, combine), all eager; the
+// first 11 come before the expert matmuls, which alone wait for a staged copy.
+constexpr int kPrefillLaunchesPerLayer = 14;
+constexpr int kPrefillLaunchesBeforeExperts = 11;
+// The MLA attention kernel reads every cached row once per group of at most this many heads
+// (kMlaHeads, engine/include/ktune/engine/cuda/mla_kernels.h; fewer when shared memory is short).
+constexpr int64_t kMlaHeadsPerBlock = 16;
+
 struct EngineSettings {
   bool gpu = true;  // attention on the GPU (hybrid engine); false: everything on the CPU engine
   bool cuda_graph = true;
@@ -94,12 +107,25 @@ class CostModel {
   // Expected decode time (µs) of layer l's part of one step at KV context `ctx` (with the
   // workload's batch B > 1: one step of B sequences, see decode_layer_batch_us).
   double decode_layer_us(int64_t l, const LayerSplit& s, const EngineSettings& e, double ctx) const;
+  // One sequence's step (whatever the workload's batch): what a prefill decode step costs.
+  double decode_layer_one_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                             double ctx) const;
   // One step of the workload's B sequences: B KV caches, the distinct experts B tokens select
   // (GPU- and CPU-resident, from the router model), one hand-off per layer for all B.
   double decode_layer_batch_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
                                double ctx) const;
   // The per-step part outside the layers (embedding, head, argmax, graph launch), µs.
   double decode_step_fixed_us(const EngineSettings& e) const;
+  // A placement the engine runs hybrid: some MoE layer holds CPU experts.
+  bool hybrid(const std::vector<LayerSplit>& splits) const;
+  // Whether the engine runs a prefill chunk of n tokens as n decode steps: deepseek2 always
+  // (token by token), a hybrid qwen3moe placement below kPrefillMinStagedTokens; else batched.
+  bool prefill_decode_steps(bool hybrid, const EngineSettings& e, int64_t n) const;
+  // The parts of a prompt's prefill outside the layers (µs): per chunk the token copies and the
+  // embedding, the output head for the last position, one synchronisation; for chunks run as
+  // decode steps each step's fixed part and its own synchronisation (qwen3moe's decode() syncs,
+  // deepseek2's prefill copies each token on the stream and syncs once).
+  double prefill_fixed_us(const EngineSettings& e, int64_t prompt, bool hybrid) const;
   // Prefill of one prompt of `prompt` tokens (s): the pipeline simulation. copy_layers (when
   // non-null) receives the number of layers that copy CPU experts in a full chunk.
   // With stages, each GPU runs its layers' pipeline of copies and compute; chunk c starts on a
@@ -128,13 +154,24 @@ class CostModel {
   // Per-layer prefill cost of one chunk of n tokens starting at position c0 (µs): the pieces
   // the pipeline simulation and the tables use.
   struct PrefillLayer {
-    double gpu_us = 0;       // GPU work of the layer (attention + GPU experts [+ copied experts])
+    double gpu_us = 0;       // GPU work of the layer (attention, router, all its experts)
+    double pre_us = 0;       // of which before the expert matmuls (does not wait for the copy)
     double copy_us = 0;      // copy of the layer's CPU experts to the GPU (0 unless copying)
-    bool copies = false;     // CPU experts copied to the GPU (else computed on the CPU)
+    bool copies = false;     // CPU experts copied to the GPU (a hybrid layer, batched chunk)
     double isolated_us = 0;  // the layer's cost if its copy overlapped perfectly
   };
+  // decode_steps: the chunk runs as n decode steps (prefill_decode_steps): n times the layer's
+  // decode price at the chunk's middle position.
   PrefillLayer prefill_layer(int64_t l, const LayerSplit& s, const EngineSettings& e,
-                             size_t chunk_index, int64_t n, int64_t c0) const;
+                             size_t chunk_index, int64_t n, int64_t c0,
+                             bool decode_steps = false) const;
+
+  // deepseek2: MLA attention of one layer at KV context ctx (µs): its launches (q/kv_a, q_b,
+  // RoPE + cache store, absorption, attention + merge, value heads, output) with the attention's
+  // latent-cache bytes and FLOPs (mla_attention_bytes / _flops).
+  double mla_attention_us(int64_t l, double ctx, bool graph) const;
+  double mla_attention_bytes(double ctx) const;  // cached rows read, once per head group
+  double mla_attention_flops(double ctx) const;  // scores and weighted latents, all heads
 
  private:
   double kernel_us(double work_us, bool graph) const;          // one kernel: work + launch overhead
@@ -144,7 +181,16 @@ class CostModel {
   // holding CPU experts.
   double handoff_us(const EngineSettings& e, bool graph) const;
   double cpu_expert_gb_s(int threads) const;  // CpuMoe's rate, capped by the DRAM read probe
+  // `count` eager launches doing `work_us` of GPU work together (host-bound when short).
+  double eager_launches_us(double work_us, int count) const;
+  // deepseek2's decode layer (attention on the GPU): MLA, then the dense FFN, or the router,
+  // shared experts, routed experts and the hand-off.
+  double decode_layer_mla_us(int64_t l, const LayerSplit& s, const EngineSettings& e,
+                             double ctx) const;
   size_t chunk_index(int64_t n) const;
+  // Per layer and m: the batched (or CPU engine) chunks' prefill share of the mean request; the
+  // chunks a hybrid placement runs as decode steps are priced in layer_tables (they depend on
+  // the graph, kernel and hand-off settings).
   const std::vector<std::vector<double>>& prefill_table(int cpu_threads, bool gpu) const;
 
   MachineCosts m_;
@@ -158,6 +204,7 @@ class CostModel {
   // Per layer: bytes of the q/k/v, o and router matvecs, and the layer's attention parameters.
   std::vector<double> qkv_bytes_, o_bytes_, router_bytes_;
   double attn_params_ = 0;
+  bool mla_ = false;  // deepseek2 with its per-launch bytes (ModelInfo::mla): MLA pricing
   mutable std::map<std::string, std::vector<std::vector<double>>> prefill_cache_;
 };
 

@@ -193,7 +193,9 @@ const std::vector<AssumptionKey>& assumption_keys() {
       {"host_node_us", "CPU hand-off through a graph host node, per hybrid layer (default 27)"},
       {"flag_handoff_us", "CPU hand-off through mapped flags, per hybrid layer (default 3.4)"},
       {"sync_us", "stream synchronisation round trip (default 10)"},
-      {"handoff_host_thread_us", "CPU hand-off by the host thread without a graph (default 20)"},
+      {"handoff_host_thread_us",
+       "unused (accepted for old scripts): the engine's prefill no longer hands experts to the "
+       "host thread"},
       {"cpu_call_us",
        "fixed cost of one CpuMoe call per hybrid layer with CPU experts selected (default 8)"},
       {"kernel_fixed_us", "latency each kernel adds to its time (default 0)"},
@@ -207,7 +209,10 @@ const std::vector<AssumptionKey>& assumption_keys() {
       {"moe_fused_gb_s", "GPU fused MoE kernel bandwidth (replaces the kernel curve)"},
       {"moe_unfused_gb_s", "GPU per-expert MoE kernel bandwidth (replaces the kernel curve)"},
       {"h2d_gb_s", "host-to-device copy bandwidth"},
-      {"gpu_prefill_gflop_s", "GPU batched matmul rate (default 50000)"},
+      {"gpu_prefill_gflop_s",
+       "GPU batched prefill rate, effective (default 75400: qwen3-30b-a3b pp512 on an H100)"},
+      {"mla_attention_gflop_s",
+       "deepseek2 MLA decode attention over the latent cache (default 5000, an estimate)"},
       {"cpu_prefill_gflop_s_per_thread", "CPU batched matmul rate per thread (default 40)"},
       {"cpu_moe_gb_s", "CPU expert bandwidth at every thread count (flattens the curve)"},
       {"peer_gb_s", "inter-GPU bandwidth of every GPU pair (default: the profile's, else 20)"},
@@ -320,8 +325,10 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
       m.cpu_prefill_gflop_s[0].threads >= m.cpu_prefill_gflop_s[1].threads) {
     m.cpu_prefill_gflop_s.resize(1);  // one core: a single point
   }
-  m.handoff_host_thread_us = pick("handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us,
-                                  20.0, "event sync + waking the CPU pool");
+  // Kept for old scripts (--assume still takes it) but priced nowhere: the engine's prefill
+  // copies CPU experts to the GPU or runs decode steps; no host thread computes them.
+  m.handoff_host_thread_us = s.cpu_costs.handoff_host_thread_us;
+  if (const double* v = given("handoff_host_thread_us")) m.handoff_host_thread_us = *v;
   // bench_cpu_moe on the H100 machine (b10cc68): waking the spinning pool ~2 µs, quantizing h
   // ~3, the uneven finish and return ~3-4 per call, whatever the bytes.
   m.cpu_call_us = pick("cpu_call_us", s.cpu_costs.moe_call_us, 8.0,
@@ -379,8 +386,15 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
     }
     m.attention_us = c.attention_us;
     m.attention_us_per_1k_ctx = c.attention_us_per_1k_ctx;
-    m.gpu_prefill_gflop_s = pick("gpu_prefill_gflop_s", c.prefill_gflop_s, 50000.0,
-                                 "batched quantized matmul on the GPU");
+    m.gpu_prefill_gflop_s = pick("gpu_prefill_gflop_s", c.prefill_gflop_s,
+                                 kDefaultGpuPrefillGflopS,
+                                 "ktune's batched prefill, qwen3-30b-a3b pp512 on an H100");
+    // Noted by the cost model, and only for a deepseek2 model (nothing else uses it).
+    m.mla_attention_gflop_s = kDefaultMlaAttentionGflopS;
+    if (const double* v = given("mla_attention_gflop_s")) {
+      m.mla_attention_gflop_s = *v;
+      m.mla_attention_assumed = true;
+    }
     // The profile's kernel bandwidths already include a kernel's fixed latency at the sizes it
     // measured; this adds more (a what-if, or shapes far from the profiled model's).
     if (const double* v = given("kernel_fixed_us")) {
@@ -459,6 +473,77 @@ double MachineCosts::transfer_us(int i, int j, double bytes) const {
 
 // ------------------------------------------------------------------------------------ model --
 
+namespace {
+
+// deepseek2's per-launch bytes from the shape, every matrix `dt` (or the type a synthetic model
+// falls back to for rows that do not fill its blocks), as weight_bytes(cfg, et, dt) counts them.
+std::vector<MlaLayerBytes> mla_from_shape(const ModelConfig& c, QuantType dt) {
+  auto mat = [&](int64_t row_len, int64_t rows) {
+    return double(row_bytes(synthetic_row_type(dt, row_len), row_len) * rows);
+  };
+  const int64_t H = c.hidden, nh = c.n_heads, rq = c.q_lora_rank, rkv = c.kv_lora_rank;
+  const int64_t dn = c.qk_nope_dim(), dv = c.v_head_dim;
+  MlaLayerBytes b;
+  b.q_in = rq > 0 ? mat(H, rq) : mat(H, nh * c.head_dim);
+  b.kv_a = mat(H, rkv + c.rope_dim);
+  b.q_b = rq > 0 ? mat(rq, nh * c.head_dim) : 0.0;
+  if (c.split_kv_b) {
+    b.k_b = mat(dn, rkv * nh);
+    b.v_b = mat(rkv, dv * nh);
+  } else {
+    const double kv_b = mat(rkv, nh * (dn + dv));
+    b.k_b = kv_b * double(dn) / double(dn + dv);
+    b.v_b = kv_b - b.k_b;
+  }
+  b.o = mat(nh * dv, H);
+  std::vector<MlaLayerBytes> out;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    MlaLayerBytes x = b;
+    if (c.is_dense_layer(l)) {
+      x.ffn = 2 * mat(H, c.dense_ffn) + mat(c.dense_ffn, H);
+    } else {
+      x.router = double(row_bytes(QuantType::F32, H) * c.n_experts);
+      x.ffn = c.n_shared_experts > 0 ? 2 * mat(H, c.shared_ffn()) + mat(c.shared_ffn(), H) : 0.0;
+    }
+    out.push_back(x);
+  }
+  return out;
+}
+
+// A tensor the layer does not have is an unnamed view (weight_bytes counts the same way).
+double nbytes_or_0(const TensorView& t) { return t.name.empty() ? 0.0 : double(t.nbytes()); }
+
+}  // namespace
+
+std::vector<MlaLayerBytes> mla_layer_bytes(const ModelWeights& w) {
+  const ModelConfig& c = w.cfg;
+  std::vector<MlaLayerBytes> out;
+  if (!c.is_deepseek2()) return out;
+  const double dn = double(c.qk_nope_dim()), dv = double(c.v_head_dim);
+  for (const LayerWeights& l : w.layers) {
+    MlaLayerBytes b;
+    const TensorView& first = c.q_lora_rank > 0 ? l.wq_a : l.wq;
+    b.q_in = nbytes_or_0(first);
+    b.kv_a = nbytes_or_0(l.wkv_a);
+    b.kv_a_apart = first.type != l.wkv_a.type;
+    b.q_b = c.q_lora_rank > 0 ? nbytes_or_0(l.wq_b) : 0.0;
+    if (c.split_kv_b) {
+      b.k_b = nbytes_or_0(l.wk_b);
+      b.v_b = nbytes_or_0(l.wv_b);
+    } else {
+      const double kv_b = nbytes_or_0(l.wkv_b);
+      b.k_b = kv_b * dn / (dn + dv);
+      b.v_b = kv_b - b.k_b;
+    }
+    b.o = nbytes_or_0(l.wo);
+    b.router = nbytes_or_0(l.router);
+    b.ffn = nbytes_or_0(l.ffn_gate) + nbytes_or_0(l.ffn_up) + nbytes_or_0(l.ffn_down) +
+            nbytes_or_0(l.gate_shexp) + nbytes_or_0(l.up_shexp) + nbytes_or_0(l.down_shexp);
+    out.push_back(b);
+  }
+  return out;
+}
+
 ModelInfo model_info(const ModelConfig& cfg, QuantType et, QuantType dt, const std::string& spec) {
   ModelInfo m;
   m.spec = spec;
@@ -466,6 +551,7 @@ ModelInfo model_info(const ModelConfig& cfg, QuantType et, QuantType dt, const s
   m.cfg = cfg;
   m.bytes = weight_bytes(cfg, et, dt);
   m.quant = lower(quant_name(et));
+  if (cfg.is_deepseek2()) m.mla = mla_from_shape(cfg, dt);
   return m;
 }
 
@@ -475,7 +561,9 @@ ModelInfo load_model_info(const std::string& spec) {
     const ModelConfig* c = find_preset(so.preset);
     if (so.mix != QuantMix::None) {  // types per tensor: the shape's own sizes (no data built)
       ModelInfo m = model_info(*c, so.quant, so.quant, spec);
-      m.bytes = weight_bytes(synthetic_model_shape(so));
+      const ModelWeights shape = synthetic_model_shape(so);
+      m.bytes = weight_bytes(shape);
+      m.mla = mla_layer_bytes(shape);
       m.quant = synth_quant_label(so);
       return m;
     }
@@ -490,6 +578,7 @@ ModelInfo load_model_info(const std::string& spec) {
   m.path = ec ? spec : abs.lexically_normal().string();
   m.cfg = w.cfg;
   m.bytes = weight_bytes(w);
+  m.mla = mla_layer_bytes(w);
   m.quant = lower(quant_name(w.quant));
   return m;
 }

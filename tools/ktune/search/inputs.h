@@ -98,7 +98,7 @@ struct MachineCosts {
   std::vector<profile::ThreadRate> cpu_moe_gb_s;         // CpuMoe decode bandwidth by threads
   bool cpu_moe_assumed = false;  // --assume cpu_moe_gb_s: taken as given (not capped by DRAM)
   std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
-  double handoff_host_thread_us = 0;                     // prefill: CPU experts by the host
+  double handoff_host_thread_us = 0;  // unused by the model (the engine no longer does this)
   double cpu_call_us = 0;  // fixed cost of one CpuMoe call (wake, quantize h, uneven finish)
   int64_t cpu_mem_available_bytes = 0;
 
@@ -112,7 +112,11 @@ struct MachineCosts {
   double sync_us = 0;
   double matvec_gb_s = 0, moe_fused_gb_s = 0, moe_unfused_gb_s = 0;
   double attention_us = 0, attention_us_per_1k_ctx = 0;
-  double gpu_prefill_gflop_s = 0;
+  double gpu_prefill_gflop_s = 0;  // the batched prefill's matmuls (tensor cores), effective
+  // deepseek2's MLA decode attention: FLOPs over the latent cache (f32 dot products); no probe
+  // measures it yet (kDefaultMlaAttentionGflopS unless --assume mla_attention_gflop_s).
+  double mla_attention_gflop_s = 0;
+  bool mla_attention_assumed = false;  // given with --assume
   double kernel_fixed_us = 0;  // latency every kernel adds to bytes / bandwidth (default 0)
   // Kernel times by bytes (the profile's curves; bandwidth-only without them).
   KernelCurve matvec, router, moe_fused, moe_unfused;
@@ -150,8 +154,32 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
 // Inter-GPU link defaults when the profile has no measurement (PCIe-class, through the host).
 constexpr double kDefaultPeerGbS = 20.0;
 constexpr double kDefaultPeerUs = 15.0;
+// The GPU's effective rate in ktune's batched prefill (tensor-core matmuls of the q/k/v/o
+// projections, grouped expert matmuls, causal attention): calibrated on qwen3-30b-a3b Q4_0,
+// pp512 all on one H100 (12742.6 tok/s, docs/search.md "Prefill"), used where the profile has
+// no gpu_costs.prefill_gflop_s.
+constexpr double kDefaultGpuPrefillGflopS = 75400.0;
+// MLA decode attention (engine/cuda/mla_attention.cu): an estimate from the kernel's structure
+// (DeepSeek-V2-Lite, 4096 positions: 16 spans x 2 head groups, ~30 us for 143 MFLOP), not
+// measured; docs/search.md "deepseek2".
+constexpr double kDefaultMlaAttentionGflopS = 5000.0;
 
 // ------------------------------------------------------------------------------------ model --
+
+// deepseek2: the weight bytes each launch of a layer's decode step reads (the GPU engine's
+// launches, engine/cuda/gpu_engine_deepseek_step.cpp), so MLA and the dense / shared FFN are
+// priced by their own shapes.
+struct MlaLayerBytes {
+  double q_in = 0;   // attn_q_a, or attn_q without q compression (V2-Lite)
+  double kv_a = 0;   // attn_kv_a_mqa (the latent + roped key projection)
+  bool kv_a_apart = false;  // q_in and kv_a of different types: two launches instead of one
+  double q_b = 0;    // attn_q_b (0 without q compression)
+  double k_b = 0;    // the absorption q_abs = W_kb^T q_nope: attn_k_b, or attn_kv_b's key rows
+  double v_b = 0;    // o_h = W_vb ctx_h: attn_v_b, or attn_kv_b's value rows
+  double o = 0;      // attn_output
+  double router = 0; // ffn_gate_inp (F32; 0 in dense layers)
+  double ffn = 0;    // the dense FFN (dense layers) or the shared experts (MoE layers)
+};
 
 struct ModelInfo {
   std::string spec;  // as given on the command line
@@ -159,7 +187,10 @@ struct ModelInfo {
   ModelConfig cfg;
   WeightBytes bytes;  // per layer attention / one expert, embedding, head
   std::string quant;  // expert type name, for reports ("q4_0")
+  std::vector<MlaLayerBytes> mla;  // per layer, deepseek2 only (empty otherwise)
 };
+// The per-launch bytes of a deepseek2 model's layers from its tensors (files, mixed synth).
+std::vector<MlaLayerBytes> mla_layer_bytes(const ModelWeights& w);
 // synth:PRESET[:QUANT]: the preset's shape (nothing generated); a GGUF file or a Hugging Face
 // folder: opened (mmap; no tensor data read). Throws ktune::Error.
 ModelInfo load_model_info(const std::string& spec);
