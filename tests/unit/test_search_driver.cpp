@@ -40,6 +40,34 @@ void expect_no_internal_notes(const SearchResult& r) {
   for (const std::string& n : r.notes) EXPECT_EQ(n.find("internal"), std::string::npos) << n;
 }
 
+TEST(SearchDriver, MemoryModelAgreesWithThePlannerForDeepseek) {
+  // deepseek2 prefills token by token on the GPU: the planner counts no staging buffers, and
+  // neither may the search (12.7 GB on one DeepSeek-V3 layer's CPU experts otherwise).
+  const ModelInfo mi = model_info(*find_preset("deepseek-v2-lite"), QuantType::Q4_0,
+                                  QuantType::Q4_0, "synth:deepseek-v2-lite:q4_0");
+  const int64_t nl = mi.cfg.n_layers, ne = mi.cfg.n_experts;
+  std::mt19937_64 rng(5);
+  for (bool graph : {true, false}) {
+    const MemoryModel mm = memory_model(mi, graph, 4096);
+    const PipelineMemoryModel pm = pipeline_memory_model(mi, graph, 4096);
+    for (int trial = 0; trial < 10; ++trial) {
+      std::vector<int64_t> counts(static_cast<size_t>(nl));
+      for (auto& c : counts) {
+        c = trial == 0 ? 0 : trial == 1 ? ne : static_cast<int64_t>(rng() % uint64_t(ne + 1));
+      }
+      EngineSettings s;
+      s.cuda_graph = graph;
+      const RouterModel r = uniform_router(mi.cfg);
+      const Placement p = make_placement(mi, s, hottest_sets(r, counts), 4096);
+      const MemoryPlan plan = plan_memory(mi.cfg, mi.bytes, p, Budgets{});
+      EXPECT_EQ(mm.gpu_need(counts), plan.per_device.at("cuda:0").total) << trial;
+      EXPECT_EQ(pm.gpu_need(Stages(size_t(nl), 0), counts, 0),
+                plan.per_device.at("cuda:0").total)
+          << trial;
+    }
+  }
+}
+
 TEST(SearchDriver, MemoryModelAgreesWithThePlannerByteForByte) {
   const ModelInfo mi = qwen30_q4();
   std::mt19937_64 rng(3);

@@ -25,7 +25,7 @@ int64_t MemoryModel::gpu_need(const std::vector<int64_t>& counts) const {
     largest_cpu = std::max(largest_cpu, (n_experts - counts[l]) * expert_bytes[l]);
   }
   // Prefill staging: two buffers of the largest set of CPU-resident experts of one layer.
-  return need + (any_gpu ? gpu_expert_ws : 0) + 2 * largest_cpu;
+  return need + (any_gpu ? gpu_expert_ws : 0) + staging_buffers * largest_cpu;
 }
 
 int64_t MemoryModel::cpu_need(const std::vector<int64_t>& counts) const {
@@ -82,6 +82,7 @@ MemoryModel memory_model(const ModelInfo& model, bool cuda_graph, int64_t contex
   int64_t all_experts = 0;
   for (int64_t b : model.bytes.expert) all_experts += b * c.n_experts;
   mm.gpu_fixed = uc.total - uc.staging;
+  mm.staging_buffers = uc.staging > 0 ? 2 : 0;  // the planner's: none for deepseek2
   mm.gpu_expert_ws = ug.total - mm.gpu_fixed - all_experts;
   mm.cpu_expert_ws = pc.per_device.at("cpu").total - all_experts;
   return mm;
@@ -129,7 +130,7 @@ int64_t PipelineMemoryModel::gpu_need(const Stages& st, const std::vector<int64_
   if (a == 0) need += first_bytes;
   if (b == int64_t(st.size())) need += last_bytes;
   if (a == 0 && b == int64_t(st.size())) need -= single_gpu_saving;
-  return need + (any ? expert_ws : 0) + 2 * largest_cpu;
+  return need + (any ? expert_ws : 0) + staging_buffers * largest_cpu;
 }
 
 int64_t PipelineMemoryModel::cpu_need(const std::vector<int64_t>& counts) const {
@@ -176,6 +177,7 @@ PipelineMemoryModel pipeline_memory_model(const ModelInfo& model, bool cuda_grap
   int64_t all_experts = 0;
   for (int64_t b : model.bytes.expert) all_experts += b * c.n_experts;
   pm.cpu_expert_ws = pc.per_device.at("cpu").total - all_experts;
+  pm.staging_buffers = c0.staging + c1.staging > 0 ? 2 : 0;  // the planner's: none for deepseek2
   return pm;
 }
 
@@ -301,7 +303,7 @@ class Driver {
       largest = std::max(largest, std::min(cap, e) * mm.expert_bytes[l]);
     }
     p.unit_bytes = mm.expert_bytes;
-    p.budget = gpu_budget - mm.gpu_fixed - mm.gpu_expert_ws - 2 * largest;
+    p.budget = gpu_budget - mm.gpu_fixed - mm.gpu_expert_ws - mm.staging_buffers * largest;
     if (cpu_budget_ >= 0) {
       int64_t all = 0;
       for (int64_t b : mm.expert_bytes) all += b * e;
@@ -544,6 +546,7 @@ class Driver {
     sp.last_bytes = pm.last_bytes;
     sp.expert_ws = pm.expert_ws;
     sp.staging_cap = cap;
+    sp.staging_buffers = pm.staging_buffers;
     const double gen = mean_gen();
     const double hidden_bytes = 4.0 * double(opt_.model.cfg.hidden);
     const MachineCosts& m = cm_.machine();

@@ -96,6 +96,9 @@ struct MemoryModel {
   int64_t gpu_fixed = 0;      // attention weights, embedding, head, KV cache, workspace, graph pool
   int64_t gpu_expert_ws = 0;  // expert activations, when any expert is on the GPU
   int64_t cpu_expert_ws = 0;  // expert activations, when any expert is on the CPU
+  // Prefill staging buffers of the largest CPU expert set: 2 (double-buffered), 0 where the
+  // planner counts none (deepseek2 prefills token by token on the GPU).
+  int64_t staging_buffers = 2;
   int64_t gpu_need(const std::vector<int64_t>& gpu_counts) const;
   int64_t cpu_need(const std::vector<int64_t>& gpu_counts) const;  // 0: nothing on the CPU
 };
@@ -115,6 +118,7 @@ struct PipelineMemoryModel {
   int64_t last_bytes = 0;         // head + logits, on the last GPU
   int64_t single_gpu_saving = 0;  // one GPU only: no NCCL reserve, tied head counted once
   int64_t cpu_expert_ws = 0;
+  int64_t staging_buffers = 2;  // as MemoryModel's
   // Bytes on GPU g (index in stage order) of a placement; 0 when it holds no layer.
   int64_t gpu_need(const Stages& stages, const std::vector<int64_t>& gpu_counts, int g) const;
   int64_t cpu_need(const std::vector<int64_t>& gpu_counts) const;

@@ -35,7 +35,7 @@ RangeInfo range_info(const SplitProblem& p, int64_t a, int64_t b) {
   }
   if (a == 0) r.fixed += p.first_bytes;
   if (b == nl) r.fixed += p.last_bytes;
-  r.fixed += 2 * std::min(p.staging_cap, p.n_experts) * largest;
+  r.fixed += p.staging_buffers * std::min(p.staging_cap, p.n_experts) * largest;
   return r;
 }
 

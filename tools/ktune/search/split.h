@@ -8,7 +8,7 @@
 //              sum_{l in g} (layer_bytes[l] + m_l * unit_bytes[l])
 //                + [g holds layer 0] first_bytes + [g holds the last layer] last_bytes
 //                + [some m_l > 0 on g] expert_ws
-//                + 2 * staging_cap * max_{l in g} unit_bytes[l]         <= budget[g]
+//                + staging_buffers * staging_cap * max_{l in g} unit_bytes[l]  <= budget[g]
 //              and m_l >= n_experts - staging_cap (at most staging_cap CPU experts per layer).
 //
 // The decode part of the cost is separable over layers; the pipeline term depends only on which
@@ -38,6 +38,7 @@ struct SplitProblem {
   int64_t last_bytes = 0;       // on the GPU of the last layer (head, logits)
   int64_t expert_ws = 0;        // on a GPU that holds any expert
   int64_t staging_cap = 0;      // CPU experts per layer at most (staging buffers sized for it)
+  int64_t staging_buffers = 2;  // staging buffers per GPU (0: none, deepseek2)
   // Pipeline costs (in cost's unit): a boundary from GPU i to the next GPU j, and, when more
   // than one GPU is used, the loop back from the last GPU to the first (the sampled token).
   // nullptr: 0.
