@@ -691,8 +691,10 @@ TEST_F(Hostile, NoGpuHereIsOneLineForEveryGpuRequest) {
                 path("p.json")},
                1, "cuda:0");
   expect_error({"profile", "--exec", "-o", path("p.json"), "--", "true"}, 1, "profile --exec");
+  // (a prompt long enough for the GPU to win: tiny's 64-token prefill is launch-bound there, and
+  // the CPU engine, which --verify runs anywhere, would be chosen)
   expect_error({"search", "--profile", profiles_dir() + "/h100-16core-handmade.json",
-                "--model", "synth:tiny", "--workload", "prompt=64,gen=16", "--verify", "1", "-o",
+                "--model", "synth:tiny", "--workload", "prompt=512,gen=16", "--verify", "1", "-o",
                 path("best.yaml")},
                1, "cuda:0");
   EXPECT_FALSE(fs::exists(path("p.json")));
