@@ -473,7 +473,16 @@ bool CostModel::hybrid(const std::vector<LayerSplit>& splits) const {
 bool CostModel::prefill_decode_steps(bool hybrid, const EngineSettings& e, int64_t n) const {
   if (!e.gpu) return false;  // the CPU engine's prefill
   if (model_.cfg.is_deepseek2()) return true;  // token by token (no batched MLA prefill yet)
-  return hybrid && n < kPrefillMinStagedTokens;
+  return hybrid && n < prefill_min_staged();
+}
+
+int64_t CostModel::prefill_min_staged() const {
+  // One layer with every expert on the CPU stands for any placement: copy bytes and per-token
+  // CPU bytes both scale with the CPU experts, so their ratio is the model's, not the split's.
+  double eb = 0;
+  for (double b : model_.bytes.expert) eb = std::max(eb, double(b));
+  const double ne = double(model_.cfg.n_experts), k = double(model_.cfg.n_experts_used);
+  return hybrid_prefill_min_staged(ne * eb, k * eb);
 }
 
 CostModel::PrefillLayer CostModel::prefill_layer(int64_t l, const LayerSplit& s,
@@ -699,7 +708,7 @@ Prediction CostModel::predict(const std::vector<LayerSplit>& splits, const Engin
 }
 
 double CostModel::constant_s(const EngineSettings& e) const {
-  // The tables price a chunk below kPrefillMinStagedTokens as decode steps, as a hybrid
+  // The tables price a chunk below the staging threshold as decode steps, as a hybrid
   // placement runs it: their fixed parts are here.
   const double tw = w_.total_weight();
   double s = 0;

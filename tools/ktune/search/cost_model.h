@@ -25,10 +25,11 @@
 
 namespace ktune::search {
 
-// The GPU engine's prefill (engine/cuda/gpu_engine_prefill.cpp, kDefaultMinStaged there): with a
-// hybrid placement a chunk of fewer tokens runs as decode steps (CpuMoe per token); a chunk of
-// this many or more copies every hybrid layer's CPU experts to the GPU and runs batched.
-constexpr int64_t kPrefillMinStagedTokens = 16;
+// The GPU engine's prefill (engine/cuda/gpu_engine_prefill.cpp): with a hybrid placement a chunk
+// shorter than hybrid_prefill_min_staged() (memory_plan.h) runs as decode steps (CpuMoe per
+// token); a longer one copies every hybrid layer's CPU experts to the GPU and runs batched. The
+// engine prices copy bytes against the CPU reads of uniform routing, so with one expert size the
+// threshold is ceil(E/k * cpu/pcie), whatever the placement: 31 tokens for 128 experts top-8.
 // Launches of one layer of a batched prefill chunk (rmsnorm, q, k, v, q/k norm + RoPE,
 // attention, o, rmsnorm, router, top-k, grouping, gate/up, down, combine), all eager; the
 // first 11 come before the expert matmuls, which alone wait for a staged copy.
@@ -119,8 +120,10 @@ class CostModel {
   // A placement the engine runs hybrid: some MoE layer holds CPU experts.
   bool hybrid(const std::vector<LayerSplit>& splits) const;
   // Whether the engine runs a prefill chunk of n tokens as n decode steps: deepseek2 always
-  // (token by token), a hybrid qwen3moe placement below kPrefillMinStagedTokens; else batched.
+  // (token by token), a hybrid qwen3moe placement below the engine's staging threshold
+  // (hybrid_prefill_min_staged); else batched.
   bool prefill_decode_steps(bool hybrid, const EngineSettings& e, int64_t n) const;
+  int64_t prefill_min_staged() const;  // the engine's threshold for this model (tokens)
   // The parts of a prompt's prefill outside the layers (µs): per chunk the token copies and the
   // embedding, the output head for the last position, one synchronisation; for chunks run as
   // decode steps each step's fixed part and its own synchronisation (qwen3moe's decode() syncs,
