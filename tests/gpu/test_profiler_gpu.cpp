@@ -20,6 +20,7 @@
 #include "profiler/chrome_trace.h"
 #include "profiler/cupti_activity.h"
 #include "profiler/profile_run.h"
+#include "profiler/trace_padding.h"
 
 namespace ktune {
 namespace {
@@ -271,6 +272,24 @@ TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
   std::printf("engine tracing overhead (tiny, 16 tokens): light %.1f %%, full %.1f %%\n",
               100 * d.overhead.levels[0].overhead_fraction,
               100 * d.overhead.levels[1].overhead_fraction);
+  // --trace-padding auto: the untraced steps after the light window are what the pure function
+  // gives for its dilation, and none of their GPU work is in the timeline.
+  const auto& oh = d.overhead;
+  EXPECT_EQ(oh.trace_padding, "auto");
+  EXPECT_EQ(oh.untraced_padding_steps,
+            profiler::choose_untraced_padding(oh.overhead_fraction, 16, oh.untraced_median,
+                                              profiler::kPaddingTargetFraction,
+                                              profiler::kPaddingMaxExtraSeconds,
+                                              profiler::kPaddingMaxWindowFactor)
+                .steps);
+  EXPECT_GT(oh.profile_run_tok_s, 0.0);
+  std::printf("profiling run (16 traced + %lld untraced steps): %.1f %% overhead\n",
+              static_cast<long long>(oh.untraced_padding_steps),
+              100 * oh.profile_run_overhead_fraction);
+  for (const auto& win : d.timeline.windows) {
+    if (win.kind != "decode") continue;
+    for (const auto& op : d.timeline.ops) EXPECT_LT(op.start, win.end);
+  }
   ASSERT_FALSE(d.windows.empty());
   const auto& w = d.windows.back();
   ASSERT_EQ(w.kind, "decode");

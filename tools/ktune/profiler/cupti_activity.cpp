@@ -156,6 +156,7 @@ struct CuptiSession::State {
   std::string notes;
   bool ok = true;
   bool enabled = false;
+  bool flush_pending = false;  // disable() turned the kinds off; their records are not flushed
   CUpti_SubscriberHandle subscriber = nullptr;
   std::mutex mu;
   Parsed parsed;
@@ -435,7 +436,7 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
 
 CuptiSession::~CuptiSession() {
   State& s = *state_;
-  if (s.enabled) disable_and_flush();
+  if (s.enabled || s.flush_pending) disable_and_flush();
   trace::set_node_id_resolver(nullptr);
   if (s.subscriber != nullptr) cuptiUnsubscribe(s.subscriber);
   std::lock_guard<std::mutex> lock(g_state_mu);
@@ -477,13 +478,21 @@ void CuptiSession::enable(trace_level::Level level) {
   s.enabled = true;
 }
 
-void CuptiSession::disable_and_flush() {
+void CuptiSession::disable() {
   State& s = *state_;
   if (!s.enabled) return;
-  cudaDeviceSynchronize();  // complete timestamps before the flush
+  cudaDeviceSynchronize();  // the window's work is complete (and recorded) before the kinds go
   for (CUpti_ActivityKind k : s.kinds) cuptiActivityDisable(k);
   s.kinds.clear();
   s.enabled = false;
+  s.flush_pending = true;
+}
+
+void CuptiSession::disable_and_flush() {
+  State& s = *state_;
+  if (!s.enabled && !s.flush_pending) return;
+  disable();
+  s.flush_pending = false;
   s.check(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED), "cuptiActivityFlushAll");
 }
 
@@ -598,6 +607,7 @@ trace_level::Level CuptiSession::level() const { return state_->level; }
 const std::string& CuptiSession::notes() const { return state_->notes; }
 void CuptiSession::enable() {}
 void CuptiSession::enable(trace_level::Level) {}
+void CuptiSession::disable() {}
 void CuptiSession::disable_and_flush() {}
 void CuptiSession::drain_into(Timeline&) {}
 int64_t CuptiSession::timestamp() { return 0; }

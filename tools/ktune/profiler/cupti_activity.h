@@ -63,7 +63,12 @@ class CuptiSession {
   // calls and recorded all of them), "" when nothing.
   trace_level::Level level() const;
   const std::string& notes() const;
-  // Synchronizes the device, turns the kinds off and forces CUPTI to hand over every buffer.
+  // Synchronizes the device and turns the kinds off, leaving the records in CUPTI's buffers
+  // until disable_and_flush(): the untraced steps after a traced window do not wait for the
+  // last buffers to be handed over and parsed.
+  void disable();
+  // Synchronizes the device, turns the kinds off (if disable() has not) and forces CUPTI to hand
+  // over every buffer.
   void disable_and_flush();
   // Moves what was recorded into t: GPU ops, API calls, syncs, markers, the graph-node clone
   // map, dropped-record and overhead counts. Sets t.cupti and the device list.

@@ -40,15 +40,22 @@ json overhead_json(const Overhead& o) {
                       {"traced_median_tok_s", l.traced_median},
                       {"overhead_fraction", l.overhead_fraction}});
   }
-  return {{"mode", o.mode},
-          {"trace_level", o.trace_level},
-          {"not_recorded", o.not_recorded},
-          {"untraced_decode_tok_s", o.untraced_tok_s},
-          {"traced_decode_tok_s", o.traced_tok_s},
-          {"untraced_median_tok_s", o.untraced_median},
-          {"traced_median_tok_s", o.traced_median},
-          {"overhead_fraction", o.overhead_fraction},
-          {"levels", levels}};
+  json j = {{"mode", o.mode},
+            {"trace_level", o.trace_level},
+            {"not_recorded", o.not_recorded},
+            {"untraced_decode_tok_s", o.untraced_tok_s},
+            {"traced_decode_tok_s", o.traced_tok_s},
+            {"untraced_median_tok_s", o.untraced_median},
+            {"traced_median_tok_s", o.traced_median},
+            {"overhead_fraction", o.overhead_fraction},
+            {"levels", levels}};
+  if (o.profile_run_tok_s > 0) {  // measured (not by --exec)
+    j["profile_run_tok_s"] = o.profile_run_tok_s;
+    j["profile_run_overhead_fraction"] = o.profile_run_overhead_fraction;
+    j["untraced_padding_steps"] = o.untraced_padding_steps;
+    j["trace_padding"] = o.trace_padding;
+  }
+  return j;
 }
 
 std::string base_dir(const std::string& path) {

@@ -52,6 +52,14 @@ struct Overhead {
     double overhead_fraction = 0;
   };
   std::vector<Level> levels;
+  // The profiling run: the analyzed traced decode window followed by untraced padding steps
+  // (`--trace-padding`, trace_padding.h), timed from the window's start to the padding's end.
+  // The fields above are the traced steps' dilation; these are what profiling cost the decode.
+  // profile_run_tok_s 0: not measured (--exec).
+  double profile_run_tok_s = 0;              // (window + padding tokens) / that wall
+  double profile_run_overhead_fraction = 0;  // 1 - profile_run_tok_s / untraced_median
+  int64_t untraced_padding_steps = 0;        // P (decode steps of `batch` tokens)
+  std::string trace_padding;                 // how P was chosen: auto | off | N
 };
 
 struct Verdict {

@@ -23,6 +23,7 @@
 #include "profiler/cupti_activity.h"
 #include "profiler/hardware.h"
 #include "profiler/report.h"
+#include "profiler/trace_padding.h"
 
 namespace ktune::profiler {
 
@@ -313,6 +314,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   Timeline tl;
   std::vector<double> untraced;
   std::vector<std::vector<double>> traced_by_level(levels.size());
+  PaddingChoice padding;         // untraced steps after the analyzed window
+  double profile_run_tok_s = 0;  // that window + its padding
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
   int threads_used = 0;
@@ -406,8 +409,41 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         counts1 = eng->expert_counts();
         decode_win = {"decode", window_tokens, t0 + offset, t1 + offset};
       }
-      traced_by_level[pass].push_back(static_cast<double>(window_tokens) /
-                                      (static_cast<double>(t1 - t0) * 1e-9));
+      const double traced_tok_s =
+          static_cast<double>(window_tokens) / (static_cast<double>(t1 - t0) * 1e-9);
+      traced_by_level[pass].push_back(traced_tok_s);
+      if (analyzed) {
+        // The profiling run: this window, then untraced steps in the same stretch of decode so
+        // the run as a whole keeps (nearly) the untraced speed. The window's own dilation
+        // decides how many (auto); tracing goes off first, CUPTI's buffers are flushed after.
+        const double untraced_tok_s = median(untraced);
+        const double dilation = untraced_tok_s > 0 ? 1.0 - traced_tok_s / untraced_tok_s : 0;
+        if (opt.trace_padding < 0) {
+          padding = choose_untraced_padding(
+              dilation, ro.gen, untraced_tok_s / static_cast<double>(ro.batch),
+              kPaddingTargetFraction, kPaddingMaxExtraSeconds, kPaddingMaxWindowFactor);
+        } else {
+          padding.steps = padding.steps_for_target = opt.trace_padding;
+          padding.run_overhead = amortised_overhead(dilation, ro.gen, padding.steps);
+        }
+        int64_t t_end = t1;
+        if (padding.steps > 0) {
+          if (cupti_on) cupti->disable();
+          trace::stop();
+          // Windows of at most n steps, each from position 0 as the untraced windows were: the
+          // padding's steps cost what the baseline's did, and the context stays n long.
+          for (int64_t done = 0; done < padding.steps;) {
+            stop_if_interrupted();
+            const int64_t steps = std::min<int64_t>(ro.gen, padding.steps - done);
+            eng->reset();
+            eng->decode(first, steps);
+            done += steps;
+          }
+          t_end = trace::now_ns();
+        }
+        profile_run_tok_s = static_cast<double>((ro.gen + padding.steps) * ro.batch) /
+                            (static_cast<double>(t_end - t0) * 1e-9);
+      }
       if (cupti_on) cupti->disable_and_flush();
       trace::stop();
       if (!analyzed) {
@@ -552,6 +588,24 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     oh.traced_tok_s = oh.levels.front().traced_tok_s;
     oh.traced_median = oh.levels.front().traced_median;
     oh.overhead_fraction = oh.levels.front().overhead_fraction;
+  }
+  oh.profile_run_tok_s = profile_run_tok_s;
+  oh.profile_run_overhead_fraction =
+      oh.untraced_median > 0 ? 1.0 - profile_run_tok_s / oh.untraced_median : 0;
+  oh.untraced_padding_steps = padding.steps;
+  oh.trace_padding = opt.trace_padding < 0    ? std::string("auto")
+                     : opt.trace_padding == 0 ? std::string("off")
+                                              : std::to_string(opt.trace_padding);
+  {
+    double launches_per_token = 0;  // of the GPU that launches most
+    for (const GpuMetrics& g : dm.gpus) {
+      launches_per_token = std::max(launches_per_token, g.launches_per_token);
+    }
+    for (std::string& n :
+         tracing_overhead_notes(oh.overhead_fraction, padding, opt.trace_padding < 0,
+                                run.trace_level != "none", launches_per_token)) {
+      doc.notes.push_back(std::move(n));
+    }
   }
   if (run.trace_level != "none") {
     oh.not_recorded =

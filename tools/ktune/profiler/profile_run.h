@@ -8,8 +8,12 @@
 // graph is captured here); `untraced_windows` decode windows of n tokens with tracing off (the
 // overhead baseline); then tracing on (host spans + CUPTI at the first trace level): a short
 // traced warm-up, the prefill window (-p tokens, when > 0) and the decode window (n tokens);
-// tracing off; with a second level (`--trace-level both`), a traced warm-up and decode window at
-// that level, for its overhead only; analysis of the first level's windows.
+// tracing off (CUPTI's kinds off, its buffers flushed after the padding) and, unless
+// --trace-padding is off, untraced decode steps in windows of at most n (each from position 0,
+// as the untraced windows) so that the profiling run, traced window + padding, stays within
+// ~2.5 % of the untraced speed (trace_padding.h); with a second level (`--trace-level both`), a
+// traced warm-up and decode window at that level, for its overhead only; analysis of the first
+// level's windows.
 #pragma once
 
 #include <string>
@@ -36,6 +40,10 @@ struct ProfileOptions {
   // level: {light} (the default), {full}, or {light, full} (`--trace-level both`: the overhead of
   // each, measured back to back; the first level's window is the one analyzed).
   std::vector<trace_level::Level> trace_levels{trace_level::Level::Light};
+  // Untraced decode steps after the analyzed traced window (`--trace-padding`): -1 = auto (enough
+  // to bring the profiling run's overhead to kPaddingTargetFraction, capped; trace_padding.h),
+  // 0 = off, N = N steps.
+  int64_t trace_padding = -1;
   std::string command_line;
 };
 

@@ -218,10 +218,19 @@ std::string terminal_report(const ProfileDoc& doc) {
                                     ? std::string("host spans only")
                                     : "level " + l.trace_level;
       o += fmt::format(
-          "# tracing overhead ({}): {:.1f} % (decode {:.2f} tok/s traced vs {:.2f} tok/s "
-          "untraced, median of {}; negative: within noise)\n",
+          "# tracing overhead ({}): {:.1f} % on the traced steps (decode {:.2f} tok/s traced vs "
+          "{:.2f} tok/s untraced, median of {}; negative: within noise)\n",
           which, 100.0 * l.overhead_fraction, l.traced_median, oh.untraced_median,
           oh.untraced_tok_s.size());
+    }
+    // What profiling cost the decode: the analyzed window and the untraced steps after it.
+    if (oh.profile_run_tok_s > 0) {
+      o += fmt::format(
+          "# tracing overhead (profiling run): {:.1f} % ({} traced + {} untraced steps, "
+          "--trace-padding {}: {:.2f} tok/s vs {:.2f} tok/s untraced)\n",
+          100.0 * oh.profile_run_overhead_fraction, r.gen, oh.untraced_padding_steps,
+          oh.trace_padding.empty() ? "auto" : oh.trace_padding, oh.profile_run_tok_s,
+          oh.untraced_median);
     }
   }
   if (!doc.windows.empty()) {

@@ -127,8 +127,16 @@ std::string html_report(const ProfileDoc& d) {
   if (d.overhead.untraced_median > 0) {
     for (const Overhead::Level& l : d.overhead.levels) {  // one per traced level
       row("overhead (" + l.trace_level + ")",
-          fmt::format("{:.2f} tok/s untraced, {:.2f} tok/s traced ({:+.1f} %)",
+          fmt::format("{:.2f} tok/s untraced, {:.2f} tok/s on the traced steps ({:+.1f} %)",
                       d.overhead.untraced_median, l.traced_median, -100 * l.overhead_fraction));
+    }
+    if (d.overhead.profile_run_tok_s > 0) {
+      row("overhead (profiling run)",
+          fmt::format("{:.2f} tok/s ({:+.1f} %): {} traced + {} untraced steps (--trace-padding "
+                      "{})",
+                      d.overhead.profile_run_tok_s, -100 * d.overhead.profile_run_overhead_fraction,
+                      d.run.gen, d.overhead.untraced_padding_steps,
+                      d.overhead.trace_padding.empty() ? "auto" : d.overhead.trace_padding));
     }
   }
   for (const std::string& n : d.notes) row("note", n);
