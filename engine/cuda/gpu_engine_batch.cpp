@@ -179,21 +179,6 @@ void GpuEngine::Impl::enqueue_batch_step(int64_t n) {
   BatchState& bs = *batch_state;
   cudaStream_t s = stream;
   const float eps = cfg.rms_eps;
-  auto matmul = [&](const DevTensor& t, const uint16_t* a, float* y, bool accumulate,
-                    const char* what) {
-    cuda::PrefillMatmul p;
-    p.type = t.type;
-    p.m = n;
-    p.n = t.rows;
-    p.k = t.row_len;
-    p.a = a;
-    p.lda = t.row_len;
-    p.w = t.data;
-    p.y = y;
-    p.ldy = t.rows;
-    p.accumulate = accumulate;
-    check_launch(cuda::launch_prefill_matmul(p, s), what);
-  };
   check_launch(
       cuda::launch_embedding(tok_embd.type, tok_embd.data, vocab, hidden, bs.tokens, n, bs.x, s),
       "launch_embedding (batch)");
@@ -202,31 +187,18 @@ void GpuEngine::Impl::enqueue_batch_step(int64_t n) {
     const int32_t layer = static_cast<int32_t>(l);
     {
       trace::Scope attention(trace::Phase::Attention, layer);
-      check_launch(cuda::launch_prefill_rmsnorm(bs.x, static_cast<const float*>(d.attn_norm.data),
-                                                eps, n, hidden, nullptr, bs.h16, s),
-                   "launch_prefill_rmsnorm attn (batch)");
-      matmul(d.wq, bs.h16, bs.qf, false, "launch_prefill_matmul q (batch)");
-      matmul(d.wk, bs.h16, bs.kf, false, "launch_prefill_matmul k (batch)");
-      matmul(d.wv, bs.h16, bs.vf, false, "launch_prefill_matmul v (batch)");
+      rows_qkv(d, bs, n, " (batch)");
       check_launch(cuda::launch_attention_decode_qknorm_rope_batch(
                        bs.qf, bs.kf, bs.vf, static_cast<const float*>(d.q_norm.data),
                        static_cast<const float*>(d.k_norm.data), eps, inv_freq, d.k_seq0, d.v_seq0,
                        kv_seq_elems, bs.pos, n, n_heads, n_kv, hd, max_ctx, bs.attn_ws, bs.attn, s),
                    "launch_attention_decode_qknorm_rope_batch");
       check_launch(cuda::launch_f32_to_f16(bs.attn, n * nq, bs.a16, s), "launch_f32_to_f16");
-      matmul(d.wo, bs.a16, bs.x, true, "launch_prefill_matmul o (batch)");
+      rows_matmul(d.wo, n, bs.a16, bs.x, true, "launch_prefill_matmul o", " (batch)");
     }
     {
       trace::Scope routing(trace::Phase::Router, layer);
-      check_launch(cuda::launch_prefill_rmsnorm(bs.x, static_cast<const float*>(d.ffn_norm.data),
-                                                eps, n, hidden, bs.hn, bs.h16, s),
-                   "launch_prefill_rmsnorm ffn (batch)");
-      check_launch(cuda::launch_prefill_matmul_f32(bs.hn, static_cast<const float*>(d.router.data),
-                                                   n, n_exp, hidden, bs.rlog, s),
-                   "launch_prefill_matmul_f32 router (batch)");
-      check_launch(cuda::launch_router_topk(bs.rlog, n, n_exp, top_k, cfg.norm_topk_prob, bs.ids,
-                                            bs.wts, nullptr, s),
-                   "launch_router_topk (batch)");
+      rows_router(d, bs, n, " (batch)");
     }
     batch_moe(d, l, n);
   }
@@ -234,7 +206,7 @@ void GpuEngine::Impl::enqueue_batch_step(int64_t n) {
   check_launch(cuda::launch_prefill_rmsnorm(bs.x, static_cast<const float*>(output_norm.data), eps,
                                             n, hidden, nullptr, bs.h16, s),
                "launch_prefill_rmsnorm output (batch)");
-  matmul(output, bs.h16, bs.logits, false, "launch_prefill_matmul output (batch)");
+  rows_matmul(output, n, bs.h16, bs.logits, false, "launch_prefill_matmul output", " (batch)");
   check_launch(cuda::launch_argmax(bs.logits, n, vocab, bs.tokens, s), "launch_argmax (batch)");
   check_launch(cuda::launch_batch_advance(bs.tokens, bs.pos, bs.history, max_ctx, n, bs.step, s),
                "launch_batch_advance");
@@ -275,36 +247,7 @@ void GpuEngine::Impl::batch_moe(const DevLayer& d, int64_t l, int64_t n) {
                                                 cuda::kPrefillTileM, bs.sorted_tok, bs.pair_pos,
                                                 bs.tiles, bs.n_tiles, nullptr, s),
                  "launch_prefill_moe_route (batch)");
-    const void* const* tab = bs.expert_table + l * 3 * n_exp;
-    cuda::PrefillMatmul gu;
-    gu.type = d.gate.type;
-    gu.n = ffn;
-    gu.k = hidden;
-    gu.a = bs.h16;
-    gu.lda = hidden;
-    gu.a_rows = bs.sorted_tok;
-    gu.w_table = tab;
-    gu.w2_table = tab + n_exp;
-    gu.tiles = bs.tiles;
-    gu.n_tiles = bs.n_tiles;
-    gu.max_tiles = cuda::prefill_moe_max_tiles(pairs, n_exp, cuda::kPrefillTileM);
-    gu.y16 = bs.act16;
-    gu.ldy = ffn;
-    gu.swiglu = true;
-    check_launch(cuda::launch_prefill_matmul(gu, s), "launch_prefill_matmul gate/up (batch)");
-    cuda::PrefillMatmul dn;
-    dn.type = d.down.type;
-    dn.n = hidden;
-    dn.k = ffn;
-    dn.a = bs.act16;
-    dn.lda = ffn;
-    dn.w_table = tab + 2 * n_exp;
-    dn.tiles = bs.tiles;
-    dn.n_tiles = bs.n_tiles;
-    dn.max_tiles = gu.max_tiles;
-    dn.y = bs.ye;
-    dn.ldy = hidden;
-    check_launch(cuda::launch_prefill_matmul(dn, s), "launch_prefill_matmul down (batch)");
+    rows_experts(d, bs, l, n, " (batch)");
   }
   if (cpu) {
     trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));

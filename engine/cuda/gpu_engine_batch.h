@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "cuda/gpu_engine_rows.h"
 #include "ktune/engine/cuda/cuda_check.h"
 #include "runtime/cpu_moe_batch.h"
 
@@ -20,7 +21,7 @@ constexpr int64_t kMaxGpuSequences = 4096;
 // starting here: above every position (< 2^24), so it never equals a single step's.
 constexpr uint32_t kBatchStepBase = 0x40000000u;
 
-struct BatchState {
+struct BatchState : gpu_detail::TokenRows {
   BatchState() = default;
   ~BatchState();  // destroys the graphs, frees the pinned and mapped host blocks
   BatchState(const BatchState&) = delete;
@@ -28,32 +29,17 @@ struct BatchState {
 
   int64_t S = 0;  // max_sequences: every buffer below holds S rows
 
-  cuda::DeviceArena arena;    // sized by batch_decode_workspace_bytes (memory_plan.h)
-  int32_t* io = nullptr;      // [2S]: the tokens of the step (the sampled ones after it), then
-  int32_t* tokens = nullptr;  //       the positions: uploaded together from h_io
-  int32_t* pos = nullptr;
+  // The rows' activations (gpu_detail::TokenRows, S rows; tokens = io) are the base; the
+  // expert table holds each expert's GPU copy (null for CPU experts). The step's own:
+  cuda::DeviceArena arena;     // sized by batch_decode_workspace_bytes (memory_plan.h)
+  int32_t* io = nullptr;       // [2S]: the tokens of the step (the sampled ones after it), then
+  int32_t* pos = nullptr;      //       the positions: uploaded together from h_io
   int32_t* history = nullptr;  // [S][max_ctx] sampled tokens by position
   int32_t* step = nullptr;     // hand-off step counter (kBatchStepBase + steps run)
-  float* x = nullptr;          // [S][hidden] residual stream
-  uint16_t* h16 = nullptr;     // [S][hidden] fp16 normed input of the matmuls
-  float* hn = nullptr;         // [S][hidden] float32 normed input of the router and CPU experts
-  float *qf = nullptr, *kf = nullptr, *vf = nullptr;  // [S][nq], [S][nkv], [S][nkv]
-  float* attn = nullptr;                              // [S][nq]
-  uint16_t* a16 = nullptr;                            // [S][nq] fp16 attention output
-  float* rlog = nullptr;                              // [S][n_experts]
-  int32_t* ids = nullptr;                             // [S][top_k]
-  float* wts = nullptr;                               // [S][top_k]
+  float* attn = nullptr;       // [S][nq]
   int32_t* gpu_ids = nullptr;  // [S][top_k] hybrid: CPU experts as -1 for the grouping
-  int32_t *sorted_tok = nullptr, *pair_pos = nullptr;  // [S * top_k]
-  int32_t *tiles = nullptr, *n_tiles = nullptr;
-  int64_t max_tiles = 0;
-  uint16_t* act16 = nullptr;  // [S * top_k][ffn]
-  float* ye = nullptr;        // [S * top_k][hidden]
-  float* ycpu = nullptr;      // [S][hidden] CPU experts' sums, copied from the mapped y block
-  float* logits = nullptr;    // [S][vocab]
-  // Per layer, per expert: its gate, up and down matrices on this GPU (null for CPU experts):
-  // table + (layer * 3 + {0, 1, 2}) * n_experts.
-  const void** expert_table = nullptr;
+  float* ycpu = nullptr;       // [S][hidden] CPU experts' sums, copied from the mapped y block
+  float* logits = nullptr;     // [S][vocab]
   int32_t* all_cpu = nullptr;  // [n_experts] of -1: the slot map of a layer with no GPU expert
   void* attn_ws = nullptr;     // the batched attention's workspace (two-launch path)
 

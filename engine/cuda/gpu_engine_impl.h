@@ -4,6 +4,7 @@
 //   gpu_engine_moe.cpp      the MoE of a layer: fused, unfused, CPU experts and their hand-off
 //   gpu_engine_prefill.cpp  batched prefill (state: gpu_engine_prefill.h)
 //   gpu_engine_batch.cpp    concurrent sequences: batched decode steps (state: gpu_engine_batch.h)
+//   gpu_engine_rows.cpp     layer pieces over token rows that prefill and batched steps share
 // Private to the engine: nothing outside engine/cuda includes it.
 #pragma once
 
@@ -27,6 +28,8 @@ struct PrefillState;  // gpu_engine_prefill.h
 struct BatchState;    // gpu_engine_batch.h
 
 namespace gpu_detail {
+
+struct TokenRows;  // gpu_engine_rows.h
 
 constexpr size_t kAlign = 256;
 
@@ -217,6 +220,17 @@ struct GpuEngine::Impl {
   void prefill_setup(const ModelWeights& w);
   void prefill_chunk(const int32_t* tokens, int64_t n, bool last, std::vector<float>* out_logits);
   void prefill_layer(int64_t l, int64_t n, int64_t pos0, bool stage);
+
+  // Layer pieces over n token rows, shared by prefill chunks and batched decode steps
+  // (gpu_engine_rows.cpp). `sfx` is appended to the launches' names in errors (" (batch)").
+  void rows_matmul(const DevTensor& t, int64_t n, const uint16_t* a, float* y, bool accumulate,
+                   const char* what, const char* sfx);  // Y (+)= A W^T, fp16 rows a
+  void rows_qkv(const DevLayer& d, const gpu_detail::TokenRows& r, int64_t n,
+                const char* sfx);  // attention norm (fp16 out), q, k, v
+  void rows_router(const DevLayer& d, const gpu_detail::TokenRows& r, int64_t n,
+                   const char* sfx);  // ffn norm (f32 + fp16 out), router logits, top-k
+  void rows_experts(const DevLayer& d, const gpu_detail::TokenRows& r, int64_t l, int64_t n,
+                    const char* sfx);  // grouped gate/up + SwiGLU, down into r.ye
 };
 
 }  // namespace ktune

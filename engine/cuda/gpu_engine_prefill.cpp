@@ -352,28 +352,8 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
   cudaStream_t s = stream;
   const float eps = cfg.rms_eps;
   if (ps.profile) ps.ev_layer[4 * l]->record(s);
-  auto matmul = [&](const DevTensor& t, const uint16_t* a, float* y, bool accumulate,
-                    const char* what) {
-    cuda::PrefillMatmul p;
-    p.type = t.type;
-    p.m = n;
-    p.n = t.rows;
-    p.k = t.row_len;
-    p.a = a;
-    p.lda = t.row_len;
-    p.w = t.data;
-    p.y = y;
-    p.ldy = t.rows;
-    p.accumulate = accumulate;
-    check_launch(cuda::launch_prefill_matmul(p, s), what);
-  };
 
-  check_launch(cuda::launch_prefill_rmsnorm(ps.x, static_cast<const float*>(d.attn_norm.data), eps,
-                                            n, hidden, nullptr, ps.h16, s),
-               "launch_prefill_rmsnorm attn");
-  matmul(d.wq, ps.h16, ps.qf, false, "launch_prefill_matmul q");
-  matmul(d.wk, ps.h16, ps.kf, false, "launch_prefill_matmul k");
-  matmul(d.wv, ps.h16, ps.vf, false, "launch_prefill_matmul v");
+  rows_qkv(d, ps, n, "");
   check_launch(cuda::launch_prefill_qk_norm_rope(
                    ps.qf, ps.kf, ps.vf, static_cast<const float*>(d.q_norm.data),
                    static_cast<const float*>(d.k_norm.data), eps, inv_freq, n, pos0, n_heads, n_kv,
@@ -382,18 +362,10 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
   check_launch(cuda::launch_prefill_attention(ps.q16, d.k_cache, d.v_cache, n, pos0, n_heads, n_kv,
                                               hd, max_ctx, ps.a16, s),
                "launch_prefill_attention");
-  matmul(d.wo, ps.a16, ps.x, true, "launch_prefill_matmul o");
+  rows_matmul(d.wo, n, ps.a16, ps.x, true, "launch_prefill_matmul o", "");
   if (ps.profile) ps.ev_layer[4 * l + 1]->record(s);
 
-  check_launch(cuda::launch_prefill_rmsnorm(ps.x, static_cast<const float*>(d.ffn_norm.data), eps,
-                                            n, hidden, ps.hn, ps.h16, s),
-               "launch_prefill_rmsnorm ffn");
-  check_launch(cuda::launch_prefill_matmul_f32(ps.hn, static_cast<const float*>(d.router.data), n,
-                                               n_exp, hidden, ps.rlog, s),
-               "launch_prefill_matmul_f32 router");
-  check_launch(cuda::launch_router_topk(ps.rlog, n, n_exp, top_k, cfg.norm_topk_prob, ps.ids,
-                                        ps.wts, nullptr, s),
-               "launch_router_topk");
+  rows_router(d, ps, n, "");
   check_launch(
       cuda::launch_prefill_moe_route(ps.ids, n, top_k, n_exp, cuda::kPrefillTileM, ps.sorted_tok,
                                      ps.pair_pos, ps.tiles, ps.n_tiles, nullptr, s),
@@ -403,36 +375,7 @@ void GpuEngine::Impl::prefill_layer(int64_t l, int64_t n, int64_t pos0, bool sta
   const int64_t si = ps.staged_of.empty() ? -1 : ps.staged_of[static_cast<size_t>(l)];
   const bool staged = stage && si >= 0;
   if (staged) KTUNE_CUDA_CHECK(cudaStreamWaitEvent(s, *ps.copied[si % 2], 0));
-  const void* const* tab = ps.expert_table + l * 3 * n_exp;
-  cuda::PrefillMatmul gu;
-  gu.type = d.gate.type;
-  gu.n = ffn;
-  gu.k = hidden;
-  gu.a = ps.h16;
-  gu.lda = hidden;
-  gu.a_rows = ps.sorted_tok;
-  gu.w_table = tab;
-  gu.w2_table = tab + n_exp;
-  gu.tiles = ps.tiles;
-  gu.n_tiles = ps.n_tiles;
-  gu.max_tiles = cuda::prefill_moe_max_tiles(n * top_k, n_exp, cuda::kPrefillTileM);
-  gu.y16 = ps.act16;
-  gu.ldy = ffn;
-  gu.swiglu = true;
-  check_launch(cuda::launch_prefill_matmul(gu, s), "launch_prefill_matmul gate/up");
-  cuda::PrefillMatmul dn;
-  dn.type = d.down.type;
-  dn.n = hidden;
-  dn.k = ffn;
-  dn.a = ps.act16;
-  dn.lda = ffn;
-  dn.w_table = tab + 2 * n_exp;
-  dn.tiles = ps.tiles;
-  dn.n_tiles = ps.n_tiles;
-  dn.max_tiles = gu.max_tiles;
-  dn.y = ps.ye;
-  dn.ldy = hidden;
-  check_launch(cuda::launch_prefill_matmul(dn, s), "launch_prefill_matmul down");
+  rows_experts(d, ps, l, n, "");
   if (staged) {
     ps.freed[si % 2]->record(s);
     issue_stage_copy(ps, static_cast<size_t>(si) + 2);

@@ -8,11 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gpu_engine_rows.h"
 #include "ktune/engine/cuda/cuda_check.h"
 
 namespace ktune {
 
-struct PrefillState {
+struct PrefillState : gpu_detail::TokenRows {
   PrefillState() = default;
   ~PrefillState();  // waits for the copy stream, unregisters host ranges, frees pinned buffers
   PrefillState(const PrefillState&) = delete;
@@ -29,24 +30,10 @@ struct PrefillState {
 
   cuda::DeviceArena arena;  // everything below that lives on the device, staging included
 
-  // Activations of one chunk (T = chunk rows each; P = T * top_k grouped rows).
-  int32_t* tokens = nullptr;  // [T]
-  float* x = nullptr;         // [T][hidden] residual stream
-  uint16_t* h16 = nullptr;    // [T][hidden] fp16 normed input of the q/k/v and expert matmuls
-  float* hn = nullptr;        // [T][hidden] float32 normed input of the router
-  float *qf = nullptr, *kf = nullptr, *vf = nullptr;   // [T][nq], [T][nkv], [T][nkv]
-  uint16_t *q16 = nullptr, *a16 = nullptr;             // [T][nq] rotated queries, attention out
-  float* rlog = nullptr;                               // [T][n_experts]
-  int32_t* ids = nullptr;                              // [T][top_k]
-  float* wts = nullptr;                                // [T][top_k]
-  int32_t *sorted_tok = nullptr, *pair_pos = nullptr;  // [P]
-  int32_t *tiles = nullptr, *n_tiles = nullptr;        // [max_tiles][4], 1
-  int64_t max_tiles = 0;
-  uint16_t* act16 = nullptr;  // [P][ffn] SwiGLU output, grouped order
-  float* ye = nullptr;        // [P][hidden] expert outputs, grouped order
-  // Per layer, per expert: device pointers to its gate, up and down matrices (resident copy or
-  // its place in a staging buffer): table + (layer * 3 + {0, 1, 2}) * n_experts.
-  const void** expert_table = nullptr;
+  // Activations of one chunk (gpu_detail::TokenRows: T = chunk rows each, P = T * top_k grouped
+  // rows) are the base; the expert table points at a resident copy or a place in a staging
+  // buffer. Only prefill's own: the rotated queries.
+  uint16_t* q16 = nullptr;  // [T][nq]
 
   // Staging of CPU-resident experts (hybrid).
   struct CopyRun {
