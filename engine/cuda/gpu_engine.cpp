@@ -4,11 +4,9 @@
 #include "ktune/engine/gpu_engine.h"
 
 #include <cuda_runtime.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "cuda/cpu_expert_driver.h"
@@ -21,7 +19,6 @@
 #include "ktune/engine/error.h"
 #include "ktune/engine/gpu_weight_types.h"
 #include "ktune/engine/gpu_stages.h"
-#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -33,7 +30,7 @@ using gpu_detail::kAlign;
 
 GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
                       const gpu_detail::StageSpec& stage_spec)
-    : cfg(w.cfg), opt(options), spec(stage_spec) {
+    : EngineCore(w.cfg, options), spec(stage_spec) {
   if (w.cfg.is_deepseek2()) {
     // GpuEngine hands deepseek2 to GpuEngine::Deepseek; this step is qwen3moe's.
     throw Error("gpu engine", "deepseek2 (MLA) models do not run on the qwen3moe step",
@@ -69,23 +66,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
                   "pass one device flag per expert of every layer", ErrorKind::Usage);
     }
   }
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
-    cudaGetLastError();
-    throw Error("gpu engine", "no usable CUDA device", "run on a machine with an NVIDIA GPU");
-  }
-  if (spec.device < 0 || spec.device >= count) {
-    throw Error("cuda:" + std::to_string(spec.device),
-                "no such GPU here (this machine has cuda:0..cuda:" + std::to_string(count - 1) +
-                    ")",
-                "use the GPUs this machine has in the placement");
-  }
-  KTUNE_CUDA_CHECK(cudaSetDevice(spec.device));
-  cudaDeviceProp prop{};
-  KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, spec.device));
-  device_name = prop.name;
-  // The member stream was made on whatever device was current; this one is on the stage's.
-  stream = cuda::Stream();
+  open_device(spec.device);
   if (want_map && (lb != 0 || le != cfg.n_layers)) {  // a stage: hybrid if its own layers are
     is_hybrid = false;
     for (int64_t l = lb; l < le; ++l) {
@@ -104,7 +85,6 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   ffn = cfg.expert_ffn;
   vocab = cfg.vocab;
   layers = cfg.n_layers;
-  max_ctx = opt.max_context;
   if (max_ctx < 1 || max_ctx > (int64_t{1} << 24)) {
     throw Error("gpu engine", "max_context " + std::to_string(max_ctx) + " out of range",
                 "use 1..16777216", ErrorKind::Usage);
@@ -142,20 +122,12 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
       all.push_back(t);
     }
   }
-  auto on_gpu = [&](int64_t l, int64_t e) {
-    return !want_map || opt.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)];
-  };
-  auto gpu_count = [&](int64_t l) {
-    int64_t n = 0;
-    for (int64_t e = 0; e < cfg.n_experts; ++e) n += on_gpu(l, e) ? 1 : 0;
-    return n;
-  };
   size_t wbytes = 0;
   // Expert tensors: only the GPU experts' matrices (compacted), plus a slot map for a layer
   // that mixes; the full tensor is counted below and taken back here.
   for (int64_t l = lb; l < le; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
-    const int64_t ng = gpu_count(l);
+    const int64_t ng = gpu_expert_count(l);
     for (const TensorView* t : {&lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
       if (t->data == nullptr) continue;
       wbytes -= align_up(static_cast<size_t>(t->nbytes()));
@@ -173,18 +145,6 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     wbytes += align_up(static_cast<size_t>(t->nbytes()));
   }
   weights_arena = cuda::DeviceArena(wbytes, "gpu engine weights");
-  auto upload = [&](const TensorView& t) {
-    DevTensor d;
-    d.type = t.type;
-    d.row_len = t.row_len();
-    d.rows = t.n_rows();
-    d.matrix_bytes = t.ne[1] * t.row_stride();
-    void* p = weights_arena.alloc(static_cast<size_t>(t.nbytes()), kAlign);
-    KTUNE_CUDA_CHECK(
-        cudaMemcpy(p, t.data, static_cast<size_t>(t.nbytes()), cudaMemcpyHostToDevice));
-    d.data = p;
-    return d;
-  };
   auto check_shape = [&](const TensorView& t, int64_t row_len, int64_t rows,
                          const std::string& what) {
     if (t.row_len() != row_len || t.n_rows() != rows) {
@@ -229,7 +189,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     d.k_norm = upload(lw.k_norm);
     d.ffn_norm = upload(lw.ffn_norm);
     d.router = upload(lw.router);
-    d.n_gpu_experts = gpu_count(l);
+    d.n_gpu_experts = gpu_expert_count(l);
     d.n_cpu_experts = n_exp - d.n_gpu_experts;
     cpu_experts_total += d.n_cpu_experts;
     if (d.n_cpu_experts == 0) {
@@ -238,41 +198,11 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
       d.down = upload(lw.down_exps);
     } else {
       // Compacted: slot s holds the s-th GPU expert (in id order).
-      d.host_slot.assign(static_cast<size_t>(n_exp), -1);
-      int32_t next = 0;
-      for (int64_t e = 0; e < n_exp; ++e) {
-        if (on_gpu(l, e)) d.host_slot[static_cast<size_t>(e)] = next++;
-      }
-      auto upload_experts = [&](const TensorView& t) {
-        DevTensor dt;
-        dt.type = t.type;
-        dt.row_len = t.row_len();
-        dt.rows = t.ne[1] * d.n_gpu_experts;
-        dt.matrix_bytes = t.ne[1] * t.row_stride();
-        if (d.n_gpu_experts == 0) return dt;
-        auto* p = static_cast<uint8_t*>(
-            weights_arena.alloc(static_cast<size_t>(d.n_gpu_experts * dt.matrix_bytes), kAlign));
-        for (int64_t e = 0; e < n_exp; ++e) {
-          const int32_t sl = d.host_slot[static_cast<size_t>(e)];
-          if (sl < 0) continue;
-          KTUNE_CUDA_CHECK(cudaMemcpy(p + sl * dt.matrix_bytes, t.matrix(e),
-                                      static_cast<size_t>(dt.matrix_bytes),
-                                      cudaMemcpyHostToDevice));
-        }
-        dt.data = p;
-        return dt;
-      };
-      d.gate = upload_experts(lw.gate_exps);
-      d.up = upload_experts(lw.up_exps);
-      d.down = upload_experts(lw.down_exps);
-      if (d.n_gpu_experts > 0) {
-        auto* m = static_cast<int32_t*>(
-            weights_arena.alloc(static_cast<size_t>(n_exp) * sizeof(int32_t), kAlign));
-        KTUNE_CUDA_CHECK(cudaMemcpy(m, d.host_slot.data(),
-                                    static_cast<size_t>(n_exp) * sizeof(int32_t),
-                                    cudaMemcpyHostToDevice));
-        d.slot_map = m;
-      }
+      d.host_slot = gpu_slots(l);
+      d.gate = upload_experts(lw.gate_exps, d.host_slot, d.n_gpu_experts);
+      d.up = upload_experts(lw.up_exps, d.host_slot, d.n_gpu_experts);
+      d.down = upload_experts(lw.down_exps, d.host_slot, d.n_gpu_experts);
+      if (d.n_gpu_experts > 0) d.slot_map = upload_slot_map(d.host_slot);
     }
   }
 
@@ -282,9 +212,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   const size_t ws_bytes = cuda::attention_decode_workspace_bytes(n_heads, hd, max_ctx);
   const size_t f = sizeof(float);
   size_t work = 2 * static_cast<size_t>(le - lb) * align_up(kv_bytes) + align_up(ws_bytes);
-  stage_ids_off = static_cast<size_t>(hidden) * f;
-  stage_bytes = stage_ids_off + (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16 +
-                static_cast<size_t>(top_k) * 4;
+  plan_stage();
   for (int64_t n : {hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp, top_k * ffn,
                     ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
     work += align_up(static_cast<size_t>(n) * f);
@@ -304,11 +232,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   attn_ws = work_arena.alloc(std::max<size_t>(ws_bytes, 1));
   auto fl = [&](int64_t n) { return work_arena.alloc_n<float>(static_cast<size_t>(n)); };
   x = fl(hidden);
-  stage = work_arena.alloc(stage_bytes);
-  h = static_cast<float*>(stage);
-  ids = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(stage) + stage_ids_off);
-  wts = reinterpret_cast<float*>(static_cast<uint8_t*>(stage) + stage_ids_off +
-                                 (static_cast<size_t>(top_k) * 4 + 15) / 16 * 16);
+  bind_stage();
   ycpu = fl(hidden);
   q = fl(nq);
   k = fl(nkv_rows);
@@ -347,31 +271,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   KTUNE_CUDA_CHECK(cudaMemset(pos, 0, sizeof(int32_t)));
   KTUNE_CUDA_CHECK(cudaMemset(history, 0xff, static_cast<size_t>(max_ctx) * 4));
 
-  KTUNE_CUDA_CHECK(cudaMallocHost(&h_token, sizeof(int32_t)));
-  // Mapped pinned block: [error word][HandoffWords per layer][routing stage][CPU experts' sum].
-  // The unfused host-driven path copies routing into the same stage.
-  const size_t words_off = 64;
-  const size_t stage_off = words_off + static_cast<size_t>(layers) * sizeof(cuda::HandoffWords);
-  const size_t y_off = stage_off + (stage_bytes + 63) / 64 * 64;
-  const size_t mapped_bytes = y_off + static_cast<size_t>(hidden) * sizeof(float);
-  KTUNE_CUDA_CHECK(cudaHostAlloc(&mapped, mapped_bytes, cudaHostAllocMapped));
-  std::memset(mapped, 0, mapped_bytes);
-  uint8_t* dmapped = nullptr;
-  KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dmapped), mapped, 0));
-  h_error = reinterpret_cast<uint32_t*>(mapped);
-  d_error = reinterpret_cast<uint32_t*>(dmapped);
-  h_words = reinterpret_cast<cuda::HandoffWords*>(mapped + words_off);
-  d_words = reinterpret_cast<cuda::HandoffWords*>(dmapped + words_off);
-  h_stage = mapped + stage_off;
-  d_stage_mapped = dmapped + stage_off;
-  h_ycpu = reinterpret_cast<float*>(mapped + y_off);
-  d_ycpu_mapped = reinterpret_cast<float*>(dmapped + y_off);
-  h_h = reinterpret_cast<float*>(h_stage);
-  h_ids = reinterpret_cast<int32_t*>(h_stage + stage_ids_off);
-  h_wts = reinterpret_cast<float*>(
-      h_stage + (reinterpret_cast<uint8_t*>(wts) - static_cast<uint8_t*>(stage)));
-  // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
-  KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
+  alloc_handoff_block();
   if (is_hybrid && spec.shared_cpu_side) {
     // The pipeline's CpuMoe and driver (gpu_pipeline.cpp); the host-driven unfused step still
     // selects this stage's CPU experts here.
@@ -379,12 +279,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     sel_w.resize(static_cast<size_t>(top_k));
     ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
   } else if (is_hybrid) {
-    pool = std::make_unique<ThreadPool>(
-        opt.cpu_threads > 0 ? opt.cpu_threads : hybrid_cpu_threads_default(), opt.pin_threads);
-    cpu_moe = std::make_unique<CpuMoe>(w, *pool);
+    start_cpu_side(w);
     sel_ids.resize(static_cast<size_t>(top_k));
     sel_w.resize(static_cast<size_t>(top_k));
-    ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
     // The host-driven unfused step (no graph) computes CPU experts on the calling thread; every
     // other hybrid step (batched steps too) hands them to the driver thread.
     single_handoff = opt.moe_kernel == MoeKernel::Fused || opt.cuda_graph;
@@ -395,22 +292,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
           hl.push_back({l, &L[static_cast<size_t>(l)].host_slot});
         }
       }
-      CpuExpertDriver::Shared sh{h_words, h_h, h_ids, h_wts, h_ycpu, h_error};
-      // The driver is the pool's thread 0: give it the core the pool left free (the first
-      // allowed CPU no worker is pinned to), if the workers are pinned.
-      int free_cpu = -1;
-      cpu_set_t allowed;
-      if (opt.pin_threads && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
-        const std::vector<int>& taken = pool->pinned_cpus();
-        for (int c = 0; c < CPU_SETSIZE && free_cpu < 0; ++c) {
-          if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
-            free_cpu = c;
-          }
-        }
-      }
-      driver = std::make_unique<CpuExpertDriver>(*cpu_moe, sh, std::move(hl), top_k, n_exp,
-                                                 std::chrono::milliseconds(opt.handoff_timeout_ms),
-                                                 free_cpu);
+      start_driver(std::move(hl));
     }
   }
   prefill_setup(w);  // prefill: its workspace arena, staging, pinned host ranges
@@ -418,81 +300,12 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
 }
 
 GpuEngine::Impl::~Impl() {
-  // Nothing may still run on the stream (host nodes call into the driver) or in the driver
-  // (it reads the mapped block and runs CpuMoe) when their memory goes.
+  // The driver reads the batch state's mapped blocks: it stops first (release() says why the
+  // stream is drained first), then they go, then release() frees the rest.
   cudaStreamSynchronize(stream);
   driver.reset();
   batch_state.reset();  // its graphs and mapped blocks (the driver that read them is gone)
-  if (graph_exec) cudaGraphExecDestroy(graph_exec);
-  if (graph) cudaGraphDestroy(graph);
-  if (h_token) cudaFreeHost(h_token);
-  if (mapped) cudaFreeHost(mapped);
-}
-
-void GpuEngine::Impl::run_step() {
-  if (host_pos >= max_ctx) {
-    throw Error("gpu engine", "context full (" + std::to_string(max_ctx) + " positions)",
-                "raise max_context or reset()");
-  }
-  trace::Scope step(trace::Phase::DecodeStep, 1);
-  const bool arm = driver && single_handoff;
-  if (arm) driver->arm(step_seq());
-  try {
-    launch_step();
-  } catch (...) {
-    if (arm) driver->cancel();
-    throw;
-  }
-  ++host_pos;
-}
-
-void GpuEngine::Impl::launch_step() {
-  if (opt.cuda_graph) {
-    if (graph_exec == nullptr) {
-      KTUNE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      // Tags each captured node with its layer and phase (the Scopes of enqueue_step), so the
-      // profiler can attribute kernel records of graph replays, where NVTX does not fire.
-      trace::GraphCapture capture(stream);
-      try {
-        enqueue_step();
-      } catch (...) {
-        cudaGraph_t broken = nullptr;
-        cudaStreamEndCapture(stream, &broken);
-        if (broken) cudaGraphDestroy(broken);
-        throw;
-      }
-      KTUNE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-      capture.finish(graph);
-      KTUNE_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
-    }
-    KTUNE_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));
-  } else {
-    enqueue_step();
-  }
-}
-
-uint64_t GpuEngine::Impl::step_seq() const {
-  return (static_cast<uint64_t>(host_epoch) << 32) | static_cast<uint32_t>(host_pos);
-}
-
-void GpuEngine::Impl::sync() {
-  cudaError_t err = cudaSuccess;
-  if (ev_sleep_sync) {
-    err = cudaEventRecord(*ev_sleep_sync, stream);
-    if (err == cudaSuccess) err = cudaEventSynchronize(*ev_sleep_sync);
-  } else {
-    err = cudaStreamSynchronize(stream);
-  }
-  CpuExpertDriver* drv = cpu_side_driver();  // a pipeline's stage 0 finishes the shared driver
-  std::string cpu_side = drv ? drv->finish() : std::string();
-  raise_step_errors(err, h_error, cpu_side, opt.handoff_timeout_ms);
-}
-
-void GpuEngine::Impl::set_token(int32_t t) {
-  sync();  // h_token may still be read by a copy
-  *h_token = t;
-  KTUNE_CUDA_CHECK(
-      cudaMemcpyAsync(token, h_token, sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+  release();
 }
 
 GpuEngine::GpuEngine(const ModelWeights& weights, const GpuEngineOptions& opt) {
@@ -534,13 +347,7 @@ void GpuEngine::reset() {
   m.sync();
   std::fill(m.seq_pos.begin(), m.seq_pos.end(), 0);
   m.single_pos_stale = false;
-  // A new epoch: hand-off words left from before never match the new steps' seq.
-  ++m.host_epoch;
-  KTUNE_CUDA_CHECK(
-      cudaMemcpyAsync(m.epoch, &m.host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice, m.stream));
-  KTUNE_CUDA_CHECK(cudaMemsetAsync(m.pos, 0, sizeof(int32_t), m.stream));
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
-  m.host_pos = 0;
+  m.rewind();
 }
 
 int64_t GpuEngine::position() const {
@@ -551,40 +358,13 @@ int64_t GpuEngine::position() const {
 void GpuEngine::decode(int32_t token, std::vector<float>* logits) {
   if (ds_) return ds_->decode(token, logits);
   if (pipe_) return pipe_->decode(token, logits);
-  Impl& m = *impl_;
-  m.sync_single_pos();
-  m.set_token(token);
-  m.run_step();
-  if (logits) {
-    logits->resize(static_cast<size_t>(m.vocab));
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(logits->data(), m.logits,
-                                     static_cast<size_t>(m.vocab) * sizeof(float),
-                                     cudaMemcpyDeviceToHost, m.stream));
-  }
-  m.sync();
+  impl_->decode(token, logits);
 }
 
 std::vector<int32_t> GpuEngine::generate_greedy(int32_t first_token, int64_t n) {
   if (ds_) return ds_->generate_greedy(first_token, n);
   if (pipe_) return pipe_->generate_greedy(first_token, n);
-  Impl& m = *impl_;
-  if (n <= 0) return {};
-  if (m.host_pos + n > m.max_ctx) {
-    throw Error("gpu engine",
-                "generating " + std::to_string(n) + " tokens at position " +
-                    std::to_string(m.host_pos) + " exceeds max_context " +
-                    std::to_string(m.max_ctx),
-                "raise max_context or reset()");
-  }
-  m.sync_single_pos();
-  const int64_t p0 = m.host_pos;
-  m.set_token(first_token);
-  for (int64_t i = 0; i < n; ++i) m.run_step();
-  std::vector<int32_t> out(static_cast<size_t>(n));
-  KTUNE_CUDA_CHECK(cudaMemcpyAsync(out.data(), m.history + p0, static_cast<size_t>(n) * 4,
-                                   cudaMemcpyDeviceToHost, m.stream));
-  m.sync();
-  return out;
+  return impl_->generate_greedy(first_token, n);
 }
 
 const GpuEngineOptions& GpuEngine::options() const {
@@ -608,22 +388,8 @@ std::string GpuEngine::describe() const {
                   ", graph " + (m.opt.cuda_graph ? "on" : "off");
   if (m.max_seq > 1) s += ", up to " + std::to_string(m.max_seq) + " sequences per step";
   if (m.is_hybrid) {
-    // Where the workers run: a pool squeezed onto fewer cores than threads is the first thing
-    // to rule out when the CPU experts are slow.
-    std::string cpus;
-    int unpinned = 0;
-    for (int c : m.pool->pinned_cpus()) {
-      if (c < 0) {
-        ++unpinned;
-      } else {
-        cpus += (cpus.empty() ? "" : ",") + std::to_string(c);
-      }
-    }
-    s += ", " + std::to_string(m.cpu_experts_total) + "/" + std::to_string(m.n_exp * m.layers) +
-         " experts on cpu (" + std::to_string(m.pool->size()) + " threads, workers on cpus " +
-         (cpus.empty() ? "-" : cpus) +
-         (unpinned > 0 ? " + " + std::to_string(unpinned) + " unpinned" : "") + ", handoff " +
-         (m.single_handoff ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread") + ")";
+    s += m.describe_cpu_side(
+        m.n_exp * m.layers, m.single_handoff ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread");
   }
   return s;
 }

@@ -363,15 +363,6 @@ void GpuEngine::Impl::select_sequence(int64_t s) {
   single_pos_stale = true;
 }
 
-void GpuEngine::Impl::sync_single_pos() {
-  if (!single_pos_stale) return;
-  sync();
-  const int32_t p = static_cast<int32_t>(host_pos);
-  KTUNE_CUDA_CHECK(cudaMemcpyAsync(pos, &p, sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  single_pos_stale = false;
-}
-
 // ---- public API ----
 
 // One sequence where there is no Impl: the layer-split pipeline and the deepseek2 engine.

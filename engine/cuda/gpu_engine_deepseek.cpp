@@ -4,16 +4,13 @@
 #include "cuda/gpu_engine_deepseek.h"
 
 #include <cuda_runtime.h>
-#include <sched.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 
 #include "ktune/engine/cuda/kernels.h"
 #include "ktune/engine/cuda/mla_kernels.h"
 #include "ktune/engine/error.h"
-#include "ktune/engine/trace.h"
 
 namespace ktune {
 
@@ -191,20 +188,11 @@ void check_deepseek_gpu_support(const ModelWeights& w, const GpuEngineOptions& o
   }
 }
 
-// The checks run first, before the members (the stream among them) touch the GPU, so a refusal
-// reads the same on a machine without one.
+// The checks run first, before the base (its stream) touches the GPU, so a refusal reads the
+// same on a machine without one.
 GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& options)
-    : cfg((check_deepseek_gpu_support(w, options), w.cfg)), opt(options) {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
-    cudaGetLastError();
-    throw Error("gpu engine", "no usable CUDA device", "run on a machine with an NVIDIA GPU");
-  }
-  KTUNE_CUDA_CHECK(cudaSetDevice(0));
-  cudaDeviceProp prop{};
-  KTUNE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  device_name = prop.name;
-  stream = cuda::Stream();
+    : EngineCore((check_deepseek_gpu_support(w, options), w.cfg), options) {
+  open_device(0);
 
   H = cfg.hidden;
   nh = cfg.n_heads;
@@ -222,19 +210,9 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   Fd = cfg.dense_ffn;
   V = cfg.vocab;
   L = cfg.n_layers;
-  max_ctx = opt.max_context;
   rope = deepseek_rope(cfg);
 
   // Dense layers have no experts: their entries of the placement map mean nothing.
-  const bool want_map = !opt.expert_on_gpu.empty();
-  auto on_gpu = [&](int64_t l, int64_t e) {
-    return !want_map || opt.expert_on_gpu[static_cast<size_t>(l)][static_cast<size_t>(e)];
-  };
-  auto gpu_count = [&](int64_t l) {
-    int64_t n = 0;
-    for (int64_t e = 0; e < E; ++e) n += on_gpu(l, e) ? 1 : 0;
-    return n;
-  };
 
   // ---- weights: size, allocate once, copy ----
   std::vector<const TensorView*> all;
@@ -253,7 +231,7 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
       if (v->data != nullptr) all.push_back(v);
     }
     if (cfg.is_dense_layer(l)) continue;
-    const int64_t ng = gpu_count(l);
+    const int64_t ng = gpu_expert_count(l);
     for (const TensorView* v : {&t.gate_exps, &t.up_exps, &t.down_exps}) {
       if (ng > 0) wbytes += align_up(static_cast<size_t>(ng * v->ne[1] * v->row_stride()));
     }
@@ -261,19 +239,6 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   }
   for (const TensorView* t : all) wbytes += align_up(static_cast<size_t>(t->nbytes()));
   weights_arena = cuda::DeviceArena(wbytes, "gpu engine weights (deepseek2)");
-  auto upload = [&](const TensorView& t) {
-    DevTensor d;
-    if (t.data == nullptr) return d;
-    d.type = t.type;
-    d.row_len = t.row_len();
-    d.rows = t.n_rows();
-    d.matrix_bytes = t.ne[1] * t.row_stride();
-    void* p = weights_arena.alloc(static_cast<size_t>(t.nbytes()), kAlign);
-    KTUNE_CUDA_CHECK(
-        cudaMemcpy(p, t.data, static_cast<size_t>(t.nbytes()), cudaMemcpyHostToDevice));
-    d.data = p;
-    return d;
-  };
   tok_embd = upload(w.tok_embd);
   output_norm = upload(w.output_norm);
   output = tied ? tok_embd : upload(w.output);
@@ -315,43 +280,16 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
       d.up_sh = upload(t.up_shexp);
       d.down_sh = upload(t.down_shexp);
     }
-    d.n_gpu_experts = gpu_count(l);
+    d.n_gpu_experts = gpu_expert_count(l);
     d.n_cpu_experts = E - d.n_gpu_experts;
     cpu_experts_total += d.n_cpu_experts;
     is_hybrid = is_hybrid || d.n_cpu_experts > 0;
-    d.host_slot.assign(static_cast<size_t>(E), -1);
-    int32_t next = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      if (on_gpu(l, e)) d.host_slot[static_cast<size_t>(e)] = next++;
-    }
     // Slot s holds the s-th GPU expert in id order (all experts: slot = id, no map needed).
-    auto upload_experts = [&](const TensorView& v) {
-      DevTensor dt;
-      dt.type = v.type;
-      dt.row_len = v.row_len();
-      dt.matrix_bytes = v.ne[1] * v.row_stride();
-      dt.rows = v.ne[1] * d.n_gpu_experts;
-      if (d.n_gpu_experts == 0) return dt;
-      auto* p = static_cast<uint8_t*>(
-          weights_arena.alloc(static_cast<size_t>(d.n_gpu_experts * dt.matrix_bytes), kAlign));
-      for (int64_t e = 0; e < E; ++e) {
-        const int32_t sl = d.host_slot[static_cast<size_t>(e)];
-        if (sl < 0) continue;
-        KTUNE_CUDA_CHECK(cudaMemcpy(p + sl * dt.matrix_bytes, v.matrix(e),
-                                    static_cast<size_t>(dt.matrix_bytes), cudaMemcpyHostToDevice));
-      }
-      dt.data = p;
-      return dt;
-    };
-    d.gate = upload_experts(t.gate_exps);
-    d.up = upload_experts(t.up_exps);
-    d.down = upload_experts(t.down_exps);
-    if (d.n_gpu_experts > 0 && d.n_cpu_experts > 0) {
-      auto* m = weights_arena.alloc_n<int32_t>(static_cast<size_t>(E));
-      KTUNE_CUDA_CHECK(cudaMemcpy(m, d.host_slot.data(), static_cast<size_t>(E) * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice));
-      d.slot_map = m;
-    }
+    d.host_slot = gpu_slots(l);
+    d.gate = upload_experts(t.gate_exps, d.host_slot, d.n_gpu_experts);
+    d.up = upload_experts(t.up_exps, d.host_slot, d.n_gpu_experts);
+    d.down = upload_experts(t.down_exps, d.host_slot, d.n_gpu_experts);
+    if (d.n_gpu_experts > 0 && d.n_cpu_experts > 0) d.slot_map = upload_slot_map(d.host_slot);
   }
 
   // ---- latent cache, activations, workspace: one arena ----
@@ -359,9 +297,7 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   const size_t cache_bytes = static_cast<size_t>(max_ctx * lat) * f;
   const size_t ws_bytes = cuda::mla_attention_workspace_bytes(nh, rkv, max_ctx);
   const int64_t ffn_max = std::max<int64_t>({Fd, Fs, F, 1});
-  stage_ids_off = static_cast<size_t>(H) * f;
-  stage_wts_off = stage_ids_off + (static_cast<size_t>(K) * 4 + 15) / 16 * 16;
-  stage_bytes = stage_wts_off + static_cast<size_t>(K) * 4;
+  plan_stage();
   size_t work =
       static_cast<size_t>(L) * align_up(cache_bytes) + align_up(ws_bytes) + align_up(stage_bytes);
   const std::vector<int64_t> float_bufs = {H,        std::max<int64_t>(rq, 1),
@@ -379,10 +315,7 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
   work_arena = cuda::DeviceArena(work, "gpu engine workspace (deepseek2)");
   for (Layer& d : layers) d.cache = static_cast<float*>(work_arena.alloc(cache_bytes));
   attn_ws = work_arena.alloc(std::max<size_t>(ws_bytes, 1));
-  stage = work_arena.alloc(stage_bytes);
-  h = static_cast<float*>(stage);
-  ids = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(stage) + stage_ids_off);
-  wts = reinterpret_cast<float*>(static_cast<uint8_t*>(stage) + stage_wts_off);
+  bind_stage();
   auto fl = [&](int64_t n) { return work_arena.alloc_n<float>(static_cast<size_t>(n)); };
   x = fl(H);
   qa = fl(std::max<int64_t>(rq, 1));
@@ -416,154 +349,25 @@ GpuEngine::Deepseek::Deepseek(const ModelWeights& w, const GpuEngineOptions& opt
       cudaMemcpy(inv_freq, rope.inv_freq.data(), rope.inv_freq.size() * f, cudaMemcpyHostToDevice));
   KTUNE_CUDA_CHECK(cuda::matvec_fused_prepare());
 
-  KTUNE_CUDA_CHECK(cudaMallocHost(&h_token, sizeof(int32_t)));
-  // Mapped pinned block: [error word][HandoffWords per layer][routing stage][CPU experts' sum].
-  const size_t words_off = 64;
-  const size_t stage_off = words_off + static_cast<size_t>(L) * sizeof(cuda::HandoffWords);
-  const size_t y_off = stage_off + (stage_bytes + 63) / 64 * 64;
-  const size_t mapped_bytes = y_off + static_cast<size_t>(H) * f;
-  KTUNE_CUDA_CHECK(cudaHostAlloc(&mapped, mapped_bytes, cudaHostAllocMapped));
-  std::memset(mapped, 0, mapped_bytes);
-  uint8_t* dmapped = nullptr;
-  KTUNE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dmapped), mapped, 0));
-  h_error = reinterpret_cast<uint32_t*>(mapped);
-  d_error = reinterpret_cast<uint32_t*>(dmapped);
-  h_words = reinterpret_cast<cuda::HandoffWords*>(mapped + words_off);
-  d_words = reinterpret_cast<cuda::HandoffWords*>(dmapped + words_off);
-  h_stage = mapped + stage_off;
-  d_stage_mapped = dmapped + stage_off;
-  d_ycpu_mapped = reinterpret_cast<float*>(dmapped + y_off);
-  // Epoch 0 would make seq 0 match the zeroed words before any hand-off: start at 1.
-  KTUNE_CUDA_CHECK(cudaMemcpy(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice));
+  alloc_handoff_block();
 
   if (is_hybrid) {
-    pool = std::make_unique<ThreadPool>(
-        opt.cpu_threads > 0 ? opt.cpu_threads : hybrid_cpu_threads_default(), opt.pin_threads);
-    cpu_moe = std::make_unique<CpuMoe>(w, *pool);
-    ev_sleep_sync = std::make_unique<cuda::Event>(false, true);
+    start_cpu_side(w);
     std::vector<CpuExpertDriver::Layer> hl;
     for (int64_t l = 0; l < L; ++l) {
       const Layer& d = layers[static_cast<size_t>(l)];
       if (!d.dense && d.n_cpu_experts > 0) hl.push_back({l, &d.host_slot});
     }
-    auto* h_h = reinterpret_cast<const float*>(h_stage);
-    auto* h_ids = reinterpret_cast<const int32_t*>(h_stage + stage_ids_off);
-    auto* h_wts = reinterpret_cast<const float*>(h_stage + stage_wts_off);
-    auto* h_y = reinterpret_cast<float*>(mapped + y_off);
-    CpuExpertDriver::Shared sh{h_words, h_h, h_ids, h_wts, h_y, h_error};
-    // The driver is the pool's thread 0: the core the pinned workers left free, if pinned.
-    int free_cpu = -1;
-    cpu_set_t allowed;
-    if (opt.pin_threads && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
-      const std::vector<int>& taken = pool->pinned_cpus();
-      for (int c = 0; c < CPU_SETSIZE && free_cpu < 0; ++c) {
-        if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
-          free_cpu = c;
-        }
-      }
-    }
-    driver = std::make_unique<CpuExpertDriver>(*cpu_moe, sh, std::move(hl), K, E,
-                                               std::chrono::milliseconds(opt.handoff_timeout_ms),
-                                               free_cpu);
+    start_driver(std::move(hl));
+    single_handoff = true;  // every step hands its CPU experts to the driver
   }
 }
 
-GpuEngine::Deepseek::~Deepseek() {
-  // Nothing may still run on the stream (host nodes call into the driver) or in the driver
-  // (it reads the mapped block and runs CpuMoe) when their memory goes.
-  cudaStreamSynchronize(stream);
-  driver.reset();
-  if (graph_exec) cudaGraphExecDestroy(graph_exec);
-  if (graph) cudaGraphDestroy(graph);
-  if (h_token) cudaFreeHost(h_token);
-  if (mapped) cudaFreeHost(mapped);
-}
-
-void GpuEngine::Deepseek::run_step() {
-  if (host_pos >= max_ctx) {
-    throw Error("gpu engine", "context full (" + std::to_string(max_ctx) + " positions)",
-                "raise max_context or reset()");
-  }
-  trace::Scope step(trace::Phase::DecodeStep, 1);
-  if (driver) driver->arm(step_seq());
-  try {
-    launch_step();
-  } catch (...) {
-    if (driver) driver->cancel();
-    throw;
-  }
-  ++host_pos;
-}
-
-void GpuEngine::Deepseek::launch_step() {
-  if (!opt.cuda_graph) {
-    enqueue_step();
-    return;
-  }
-  if (graph_exec == nullptr) {
-    KTUNE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    // Tags each captured node with its layer and phase, so the profiler can attribute kernel
-    // records of graph replays (NVTX does not fire there).
-    trace::GraphCapture capture(stream);
-    try {
-      enqueue_step();
-    } catch (...) {
-      cudaGraph_t broken = nullptr;
-      cudaStreamEndCapture(stream, &broken);
-      if (broken) cudaGraphDestroy(broken);
-      throw;
-    }
-    KTUNE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    capture.finish(graph);
-    KTUNE_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
-  }
-  KTUNE_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));
-}
-
-uint64_t GpuEngine::Deepseek::step_seq() const {
-  return (static_cast<uint64_t>(host_epoch) << 32) | static_cast<uint32_t>(host_pos);
-}
-
-void GpuEngine::Deepseek::sync() {
-  cudaError_t err = cudaSuccess;
-  if (ev_sleep_sync) {
-    // Sleep, not spin: the CPU experts need the cores.
-    err = cudaEventRecord(*ev_sleep_sync, stream);
-    if (err == cudaSuccess) err = cudaEventSynchronize(*ev_sleep_sync);
-  } else {
-    err = cudaStreamSynchronize(stream);
-  }
-  const std::string cpu_side = driver ? driver->finish() : std::string();
-  raise_step_errors(err, h_error, cpu_side, opt.handoff_timeout_ms);
-}
-
-void GpuEngine::Deepseek::set_token(int32_t t) {
-  sync();  // h_token may still be read by a copy
-  *h_token = t;
-  KTUNE_CUDA_CHECK(
-      cudaMemcpyAsync(token, h_token, sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-}
+GpuEngine::Deepseek::~Deepseek() { release(); }
 
 void GpuEngine::Deepseek::reset() {
   sync();
-  // A new epoch: hand-off words left from before never match the new steps' seq.
-  ++host_epoch;
-  KTUNE_CUDA_CHECK(
-      cudaMemcpyAsync(epoch, &host_epoch, sizeof(uint32_t), cudaMemcpyHostToDevice, stream));
-  KTUNE_CUDA_CHECK(cudaMemsetAsync(pos, 0, sizeof(int32_t), stream));
-  KTUNE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  host_pos = 0;
-}
-
-void GpuEngine::Deepseek::decode(int32_t t, std::vector<float>* out) {
-  set_token(t);
-  run_step();
-  if (out) {
-    out->resize(static_cast<size_t>(V));
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(out->data(), logits, static_cast<size_t>(V) * sizeof(float),
-                                     cudaMemcpyDeviceToHost, stream));
-  }
-  sync();
+  rewind();
 }
 
 // Token by token through the decode step (no batched MLA prefill yet): the tokens go to device
@@ -605,24 +409,6 @@ void GpuEngine::Deepseek::prefill(const int32_t* tokens, int64_t n, std::vector<
   sync();
 }
 
-std::vector<int32_t> GpuEngine::Deepseek::generate_greedy(int32_t first_token, int64_t n) {
-  if (n <= 0) return {};
-  if (host_pos + n > max_ctx) {
-    throw Error("gpu engine",
-                "generating " + std::to_string(n) + " tokens at position " +
-                    std::to_string(host_pos) + " exceeds max_context " + std::to_string(max_ctx),
-                "raise max_context or reset()");
-  }
-  const int64_t p0 = host_pos;
-  set_token(first_token);
-  for (int64_t i = 0; i < n; ++i) run_step();
-  std::vector<int32_t> out(static_cast<size_t>(n));
-  KTUNE_CUDA_CHECK(cudaMemcpyAsync(out.data(), history + p0, static_cast<size_t>(n) * 4,
-                                   cudaMemcpyDeviceToHost, stream));
-  sync();
-  return out;
-}
-
 int64_t GpuEngine::Deepseek::device_bytes() const {
   return static_cast<int64_t>(weights_arena.capacity() + work_arena.capacity());
 }
@@ -631,22 +417,9 @@ std::string GpuEngine::Deepseek::describe() const {
   std::string s = "cuda:0 " + device_name + ", moe " + moe_kernel_name(opt.moe_kernel) +
                   ", graph " + (opt.cuda_graph ? "on" : "off");
   if (is_hybrid) {
-    std::string cpus;
-    int unpinned = 0;
-    for (int c : pool->pinned_cpus()) {
-      if (c < 0) {
-        ++unpinned;
-      } else {
-        cpus += (cpus.empty() ? "" : ",") + std::to_string(c);
-      }
-    }
     int64_t moe_layers = 0;
     for (const Layer& d : layers) moe_layers += d.dense ? 0 : 1;
-    s += ", " + std::to_string(cpu_experts_total) + "/" + std::to_string(E * moe_layers) +
-         " experts on cpu (" + std::to_string(pool->size()) + " threads, workers on cpus " +
-         (cpus.empty() ? "-" : cpus) +
-         (unpinned > 0 ? " + " + std::to_string(unpinned) + " unpinned" : "") + ", handoff " +
-         cpu_handoff_name(opt.cpu_handoff) + ")";
+    s += describe_cpu_side(E * moe_layers, cpu_handoff_name(opt.cpu_handoff));
   }
   return s + ", mla latent cache f32";
 }

@@ -1,7 +1,8 @@
 // GpuEngine::Deepseek: the GPU engine for deepseek2 models (DeepSeek-V2, V2-Lite, V3, R1), behind
 // the same GpuEngine API as qwen3moe's Impl (GpuEngine's constructor picks it by architecture).
-// Private to engine/cuda:
-//   gpu_engine_deepseek.cpp       construction (weights, arenas, hand-off block), the public API
+// Private to engine/cuda; what it shares with the qwen3moe engine (device, arenas, hand-off
+// block, graph, sync, decode) is gpu_detail::EngineCore's (gpu_engine_impl.h):
+//   gpu_engine_deepseek.cpp       construction (weights, arenas), the public API
 //   gpu_engine_deepseek_step.cpp  the decode step's launches
 //
 // The decode step, all on cuda:0, token and position in device memory (one CUDA graph):
@@ -41,7 +42,7 @@
 
 namespace ktune {
 
-struct GpuEngine::Deepseek {
+struct GpuEngine::Deepseek : gpu_detail::EngineCore {
   using DevTensor = gpu_detail::DevTensor;
 
   struct Layer {
@@ -58,89 +59,41 @@ struct GpuEngine::Deepseek {
   };
 
   Deepseek(const ModelWeights& w, const GpuEngineOptions& options);
-  ~Deepseek();
-  Deepseek(const Deepseek&) = delete;
-  Deepseek& operator=(const Deepseek&) = delete;
+  ~Deepseek() override;
 
+  // decode, generate_greedy, the step's graph, launch and sync: EngineCore's.
   void reset();
   int64_t position() const { return host_pos; }
-  void decode(int32_t token, std::vector<float>* logits);
   void prefill(const int32_t* tokens, int64_t n, std::vector<float>* logits);
-  std::vector<int32_t> generate_greedy(int32_t first_token, int64_t n);
   const GpuEngineOptions& options() const { return opt; }
   int64_t device_bytes() const;
   std::string describe() const;
   bool hybrid() const { return is_hybrid; }
 
-  // ---- state ----
-  const ModelConfig cfg;
-  GpuEngineOptions opt;
-  std::string device_name;
-  int64_t H, nh, dq, dn, dr, dv, rq, rkv, lat, E, K, F, Fs, Fd, V, L, max_ctx;
+  // ---- state (the device, arenas, stream, stage, hand-off block and CPU side: EngineCore's) ----
+  int64_t H, nh, dq, dn, dr, dv, rq, rkv, lat, E, K, F, Fs, Fd, V, L;
   DeepseekRope rope;
 
-  cuda::DeviceArena weights_arena;
-  cuda::DeviceArena work_arena;
-  cuda::Stream stream;
   DevTensor tok_embd, output_norm, output;
   std::vector<Layer> layers;
 
-  // Device activations. stage = [h: H floats][ids: K int32, 16-byte padded][wts: K floats], the
-  // routing block the CPU side reads (CpuExpertDriver's layout, as the qwen3moe engine's).
-  float *x = nullptr, *h = nullptr, *qa = nullptr, *q = nullptr, *kva = nullptr, *qabs = nullptr,
-        *ctx = nullptr, *o = nullptr, *rlog = nullptr, *wts = nullptr, *act = nullptr,
-        *act_ffn = nullptr, *up_ffn = nullptr, *g = nullptr, *u = nullptr, *ye = nullptr,
-        *acc = nullptr, *logits = nullptr, *inv_freq = nullptr, *one_weight = nullptr;
-  int32_t *ids = nullptr, *token = nullptr, *pos = nullptr, *history = nullptr, *one_id = nullptr,
-          *prompt = nullptr;
+  // Device activations (x, the stage's h / ids / wts, logits, token, pos, history and epoch are
+  // EngineCore's; the stage has CpuExpertDriver's layout, as the qwen3moe engine's).
+  float *qa = nullptr, *q = nullptr, *kva = nullptr, *qabs = nullptr, *ctx = nullptr, *o = nullptr,
+        *rlog = nullptr, *act = nullptr, *act_ffn = nullptr, *up_ffn = nullptr, *g = nullptr,
+        *u = nullptr, *ye = nullptr, *acc = nullptr, *inv_freq = nullptr, *one_weight = nullptr;
+  int32_t *one_id = nullptr, *prompt = nullptr;
   void* attn_ws = nullptr;
-  void* stage = nullptr;
-  size_t stage_bytes = 0, stage_ids_off = 0, stage_wts_off = 0;
   unsigned long long* head_key = nullptr;  // launch_matvec_fused's greedy tail
   unsigned* head_counter = nullptr;
-  uint32_t* epoch = nullptr;
-
-  // Pinned host memory: the token written by decode(); the mapped hand-off block [error word]
-  // [HandoffWords per layer][routing stage][CPU experts' sum] (h_* host, d_* device views).
-  int32_t* h_token = nullptr;
-  uint8_t* mapped = nullptr;
-  uint32_t* h_error = nullptr;
-  uint32_t* d_error = nullptr;
-  cuda::HandoffWords* h_words = nullptr;
-  cuda::HandoffWords* d_words = nullptr;
-  uint8_t* h_stage = nullptr;
-  void* d_stage_mapped = nullptr;
-  float* d_ycpu_mapped = nullptr;
-
-  // Hybrid: CPU experts through CpuMoe on an owned pool, driven by one host thread.
-  bool is_hybrid = false;
-  int64_t cpu_experts_total = 0;
-  std::unique_ptr<ThreadPool> pool;
-  std::unique_ptr<CpuMoe> cpu_moe;
-  std::unique_ptr<CpuExpertDriver> driver;
-  std::unique_ptr<cuda::Event> ev_sleep_sync;
-
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t graph_exec = nullptr;
-  int64_t host_pos = 0;
-  uint32_t host_epoch = 1;
 
   // ---- gpu_engine_deepseek_step.cpp ----
-  void enqueue_step();
+  void enqueue_step() override;
   void attention(const Layer& d, int64_t l);
   // SwiGLU FFN of one always-on matrix triple on the normed h: x += down(silu(gate h) * up h).
   void dense_ffn(const DevTensor& gate, const DevTensor& up, const DevTensor& down, int64_t ffn);
   void moe(const Layer& d, int64_t l);
   void routed_unfused(const Layer& d, int64_t l);
-  void begin_handoff(int64_t l);
-  void end_handoff(int64_t l);
-
-  // ---- gpu_engine_deepseek.cpp ----
-  void run_step();
-  void launch_step();
-  uint64_t step_seq() const;
-  void sync();
-  void set_token(int32_t t);
 };
 
 // The checks GpuEngine makes before it touches a GPU for a deepseek2 model (unit-testable on a

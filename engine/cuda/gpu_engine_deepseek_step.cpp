@@ -215,35 +215,4 @@ void GpuEngine::Deepseek::routed_unfused(const Layer& d, int64_t) {
   check_launch(cuda::launch_add_inplace(x, acc, H, s), "launch_add_inplace moe");
 }
 
-// flags: one kernel copies the routing block into mapped memory and raises the request word.
-// host_node: the block is copied with a memcpy node and a host callback raises the word.
-void GpuEngine::Deepseek::begin_handoff(int64_t l) {
-  trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
-  cudaStream_t s = stream;
-  if (opt.cpu_handoff == CpuHandoff::Flags) {
-    check_launch(
-        cuda::launch_handoff_signal(stage, stage_bytes, d_stage_mapped, pos, epoch, d_words + l, s),
-        "launch_handoff_signal");
-  } else {
-    KTUNE_CUDA_CHECK(cudaMemcpyAsync(h_stage, stage, stage_bytes, cudaMemcpyDeviceToHost, s));
-    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_post, driver->host_node_ctx(l)));
-  }
-}
-
-// The wait kernel spins on the done word (flags) or finds it raised after the host callback
-// that blocked until it was (host_node); then it adds the CPU experts' sum into x.
-void GpuEngine::Deepseek::end_handoff(int64_t l) {
-  trace::Scope transfer(trace::Phase::Transfer, static_cast<int32_t>(l));
-  cudaStream_t s = stream;
-  if (opt.cpu_handoff == CpuHandoff::HostNode) {
-    KTUNE_CUDA_CHECK(cudaLaunchHostFunc(s, &CpuExpertDriver::host_wait, driver->host_node_ctx(l)));
-  }
-  const uint64_t timeout_ns = static_cast<uint64_t>(opt.handoff_timeout_ms) * 1000000u;
-  check_launch(
-      cuda::launch_handoff_wait_add(d_words + l, d_ycpu_mapped, pos, epoch, d_error,
-                                    CpuExpertDriver::kErrorTimeoutBase + static_cast<uint32_t>(l),
-                                    timeout_ns, x, H, s),
-      "launch_handoff_wait_add");
-}
-
 }  // namespace ktune
