@@ -27,7 +27,6 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
-#include "cuda/per_device.cuh"
 #include "cuda/prefill_mma.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
 
@@ -159,26 +158,11 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
   const int64_t row_bytes = static_cast<int64_t>(k_tiles) * F::kStep;
   const int64_t n = args.n;
 
-  // This thread's A pieces: rows tid/8 + 16i, 8 halves at column (tid % 8) * 8 of the stage.
-  const uint16_t* a_src[4];
-  int a_ok[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = tid / 8 + 16 * i;
-    a_ok[i] = r < rows ? 16 : 0;
-    const int64_t gr = row0 + (r < rows ? r : 0);
-    const int64_t src_row = args.a_rows ? args.a_rows[gr] : gr;
-    a_src[i] = args.a + src_row * args.lda + (tid % 8) * 8;
-  }
+  const ATilePieces a_pieces(args, row0, rows, tid);
 
   auto load_stage = [&](int stage, int kt) {
     uint8_t* st = smem + stage * kStageBytes;
-    uint16_t* as = reinterpret_cast<uint16_t*>(st);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = tid / 8 + 16 * i;
-      cp_async<16>(as + r * kAStride + (tid % 8) * 8, a_src[i] + kt * kBK, a_ok[i]);
-    }
+    a_pieces.issue(reinterpret_cast<uint16_t*>(st), kt, tid);
     constexpr int kPieces = F::kStep / F::kPiece;  // per row
     constexpr int kTotal = kMats * kBN * kPieces;
 #pragma unroll 4
@@ -197,14 +181,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
   };
 
   float acc[kMats][4][2][4];
-#pragma unroll
-  for (int a = 0; a < kMats; ++a)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][i][j][c] = 0.0f;
+  zero_acc<kMats>(acc);
 
 #pragma unroll
   for (int s = 0; s < F::kStages - 1; ++s) {
@@ -235,17 +212,11 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
         }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int kk = bi * 2 + half;
-#pragma unroll
-        for (int mf = 0; mf < 4; ++mf) {
-          uint32_t af[4];
-          ldmatrix_x4(af, as + (mf * 16 + lane % 16) * kAStride + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int mat = 0; mat < kMats; ++mat)
-#pragma unroll
-            for (int nf = 0; nf < 2; ++nf)
-              mma_16816(acc[mat][mf][nf], af, bf[mat][nf][2 * half], bf[mat][nf][2 * half + 1]);
-        }
+        mma_k16<kMats>(acc, as, bi * 2 + half, lane,
+                       [&](int mat, int nf, uint32_t& b0, uint32_t& b1) {
+                         b0 = bf[mat][nf][2 * half];
+                         b1 = bf[mat][nf][2 * half + 1];
+                       });
       }
     }
   }
@@ -256,20 +227,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kernel(const PrefillM
 
 template <QuantType T, bool Swiglu>
 cudaError_t launch_typed(const PrefillMatmul& a, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<T, Swiglu>();
-  // Once per instantiation and device (the opt-in belongs to each device's context): stages
-  // above 48 KiB need it.
-  static detail::PerDevice<cudaError_t> per_device;
-  const cudaError_t attr = per_device.get([](int) {
-    return cudaFuncSetAttribute(prefill_matmul_kernel<T, Swiglu>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  });
-  if (attr != cudaSuccess) return attr;
-  const int64_t m_tiles = a.tiles ? a.max_tiles : (a.m + kBM - 1) / kBM;
-  if (m_tiles == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((a.n + kBN - 1) / kBN), static_cast<unsigned>(m_tiles));
-  prefill_matmul_kernel<T, Swiglu><<<grid, kThreads, kSmem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_tiles<prefill_matmul_kernel<T, Swiglu>, smem_bytes<T, Swiglu>()>(a, stream);
 }
 
 template <bool Swiglu>

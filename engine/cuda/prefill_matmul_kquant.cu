@@ -22,7 +22,6 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
-#include "cuda/per_device.cuh"
 #include "cuda/prefill_mma.cuh"
 #include "cuda/rowdot_kquant.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
@@ -67,24 +66,9 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kquant_kernel(const P
   const int64_t row_bytes = args.k / 256 * D::kSuperBytes;
   const int64_t n = args.n;
 
-  // This thread's A pieces: rows tid/8 + 16i, 8 halves at column (tid % 8) * 8 of the stage.
-  const uint16_t* a_src[4];
-  int a_ok[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = tid / 8 + 16 * i;
-    a_ok[i] = r < rows ? 16 : 0;
-    const int64_t gr = row0 + (r < rows ? r : 0);
-    const int64_t src_row = args.a_rows ? args.a_rows[gr] : gr;
-    a_src[i] = args.a + src_row * args.lda + (tid % 8) * 8;
-  }
+  const ATilePieces a_pieces(args, row0, rows, tid);
   auto issue_a = [&](int stage, int kt) {
-    uint16_t* as = reinterpret_cast<uint16_t*>(smem + stage * kStageBytes);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = tid / 8 + 16 * i;
-      cp_async<16>(as + r * kAStride + (tid % 8) * 8, a_src[i] + kt * kBK, a_ok[i]);
-    }
+    a_pieces.issue(reinterpret_cast<uint16_t*>(smem + stage * kStageBytes), kt, tid);
   };
 
   // This thread's weight slices: rows tid/8 + 16i of the column tile, weights 8 * (tid % 8) ..
@@ -133,14 +117,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kquant_kernel(const P
   };
 
   float acc[kMats][4][2][4];
-#pragma unroll
-  for (int a = 0; a < kMats; ++a)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][i][j][c] = 0.0f;
+  zero_acc<kMats>(acc);
 
   issue_a(0, 0);
   cp_async_commit();
@@ -167,16 +144,10 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kquant_kernel(const P
         ldmatrix_x4(bf[mat], bs + (warp * 16 + (lane / 16) * 8 + lane % 8) * kBStride + kk * 16 +
                                  ((lane / 8) % 2) * 8);
       }
-#pragma unroll
-      for (int mf = 0; mf < 4; ++mf) {
-        uint32_t af[4];
-        ldmatrix_x4(af, as + (mf * 16 + lane % 16) * kAStride + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-        for (int mat = 0; mat < kMats; ++mat)
-#pragma unroll
-          for (int nf = 0; nf < 2; ++nf)
-            mma_16816(acc[mat][mf][nf], af, bf[mat][2 * nf], bf[mat][2 * nf + 1]);
-      }
+      mma_k16<kMats>(acc, as, kk, lane, [&](int mat, int nf, uint32_t& b0, uint32_t& b1) {
+        b0 = bf[mat][2 * nf];
+        b1 = bf[mat][2 * nf + 1];
+      });
     }
     if (more) store_b(cur ^ 1);
     __syncthreads();  // step kt's buffers free for step kt + 2; step kt + 1's weights visible
@@ -188,19 +159,7 @@ __global__ void __launch_bounds__(kThreads) prefill_matmul_kquant_kernel(const P
 
 template <QuantType T, bool Swiglu>
 cudaError_t launch_typed(const PrefillMatmul& a, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<Swiglu>();
-  // Once per instantiation and device (the opt-in belongs to each device's context).
-  static detail::PerDevice<cudaError_t> per_device;
-  const cudaError_t attr = per_device.get([](int) {
-    return cudaFuncSetAttribute(prefill_matmul_kquant_kernel<T, Swiglu>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  });
-  if (attr != cudaSuccess) return attr;
-  const int64_t m_tiles = a.tiles ? a.max_tiles : (a.m + kBM - 1) / kBM;
-  if (m_tiles == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((a.n + kBN - 1) / kBN), static_cast<unsigned>(m_tiles));
-  prefill_matmul_kquant_kernel<T, Swiglu><<<grid, kThreads, kSmem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_tiles<prefill_matmul_kquant_kernel<T, Swiglu>, smem_bytes<Swiglu>()>(a, stream);
 }
 
 template <bool Swiglu>

@@ -1,13 +1,16 @@
 // Device pieces shared by the prefill matmuls (prefill_matmul.cu: weights staged raw and
 // dequantized into mma fragments; prefill_matmul_kquant.cu: K-quant weights dequantized into an
-// fp16 tile): the 64 x 64 block tile of 4 warps, its asynchronous copies, ldmatrix / mma.sync
-// wrappers, and the epilogue that writes a tile (float32, accumulated or not, or SwiGLU fp16).
+// fp16 tile): the 64 x 64 block tile of 4 warps, its asynchronous copies (the A rows' pieces
+// among them), ldmatrix / mma.sync wrappers and the k16 mma chain, the epilogue that writes a
+// tile (float32, accumulated or not, or SwiGLU fp16), and the launch. What differs between the
+// two kernels is how the weights reach the B fragments (and so the stage pipeline).
 #pragma once
 
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "cuda/per_device.cuh"
 #include "ktune/engine/cuda/prefill_kernels.h"
 
 namespace ktune::cuda::prefill_detail {
@@ -84,6 +87,67 @@ __device__ __forceinline__ bool tile_of_block(const PrefillMatmul& args, int64_t
   return true;
 }
 
+// This thread's A pieces of every stage: rows tid/8 + 16i of the block's rows, 8 halves at
+// column (tid % 8) * 8 of the stage (rows past the block's read row0 and are zero-filled).
+struct ATilePieces {
+  const uint16_t* src[4];
+  int ok[4];  // cp.async source bytes: 16, or 0 past the block's rows
+
+  __device__ __forceinline__ ATilePieces(const PrefillMatmul& args, int64_t row0, int rows,
+                                         int tid) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = tid / 8 + 16 * i;
+      ok[i] = r < rows ? 16 : 0;
+      const int64_t gr = row0 + (r < rows ? r : 0);
+      const int64_t src_row = args.a_rows ? args.a_rows[gr] : gr;
+      src[i] = args.a + src_row * args.lda + (tid % 8) * 8;
+    }
+  }
+
+  // cp.async of k step kt's pieces into the stage's A tile `as` (kAStride halves per row).
+  __device__ __forceinline__ void issue(uint16_t* as, int kt, int tid) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = tid / 8 + 16 * i;
+      cp_async<16>(as + r * kAStride + (tid % 8) * 8, src[i] + kt * kBK, ok[i]);
+    }
+  }
+};
+
+template <int kMats>
+__device__ __forceinline__ void zero_acc(float (&acc)[kMats][4][2][4]) {
+#pragma unroll
+  for (int a = 0; a < kMats; ++a)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][i][j][c] = 0.0f;
+}
+
+// The mma.sync chain of one k16 slice (kk-th of the stage) for warp w's 4 x 2 tiles of each
+// matrix: A fragments by ldmatrix from the stage's A tile `as`, B fragments from
+// b_frag(mat, nf, b0, b1). The order (mf, then mat, then nf) fixes every accumulator's chain.
+template <int kMats, class BFrag>
+__device__ __forceinline__ void mma_k16(float (&acc)[kMats][4][2][4], const uint16_t* as, int kk,
+                                        int lane, const BFrag& b_frag) {
+#pragma unroll
+  for (int mf = 0; mf < 4; ++mf) {
+    uint32_t af[4];
+    ldmatrix_x4(af, as + (mf * 16 + lane % 16) * kAStride + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int mat = 0; mat < kMats; ++mat)
+#pragma unroll
+      for (int nf = 0; nf < 2; ++nf) {
+        uint32_t b0, b1;
+        b_frag(mat, nf, b0, b1);
+        mma_16816(acc[mat][mf][nf], af, b0, b1);
+      }
+  }
+}
+
 // Writes the block's tile: warp w's accumulators acc[mat][mf][nf] (mma C fragments: c0, c1 at
 // (row g, cols 2t, 2t+1), c2, c3 at (row g + 8, same cols) of the 16 x 8 tile (mf, nf)) as
 // float32 (= or += with args.accumulate) or, with two matrices, fp16(silu(gate) * up).
@@ -129,6 +193,23 @@ __device__ __forceinline__ void store_tile(const PrefillMatmul& args,
         }
       }
     }
+}
+
+// Launches a tile kernel over `a`: one block per 64 columns x (64 rows, or one entry of the tile
+// list: max_tiles of them), kSmem bytes of dynamic shared memory, opted in once per device (the
+// opt-in belongs to each device's context; stages above 48 KiB need it).
+template <void (*Kernel)(PrefillMatmul), int kSmem>
+cudaError_t launch_tiles(const PrefillMatmul& a, cudaStream_t stream) {
+  static detail::PerDevice<cudaError_t> per_device;
+  const cudaError_t attr = per_device.get([](int) {
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  });
+  if (attr != cudaSuccess) return attr;
+  const int64_t m_tiles = a.tiles ? a.max_tiles : (a.m + kBM - 1) / kBM;
+  if (m_tiles == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((a.n + kBN - 1) / kBN), static_cast<unsigned>(m_tiles));
+  Kernel<<<grid, kThreads, kSmem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace ktune::cuda::prefill_detail
