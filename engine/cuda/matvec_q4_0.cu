@@ -10,14 +10,14 @@
 // registers, x stays float32 (no Q8 activation quantization: exact products, float32 sums).
 // Each lane sums its blocks in a fixed order, then a warp butterfly: deterministic. Other
 // layouts (odd block count, 2-byte aligned rows) take a plain one-block-per-lane path.
+// The loops and the launcher are matvec_blocks.cuh's (shared with Q8_0); here: the format.
 #include "cuda/common.cuh"
+#include "cuda/matvec_blocks.cuh"
 #include "cuda/matvec_variants.h"
 #include "ktune/engine/cuda/kernels.h"
 
 namespace ktune::cuda {
 namespace {
-
-using detail::fp16_bits_to_float;
 
 // Sum over one block of (q - 8) * x: q0..q3 hold the 16 quant bytes little-endian.
 __device__ __forceinline__ float q4_block_dot(const uint32_t q[4], const float* __restrict__ xb) {
@@ -57,117 +57,38 @@ __device__ __forceinline__ float q4_block_dot_magic(const uint32_t q[4],
   return s;
 }
 
+// The format for matvec_blocks.cuh.
+struct BlockQ4_0 {
+  static constexpr int kWords = 4;
+  __device__ __forceinline__ static float dot(const uint32_t q[4], const float* __restrict__ xb) {
+    return q4_block_dot(q, xb);
+  }
+  __device__ __forceinline__ static float dot_magic(const uint32_t q[4],
+                                                    const float* __restrict__ xb) {
+    return q4_block_dot_magic(q, xb);
+  }
+};
+
 template <int R, bool kMagic>
 __global__ void matvec_q4_0_pairs(const uint8_t* __restrict__ w, const float* __restrict__ x,
                                   int rows, int npairs, int64_t row_bytes, float* __restrict__ y) {
-  const int lane = threadIdx.x % 32;
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * R;
-  if (r0 >= rows) return;
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-  for (int p = lane; p < npairs; p += 32) {
-    uint32_t wv[R][9];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r0 + r < rows) {
-        const uint32_t* src =
-            reinterpret_cast<const uint32_t*>(w + (r0 + r) * row_bytes + int64_t{36} * p);
-#pragma unroll
-        for (int i = 0; i < 9; ++i) wv[r][i] = __ldg(src + i);
-      }
-    }
-    const float4* x4 = reinterpret_cast<const float4*>(x + int64_t{64} * p);
-    float xv[64];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const float4 t = __ldg(x4 + i);
-      xv[4 * i] = t.x;
-      xv[4 * i + 1] = t.y;
-      xv[4 * i + 2] = t.z;
-      xv[4 * i + 3] = t.w;
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r0 + r < rows) {
-        // Block 0: d = low half of word 0, quants = bytes 2..17. Block 1: d = high half of
-        // word 4, quants = words 5..8.
-        uint32_t q0[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q0[i] = __funnelshift_r(wv[r][i], wv[r][i + 1], 16);
-        const uint32_t q1[4] = {wv[r][5], wv[r][6], wv[r][7], wv[r][8]};
-        const float d0 = fp16_bits_to_float(static_cast<uint16_t>(wv[r][0] & 0xffffu));
-        const float d1 = fp16_bits_to_float(static_cast<uint16_t>(wv[r][4] >> 16));
-        if (kMagic) {
-          acc[r] = fmaf(d0, q4_block_dot_magic(q0, xv), acc[r]);
-          acc[r] = fmaf(d1, q4_block_dot_magic(q1, xv + 32), acc[r]);
-        } else {
-          acc[r] = fmaf(d0, q4_block_dot(q0, xv), acc[r]);
-          acc[r] = fmaf(d1, q4_block_dot(q1, xv + 32), acc[r]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const float s = detail::warp_sum(acc[r]);
-    if (lane == 0 && r0 + r < rows) y[r0 + r] = s;
-  }
+  detail::matvec_block_pairs<BlockQ4_0, R, kMagic>(w, x, rows, npairs, row_bytes, y);
 }
 
 // Any layout with 2-byte alignment: one block per lane, 16-bit loads.
 __global__ void matvec_q4_0_generic(const uint8_t* __restrict__ w, const float* __restrict__ x,
                                     int rows, int nb, int64_t row_bytes, float* __restrict__ y) {
-  const int lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;
-  float acc = 0.0f;
-  for (int b = lane; b < nb; b += 32) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(w + r * row_bytes + int64_t{18} * b);
-    uint16_t h[9];
-#pragma unroll
-    for (int i = 0; i < 9; ++i) h[i] = __ldg(src + i);
-    uint32_t q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = h[1 + 2 * i] | (static_cast<uint32_t>(h[2 + 2 * i]) << 16);
-    acc = fmaf(fp16_bits_to_float(h[0]), q4_block_dot(q, x + int64_t{32} * b), acc);
-  }
-  acc = detail::warp_sum(acc);
-  if (lane == 0) y[r] = acc;
+  detail::matvec_block_generic<BlockQ4_0>(w, x, rows, nb, row_bytes, y);
 }
 
 }  // namespace
 
 cudaError_t launch_matvec_q4_0_variant(const void* w, const float* x, int64_t rows, int64_t cols,
                                        float* y, int rows_per_warp, cudaStream_t stream) {
-  if (rows < 0 || rows > 0x7fffffff || cols <= 0 || cols % 32 != 0 || cols > (1 << 28) ||
-      (reinterpret_cast<uintptr_t>(w) & 1u) != 0 || (reinterpret_cast<uintptr_t>(x) & 15u) != 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (rows == 0) return cudaSuccess;
-  const int nb = static_cast<int>(cols / 32);
-  const int64_t row_bytes = int64_t{18} * nb;
-  const uint8_t* wb = static_cast<const uint8_t*>(w);
-  constexpr int kWarps = 4;
-  const bool pairs = nb % 2 == 0 && (reinterpret_cast<uintptr_t>(w) & 3u) == 0;
-  if (pairs && rows_per_warp == 3) {  // R = 2 with the conversion-free dequantization
-    const int64_t grid = (rows + 2 * kWarps - 1) / (2 * kWarps);
-    matvec_q4_0_pairs<2, true><<<static_cast<unsigned>(grid), 32 * kWarps, 0, stream>>>(
-        wb, x, static_cast<int>(rows), nb / 2, row_bytes, y);
-  } else if (pairs && rows_per_warp == 2) {
-    const int64_t grid = (rows + 2 * kWarps - 1) / (2 * kWarps);
-    matvec_q4_0_pairs<2, false><<<static_cast<unsigned>(grid), 32 * kWarps, 0, stream>>>(
-        wb, x, static_cast<int>(rows), nb / 2, row_bytes, y);
-  } else if (pairs && rows_per_warp == 1) {
-    const int64_t grid = (rows + kWarps - 1) / kWarps;
-    matvec_q4_0_pairs<1, false><<<static_cast<unsigned>(grid), 32 * kWarps, 0, stream>>>(
-        wb, x, static_cast<int>(rows), nb / 2, row_bytes, y);
-  } else {
-    const int64_t grid = (rows + kWarps - 1) / kWarps;
-    matvec_q4_0_generic<<<static_cast<unsigned>(grid), 32 * kWarps, 0, stream>>>(
-        wb, x, static_cast<int>(rows), nb, row_bytes, y);
-  }
-  return cudaGetLastError();
+  return detail::launch_matvec_blocks<BlockQ4_0, matvec_q4_0_pairs<2, true>,
+                                      matvec_q4_0_pairs<2, false>, matvec_q4_0_pairs<1, false>,
+                                      matvec_q4_0_generic>(w, x, rows, cols, y, rows_per_warp,
+                                                           stream);
 }
 
 cudaError_t launch_matvec_q4_0(const void* w, const float* x, int64_t rows, int64_t cols, float* y,
