@@ -405,6 +405,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       const int64_t t0 = trace::now_ns();
       eng->decode(first, ro.gen);
       const int64_t t1 = trace::now_ns();
+      // Tracing off before the routing counts are read: their copy is not the window's work.
+      if (cupti_on) cupti->disable();
       if (analyzed) {
         counts1 = eng->expert_counts();
         decode_win = {"decode", window_tokens, t0 + offset, t1 + offset};
@@ -428,7 +430,6 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         }
         int64_t t_end = t1;
         if (padding.steps > 0) {
-          if (cupti_on) cupti->disable();
           trace::stop();
           // Windows of at most n steps, each from position 0 as the untraced windows were: the
           // padding's steps cost what the baseline's did, and the context stays n long.
