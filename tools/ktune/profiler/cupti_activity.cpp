@@ -448,6 +448,23 @@ CuptiSession::~CuptiSession() {
   }
 }
 
+bool CuptiSession::detach() {
+  State& s = *state_;
+  if (!s.ok) return false;
+  if (s.enabled || s.flush_pending) disable_and_flush();
+  trace::set_node_id_resolver(nullptr);
+  if (s.subscriber != nullptr) {
+    cuptiUnsubscribe(s.subscriber);
+    s.subscriber = nullptr;
+  }
+  cudaDeviceSynchronize();  // cuptiFinalize outside an API callback wants the device idle
+  const CUptiResult r = cuptiFinalize();
+  if (!s.check(r, "cuptiFinalize")) return false;
+  s.ok = false;
+  s.error = "detached (cuptiFinalize) after the traced windows";
+  return true;
+}
+
 bool CuptiSession::ok() const { return state_->ok; }
 const std::string& CuptiSession::error() const { return state_->error; }
 trace_level::Level CuptiSession::level() const { return state_->level; }
@@ -609,6 +626,7 @@ void CuptiSession::enable() {}
 void CuptiSession::enable(trace_level::Level) {}
 void CuptiSession::disable() {}
 void CuptiSession::disable_and_flush() {}
+bool CuptiSession::detach() { return false; }
 void CuptiSession::drain_into(Timeline&) {}
 int64_t CuptiSession::timestamp() { return 0; }
 int64_t CuptiSession::steady_to_cupti_offset() { return 0; }

@@ -314,7 +314,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   Timeline tl;
   std::vector<double> untraced;
   std::vector<std::vector<double>> traced_by_level(levels.size());
-  PaddingChoice padding;         // untraced steps after the analyzed window
+  PaddingChoice padding;         // untraced steps after the traced windows
+  int64_t window_ns = 0;         // the analyzed decode window's wall
   double profile_run_tok_s = 0;  // that window + its padding
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
@@ -415,9 +416,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
           static_cast<double>(window_tokens) / (static_cast<double>(t1 - t0) * 1e-9);
       traced_by_level[pass].push_back(traced_tok_s);
       if (analyzed) {
-        // The profiling run: this window, then untraced steps in the same stretch of decode so
-        // the run as a whole keeps (nearly) the untraced speed. The window's own dilation
-        // decides how many (auto); tracing goes off first, CUPTI's buffers are flushed after.
+        // The profiling run: this window and untraced steps (run after the traced windows, with
+        // CUPTI detached) so the run as a whole keeps (nearly) the untraced speed. The window's
+        // own dilation decides how many (auto).
         const double untraced_tok_s = median(untraced);
         const double dilation = untraced_tok_s > 0 ? 1.0 - traced_tok_s / untraced_tok_s : 0;
         if (opt.trace_padding < 0) {
@@ -428,22 +429,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
           padding.steps = padding.steps_for_target = opt.trace_padding;
           padding.run_overhead = amortised_overhead(dilation, ro.gen, padding.steps);
         }
-        int64_t t_end = t1;
-        if (padding.steps > 0) {
-          trace::stop();
-          // Windows of at most n steps, each from position 0 as the untraced windows were: the
-          // padding's steps cost what the baseline's did, and the context stays n long.
-          for (int64_t done = 0; done < padding.steps;) {
-            stop_if_interrupted();
-            const int64_t steps = std::min<int64_t>(ro.gen, padding.steps - done);
-            eng->reset();
-            eng->decode(first, steps);
-            done += steps;
-          }
-          t_end = trace::now_ns();
-        }
-        profile_run_tok_s = static_cast<double>((ro.gen + padding.steps) * ro.batch) /
-                            (static_cast<double>(t_end - t0) * 1e-9);
+        window_ns = t1 - t0;
       }
       if (cupti_on) cupti->disable_and_flush();
       trace::stop();
@@ -475,6 +461,30 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       }
       add_host_spans(tl, trace::collect(), offset);
       add_graph_tags(tl, trace::graph_node_tags());
+    }
+    // The profiling run's untraced steps, after every traced window was drained: CUPTI is
+    // detached first (cuptiFinalize), since disabled activity kinds still slow eager launches.
+    // Windows of at most n steps, each from position 0 as the untraced windows were: the
+    // padding's steps cost what the baseline's did, and the context stays n long.
+    if (padding.steps > 0) {
+      if (cupti_on && !cupti->detach()) {
+        doc.notes.push_back("CUPTI could not be detached before the untraced steps (" +
+                            cupti->error() + "): they may run slower than untraced");
+      }
+      trace::stop();
+      const int64_t p0 = trace::now_ns();
+      for (int64_t done = 0; done < padding.steps;) {
+        stop_if_interrupted();
+        const int64_t steps = std::min<int64_t>(ro.gen, padding.steps - done);
+        eng->reset();
+        eng->decode(first, steps);
+        done += steps;
+      }
+      window_ns += trace::now_ns() - p0;
+    }
+    if (window_ns > 0) {
+      profile_run_tok_s = static_cast<double>((ro.gen + padding.steps) * ro.batch) /
+                          (static_cast<double>(window_ns) * 1e-9);
     }
     if (cupti_on && levels.size() > 1) {
       doc.notes.push_back(fmt::format(
