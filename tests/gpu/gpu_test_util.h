@@ -2,6 +2,7 @@
 // build machine), so a skipped test says why.
 #pragma once
 
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include "ktune/engine/gpu_info.h"
@@ -15,9 +16,12 @@ inline const GpuInfo& gpus() {
 
 }  // namespace ktune::test
 
+// Every GPU test starts on cuda:0: a multi-GPU test before it may have left another device
+// current (the profiler's tests then traced cuda:1's launches against cuda:0's analysis).
 #define KTUNE_REQUIRE_GPU()                                     \
   do {                                                          \
     if (::ktune::test::gpus().devices.empty()) {                \
       GTEST_SKIP() << ::ktune::test::gpus().unavailable_reason; \
     }                                                           \
+    cudaSetDevice(0);                                           \
   } while (0)

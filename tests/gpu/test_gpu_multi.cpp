@@ -95,6 +95,9 @@ void check_link(const char* what, int n,
       KTUNE_CUDA_CHECK(cudaMemcpy(ranks[size_t(i)]->src.data(), host[size_t(i)].data(), bytes,
                                   cudaMemcpyHostToDevice));
       KTUNE_CUDA_CHECK(cudaMemset(ranks[size_t(i)]->dst.data(), 0, bytes));
+      // cudaMemset of device memory may return before it is done, and the copy below runs on a
+      // non-blocking stream: without this the zeroing could land after the copy.
+      KTUNE_CUDA_CHECK(cudaDeviceSynchronize());
     }
     for (int i = 0; i < n; ++i) {
       const int to = (i + 1) % n;

@@ -315,7 +315,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   std::vector<double> untraced;
   std::vector<std::vector<double>> traced_by_level(levels.size());
   PaddingChoice padding;         // untraced steps after the traced windows
-  int64_t window_ns = 0;         // the analyzed decode window's wall
+  int64_t window_ns = 0;         // the analyzed decode window's wall (+ the padding's)
+  double analyzed_tok_s = 0;     // the analyzed decode window, traced
   double profile_run_tok_s = 0;  // that window + its padding
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
@@ -371,14 +372,6 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       eng->reset();
       eng->decode(first, opt.warmup);
     }
-    for (int i = 0; i < opt.untraced_windows; ++i) {
-      stop_if_interrupted();
-      eng->reset();
-      const int64_t t0 = trace::now_ns();
-      eng->decode(first, ro.gen);
-      untraced.push_back(static_cast<double>(window_tokens) /
-                         (static_cast<double>(trace::now_ns() - t0) * 1e-9));
-    }
 
     // Traced windows: the analyzed level first (with prefill), then any other level's decode
     // window for its overhead only. Without CUPTI the level changes nothing: one pass.
@@ -416,19 +409,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
           static_cast<double>(window_tokens) / (static_cast<double>(t1 - t0) * 1e-9);
       traced_by_level[pass].push_back(traced_tok_s);
       if (analyzed) {
-        // The profiling run: this window and untraced steps (run after the traced windows, with
-        // CUPTI detached) so the run as a whole keeps (nearly) the untraced speed. The window's
-        // own dilation decides how many (auto).
-        const double untraced_tok_s = median(untraced);
-        const double dilation = untraced_tok_s > 0 ? 1.0 - traced_tok_s / untraced_tok_s : 0;
-        if (opt.trace_padding < 0) {
-          padding = choose_untraced_padding(
-              dilation, ro.gen, untraced_tok_s / static_cast<double>(ro.batch),
-              kPaddingTargetFraction, kPaddingMaxExtraSeconds, kPaddingMaxWindowFactor);
-        } else {
-          padding.steps = padding.steps_for_target = opt.trace_padding;
-          padding.run_overhead = amortised_overhead(dilation, ro.gen, padding.steps);
-        }
+        analyzed_tok_s = traced_tok_s;
         window_ns = t1 - t0;
       }
       if (cupti_on) cupti->disable_and_flush();
@@ -462,16 +443,39 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       add_host_spans(tl, trace::collect(), offset);
       add_graph_tags(tl, trace::graph_node_tags());
     }
-    // The profiling run's untraced steps, after every traced window was drained: CUPTI is
-    // detached first (cuptiFinalize), since disabled activity kinds still slow eager launches.
-    // Windows of at most n steps, each from position 0 as the untraced windows were: the
-    // padding's steps cost what the baseline's did, and the context stays n long.
-    if (padding.steps > 0) {
-      if (cupti_on && !cupti->detach()) {
-        doc.notes.push_back("CUPTI could not be detached before the untraced steps (" +
-                            cupti->error() + "): they may run slower than untraced");
+    // The untraced decode, after every traced window was flushed and drained, with CUPTI
+    // detached (cuptiFinalize): an attached CUPTI, even with every activity kind off, slows
+    // eager launches (an unfused eager hybrid ran 7 % faster detached than attached, H100), and
+    // the overhead is against not profiling at all. First the baseline windows, then the
+    // profiling run's untraced steps (the padding), whose number the traced window's dilation
+    // against that baseline decides (auto). Windows of at most n steps, each from position 0:
+    // the padding's steps cost what the baseline's did, and the context stays n long.
+    if (cupti_on && !cupti->detach()) {
+      doc.notes.push_back("CUPTI could not be detached before the untraced windows (" +
+                          cupti->error() + "): they may run slower than without profiling");
+    }
+    trace::stop();
+    for (int i = 0; i < opt.untraced_windows; ++i) {
+      stop_if_interrupted();
+      eng->reset();
+      const int64_t t0 = trace::now_ns();
+      eng->decode(first, ro.gen);
+      untraced.push_back(static_cast<double>(window_tokens) /
+                         (static_cast<double>(trace::now_ns() - t0) * 1e-9));
+    }
+    {
+      const double untraced_tok_s = median(untraced);
+      const double dilation = untraced_tok_s > 0 ? 1.0 - analyzed_tok_s / untraced_tok_s : 0;
+      if (opt.trace_padding < 0) {
+        padding = choose_untraced_padding(
+            dilation, ro.gen, untraced_tok_s / static_cast<double>(ro.batch),
+            kPaddingTargetFraction, kPaddingMaxExtraSeconds, kPaddingMaxWindowFactor);
+      } else {
+        padding.steps = padding.steps_for_target = opt.trace_padding;
+        padding.run_overhead = amortised_overhead(dilation, ro.gen, padding.steps);
       }
-      trace::stop();
+    }
+    if (padding.steps > 0) {
       const int64_t p0 = trace::now_ns();
       for (int64_t done = 0; done < padding.steps;) {
         stop_if_interrupted();

@@ -5,15 +5,13 @@
 //
 // A model profile, in order: CUPTI session (when the engine uses a GPU and CUPTI works here)
 // created before the engine so graph capture is seen; the engine; `warmup` decode tokens (the
-// graph is captured here); `untraced_windows` decode windows of n tokens with tracing off (the
-// overhead baseline); then tracing on (host spans + CUPTI at the first trace level): a short
+// graph is captured here); tracing on (host spans + CUPTI at the first trace level): a short
 // traced warm-up, the prefill window (-p tokens, when > 0) and the decode window (n tokens);
-// tracing off (CUPTI's kinds off, its buffers flushed after the padding) and, unless
-// --trace-padding is off, untraced decode steps in windows of at most n (each from position 0,
-// as the untraced windows) so that the profiling run, traced window + padding, stays within
-// ~2.5 % of the untraced speed (trace_padding.h); with a second level (`--trace-level both`), a
-// traced warm-up and decode window at that level, for its overhead only; analysis of the first
-// level's windows.
+// tracing off; with a second level (`--trace-level both`), a traced warm-up and decode window at
+// that level, for its overhead only; CUPTI detached (cuptiFinalize: attached, even with every
+// kind off, it slows eager launches); `untraced_windows` decode windows of n tokens (the
+// overhead baseline: not profiling at all); the profiling run's untraced padding steps
+// (--trace-padding); analysis of the first level's windows.
 #pragma once
 
 #include <string>
