@@ -152,9 +152,9 @@ TEST_F(SearchCli, RouterStatsFromAnotherProfile) {
   }
   const std::string stats = write_profile("router.json", r);
   auto share = [&](bool with_stats) {
-    std::vector<std::string> a = {"search",   "--profile", kProfile, "--model",
-                                  "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB", "--json",
-                                  "-o",       path(with_stats ? "hot.yaml" : "flat.yaml")};
+    std::vector<std::string> a = {
+        "search",    "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0",
+        "--gpu-mem", "10GiB",     "--json", "-o",      path(with_stats ? "hot.yaml" : "flat.yaml")};
     if (with_stats) {
       a.push_back("--router-stats");
       a.push_back(stats);
@@ -170,10 +170,58 @@ TEST_F(SearchCli, RouterStatsFromAnotherProfile) {
   EXPECT_LT(flat, 0.7);
   EXPECT_GT(hot, 0.97);
   EXPECT_NE(read_all(path("hot.yaml")).find("profile: " + stats), std::string::npos);
-  const ProcessResult none = run_ktune({"search", "--profile", kProfile, "--router-stats",
-                                        kProfile, "--model", "synth:qwen3-30b-a3b:q4_0"});
+  const ProcessResult none = run_ktune({"search", "--profile", kProfile, "--router-stats", kProfile,
+                                        "--model", "synth:qwen3-30b-a3b:q4_0"});
   EXPECT_EQ(none.exit_code, 1);
   EXPECT_NE(none.err.find("has no router statistics"), std::string::npos) << none.err;
+}
+
+// --calibrate: a CPU-engine profile of tiny (every expert on the CPU) measures its CPU experts'
+// bandwidth; the machine profile's CpuMoe curve is scaled to it at the profile's thread count.
+// A machine profile that claims 10x that rate predicts a faster CPU engine before calibration.
+TEST_F(SearchCli, CalibrateScalesTheCpuExpertCurveToTheEngine) {
+  const std::string run = path("tiny-run.json");
+  const ProcessResult p = run_ktune({"profile", "--model", "synth:tiny", "-p", "0", "-n", "32",
+                                     "-t", "1", "--baseline-windows", "1", "-q", "-o", run});
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  const auto doc = nlohmann::json::parse(read_all(run));
+  double measured = 0;
+  for (const auto& e : doc["windows"]["decode"]["expert_bandwidth"]) {
+    if (e["device"] == "cpu") measured = e["gb_s"].get<double>();
+  }
+  ASSERT_GT(measured, 0);
+  profile::ProfileSummary s = test::cpu_only_profile();
+  s.cpu_costs.moe_decode_gb_s = {{1, 10 * measured}, {2, 20 * measured}};
+  const std::string prof = write_profile("fast.json", s);
+  auto search = [&](bool calibrate) {
+    std::vector<std::string> a = {"search",           "--profile",  prof,
+                                  "--model",          "synth:tiny", "--workload",
+                                  "prompt=16,gen=64", "--json"};
+    if (calibrate) {
+      a.push_back("--calibrate");
+      a.push_back(run);
+    }
+    const ProcessResult r = run_ktune(a);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  };
+  const auto before = search(false), after = search(true);
+  bool noted = false;
+  for (const auto& n : after["notes"]) {
+    noted = noted || n.get<std::string>().find("scaled by 0.10") != std::string::npos;
+  }
+  EXPECT_TRUE(noted) << after["notes"].dump();
+  EXPECT_LT(after["candidates"][0]["predicted"]["decode_tok_s"].get<double>(),
+            before["candidates"][0]["predicted"]["decode_tok_s"].get<double>());
+  // A profile of another shape, or one whose CPU experts carried no bytes, is refused.
+  const ProcessResult other = run_ktune(
+      {"search", "--profile", prof, "--model", "synth:qwen3-30b-a3b:q4_0", "--calibrate", run});
+  EXPECT_EQ(other.exit_code, 1);
+  EXPECT_NE(other.err.find("not a profile of a model of this shape"), std::string::npos)
+      << other.err;
+  const ProcessResult hw =
+      run_ktune({"search", "--profile", prof, "--model", "synth:tiny", "--calibrate", prof});
+  EXPECT_EQ(hw.exit_code, 1);
 }
 
 TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
@@ -402,7 +450,8 @@ TEST_F(SearchCli, DeepseekTotalsCountOnlyRoutedExperts) {
 // model's shape is one error line naming the file.
 TEST_F(SearchCli, PredictPricesGivenPlacements) {
   const std::string ex = test::profiles_dir() + "/../configs/examples/";
-  const std::string all = ex + "qwen3-30b-all-gpu.yaml", half = ex + "qwen3-30b-24-layers-on-cpu.yaml",
+  const std::string all = ex + "qwen3-30b-all-gpu.yaml",
+                    half = ex + "qwen3-30b-24-layers-on-cpu.yaml",
                     none = ex + "qwen3-30b-experts-on-cpu.yaml";
   const ProcessResult r =
       run_ktune({"search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0",

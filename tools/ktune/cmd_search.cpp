@@ -30,6 +30,7 @@ using search::SearchResult;
 struct SearchFlags {
   std::string profile;
   std::string router_stats;  // another profile whose router statistics replace --profile's
+  std::string calibrate;     // a model profile whose CPU experts' measured rate scales the curve
   std::string model;
   std::string gpu_mem, cpu_mem;
   std::string workload = "chat";
@@ -146,6 +147,67 @@ void write_text(const std::string& path, const std::string& text) {
   write_file_atomic(path, text);
 }
 
+// --calibrate: the CPU experts' bandwidth measured inside the engine (`ktune profile --model`
+// with CPU experts) against the machine profile's CpuMoe probe at the same thread count; the
+// probe's curve is scaled by their ratio. Why: the probe calls CpuMoe back to back on a warm
+// pool, the engine between GPU layers with the hand-off in between, and on the H100 machine the
+// engine's CPU experts ran at 77-86 GB/s where the probe read 95-100 (hybrid predictions 10-15 %
+// high until calibrated, docs/search.md). Only a profile whose CPU experts carried at least a
+// quarter of the routed bytes counts: with a few experts per call the rate is mostly call cost,
+// which the model prices apart (cpu_call_us).
+void calibrate_cpu_experts(search::SearchOptions& opt, const std::string& path) {
+  const profile::ProfileSummary ps = profile::read_profile_summary(path);
+  const json doc = profile::read_profile_document(path);
+  const ModelConfig& mc = opt.model.cfg;
+  const std::string fix =
+      "give a `ktune profile --model <this model> --experts-on-gpu 0 -o <file>` "
+      "run of this machine";
+  if (ps.kind != "model" || ps.model.n_layers != mc.n_layers ||
+      ps.model.n_experts != mc.n_experts || ps.model.n_experts_used != mc.n_experts_used) {
+    throw Error(path, "is not a profile of a model of this shape (" + ps.model.name + ")", fix);
+  }
+  double bytes = 0, gb_s = 0, tokens = 0;
+  int threads = 0;
+  try {
+    const json& w = doc.at("windows").at("decode");
+    tokens = w.at("tokens").get<double>();
+    for (const json& e : w.at("expert_bandwidth")) {
+      if (e.at("device").get<std::string>() == "cpu") {
+        bytes = e.at("bytes").get<double>();
+        gb_s = e.at("gb_s").get<double>();
+      }
+    }
+    threads = doc.at("run").at("threads").get<int>();
+  } catch (const json::exception&) {
+    throw Error(path, "has no decode window with CPU expert bandwidth", fix);
+  }
+  double routed = 0;  // expert bytes a token routes, all layers
+  for (int64_t l = 0; l < mc.n_layers; ++l) {
+    if (!mc.is_dense_layer(l)) {
+      routed += double(mc.n_experts_used) * double(opt.model.bytes.expert[size_t(l)]);
+    }
+  }
+  if (!(gb_s > 0) || !(tokens > 0) || threads < 1 || bytes / tokens < 0.25 * routed) {
+    throw Error(path,
+                fmt::format("its CPU experts read {:.0f} MB per token, under a quarter of the "
+                            "{:.0f} MB a token routes: too few for a bandwidth",
+                            tokens > 0 ? bytes / tokens / 1e6 : 0.0, routed / 1e6),
+                fix);
+  }
+  auto& curve = opt.profile.cpu_costs.moe_decode_gb_s;
+  const double probe = profile::rate_at(curve, threads);
+  if (!(probe > 0)) {
+    throw Error(opt.profile_path, "has no CPU expert curve (cpu_costs.moe_decode_gb_s) to scale",
+                "record it with `ktune profile --hardware`");
+  }
+  const double ratio = gb_s / probe;
+  for (auto& r : curve) r.value *= ratio;
+  opt.calibration_note = fmt::format(
+      "CPU experts measured in the engine at {:.1f} GB/s ({} threads, {}); the probe read {:.1f}: "
+      "CPU expert rates scaled by {:.2f}",
+      gb_s, threads, path, probe, ratio);
+}
+
 void run_search_command(const SearchFlags& f) {
   // 1. Flags that need no file.
   if (f.top < 1 || f.top > 100)
@@ -189,6 +251,7 @@ void run_search_command(const SearchFlags& f) {
   }
   // 3. The model's shape (no weights read) and the budgets of the profile's machine.
   opt.model = search::load_model_info(f.model);
+  if (!f.calibrate.empty()) calibrate_cpu_experts(opt, f.calibrate);
   search::check_workload_for_model(opt.workload, opt.model.cfg);
   for (const profile::GpuInfo& g : opt.profile.gpus) {
     opt.budgets.bytes[g.device] = std::max<int64_t>(0, g.mem_bytes - kGpuBudgetHeadroom);
@@ -711,6 +774,10 @@ void add_search_command(CLI::App& app) {
   sub->add_option("--router-stats", f->router_stats,
                   "Another profile whose router statistics to use (a `ktune profile --model M`\n"
                   "run of this model; --profile then only describes the machine)");
+  sub->add_option("--calibrate", f->calibrate,
+                  "A `ktune profile --model M --experts-on-gpu 0` run of this machine: its CPU\n"
+                  "experts' measured bandwidth scales --profile's CpuMoe curve (the engine's\n"
+                  "hand-off between GPU layers costs what a back-to-back probe does not)");
   sub->add_option("-m,--model", f->model, kModelHelp)->required();
   sub->add_option("--gpu-mem", f->gpu_mem,
                   "GPU budgets: 70GiB (every GPU) or cuda:0=70GiB (default: the profile's GPU "

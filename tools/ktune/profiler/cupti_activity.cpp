@@ -32,8 +32,8 @@ CuptiAvailability cupti_availability() {
 #if KTUNE_WITH_CUPTI
   a.built = true;
   // The switch for a machine where CUPTI misbehaves or another tool owns it: host spans only.
-  if (const char* off = std::getenv("KTUNE_NO_CUPTI"); off != nullptr && *off != 0 &&
-                                                         std::string(off) != "0") {
+  if (const char* off = std::getenv("KTUNE_NO_CUPTI");
+      off != nullptr && *off != 0 && std::string(off) != "0") {
     a.reason = "CUPTI switched off (KTUNE_NO_CUPTI=" + std::string(off) + ")";
     return a;
   }
@@ -123,22 +123,33 @@ std::string api_name(CUpti_CallbackDomain domain, uint32_t cbid) {
 
 const char* copy_kind_name(uint8_t k) {
   switch (k) {
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "Memcpy HtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "Memcpy DtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "Memcpy DtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH: return "Memcpy HtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP: return "Memcpy PtoP";
-    default: return "Memcpy";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD:
+      return "Memcpy HtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH:
+      return "Memcpy DtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD:
+      return "Memcpy DtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH:
+      return "Memcpy HtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP:
+      return "Memcpy PtoP";
+    default:
+      return "Memcpy";
   }
 }
 
 const char* sync_name(CUpti_ActivitySynchronizationType t) {
   switch (t) {
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE: return "event synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_WAIT_EVENT: return "stream wait event";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_SYNCHRONIZE: return "stream synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_CONTEXT_SYNCHRONIZE: return "context synchronize";
-    default: return "synchronize";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE:
+      return "event synchronize";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_WAIT_EVENT:
+      return "stream wait event";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_SYNCHRONIZE:
+      return "stream synchronize";
+    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_CONTEXT_SYNCHRONIZE:
+      return "context synchronize";
+    default:
+      return "synchronize";
   }
 }
 
@@ -161,10 +172,10 @@ struct CuptiSession::State {
   std::mutex mu;
   Parsed parsed;
   std::unordered_map<const char*, int32_t> kernel_name_cache;  // CUPTI-owned name pointers
-  std::unordered_map<uint64_t, int32_t> api_name_cache;  // (domain << 32 | cbid) -> name
+  std::unordered_map<uint64_t, int32_t> api_name_cache;        // (domain << 32 | cbid) -> name
   // Shared with g_pool: the callbacks take and zero buffers without holding g_state_mu.
   std::shared_ptr<exec_capture::ActivityBufferPool> buffers;
-  std::vector<CUpti_ActivityKind> kinds;       // enabled now
+  std::vector<CUpti_ActivityKind> kinds;  // enabled now
 
   bool check(CUptiResult r, const char* call) {
     if (r == CUPTI_SUCCESS) return true;
@@ -412,8 +423,9 @@ CuptiSession::CuptiSession(const CuptiOptions& opt) : state_(std::make_unique<St
   if (sub != CUPTI_SUCCESS) s.subscriber = nullptr;
   if (!s.check(sub, "cuptiSubscribe")) {
     if (sub == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) {
-      s.error += " (another profiler is attached: Nsight Systems, Nsight Compute, "
-                 "compute-sanitizer or another CUPTI client)";
+      s.error +=
+          " (another profiler is attached: Nsight Systems, Nsight Compute, "
+          "compute-sanitizer or another CUPTI client)";
     }
     return;
   }

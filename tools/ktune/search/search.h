@@ -22,6 +22,8 @@ struct SearchOptions {
   // --router-stats: the profile the router statistics came from (searched_on.profile names it
   // then, so `ktune run`'s drift check reads the counts the placement was searched on).
   std::string router_stats_path;
+  // --calibrate: what was scaled and why (a line the search's notes start with; "" = none).
+  std::string calibration_note;
   profile::ProfileSummary profile;
   ModelInfo model;
   Budgets budgets;  // "cuda:0", "cpu"; a missing cpu budget is not checked
