@@ -243,19 +243,26 @@ TEST(ProfilerGpu, LevelLightKeepsLaunchLatencyAndDropsTheRest) {
               f.syncs.size());
 }
 
-TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
-  KTUNE_REQUIRE_GPU();
+// A quick profile of synth:tiny: the experts of its first `gpu_layers` layers on cuda:0, a
+// prompt of `prompt` tokens, 16 decode tokens, one baseline window, no GPU probes.
+profiler::ProfileOptions tiny_profile(int64_t gpu_layers, int64_t prompt) {
   profiler::ProfileOptions o;
   o.run.model = "synth:tiny";
   o.run.model_given = true;
-  o.run.experts_on_gpu = {4};  // all of tiny's layers
-  o.run.prompt = 4;
+  o.run.experts_on_gpu = {gpu_layers};
+  o.run.prompt = prompt;
   o.run.gen = 16;
   o.warmup = 2;
   o.untraced_windows = 1;
   o.quick = true;
   o.quiet = true;
   o.gpu_probes = false;
+  return o;
+}
+
+TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
+  KTUNE_REQUIRE_GPU();
+  profiler::ProfileOptions o = tiny_profile(4, 4);  // all of tiny's layers on the GPU
   o.trace_levels = {trace_level::Level::Light, trace_level::Level::Full};  // --trace-level both
   const std::string dir = ::testing::TempDir();
   o.out = dir + "/gpu_profile.json";
@@ -321,17 +328,7 @@ TEST(ProfilerGpu, ProfileOfTheGpuEngineEndToEnd) {
 // expert (tiny: layers 0-1 on cuda:0, 2-3 on cpu), so both devices have an expert bandwidth.
 TEST(ProfilerGpu, HybridExpertBytesFollowTheMeasuredRouting) {
   KTUNE_REQUIRE_GPU();
-  profiler::ProfileOptions o;
-  o.run.model = "synth:tiny";
-  o.run.model_given = true;
-  o.run.experts_on_gpu = {2};
-  o.run.prompt = 0;
-  o.run.gen = 16;
-  o.warmup = 2;
-  o.untraced_windows = 1;
-  o.quick = true;
-  o.quiet = true;
-  o.gpu_probes = false;
+  profiler::ProfileOptions o = tiny_profile(2, 0);
   o.out = ::testing::TempDir() + "/gpu_hybrid_profile.json";
   const profiler::ProfileDoc d = profiler::run_profile(o);
   ASSERT_EQ(d.summary.router.tokens, 16);

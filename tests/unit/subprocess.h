@@ -6,6 +6,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
@@ -210,6 +213,22 @@ inline int count_lines(const std::string& s) {
   int n = 0;
   for (char c : s) n += c == '\n';
   return n;
+}
+
+// Command lines that must each fail as a usage error: exit code 2, no signal, exactly one line on
+// stderr, starting with `starts`.
+struct UsageErrorCase {
+  std::vector<std::string> args;
+  std::string starts;
+};
+inline void expect_usage_errors(const std::vector<UsageErrorCase>& cases) {
+  for (const UsageErrorCase& c : cases) {
+    const ProcessResult r = run_ktune(c.args);
+    ASSERT_FALSE(r.signaled);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_EQ(r.err.rfind(c.starts, 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
 }
 
 }  // namespace ktune::test

@@ -158,11 +158,7 @@ TEST(TraceLevel, BufferPoolHandsOutZeroedBuffersAndReusesThem) {
 // ---- the CLI ----
 
 TEST(TraceLevelCli, BadLevelsAreOneLineUsageErrors) {
-  struct Case {
-    std::vector<std::string> args;
-    std::string starts;
-  };
-  const std::vector<Case> cases = {
+  test::expect_usage_errors({
       {{"profile", "--model", "synth:tiny", "--trace-level", "fast"},
        "ktune: error: --trace-level fast: is not a trace level; use light (the default), full or "
        "both"},
@@ -172,14 +168,7 @@ TEST(TraceLevelCli, BadLevelsAreOneLineUsageErrors) {
        "ktune: error: --trace-level verbose: is not a trace level; use light (the default) or "
        "full"},
       {{"profile", "--hardware", "--trace-level", "full"}, "ktune: error: --trace-level: "},
-  };
-  for (const Case& c : cases) {
-    const auto r = test::run_ktune(c.args);
-    ASSERT_FALSE(r.signaled);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(r.err.rfind(c.starts, 0), 0u) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  }
+  });
 }
 
 TEST(TraceLevelCli, HelpTeachesTheLevels) {

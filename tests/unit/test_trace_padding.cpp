@@ -242,11 +242,7 @@ TEST(TracePaddingProfile, OffIsTheTracedWindowAloneAndAutoFollowsTheChoice) {
 // ---- the CLI ----
 
 TEST(TracePaddingCli, BadValuesAndMisplacedUsesAreOneLineUsageErrors) {
-  struct Case {
-    std::vector<std::string> args;
-    std::string starts;
-  };
-  const std::vector<Case> cases = {
+  test::expect_usage_errors({
       {{"profile", "--model", "synth:tiny", "--trace-padding", "some"},
        "ktune: error: --trace-padding some: is not auto, off or a step count 0..1000000; "},
       {{"profile", "--model", "synth:tiny", "--trace-padding", "-3"},
@@ -256,14 +252,7 @@ TEST(TracePaddingCli, BadValuesAndMisplacedUsesAreOneLineUsageErrors) {
       {{"profile", "--exec", "--trace-padding", "off", "--", "/bin/true"},
        "ktune: error: --trace-padding: applies to the engine's profile only; "},
       {{"profile", "--hardware", "--trace-padding", "8"}, "ktune: error: --trace-padding: "},
-  };
-  for (const Case& c : cases) {
-    const auto r = test::run_ktune(c.args);
-    ASSERT_FALSE(r.signaled);
-    EXPECT_EQ(r.exit_code, 2) << r.err;
-    EXPECT_EQ(r.err.rfind(c.starts, 0), 0u) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  }
+  });
 }
 
 TEST(TracePaddingCli, HelpTeachesThePadding) {

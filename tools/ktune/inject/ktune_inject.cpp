@@ -322,22 +322,6 @@ std::string api_name(uint32_t cbid) {
   return s;
 }
 
-const char* copy_name(uint8_t k) {
-  switch (k) {
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD:
-      return "Memcpy HtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH:
-      return "Memcpy DtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD:
-      return "Memcpy DtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH:
-      return "Memcpy HtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP:
-      return "Memcpy PtoP";
-    default:
-      return "Memcpy";
-  }
-}
 const char* sync_name(CUpti_ActivitySynchronizationType t) {
   switch (t) {
     case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE:
@@ -399,7 +383,7 @@ void parse(uint8_t* buffer, size_t valid) {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
         ktune::exec_capture::Op op = gpu_op(m, 1);
         op.bytes = static_cast<int64_t>(m->bytes);
-        op.name = c.intern(copy_name(m->copyKind));
+        op.name = c.intern(ktune::trace_level::copy_kind_name(m->copyKind));
         c.ops.push_back(op);
         break;
       }

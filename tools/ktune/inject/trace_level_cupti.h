@@ -5,12 +5,26 @@
 
 #include <cupti.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "inject/trace_level.h"
 
 namespace ktune::trace_level {
+
+// The Chrome-trace name of a CUPTI memcpy record's copy kind (as Kineto names them), for the
+// engine's timeline and the injection's alike.
+inline const char* copy_kind_name(uint8_t k) {
+  switch (k) {
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "Memcpy HtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "Memcpy DtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "Memcpy DtoD";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH: return "Memcpy HtoH";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP: return "Memcpy PtoP";
+    default: return "Memcpy";
+  }
+}
 
 inline CUpti_ActivityKind to_cupti(Kind k) {
   switch (k) {

@@ -121,22 +121,6 @@ std::string api_name(CUpti_CallbackDomain domain, uint32_t cbid) {
   return s;
 }
 
-const char* copy_kind_name(uint8_t k) {
-  switch (k) {
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD:
-      return "Memcpy HtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH:
-      return "Memcpy DtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD:
-      return "Memcpy DtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH:
-      return "Memcpy HtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP:
-      return "Memcpy PtoP";
-    default:
-      return "Memcpy";
-  }
-}
 
 const char* sync_name(CUpti_ActivitySynchronizationType t) {
   switch (t) {
@@ -299,7 +283,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
         GpuOp op = gpu_op(m, GpuOpKind::Memcpy);
         op.bytes = static_cast<int64_t>(m->bytes);
-        op.name = p.intern(copy_kind_name(m->copyKind));
+        op.name = p.intern(trace_level::copy_kind_name(m->copyKind));
         p.ops.push_back(op);
         break;
       }
