@@ -192,6 +192,13 @@ TEST(TracePaddingProfile, CpuProfileRunsTheAskedPaddingUntracedAfterTheWindow) {
   EXPECT_GT(oh.profile_run_tok_s, 0);
   EXPECT_NEAR(oh.profile_run_overhead_fraction, 1 - oh.profile_run_tok_s / oh.untraced_median,
               1e-12);
+  // The padding's own speed: untraced, between the traced window's and the run's extremes; a
+  // note names it when it strays from the baseline windows by more than 5 %.
+  EXPECT_GT(oh.padding_tok_s, 0);
+  const bool drifted = std::abs(oh.padding_tok_s / oh.untraced_median - 1) > 0.05;
+  bool noted = false;
+  for (const auto& n : d.notes) noted = noted || n.find("untraced steps ran at") != std::string::npos;
+  EXPECT_EQ(noted, drifted);
   // The analysis is of the n traced steps alone: the decode window, its routing counts (each of
   // the 4 tokens selects k experts per layer) and its host spans (none after the window: the
   // padding is untraced).
@@ -216,6 +223,7 @@ TEST(TracePaddingProfile, CpuProfileRunsTheAskedPaddingUntracedAfterTheWindow) {
   EXPECT_EQ(j["overhead"]["untraced_padding_steps"], 5);
   EXPECT_EQ(j["overhead"]["trace_padding"], "5");
   EXPECT_GT(j["overhead"]["profile_run_tok_s"].get<double>(), 0);
+  EXPECT_GT(j["overhead"]["padding_tok_s"].get<double>(), 0);
   EXPECT_NE(profiler::terminal_report(d).find("(4 traced + 5 untraced steps, --trace-padding 5"),
             std::string::npos);
   (void)!std::system(("rm -rf " + test::shell_quote(dir)).c_str());
@@ -228,6 +236,7 @@ TEST(TracePaddingProfile, OffIsTheTracedWindowAloneAndAutoFollowsTheChoice) {
   EXPECT_EQ(d.overhead.untraced_padding_steps, 0);
   EXPECT_EQ(d.overhead.trace_padding, "off");
   EXPECT_DOUBLE_EQ(d.overhead.profile_run_tok_s, d.overhead.traced_median);
+  EXPECT_EQ(d.overhead.padding_tok_s, 0);
   // auto: the steps the pure function gives for the dilation measured (host spans: usually 0).
   d = profiler::run_profile(tiny_profile(dir + "/auto.json", -1));
   const auto& oh = d.overhead;

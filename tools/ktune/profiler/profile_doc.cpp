@@ -53,6 +53,7 @@ json overhead_json(const Overhead& o) {
     j["profile_run_tok_s"] = o.profile_run_tok_s;
     j["profile_run_overhead_fraction"] = o.profile_run_overhead_fraction;
     j["untraced_padding_steps"] = o.untraced_padding_steps;
+    if (o.padding_tok_s > 0) j["padding_tok_s"] = o.padding_tok_s;
     j["trace_padding"] = o.trace_padding;
   }
   return j;

@@ -59,6 +59,9 @@ struct Overhead {
   double profile_run_tok_s = 0;              // (window + padding tokens) / that wall
   double profile_run_overhead_fraction = 0;  // 1 - profile_run_tok_s / untraced_median
   int64_t untraced_padding_steps = 0;        // P (decode steps of `batch` tokens)
+  // The padding's own untraced speed (0 without padding): far from untraced_median, the engine's
+  // speed moved during the run, and the run's overhead against the baseline windows shows it.
+  double padding_tok_s = 0;
   std::string trace_padding;                 // how P was chosen: auto | off | N
 };
 

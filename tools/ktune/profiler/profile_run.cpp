@@ -318,6 +318,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   int64_t window_ns = 0;         // the analyzed decode window's wall (+ the padding's)
   double analyzed_tok_s = 0;     // the analyzed decode window, traced
   double profile_run_tok_s = 0;  // that window + its padding
+  double padding_tok_s = 0;      // the padding alone
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
   int threads_used = 0;
@@ -484,7 +485,10 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         eng->decode(first, steps);
         done += steps;
       }
-      window_ns += trace::now_ns() - p0;
+      const int64_t pad_ns = trace::now_ns() - p0;
+      window_ns += pad_ns;
+      padding_tok_s = static_cast<double>(padding.steps * ro.batch) /
+                      (static_cast<double>(std::max<int64_t>(pad_ns, 1)) * 1e-9);
     }
     if (window_ns > 0) {
       profile_run_tok_s = static_cast<double>((ro.gen + padding.steps) * ro.batch) /
@@ -608,6 +612,19 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   oh.profile_run_overhead_fraction =
       oh.untraced_median > 0 ? 1.0 - profile_run_tok_s / oh.untraced_median : 0;
   oh.untraced_padding_steps = padding.steps;
+  oh.padding_tok_s = padding_tok_s;
+  if (padding_tok_s > 0 && oh.untraced_median > 0 &&
+      std::abs(padding_tok_s / oh.untraced_median - 1) > kPaddingDriftNoteFraction) {
+    // The untraced steps of the run against the untraced windows: the same work, untraced both,
+    // so a gap between them is the engine's speed moving (a hybrid's CPU stalls), not tracing.
+    const double vs_padding = 1.0 - profile_run_tok_s / padding_tok_s;
+    doc.notes.push_back(fmt::format(
+        "the profiling run's {} untraced steps ran at {:.2f} tok/s, {:+.1f} % from the baseline "
+        "windows' {:.2f}: the engine's own speed moved during the run (not tracing: both are "
+        "untraced); against those steps the run's overhead is {:.1f} %",
+        padding.steps, padding_tok_s, 100 * (padding_tok_s / oh.untraced_median - 1),
+        oh.untraced_median, 100 * vs_padding));
+  }
   oh.trace_padding = opt.trace_padding < 0    ? std::string("auto")
                      : opt.trace_padding == 0 ? std::string("off")
                                               : std::to_string(opt.trace_padding);

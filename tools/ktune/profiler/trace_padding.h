@@ -78,6 +78,9 @@ inline PaddingChoice choose_untraced_padding(double dilation, int64_t window_ste
 // above the target (auto only), and, when the traced steps are more than kDilationNoteFraction
 // slower, that their gaps and idle time include the dilation (with CUPTI: its cost per launch,
 // `launches_per_token` when > 0).
+// The padding's untraced speed further than this from the baseline windows' gets a note.
+constexpr double kPaddingDriftNoteFraction = 0.05;
+
 inline std::vector<std::string> tracing_overhead_notes(double dilation, const PaddingChoice& p,
                                                        bool auto_padding, bool cupti,
                                                        double launches_per_token) {
