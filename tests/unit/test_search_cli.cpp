@@ -190,6 +190,11 @@ TEST_F(SearchCli, CalibrateScalesTheCpuExpertCurveToTheEngine) {
     if (e["device"] == "cpu") measured = e["gb_s"].get<double>();
   }
   ASSERT_GT(measured, 0);
+  bool hint = false;  // the profile says how to use it
+  for (const auto& n : doc["notes"]) {
+    hint = hint || n.get<std::string>().find("--calibrate " + run) != std::string::npos;
+  }
+  EXPECT_TRUE(hint) << doc["notes"].dump();
   profile::ProfileSummary s = test::cpu_only_profile();
   s.cpu_costs.moe_decode_gb_s = {{1, 10 * measured}, {2, 20 * measured}};
   const std::string prof = write_profile("fast.json", s);

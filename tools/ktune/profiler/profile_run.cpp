@@ -587,6 +587,23 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   if (prefill_win.tokens > 0) doc.windows.push_back(analyze_window(tl, tags, prefill_win, {}));
   doc.windows.push_back(analyze_window(tl, tags, decode_win, decode_in));
   const WindowMetrics& dm = doc.windows.back();
+  {
+    // A run whose CPU experts carried a good share of the routing measured their bandwidth
+    // inside the engine: say how the search uses it (search --calibrate; docs/search.md).
+    double routed = 0;
+    for (int64_t l = 0; l < n_layers; ++l) {
+      routed += static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l)));
+    }
+    for (const ExpertBandwidth& e : dm.expert_bandwidth) {
+      if (e.device == "cpu" && e.gb_s > 0 && !diff.empty() && dm.tokens > 0 &&
+          e.bytes / static_cast<double>(dm.tokens) >= 0.25 * routed) {
+        doc.notes.push_back(fmt::format(
+            "CPU experts ran at {:.1f} GB/s inside the engine: price them at that rate in a "
+            "search with `ktune search --profile <this machine's profile> --calibrate {}`",
+            e.gb_s, opt.out));
+      }
+    }
+  }
 
   // ---- overhead ----
   Overhead& oh = doc.overhead;
