@@ -229,6 +229,30 @@ TEST_F(SearchCli, CalibrateScalesTheCpuExpertCurveToTheEngine) {
   EXPECT_EQ(hw.exit_code, 1);
 }
 
+// The quick start's search: the default chat workload (8192-token context) on synth:tiny, trained
+// on 4096 tokens, is scaled to the model's context with a note, not refused; a workload given on
+// the command line that does not fit is still an error.
+TEST_F(SearchCli, DefaultWorkloadFitsAShortContextModel) {
+  const std::string prof = write_profile("cpu.json", test::cpu_only_profile());
+  const ProcessResult r =
+      run_ktune({"search", "--profile", prof, "--model", "synth:tiny", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  EXPECT_EQ(doc["workload"]["context"], 4096);
+  for (const auto& q : doc["workload"]["requests"]) {
+    EXPECT_LE(q["prompt"].get<int64_t>() + q["gen"].get<int64_t>(), 4096) << q.dump();
+  }
+  bool noted = false;
+  for (const auto& n : doc["notes"]) {
+    noted = noted || n.get<std::string>().find("scaled by 0.50") != std::string::npos;
+  }
+  EXPECT_TRUE(noted) << doc["notes"].dump();
+  const ProcessResult given = run_ktune({"search", "--profile", prof, "--model", "synth:tiny",
+                                         "--workload", "prompt=512,gen=64,context=8192"});
+  EXPECT_EQ(given.exit_code, 2);
+  EXPECT_NE(given.err.find("exceeds the model's trained context"), std::string::npos) << given.err;
+}
+
 TEST_F(SearchCli, ExportsAreTheWholeLayerRoundingAndReadBack) {
   const std::vector<std::string> common = {
       "search", "--profile", kProfile, "--model", "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "10GiB"};

@@ -208,6 +208,25 @@ void calibrate_cpu_experts(search::SearchOptions& opt, const std::string& path) 
       gb_s, threads, path, probe, ratio);
 }
 
+// The default chat mix assumes an 8192-token context; a model trained on less (synth:tiny, the
+// quick start's model, has 4096) gets the same mix scaled to its context instead of an error a
+// user did not cause. A workload given on the command line is taken as written.
+void fit_chat_workload(search::SearchOptions& opt) {
+  search::Workload& w = opt.workload;
+  const int64_t ctx = opt.model.cfg.context_length;
+  if (w.name != "chat" || ctx <= 0 || w.context <= ctx) return;
+  const double scale = static_cast<double>(ctx) / static_cast<double>(w.context);
+  for (search::Request& r : w.requests) {
+    r.prompt = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(r.prompt) * scale));
+    r.gen = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(r.gen) * scale));
+  }
+  w.context = ctx;
+  opt.notes.push_back(fmt::format(
+      "the chat workload scaled by {:.2f} to the model's trained context of {} tokens (give "
+      "--workload to set it)",
+      scale, ctx));
+}
+
 void run_search_command(const SearchFlags& f) {
   // 1. Flags that need no file.
   if (f.top < 1 || f.top > 100)
@@ -252,6 +271,7 @@ void run_search_command(const SearchFlags& f) {
   // 3. The model's shape (no weights read) and the budgets of the profile's machine.
   opt.model = search::load_model_info(f.model);
   if (!f.calibrate.empty()) calibrate_cpu_experts(opt, f.calibrate);
+  fit_chat_workload(opt);
   search::check_workload_for_model(opt.workload, opt.model.cfg);
   for (const profile::GpuInfo& g : opt.profile.gpus) {
     opt.budgets.bytes[g.device] = std::max<int64_t>(0, g.mem_bytes - kGpuBudgetHeadroom);

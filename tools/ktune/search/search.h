@@ -24,6 +24,7 @@ struct SearchOptions {
   std::string router_stats_path;
   // --calibrate: what was scaled and why (a line the search's notes start with; "" = none).
   std::string calibration_note;
+  std::vector<std::string> notes;  // more lines for the search's notes (inputs adjusted)
   profile::ProfileSummary profile;
   ModelInfo model;
   Budgets budgets;  // "cuda:0", "cpu"; a missing cpu budget is not checked
