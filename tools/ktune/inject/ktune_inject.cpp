@@ -44,6 +44,7 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include "inject/activity_buffers.h"
+#include "inject/cupti_names.h"
 #include "inject/exec_capture.h"
 #include "inject/flush_trigger.h"
 #include "inject/string_intern.h"
@@ -70,7 +71,7 @@ struct State {
   std::mutex mu;  // guards capture
   Capture capture;
   std::unordered_map<const char*, int32_t> kernel_names;  // CUPTI-owned name pointers
-  std::unordered_map<uint32_t, int32_t> api_names;         // runtime cbid -> interned name
+  std::unordered_map<uint32_t, int32_t> api_names;        // runtime cbid -> interned name
   ktune::exec_capture::ActivityBufferPool buffers{kBufferBytes, kMaxBuffers, kKeptBuffers};
   std::atomic<bool> cupti_on{false};
   std::vector<CUpti_ActivityKind> kinds;
@@ -285,57 +286,6 @@ nvtxStringHandle_t NVTX_API register_string_w(nvtxDomainHandle_t, const wchar_t*
 }
 
 // ---- CUPTI ----
-std::string short_kernel_name(const char* mangled) {
-  if (mangled == nullptr) return "kernel";
-  int status = 0;
-  char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
-  std::string s = status == 0 && d != nullptr ? d : mangled;
-  std::free(d);
-  for (size_t p = s.find("(anonymous namespace)::"); p != std::string::npos;
-       p = s.find("(anonymous namespace)::", p)) {
-    s.erase(p, 23);
-  }
-  if (s.rfind("void ", 0) == 0) s.erase(0, 5);
-  int depth = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '<') ++depth;
-    if (s[i] == '>') --depth;
-    if (s[i] == '(' && depth == 0 && i > 0) {
-      s.resize(i);
-      break;
-    }
-  }
-  return s;
-}
-
-std::string api_name(uint32_t cbid) {
-  const char* n = nullptr;
-  if (cuptiGetCallbackName(CUPTI_CB_DOMAIN_RUNTIME_API, cbid, &n) != CUPTI_SUCCESS || !n) {
-    return "api " + std::to_string(cbid);
-  }
-  std::string s = n;
-  const size_t v = s.rfind("_v");
-  if (v != std::string::npos && v + 2 < s.size() &&
-      s.find_first_not_of("0123456789", v + 2) == std::string::npos) {
-    s.resize(v);
-  }
-  return s;
-}
-
-const char* sync_name(CUpti_ActivitySynchronizationType t) {
-  switch (t) {
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE:
-      return "event synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_WAIT_EVENT:
-      return "stream wait event";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_SYNCHRONIZE:
-      return "stream synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_CONTEXT_SYNCHRONIZE:
-      return "context synchronize";
-    default:
-      return "synchronize";
-  }
-}
 
 // What kernel, memcpy and memset records share (they name those fields alike).
 template <typename Record>
@@ -373,7 +323,9 @@ void parse(uint8_t* buffer, size_t valid) {
         ktune::exec_capture::Op op = gpu_op(k, 0);
         auto it = s.kernel_names.find(k->name);
         if (it == s.kernel_names.end()) {
-          it = s.kernel_names.emplace(k->name, c.intern(short_kernel_name(k->name))).first;
+          it = s.kernel_names
+                   .emplace(k->name, c.intern(ktune::cupti_names::short_kernel_name(k->name)))
+                   .first;
         }
         op.name = it->second;
         c.ops.push_back(op);
@@ -383,7 +335,7 @@ void parse(uint8_t* buffer, size_t valid) {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
         ktune::exec_capture::Op op = gpu_op(m, 1);
         op.bytes = static_cast<int64_t>(m->bytes);
-        op.name = c.intern(ktune::trace_level::copy_kind_name(m->copyKind));
+        op.name = c.intern(ktune::cupti_names::copy_kind_name(m->copyKind));
         c.ops.push_back(op);
         break;
       }
@@ -400,7 +352,10 @@ void parse(uint8_t* buffer, size_t valid) {
         auto x = timed<ktune::exec_capture::Api>(a);
         auto it = s.api_names.find(a->cbid);
         if (it == s.api_names.end()) {
-          it = s.api_names.emplace(a->cbid, c.intern(api_name(a->cbid))).first;
+          it = s.api_names
+                   .emplace(a->cbid, c.intern(ktune::cupti_names::api_name(
+                                         CUPTI_CB_DOMAIN_RUNTIME_API, a->cbid)))
+                   .first;
         }
         x.name = it->second;
         x.thread = a->threadId;
@@ -410,7 +365,7 @@ void parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_SYNCHRONIZATION: {
         const auto* y = reinterpret_cast<const CUpti_ActivitySynchronization2*>(rec);
         auto x = timed<ktune::exec_capture::Sync>(y);
-        x.name = c.intern(sync_name(y->type));
+        x.name = c.intern(ktune::cupti_names::sync_name(y->type));
         x.stream = y->streamId;
         c.syncs.push_back(x);
         break;

@@ -13,31 +13,28 @@
 
 namespace ktune::trace_level {
 
-// The Chrome-trace name of a CUPTI memcpy record's copy kind (as Kineto names them), for the
-// engine's timeline and the injection's alike.
-inline const char* copy_kind_name(uint8_t k) {
-  switch (k) {
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "Memcpy HtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "Memcpy DtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "Memcpy DtoD";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOH: return "Memcpy HtoH";
-    case CUPTI_ACTIVITY_MEMCPY_KIND_PTOP: return "Memcpy PtoP";
-    default: return "Memcpy";
-  }
-}
-
 inline CUpti_ActivityKind to_cupti(Kind k) {
   switch (k) {
-    case Kind::ConcurrentKernel: return CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL;
-    case Kind::Memcpy: return CUPTI_ACTIVITY_KIND_MEMCPY;
-    case Kind::MemcpyPeer: return CUPTI_ACTIVITY_KIND_MEMCPY2;
-    case Kind::Memset: return CUPTI_ACTIVITY_KIND_MEMSET;
-    case Kind::Runtime: return CUPTI_ACTIVITY_KIND_RUNTIME;
-    case Kind::Synchronization: return CUPTI_ACTIVITY_KIND_SYNCHRONIZATION;
-    case Kind::Marker: return CUPTI_ACTIVITY_KIND_MARKER;
-    case Kind::MarkerData: return CUPTI_ACTIVITY_KIND_MARKER_DATA;
-    case Kind::Overhead: return CUPTI_ACTIVITY_KIND_OVERHEAD;
-    case Kind::Device: return CUPTI_ACTIVITY_KIND_DEVICE;
+    case Kind::ConcurrentKernel:
+      return CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL;
+    case Kind::Memcpy:
+      return CUPTI_ACTIVITY_KIND_MEMCPY;
+    case Kind::MemcpyPeer:
+      return CUPTI_ACTIVITY_KIND_MEMCPY2;
+    case Kind::Memset:
+      return CUPTI_ACTIVITY_KIND_MEMSET;
+    case Kind::Runtime:
+      return CUPTI_ACTIVITY_KIND_RUNTIME;
+    case Kind::Synchronization:
+      return CUPTI_ACTIVITY_KIND_SYNCHRONIZATION;
+    case Kind::Marker:
+      return CUPTI_ACTIVITY_KIND_MARKER;
+    case Kind::MarkerData:
+      return CUPTI_ACTIVITY_KIND_MARKER_DATA;
+    case Kind::Overhead:
+      return CUPTI_ACTIVITY_KIND_OVERHEAD;
+    case Kind::Device:
+      return CUPTI_ACTIVITY_KIND_DEVICE;
   }
   return CUPTI_ACTIVITY_KIND_INVALID;
 }

@@ -19,6 +19,7 @@
 #include <dlfcn.h>
 
 #include "inject/activity_buffers.h"
+#include "inject/cupti_names.h"
 #include "inject/trace_level_cupti.h"
 #endif
 #if KTUNE_WITH_CUDA
@@ -81,61 +82,6 @@ struct Parsed {
     return exec_capture::intern_string(strings, string_index, s);
   }
 };
-
-std::string short_kernel_name(const char* mangled) {
-  if (mangled == nullptr) return "kernel";
-  int status = 0;
-  char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
-  std::string s = status == 0 && d != nullptr ? d : mangled;
-  std::free(d);
-  // "(anonymous namespace)::" says nothing and holds a '(' that is not the parameter list.
-  for (size_t p = s.find("(anonymous namespace)::"); p != std::string::npos;
-       p = s.find("(anonymous namespace)::", p)) {
-    s.erase(p, 23);
-  }
-  if (s.rfind("void ", 0) == 0) s.erase(0, 5);  // a kernel template's return type
-  // Drop the parameter list: "ns::kernel<...>(float const*, ...)" -> "ns::kernel<...>".
-  int depth = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '<') ++depth;
-    if (s[i] == '>') --depth;
-    if (s[i] == '(' && depth == 0 && i > 0) {
-      s.resize(i);
-      break;
-    }
-  }
-  return s;
-}
-
-std::string api_name(CUpti_CallbackDomain domain, uint32_t cbid) {
-  const char* n = nullptr;
-  if (cuptiGetCallbackName(domain, cbid, &n) != CUPTI_SUCCESS || n == nullptr) {
-    return "api " + std::to_string(cbid);
-  }
-  std::string s = n;
-  const size_t v = s.rfind("_v");
-  if (v != std::string::npos && v + 2 < s.size() &&
-      s.find_first_not_of("0123456789", v + 2) == std::string::npos) {
-    s.resize(v);
-  }
-  return s;
-}
-
-
-const char* sync_name(CUpti_ActivitySynchronizationType t) {
-  switch (t) {
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_EVENT_SYNCHRONIZE:
-      return "event synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_WAIT_EVENT:
-      return "stream wait event";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_STREAM_SYNCHRONIZE:
-      return "stream synchronize";
-    case CUPTI_ACTIVITY_SYNCHRONIZATION_TYPE_CONTEXT_SYNCHRONIZE:
-      return "context synchronize";
-    default:
-      return "synchronize";
-  }
-}
 
 }  // namespace
 
@@ -273,7 +219,8 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
         GpuOp op = gpu_op(k, GpuOpKind::Kernel);
         auto it = kernel_name_cache.find(k->name);
         if (it == kernel_name_cache.end()) {
-          it = kernel_name_cache.emplace(k->name, p.intern(short_kernel_name(k->name))).first;
+          it = kernel_name_cache.emplace(k->name, p.intern(cupti_names::short_kernel_name(k->name)))
+                   .first;
         }
         op.name = it->second;
         p.ops.push_back(op);
@@ -283,7 +230,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
         GpuOp op = gpu_op(m, GpuOpKind::Memcpy);
         op.bytes = static_cast<int64_t>(m->bytes);
-        op.name = p.intern(trace_level::copy_kind_name(m->copyKind));
+        op.name = p.intern(cupti_names::copy_kind_name(m->copyKind));
         p.ops.push_back(op);
         break;
       }
@@ -315,7 +262,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
         const uint64_t key = (static_cast<uint64_t>(domain) << 32) | a->cbid;
         auto it = api_name_cache.find(key);
         if (it == api_name_cache.end()) {
-          it = api_name_cache.emplace(key, p.intern(api_name(domain, a->cbid))).first;
+          it = api_name_cache.emplace(key, p.intern(cupti_names::api_name(domain, a->cbid))).first;
         }
         ApiCall c;
         c.name = it->second;
@@ -329,7 +276,7 @@ void CuptiSession::State::parse(uint8_t* buffer, size_t valid) {
       case CUPTI_ACTIVITY_KIND_SYNCHRONIZATION: {
         const auto* s = reinterpret_cast<const CUpti_ActivitySynchronization2*>(rec);
         SyncEvent e;
-        e.name = p.intern(sync_name(s->type));
+        e.name = p.intern(cupti_names::sync_name(s->type));
         e.stream = s->streamId;
         e.start = static_cast<int64_t>(s->start);
         e.end = static_cast<int64_t>(s->end);
