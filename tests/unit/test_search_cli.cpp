@@ -176,6 +176,23 @@ TEST_F(SearchCli, RouterStatsFromAnotherProfile) {
   EXPECT_NE(none.err.find("has no router statistics"), std::string::npos) << none.err;
 }
 
+// The README quick start's two ktune steps (tools/quickstart.sh), with their defaults: a profile
+// of the embedded model, then a search on that profile writing best.yaml that the planner takes.
+TEST_F(SearchCli, QuickStartProfileThenSearchWithDefaults) {
+  const std::string prof = path("profile.json");
+  const ProcessResult p = run_ktune({"profile", "--model", "synth:tiny", "-p", "32", "-n", "64",
+                                     "-q", "-o", prof, "--report", path("report.html"),
+                                     "--trace", path("trace.json")});
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  const ProcessResult s = run_ktune(
+      {"search", "--profile", prof, "--model", "synth:tiny", "-o", path("best.yaml")});
+  ASSERT_EQ(s.exit_code, 0) << s.err;
+  EXPECT_NE(s.out.find("# best"), std::string::npos) << s.out;
+  const ModelConfig cfg = *find_preset("tiny");
+  EXPECT_NO_THROW(load_placement(path("best.yaml"), &cfg));
+  EXPECT_TRUE(fs::exists(path("best-nograph.yaml")));
+}
+
 // --calibrate: a CPU-engine profile of tiny (every expert on the CPU) measures its CPU experts'
 // bandwidth; the machine profile's CpuMoe curve is scaled to it at the profile's thread count.
 // A machine profile that claims 10x that rate predicts a faster CPU engine before calibration.
