@@ -167,21 +167,23 @@ void EngineCore::start_cpu_side(const ModelWeights& w) {
 
 void EngineCore::start_driver(std::vector<CpuExpertDriver::Layer> layers) {
   CpuExpertDriver::Shared sh{h_words, h_h, h_ids, h_wts, h_ycpu, h_error};
-  // The driver is the pool's thread 0: give it the core the pool left free (the first
-  // allowed CPU no worker is pinned to), if the workers are pinned.
-  int free_cpu = -1;
-  cpu_set_t allowed;
-  if (opt.pin_threads && sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
-    const std::vector<int>& taken = pool->pinned_cpus();
-    for (int c = 0; c < CPU_SETSIZE && free_cpu < 0; ++c) {
-      if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
-        free_cpu = c;
-      }
-    }
-  }
+  // The driver is the pool's thread 0: give it the core the pool left free, if the workers are
+  // pinned.
   driver = std::make_unique<CpuExpertDriver>(
       *cpu_moe, sh, std::move(layers), cfg.n_experts_used, cfg.n_experts,
-      std::chrono::milliseconds(opt.handoff_timeout_ms), free_cpu);
+      std::chrono::milliseconds(opt.handoff_timeout_ms), free_core(*pool, opt.pin_threads));
+}
+
+int free_core(const ThreadPool& pool, bool pinned) {
+  cpu_set_t allowed;
+  if (!pinned || sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return -1;
+  const std::vector<int>& taken = pool.pinned_cpus();
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
+      return c;
+    }
+  }
+  return -1;
 }
 
 void EngineCore::run_step() {

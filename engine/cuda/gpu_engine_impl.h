@@ -201,6 +201,10 @@ struct EngineCore {
   std::string describe_cpu_side(int64_t experts, const std::string& handoff) const;
 };
 
+// The first allowed CPU that no pool worker is pinned to (the CPU-expert driver's core), or -1
+// when the workers are not pinned. The one-GPU engines and the layer-split pipeline both use it.
+int free_core(const ThreadPool& pool, bool pinned);
+
 }  // namespace gpu_detail
 
 struct GpuEngine::Impl : gpu_detail::EngineCore {

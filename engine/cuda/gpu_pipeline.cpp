@@ -2,7 +2,6 @@
 #include "cuda/gpu_pipeline.h"
 
 #include <cuda_runtime.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <chrono>
@@ -37,19 +36,6 @@ class DeviceGuard {
  private:
   int saved_ = -1;
 };
-
-// The first allowed CPU that no pool worker is pinned to (the driver's core), or -1.
-int free_core(const ThreadPool& pool, bool pinned) {
-  cpu_set_t allowed;
-  if (!pinned || sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return -1;
-  const std::vector<int>& taken = pool.pinned_cpus();
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &allowed) && std::find(taken.begin(), taken.end(), c) == taken.end()) {
-      return c;
-    }
-  }
-  return -1;
-}
 
 }  // namespace
 
@@ -103,7 +89,7 @@ GpuEngine::Pipeline::Pipeline(const ModelWeights& w, const GpuEngineOptions& opt
       CpuExpertDriver::Shared sh{s0.h_words, s0.h_h, s0.h_ids, s0.h_wts, s0.h_ycpu, s0.h_error};
       driver = std::make_unique<CpuExpertDriver>(
           *cpu_moe, sh, std::move(hl), s0.top_k, s0.n_exp,
-          std::chrono::milliseconds(opt.handoff_timeout_ms), free_core(*pool, opt.pin_threads));
+          std::chrono::milliseconds(opt.handoff_timeout_ms), gpu_detail::free_core(*pool, opt.pin_threads));
       for (auto& s : stages) s->shared_driver = driver.get();
     }
   }
