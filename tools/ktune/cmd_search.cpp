@@ -156,8 +156,8 @@ void write_text(const std::string& path, const std::string& text) {
 // quarter of the routed bytes counts: with a few experts per call the rate is mostly call cost,
 // which the model prices apart (cpu_call_us).
 void calibrate_cpu_experts(search::SearchOptions& opt, const std::string& path) {
-  const profile::ProfileSummary ps = profile::read_profile_summary(path);
   const json doc = profile::read_profile_document(path);
+  const profile::ProfileSummary ps = profile::summary_of(doc, path);
   const ModelConfig& mc = opt.model.cfg;
   const std::string fix =
       "give a `ktune profile --model <this model> --experts-on-gpu 0 -o <file>` "

@@ -470,16 +470,12 @@ json read_profile_document(const std::string& path) {
   return parse_profile_document(text.str(), path);
 }
 
-namespace {
-
 ProfileSummary summary_of(const json& doc, const std::string& path) {
   if (!doc.contains("summary")) {
     throw Error(path + ": summary", "missing", "re-record the profile with `ktune profile`");
   }
   return summary_from_json(doc["summary"], path, doc["ktune_profile"].get<int>());
 }
-
-}  // namespace
 
 ProfileSummary parse_profile_summary(const std::string& text, const std::string& path) {
   return summary_of(parse_profile_document(text, path), path);

@@ -167,6 +167,9 @@ ProfileSummary read_profile_summary(const std::string& path);
 // The whole profile.json document, checked up to its schema version (not the summary): the
 // depth guard, JSON syntax, "ktune_profile" present and not newer than this ktune reads.
 nlohmann::json read_profile_document(const std::string& path);
+// The validated summary of a document read_profile_document returned (`path` names it in errors):
+// for a caller that needs the summary and other parts of one file without reading it twice.
+ProfileSummary summary_of(const nlohmann::json& doc, const std::string& path);
 nlohmann::json parse_profile_document(const std::string& text, const std::string& file);
 // The same from the file's text (`file` names it in errors). JSON nested deeper than
 // kMaxJsonDepth is refused before parsing, so a nesting bomb costs neither stack nor memory.
