@@ -158,6 +158,17 @@ int64_t expert_bytes_of_layer(const ModelWeights& m, size_t l) {
   return (L.gate_exps.nbytes() + L.up_exps.nbytes() + L.down_exps.nbytes()) / n;
 }
 
+// Expert bytes to the device that holds the experts: a GPU under its name, the host under cpu
+// and, for a NUMA node's experts, also under cpu:N.
+void add_expert_bytes(std::map<std::string, double>& per_device, const Device& d, double bytes) {
+  if (d.is_gpu()) {
+    per_device[d.to_string()] += bytes;
+    return;
+  }
+  per_device["cpu"] += bytes;
+  if (d.index >= 0) per_device[d.to_string()] += bytes;
+}
+
 std::vector<profile::ThreadRate> moe_curve_on(const ModelWeights& w, int threads, int iters) {
   ThreadPool pool(threads);
   CpuMoe moe(w, pool);
@@ -541,14 +552,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
         diff[l][e] = static_cast<int64_t>(counts1[l][e] - counts0[l][e]);
         const double bytes = static_cast<double>(diff[l][e]) * eb;
         if (bytes <= 0) continue;
-        if (ex == nullptr || e >= ex->size() || !(*ex)[e].is_gpu()) {
-          per_device["cpu"] += bytes;
-          if (ex != nullptr && e < ex->size() && (*ex)[e].index >= 0) {
-            per_device[(*ex)[e].to_string()] += bytes;
-          }
-        } else {
-          per_device[(*ex)[e].to_string()] += bytes;
-        }
+        add_expert_bytes(per_device, ex != nullptr && e < ex->size() ? (*ex)[e] : Device::cpu(),
+                         bytes);
       }
     }
     for (const auto& [dev, bytes] : per_device) decode_in.expert_bytes[dev] = bytes;
@@ -561,14 +566,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       const double per =
           static_cast<double>(k * expert_bytes_of_layer(model, static_cast<size_t>(l))) *
           static_cast<double>(ro.gen) / static_cast<double>(std::max<int64_t>(n_exp, 1));
-      for (const Device& d : ex) {
-        if (d.is_gpu()) {
-          per_device[d.to_string()] += per;
-        } else {
-          per_device["cpu"] += per;
-          if (d.index >= 0) per_device[d.to_string()] += per;
-        }
-      }
+      for (const Device& d : ex) add_expert_bytes(per_device, d, per);
     }
     for (const auto& [dev, bytes] : per_device) {
       if (bytes > 0) decode_in.expert_bytes[dev] = bytes;
