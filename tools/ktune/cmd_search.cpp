@@ -202,10 +202,10 @@ void calibrate_cpu_experts(search::SearchOptions& opt, const std::string& path) 
   }
   const double ratio = gb_s / probe;
   for (auto& r : curve) r.value *= ratio;
-  opt.calibration_note = fmt::format(
+  opt.notes.push_back(fmt::format(
       "CPU experts measured in the engine at {:.1f} GB/s ({} threads, {}); the probe read {:.1f}: "
       "CPU expert rates scaled by {:.2f}",
-      gb_s, threads, path, probe, ratio);
+      gb_s, threads, path, probe, ratio));
 }
 
 // The default chat mix assumes an 8192-token context; a model trained on less (synth:tiny, the

@@ -223,7 +223,6 @@ class Driver {
     res_.machine = cm_.machine();
     res_.router = cm_.router();
     res_.notes = cm_.machine().notes;
-    if (!opt_.calibration_note.empty()) res_.notes.push_back(opt_.calibration_note);
     for (const std::string& n : opt_.notes) res_.notes.push_back(n);
     if (!cm_.router().note.empty()) res_.notes.push_back(cm_.router().note);
     res_.threads_tried = cm_.thread_candidates();

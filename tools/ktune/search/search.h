@@ -22,9 +22,9 @@ struct SearchOptions {
   // --router-stats: the profile the router statistics came from (searched_on.profile names it
   // then, so `ktune run`'s drift check reads the counts the placement was searched on).
   std::string router_stats_path;
-  // --calibrate: what was scaled and why (a line the search's notes start with; "" = none).
-  std::string calibration_note;
-  std::vector<std::string> notes;  // more lines for the search's notes (inputs adjusted)
+  // Lines for the search's notes: inputs the command line adjusted (--calibrate's scaling, the
+  // chat workload fitted to the model's context).
+  std::vector<std::string> notes;
   profile::ProfileSummary profile;
   ModelInfo model;
   Budgets budgets;  // "cuda:0", "cpu"; a missing cpu budget is not checked
