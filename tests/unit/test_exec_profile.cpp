@@ -304,6 +304,29 @@ TEST(ExecSteps, WithoutRangesTheWholeRunIsOneWindow) {
   EXPECT_EQ(doc.windows[0].gpus[0].gaps.count, 5);
 }
 
+// The injection lists every GPU of the machine; the profile keeps those the program ran work on
+// (a one-GPU program on a 3-GPU host is not "two GPUs idle 100 %").
+TEST(ExecAnalysis, OnlyTheGpusTheProgramUsedAreReported) {
+  Capture c = steps_capture(3, 2, 10'000, 20'000);
+  c.gpus = {{0, "GPU A"}, {1, "GPU B"}, {2, "GPU C"}};
+  for (auto& op : c.ops) op.device = 1;
+  profiler::ExecRunInfo run;
+  const auto doc = profiler::analyze_exec_capture(
+      profiler::parse_exec_capture(exec_capture::to_json(c), "t"), "", run);
+  ASSERT_EQ(doc.windows.size(), 1u);
+  ASSERT_EQ(doc.windows[0].gpus.size(), 1u);
+  EXPECT_EQ(doc.windows[0].gpus[0].device, 1);
+  EXPECT_EQ(doc.windows[0].gpus[0].kernels, 6);
+  ASSERT_EQ(doc.summary.gpus.size(), 1u);
+  EXPECT_EQ(doc.summary.gpus[0].device, "cuda:1");
+  EXPECT_EQ(doc.summary.gpus[0].name, "GPU B");
+  // A program that ran no GPU work keeps the machine's list (nothing to choose by).
+  c.ops.clear();
+  const auto none = profiler::analyze_exec_capture(
+      profiler::parse_exec_capture(exec_capture::to_json(c), "t"), "", run);
+  EXPECT_EQ(none.summary.gpus.size(), 3u);
+}
+
 TEST(ExecAnalysis, KnownLaunchPatternGivesKnownCountsAndGaps) {
   const int S = 5, K = 4;
   Capture c = steps_capture(S, K, 10'000, 20'000);

@@ -20,6 +20,7 @@
 #include <limits>
 #include <map>
 #include <sstream>
+#include <set>
 #include <unordered_map>
 
 #include "inject/exec_capture.h"
@@ -327,6 +328,17 @@ ProfileDoc analyze_exec_capture(ExecCapture cap, const std::string& step_range,
                                 const ExecRunInfo& run) {
   ProfileDoc doc;
   Timeline& t = cap.timeline;
+  // The injection lists every GPU of the machine; a program that used one of eight would read
+  // as seven GPUs idle 100 % of the time. Keep the GPUs it ran work on (all when it ran none).
+  {
+    std::set<int32_t> used;
+    for (const GpuOp& o : t.ops) used.insert(o.device);
+    if (!used.empty()) {
+      t.gpus.erase(std::remove_if(t.gpus.begin(), t.gpus.end(),
+                                  [&](const GpuDevice& g) { return used.count(g.index) == 0; }),
+                   t.gpus.end());
+    }
+  }
   const StepChoice steps = choose_steps(t, step_range);
 
   // The window: the steps (extended to the end of the GPU work they launched), or the whole run.
