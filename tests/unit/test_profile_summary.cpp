@@ -132,10 +132,11 @@ TEST(ProfileSummary, KernelCurvesAndHandOffAreOptionalAndRoundTrip) {
 }
 
 TEST(ProfileSummary, RecordedProfilesReadWithTheirCurves) {
-  // The committed recordings carry the (derived) curves; the hand-made examples do not.
+  // The committed recordings carry the measured curves; the hand-made examples do not.
   const std::string dir = std::string(KTUNE_TEST_DATA) + "/../../profiles/";
   for (const char* name :
-       {"h100-16core.json", "h100x4-nvlink.json", "h200-16core.json", "h200x4-nvlink.json"}) {
+       {"h100-16core.json", "h100x2-nvlink.json", "h100x4-nvlink.json", "h200-16core.json",
+        "h200x4-nvlink.json"}) {
     const ProfileSummary s = read_profile_summary(dir + name);
     for (const GpuCosts& c : s.gpu_costs) {
       EXPECT_GE(c.matvec_us.size(), 2u) << name;

@@ -457,15 +457,16 @@ TEST_F(SearchCli, TwoGpuProfileSplitsLayersWithinEachBudget) {
   EXPECT_EQ(doc["candidates"][0]["layer_devices"].size(), 48u);
 }
 
-// The recorded profiles in profiles/ (ktune profile --hardware on the H100 machine and on the
-// 4-GPU host) drive a search on a machine without a GPU: 235B on the one-GPU machine puts part of
-// the experts on the CPU; on the 4-GPU host it uses all four GPUs.
+// The recorded profiles in profiles/ (ktune profile --hardware on the H100 machine and on the 2-
+// and 4-GPU hosts) drive a search on a machine without a GPU: 235B on the one-GPU machine puts
+// part of the experts on the CPU; on the 2- and 4-GPU hosts it uses every GPU.
 TEST_F(SearchCli, RecordedProfilesSearchWithoutAGpu) {
   struct Case {
     const char* file;
     const char* expect;
   };
-  for (const Case& c : {Case{"h100-16core.json", "cpu"}, Case{"h100x4-nvlink.json", "cuda:3"}}) {
+  for (const Case& c : {Case{"h100-16core.json", "cpu"}, Case{"h100x2-nvlink.json", "cuda:1"},
+                        Case{"h100x4-nvlink.json", "cuda:3"}}) {
     SCOPED_TRACE(c.file);
     const std::string out = path(std::string(c.file) + ".best.yaml");
     const ProcessResult r = run_ktune({"search", "--profile", test::profiles_dir() + "/" + c.file,
