@@ -54,6 +54,7 @@ CpuExpertDriver::CpuExpertDriver(CpuMoe& moe, const Shared& shared, std::vector<
     test_stall_ = std::chrono::milliseconds(std::atoll(e));
   }
   if (const char* e = std::getenv("KTUNE_HANDOFF_STATS")) stats_ = e[0] == '1';
+  if (stats_) moe_.set_timing(true);  // where the CPU experts' time goes, in the engine
   thread_ = std::thread([this] { loop(); });
   if (cpu >= 0) {
     cpu_set_t set;
@@ -77,6 +78,15 @@ CpuExpertDriver::~CpuExpertDriver() {
                  "CPU experts %.1f us, publish %.1f us\n",
                  static_cast<long long>(stat_layers_), stat_wait_ns_ / n / 1e3,
                  stat_compute_ns_ / n / 1e3, stat_publish_ns_ / n / 1e3);
+    const CpuMoe::Timing t = moe_.timing();
+    if (t.calls > 0) {
+      const double c = static_cast<double>(t.calls);
+      std::fprintf(stderr,
+                   "ktune: cpu experts: %lld calls; per call: %.1f us (wake %.1f, quantize %.1f, "
+                   "work %.1f of which gate/up %.1f, wait %.1f, uneven finish %.1f, exit %.1f)\n",
+                   static_cast<long long>(t.calls), t.total_us / c, t.wake_us / c, t.quant_us / c,
+                   t.work_us / c, t.gate_up_us / c, t.wait_us / c, t.tail_us / c, t.exit_us / c);
+    }
   }
 }
 
@@ -168,13 +178,20 @@ bool CpuExpertDriver::wait_word(const uint64_t* word, uint64_t seq, bool until_c
 }
 
 int CpuExpertDriver::select_and_compute(const Layer& layer) {
-  int n = 0;
+  int n_cpu = 0;
   for (int64_t j = 0; j < top_k_; ++j) {
     const int32_t id = shared_.ids[j];
     if (id < 0 || id >= n_experts_) {
       throw std::runtime_error("layer " + std::to_string(layer.index) + ": router chose expert " +
                                std::to_string(id) + " of " + std::to_string(n_experts_));
     }
+    if ((*layer.slot)[static_cast<size_t>(id)] < 0) ++n_cpu;
+  }
+  // The last `assisted` CPU experts in top-k order are the GPU's (launch_pcie_assist_map).
+  const int keep = n_cpu - pcie_assist_count(n_cpu, pcie_num_, pcie_den_);
+  int n = 0;
+  for (int64_t j = 0; j < top_k_ && n < keep; ++j) {
+    const int32_t id = shared_.ids[j];
     if ((*layer.slot)[static_cast<size_t>(id)] >= 0) continue;  // a GPU expert
     sel_ids_[static_cast<size_t>(n)] = id;
     sel_w_[static_cast<size_t>(n)] = shared_.wts[j];

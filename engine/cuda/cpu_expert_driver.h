@@ -87,6 +87,14 @@ class CpuExpertDriver {
   // before the first batched arm().
   void enable_batch(const BatchShared& shared, CpuMoeBatch* moe);
 
+  // PCIe assist (hybrid_kernels.h): single-token steps skip the last
+  // pcie_assist_count(n_cpu, num, den) CPU experts in top-k order, which the GPU computes. Call
+  // before the first arm(); num 0: off.
+  void set_pcie_assist(int num, int den) {
+    pcie_num_ = num;
+    pcie_den_ = den;
+  }
+
   // The host is about to launch the step whose seq is `seq` (epoch << 32 | position); tokens > 0:
   // a batched step of that many tokens (enable_batch), 0: a single-token step.
   void arm(uint64_t seq, int64_t tokens = 0);
@@ -115,6 +123,7 @@ class CpuExpertDriver {
   void fail(const std::string& what);
 
   CpuMoe& moe_;
+  int pcie_num_ = 0, pcie_den_ = 1;
   Shared shared_;
   std::vector<Layer> layers_;
   std::vector<NodeCtx> node_ctx_;  // indexed by model layer

@@ -214,7 +214,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   size_t work = 2 * static_cast<size_t>(le - lb) * align_up(kv_bytes) + align_up(ws_bytes);
   plan_stage();
   for (int64_t n : {hidden, nq, nkv_rows, nkv_rows, nq, nkv_rows, nq, hidden, n_exp, top_k * ffn,
-                    ffn, ffn, hidden, hidden, vocab, hd / 2, hidden}) {
+                    ffn, ffn, hidden, hidden, vocab, hd / 2, hidden, n_exp, top_k, top_k}) {
     work += align_up(static_cast<size_t>(n) * f);
   }
   // Small device words, one aligned slot each: token, pos, router_counter, epoch, head_key[2].
@@ -249,6 +249,9 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
   acc = fl(hidden);
   logits = fl(vocab);
   inv_freq = fl(hd / 2);
+  pcie_map = work_arena.alloc_n<int32_t>(static_cast<size_t>(n_exp));
+  pcie_ids = work_arena.alloc_n<int32_t>(static_cast<size_t>(top_k));
+  pcie_wts = fl(top_k);
   token = work_arena.alloc_n<int32_t>(1);
   pos = work_arena.alloc_n<int32_t>(1);
   history = work_arena.alloc_n<int32_t>(static_cast<size_t>(max_ctx));
@@ -296,6 +299,7 @@ GpuEngine::Impl::Impl(const ModelWeights& w, const GpuEngineOptions& options,
     }
   }
   prefill_setup(w);  // prefill: its workspace arena, staging, pinned host ranges
+  setup_pcie_assist(w);  // after prefill_setup, which registers the CPU experts' host ranges
   if (max_seq > 1) batch_setup(w);  // batched decode: its arena, mapped blocks, CpuMoeBatch
 }
 
@@ -390,6 +394,12 @@ std::string GpuEngine::describe() const {
   if (m.is_hybrid) {
     s += m.describe_cpu_side(
         m.n_exp * m.layers, m.single_handoff ? cpu_handoff_name(m.opt.cpu_handoff) : "host thread");
+    if (m.pcie_num > 0) {
+      s += ", pcie assist: the GPU computes " + std::to_string(m.pcie_num * 100 / m.pcie_den) +
+           " % of each token's CPU experts from host memory";
+    } else if (!m.pcie_note.empty()) {
+      s += ", " + m.pcie_note;
+    }
   }
   return s;
 }

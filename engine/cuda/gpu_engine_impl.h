@@ -54,6 +54,12 @@ struct DevLayer {
   int64_t n_cpu_experts = 0;
   const int32_t* slot_map = nullptr;
   std::vector<int32_t> host_slot;  // the same map on the host (unfused path); empty: slot = id
+  // PCIe assist (Impl::pcie_num > 0): the layer's whole expert tensors in host memory, registered
+  // with CUDA (the host pointers work on the device), expert e at e * host_matrix_bytes.
+  const void* host_gate = nullptr;
+  const void* host_up = nullptr;
+  const void* host_down = nullptr;
+  int64_t host_gate_bytes = 0, host_up_bytes = 0, host_down_bytes = 0;
   // The current sequence's cache; sequence s's starts s * Impl::kv_seq_elems after k_seq0.
   uint16_t* k_cache = nullptr;
   uint16_t* v_cache = nullptr;
@@ -226,6 +232,17 @@ struct GpuEngine::Impl : gpu_detail::EngineCore {
   // KTUNE_GPU_LEGACY=1: the step as one launch per op (separate norms, rope, residual adds,
   // router top-k; launch_matvec), for A/B timing against the fused step.
   bool legacy = false;
+
+  // PCIe assist (KTUNE_PCIE_ASSIST=share, fused MoE with the driver): the GPU computes
+  // pcie_assist_count(n_cpu, pcie_num, pcie_den) of each token's CPU experts from host memory
+  // (hybrid_kernels.h); pcie_map is their slot map, rewritten per layer. 0: off.
+  int pcie_num = 0, pcie_den = 1;
+  int64_t pcie_k = 0;  // the most experts a token hands the GPU: pcie_assist_count(top_k, ...)
+  int32_t* pcie_map = nullptr;
+  int32_t* pcie_ids = nullptr;  // the assisted experts of the layer being run, compacted
+  float* pcie_wts = nullptr;
+  std::string pcie_note;  // why a requested assist is off ("" when on or not asked for)
+  void setup_pcie_assist(const ModelWeights& w);
 
   // Hybrid mode: the host-driven unfused step's selection of CPU experts.
   std::vector<int32_t> sel_ids;

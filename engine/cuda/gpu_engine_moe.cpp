@@ -1,5 +1,7 @@
 // The MoE of one layer in the decode step (GpuEngine::Impl, engine/cuda/gpu_engine_impl.h):
 // the fused and unfused GPU paths and the CPU experts of a hybrid placement.
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/gpu_engine_impl.h"
@@ -33,7 +35,68 @@ void GpuEngine::Impl::moe(const DevLayer& d, int64_t l) {
                                            top_k, n_exp, act, hidden, ffn, x, s, d.slot_map),
                  "launch_moe_down_sum");
   }
+  if (d.n_cpu_experts > 0 && pcie_num > 0 && d.host_gate != nullptr) {
+    // PCIe assist: the same fused launches over the host tensors, for the CPU experts the map
+    // hands to the GPU (the driver skips the same ones), while the CPU computes the rest.
+    trace::Scope gpu_experts(trace::Phase::MoeGpu, static_cast<int32_t>(l));
+    // The assisted experts compacted into pcie_k slots, so every block of the two launches
+    // reads host memory (PCIe needs many bytes in flight) instead of 3 blocks in 8.
+    check_launch(cuda::launch_pcie_assist_map(ids, wts, top_k, n_exp, d.slot_map, pcie_num,
+                                              pcie_den, pcie_map, pcie_ids, pcie_wts, pcie_k, s),
+                 "launch_pcie_assist_map");
+    check_launch(cuda::launch_moe_gate_up_swiglu(d.gate.type, d.host_gate, d.host_up,
+                                                 d.host_gate_bytes, pcie_ids, pcie_k, n_exp, h,
+                                                 ffn, hidden, act, s, pcie_map),
+                 "launch_moe_gate_up_swiglu (pcie assist)");
+    check_launch(cuda::launch_moe_down_sum(d.down.type, d.host_down, d.host_down_bytes, pcie_ids,
+                                           pcie_wts, pcie_k, n_exp, act, hidden, ffn, x, s,
+                                           pcie_map),
+                 "launch_moe_down_sum (pcie assist)");
+  }
   if (d.n_cpu_experts > 0) end_handoff(l);
+}
+
+void GpuEngine::Impl::setup_pcie_assist(const ModelWeights& w) {
+  int num = opt.pcie_assist_permille;
+  if (const char* e = std::getenv("KTUNE_PCIE_ASSIST")) {  // experiments and a kill switch
+    num = parse_pcie_assist(e, "KTUNE_PCIE_ASSIST");
+  }
+  if (num <= 0) return;
+  if (num > kMaxPcieAssistPermille) {
+    throw Error("pcie assist", pcie_assist_text(num) + " is above 0.95",
+                "give a share from 0 to 0.95", ErrorKind::Usage);
+  }
+  auto off = [&](const std::string& why) { pcie_note = "pcie assist off: " + why; };
+  if (!is_hybrid) return off("every expert is on the GPU");
+  if (spec.shared_cpu_side) return off("not with a layer split over several GPUs yet");
+  if (!driver || opt.moe_kernel != MoeKernel::Fused) return off("it needs the fused MoE kernel");
+  const int den = 1000;
+  pcie_k = pcie_assist_count(static_cast<int>(top_k), num, den);
+  if (pcie_k == 0) return off("a share this small hands the GPU no expert at top-" + std::to_string(top_k));
+  // Every CPU-expert layer's host tensors must be usable on the device as they are (registered
+  // by prefill_setup; the device reads registered memory through the host pointer).
+  for (int64_t l = lb; l < le; ++l) {
+    DevLayer& d = L[static_cast<size_t>(l)];
+    if (d.n_cpu_experts == 0) continue;
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    for (const TensorView* t : {&lw.gate_exps, &lw.up_exps, &lw.down_exps}) {
+      cudaPointerAttributes a{};
+      const cudaError_t err = cudaPointerGetAttributes(&a, t->data);
+      if (err != cudaSuccess || a.type != cudaMemoryTypeHost || a.devicePointer != t->data) {
+        cudaGetLastError();
+        return off(t->name + " is not registered host memory the GPU can read directly");
+      }
+    }
+    d.host_gate = lw.gate_exps.data;
+    d.host_up = lw.up_exps.data;
+    d.host_down = lw.down_exps.data;
+    d.host_gate_bytes = lw.gate_exps.nbytes() / n_exp;
+    d.host_up_bytes = lw.up_exps.nbytes() / n_exp;
+    d.host_down_bytes = lw.down_exps.nbytes() / n_exp;
+  }
+  pcie_num = num;
+  pcie_den = den;
+  driver->set_pcie_assist(num, den);
 }
 
 // The unfused path inside a CUDA graph: the same five launches per selected slot as the

@@ -357,9 +357,13 @@ __global__ void __launch_bounds__(kStagedThreads) moe_down_staged(const DnParams
     detail::cp_async_commit();
   }
   detail::pdl_wait();
+  // The slot map is checked too: the PCIe assist's map is rewritten per layer by the launch
+  // before gate/up, for the same ids.
   int changed = 0;
-  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) changed |= p.ids[j] != sids[j];
-  if (__syncthreads_or(changed)) {  // ids rewritten after the prefetch: copy again
+  for (int j = threadIdx.x; j < p.k; j += kStagedThreads) {
+    changed |= p.ids[j] != sids[j] || expert_slot(p.ids[j], p.n_experts, p.slot_of) != sslot[j];
+  }
+  if (__syncthreads_or(changed)) {  // ids or slots rewritten after the prefetch: copy again
     detail::cp_async_wait<0>();
     __syncthreads();
     for (int j = threadIdx.x; j < p.k; j += kStagedThreads) {

@@ -56,7 +56,56 @@ unsigned blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / k
 
 bool slot_args_ok(const int32_t* ids, int64_t j) { return ids != nullptr && j >= 0 && j < 1024; }
 
+__global__ void pcie_assist_map_kernel(const int32_t* __restrict__ ids,
+                                       const float* __restrict__ wts, int k, int n_experts,
+                                       const int32_t* __restrict__ slot_map, int num, int den,
+                                       int32_t* __restrict__ map, int32_t* __restrict__ cids,
+                                       float* __restrict__ cwts, int k_assist) {
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) map[e] = -1;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  auto on_cpu = [&](int id) { return id >= 0 && id < n_experts && (!slot_map || slot_map[id] < 0); };
+  int n_cpu = 0;
+  for (int j = 0; j < k; ++j) n_cpu += on_cpu(ids[j]) ? 1 : 0;
+  const int take = min(pcie_assist_count(n_cpu, num, den), k_assist);
+  // The last `take` CPU experts in top-k order: skip the first n_cpu - take of them.
+  int skip = n_cpu - take, n = 0, pad = 0;
+  bool have_pad = false;
+  for (int j = 0; j < k; ++j) {
+    const int id = ids[j];
+    const bool mine = on_cpu(id) && skip-- <= 0;
+    if (mine) {
+      map[id] = id;
+      cids[n] = id;
+      cwts[n] = wts[j];
+      ++n;
+    } else if (!have_pad && id >= 0 && id < n_experts) {
+      pad = id;  // a valid id the map leaves at -1: padded entries compute nothing
+      have_pad = true;
+    }
+  }
+  for (int j = n; j < k_assist; ++j) {
+    cids[j] = pad;
+    cwts[j] = 0.0f;
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_pcie_assist_map(const int32_t* ids, const float* wts, int64_t k,
+                                   int64_t n_experts, const int32_t* slot_map, int num, int den,
+                                   int32_t* map, int32_t* assist_ids, float* assist_wts,
+                                   int64_t k_assist, cudaStream_t stream) {
+  if (ids == nullptr || wts == nullptr || map == nullptr || assist_ids == nullptr ||
+      assist_wts == nullptr || k < 1 || k > n_experts || n_experts > 0x7fffffff || num < 0 ||
+      den < 1 || k_assist < 1 || k_assist > k) {
+    return cudaErrorInvalidValue;
+  }
+  pcie_assist_map_kernel<<<1, 128, 0, stream>>>(
+      ids, wts, static_cast<int>(k), static_cast<int>(n_experts), slot_map, num, den, map,
+      assist_ids, assist_wts, static_cast<int>(k_assist));
+  return cudaGetLastError();
+}
 
 cudaError_t launch_matvec_rowwarp_slot(QuantType type, const void* base, int64_t matrix_bytes,
                                        const int32_t* ids, int64_t j, const int32_t* slot_map,

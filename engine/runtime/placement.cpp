@@ -86,6 +86,28 @@ const char* cpu_handoff_name(CpuHandoff h) {
   return h == CpuHandoff::Flags ? "flags" : "host_node";
 }
 
+std::string pcie_assist_text(int permille) {
+  if (permille <= 0) return "off";
+  std::string s = std::to_string(permille / 1000) + "." + std::to_string(1000 + permille % 1000).substr(1);
+  while (s.back() == '0') s.pop_back();
+  if (s.back() == '.') s.pop_back();
+  return s;
+}
+
+int parse_pcie_assist(const std::string& text, const std::string& where) {
+  if (text == "off") return 0;
+  char* end = nullptr;
+  errno = 0;
+  const double v = text.empty() ? -1 : std::strtod(text.c_str(), &end);
+  if (errno != 0 || end == nullptr || *end != '\0' || !(v >= 0.0) ||
+      v > kMaxPcieAssistPermille / 1000.0 + 1e-9) {
+    throw Error(where, "`" + text + "` is not a share of the CPU experts in [0, 0.95] or off",
+                "e.g. 0.375 (the GPU computes 3 of every 8 CPU experts), or off",
+                ErrorKind::Usage);
+  }
+  return static_cast<int>(std::lround(v * 1000.0));
+}
+
 bool operator==(const LayerPlacement& a, const LayerPlacement& b) {
   return a.attention == b.attention && a.experts == b.experts;
 }
@@ -189,8 +211,8 @@ namespace {
 
 const char* const kTopKeys[] = {"ktune", "model", "runtime", "layers", "predicted", "searched_on"};
 const char* const kModelKeys[] = {"path", "arch"};
-const char* const kRuntimeKeys[] = {"cuda_graph",  "moe_kernel", "cpu_handoff",
-                                    "cpu_threads", "context",    "batch", "gpu_transport"};
+const char* const kRuntimeKeys[] = {"cuda_graph", "moe_kernel", "cpu_handoff",  "cpu_threads",
+                                    "context",    "batch",      "gpu_transport", "pcie_assist"};
 const char* const kEntryKeys[] = {"layers", "attention", "experts"};
 const char* const kPredictedKeys[] = {"decode_tok_s", "prefill_tok_s", "memory_gib"};
 const char* const kSearchedKeys[] = {"profile", "router_stats"};
@@ -681,6 +703,14 @@ Placement Parser::parse(const std::string& text) {
         } else {
           fail(v, f, type_name(v) + " is not a GPU transport", "write auto, nccl or peer");
         }
+      } else if (key == "pcie_assist") {
+        const std::string s = v.IsScalar() ? v.Scalar() : "";
+        try {
+          o.pcie_assist_permille = parse_pcie_assist(s, f);
+        } catch (const Error&) {
+          fail(v, f, type_name(v) + " is not a share of the CPU experts",
+               "write a number from 0 to 0.95 (e.g. 0.375), or off");
+        }
       }
     }
   }
@@ -914,7 +944,8 @@ bool same_entries(const std::vector<LayerEntry>& a, const std::vector<LayerEntry
 bool same_runtime(const RuntimeOptions& a, const RuntimeOptions& b) {
   return a.cuda_graph == b.cuda_graph && a.moe_kernel == b.moe_kernel &&
          a.cpu_handoff == b.cpu_handoff && a.cpu_threads == b.cpu_threads &&
-         a.context == b.context && a.batch == b.batch && a.gpu_transport == b.gpu_transport;
+         a.context == b.context && a.batch == b.batch && a.gpu_transport == b.gpu_transport &&
+         a.pcie_assist_permille == b.pcie_assist_permille;
 }
 
 }  // namespace
@@ -1046,6 +1077,9 @@ std::string write_placement(const Placement& p) {
          (r.gpu_transport == GpuTransport::Auto
               ? std::string()
               : std::string(", gpu_transport: ") + gpu_transport_name(r.gpu_transport)) +
+         (r.pcie_assist_permille == 0
+              ? std::string()
+              : ", pcie_assist: " + pcie_assist_text(r.pcie_assist_permille)) +
          "}\n";
   out += "layers:\n";
   size_t i = 0;

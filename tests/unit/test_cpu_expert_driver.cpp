@@ -128,6 +128,46 @@ TEST(CpuExpertDriver, FlagProtocolGivesCpuMoeSumsOfTheCpuExperts) {
   EXPECT_EQ(f.error, 0u);
 }
 
+// PCIe assist: the driver leaves the last pcie_assist_count(n_cpu) CPU experts of a token (in
+// top-k order) to the GPU and sums only the others; n_cpu still says whether to add at all.
+TEST(CpuExpertDriver, PcieAssistSkipsTheGpusShareOfTheCpuExperts) {
+  const ModelWeights& m = tiny();
+  Fixture f(m);
+  for (auto& s : f.slot) std::fill(s.begin(), s.end(), -1);  // every expert on the CPU
+  ThreadPool pool(2, false);
+  CpuMoe moe(m, pool);
+  ThreadPool ref_pool(1, false);
+  CpuMoe ref(m, ref_pool);
+  CpuExpertDriver driver(moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
+                         std::chrono::milliseconds(5000));
+  driver.set_pcie_assist(500, 1000);
+  ASSERT_EQ(f.top_k, 2);  // synth:tiny: top-2, so the GPU takes the second of each token's two
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd;
+  const uint64_t seq = (uint64_t{1} << 32) | 0;
+  driver.arm(seq);
+  for (int64_t l = 0; l < f.layers; ++l) {
+    for (float& v : f.h) v = nd(gen);
+    f.ids = {static_cast<int32_t>(l % f.n_exp), static_cast<int32_t>((l + 3) % f.n_exp)};
+    f.wts = {0.7f, 0.3f};
+    __atomic_store_n(&f.words[static_cast<size_t>(l)].request, seq, __ATOMIC_RELEASE);
+    ASSERT_TRUE(
+        wait_for(&f.words[static_cast<size_t>(l)].done, seq, std::chrono::milliseconds(5000)));
+    EXPECT_EQ(f.words[static_cast<size_t>(l)].n_cpu, 1u) << "layer " << l;
+    std::vector<float> want(static_cast<size_t>(f.hidden));
+    ref.compute(l, f.h.data(), f.ids.data(), f.wts.data(), 1, want.data());
+    EXPECT_EQ(std::memcmp(want.data(), f.y.data(), want.size() * 4), 0)
+        << "layer " << l << ": the driver's sum is not CpuMoe's over the first expert alone";
+  }
+  EXPECT_EQ(driver.finish(), "");
+  // The rule itself: rounded down, nothing for a share of 0.
+  EXPECT_EQ(pcie_assist_count(8, 375, 1000), 3);
+  EXPECT_EQ(pcie_assist_count(8, 250, 1000), 2);
+  EXPECT_EQ(pcie_assist_count(3, 375, 1000), 1);
+  EXPECT_EQ(pcie_assist_count(2, 375, 1000), 0);
+  EXPECT_EQ(pcie_assist_count(8, 0, 1000), 0);
+}
+
 TEST(CpuExpertDriver, HostNodeCallbacksPostAndWait) {
   const ModelWeights& m = tiny();
   Fixture f(m);

@@ -647,6 +647,9 @@ TEST_F(Hostile, UnknownNamesAreUsageErrorsThatListTheChoices) {
   expect_error({"run", "--model", "synth:tiny", "--moe-kernel", "fast"}, 2, "--moe-kernel");
   expect_error({"run", "--model", "synth:tiny", "--cpu-handoff", "pigeon"}, 2, "--cpu-handoff");
   expect_error({"run", "--model", "synth:tiny", "--gpu-transport", "smoke"}, 2, "--gpu-transport");
+  expect_error({"run", "--model", "synth:tiny", "--pcie-assist", "1.5"}, 2, "--pcie-assist");
+  expect_error({"profile", "--model", "synth:tiny", "--pcie-assist", "lots", "-o", path("p.json")},
+               2, "--pcie-assist");
   expect_error({"gen-model", "--preset", "llama-7b", "-o", path("g.gguf")}, 2, "llama-7b");
   expect_error({"quantize", gguf_, path("q.gguf"), "--type", "q9_9"}, 2, "q9_9");
   expect_error({"quantize", gguf_, path("q.gguf"), "--mixed", "q1_k_xxl"}, 2, "q1_k_xxl");

@@ -514,6 +514,36 @@ TEST(PlacementWrite, StandardForm) {
       "searched_on: {profile: profile.json, router_stats: sha256-of-the-stats}\n");
 }
 
+// runtime.pcie_assist: a share of the CPU experts (thousandths inside), `off`, strict errors;
+// written back only when set, in the shortest decimal form.
+TEST(PlacementParse, PcieAssist) {
+  const std::string layers = "layers:\n  - {layers: \"0-47\", experts: {cpu: all}}\n";
+  Placement p = ktune::parse_placement(kHead + "runtime: {pcie_assist: 0.375}\n" + layers, "p.yaml",
+                                       &qwen());
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 375);
+  const std::string w = ktune::write_placement(p);
+  EXPECT_NE(w.find(", pcie_assist: 0.375}"), std::string::npos) << w;
+  EXPECT_EQ(ktune::parse_placement(w, "q.yaml", &qwen()), p);
+  p = ktune::parse_placement(kHead + "runtime: {pcie_assist: off}\n" + layers, "p.yaml", &qwen());
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 0);
+  EXPECT_EQ(ktune::write_placement(p).find("pcie_assist"), std::string::npos);
+  p = ktune::parse_placement(kHead + "runtime: {pcie_assist: 0.5}\n" + layers, "p.yaml", &qwen());
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 500);
+  EXPECT_NE(ktune::write_placement(p).find("pcie_assist: 0.5}"), std::string::npos);
+  for (const char* bad : {"1.5", "-0.1", "half", "[0.5]", "0.96"}) {
+    const std::string m =
+        parse_error(kHead + "runtime: {pcie_assist: " + bad + "}\n" + layers);
+    EXPECT_HAS(m, "p.yaml:3: runtime.pcie_assist: ");
+    EXPECT_HAS(m, "is not a share of the CPU experts; write a number from 0 to 0.95");
+  }
+  EXPECT_EQ(ktune::pcie_assist_text(375), "0.375");
+  EXPECT_EQ(ktune::pcie_assist_text(250), "0.25");
+  EXPECT_EQ(ktune::pcie_assist_text(950), "0.95");
+  EXPECT_EQ(ktune::pcie_assist_text(0), "off");
+  EXPECT_EQ(ktune::parse_pcie_assist("0.125", "x"), 125);
+  EXPECT_THROW(ktune::parse_pcie_assist("", "x"), ktune::Error);
+}
+
 TEST(PlacementWrite, MergesRunsAndPicksRest) {
   Placement p = ktune::make_layer_split(tiny(), 2, Device::cuda(0));
   p.model_path = "synth:tiny";

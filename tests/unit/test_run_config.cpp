@@ -296,6 +296,19 @@ TEST(RunBench, RuntimeOverridesAndKillSwitch) {
     EXPECT_EQ(e.exit_code(), 2);
     EXPECT_NE(std::string(e.what()).find("--cpu-handoff"), std::string::npos);
   }
+  p = fresh();
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 0);
+  apply_runtime_overrides(p, parse_runtime_overrides("", "", "", "", "0.375"));
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 375);
+  apply_runtime_overrides(p, parse_runtime_overrides("", "", "", "", "off"));
+  EXPECT_EQ(p.runtime.pcie_assist_permille, 0);
+  try {
+    parse_runtime_overrides("", "", "", "", "2");
+    FAIL();
+  } catch (const ktune::Error& e) {
+    EXPECT_EQ(e.exit_code(), 2);
+    EXPECT_NE(std::string(e.what()).find("--pcie-assist"), std::string::npos);
+  }
   setenv("KTUNE_CUDA_GRAPH", "0", 1);
   p = fresh();
   apply_runtime_overrides(p, parse_runtime_overrides("on", ""));

@@ -101,6 +101,8 @@ void add_profile_command(CLI::App& app) {
   sub->add_option("--moe-kernel", opt->run.moe_kernel, "fused|unfused (as for ktune run)");
   sub->add_option("--cpu-handoff", opt->run.cpu_handoff,
                   "flags|host_node: hand-off of CPU experts (as for ktune run)");
+  sub->add_option("--pcie-assist", opt->run.pcie_assist,
+                  "off|SHARE: the GPU's share of the CPU experts, over PCIe (as for ktune run)");
   sub->add_option("--gpu-mem", opt->run.gpu_mem, "GPU memory budgets (as for ktune run)");
   sub->add_option("--cpu-mem", opt->run.cpu_mem, "Host memory budget (as for ktune run)");
   sub->add_option("-t,--threads", opt->run.threads,

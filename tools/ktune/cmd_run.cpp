@@ -36,8 +36,9 @@ void add_run_command(CLI::App& app) {
   sub->add_option("--experts-on-gpu", opt->experts_on_gpu,
                   "Quick placement: attention of every layer on cuda:0, the experts of the first\n"
                   "N layers on cuda:0 and the rest on cpu (0 = all experts on cpu). A list\n"
-                  "(0,12,24,48) sweeps them; --cuda-graph, --moe-kernel and --cpu-handoff take\n"
-                  "lists too (on,off) and the run covers every combination, model loaded once")
+                  "(0,12,24,48) sweeps them; --cuda-graph, --moe-kernel, --cpu-handoff and\n"
+                  "--pcie-assist take lists too (on,off) and the run covers every combination,\n"
+                  "model loaded once")
       ->delimiter(',');
   sub->add_option("--gpus", opt->gpus,
                   "Quick placement over the first N GPUs: layers split evenly (cuda:0 the first\n"
@@ -58,6 +59,11 @@ void add_run_command(CLI::App& app) {
                   "flags|host_node: how CPU experts are handed over in hybrid placements\n"
                   "(overrides the YAML; default flags: mapped-memory flags, a few us per layer;\n"
                   "host_node: cudaLaunchHostFunc pairs, as ktransformers does)");
+  sub->add_option("--pcie-assist", opt->pcie_assist,
+                  "off|SHARE: the GPU computes this share of each token's CPU experts (rounded\n"
+                  "down, e.g. 0.375 = 3 of 8) reading their weights from host memory over PCIe,\n"
+                  "while the CPU computes the rest (hybrid, fused MoE, one GPU; overrides the\n"
+                  "YAML's runtime.pcie_assist; default off). A list (off,0.25,0.375) sweeps it");
   sub->add_option(
       "--gpu-mem", opt->gpu_mem,
       "GPU memory budgets for the plan: 70GiB (every GPU) or cuda:0=70GiB,cuda:1=20GiB\n"

@@ -463,6 +463,7 @@ GpuBenchSettings gpu_bench_settings(const PlannedRun& r, const RunOptions& opt, 
   s.max_context = r.context;
   s.cuda_graph = r.summary.cuda_graph;
   s.handoff_host_node = r.placement.runtime.cpu_handoff == CpuHandoff::HostNode;
+  s.pcie_assist_permille = r.placement.runtime.pcie_assist_permille;
   if (r.engine == EngineKind::Hybrid) {
     s.expert_on_gpu = experts_on_gpu_map(r.placement);
     s.cpu_threads = cpu_threads > 0 ? cpu_threads : r.placement.runtime.cpu_threads;
@@ -616,16 +617,20 @@ PlannedSweep plan_sweep(const RunOptions& opt, bool quiet) {
   const auto kernels = split_list(opt.moe_kernel, "--moe-kernel");
   const auto handoffs = split_list(opt.cpu_handoff, "--cpu-handoff");
   const auto transports = split_list(opt.gpu_transport, "--gpu-transport");
+  const auto assists = split_list(opt.pcie_assist, "--pcie-assist");
   for (const std::string& g : graphs) {
     for (const std::string& k : kernels) {
       for (const std::string& h : handoffs) {
         for (const std::string& t : transports) {
-          std::string tag;
-          if (graphs.size() > 1) tag += " | graph " + g;
-          if (kernels.size() > 1) tag += " | moe " + k;
-          if (handoffs.size() > 1) tag += " | handoff " + h;
-          if (transports.size() > 1) tag += " | transport " + t;
-          variants.emplace_back(parse_runtime_overrides(g, k, h, t), tag);
+          for (const std::string& a : assists) {
+            std::string tag;
+            if (graphs.size() > 1) tag += " | graph " + g;
+            if (kernels.size() > 1) tag += " | moe " + k;
+            if (handoffs.size() > 1) tag += " | handoff " + h;
+            if (transports.size() > 1) tag += " | transport " + t;
+            if (assists.size() > 1) tag += " | pcie assist " + a;
+            variants.emplace_back(parse_runtime_overrides(g, k, h, t, a), tag);
+          }
         }
       }
     }
@@ -1211,7 +1216,7 @@ const char* engine_kind_name(EngineKind k) {
 bool uses_placements(const RunOptions& opt) {
   return !opt.configs.empty() || !opt.experts_on_gpu.empty() || !opt.cuda_graph.empty() ||
          !opt.moe_kernel.empty() || !opt.cpu_handoff.empty() || !opt.gpu_mem.empty() ||
-         !opt.gpus.empty() || !opt.gpu_transport.empty() ||
+         !opt.gpus.empty() || !opt.gpu_transport.empty() || !opt.pcie_assist.empty() ||
          !opt.cpu_mem.empty();
 }
 
@@ -1296,8 +1301,10 @@ EngineKind choose_engine(const Placement& p, const std::string& where, int numa_
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
                                          const std::string& moe_kernel,
                                          const std::string& cpu_handoff,
-                                         const std::string& gpu_transport) {
+                                         const std::string& gpu_transport,
+                                         const std::string& pcie_assist) {
   RuntimeOverrides o;
+  if (!pcie_assist.empty()) o.pcie_assist_permille = parse_pcie_assist(pcie_assist, "--pcie-assist");
   if (!gpu_transport.empty()) o.gpu_transport = parse_gpu_transport(gpu_transport, "--gpu-transport");
   if (!cuda_graph.empty()) {
     if (cuda_graph == "on") {
@@ -1344,6 +1351,7 @@ void apply_runtime_overrides(Placement& p, const RuntimeOverrides& o) {
   if (o.cuda_graph) p.runtime.cuda_graph = *o.cuda_graph;
   if (o.cpu_handoff) p.runtime.cpu_handoff = *o.cpu_handoff;
   if (o.gpu_transport) p.runtime.gpu_transport = *o.gpu_transport;
+  if (o.pcie_assist_permille) p.runtime.pcie_assist_permille = *o.pcie_assist_permille;
   if (o.env_graph_off) p.runtime.cuda_graph = false;
 }
 
@@ -1380,7 +1388,10 @@ PlacementSummary summarize_placement(const std::string& label, const Placement& 
     s.budget[d] = u.budget;
   }
   s.cuda_graph = engine != EngineKind::Cpu && p.runtime.cuda_graph;
-  if (engine == EngineKind::Hybrid) s.cpu_handoff = p.runtime.cpu_handoff;
+  if (engine == EngineKind::Hybrid) {
+    s.cpu_handoff = p.runtime.cpu_handoff;
+    s.pcie_assist_permille = p.runtime.pcie_assist_permille;
+  }
   if (engine != EngineKind::Cpu) {
     const std::vector<int> devs = layer_devices(p);
     if (std::set<int>(devs.begin(), devs.end()).size() > 1) {
@@ -1405,9 +1416,11 @@ std::string PlacementSummary::line() const {
     }
   }
   return fmt::format(
-      "engine {} | experts: {} | memory: {} | graph {} | moe {}{}{}", engine_kind_name(engine), ex,
-      mem, cuda_graph ? "on" : "off", moe_kernel_name(moe_kernel),
+      "engine {} | experts: {} | memory: {} | graph {} | moe {}{}{}{}", engine_kind_name(engine),
+      ex, mem, cuda_graph ? "on" : "off", moe_kernel_name(moe_kernel),
       cpu_handoff ? std::string(" | handoff ") + cpu_handoff_name(*cpu_handoff) : std::string(),
+      pcie_assist_permille > 0 ? " | pcie assist " + pcie_assist_text(pcie_assist_permille)
+                               : std::string(),
       gpu_transport ? std::string(" | transport ") + gpu_transport_name(*gpu_transport) +
                           " | stages " + gpu_stages
                     : std::string());
@@ -1430,7 +1443,7 @@ PreparedRun prepare_single_run(const RunOptions& opt) {
   }
   PlannedSweep sweep = plan_sweep(opt, true);
   if (sweep.runs.size() != 1) {
-    throw_usage("--experts-on-gpu/--cuda-graph/--moe-kernel/--cpu-handoff",
+    throw_usage("--experts-on-gpu/--cuda-graph/--moe-kernel/--cpu-handoff/--pcie-assist",
                 fmt::format("profile takes one placement and one value of each runtime flag "
                             "({} combinations given)",
                             sweep.runs.size()),

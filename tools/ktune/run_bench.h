@@ -36,6 +36,7 @@ struct RunOptions {
   std::string cuda_graph;              // --cuda-graph on|off[,...]; "": the placement's setting
   std::string moe_kernel;              // --moe-kernel fused|unfused[,...]; "": the placement's
   std::string cpu_handoff;             // --cpu-handoff flags|host_node[,...]; "": the placement's
+  std::string pcie_assist;             // --pcie-assist off|SHARE[,...]; "": the placement's
   // --gpus N[,N...]: quick placement over the first N GPUs, layers split evenly (with
   // --experts-on-gpu K: the experts of K layers on their layer's GPU, spread over the GPUs;
   // without it: every expert on its layer's GPU).
@@ -92,13 +93,15 @@ struct RuntimeOverrides {
   std::optional<MoeKernel> moe_kernel;  // --moe-kernel
   std::optional<CpuHandoff> cpu_handoff;  // --cpu-handoff
   std::optional<GpuTransport> gpu_transport;  // --gpu-transport
+  std::optional<int> pcie_assist_permille;    // --pcie-assist
   bool env_graph_off = false;           // KTUNE_CUDA_GRAPH=0 (kill switch: wins over everything)
 };
 // Parses the flags (usage errors name the flag) and reads KTUNE_CUDA_GRAPH.
 RuntimeOverrides parse_runtime_overrides(const std::string& cuda_graph,
                                          const std::string& moe_kernel,
                                          const std::string& cpu_handoff = "",
-                                         const std::string& gpu_transport = "");
+                                         const std::string& gpu_transport = "",
+                                         const std::string& pcie_assist = "");
 // Applies them. --moe-kernel unfused without --cuda-graph turns the graph off (the unfused path
 // is meant to show the host-driven per-expert pattern; --cuda-graph on gives its graph form);
 // KTUNE_CUDA_GRAPH=0 turns it off whatever else says.
@@ -117,6 +120,7 @@ struct PlacementSummary {
   bool cuda_graph = false;                                 // as run (always off on the CpuEngine)
   MoeKernel moe_kernel = MoeKernel::Fused;
   std::optional<CpuHandoff> cpu_handoff;                   // hybrid placements only
+  int pcie_assist_permille = 0;                            // hybrid placements only
   std::optional<GpuTransport> gpu_transport;               // several GPUs only
   std::string gpu_stages;  // several GPUs: "cuda:0 layers 0-23 -> cuda:1 layers 24-47"
   int cpu_threads = 0;

@@ -64,6 +64,7 @@ GpuBenchResult bench_gpu_engine(const ModelWeights& model, const GpuBenchSetting
   o.expert_on_gpu = s.expert_on_gpu;
   o.cpu_threads = s.cpu_threads;
   o.cpu_handoff = s.handoff_host_node ? CpuHandoff::HostNode : CpuHandoff::Flags;
+  o.pcie_assist_permille = s.pcie_assist_permille;
   o.layer_device = s.layer_device;
   o.gpu_transport = parse_gpu_transport(s.gpu_transport, "--gpu-transport");
   const std::vector<int64_t> batches = s.batches.empty() ? std::vector<int64_t>{1} : s.batches;

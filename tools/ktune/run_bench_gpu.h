@@ -19,6 +19,7 @@ struct GpuBenchSettings {
   std::vector<std::vector<bool>> expert_on_gpu;
   int cpu_threads = 0;
   bool handoff_host_node = false;  // CPU experts handed over by host nodes (else mapped flags)
+  int pcie_assist_permille = 0;    // runtime.pcie_assist
   // Several GPUs: each layer's CUDA device (empty = all on cuda:0) and the transport between
   // them ("auto", "nccl" or "peer").
   std::vector<int> layer_device;

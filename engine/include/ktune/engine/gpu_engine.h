@@ -83,6 +83,11 @@ struct GpuEngineOptions {
   int cpu_threads = 0;      // CpuMoe's ThreadPool size in hybrid mode (0 = hybrid_cpu_threads_default())
   bool pin_threads = true;  // pin that pool's threads to cores
   CpuHandoff cpu_handoff = CpuHandoff::Flags;  // how CPU experts are handed over (see above)
+  // PCIe assist (RuntimeOptions::pcie_assist_permille): the GPU computes this many thousandths
+  // (rounded down per token) of each layer's CPU experts from host memory over PCIe, while the
+  // CPU computes the rest. Needs the fused MoE and one GPU; otherwise off, and describe() says
+  // why. KTUNE_PCIE_ASSIST=share (or off) overrides it.
+  int pcie_assist_permille = 0;
   int64_t handoff_timeout_ms = 10000;          // either side gives up after this long
   int64_t max_prefill_chunk = 512;  // prefill runs in chunks of at most this many tokens
   // Multi-GPU layer split (ktune/engine/gpu_stages.h): the CUDA device of each layer's attention

@@ -76,7 +76,16 @@ struct RuntimeOptions {
   int64_t context = 4096;  // KV cache length, tokens per sequence
   int64_t batch = 1;       // sequences decoded together
   GpuTransport gpu_transport = GpuTransport::Auto;  // multi-GPU placements only
+  // PCIe assist, in thousandths (YAML `pcie_assist: 0.375`; 0 = off): of each token's CPU
+  // experts in a layer, the GPU computes floor(n * share) reading their weights from host memory
+  // over PCIe while the CPU computes the rest (fused MoE, hybrid placements on one GPU).
+  int pcie_assist_permille = 0;
 };
+constexpr int kMaxPcieAssistPermille = 950;
+// "0.375" for 375, "off" for 0.
+std::string pcie_assist_text(int permille);
+// "off" | a share in [0, 0.95] -> thousandths; throws a usage error naming `where` otherwise.
+int parse_pcie_assist(const std::string& text, const std::string& where);
 
 // Written by `ktune search`; kept so that parse + write gives the file back.
 struct Predicted {

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "ktune/engine/pcie_assist.h"
 #include "ktune/engine/quant.h"
 
 namespace ktune::cuda {
@@ -44,6 +45,20 @@ cudaError_t launch_swiglu_slot(const int32_t* ids, int64_t j, const int32_t* slo
 cudaError_t launch_axpy_slot(const int32_t* ids, int64_t j, const int32_t* slot_map,
                              const float* weights, const float* y, int64_t n, float* acc,
                              cudaStream_t stream);
+
+// PCIe assist (runtime.pcie_assist, gpu_engine.h): of a token's experts kept on the CPU (slot_map
+// -1, or every expert when slot_map is nullptr), the GPU computes the last
+// pcie_assist_count(n_cpu, num, den) in top-k order, reading their weights from host memory over
+// PCIe. Writes the fused MoE launches' inputs for them: map[e] (n_experts entries) = e for those
+// experts, -1 for every other (the slot map over the host tensors); their ids and weights
+// compacted into assist_ids / assist_wts[0, k_assist) in top-k order, the rest of the k_assist
+// entries padded with an id whose map entry is -1 (weight 0), so that every block of the
+// launches works on the assisted experts. k_assist = pcie_assist_count(k, num, den), the most
+// any token can have. Ids outside [0, n_experts) are never assisted (the other kernels write NaN).
+cudaError_t launch_pcie_assist_map(const int32_t* ids, const float* wts, int64_t k,
+                                   int64_t n_experts, const int32_t* slot_map, int num, int den,
+                                   int32_t* map, int32_t* assist_ids, float* assist_wts,
+                                   int64_t k_assist, cudaStream_t stream);
 
 // One layer's words in mapped memory, shared by the kernels below and the CPU side. 64 bytes so
 // that layers do not share a cache line on the host.
