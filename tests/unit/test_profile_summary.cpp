@@ -82,12 +82,15 @@ TEST(ProfileSummary, KernelCurvesAndHandOffAreOptionalAndRoundTrip) {
   const nlohmann::json old_doc = doc_of(sample());
   ASSERT_FALSE(old_doc["summary"]["gpu_costs"][0].contains("kernel_us_by_bytes"));
   ASSERT_FALSE(old_doc["summary"]["cpu_costs"].contains("moe_call_us"));
+  ASSERT_FALSE(old_doc["summary"]["cpu_costs"].contains("pcie_assist_gb_s"));
   const ProfileSummary old = summary_from_json(old_doc["summary"], "p.json");
   EXPECT_TRUE(old.gpu_costs[0].matvec_us.empty());
   EXPECT_TRUE(old.gpu_costs[0].moe_fused_us.empty());
   EXPECT_DOUBLE_EQ(old.gpu_costs[0].eager_gap_us, 0);
   EXPECT_DOUBLE_EQ(old.gpu_costs[0].handoff_us, 0);
   EXPECT_DOUBLE_EQ(old.cpu_costs.moe_call_us, 0);
+  EXPECT_DOUBLE_EQ(old.cpu_costs.pcie_assist_gb_s, 0);
+  EXPECT_DOUBLE_EQ(old.cpu_costs.moe_pcie_ratio, 0);
   // New fields survive a round trip (a version-1 document may carry them too).
   ProfileSummary s = sample();
   GpuCosts& c = s.gpu_costs[0];
@@ -98,6 +101,8 @@ TEST(ProfileSummary, KernelCurvesAndHandOffAreOptionalAndRoundTrip) {
   c.eager_gap_us = 2.3;
   c.handoff_us = 8.6;
   s.cpu_costs.moe_call_us = 8;
+  s.cpu_costs.pcie_assist_gb_s = 43.7;
+  s.cpu_costs.moe_pcie_ratio = 0.88;
   const nlohmann::json doc = doc_of(s);
   for (int version : {1, kProfileSchemaVersion}) {
     const ProfileSummary r = summary_from_json(doc["summary"], "p.json", version);
@@ -110,6 +115,14 @@ TEST(ProfileSummary, KernelCurvesAndHandOffAreOptionalAndRoundTrip) {
     EXPECT_DOUBLE_EQ(r.gpu_costs[0].eager_gap_us, 2.3);
     EXPECT_DOUBLE_EQ(r.gpu_costs[0].handoff_us, 8.6);
     EXPECT_DOUBLE_EQ(r.cpu_costs.moe_call_us, 8);
+    EXPECT_DOUBLE_EQ(r.cpu_costs.pcie_assist_gb_s, 43.7);
+    EXPECT_DOUBLE_EQ(r.cpu_costs.moe_pcie_ratio, 0.88);
+  }
+  {  // the PCIe assist's two numbers come together
+    nlohmann::json half = doc;
+    half["summary"]["cpu_costs"].erase("moe_pcie_ratio");
+    EXPECT_NE(error_of(half).find("summary.cpu_costs.moe_pcie_ratio: missing"), std::string::npos)
+        << error_of(half);
   }
   // Bad curves name the point.
   nlohmann::json bad = doc;

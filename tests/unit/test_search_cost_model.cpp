@@ -173,6 +173,38 @@ TEST(SearchCostModel, GpuExpertsOverlapTheCpuExpertsOfTheirLayer) {
   EXPECT_NEAR(cm.decode_layer_us(0, cm.hottest_split(0, 64), settings(true), 0), expected, 1e-6);
 }
 
+// PCIe assist: of a token's 8 CPU experts the GPU reads floor(8 * 0.375) = 3 over PCIe (three
+// graph nodes: the map and the two fused launches) while CpuMoe computes 5 at its rate beside
+// those reads; the layer waits for the slower side. Without the profile's probe (or with the
+// unfused kernel) the setting prices as no assist.
+TEST(SearchCostModel, PcieAssistSplitsTheCpuExpertsOfALayer) {
+  profile::ProfileSummary s = curved_profile();
+  s.cpu_costs.pcie_assist_gb_s = 40;
+  s.cpu_costs.moe_pcie_ratio = 0.9;
+  const ModelInfo mi = qwen30_q4();
+  const CostModel cm = make(mi, "prompt=1,gen=64", "", s);
+  const CostModel unprobed = make(mi, "prompt=1,gen=64", "", curved_profile());
+  const LayerSplit cpu = cm.hottest_split(0, 0);
+  const double eb = double(mi.bytes.expert[0]);
+  const double pre = (3 + 5.898240) + (3 + 4.718592) + 11 + 6 + 4 * 1.0;
+  EngineSettings a = settings(true);
+  a.pcie_assist_permille = 375;
+  const double gpu = 3 * 1.0 + 3 * eb / (40 * 1e3);
+  const double cpu5 = 6 + 5 * eb / (68 * 0.9 * 1e3);
+  EXPECT_NEAR(cm.decode_layer_us(0, cpu, a, 0), pre + 9 + std::max(gpu, cpu5), 1e-6);
+  const double none = cm.decode_layer_us(0, cpu, settings(true), 0);
+  EXPECT_NEAR(none, pre + 9 + 6 + 8 * eb / (68 * 1e3), 1e-6);
+  EXPECT_LT(cm.decode_layer_us(0, cpu, a, 0), none);
+  EXPECT_NEAR(unprobed.decode_layer_us(0, cpu, a, 0), none, 1e-6);
+  EngineSettings unfused = settings(true, MoeKernel::Unfused);
+  unfused.pcie_assist_permille = 375;
+  EXPECT_NEAR(cm.decode_layer_us(0, cpu, unfused, 0),
+              cm.decode_layer_us(0, cpu, settings(true, MoeKernel::Unfused), 0), 1e-6);
+  // Too big a share moves the bottleneck to PCIe: 0.75 (6 of 8 over PCIe) is slower than 0.375.
+  a.pcie_assist_permille = 750;
+  EXPECT_GT(cm.decode_layer_us(0, cpu, a, 0), pre + 9 + std::max(gpu, cpu5));
+}
+
 TEST(SearchCostModel, CpuExpertsNeverStreamFasterThanDram) {
   // A CpuMoe probe above the DRAM read (its small working set cached): decode takes the read.
   profile::ProfileSummary s = curved_profile();

@@ -128,6 +128,28 @@ TEST(SearchDriver, ABudgetThatForcesHybrid) {
   EXPECT_GT(all.pred.decode_tok_s, best.pred.decode_tok_s);
 }
 
+// With the profile's PCIe assist probe, a budget that keeps most experts on the CPU picks the
+// assist (written into the placement's runtime); without the probe it is never chosen and the
+// notes say why.
+TEST(SearchDriver, PcieAssistIsChosenOnlyWithItsProbe) {
+  const ModelInfo mi = qwen30_q4();
+  profile::ProfileSummary prof = test::h100_profile();
+  prof.cpu_costs.pcie_assist_gb_s = 44;
+  prof.cpu_costs.moe_pcie_ratio = 0.88;
+  const SearchResult r = run_search(options(mi, "cuda:0=6GiB", "prompt=16,gen=128,context=4096", prof));
+  ASSERT_GE(r.best_graph, 0);
+  const Candidate& best = r.ranked[size_t(r.best_graph)];
+  EXPECT_GT(best.settings.pcie_assist_permille, 0) << best.settings.describe();
+  EXPECT_EQ(best.placement.runtime.pcie_assist_permille, best.settings.pcie_assist_permille);
+  const SearchResult plain = run_search(options(mi, "cuda:0=6GiB", "prompt=16,gen=128,context=4096"));
+  for (const Candidate* c : everything(plain)) EXPECT_EQ(c->settings.pcie_assist_permille, 0);
+  bool noted = false;
+  for (const std::string& n : plain.notes) noted = noted || n.find("PCIe assist") != std::string::npos;
+  EXPECT_TRUE(noted);
+  // And the assisted pick is predicted faster than the same run without it.
+  EXPECT_GT(best.pred.decode_tok_s, plain.ranked[size_t(plain.best_graph)].pred.decode_tok_s);
+}
+
 TEST(SearchDriver, TheKvCacheCompetesWithExpertsForGpuMemory) {
   // Same budget, longer context: the KV cache takes GPU memory experts had.
   const ModelInfo mi = qwen30_q4();

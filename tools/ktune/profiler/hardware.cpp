@@ -59,6 +59,16 @@ std::vector<int> thread_list(const HardwareOptions& o) {
 
 int count_numa_nodes() { return read_topology(0, {}).numa_nodes; }
 
+// A GPU kernel reading pinned host memory in a loop (what the PCIe assist does), on its own
+// thread: start() begins, stop() ends it and returns the GB/s it read meanwhile.
+class PcieLoad {
+ public:
+  virtual ~PcieLoad() = default;
+  virtual void start() = 0;
+  virtual double stop() = 0;
+};
+std::unique_ptr<PcieLoad> make_pcie_load(int device);  // nullptr without CUDA or that GPU
+
 }  // namespace
 
 void stamp_summary(profile::ProfileSummary& s, const std::string& kind) {
@@ -96,7 +106,7 @@ profile::CpuInfo measure_cpu(const HardwareOptions& o, json* raw) {
 }
 
 std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json* raw,
-                                                 double* call_us) {
+                                                 double* call_us, profile::CpuCosts* assist) {
   // Experts of qwen3-30b-a3b's shape from the synthetic generator (only the expert tensors of a
   // few layers, so it fits anywhere), cycling layers so the caches do not hold them.
   SynthOptions so;
@@ -209,6 +219,47 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json*
       if (call_us != nullptr) *call_us = call;
       if (raw) (*raw)["cpu_moe_call"] = {{"threads", t}, {"one_expert_us", t1},
                                          {"top_k_us", tk}, {"call_us", call}};
+    }
+  }
+  std::unique_ptr<PcieLoad> load = assist ? make_pcie_load(0) : nullptr;
+  if (load) {
+    // The hybrid engine's pool (one core left to the host thread), alone and beside the load,
+    // alternating so that drift hits both alike; the GPU's rate alone for the record.
+    const int t = std::min(hybrid_cpu_threads_default(), std::max(1, thread_list(o).back()));
+    ThreadPool pool(t);
+    CpuMoe moe(w, pool);
+    auto rate = [&]() {
+      double secs = 0;
+      for (int it = 0; it < iters; ++it) {
+        std::vector<int32_t> all(static_cast<size_t>(n_exp));
+        for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+        std::shuffle(all.begin(), all.end(), rng);
+        std::copy(all.begin(), all.begin() + k, ids.begin());
+        const double t0 = now_s();
+        moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), static_cast<int>(k),
+                    y.data());
+        secs += now_s() - t0;
+      }
+      return static_cast<double>(iters * k * expert_bytes) / secs / 1e9;
+    };
+    load->start();
+    std::this_thread::sleep_for(std::chrono::milliseconds(o.quick ? 20 : 200));
+    const double gpu_alone = load->stop();
+    double cpu_alone = 0, cpu_loaded = 0, gpu_loaded = 0;
+    for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) {
+      cpu_alone = std::max(cpu_alone, rate());
+      load->start();
+      cpu_loaded = std::max(cpu_loaded, rate());
+      gpu_loaded = std::max(gpu_loaded, load->stop());
+    }
+    if (cpu_alone > 0 && cpu_loaded > 0 && gpu_loaded > 0) {
+      assist->pcie_assist_gb_s = gpu_loaded;
+      assist->moe_pcie_ratio = std::min(2.0, cpu_loaded / cpu_alone);
+    }
+    if (raw) {
+      (*raw)["pcie_assist"] = {{"device", "cuda:0"},        {"threads", t},
+                               {"gpu_alone_gb_s", gpu_alone}, {"gpu_loaded_gb_s", gpu_loaded},
+                               {"cpu_alone_gb_s", cpu_alone}, {"cpu_loaded_gb_s", cpu_loaded}};
     }
   }
   if (raw) {
@@ -816,9 +867,79 @@ void measure_gpus(const HardwareOptions& o, profile::ProfileSummary& s, json* ra
   if (raw) (*raw)["gpus"] = all;
 }
 
+namespace {
+
+class CudaPcieLoad : public PcieLoad {
+ public:
+  // The sink is allocated on `device` (made current first).
+  explicit CudaPcieLoad(int device) : device_(device), sink_(on_device(device, 64)) {
+    void* host = nullptr;
+    KTUNE_CUDA_CHECK(cudaMallocHost(&host, kBytes));
+    host_.reset(host);
+    std::memset(host, 1, kBytes);
+  }
+  ~CudaPcieLoad() override {
+    if (thread_.joinable()) stop();
+  }
+  void start() override {
+    stop_ = false;
+    bytes_ = 0;
+    thread_ = std::thread([this] {
+      cudaSetDevice(device_);
+      cuda::Stream stream;
+      const double t0 = now_s();
+      while (!stop_.load(std::memory_order_relaxed)) {
+        if (gpu::launch_read_probe(host_.get(), kBytes, sink_.as<uint32_t>(), stream.get()) !=
+            cudaSuccess) {
+          break;
+        }
+        stream.synchronize();
+        bytes_ += static_cast<double>(kBytes);
+      }
+      secs_ = now_s() - t0;
+    });
+  }
+  double stop() override {
+    stop_ = true;
+    thread_.join();
+    return secs_ > 0 ? bytes_ / secs_ / 1e9 : 0.0;
+  }
+
+ private:
+  struct FreeHost {
+    void operator()(void* p) const { cudaFreeHost(p); }
+  };
+  static size_t on_device(int device, size_t bytes) {
+    KTUNE_CUDA_CHECK(cudaSetDevice(device));
+    return bytes;
+  }
+  static constexpr size_t kBytes = size_t{64} << 20;  // one pass ~1.3 ms at PCIe 5 speed
+  int device_;
+  cuda::DeviceBuffer sink_;
+  std::unique_ptr<void, FreeHost> host_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  double bytes_ = 0, secs_ = 0;
+};
+
+std::unique_ptr<PcieLoad> make_pcie_load(int device) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n <= device) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return std::make_unique<CudaPcieLoad>(device);
+}
+
+}  // namespace
+
 #else
 
 void measure_gpus(const HardwareOptions&, profile::ProfileSummary&, json*) {}
+
+namespace {
+std::unique_ptr<PcieLoad> make_pcie_load(int) { return nullptr; }
+}  // namespace
 
 #endif
 

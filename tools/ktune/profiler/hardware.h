@@ -27,8 +27,11 @@ profile::CpuInfo measure_cpu(const HardwareOptions& o, nlohmann::json* raw);
 // qwen3-30b-a3b's shape (Q4_0, top-8 of 128; 6 layers cycled, a working set far above the
 // last-level cache), by thread count; call_us (optional) receives the fixed cost of one call at
 // the largest thread count (profile_summary.h, CpuCosts::moe_call_us).
+// With `assist` and a GPU: the PCIe assist's rates (CpuCosts::pcie_assist_gb_s, moe_pcie_ratio):
+// CpuMoe at the hybrid engine's thread count alone and while cuda:0 reads pinned host memory.
 std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, nlohmann::json* raw,
-                                                 double* call_us = nullptr);
+                                                 double* call_us = nullptr,
+                                                 profile::CpuCosts* assist = nullptr);
 // Every GPU of this machine (none without CUDA or a device): fills gpus and gpu_costs.
 void measure_gpus(const HardwareOptions& o, profile::ProfileSummary& s, nlohmann::json* raw);
 

@@ -257,7 +257,7 @@ ProfileDoc profile_hardware(const ProfileOptions& opt) {
   doc.summary.cpu = measure_cpu(ho, &raw);
   stop_if_interrupted();
   doc.summary.cpu_costs.moe_decode_gb_s =
-      measure_cpu_moe(ho, &raw, &doc.summary.cpu_costs.moe_call_us);
+      measure_cpu_moe(ho, &raw, &doc.summary.cpu_costs.moe_call_us, &doc.summary.cpu_costs);
   stop_if_interrupted();
   measure_gpus(ho, doc.summary, &raw);
   stop_if_interrupted();

@@ -145,6 +145,10 @@ void to_json(json& j, const ProfileSummary& s) {
                     {"prefill_gflop_s", curve_json(s.cpu_costs.prefill_gflop_s)},
                     {"handoff_host_thread_us", s.cpu_costs.handoff_host_thread_us}};
   if (s.cpu_costs.moe_call_us > 0) j["cpu_costs"]["moe_call_us"] = s.cpu_costs.moe_call_us;
+  if (s.cpu_costs.pcie_assist_gb_s > 0 && s.cpu_costs.moe_pcie_ratio > 0) {
+    j["cpu_costs"]["pcie_assist_gb_s"] = s.cpu_costs.pcie_assist_gb_s;
+    j["cpu_costs"]["moe_pcie_ratio"] = s.cpu_costs.moe_pcie_ratio;
+  }
   j["cpu_costs"]["moe_decode_gb_s_per_node"] = json::array();
   for (const CpuCosts::NodeCurve& n : s.cpu_costs.moe_decode_gb_s_per_node) {
     j["cpu_costs"]["moe_decode_gb_s_per_node"].push_back(
@@ -245,6 +249,10 @@ ProfileSummary summary_from_json(const json& summary, const std::string& file, i
   s.cpu_costs.prefill_gflop_s = curve(cc.at("prefill_gflop_s"), false);
   s.cpu_costs.handoff_host_thread_us = cc.at("handoff_host_thread_us").num(0, 1e6);
   if (cc.has("moe_call_us")) s.cpu_costs.moe_call_us = cc.at("moe_call_us").num(0, 1e6);
+  if (cc.has("pcie_assist_gb_s") || cc.has("moe_pcie_ratio")) {  // both or neither
+    s.cpu_costs.pcie_assist_gb_s = cc.at("pcie_assist_gb_s").num(1e-3, kHuge);
+    s.cpu_costs.moe_pcie_ratio = cc.at("moe_pcie_ratio").num(0.01, 2.0);
+  }
   if (version >= 2 || cc.has("moe_decode_gb_s_per_node")) {
     const Field pn = cc.at("moe_decode_gb_s_per_node");
     for (size_t i = 0; i < pn.array_size(); ++i) {

@@ -63,6 +63,12 @@ struct CpuCosts {
   // Fixed cost of one CpuMoe call at the full thread count (waking the pool, quantizing h, the
   // uneven finish): the intercept of call time against selected experts. 0: not measured.
   double moe_call_us = 0;
+  // The PCIe assist (runtime.pcie_assist), measured with cuda:0 at the hybrid engine's thread
+  // count: a GPU kernel reading pinned host memory while CpuMoe runs reads pcie_assist_gb_s, and
+  // CpuMoe meanwhile runs at moe_pcie_ratio x its rate alone (both read the same DRAM). 0: not
+  // measured (the search then leaves the assist off).
+  double pcie_assist_gb_s = 0;
+  double moe_pcie_ratio = 0;
 };
 
 struct GpuInfo {

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "ktune/engine/memory_plan.h"
+#include "ktune/engine/pcie_assist.h"
 
 namespace ktune::search {
 namespace {
@@ -43,13 +44,14 @@ std::string EngineSettings::describe() const {
   if (!gpu) return fmt::format("cpu engine, {} threads", cpu_threads);
   std::string s = fmt::format("graph {}, {}", cuda_graph ? "on" : "off", moe_kernel_name(kernel));
   if (cuda_graph) s += fmt::format(", {} hand-off", cpu_handoff_name(handoff));
+  if (pcie_assist_permille > 0) s += ", pcie assist " + pcie_assist_text(pcie_assist_permille);
   return s + fmt::format(", {} threads", cpu_threads);
 }
 
 std::string EngineSettings::key() const {
-  return fmt::format("{}{}{}{}{}", gpu ? 'g' : 'c', cuda_graph ? 1 : 0,
+  return fmt::format("{}{}{}{}{}a{}", gpu ? 'g' : 'c', cuda_graph ? 1 : 0,
                      kernel == MoeKernel::Fused ? 'f' : 'u',
-                     handoff == CpuHandoff::Flags ? 'F' : 'H', cpu_threads);
+                     handoff == CpuHandoff::Flags ? 'F' : 'H', cpu_threads, pcie_assist_permille);
 }
 
 bool operator==(const EngineSettings& a, const EngineSettings& b) { return a.key() == b.key(); }
@@ -286,6 +288,18 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
   };
   const bool host_synced = e.kernel == MoeKernel::Unfused && !graph;
   if (!has_cpu && !host_synced) return pre + gpu_moe(k);
+  // PCIe assist: a of the token's j CPU experts read by the GPU from host memory after its own
+  // experts (the map launch and two fused launches run, empty or not, on every token), while
+  // CpuMoe computes the other j - a, slowed by the GPU's reads of the same DRAM.
+  const bool assist = e.pcie_assist_permille > 0 && e.kernel == MoeKernel::Fused && has_cpu &&
+                      m_.pcie_assist_gb_s > 0;
+  auto assist_us = [&](int a) {
+    return 3 * kernel_us(0, graph) + (a > 0 ? us_for_bytes(a * eb, m_.pcie_assist_gb_s) : 0.0);
+  };
+  auto cpu_assisted = [&](int j, int a) {
+    return j - a > 0 ? m_.cpu_call_us + (j - a) * us_for_bytes(eb, cpu_bw * m_.moe_pcie_ratio)
+                     : 0.0;
+  };
 
   const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
   std::vector<double> pj;
@@ -306,10 +320,13 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
   for (int j = 0; j <= k; ++j) {
     const double pr = pj[size_t(j)];
     if (pr == 0) continue;
-    const double cpu = cpu_experts(j);
     const double ng = has_gpu ? double(k - j) : 0.0;
     double t = 0;
-    if (!host_synced) {
+    if (assist) {
+      const int a = pcie_assist_count(j, e.pcie_assist_permille, 1000);
+      t = pre + h + std::max(gpu_moe(ng) + assist_us(a), cpu_assisted(j, a));
+    } else if (!host_synced) {
+      const double cpu = cpu_experts(j);
       // GPU experts run while the CPU computes its own; the wait kernel joins them.
       t = pre + h + std::max(gpu_moe(ng), cpu);
     } else {
@@ -321,7 +338,7 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
         host_free = (2 + 5 * ng) * L;
       }
       t = gpu_end;
-      if (j > 0) t = std::max(gpu_end, host_free + cpu) + merge;
+      if (j > 0) t = std::max(gpu_end, host_free + cpu_experts(j)) + merge;
       t += pre + d2h + m_.sync_us;
     }
     expected += pr * t;

@@ -45,6 +45,9 @@ struct EngineSettings {
   MoeKernel kernel = MoeKernel::Fused;
   CpuHandoff handoff = CpuHandoff::Flags;
   int cpu_threads = 1;
+  // PCIe assist (RuntimeOptions::pcie_assist_permille; fused MoE only): the GPU computes
+  // pcie_assist_count(n, permille, 1000) of a token's n CPU experts from host memory.
+  int pcie_assist_permille = 0;
 
   // "graph on, fused, flags, 16 threads" / "cpu engine, 16 threads"
   std::string describe() const;

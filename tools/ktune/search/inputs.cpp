@@ -198,6 +198,9 @@ const std::vector<AssumptionKey>& assumption_keys() {
        "host thread"},
       {"cpu_call_us",
        "fixed cost of one CpuMoe call per hybrid layer with CPU experts selected (default 8)"},
+      {"pcie_assist_gb_s",
+       "GPU read rate of host memory while CpuMoe runs, for the PCIe assist (0: leave it off)"},
+      {"moe_pcie_ratio", "CpuMoe's rate beside the PCIe assist's reads, relative to alone"},
       {"kernel_fixed_us", "latency each kernel adds to its time (default 0)"},
       {"eager_gap_us",
        "GPU-side gap of a queued eager kernel (default: the profile's, else launch_eager_us is "
@@ -334,6 +337,11 @@ MachineCosts machine_costs(const profile::ProfileSummary& s, const Assumptions& 
   m.cpu_call_us = pick("cpu_call_us", s.cpu_costs.moe_call_us, 8.0,
                        "waking the pool, quantizing h, uneven finish");
   m.cpu_mem_available_bytes = s.cpu.mem_available_bytes;
+  m.pcie_assist_gb_s = s.cpu_costs.pcie_assist_gb_s;
+  m.moe_pcie_ratio = s.cpu_costs.moe_pcie_ratio;
+  if (const double* v = given("pcie_assist_gb_s")) m.pcie_assist_gb_s = *v;
+  if (const double* v = given("moe_pcie_ratio")) m.moe_pcie_ratio = *v;
+  if (m.pcie_assist_gb_s > 0 && m.moe_pcie_ratio <= 0) m.moe_pcie_ratio = 1.0;
 
   m.n_gpus = static_cast<int>(s.gpus.size());
   if (!s.gpus.empty()) {

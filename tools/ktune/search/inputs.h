@@ -100,6 +100,10 @@ struct MachineCosts {
   std::vector<profile::ThreadRate> cpu_prefill_gflop_s;  // batched CPU matmul by threads
   double handoff_host_thread_us = 0;  // unused by the model (the engine no longer does this)
   double cpu_call_us = 0;  // fixed cost of one CpuMoe call (wake, quantize h, uneven finish)
+  // The PCIe assist (profile cpu_costs.pcie_assist_gb_s / moe_pcie_ratio): the GPU's read rate of
+  // host memory while CpuMoe runs, and CpuMoe's rate meanwhile relative to alone. 0: not known,
+  // the search leaves the assist off.
+  double pcie_assist_gb_s = 0, moe_pcie_ratio = 0;
   int64_t cpu_mem_available_bytes = 0;
 
   // The GPU the search places on (cuda:0); absent on a CPU-only profile.

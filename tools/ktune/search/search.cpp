@@ -45,6 +45,7 @@ Placement make_placement(const ModelInfo& model, const EngineSettings& s,
   p.runtime.cuda_graph = s.gpu && s.cuda_graph;
   p.runtime.moe_kernel = s.kernel;
   p.runtime.cpu_handoff = s.handoff;
+  p.runtime.pcie_assist_permille = s.gpu ? s.pcie_assist_permille : 0;
   p.runtime.cpu_threads = s.cpu_threads;
   p.runtime.context = context;
   p.runtime.batch = batch;
@@ -227,6 +228,11 @@ class Driver {
     if (!cm_.router().note.empty()) res_.notes.push_back(cm_.router().note);
     res_.threads_tried = cm_.thread_candidates();
     cpu_budget_ = budget_of("cpu");
+    if (cm_.machine().has_gpu && cm_.machine().pcie_assist_gb_s <= 0) {
+      res_.notes.push_back(
+          "the profile has no PCIe assist probe (cpu_costs.pcie_assist_gb_s): placements are "
+          "searched without it; record the machine again with ktune profile --hardware");
+    }
 
     const MachineCosts& m = cm_.machine();
     int64_t gpu_budget = -1;
@@ -286,8 +292,39 @@ class Driver {
           out.push_back(s);
         }
       }
+      // The PCIe assist with fused MoE and flags (one GPU): the share that is fastest for a
+      // layer with every expert on the CPU, as one more setting.
+      EngineSettings a = s;
+      a.kernel = MoeKernel::Fused;
+      a.handoff = CpuHandoff::Flags;
+      a.pcie_assist_permille = best_pcie_assist(a);
+      if (a.pcie_assist_permille > 0) out.push_back(a);
     }
     return out;
+  }
+
+  // The share (thousandths) of a token's CPU experts the GPU should read over PCIe, judged on a
+  // MoE layer with every expert on the CPU at an empty context; 0 when no share beats none by
+  // 1 %, or the profile did not measure the assist.
+  int best_pcie_assist(EngineSettings s) const {
+    const MachineCosts& m = cm_.machine();
+    if (m.pcie_assist_gb_s <= 0 || !m.has_gpu) return 0;
+    int64_t l = 0;
+    while (l + 1 < cm_.n_layers() && opt_.model.cfg.is_dense_layer(l)) ++l;
+    const LayerSplit all_cpu = cm_.hottest_split(l, 0);
+    s.pcie_assist_permille = 0;
+    const double none = cm_.decode_layer_one_us(l, all_cpu, s, 0.0);
+    double best = none * 0.99;
+    int pick = 0;
+    for (int permille = 125; permille <= 750; permille += 125) {
+      s.pcie_assist_permille = permille;
+      const double t = cm_.decode_layer_one_us(l, all_cpu, s, 0.0);
+      if (t < best) {
+        best = t;
+        pick = permille;
+      }
+    }
+    return pick;
   }
 
   Problem make_problem(const std::vector<std::vector<double>>& tables, const MemoryModel& mm,
@@ -679,10 +716,15 @@ class Driver {
       return;
     }
     const PipelineMemoryModel pm = pipeline_memory_model(opt_.model, graph, opt_.workload.context);
-    std::vector<EngineSettings> sets = top_settings_[graph ? 1 : 0];
+    // The layer split runs no PCIe assist (the engine's pipeline stages share one CPU side).
+    std::vector<EngineSettings> sets;
+    for (EngineSettings s : top_settings_[graph ? 1 : 0]) {
+      s.pcie_assist_permille = 0;
+      if (std::find(sets.begin(), sets.end(), s) == sets.end()) sets.push_back(s);
+    }
     if (sets.empty()) {
       for (const EngineSettings& s : settings_for(graph)) {
-        if (sets.size() < 2) sets.push_back(s);
+        if (sets.size() < 2 && s.pcie_assist_permille == 0) sets.push_back(s);
       }
     }
     const int64_t e = cm_.n_experts();
@@ -1017,6 +1059,7 @@ public:
       s.cuda_graph = p.runtime.cuda_graph;
       s.kernel = p.runtime.moe_kernel;
       s.handoff = p.runtime.cpu_handoff;
+      s.pcie_assist_permille = p.runtime.pcie_assist_permille;
       s.cpu_threads = p.runtime.cpu_threads > 0 ? p.runtime.cpu_threads
                       : s.gpu                   ? hybrid_thread_cap()
                                                 : std::max(1, m.physical_cores);
