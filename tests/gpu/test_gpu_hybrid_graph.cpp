@@ -387,13 +387,22 @@ TEST(GpuEngineGraph, PcieAssistMatchesTheUnassistedStep) {
       EXPECT_GT(worst, 0.0);  // the assisted experts did move to the GPU's arithmetic
     }
   }
-  // Greedy tokens: assisted (half of the CPU experts) vs not, all experts on the CPU.
+  // Greedy tokens, all experts on the CPU, assisted (half of the CPU experts) vs not: the first 8
+  // agree (the steps the logits above cover); later ones may part at a near-tie of this random
+  // model, as the GPU-vs-CPU engine tests allow (18 of 24 agreed on the H100). The assisted run
+  // repeats itself exactly.
   GpuEngineOptions o = opts(m, Split::AllOnCpu, true, MoeKernel::Fused, CpuHandoff::Flags);
   GpuEngine plain(m, o);
   const auto want = plain.generate_greedy(3, 24);
   o.pcie_assist_permille = 500;
   GpuEngine assisted(m, o);
-  EXPECT_EQ(assisted.generate_greedy(3, 24), want);
+  const auto got = assisted.generate_greedy(3, 24);
+  EXPECT_TRUE(std::equal(want.begin(), want.begin() + 8, got.begin()));
+  assisted.reset();
+  EXPECT_EQ(assisted.generate_greedy(3, 24), got);
+  size_t same = 0;
+  while (same < got.size() && got[same] == want[same]) ++same;
+  std::printf("[GpuEngineGraph pcie assist] greedy: %zu of 24 tokens as without the assist\n", same);
   // KTUNE_PCIE_ASSIST=off is a kill switch over the option.
   setenv("KTUNE_PCIE_ASSIST", "off", 1);
   GpuEngine killed(m, o);
