@@ -458,45 +458,59 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     // The untraced decode, after every traced window was flushed and drained, with CUPTI
     // detached (cuptiFinalize): an attached CUPTI, even with every activity kind off, slows
     // eager launches (an unfused eager hybrid ran 7 % faster detached than attached, H100), and
-    // the overhead is against not profiling at all. First the baseline windows, then the
-    // profiling run's untraced steps (the padding), whose number the traced window's dilation
-    // against that baseline decides (auto). Windows of at most n steps, each from position 0:
-    // the padding's steps cost what the baseline's did, and the context stays n long.
+    // the overhead is against not profiling at all. The baseline windows and the profiling run's
+    // untraced steps (the padding, whose number the traced window's dilation against the first
+    // baseline window decides under auto) are the same work, so the baseline windows are spread
+    // through the padding: a hybrid's speed can drift by 15 % over a 25 s run, and a baseline
+    // taken only before the padding read that drift as tracing overhead. Windows of at most n
+    // steps, each from position 0: the padding's steps cost what the baseline's did, and the
+    // context stays n long.
     if (cupti_on && !cupti->detach()) {
       doc.notes.push_back("CUPTI could not be detached before the untraced windows (" +
                           cupti->error() + "): they may run slower than without profiling");
     }
     trace::stop();
-    for (int i = 0; i < opt.untraced_windows; ++i) {
+    auto baseline_window = [&]() {
       stop_if_interrupted();
       eng->reset();
       const int64_t t0 = trace::now_ns();
       eng->decode(first, ro.gen);
       untraced.push_back(static_cast<double>(window_tokens) /
                          (static_cast<double>(trace::now_ns() - t0) * 1e-9));
-    }
+    };
+    const int windows = std::max(1, opt.untraced_windows);
+    baseline_window();
     {
-      const double untraced_tok_s = median(untraced);
-      const double dilation = untraced_tok_s > 0 ? 1.0 - analyzed_tok_s / untraced_tok_s : 0;
+      const double dilation = untraced.front() > 0 ? 1.0 - analyzed_tok_s / untraced.front() : 0;
       if (opt.trace_padding < 0) {
         padding = choose_untraced_padding(
-            dilation, ro.gen, untraced_tok_s / static_cast<double>(ro.batch),
+            dilation, ro.gen, untraced.front() / static_cast<double>(ro.batch),
             kPaddingTargetFraction, kPaddingMaxExtraSeconds, kPaddingMaxWindowFactor);
       } else {
         padding.steps = padding.steps_for_target = opt.trace_padding;
         padding.run_overhead = amortised_overhead(dilation, ro.gen, padding.steps);
       }
     }
-    if (padding.steps > 0) {
-      const int64_t p0 = trace::now_ns();
-      for (int64_t done = 0; done < padding.steps;) {
-        stop_if_interrupted();
-        const int64_t steps = std::min<int64_t>(ro.gen, padding.steps - done);
-        eng->reset();
-        eng->decode(first, steps);
-        done += steps;
+    const int64_t chunks = padding.steps > 0 ? (padding.steps + ro.gen - 1) / ro.gen : 0;
+    const int spread = windows - 1;  // the other baseline windows, among the padding's chunks
+    int taken = 0;
+    int64_t pad_ns = 0;
+    for (int64_t c = 0, done = 0; c < chunks; ++c) {
+      stop_if_interrupted();
+      const int64_t steps = std::min<int64_t>(ro.gen, padding.steps - done);
+      eng->reset();
+      const int64_t c0 = trace::now_ns();
+      eng->decode(first, steps);
+      pad_ns += trace::now_ns() - c0;
+      done += steps;
+      // Window i of `spread` after chunk (i + 1) * chunks / (spread + 1) - 1: evenly through.
+      while (taken < spread && (c + 1) * (spread + 1) >= (taken + 1) * chunks) {
+        baseline_window();
+        ++taken;
       }
-      const int64_t pad_ns = trace::now_ns() - p0;
+    }
+    for (; taken < spread; ++taken) baseline_window();
+    if (padding.steps > 0) {
       window_ns += pad_ns;
       padding_tok_s = static_cast<double>(padding.steps * ro.batch) /
                       (static_cast<double>(std::max<int64_t>(pad_ns, 1)) * 1e-9);

@@ -9,9 +9,11 @@
 // traced warm-up, the prefill window (-p tokens, when > 0) and the decode window (n tokens);
 // tracing off; with a second level (`--trace-level both`), a traced warm-up and decode window at
 // that level, for its overhead only; CUPTI detached (cuptiFinalize: attached, even with every
-// kind off, it slows eager launches); `untraced_windows` decode windows of n tokens (the
-// overhead baseline: not profiling at all); the profiling run's untraced padding steps
-// (--trace-padding); analysis of the first level's windows.
+// kind off, it slows eager launches); one untraced decode window of n tokens, then the profiling
+// run's untraced padding steps (--trace-padding) with the other `untraced_windows` - 1 windows
+// spread through them (the overhead baseline, not profiling at all, sampled over the same stretch
+// as the padding so that the engine's own drift does not read as overhead); analysis of the
+// first level's windows.
 #pragma once
 
 #include <string>
