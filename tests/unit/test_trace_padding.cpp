@@ -82,10 +82,11 @@ TEST(TracePadding, CappedAtSixteenWindowsOrTwentySeconds) {
 }
 
 TEST(TracePadding, NotesSayWhatTheCapLeftAndThatGapsIncludeTheDilation) {
-  const PaddingChoice capped = choose_untraced_padding(0.3, 64, 20, 0.025, 20);
+  const PaddingChoice capped =
+      choose_untraced_padding(0.3, 64, 20, profiler::kPaddingTargetFraction, 20);
   auto notes = profiler::tracing_overhead_notes(0.3, capped, true, true, 2200);
   ASSERT_EQ(notes.size(), 2u);
-  EXPECT_NE(notes[0].find("could not meet its 2.5 % target"), std::string::npos) << notes[0];
+  EXPECT_NE(notes[0].find("could not meet its 2.0 % target"), std::string::npos) << notes[0];
   EXPECT_NE(notes[0].find("its 400 steps leave the profiling run 5.6 % slower"), std::string::npos)
       << notes[0];
   EXPECT_NE(notes[1].find("30.0 % slower than untraced (CUPTI's cost per launch, 2200 launches "
@@ -190,8 +191,13 @@ TEST(TracePaddingProfile, CpuProfileRunsTheAskedPaddingUntracedAfterTheWindow) {
   EXPECT_EQ(oh.untraced_padding_steps, 5);
   EXPECT_EQ(oh.trace_padding, "5");
   EXPECT_GT(oh.profile_run_tok_s, 0);
-  EXPECT_NEAR(oh.profile_run_overhead_fraction, 1 - oh.profile_run_tok_s / oh.untraced_median,
+  // With padding the run's baseline is every untraced step pooled: the window (4 tokens) and the
+  // 5 padding steps over their summed wall, a speed between the two.
+  ASSERT_GT(oh.untraced_pooled_tok_s, 0);
+  EXPECT_NEAR(oh.profile_run_overhead_fraction, 1 - oh.profile_run_tok_s / oh.untraced_pooled_tok_s,
               1e-12);
+  const double pooled_wall = 4 / oh.untraced_median + 5 / oh.padding_tok_s;
+  EXPECT_NEAR(oh.untraced_pooled_tok_s, 9 / pooled_wall, 1e-6 * oh.untraced_pooled_tok_s);
   // The padding's own speed: untraced, between the traced window's and the run's extremes; a
   // note names it when it strays from the baseline windows by more than 5 %.
   EXPECT_GT(oh.padding_tok_s, 0);

@@ -54,6 +54,7 @@ json overhead_json(const Overhead& o) {
     j["profile_run_overhead_fraction"] = o.profile_run_overhead_fraction;
     j["untraced_padding_steps"] = o.untraced_padding_steps;
     if (o.padding_tok_s > 0) j["padding_tok_s"] = o.padding_tok_s;
+    if (o.untraced_pooled_tok_s > 0) j["untraced_pooled_tok_s"] = o.untraced_pooled_tok_s;
     j["trace_padding"] = o.trace_padding;
   }
   return j;

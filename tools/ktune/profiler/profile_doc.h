@@ -57,7 +57,13 @@ struct Overhead {
   // The fields above are the traced steps' dilation; these are what profiling cost the decode.
   // profile_run_tok_s 0: not measured (--exec).
   double profile_run_tok_s = 0;              // (window + padding tokens) / that wall
-  double profile_run_overhead_fraction = 0;  // 1 - profile_run_tok_s / untraced_median
+  // 1 - profile_run_tok_s / the untraced speed: untraced_pooled_tok_s when there was padding,
+  // else untraced_median.
+  double profile_run_overhead_fraction = 0;
+  // Every untraced step of the run (the baseline windows and the padding, interleaved) over
+  // their summed wall: hundreds of steps instead of three short windows, so a noisy engine's
+  // (a hybrid's) window-to-window spread does not decide the figure. 0: no padding.
+  double untraced_pooled_tok_s = 0;
   int64_t untraced_padding_steps = 0;        // P (decode steps of `batch` tokens)
   // The padding's own untraced speed (0 without padding): far from untraced_median, the engine's
   // speed moved during the run, and the run's overhead against the baseline windows shows it.

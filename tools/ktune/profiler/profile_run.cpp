@@ -330,6 +330,8 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   double analyzed_tok_s = 0;     // the analyzed decode window, traced
   double profile_run_tok_s = 0;  // that window + its padding
   double padding_tok_s = 0;      // the padding alone
+  double pooled_tok_s = 0;       // every untraced step (windows + padding) over their wall
+  int64_t baseline_ns = 0;       // the baseline windows' summed wall
   Window prefill_win, decode_win;
   std::vector<std::vector<uint64_t>> counts0, counts1;
   int threads_used = 0;
@@ -475,8 +477,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       eng->reset();
       const int64_t t0 = trace::now_ns();
       eng->decode(first, ro.gen);
-      untraced.push_back(static_cast<double>(window_tokens) /
-                         (static_cast<double>(trace::now_ns() - t0) * 1e-9));
+      const int64_t ns = std::max<int64_t>(trace::now_ns() - t0, 1);
+      untraced.push_back(static_cast<double>(window_tokens) / (static_cast<double>(ns) * 1e-9));
+      baseline_ns += ns;
     };
     const int windows = std::max(1, opt.untraced_windows);
     baseline_window();
@@ -514,6 +517,9 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
       window_ns += pad_ns;
       padding_tok_s = static_cast<double>(padding.steps * ro.batch) /
                       (static_cast<double>(std::max<int64_t>(pad_ns, 1)) * 1e-9);
+      pooled_tok_s = (static_cast<double>(window_tokens) * static_cast<double>(untraced.size()) +
+                      static_cast<double>(padding.steps * ro.batch)) /
+                     (static_cast<double>(baseline_ns + pad_ns) * 1e-9);
     }
     if (window_ns > 0) {
       profile_run_tok_s = static_cast<double>((ro.gen + padding.steps) * ro.batch) /
@@ -638,8 +644,10 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
     oh.overhead_fraction = oh.levels.front().overhead_fraction;
   }
   oh.profile_run_tok_s = profile_run_tok_s;
+  oh.untraced_pooled_tok_s = pooled_tok_s;
+  const double run_baseline = pooled_tok_s > 0 ? pooled_tok_s : oh.untraced_median;
   oh.profile_run_overhead_fraction =
-      oh.untraced_median > 0 ? 1.0 - profile_run_tok_s / oh.untraced_median : 0;
+      run_baseline > 0 ? 1.0 - profile_run_tok_s / run_baseline : 0;
   oh.untraced_padding_steps = padding.steps;
   oh.padding_tok_s = padding_tok_s;
   if (padding_tok_s > 0 && oh.untraced_median > 0 &&

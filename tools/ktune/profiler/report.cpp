@@ -227,10 +227,11 @@ std::string terminal_report(const ProfileDoc& doc) {
     if (oh.profile_run_tok_s > 0) {
       o += fmt::format(
           "# tracing overhead (profiling run): {:.1f} % ({} traced + {} untraced steps, "
-          "--trace-padding {}: {:.2f} tok/s vs {:.2f} tok/s untraced)\n",
+          "--trace-padding {}: {:.2f} tok/s vs {:.2f} tok/s untraced{})\n",
           100.0 * oh.profile_run_overhead_fraction, r.gen, oh.untraced_padding_steps,
           oh.trace_padding.empty() ? "auto" : oh.trace_padding, oh.profile_run_tok_s,
-          oh.untraced_median);
+          oh.untraced_pooled_tok_s > 0 ? oh.untraced_pooled_tok_s : oh.untraced_median,
+          oh.untraced_pooled_tok_s > 0 ? ", every untraced step pooled" : "");
     }
   }
   if (!doc.windows.empty()) {

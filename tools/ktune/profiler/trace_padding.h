@@ -22,7 +22,7 @@ namespace ktune::profiler {
 
 // `ktune profile --trace-padding auto`: the run's overhead target (below the 3 % asked of a
 // profile, with a margin for noise) and the caps on the padding (about 20 s of decode at most).
-constexpr double kPaddingTargetFraction = 0.025;
+constexpr double kPaddingTargetFraction = 0.02;
 constexpr double kPaddingMaxExtraSeconds = 20.0;
 constexpr int64_t kPaddingMaxWindowFactor = 16;
 // Above this dilation the report says that the gaps and idle time of the traced steps include it.
