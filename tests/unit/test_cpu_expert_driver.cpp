@@ -60,6 +60,15 @@ struct Fixture {
   }
 };
 
+// The driver's CpuMoe (2 threads) and a one-thread CpuMoe for the reference sums.
+struct Moes {
+  ThreadPool pool{2, false};
+  CpuMoe moe;
+  ThreadPool ref_pool{1, false};
+  CpuMoe ref;
+  explicit Moes(const ModelWeights& m) : moe(m, pool), ref(m, ref_pool) {}
+};
+
 const ModelWeights& tiny() {
   static const ModelWeights m = load_model("synth:tiny:q8_0");
   return m;
@@ -77,11 +86,9 @@ bool wait_for(const uint64_t* word, uint64_t v, std::chrono::milliseconds limit)
 TEST(CpuExpertDriver, FlagProtocolGivesCpuMoeSumsOfTheCpuExperts) {
   const ModelWeights& m = tiny();
   Fixture f(m);
-  ThreadPool pool(2, false);
-  CpuMoe moe(m, pool);
-  ThreadPool ref_pool(1, false);
-  CpuMoe ref(m, ref_pool);
-  CpuExpertDriver driver(moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
+  Moes mo(m);
+  CpuMoe& ref = mo.ref;
+  CpuExpertDriver driver(mo.moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
                          std::chrono::milliseconds(5000));
   std::mt19937 gen(11);
   std::normal_distribution<float> nd;
@@ -134,11 +141,9 @@ TEST(CpuExpertDriver, PcieAssistSkipsTheGpusShareOfTheCpuExperts) {
   const ModelWeights& m = tiny();
   Fixture f(m);
   for (auto& s : f.slot) std::fill(s.begin(), s.end(), -1);  // every expert on the CPU
-  ThreadPool pool(2, false);
-  CpuMoe moe(m, pool);
-  ThreadPool ref_pool(1, false);
-  CpuMoe ref(m, ref_pool);
-  CpuExpertDriver driver(moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
+  Moes mo(m);
+  CpuMoe& ref = mo.ref;
+  CpuExpertDriver driver(mo.moe, f.shared(), f.hybrid_layers(), f.top_k, f.n_exp,
                          std::chrono::milliseconds(5000));
   driver.set_pcie_assist(500, 1000);
   ASSERT_EQ(f.top_k, 2);  // synth:tiny: top-2, so the GPU takes the second of each token's two

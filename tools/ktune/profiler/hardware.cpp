@@ -171,45 +171,37 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json*
   std::vector<profile::ThreadRate> curve;
   json points = json::array();
   const int iters = o.quick ? 8 : 64;
+  // Seconds of `iters` compute() calls, each over a fresh random top-n as decode tokens route
+  // (sorted, as the router hands them over), cycling the layers.
+  auto timed_calls = [&](CpuMoe& moe, int n) {
+    double secs = 0;
+    std::vector<int32_t> all(static_cast<size_t>(n_exp));
+    for (int it = 0; it < iters; ++it) {
+      for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+      std::shuffle(all.begin(), all.end(), rng);
+      std::copy(all.begin(), all.begin() + n, ids.begin());
+      std::sort(ids.begin(), ids.begin() + n);
+      const double t0 = now_s();
+      moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), n, y.data());
+      secs += now_s() - t0;
+    }
+    return secs;
+  };
+  auto gb_s = [&](CpuMoe& moe) {
+    return static_cast<double>(iters * k * expert_bytes) / timed_calls(moe, static_cast<int>(k)) /
+           1e9;
+  };
   for (int t : thread_list(o)) {
     ThreadPool pool(t);
     CpuMoe moe(w, pool);
     double best = 0;
-    for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) {
-      double secs = 0;
-      for (int it = 0; it < iters; ++it) {
-        // A fresh random top-k per call, as decode tokens route.
-        std::vector<int32_t> all(static_cast<size_t>(n_exp));
-        for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
-        std::shuffle(all.begin(), all.end(), rng);
-        std::copy(all.begin(), all.begin() + k, ids.begin());
-        std::sort(ids.begin(), ids.end());
-        const double t0 = now_s();
-        moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), static_cast<int>(k),
-                    y.data());
-        secs += now_s() - t0;
-      }
-      best = std::max(best, static_cast<double>(iters * k * expert_bytes) / secs / 1e9);
-    }
+    for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) best = std::max(best, gb_s(moe));
     curve.push_back({t, std::max(best, 1e-3)});
     points.push_back({{"threads", t}, {"gb_s", best}});
     if (t == thread_list(o).back()) {
       // The call's fixed cost at the full thread count: mean call time with 1 and with k
       // experts, t(n) = call + n * per_expert, so call = (k * t(1) - t(k)) / (k - 1).
-      auto mean_us = [&](int n) {
-        double secs = 0;
-        for (int it = 0; it < iters; ++it) {
-          std::vector<int32_t> all(static_cast<size_t>(n_exp));
-          for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
-          std::shuffle(all.begin(), all.end(), rng);
-          std::copy(all.begin(), all.begin() + n, ids.begin());
-          std::sort(ids.begin(), ids.begin() + n);
-          const double t0 = now_s();
-          moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), n, y.data());
-          secs += now_s() - t0;
-        }
-        return secs * 1e6 / iters;
-      };
+      auto mean_us = [&](int n) { return timed_calls(moe, n) * 1e6 / iters; };
       double t1 = 1e30, tk = 1e30;
       for (int rep = 0; rep < (o.quick ? 1 : 3); ++rep) {
         t1 = std::min(t1, mean_us(1));
@@ -228,20 +220,7 @@ std::vector<profile::ThreadRate> measure_cpu_moe(const HardwareOptions& o, json*
     const int t = std::min(hybrid_cpu_threads_default(), std::max(1, thread_list(o).back()));
     ThreadPool pool(t);
     CpuMoe moe(w, pool);
-    auto rate = [&]() {
-      double secs = 0;
-      for (int it = 0; it < iters; ++it) {
-        std::vector<int32_t> all(static_cast<size_t>(n_exp));
-        for (int64_t e = 0; e < n_exp; ++e) all[static_cast<size_t>(e)] = static_cast<int32_t>(e);
-        std::shuffle(all.begin(), all.end(), rng);
-        std::copy(all.begin(), all.begin() + k, ids.begin());
-        const double t0 = now_s();
-        moe.compute(it % n_layers, h.data(), ids.data(), wts.data(), static_cast<int>(k),
-                    y.data());
-        secs += now_s() - t0;
-      }
-      return static_cast<double>(iters * k * expert_bytes) / secs / 1e9;
-    };
+    auto rate = [&]() { return gb_s(moe); };
     load->start();
     std::this_thread::sleep_for(std::chrono::milliseconds(o.quick ? 20 : 200));
     const double gpu_alone = load->stop();
