@@ -221,6 +221,14 @@ TEST(ProfilerSinks, VerdictRules) {
       << v.headline;
   v = make_verdict(doc_with(0.7, true, "fused", 0.1, 0.6));
   EXPECT_NE(v.headline.find("waiting for the CPU experts"), std::string::npos) << v.headline;
+  EXPECT_NE(v.headline.find("--pcie-assist"), std::string::npos) << v.headline;  // not on yet
+  ProfileDoc assisted = doc_with(0.7, true, "fused", 0.1, 0.6);
+  assisted.run.engine_description += ", pcie assist: the GPU computes 37 % of each token's CPU "
+                                     "experts from host memory";
+  v = make_verdict(assisted);
+  EXPECT_EQ(v.headline.find("--pcie-assist"), std::string::npos) << v.headline;
+  v = make_verdict(doc_with(0.7, true, "unfused", 0.1, 0.6));  // the assist needs fused
+  EXPECT_EQ(v.headline.find("--pcie-assist"), std::string::npos) << v.headline;
   v = make_verdict(doc_with(0.3, false, "fused", 0.3, 0.0));
   EXPECT_NE(v.headline.find("partly launch-bound: turn CUDA Graph on (--cuda-graph on)"),
             std::string::npos)
