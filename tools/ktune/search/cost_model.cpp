@@ -289,12 +289,15 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
   const bool host_synced = e.kernel == MoeKernel::Unfused && !graph;
   if (!has_cpu && !host_synced) return pre + gpu_moe(k);
   // PCIe assist: a of the token's j CPU experts read by the GPU from host memory after its own
-  // experts (the map launch and two fused launches run, empty or not, on every token), while
-  // CpuMoe computes the other j - a, slowed by the GPU's reads of the same DRAM.
+  // experts, while CpuMoe computes the other j - a, slowed by the GPU's reads of the same DRAM.
+  // The map launch and the two fused launches run on every token, assisted experts or not: the
+  // fused pair costs at least its latency (the curve at 0 bytes; ~8 µs a layer on the H100,
+  // where a skewed placement with few CPU experts per token lost 16 % to them).
   const bool assist = e.pcie_assist_permille > 0 && e.kernel == MoeKernel::Fused && has_cpu &&
                       m_.pcie_assist_gb_s > 0;
   auto assist_us = [&](int a) {
-    return 3 * kernel_us(0, graph) + (a > 0 ? us_for_bytes(a * eb, m_.pcie_assist_gb_s) : 0.0);
+    const double reads = a > 0 ? us_for_bytes(a * eb, m_.pcie_assist_gb_s) : 0.0;
+    return kernel_us(0, graph) + std::max(fused_moe_us(0, graph), 2 * kernel_us(0, graph) + reads);
   };
   auto cpu_assisted = [&](int j, int a) {
     return j - a > 0 ? m_.cpu_call_us + (j - a) * us_for_bytes(eb, cpu_bw * m_.moe_pcie_ratio)
