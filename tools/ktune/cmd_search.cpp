@@ -80,6 +80,7 @@ json candidate_json(const Candidate& c, bool with_layers) {
               {"cuda_graph", c.settings.gpu && c.settings.cuda_graph},
               {"moe_kernel", moe_kernel_name(c.settings.kernel)},
               {"cpu_handoff", cpu_handoff_name(c.settings.handoff)},
+              {"pcie_assist", c.settings.pcie_assist_permille / 1000.0},
               {"cpu_threads", c.settings.cpu_threads}}},
             {"predicted",
              {{"request_s", p.request_s},
@@ -689,7 +690,10 @@ void run_search_command(const SearchFlags& f) {
         "| {:>4} | {:<5} | {:<7} | {:<9} | {:>7} | {:>13} | {:>11} | {:>8} | {:>7} | {:>13.1f} | "
         "{:>12.2f} | {:>9.2f} | {} |\n",
         rank, s.gpu ? (s.cuda_graph ? "on" : "off") : "-",
-        s.gpu ? moe_kernel_name(s.kernel) : "cpu",
+        !s.gpu                       ? std::string("cpu")
+        : s.pcie_assist_permille > 0 ? std::string(moe_kernel_name(s.kernel)) + "+pcie " +
+                                           pcie_assist_text(s.pcie_assist_permille)
+                                     : std::string(moe_kernel_name(s.kernel)),
         s.gpu && s.cuda_graph ? cpu_handoff_name(s.handoff) : "-", s.cpu_threads,
         fmt::format("{}/{}", c.pred.gpu_experts, total_experts), s.gpu ? pct(c.pred.gpu_mass) : "-",
         gpu_mem(c), mem_of(c, "cpu"), c.pred.prefill_tok_s, c.pred.decode_tok_s, c.pred.request_s,

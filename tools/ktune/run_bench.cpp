@@ -572,6 +572,10 @@ nlohmann::json summary_json(const PlacementSummary& s) {
           {"moe_kernel", moe_kernel_name(s.moe_kernel)},
           {"cpu_threads", s.cpu_threads},
           {"context", s.context}};
+  if (s.cpu_handoff) {  // hybrid placements
+    j["cpu_handoff"] = cpu_handoff_name(*s.cpu_handoff);
+    j["pcie_assist"] = s.pcie_assist_permille / 1000.0;
+  }
   if (s.gpu_transport) {
     j["gpu_transport"] = gpu_transport_name(*s.gpu_transport);
     j["gpu_stages"] = s.gpu_stages;
