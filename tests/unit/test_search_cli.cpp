@@ -457,6 +457,27 @@ TEST_F(SearchCli, TwoGpuProfileSplitsLayersWithinEachBudget) {
   EXPECT_EQ(doc["candidates"][0]["layer_devices"].size(), 48u);
 }
 
+// The recorded H100 profile carries the PCIe assist probe: with most experts on the CPU the
+// search picks the assist, shows it in the table's moe column, writes it into best.yaml and
+// gives it in --json.
+TEST_F(SearchCli, PicksAndShowsThePcieAssist) {
+  const std::string out = path("assist.yaml");
+  const std::vector<std::string> args = {
+      "search", "--profile", test::profiles_dir() + "/h100-16core.json", "--model",
+      "synth:qwen3-30b-a3b:q4_0", "--gpu-mem", "cuda:0=10GiB", "--workload",
+      "prompt=16,gen=128,context=4096", "-o", out};
+  const ProcessResult r = run_ktune(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("| fused+pcie 0."), std::string::npos) << r.out;
+  EXPECT_NE(read_all(out).find("pcie_assist: 0."), std::string::npos) << read_all(out);
+  std::vector<std::string> json_args = args;
+  json_args.push_back("--json");
+  const ProcessResult j = run_ktune(json_args);
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  const auto doc = nlohmann::json::parse(j.out);
+  EXPECT_GT(doc["candidates"][0]["settings"]["pcie_assist"].get<double>(), 0.0);
+}
+
 // The recorded profiles in profiles/ (ktune profile --hardware on the H100 machine and on the 2-
 // and 4-GPU hosts) drive a search on a machine without a GPU: 235B on the one-GPU machine puts
 // part of the experts on the CPU; on the 2- and 4-GPU hosts it uses every GPU.
