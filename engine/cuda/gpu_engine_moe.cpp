@@ -1,6 +1,5 @@
 // The MoE of one layer in the decode step (GpuEngine::Impl, engine/cuda/gpu_engine_impl.h):
 // the fused and unfused GPU paths and the CPU experts of a hybrid placement.
-#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -72,7 +71,9 @@ void GpuEngine::Impl::setup_pcie_assist(const ModelWeights& w) {
   if (!driver || opt.moe_kernel != MoeKernel::Fused) return off("it needs the fused MoE kernel");
   const int den = 1000;
   pcie_k = pcie_assist_count(static_cast<int>(top_k), num, den);
-  if (pcie_k == 0) return off("a share this small hands the GPU no expert at top-" + std::to_string(top_k));
+  if (pcie_k == 0) {
+    return off("a share this small hands the GPU no expert at top-" + std::to_string(top_k));
+  }
   // Every CPU-expert layer's host tensors must be usable on the device as they are (registered
   // by prefill_setup; the device reads registered memory through the host pointer).
   for (int64_t l = lb; l < le; ++l) {

@@ -64,7 +64,9 @@ __global__ void pcie_assist_map_kernel(const int32_t* __restrict__ ids,
   for (int e = threadIdx.x; e < n_experts; e += blockDim.x) map[e] = -1;
   __syncthreads();
   if (threadIdx.x != 0) return;
-  auto on_cpu = [&](int id) { return id >= 0 && id < n_experts && (!slot_map || slot_map[id] < 0); };
+  auto on_cpu = [&](int id) {
+    return id >= 0 && id < n_experts && (!slot_map || slot_map[id] < 0);
+  };
   int n_cpu = 0;
   for (int j = 0; j < k; ++j) n_cpu += on_cpu(ids[j]) ? 1 : 0;
   const int take = min(pcie_assist_count(n_cpu, num, den), k_assist);
