@@ -268,9 +268,10 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
   const double L = m_.launch_eager_us;
   const double pre = pre_gpu_us(l, ctx, graph);
   const bool has_gpu = s.n_gpu > 0, has_cpu = s.n_cpu > 0;
-  // j of the token's experts on the CPU: one CpuMoe call (its fixed cost) and their bytes.
-  auto cpu_experts = [&](int j) {
-    return j > 0 ? m_.cpu_call_us + j * us_for_bytes(eb, cpu_bw) : 0.0;
+  // j of the token's experts on the CPU: one CpuMoe call (its fixed cost) and their bytes, at
+  // `share` of CpuMoe's rate (below 1 beside the PCIe assist's reads of the same DRAM).
+  auto cpu_experts = [&](int j, double share = 1.0) {
+    return j > 0 ? m_.cpu_call_us + j * us_for_bytes(eb, cpu_bw * share) : 0.0;
   };
   // Fused GPU experts, n of the token's: the layer's two launches (they run, empty, when none of
   // the token's experts is on the GPU).
@@ -299,10 +300,6 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
     const double reads = a > 0 ? us_for_bytes(a * eb, m_.pcie_assist_gb_s) : 0.0;
     return kernel_us(0, graph) + std::max(fused_moe_us(0, graph), 2 * kernel_us(0, graph) + reads);
   };
-  auto cpu_assisted = [&](int j, int a) {
-    return j - a > 0 ? m_.cpu_call_us + (j - a) * us_for_bytes(eb, cpu_bw * m_.moe_pcie_ratio)
-                     : 0.0;
-  };
 
   const double q = has_gpu ? std::clamp(1.0 - s.gpu_mass / k, 0.0, 1.0) : 1.0;
   std::vector<double> pj;
@@ -327,7 +324,7 @@ double CostModel::decode_layer_one_us(int64_t l, const LayerSplit& s, const Engi
     double t = 0;
     if (assist) {
       const int a = pcie_assist_count(j, e.pcie_assist_permille, 1000);
-      t = pre + h + std::max(gpu_moe(ng) + assist_us(a), cpu_assisted(j, a));
+      t = pre + h + std::max(gpu_moe(ng) + assist_us(a), cpu_experts(j - a, m_.moe_pcie_ratio));
     } else if (!host_synced) {
       const double cpu = cpu_experts(j);
       // GPU experts run while the CPU computes its own; the wait kernel joins them.
