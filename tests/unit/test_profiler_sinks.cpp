@@ -223,8 +223,7 @@ TEST(ProfilerSinks, VerdictRules) {
   EXPECT_NE(v.headline.find("waiting for the CPU experts"), std::string::npos) << v.headline;
   EXPECT_NE(v.headline.find("--pcie-assist"), std::string::npos) << v.headline;  // not on yet
   ProfileDoc assisted = doc_with(0.7, true, "fused", 0.1, 0.6);
-  assisted.run.engine_description += ", pcie assist: the GPU computes 37 % of each token's CPU "
-                                     "experts from host memory";
+  assisted.run.pcie_assist = 0.375;
   v = make_verdict(assisted);
   EXPECT_EQ(v.headline.find("--pcie-assist"), std::string::npos) << v.headline;
   v = make_verdict(doc_with(0.7, true, "unfused", 0.1, 0.6));  // the assist needs fused

@@ -23,6 +23,7 @@ json run_json(const RunInfo& r) {
           {"engine_description", r.engine_description},
           {"cuda_graph", r.cuda_graph},
           {"moe_kernel", r.moe_kernel},
+          {"pcie_assist", r.pcie_assist},
           {"threads", r.threads},
           {"prefill_tokens", r.prompt},
           {"decode_tokens", r.gen},

@@ -24,6 +24,7 @@ struct RunInfo {
   std::string engine_description;
   bool cuda_graph = false;
   std::string moe_kernel;  // "fused" | "unfused"
+  double pcie_assist = 0;  // runtime.pcie_assist of the placement (0: off)
   int threads = 0;         // CPU threads of the engine (0: none)
   int64_t prompt = 0;      // prefill tokens profiled
   int64_t gen = 0;         // decode tokens per window

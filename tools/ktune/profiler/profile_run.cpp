@@ -302,6 +302,7 @@ ProfileDoc profile_model(const ProfileOptions& opt) {
   run.engine = cli::engine_kind_name(pr.engine);
   run.cuda_graph = pr.summary.cuda_graph;
   run.moe_kernel = moe_kernel_name(pr.placement.runtime.moe_kernel);
+  run.pcie_assist = pr.placement.runtime.pcie_assist_permille / 1000.0;
   run.prompt = ro.prompt;
   run.gen = ro.gen;
   run.batch = ro.batch;

@@ -121,9 +121,8 @@ Verdict make_verdict(const ProfileDoc& doc) {
     bound = "waiting for the CPU experts";
     // The PCIe assist (fused MoE, one GPU) adds the GPU's PCIe reads to the CPU's: 72 -> 86-90
     // tok/s with every expert of qwen3-30b-a3b on the H100 machine's CPU.
-    const bool assist_on = doc.run.engine_description.find("pcie assist:") != std::string::npos;
     const bool assist_possible = doc.run.moe_kernel == "fused" && d->pipeline_order.size() < 2;
-    fix = assist_on || !assist_possible
+    fix = doc.run.pcie_assist > 0 || !assist_possible
               ? "move more experts to the GPU, or give the CPU experts more threads or bandwidth"
               : "move more experts to the GPU, let the GPU read part of the CPU experts over "
                 "PCIe (--pcie-assist 0.375; ktune search picks the share), or give the CPU "
