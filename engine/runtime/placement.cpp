@@ -88,7 +88,9 @@ const char* cpu_handoff_name(CpuHandoff h) {
 
 std::string pcie_assist_text(int permille) {
   if (permille <= 0) return "off";
-  std::string s = std::to_string(permille / 1000) + "." + std::to_string(1000 + permille % 1000).substr(1);
+  // Three decimals (1000 + x keeps the leading zeros of x), then the trailing zeros dropped.
+  std::string s =
+      std::to_string(permille / 1000) + "." + std::to_string(1000 + permille % 1000).substr(1);
   while (s.back() == '0') s.pop_back();
   if (s.back() == '.') s.pop_back();
   return s;
